@@ -1,0 +1,1 @@
+"""Service discovery in ZooKeeper: teachers register ephemeral nodes, students watch them and share them fairly."""

@@ -1,0 +1,277 @@
+"""Client for one teacher endpoint speaking the Paddle Serving protocol (gRPC by default, HTTP as an option).
+
+Works against a real Paddle Serving 0.9 server (typed fields) and against ``teachers.serve`` (raw bytes in
+``tensor_content``, the fast path). With ``wire="auto"`` the client asks the endpoint's standard gRPC health
+service (HTTP: ``GET /health``) once: our server answers it, a real Paddle Serving server does not, so the
+client falls back to typed fields there.
+
+Example::
+
+    client = TeacherClient("127.0.0.1:9292", "serving_conf/serving_client_conf.prototxt")
+    out = client.predict({"img": images}, fetch=["prediction"])   # {'prediction': array (N, 10)}
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+import requests
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .proto import general_model_service_pb2 as service_pb2
+from .proto import general_model_service_pb2_grpc as service_grpc
+from .serving_config import ServingConfig, VarSpec
+from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
+HTTP_PATH = "/GeneralModelService/inference"
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+class TeacherError(RuntimeError):
+    """A teacher request failed; ``endpoint`` names the teacher."""
+
+    def __init__(self, endpoint: str, message: str):
+        super().__init__(f"teacher {endpoint}: {message}")
+        self.endpoint = endpoint
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher could not be reached or did not answer in time (worth retrying elsewhere)."""
+
+
+class TeacherAnswerError(TeacherError):
+    """The teacher answered with an error or with an answer that does not fit the request."""
+
+
+class FeedError(ValueError):
+    """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
+
+
+def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
+    """Cast ``value`` to the feed's dtype and reshape it to ``(batch_size, *spec.shape)``.
+
+    Variable-length (LoD) feeds are only cast. Raises FeedError naming the feed when the element count
+    does not match the config's per-sample shape.
+    """
+    array = np.asarray(value)
+    try:
+        array = array.astype(spec.dtype, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise FeedError(f"feed {spec.alias_name!r}: cannot convert {array.dtype} to {spec.dtype}: {exc}") from exc
+    if spec.is_lod_tensor or any(d < 0 for d in spec.shape):
+        return array
+    target = (batch_size, *spec.shape)
+    if array.shape == target:
+        return array
+    if array.size != int(np.prod(target)):
+        raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
+                        f"batch of {batch_size}; the model expects {list(spec.shape)} per sample "
+                        f"({int(np.prod(spec.shape))} elements)")
+    return array.reshape(target)
+
+
+class TeacherClient:
+    """Send batched feeds to one teacher endpoint and get the fetch vars back as numpy arrays.
+
+    Args:
+        endpoint: ``host:port``.
+        config: a ServingConfig, or the path of a serving client config file or folder.
+        protocol: ``"grpc"`` or ``"http"``.
+        wire: ``"auto"``, ``"raw"`` (tensor_content) or ``"typed"`` (real Paddle Serving's fields).
+        http_format: ``"proto"`` (the real HttpClient's default) or ``"json"``, with protocol ``"http"``.
+        timeout: seconds per request.
+        compress: gzip HTTP request bodies over 512 bytes, as the real client does when asked.
+    """
+
+    def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
+                 wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
+        if wire not in ("auto", "raw", "typed"):
+            raise ValueError(f"wire must be 'auto', 'raw' or 'typed', not {wire!r}")
+        if http_format not in ("proto", "json"):
+            raise ValueError(f"http_format must be 'proto' or 'json', not {http_format!r}")
+        self.endpoint = endpoint
+        self.config = config if isinstance(config, ServingConfig) else ServingConfig.load(config)
+        self.protocol = protocol
+        self.http_format = http_format
+        self.timeout = timeout
+        self.compress = compress
+        self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
+        self._log_id = 0
+        self._channel: Optional[grpc.Channel] = None
+        self._session: Optional[requests.Session] = None
+        if protocol == "grpc":
+            options = [("grpc.max_send_message_length", max_message_bytes),
+                       ("grpc.max_receive_message_length", max_message_bytes)]
+            self._channel = grpc.insecure_channel(endpoint, options=options)
+            self._stub = service_grpc.GeneralModelServiceStub(self._channel)
+        else:
+            self._session = requests.Session()
+
+    # -- public API ------------------------------------------------------------------------------------
+    def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
+                batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch."""
+        fetch = list(fetch) if fetch is not None else self.config.fetch_names
+        if batch_size is None:
+            batch_size = _batch_size_of(feeds)
+        request = self.build_request(feeds, fetch, batch_size)
+        response = self._call_grpc(request) if self.protocol == "grpc" else self._call_http(request)
+        return self._outputs(response, fetch, batch_size)
+
+    def build_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int) -> service_pb2.Request:
+        """The Request message for ``feeds``; unknown feed or fetch names raise naming the model's names."""
+        for name in fetch:
+            self.config.fetch(name)
+        missing = [s.alias_name for s in self.config.feeds if s.alias_name not in feeds]
+        if missing:
+            raise FeedError(f"missing feed(s) {missing} for teacher {self.endpoint}; "
+                            f"the model's feeds are {self.config.feed_names}")
+        raw = self._wire_is_raw()
+        self._log_id += 1
+        request = service_pb2.Request(fetch_var_names=list(fetch), log_id=self._log_id)
+        for name, value in feeds.items():
+            spec = self.config.feed(name)
+            array = prepare_feed(spec, value, batch_size)
+            request.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw))
+        return request
+
+    def health(self, timeout: float = 1.0) -> bool:
+        """True when the endpoint answers its health check with SERVING."""
+        try:
+            return self._probe(timeout) is not None
+        except TeacherError:
+            return False
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self._session is not None:
+            self._session.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TeacherClient({self.endpoint!r}, protocol={self.protocol!r})"
+
+    # -- wire form -----------------------------------------------------------------------------------
+    def _wire_is_raw(self) -> bool:
+        if self._raw is None:
+            self._raw = bool(self._probe(self.timeout))
+            logger.debug("teacher %s: %s wire form", self.endpoint, "raw" if self._raw else "typed")
+        return self._raw
+
+    def _probe(self, timeout: float) -> Optional[bool]:
+        """True: our server (raw ok); False: a server without our health service (typed); None: not serving."""
+        if self.protocol == "grpc":
+            stub = health_pb2_grpc.HealthStub(self._channel)
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return False
+                raise _grpc_error(self.endpoint, exc) from None
+            return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
+        try:
+            answer = self._session.get(f"http://{self.endpoint}/health", timeout=timeout)
+        except requests.RequestException as exc:
+            raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}") from exc
+        if answer.status_code == 404:
+            return False
+        return True if answer.status_code == 200 else None
+
+    # -- transports ----------------------------------------------------------------------------------
+    def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
+        try:
+            return self._stub.inference(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _grpc_error(self.endpoint, exc) from None
+
+    def _call_http(self, request: service_pb2.Request) -> service_pb2.Response:
+        if self.http_format == "json":
+            body = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
+            headers = {"Content-Type": "application/json"}
+        else:
+            body = request.SerializeToString()
+            headers = {"Content-Type": "application/proto"}
+        if self.compress and len(body) > 512:
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        headers["Accept-Encoding"] = "gzip"
+        url = f"http://{self.endpoint}{HTTP_PATH}"
+        try:
+            answer = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
+        except requests.Timeout as exc:
+            raise TeacherUnavailable(self.endpoint, f"no answer within {self.timeout}s") from exc
+        except requests.RequestException as exc:
+            raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}") from exc
+        if answer.status_code >= 500:
+            raise TeacherUnavailable(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
+        response = service_pb2.Response()
+        try:
+            if answer.headers.get("Content-Type", "").startswith("application/json"):
+                json_format.Parse(answer.content, response, ignore_unknown_fields=True)
+            else:
+                response.ParseFromString(answer.content)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad answer
+            raise TeacherAnswerError(self.endpoint, f"HTTP {answer.status_code}, unreadable body: "
+                                                    f"{answer.content[:200]!r} ({exc})") from exc
+        return response
+
+    def _outputs(self, response: service_pb2.Response, fetch: Sequence[str],
+                 batch_size: int) -> dict[str, np.ndarray]:
+        if response.err_no != 0:
+            raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
+        if not response.outputs:
+            raise TeacherAnswerError(self.endpoint, "answer has no outputs")
+        by_name: dict[str, np.ndarray] = {}
+        for tensor in response.outputs[0].tensor:
+            try:
+                array = decode_tensor(tensor)
+            except TensorCodecError as exc:
+                raise TeacherAnswerError(self.endpoint, str(exc)) from None
+            by_name[tensor.alias_name or tensor.name] = array
+            by_name.setdefault(tensor.name, array)
+        result = {}
+        for name in fetch:
+            spec = self.config.fetch(name)
+            array = by_name.get(spec.alias_name, by_name.get(spec.name))
+            if array is None:
+                raise TeacherAnswerError(self.endpoint, f"answer lacks fetch {name!r} "
+                                                        f"(it has {sorted(by_name)})")
+            if not spec.is_lod_tensor and (array.ndim == 0 or array.shape[0] != batch_size):
+                raise TeacherAnswerError(self.endpoint, f"fetch {name!r} has shape {list(array.shape)}, "
+                                                        f"expected a batch of {batch_size}")
+            result[name] = array
+        return result
+
+
+def _batch_size_of(feeds: Mapping[str, Any]) -> int:
+    for value in feeds.values():
+        shape = np.shape(value)
+        if shape:
+            return int(shape[0])
+    raise FeedError("cannot tell the batch size: no feed has a batch dimension; pass batch_size=")
+
+
+def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
+    code = exc.code()
+    details = exc.details()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.ABORTED):
+        return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}")
+    return TeacherAnswerError(endpoint, f"gRPC {code.name}: {details}")

@@ -1,0 +1,154 @@
+"""Paddle Serving model configs (``serving_{server,client}_conf.prototxt``): read, write, look up vars.
+
+The config lists the model's feed and fetch variables: real name, alias, element type and per-sample
+shape (the batch dimension is left out; ``-1`` marks a variable-length LoD input).
+
+Example::
+
+    cfg = ServingConfig.load("serving_conf/serving_client_conf.prototxt")
+    cfg.feed("img").shape        # (1, 28, 28)
+    cfg.fetch_names               # ['prediction']
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from google.protobuf import text_format
+
+from .proto import general_model_config_pb2 as config_pb2
+from .tensor_codec import dtype_of_elem_type
+
+CLIENT_CONF = "serving_client_conf.prototxt"
+SERVER_CONF = "serving_server_conf.prototxt"
+
+
+def stream_name(conf_name: str) -> str:
+    """``serving_client_conf.prototxt`` -> ``serving_client_conf.stream.prototxt`` (the binary twin)."""
+    stem, ext = os.path.splitext(conf_name)
+    return f"{stem}.stream{ext}"
+
+
+@dataclass(frozen=True)
+class VarSpec:
+    """One feed or fetch variable of a serving model."""
+
+    name: str
+    alias_name: str
+    elem_type: int
+    shape: tuple[int, ...]
+    is_lod_tensor: bool = False
+
+    @property
+    def dtype(self):
+        """The numpy dtype of ``elem_type``."""
+        return dtype_of_elem_type(self.elem_type, what=f"variable {self.alias_name!r}")
+
+
+class ConfigError(ValueError):
+    """A serving config that cannot be read or does not name what was asked."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Feed and fetch variables of one serving model, in config order."""
+
+    feeds: tuple[VarSpec, ...]
+    fetches: tuple[VarSpec, ...]
+    source: str = ""
+
+    @property
+    def feed_names(self) -> list[str]:
+        return [v.alias_name for v in self.feeds]
+
+    @property
+    def fetch_names(self) -> list[str]:
+        return [v.alias_name for v in self.fetches]
+
+    def feed(self, alias: str) -> VarSpec:
+        """The feed var with this alias (or real name); ConfigError lists the known feeds."""
+        return _lookup(self.feeds, alias, "feed", self.source)
+
+    def fetch(self, alias: str) -> VarSpec:
+        """The fetch var with this alias (or real name); ConfigError lists the known fetches."""
+        return _lookup(self.fetches, alias, "fetch", self.source)
+
+    # -- reading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> ServingConfig:
+        """Read a config file (text format), or the config inside a serving client/server folder."""
+        if os.path.isdir(path):
+            for name in (CLIENT_CONF, SERVER_CONF):
+                if os.path.exists(os.path.join(path, name)):
+                    path = os.path.join(path, name)
+                    break
+            else:
+                raise ConfigError(f"no {CLIENT_CONF} or {SERVER_CONF} in folder {path!r}")
+        if not os.path.exists(path):
+            raise ConfigError(f"serving config {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        message = config_pb2.GeneralModelConfig()
+        try:
+            text_format.Parse(text, message)
+        except text_format.ParseError as exc:
+            raise ConfigError(f"serving config {path!r} is not a GeneralModelConfig in text format: {exc}") from exc
+        return cls.from_proto(message, source=path)
+
+    @classmethod
+    def from_proto(cls, message: config_pb2.GeneralModelConfig, source: str = "") -> ServingConfig:
+        feeds = tuple(_spec(v, v.feed_type) for v in message.feed_var)
+        fetches = tuple(_spec(v, v.fetch_type) for v in message.fetch_var)
+        return cls(feeds=feeds, fetches=fetches, source=source)
+
+    # -- writing -------------------------------------------------------------------------------------
+    def to_proto(self) -> config_pb2.GeneralModelConfig:
+        message = config_pb2.GeneralModelConfig()
+        for spec in self.feeds:
+            message.feed_var.append(config_pb2.FeedVar(
+                name=spec.name, alias_name=spec.alias_name, is_lod_tensor=spec.is_lod_tensor,
+                feed_type=spec.elem_type, shape=list(spec.shape)))
+        for spec in self.fetches:
+            message.fetch_var.append(config_pb2.FetchVar(
+                name=spec.name, alias_name=spec.alias_name, is_lod_tensor=spec.is_lod_tensor,
+                fetch_type=spec.elem_type, shape=list(spec.shape)))
+        return message
+
+    def save(self, folder: str, conf_name: str) -> str:
+        """Write ``conf_name`` (text) and its ``.stream`` binary twin into ``folder``; returns the text path."""
+        os.makedirs(folder, exist_ok=True)
+        message = self.to_proto()
+        text_path = os.path.join(folder, conf_name)
+        _atomic_write(text_path, text_format.MessageToString(message).encode("utf-8"))
+        _atomic_write(os.path.join(folder, stream_name(conf_name)), message.SerializeToString())
+        return text_path
+
+
+def _spec(var, elem_type: int) -> VarSpec:
+    return VarSpec(name=var.name, alias_name=var.alias_name or var.name, elem_type=int(elem_type),
+                   shape=tuple(int(d) for d in var.shape), is_lod_tensor=bool(var.is_lod_tensor))
+
+
+def _lookup(specs: Sequence[VarSpec], alias: str, kind: str, source: str) -> VarSpec:
+    for spec in specs:
+        if spec.alias_name == alias:
+            return spec
+    for spec in specs:
+        if spec.name == alias:
+            return spec
+    where = f" in {source}" if source else ""
+    raise ConfigError(f"unknown {kind} {alias!r}{where}; the model's {kind}s are {_names(specs)}")
+
+
+def _names(specs: Iterable[VarSpec]) -> list[str]:
+    return [s.alias_name for s in specs]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,119 @@
+"""numpy arrays <-> Paddle Serving ``Tensor`` messages: the only place in the project that encodes tensors.
+
+Two wire forms, both understood by our teacher server:
+
+- ``raw``: little-endian bytes in ``tensor_content`` for every numeric type (the fast path);
+- ``typed``: the per-type repeated fields (``float_data``, ``int64_data``, ...) that a real Paddle Serving
+  0.9 server and client use. Types without a typed field there (uint8, int8, int16, float16) travel in
+  ``tensor_content`` in both forms, as the real C++ server expects.
+
+Example::
+
+    t = encode_tensor(np.ones((2, 3), "float32"), name="x", raw=True)
+    decode_tensor(t).shape   # (2, 3)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .proto import general_model_service_pb2 as service_pb2
+
+# elem_type codes of Paddle Serving 0.9 (6 is bfloat16, which numpy has no dtype for).
+ELEM_TYPES: dict[int, np.dtype] = {
+    0: np.dtype("int64"), 1: np.dtype("float32"), 2: np.dtype("int32"), 3: np.dtype("float64"),
+    4: np.dtype("int16"), 5: np.dtype("float16"), 7: np.dtype("uint8"), 8: np.dtype("int8"),
+    9: np.dtype("bool"), 10: np.dtype("complex64"), 11: np.dtype("complex128"),
+}
+STRING_ELEM_TYPE = 20
+_ELEM_TYPE_OF: dict[np.dtype, int] = {dt: code for code, dt in ELEM_TYPES.items()}
+
+# Typed repeated field per elem_type, where Paddle Serving has one.
+_TYPED_FIELD: dict[int, str] = {
+    0: "int64_data", 1: "float_data", 2: "int_data", 3: "float64_data", 9: "bool_data",
+    10: "complex64_data", 11: "complex128_data",
+}
+
+
+class TensorCodecError(ValueError):
+    """A tensor that cannot be encoded or decoded; the message names the tensor."""
+
+
+def dtype_of_elem_type(elem_type: int, what: str = "tensor") -> np.dtype:
+    """numpy dtype for a Paddle Serving elem_type code."""
+    try:
+        return ELEM_TYPES[int(elem_type)]
+    except KeyError:
+        raise TensorCodecError(f"{what}: elem_type {elem_type} is not a numeric type this project supports "
+                               f"(supported: {sorted(ELEM_TYPES)})") from None
+
+
+def elem_type_of_dtype(dtype, what: str = "tensor") -> int:
+    """Paddle Serving elem_type code for a numpy dtype."""
+    dt = np.dtype(dtype)
+    try:
+        return _ELEM_TYPE_OF[dt.newbyteorder("=") if dt.byteorder == ">" else dt]
+    except KeyError:
+        raise TensorCodecError(f"{what}: numpy dtype {dt} has no Paddle Serving elem_type "
+                               f"(supported: {sorted(str(d) for d in _ELEM_TYPE_OF)})") from None
+
+
+def encode_tensor(array: np.ndarray, name: str, alias_name: str = "", raw: bool = True,
+                  lod: Optional[Sequence[int]] = None) -> service_pb2.Tensor:
+    """Encode ``array`` (its first dim is the batch) as a Tensor message."""
+    array = np.asarray(array)
+    elem_type = elem_type_of_dtype(array.dtype, what=f"tensor {name!r}")
+    tensor = service_pb2.Tensor(name=name, alias_name=alias_name or name, elem_type=elem_type,
+                                shape=[int(d) for d in array.shape])
+    if lod:
+        tensor.lod.extend(int(x) for x in lod)
+    field = _TYPED_FIELD.get(elem_type)
+    if raw or field is None:
+        tensor.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    elif elem_type in (10, 11):  # complex: interleaved real, imag
+        getattr(tensor, field).extend(array.reshape(-1).view(array.real.dtype).tolist())
+    else:
+        getattr(tensor, field).extend(array.reshape(-1).tolist())
+    return tensor
+
+
+def decode_tensor(tensor: service_pb2.Tensor, what: str = "") -> np.ndarray:
+    """Decode a Tensor message into a numpy array of its declared shape.
+
+    Raises TensorCodecError naming the tensor when the element count does not match the shape.
+    """
+    label = what or f"tensor {tensor.alias_name or tensor.name!r}"
+    if tensor.elem_type == STRING_ELEM_TYPE:
+        return np.array(list(tensor.data), dtype=object).reshape(_shape(tensor, len(tensor.data), label))
+    dtype = dtype_of_elem_type(tensor.elem_type, what=label)
+    if tensor.tensor_content:
+        nbytes = len(tensor.tensor_content)
+        if nbytes % dtype.itemsize:
+            raise TensorCodecError(f"{label}: tensor_content has {nbytes} bytes, not a multiple of "
+                                   f"{dtype} ({dtype.itemsize} bytes)")
+        flat = np.frombuffer(tensor.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    else:
+        field = _TYPED_FIELD.get(tensor.elem_type)
+        if field is None:
+            flat = np.zeros(0, dtype=dtype)
+        elif tensor.elem_type in (10, 11):
+            flat = np.asarray(getattr(tensor, field), dtype=np.finfo(dtype).dtype).view(dtype)
+        else:
+            flat = np.asarray(getattr(tensor, field), dtype=dtype)
+    return flat.reshape(_shape(tensor, flat.size, label))
+
+
+def _shape(tensor: service_pb2.Tensor, count: int, label: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape:
+        return (count,)
+    expected = int(np.prod(shape))
+    if expected != count:
+        raise TensorCodecError(f"{label}: shape {list(shape)} needs {expected} elements, the message carries {count}")
+    return shape
+
+
+def is_raw(tensor: service_pb2.Tensor) -> bool:
+    """True when the tensor uses ``tensor_content`` although a typed field exists for its type."""
+    return bool(tensor.tensor_content) and tensor.elem_type in _TYPED_FIELD

@@ -1,0 +1,43 @@
+"""distill-reader: service-based knowledge distillation for PaddlePaddle."""
+from setuptools import find_packages, setup
+
+PADDLE_VERSION = "2.6.2"
+
+setup(
+    name="distill-reader",
+    version="0.1.0",
+    description="Service-based knowledge distillation for PaddlePaddle: a data reader that asks remote teachers.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["distill_reader", "distill_reader.*", "teachers", "teachers.*",
+                                    "discovery", "discovery.*"]),
+    package_data={"distill_reader.proto": ["*.py"]},
+    install_requires=[
+        f"paddlepaddle=={PADDLE_VERSION}",
+        "numpy>=1.23",
+        # grpcio-tools/-health-checking 1.85+ need protobuf>=7, and paddle 2.6.2's fleet breaks on protobuf 7.
+        "grpcio>=1.74,<1.79",
+        "grpcio-health-checking>=1.74,<1.79",
+        "protobuf>=6.31,<7",
+        "requests>=2.28",
+        "kazoo>=2.9",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The GPU wheel replaces the CPU one: `pip install -e .[gpu]` then `pip uninstall paddlepaddle`
+        # is not needed, pip keeps both names apart; see README "GPU".
+        "gpu": [f"paddlepaddle-gpu=={PADDLE_VERSION}"],
+        "examples": ["matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff>=0.5", "matplotlib>=3.5",
+                 "grpcio-tools>=1.74,<1.79"],
+    },
+    entry_points={
+        "console_scripts": [
+            "distill-teacher-serve=teachers.serve:main",
+            "distill-teacher-export=teachers.export:main",
+            "distill-register=discovery.register:main",
+            "distill-knowledge=distill_reader.knowledge.__main__:main",
+        ],
+    },
+)

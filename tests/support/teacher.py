@@ -1,0 +1,1 @@
+"""Fixtures for real teacher servers (owned by the teacher-endpoint work)."""

@@ -1,0 +1,1 @@
+"""Fixtures for a real ZooKeeper server (owned by the discovery work)."""
