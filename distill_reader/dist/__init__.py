@@ -1,0 +1,30 @@
+"""In-process distillation on static graphs: merge a teacher program into a student program, add losses.
+
+The API of PaddleSlim's ``dist`` module (``merge``, ``fsp_loss``, ``l2_loss``, ``soft_label_loss``, ``loss``) on
+paddle 2.6 static graphs, plus multi-block teachers, name suggestions, shape checks, student-only checkpoints and
+dygraph counterparts of the losses in ``dist.functional``.
+
+Example::
+
+    import numpy as np
+    import paddle
+    from distill_reader import dist
+    paddle.enable_static()
+    dist.merge(teacher_program, student_program, {"y": "x"}, paddle.CPUPlace())
+    with paddle.static.program_guard(student_program):
+        distill = dist.l2_loss("teacher_t2.tmp_1", "s2.tmp_1", student_program)
+"""
+import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
+
+from . import functional
+from .checkpoint import load_student_params, save_student_params, student_parameters
+from .losses import fsp_loss, l2_loss, loss, soft_label_loss
+from .merge import MergeError, merge
+from .names import VarNotFoundError, find_var
+from .shapes import ShapeMismatchError
+
+__all__ = [
+    "merge", "fsp_loss", "l2_loss", "soft_label_loss", "loss", "functional",
+    "save_student_params", "load_student_params", "student_parameters",
+    "MergeError", "VarNotFoundError", "ShapeMismatchError", "find_var",
+]
