@@ -1,1 +1,295 @@
-"""Fixtures for real teacher servers (owned by the teacher-endpoint work)."""
+"""Shared fixtures for real teacher servers (``python -m teachers.serve`` subprocesses on Paddle Inference).
+
+- ``save_static_model(dirname)`` / ``save_jit_model(dirname)``: a small deterministic MNIST-shaped CNN
+  (input ``img`` [N, 1, 28, 28] float32, softmax output [N, 10]) saved with
+  ``paddle.static.save_inference_model`` / ``paddle.jit.save``.
+- ``export_teacher(src_dir, out_dir)``: the Paddle Serving folders (fetch alias ``prediction``).
+- fixtures ``teacher_model`` / ``teacher_model_jit`` (session): an ``ExportedTeacher``.
+- ``TeacherServer``: a real server subprocess on a free loopback port, ready when gRPC health says SERVING.
+- fixture ``teacher_server`` (session): a running TeacherServer of ``teacher_model`` with HTTP enabled.
+- ``reference_predict(server_dir, images)``: local Paddle Inference predictions to compare with.
+- ``mnist_like_images(n, seed)``: deterministic float32 inputs.
+
+Example::
+
+    def test_x(teacher_model, tmp_path):
+        with TeacherServer(teacher_model.server_dir) as server:
+            client = TeacherClient(server.endpoint, teacher_model.client_conf)
+            out = client.predict({"img": mnist_like_images(4)})
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np  # (numpy before paddle: paddle 2.6.2 exports zlib symbols)
+import pytest
+
+from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, port_is_open, wait_for
+
+FEED = "img"
+FETCH = "prediction"
+IMAGE_SHAPE = (1, 28, 28)
+SERVER_START_TIMEOUT = 60.0
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def build_mnist_cnn(seed: int = 0, width: int = 1):
+    """(main_program, startup_program, img_var, prediction_var) of a small static-graph CNN.
+
+    ``width`` multiplies the conv filters (8 and 16): a heavier teacher for benchmarks."""
+    import paddle
+
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    main.random_seed = startup.random_seed = 1000 + seed  # random_seed 0 would mean "not fixed"
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        img = paddle.static.data(FEED, [None, *IMAGE_SHAPE], "float32")
+        x = paddle.static.nn.conv2d(img, num_filters=8 * width, filter_size=5, act="relu")
+        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
+        x = paddle.static.nn.conv2d(x, num_filters=16 * width, filter_size=5, act="relu")
+        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
+        logits = paddle.static.nn.fc(x, size=10)
+        prediction = paddle.nn.functional.softmax(logits)
+    return main, startup, img, prediction
+
+
+def save_static_model(dirname: str, seed: int = 0, width: int = 1) -> str:
+    """Save the CNN with ``paddle.static.save_inference_model`` as ``dirname/model.pdmodel`` (+ .pdiparams)."""
+    import paddle
+
+    main, startup, img, prediction = build_mnist_cnn(seed, width)
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(scope):
+        exe.run(startup)
+        paddle.static.save_inference_model(os.path.join(dirname, "model"), [img], [prediction], exe, program=main)
+    paddle.disable_static()
+    return dirname
+
+
+def save_jit_model(dirname: str, seed: int = 0) -> str:
+    """Save the same architecture with ``paddle.jit.save`` as ``dirname/inference.pdmodel`` (+ .pdiparams)."""
+    import paddle
+
+    paddle.disable_static()
+    paddle.seed(seed)
+
+    class MnistCnn(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = paddle.nn.Conv2D(1, 8, 5)
+            self.conv2 = paddle.nn.Conv2D(8, 16, 5)
+            self.fc = paddle.nn.Linear(16 * 4 * 4, 10)
+
+        def forward(self, img):
+            x = paddle.nn.functional.max_pool2d(paddle.nn.functional.relu(self.conv1(img)), 2, 2)
+            x = paddle.nn.functional.max_pool2d(paddle.nn.functional.relu(self.conv2(x)), 2, 2)
+            return paddle.nn.functional.softmax(self.fc(paddle.flatten(x, 1)))
+
+    layer = MnistCnn()
+    layer.eval()
+    spec = [paddle.static.InputSpec([None, *IMAGE_SHAPE], "float32", name=FEED)]
+    paddle.jit.save(layer, os.path.join(dirname, "inference"), input_spec=spec)
+    return dirname
+
+
+@dataclass(frozen=True)
+class ExportedTeacher:
+    """Paddle Serving folders of one exported model."""
+
+    server_dir: str     # model files + serving_server_conf.prototxt: pass to TeacherServer / --model
+    client_dir: str
+    client_conf: str    # serving_client_conf.prototxt: pass to TeacherClient
+    route: str          # "static" or "jit"
+
+
+def export_teacher(src_dir: str, out_dir: str, route: str) -> ExportedTeacher:
+    """Convert an inference model folder with ``teachers.export.inference_model_to_serving``."""
+    from teachers.export import inference_model_to_serving
+
+    server_dir, client_dir = os.path.join(out_dir, "serving_server"), os.path.join(out_dir, "serving_client")
+    inference_model_to_serving(src_dir, server_dir, client_dir, fetch_alias_names=FETCH)
+    return ExportedTeacher(server_dir, client_dir, os.path.join(client_dir, "serving_client_conf.prototxt"), route)
+
+
+def mnist_like_images(n: int, seed: int = 0) -> np.ndarray:
+    """Deterministic float32 images [n, 1, 28, 28] in [0, 1]."""
+    return np.random.default_rng(seed).random((n, *IMAGE_SHAPE), dtype=np.float32)
+
+
+_REFERENCE_PREDICTORS: dict = {}
+
+
+def reference_predict(server_dir: str, images: np.ndarray) -> np.ndarray:
+    """Predictions of a local Paddle Inference predictor (oneDNN, as the server) for ``images``."""
+    from teachers.predictor_pool import PredictorOptions, PredictorPool
+
+    key = os.path.abspath(server_dir)
+    if key not in _REFERENCE_PREDICTORS:
+        _REFERENCE_PREDICTORS[key] = PredictorPool(PredictorOptions(model_dir=server_dir, size=1))
+    pool = _REFERENCE_PREDICTORS[key]
+    out = pool.run({pool.input_names[0]: np.asarray(images, dtype=np.float32)}, pool.output_names[:1])
+    return out[pool.output_names[0]][0]
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory) -> ExportedTeacher:
+    """The CNN saved with paddle.static.save_inference_model and exported for serving."""
+    root = tmp_path_factory.mktemp("teacher_static")
+    src = save_static_model(str(root / "inference_model"))
+    return export_teacher(src, str(root), "static")
+
+
+@pytest.fixture(scope="session")
+def teacher_model_jit(tmp_path_factory) -> ExportedTeacher:
+    """The CNN saved with paddle.jit.save and exported for serving."""
+    root = tmp_path_factory.mktemp("teacher_jit")
+    src = save_jit_model(str(root / "jit_model"))
+    return export_teacher(src, str(root), "jit")
+
+
+# -- server process ---------------------------------------------------------------------------------------
+def grpc_health(endpoint: str, timeout: float = 0.5) -> Optional[str]:
+    """The health status name ("SERVING", "NOT_SERVING", ...) of ``endpoint``, or None when unreachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(endpoint) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                               timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+class TeacherServer:
+    """A real ``python -m teachers.serve`` subprocess on 127.0.0.1; always stopped on exit.
+
+    Args:
+        model_dir: serving server folder.
+        http: also serve HTTP on a second free port (``.http_endpoint``).
+        thread, max_batch_size, batch_timeout_ms: passed as flags.
+        extra_args: more command-line flags.
+        port: the gRPC port (default: a free one).
+
+    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``,
+    ``.restart()`` (same ports), ``.stop()``, ``.log()`` (the server's output so far).
+    """
+
+    def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
+                 batch_timeout_ms: float = 2.0, extra_args: Sequence[str] = (), port: Optional[int] = None,
+                 start_timeout: float = SERVER_START_TIMEOUT):
+        self.model_dir = model_dir
+        self.port = port or free_port()
+        self.http_port = free_port() if http else None
+        self.args = ["-m", "teachers.serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--thread", str(thread), "--max_batch_size", str(max_batch_size),
+                     "--batch_timeout_ms", str(batch_timeout_ms), *extra_args]
+        if self.http_port:
+            self.args += ["--http_port", str(self.http_port)]
+        self.start_timeout = start_timeout
+        self._guard = ProcessGuard()
+        self._logdir = tempfile.mkdtemp(prefix="teacher_server_")
+        self._log_path = os.path.join(self._logdir, "server.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.start_seconds = 0.0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_endpoint(self) -> Optional[str]:
+        return f"127.0.0.1:{self.http_port}" if self.http_port else None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "server not started"
+        return self.proc.pid
+
+    def start(self) -> TeacherServer:
+        started = time.monotonic()
+        log = open(self._log_path, "ab")
+        try:
+            self.proc = self._guard.python(*self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        finally:
+            log.close()
+        deadline = started + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"teacher server exited with {self.proc.returncode} while starting:\n"
+                                     f"{self.log()[-3000:]}")
+            if grpc_health(self.endpoint, timeout=0.5) == "SERVING":
+                self.start_seconds = time.monotonic() - started
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"teacher server on {self.endpoint} not SERVING after {self.start_timeout}s:\n"
+                             f"{self.log()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the server process."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the process to end; returns its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM (then SIGKILL after 10 s); returns the exit code."""
+        code = None
+        if self.proc is not None:
+            self._guard.close()
+            code = self.proc.returncode
+        return code
+
+    def restart(self) -> TeacherServer:
+        """Stop the server (if running) and start it again on the same ports."""
+        self.stop()
+        wait_for(lambda: not port_is_open(self.port), 10, f"port {self.port} released")
+        return self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and pid_alive(self.proc.pid)
+
+    def log(self) -> str:
+        try:
+            with open(self._log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> TeacherServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._logdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def teacher_server(teacher_model):
+    """A running TeacherServer (gRPC + HTTP) of ``teacher_model``, shared by the session. Do not kill it."""
+    with TeacherServer(teacher_model.server_dir, http=True) as server:
+        yield server
+
+
+__all__ = ["FEED", "FETCH", "ExportedTeacher", "TeacherServer", "build_mnist_cnn", "export_teacher", "grpc_health",
+           "mnist_like_images", "reference_predict", "save_jit_model", "save_static_model"]

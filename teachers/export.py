@@ -1,0 +1,251 @@
+"""Export Paddle inference models as Paddle Serving model folders (same API and layout as
+``paddle_serving_client.io`` 0.9).
+
+A server folder holds the inference model (``model.pdmodel`` + ``params.pdiparams`` by default),
+``serving_server_conf.prototxt`` and its binary twin ``serving_server_conf.stream.prototxt``; the client
+folder holds ``serving_client_conf.prototxt`` (+ ``.stream``).
+
+Example::
+
+    from teachers.export import inference_model_to_serving
+    feeds, fetches = inference_model_to_serving("mnist_infer", "serving_server", "serving_client",
+                                                fetch_alias_names="prediction")
+
+CLI: ``python -m teachers.export --dirname mnist_infer --fetch_alias_names prediction``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+from typing import Optional, Sequence, Union
+
+import numpy as np  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
+
+from distill_reader.serving_config import CLIENT_CONF, SERVER_CONF, ServingConfig, VarSpec
+from distill_reader.tensor_codec import elem_type_of_dtype
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_FILENAME = "model.pdmodel"
+DEFAULT_PARAMS_FILENAME = "params.pdiparams"
+_BFLOAT16_ELEM_TYPE = 6
+
+AliasNames = Union[None, str, Sequence[str]]
+
+
+class ExportError(ValueError):
+    """A model that cannot be found, read or exported; the message names the path."""
+
+
+def save_model(server_model_folder: str, client_config_folder: str, feed_var_dict: dict, fetch_var_dict: dict,
+               main_program=None, model_filename: Optional[str] = None, params_filename: Optional[str] = None,
+               feed_alias_names: AliasNames = None, fetch_alias_names: AliasNames = None,
+               scope=None) -> tuple[list[str], list[str]]:
+    """Save ``main_program`` (default: the default main program) as a Paddle Serving model.
+
+    ``feed_var_dict`` / ``fetch_var_dict`` map alias names to static variables of the program; the
+    parameters are read from ``scope`` (default: the global scope). Fetch vars are written sorted by alias.
+    Returns the feed and fetch alias names.
+
+    Example::
+
+        save_model("serving_server", "serving_client", {"img": img}, {"prediction": pred}, main_program)
+    """
+    import paddle
+
+    if main_program is None:
+        main_program = paddle.static.default_main_program()
+    scope = scope if scope is not None else paddle.static.global_scope()
+    feed_items = list(feed_var_dict.items())
+    fetch_items = sorted(fetch_var_dict.items(), key=lambda kv: kv[0])
+    feed_aliases = _aliases(feed_alias_names, [k for k, _ in feed_items], "feed")
+    fetch_aliases = _aliases(fetch_alias_names, [k for k, _ in fetch_items], "fetch")
+    feed_vars = [v for _, v in feed_items]
+    fetch_vars = [v for _, v in fetch_items]
+
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(scope):
+        program_bytes = paddle.static.serialize_program(feed_vars, fetch_vars, program=main_program)
+        params_bytes = paddle.static.serialize_persistables(feed_vars, fetch_vars, exe, program=main_program)
+    return _write_serving_model(server_model_folder, client_config_folder, program_bytes, params_bytes,
+                                feed_aliases, fetch_aliases, model_filename, params_filename)
+
+
+def _write_serving_model(server_model_folder: str, client_config_folder: str, program_bytes: bytes,
+                         params_bytes: Optional[bytes], feed_aliases: list[str], fetch_aliases: list[str],
+                         model_filename: Optional[str], params_filename: Optional[str]) -> tuple[list[str], list[str]]:
+    """Write the model files and both configs; var names and types are read back from the saved program."""
+    import paddle
+
+    # Saving may rename fetch targets (normalization appends scale ops): read the real names from the bytes.
+    saved = paddle.static.deserialize_program(program_bytes)
+    feed_names, fetch_names = _feed_fetch_targets(saved)
+    if len(feed_names) != len(feed_aliases) or len(fetch_names) != len(fetch_aliases):
+        raise ExportError(f"saved program has feeds {feed_names} and fetches {fetch_names}, "
+                          f"expected {len(feed_aliases)} feeds and {len(fetch_aliases)} fetches")
+    block = saved.global_block()
+    feeds = tuple(_var_spec(block.var(n), alias) for n, alias in zip(feed_names, feed_aliases))
+    fetches = tuple(sorted((_var_spec(block.var(n), alias) for n, alias in zip(fetch_names, fetch_aliases)),
+                           key=lambda spec: spec.alias_name))
+    os.makedirs(server_model_folder, exist_ok=True)
+    _write(os.path.join(server_model_folder, model_filename or DEFAULT_MODEL_FILENAME), program_bytes)
+    _write(os.path.join(server_model_folder, params_filename or DEFAULT_PARAMS_FILENAME), params_bytes or b"")
+    config = ServingConfig(feeds=feeds, fetches=fetches)
+    config.save(server_model_folder, SERVER_CONF)
+    config.save(client_config_folder, CLIENT_CONF)
+    logger.info("saved serving model: server folder %s, client config %s; feeds %s, fetches %s",
+                server_model_folder, client_config_folder, config.feed_names, config.fetch_names)
+    return config.feed_names, config.fetch_names
+
+
+def inference_model_to_serving(dirname: str, serving_server: str = "serving_server",
+                               serving_client: str = "serving_client", model_filename: Optional[str] = None,
+                               params_filename: Optional[str] = None, feed_alias_names: AliasNames = None,
+                               fetch_alias_names: AliasNames = None) -> tuple[list[str], list[str]]:
+    """Convert an inference model (``paddle.static.save_inference_model``, ``paddle.jit.save`` or the old
+    ``__model__`` layouts) into a Paddle Serving server folder and client config folder.
+
+    ``dirname`` is the model folder (or a ``paddle.jit.save`` path prefix). Without file names the model
+    file is found in the folder (one ``*.pdmodel``, or ``__model__`` with ``__params__`` or one file per
+    parameter). Alias names default to the variable names; ``fetch_alias_names="prediction"`` (comma
+    separated string or list) renames them. Returns the feed and fetch alias names.
+
+    Example::
+
+        inference_model_to_serving("jit_model", fetch_alias_names="prediction")
+    """
+    import paddle
+
+    paddle.enable_static()
+    prefix, kwargs = _locate_model(dirname, model_filename, params_filename)
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        try:
+            program, feed_names, fetch_targets = paddle.static.load_inference_model(prefix, exe, **kwargs)
+        except Exception as exc:  # paddle raises many types; name the model in one error
+            raise ExportError(f"cannot load inference model from {dirname!r} ({kwargs or prefix}): {exc}") from exc
+    block = program.global_block()
+    feed_vars = [block.var(name) for name in feed_names]
+    with paddle.static.scope_guard(scope):
+        params_bytes = paddle.static.serialize_persistables(feed_vars, fetch_targets, exe, program=program)
+    # The loaded program already is an inference program (feed/fetch ops): write it as it is.
+    return _write_serving_model(serving_server, serving_client, program.desc.serialize_to_string(), params_bytes,
+                                _aliases(feed_alias_names, list(feed_names), "feed"),
+                                _aliases(fetch_alias_names, [v.name for v in fetch_targets], "fetch"), None, None)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _locate_model(dirname: str, model_filename: Optional[str],
+                  params_filename: Optional[str]) -> tuple[str, dict]:
+    """(path, kwargs) for paddle.static.load_inference_model."""
+    if model_filename or params_filename:
+        if not os.path.isdir(dirname):
+            raise ExportError(f"model folder {dirname!r} does not exist")
+        return dirname, {"model_filename": model_filename, "params_filename": params_filename}
+    if not os.path.isdir(dirname):
+        if os.path.exists(dirname + ".pdmodel"):
+            return dirname, {}
+        raise ExportError(f"no model folder {dirname!r} and no {dirname}.pdmodel")
+    if os.path.exists(os.path.join(dirname, "__model__")):
+        params = "__params__" if os.path.exists(os.path.join(dirname, "__params__")) else None
+        return dirname, {"model_filename": "__model__", "params_filename": params}
+    models = sorted(glob.glob(os.path.join(dirname, "*.pdmodel")))
+    if len(models) != 1:
+        raise ExportError(f"model folder {dirname!r} holds {len(models)} *.pdmodel files "
+                          f"({[os.path.basename(m) for m in models]}); pass model_filename and params_filename")
+    stem = os.path.splitext(models[0])[0]
+    params = [p for p in (stem + ".pdiparams",) if os.path.exists(p)] or glob.glob(os.path.join(dirname, "*.pdiparams"))
+    if len(params) != 1:
+        raise ExportError(f"model folder {dirname!r}: cannot tell which *.pdiparams belongs to "
+                          f"{os.path.basename(models[0])}; pass params_filename")
+    return dirname, {"model_filename": os.path.basename(models[0]), "params_filename": os.path.basename(params[0])}
+
+
+def _feed_fetch_targets(program) -> tuple[list[str], list[str]]:
+    feeds: dict[int, str] = {}
+    fetches: dict[int, str] = {}
+    for op in program.global_block().ops:
+        if op.type == "feed":
+            feeds[op.attr("col")] = op.output("Out")[0]
+        elif op.type == "fetch":
+            fetches[op.attr("col")] = op.input("X")[0]
+    return [feeds[i] for i in sorted(feeds)], [fetches[i] for i in sorted(fetches)]
+
+
+def _var_spec(var, alias: str) -> VarSpec:
+    shape = [int(d) for d in var.shape]
+    if shape and shape[0] < 0:  # the batch dimension
+        shape = shape[1:]
+    lod = int(getattr(var, "lod_level", 0) or 0) > 0
+    if lod:
+        shape = [-1]
+    return VarSpec(name=var.name, alias_name=alias, elem_type=_elem_type(var), shape=tuple(shape),
+                   is_lod_tensor=lod)
+
+
+def _elem_type(var) -> int:
+    from paddle.base.data_feeder import convert_dtype
+
+    name = convert_dtype(var.dtype)
+    if name == "uint16" or name == "bfloat16":
+        return _BFLOAT16_ELEM_TYPE
+    return elem_type_of_dtype(name, what=f"variable {var.name!r}")
+
+
+def _aliases(given: AliasNames, default: list[str], kind: str) -> list[str]:
+    if given is None or given == "":
+        return default
+    names = [n.strip() for n in given.split(",")] if isinstance(given, str) else [str(n) for n in given]
+    if len(names) != len(default):
+        raise ExportError(f"{len(names)} {kind} alias names {names} for {len(default)} {kind} vars {default}")
+    return names
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m teachers.export",
+        description="Convert a Paddle inference model into a Paddle Serving server folder and client config "
+                    "folder (the layout of paddle_serving_client.convert).")
+    parser.add_argument("--dirname", required=True,
+                        help="folder of the inference model (or a paddle.jit.save path prefix)")
+    parser.add_argument("--serving_server", default="serving_server",
+                        help="server folder to write: model + serving_server_conf.prototxt (default: %(default)s)")
+    parser.add_argument("--serving_client", default="serving_client",
+                        help="client folder to write: serving_client_conf.prototxt (default: %(default)s)")
+    parser.add_argument("--model_filename", default=None,
+                        help="model file inside --dirname (default: found: one *.pdmodel or __model__)")
+    parser.add_argument("--params_filename", default=None,
+                        help="params file inside --dirname (default: found; none for one file per parameter)")
+    parser.add_argument("--feed_alias_names", default=None,
+                        help="comma separated alias names for the feed vars, in model order (default: var names)")
+    parser.add_argument("--fetch_alias_names", default=None,
+                        help="comma separated alias names for the fetch vars, in model order (default: var names)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        feeds, fetches = inference_model_to_serving(
+            args.dirname, args.serving_server, args.serving_client, args.model_filename, args.params_filename,
+            feed_alias_names=args.feed_alias_names, fetch_alias_names=args.fetch_alias_names)
+    except ExportError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("feeds %s fetches %s -> %s, %s", feeds, fetches, args.serving_server, args.serving_client)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""One inference request, transport-independent: validate a ``Request`` against the serving config, run it,
+and build the ``Response`` in the wire form the request used (raw ``tensor_content`` in -> raw out).
+
+Bad requests get ``err_no`` ``ERR_INPUT`` with a message naming the feed and what the model expects.
+
+Example::
+
+    handler = InferenceHandler(config, run=pool.run)
+    response = handler.handle(request)        # a general_model Response message
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+
+from distill_reader.proto import general_model_service_pb2 as service_pb2
+from distill_reader.serving_config import ServingConfig, VarSpec
+from distill_reader.tensor_codec import (
+    ELEM_TYPES,
+    TensorCodecError,
+    decode_tensor,
+    dtype_of_elem_type,
+    encode_tensor,
+    is_raw,
+)
+
+logger = logging.getLogger(__name__)
+
+ERR_INPUT = 5000       # the request does not fit the model (pipeline serving's input error code)
+ERR_SHUTDOWN = 3001    # the server is draining and takes no new work
+ERR_INTERNAL = 10000   # the predictor failed
+ENGINE_NAME = "general_infer_0"
+
+RunFn = Callable[..., dict]
+
+
+class RequestError(ValueError):
+    """A request that does not fit the model; the message says which feed and what was expected."""
+
+
+def _describe(spec: VarSpec) -> str:
+    dims = ["N", *[str(d) if d >= 0 else "?" for d in spec.shape]]
+    dtype = ELEM_TYPES.get(spec.elem_type, f"elem_type {spec.elem_type}")
+    return f"{dtype} [{', '.join(dims)}] (elem_type {spec.elem_type})"
+
+
+class InferenceHandler:
+    """Validate, run and answer Requests for one serving model. Thread-safe."""
+
+    def __init__(self, config: ServingConfig, run: RunFn):
+        self.config = config
+        self._run = run
+
+    def handle(self, request: service_pb2.Request) -> service_pb2.Response:
+        """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
+        try:
+            feeds, lods, fetch, raw = self.parse(request)
+        except RequestError as exc:
+            return error_response(ERR_INPUT, str(exc), request.log_id)
+        try:
+            outputs = self._run(feeds, [s.name for s in fetch], lods)
+        except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
+            from .batcher import BatcherClosed
+
+            if isinstance(exc, BatcherClosed):
+                return error_response(ERR_SHUTDOWN, str(exc), request.log_id)
+            logger.exception("predictor failed (log_id %s)", request.log_id)
+            return error_response(ERR_INTERNAL, f"predictor failed: {exc}", request.log_id)
+        return self.answer(outputs, fetch, raw, request.log_id)
+
+    # -- request -> arrays ----------------------------------------------------------------------------
+    def parse(self, request: service_pb2.Request):
+        """(feeds by real name, lods by real name, fetch specs, raw answer?) or RequestError."""
+        feeds: dict[str, np.ndarray] = {}
+        lods: dict[str, list] = {}
+        raw = False
+        batch: Optional[int] = None
+        for tensor in request.tensor:
+            spec = self._feed_spec(tensor)
+            if spec.name in feeds:
+                raise RequestError(f"feed {spec.alias_name!r} is given twice")
+            array = self._decode(tensor, spec)
+            raw = raw or is_raw(tensor)
+            if spec.is_lod_tensor:
+                lods[spec.name] = [int(x) for x in tensor.lod]
+            elif batch is not None and array.shape[0] != batch:
+                raise RequestError(f"feed {spec.alias_name!r} has batch size {array.shape[0]}, other feeds have "
+                                   f"{batch}; every feed must carry the same number of samples")
+            else:
+                batch = array.shape[0]
+            feeds[spec.name] = array
+        missing = [s for s in self.config.feeds if s.name not in feeds]
+        if missing:
+            expected = "; ".join(f"{s.alias_name!r}: {_describe(s)}" for s in missing)
+            raise RequestError(f"missing feed(s): {expected}")
+        names = list(request.fetch_var_names) or self.config.fetch_names
+        fetch = []
+        for name in names:
+            spec = next((s for s in self.config.fetches if name in (s.alias_name, s.name)), None)
+            if spec is None:
+                raise RequestError(f"unknown fetch {name!r}; the model's fetches are {self.config.fetch_names}")
+            fetch.append(spec)
+        return feeds, lods, fetch, raw
+
+    def _feed_spec(self, tensor: service_pb2.Tensor) -> VarSpec:
+        # Real Paddle Serving matches by the real name; accept the alias too.
+        for key in (tensor.name, tensor.alias_name):
+            for spec in self.config.feeds:
+                if key and key == spec.name:
+                    return spec
+            for spec in self.config.feeds:
+                if key and key == spec.alias_name:
+                    return spec
+        given = tensor.alias_name or tensor.name
+        raise RequestError(f"unknown feed {given!r}; the model's feeds are "
+                           f"{[f'{s.alias_name}: {_describe(s)}' for s in self.config.feeds]}")
+
+    def _decode(self, tensor: service_pb2.Tensor, spec: VarSpec) -> np.ndarray:
+        label = f"feed {spec.alias_name!r}"
+        if tensor.elem_type != spec.elem_type:
+            try:
+                got = str(dtype_of_elem_type(tensor.elem_type))
+            except TensorCodecError:
+                got = "unsupported"
+            raise RequestError(f"{label}: elem_type {tensor.elem_type} ({got}), the model expects {_describe(spec)}")
+        if not tensor.shape:
+            raise RequestError(f"{label}: the tensor has no shape; the model expects {_describe(spec)}")
+        try:
+            array = decode_tensor(tensor, what=label)
+        except TensorCodecError as exc:
+            raise RequestError(f"{exc}; the model expects {_describe(spec)}") from None
+        if spec.is_lod_tensor:
+            return array
+        per_sample = array.shape[1:]
+        if per_sample == spec.shape:
+            return array
+        known = all(d >= 0 for d in spec.shape)
+        if known and int(np.prod(per_sample)) == int(np.prod(spec.shape)):
+            return array.reshape((array.shape[0], *spec.shape))  # same elements per sample, other layout
+        if not known and len(per_sample) == len(spec.shape) and all(
+                d < 0 or d == g for d, g in zip(spec.shape, per_sample)):
+            return array
+        raise RequestError(f"{label}: shape {list(array.shape)} ({int(np.prod(per_sample))} elements per sample), "
+                           f"the model expects {_describe(spec)}")
+
+    # -- arrays -> response ---------------------------------------------------------------------------
+    def answer(self, outputs: dict, fetch: list, raw: bool, log_id: int) -> service_pb2.Response:
+        response = service_pb2.Response(log_id=log_id, err_no=0)
+        model_output = response.outputs.add(engine_name=ENGINE_NAME)
+        for spec in fetch:
+            array, lod = outputs[spec.name]
+            model_output.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name,
+                                                     raw=raw, lod=lod or None))
+        return response
+
+
+def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:
+    """An error answer, as Paddle Serving sends it: ``err_no`` != 0 and ``err_msg``."""
+    return service_pb2.Response(err_no=err_no, err_msg=message, log_id=log_id)

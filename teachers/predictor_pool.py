@@ -1,0 +1,131 @@
+"""A pool of Paddle Inference predictors for one serving model folder (one predictor per serving thread).
+
+Predictors are not thread-safe; ``run`` borrows one for the duration of a call. oneDNN on CPU, the GPU only
+when asked for and paddle is compiled with CUDA.
+
+Example::
+
+    pool = PredictorPool(PredictorOptions(model_dir="serving_server", size=2))
+    out = pool.run({"img": images}, ["save_infer_model/scale_0.tmp_1"])   # {name: array}
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import queue
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class ModelFilesError(ValueError):
+    """The serving folder holds no inference model this pool can load."""
+
+
+@dataclass
+class PredictorOptions:
+    """How to build the predictors. ``gpu_ids`` empty means CPU."""
+
+    model_dir: str
+    size: int = 1
+    gpu_ids: list[int] = field(default_factory=list)
+    use_mkl: bool = True
+    ir_optim: bool = True
+    mem_optim: bool = True
+    math_threads: int = 1
+    precision: str = "fp32"
+    gpu_mem_mb: int = 256
+
+
+def find_model_files(model_dir: str) -> tuple[str, Optional[str]]:
+    """(model file, params file or None for one file per parameter) inside a serving folder."""
+    for model, params in (("model.pdmodel", "params.pdiparams"), ("__model__", "__params__")):
+        if os.path.exists(os.path.join(model_dir, model)):
+            params_path = os.path.join(model_dir, params)
+            return os.path.join(model_dir, model), params_path if os.path.exists(params_path) else None
+    models = sorted(glob.glob(os.path.join(model_dir, "*.pdmodel")))
+    if len(models) == 1:
+        params = os.path.splitext(models[0])[0] + ".pdiparams"
+        others = glob.glob(os.path.join(model_dir, "*.pdiparams"))
+        if not os.path.exists(params) and len(others) == 1:
+            params = others[0]
+        if os.path.exists(params):
+            return models[0], params
+    raise ModelFilesError(f"no inference model in {model_dir!r}: expected model.pdmodel + params.pdiparams, "
+                          f"__model__ (+ __params__), or one *.pdmodel with its *.pdiparams")
+
+
+def _config(options: PredictorOptions, gpu_id: Optional[int]):
+    from paddle import inference
+
+    model_file, params_file = find_model_files(options.model_dir)
+    if params_file and os.path.getsize(params_file) > 0:
+        config = inference.Config(model_file, params_file)
+    elif os.path.basename(model_file) == "__model__":
+        config = inference.Config(options.model_dir)  # one file per parameter
+    else:
+        config = inference.Config()  # a model without parameters
+        config.set_prog_file(model_file)
+    if gpu_id is not None:
+        config.enable_use_gpu(options.gpu_mem_mb, gpu_id)
+    else:
+        config.disable_gpu()
+        if options.use_mkl:
+            config.enable_mkldnn()
+            if options.precision == "bf16":
+                config.enable_mkldnn_bfloat16()
+        config.set_cpu_math_library_num_threads(options.math_threads)
+    config.switch_ir_optim(options.ir_optim)
+    if options.mem_optim:
+        config.enable_memory_optim()
+    config.disable_glog_info()
+    return config
+
+
+class PredictorPool:
+    """``size`` predictors sharing one model; ``run`` is thread-safe and blocks while all are busy."""
+
+    def __init__(self, options: PredictorOptions):
+        from paddle import inference
+
+        self.options = options
+        self._idle: queue.Queue = queue.Queue()
+        gpu_ids = options.gpu_ids or [None]
+        first_by_device: dict = {}
+        for i in range(max(1, options.size)):
+            gpu_id = gpu_ids[i % len(gpu_ids)]
+            if gpu_id in first_by_device:
+                predictor = first_by_device[gpu_id].clone()  # shares the weights, quick
+            else:
+                predictor = inference.create_predictor(_config(options, gpu_id))
+                first_by_device[gpu_id] = predictor
+            self._idle.put(predictor)
+        probe = next(iter(first_by_device.values()))
+        self.input_names: list[str] = list(probe.get_input_names())
+        self.output_names: list[str] = list(probe.get_output_names())
+        self.size = max(1, options.size)
+
+    def run(self, feeds: Mapping[str, np.ndarray], fetch_names: Sequence[str],
+            lods: Optional[Mapping[str, list]] = None) -> dict[str, tuple[np.ndarray, list]]:
+        """Run one batch; returns {fetch name: (array, lod)} (lod empty when the output has none)."""
+        predictor = self._idle.get()
+        try:
+            for name, array in feeds.items():
+                handle = predictor.get_input_handle(name)
+                handle.reshape(list(array.shape))
+                handle.copy_from_cpu(np.ascontiguousarray(array))
+                if lods and lods.get(name):
+                    handle.set_lod([list(lods[name])])
+            predictor.run()
+            result = {}
+            for name in fetch_names:
+                handle = predictor.get_output_handle(name)
+                lod = handle.lod()
+                result[name] = (handle.copy_to_cpu(), [int(x) for x in lod[0]] if lod else [])
+            return result
+        finally:
+            self._idle.put(predictor)

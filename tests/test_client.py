@@ -1,0 +1,147 @@
+"""distill_reader.client against our teacher server (raw fast path) and against stand-ins for real Paddle
+Serving (no health service: typed fields)."""
+import threading
+import time
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import numpy as np
+import pytest
+
+from distill_reader.client import FeedError, TeacherAnswerError, TeacherClient, TeacherUnavailable
+from distill_reader.proto import general_model_service_pb2 as pb
+from distill_reader.proto import general_model_service_pb2_grpc as pb_grpc
+from distill_reader.serving_config import ConfigError
+from distill_reader.tensor_codec import decode_tensor, encode_tensor, is_raw
+from tests.support.procs import free_port
+from tests.support.teacher import mnist_like_images, reference_predict
+
+
+class TypedOnlyTeacher:
+    """Stand-in for a real Paddle Serving 0.9 server: only GeneralModelService, no health service, typed fields
+    only (a float32 tensor sent in tensor_content is refused, as real Paddle Serving would not read it). It
+    answers with the local Paddle Inference predictor. Real Paddle Serving cannot be installed on Python 3.11."""
+
+    def __init__(self, server_dir: str, slow_s: float = 0.0):
+        self.server_dir = server_dir
+        self.slow_s = slow_s
+        self.requests = []
+
+    def answer(self, request: pb.Request) -> pb.Response:
+        self.requests.append(request)
+        time.sleep(self.slow_s)
+        tensor = request.tensor[0]
+        if is_raw(tensor):
+            return pb.Response(err_no=-1, err_msg="float32 tensor without float_data")
+        out = reference_predict(self.server_dir, decode_tensor(tensor))
+        response = pb.Response(log_id=request.log_id)
+        response.outputs.add(engine_name="general_infer_0").tensor.append(
+            encode_tensor(out, name="save_infer_model/scale_0.tmp_0", alias_name="prediction", raw=False))
+        return response
+
+
+@pytest.fixture
+def typed_grpc_teacher(teacher_model):
+    teacher = TypedOnlyTeacher(teacher_model.server_dir)
+
+    class Servicer(pb_grpc.GeneralModelServiceServicer):
+        def inference(self, request, context):
+            return teacher.answer(request)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GeneralModelServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield teacher, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0).wait()
+
+
+@pytest.fixture
+def typed_http_teacher(teacher_model):
+    teacher = TypedOnlyTeacher(teacher_model.server_dir)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            request = pb.Request.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+            body = teacher.answer(request).SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/proto")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - no /health on real Paddle Serving
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield teacher, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_auto_wire_is_raw_against_our_server(teacher_server, teacher_model):
+    for protocol, endpoint in (("grpc", teacher_server.endpoint), ("http", teacher_server.http_endpoint)):
+        with TeacherClient(endpoint, teacher_model.client_conf, protocol=protocol) as client:
+            images = mnist_like_images(5, seed=21)
+            out = client.predict({"img": images})
+            np.testing.assert_allclose(out["prediction"], reference_predict(teacher_model.server_dir, images),
+                                       atol=1e-5)
+            assert client._wire_is_raw() is True
+            assert client.health() is True
+            request = client.build_request({"img": images}, ["prediction"], 5)
+            assert is_raw(request.tensor[0])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_auto_wire_falls_back_to_typed(request, teacher_model, protocol):
+    teacher, endpoint = request.getfixturevalue(f"typed_{protocol}_teacher")
+    with TeacherClient(endpoint, teacher_model.client_conf, protocol=protocol) as client:
+        for batch in (1, 32):
+            images = mnist_like_images(batch, seed=batch + 40)
+            out = client.predict({"img": images})
+            np.testing.assert_allclose(out["prediction"], reference_predict(teacher_model.server_dir, images),
+                                       atol=1e-5)
+        assert client._wire_is_raw() is False
+    assert len(teacher.requests) == 2 and all(not is_raw(r.tensor[0]) for r in teacher.requests)
+    assert list(teacher.requests[1].tensor[0].shape) == [32, 1, 28, 28]
+
+
+def test_errors_name_the_endpoint(teacher_model, typed_grpc_teacher):
+    closed = f"127.0.0.1:{free_port()}"
+    for protocol in ("grpc", "http"):
+        with TeacherClient(closed, teacher_model.client_conf, protocol=protocol, wire="raw", timeout=2) as client:
+            with pytest.raises(TeacherUnavailable, match=closed) as info:
+                client.predict({"img": mnist_like_images(1)})
+            assert info.value.endpoint == closed
+            assert client.health(timeout=0.5) is False
+    teacher, endpoint = typed_grpc_teacher
+    with TeacherClient(endpoint, teacher_model.client_conf, wire="raw") as client:
+        with pytest.raises(TeacherAnswerError, match=f"teacher {endpoint}: err_no -1: float32 tensor"):
+            client.predict({"img": mnist_like_images(1)})
+    teacher.slow_s = 1.0
+    with TeacherClient(endpoint, teacher_model.client_conf, wire="typed", timeout=0.2) as client:
+        with pytest.raises(TeacherUnavailable, match="DEADLINE_EXCEEDED"):
+            client.predict({"img": mnist_like_images(1)})
+
+
+def test_feed_errors_before_sending(teacher_server, teacher_model):
+    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf) as client:
+        with pytest.raises(FeedError, match=r"feed 'img'.*\[1, 28, 28\] per sample"):
+            client.predict({"img": np.zeros((2, 27, 28), "float32")})
+        with pytest.raises(FeedError, match="missing feed"):
+            client.predict({}, batch_size=1)
+        with pytest.raises(ConfigError, match="unknown fetch 'logits'"):
+            client.predict({"img": mnist_like_images(1)}, fetch=["logits"])
+        flat = mnist_like_images(2).reshape(2, 784)  # same elements per sample: reshaped by the client
+        np.testing.assert_allclose(client.predict({"img": flat})["prediction"],
+                                   reference_predict(teacher_model.server_dir, mnist_like_images(2)), atol=1e-5)

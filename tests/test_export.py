@@ -1,0 +1,155 @@
+"""teachers.export: Paddle Serving folder layout from every save route, configs, CLI, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from distill_reader.proto import general_model_config_pb2 as config_pb2
+from distill_reader.serving_config import ServingConfig
+from teachers.export import ExportError, inference_model_to_serving, main, save_model
+from teachers.predictor_pool import PredictorOptions, PredictorPool
+from tests.support.procs import REPO_ROOT
+from tests.support.teacher import build_mnist_cnn, mnist_like_images, reference_predict, save_static_model
+
+
+def _predict_dir(model_dir: str, images: np.ndarray) -> np.ndarray:
+    pool = PredictorPool(PredictorOptions(model_dir=model_dir, size=1))
+    return pool.run({pool.input_names[0]: images}, pool.output_names[:1])[pool.output_names[0]][0]
+
+
+def _source_predict(path_prefix: str, images: np.ndarray) -> np.ndarray:
+    from paddle import inference
+
+    config = inference.Config(path_prefix + ".pdmodel", path_prefix + ".pdiparams")
+    config.disable_glog_info()
+    predictor = inference.create_predictor(config)
+    predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
+    predictor.run()
+    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+
+
+def _check_layout(server_dir: str, client_dir: str) -> ServingConfig:
+    assert sorted(os.listdir(server_dir)) == ["model.pdmodel", "params.pdiparams", "serving_server_conf.prototxt",
+                                              "serving_server_conf.stream.prototxt"]
+    assert sorted(os.listdir(client_dir)) == ["serving_client_conf.prototxt", "serving_client_conf.stream.prototxt"]
+    for folder, name in ((server_dir, "serving_server_conf"), (client_dir, "serving_client_conf")):
+        text = config_pb2.GeneralModelConfig()
+        with open(os.path.join(folder, f"{name}.prototxt")) as f:
+            text_format.Parse(f.read(), text)
+        stream = config_pb2.GeneralModelConfig()
+        with open(os.path.join(folder, f"{name}.stream.prototxt"), "rb") as f:
+            stream.ParseFromString(f.read())
+        assert text == stream
+    server, client = ServingConfig.load(server_dir), ServingConfig.load(client_dir)
+    assert server.feeds == client.feeds and server.fetches == client.fetches
+    feed = client.feed("img")
+    assert (feed.name, feed.elem_type, feed.shape, feed.is_lod_tensor) == ("img", 1, (1, 28, 28), False)
+    fetch = client.fetch("prediction")
+    assert (fetch.elem_type, fetch.shape, fetch.is_lod_tensor) == (1, (10,), False)
+    return client
+
+
+def test_static_route_layout_and_predictions(teacher_model, tmp_path):
+    config = _check_layout(teacher_model.server_dir, teacher_model.client_dir)
+    assert config.fetch_names == ["prediction"]
+    images = mnist_like_images(8, seed=3)
+    src = save_static_model(str(tmp_path / "again"))  # same seed: same weights as the fixture's source
+    expected = _source_predict(os.path.join(src, "model"), images)
+    got = reference_predict(teacher_model.server_dir, images)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got.shape == (8, 10)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_jit_route_layout_and_predictions(teacher_model_jit, tmp_path):
+    _check_layout(teacher_model_jit.server_dir, teacher_model_jit.client_dir)
+    images = mnist_like_images(4, seed=4)
+    src_prefix = os.path.join(os.path.dirname(teacher_model_jit.server_dir), "jit_model", "inference")
+    np.testing.assert_allclose(_predict_dir(teacher_model_jit.server_dir, images),
+                               _source_predict(src_prefix, images), atol=1e-6)
+
+
+def test_jit_path_prefix_and_default_aliases(teacher_model_jit, tmp_path):
+    prefix = os.path.join(os.path.dirname(teacher_model_jit.server_dir), "jit_model", "inference")
+    feeds, fetches = inference_model_to_serving(prefix, str(tmp_path / "s"), str(tmp_path / "c"))
+    assert feeds == ["img"]
+    assert len(fetches) == 1 and fetches[0] == ServingConfig.load(str(tmp_path / "c")).fetches[0].name
+
+
+@pytest.mark.parametrize("combined", [True, False], ids=["__model__+__params__", "__model__+one-file-per-param"])
+def test_old_layouts(tmp_path, combined):
+    import paddle
+
+    main_prog, startup, img, prediction = build_mnist_cnn(seed=5)
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    old = tmp_path / "old"
+    old.mkdir()
+    with paddle.static.scope_guard(scope):
+        exe.run(startup)
+        (old / "__model__").write_bytes(paddle.static.serialize_program([img], [prediction], program=main_prog))
+        if combined:
+            (old / "__params__").write_bytes(
+                paddle.static.serialize_persistables([img], [prediction], exe, program=main_prog))
+        else:
+            paddle.static.io.save_vars(exe, str(old), main_prog, predicate=paddle.static.io.is_persistable)
+        new_prefix = str(tmp_path / "new" / "model")
+        paddle.static.save_inference_model(new_prefix, [img], [prediction], exe, program=main_prog)
+    paddle.disable_static()
+    feeds, fetches = inference_model_to_serving(str(old), str(tmp_path / "s"), str(tmp_path / "c"),
+                                                fetch_alias_names="prediction")
+    assert (feeds, fetches) == (["img"], ["prediction"])
+    _check_layout(str(tmp_path / "s"), str(tmp_path / "c"))
+    images = mnist_like_images(4, seed=6)
+    np.testing.assert_allclose(_predict_dir(str(tmp_path / "s"), images), _source_predict(new_prefix, images),
+                               atol=1e-6)
+
+
+def test_save_model_from_program(tmp_path):
+    import paddle
+
+    main_prog, startup, img, prediction = build_mnist_cnn(seed=0)
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        paddle.static.Executor(paddle.CPUPlace()).run(startup)
+        feeds, fetches = save_model(str(tmp_path / "serving_server"), str(tmp_path / "serving_client"),
+                                    {"image": img}, {"prediction": prediction}, main_prog)
+    paddle.disable_static()
+    assert (feeds, fetches) == (["image"], ["prediction"])
+    config = ServingConfig.load(str(tmp_path / "serving_client"))
+    assert config.feed("image").name == "img"
+    images = mnist_like_images(3, seed=7)
+    # Same seed as the session teacher_model: same weights, same answers.
+    src = save_static_model(str(tmp_path / "src"))
+    np.testing.assert_allclose(_predict_dir(str(tmp_path / "serving_server"), images),
+                               _source_predict(os.path.join(src, "model"), images), atol=1e-6)
+
+
+def test_cli_help_and_convert(teacher_model, tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "teachers.export", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0
+    for flag in ("--dirname", "--serving_server", "--serving_client", "--model_filename", "--params_filename",
+                 "--fetch_alias_names"):
+        assert flag in helped.stdout
+    src = os.path.join(os.path.dirname(teacher_model.server_dir), "inference_model")
+    assert main(["--dirname", src, "--serving_server", str(tmp_path / "s"), "--serving_client", str(tmp_path / "c"),
+                 "--model_filename", "model.pdmodel", "--params_filename", "model.pdiparams",
+                 "--fetch_alias_names", "prediction"]) == 0
+    assert ServingConfig.load(str(tmp_path / "c")).fetch_names == ["prediction"]
+    assert main(["--dirname", str(tmp_path / "nowhere")]) == 2
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ExportError, match="nowhere"):
+        inference_model_to_serving(str(tmp_path / "nowhere"), str(tmp_path / "s"), str(tmp_path / "c"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match=r"0 \*\.pdmodel"):
+        inference_model_to_serving(str(empty), str(tmp_path / "s"), str(tmp_path / "c"))
+    src = save_static_model(str(tmp_path / "m"))
+    with pytest.raises(ExportError, match="2 fetch alias names"):
+        inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"), fetch_alias_names="a,b")
