@@ -1,0 +1,32 @@
+"""Errors raised by the knowledge files; each names the cache, shard or sample it is about."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class KnowledgeError(Exception):
+    """Base class: a knowledge cache cannot be written or read as asked."""
+
+
+class FormatError(KnowledgeError):
+    """The manifest is missing, malformed, of another version, or describes unsafe or inconsistent content."""
+
+
+class CorruptShardError(KnowledgeError):
+    """A shard file is missing, truncated, or its checksum differs from the manifest. ``.shard`` is its file name."""
+
+    def __init__(self, message: str, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class InputMismatchError(KnowledgeError):
+    """The inputs given now differ from those the cache was written for.
+
+    ``.sample`` is the first differing sample index, ``.shard`` the shard file holding it.
+    """
+
+    def __init__(self, message: str, sample: int, shard: Optional[str]) -> None:
+        super().__init__(message)
+        self.sample = sample
+        self.shard = shard

@@ -1,0 +1,129 @@
+"""Offline Pantheon knowledge on the project's knowledge files (``distill_reader.knowledge``), never pickle.
+
+The Pantheon description (shape, dtype, lod level per key) is kept in the manifest's ``meta["pantheon"]``;
+knowledge files written by other parts of the project (no such meta) are described from their fields.
+
+Example::
+
+    writer = OfflineKnowledgeWriter("t1_knowledge", {"logits": {"shape": [-1, 10], "dtype": "float32",
+                                                                "lod_level": 0}}, use_fp16=True)
+    writer.write({"logits": logits})        # any batch sizes
+    writer.close()                          # marks the knowledge complete
+    reader = OfflineKnowledgeReader("t1_knowledge")
+    for batch in reader.batches(): ...
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+from collections import OrderedDict
+from typing import Dict, Iterator, Mapping, Optional
+
+import numpy as np
+
+from ..knowledge import KnowledgeError, KnowledgeReader, KnowledgeWriter
+from .transport import PantheonError
+
+logger = logging.getLogger(__name__)
+
+_READ_CHUNK = 1024  # samples per read; the student re-batches anyway
+_META_KEY = "pantheon"
+
+
+class OfflineKnowledgeWriter:
+    """Writes batches of Pantheon knowledge to a knowledge directory (replacing what was there).
+
+    The files are marked complete by ``close()``, or at interpreter exit when the program ends without an
+    uncaught exception; a crash leaves them incomplete, and the student refuses incomplete knowledge.
+    """
+
+    def __init__(self, path: str, desc: Mapping[str, dict], use_fp16: bool = False) -> None:
+        self.path = path
+        self.desc = OrderedDict((k, dict(v)) for k, v in desc.items())
+        self._storage = "float16" if use_fp16 else "raw"
+        self._writer: Optional[KnowledgeWriter] = None
+        self.samples = 0
+        atexit.register(self._close_at_exit)
+
+    def write(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Append one batch (dict key -> array, batch first, keys as described)."""
+        if set(batch) != set(self.desc):
+            raise ValueError(f"knowledge keys {sorted(batch)} differ from the described {sorted(self.desc)}")
+        arrays = {k: np.asarray(batch[k]) for k in self.desc}
+        if self._writer is None:
+            fields = {k: (tuple(a.shape[1:]), self.desc[k]["dtype"]) for k, a in arrays.items()}
+            self._writer = KnowledgeWriter(self.path, fields, storage=self._storage, overwrite=True,
+                                           meta={_META_KEY: {"desc": self.desc, "format": 1}})
+            logger.info("writing offline knowledge to %s (storage %s)", self.path, self._storage)
+        try:
+            self._writer.append(arrays)
+        except KnowledgeError as exc:
+            raise PantheonError(f"cannot write offline knowledge to {self.path}: {exc}") from exc
+        self.samples += len(next(iter(arrays.values())))
+
+    def close(self) -> None:
+        """Commit everything and mark the knowledge complete."""
+        atexit.unregister(self._close_at_exit)
+        if self._writer is None:
+            self._writer = KnowledgeWriter(self.path, {k: (tuple(max(d, 0) for d in v["shape"][1:]), v["dtype"])
+                                                       for k, v in self.desc.items()},
+                                           storage=self._storage, overwrite=True,
+                                           meta={_META_KEY: {"desc": self.desc, "format": 1}})
+        self._writer.close(complete=True)
+
+    def abort(self) -> None:
+        """Commit what is written but leave the knowledge incomplete (the student will refuse it)."""
+        atexit.unregister(self._close_at_exit)
+        if self._writer is not None:
+            self._writer.close(complete=False)
+
+    def _close_at_exit(self) -> None:
+        if self._writer is None:
+            return
+        if getattr(sys, "last_value", None) is not None:
+            logger.error("offline knowledge %s left incomplete: the program ended with an error", self.path)
+            self._writer.close(complete=False)
+        else:
+            self._writer.close(complete=True)
+
+
+class OfflineKnowledgeReader:
+    """Reads complete knowledge files as a Pantheon teacher's description and batches."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            reader = KnowledgeReader(path)
+        except (KnowledgeError, OSError) as exc:
+            raise PantheonError(f"cannot open offline knowledge {path}: {exc}") from exc
+        if not reader.complete:
+            samples = reader.num_samples
+            reader.close()
+            raise PantheonError(f"offline knowledge {path} is incomplete ({samples} samples committed): its teacher "
+                                "has not finished writing it, or crashed; run the offline teacher to its end first")
+        self._reader = reader
+        meta = (reader.meta or {}).get(_META_KEY, {})
+        if "desc" in meta:
+            self.desc: Dict[str, dict] = OrderedDict((k, dict(v)) for k, v in meta["desc"].items())
+        else:
+            self.desc = OrderedDict((spec.name, {"shape": [-1] + list(spec.shape), "dtype": str(np.dtype(spec.dtype)),
+                                                 "lod_level": 0}) for spec in reader.fields)
+        stored = [spec.name for spec in reader.fields]
+        if sorted(stored) != sorted(self.desc):
+            raise PantheonError(f"offline knowledge {path} stores {stored} but describes {list(self.desc)}")
+
+    @property
+    def num_samples(self) -> int:
+        return self._reader.num_samples
+
+    def batches(self) -> Iterator[Dict[str, np.ndarray]]:
+        """Every sample, in order, in chunks (checksums verified as the shards are first used)."""
+        try:
+            for chunk in self._reader.iter_batches(_READ_CHUNK):
+                yield OrderedDict((k, chunk[k]) for k in self.desc)
+        except KnowledgeError as exc:
+            raise PantheonError(f"offline knowledge {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._reader.close()

@@ -1,0 +1,343 @@
+"""Pantheon ``Student``: receive knowledge from online and offline teachers, merge it, re-batch it.
+
+Example::
+
+    from distill_reader.pantheon import Student
+
+    student = Student(merge_strategy={"result": "mean"}, token="secret")
+    student.register_teacher(in_address="127.0.0.1:8080")     # teacher 0, online
+    student.register_teacher(in_path="teacher2_knowledge")     # teacher 1, offline knowledge files
+    student.start()
+    desc = student.get_knowledge_desc()
+    for batch in student.get_knowledge_generator(batch_size=32)():
+        ...                                                    # dict name -> array, 32 rows
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+
+import numpy as np
+
+from .merge import check_strategy, conform, merge_descs, merged_stream
+from .transport import (
+    Connection,
+    ConnectionLost,
+    PantheonError,
+    ProtocolError,
+    connect,
+    resolve_timeout,
+    resolve_token,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Student", "TeacherDisconnected"]
+
+_QUEUE_CAPACITY = 100  # merged batches ready for the training loop, as in Pantheon
+_TEACHER_BUFFER = 32  # batches received from one online teacher and not yet merged
+
+
+class TeacherDisconnected(PantheonError):
+    """An online teacher closed the connection, died, went silent, or reported an error."""
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class _OnlineTeacher:
+    """One connected teacher: a reader thread sorts its messages into data, description and knowledge queues."""
+
+    def __init__(self, teacher_id: int, address: str, conn: Connection) -> None:
+        self.name = f"teacher {teacher_id} at {address}"
+        self.conn = conn
+        self.t2s: queue.Queue[Any] = queue.Queue()
+        self.descs: queue.Queue[Any] = queue.Queue()
+        self.knowledge: queue.Queue[Any] = queue.Queue(_TEACHER_BUFFER)
+        self.times: Optional[int] = None
+        self.served = 0
+        self.in_pass = False
+        self.batches_in_pass = 0
+        self.finished = False
+        self._thread = threading.Thread(target=self._read_loop, name=f"pantheon-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, value, header = self.conn.recv()
+                if kind == "data":
+                    self.t2s.put(value)
+                elif kind == "desc":
+                    self.times = int(header.get("times", 1))
+                    self.descs.put(value)
+                elif kind == "batch":
+                    self.batches_in_pass += 1
+                    self.knowledge.put(value)
+                elif kind == "end":
+                    self.served = int(header.get("served", self.served + 1))
+                    self.in_pass = False
+                    self.knowledge.put(_END)
+                elif kind == "error":
+                    raise TeacherDisconnected(f"{self.name} failed: {value}")
+                elif kind == "bye":
+                    self.finished = True
+                    try:
+                        self.conn.send("bye")
+                    except PantheonError:
+                        pass
+                    self.conn.close()
+                    raise TeacherDisconnected(f"{self.name} has finished serving "
+                                              f"({self.served} of times={self.times} passes) and closed")
+                else:
+                    raise ProtocolError(f"unexpected message {kind!r} from {self.name}")
+        except PantheonError as exc:
+            if isinstance(exc, ConnectionLost) and self.in_pass:
+                exc = TeacherDisconnected(f"{self.name} disconnected in the middle of pass {self.served + 1} "
+                                          f"(after {self.batches_in_pass} batches): {exc}; did the teacher die?")
+            elif isinstance(exc, ConnectionLost):
+                exc = TeacherDisconnected(f"{self.name}: {exc}")
+            failure = _Failure(exc)
+            for target in (self.t2s, self.descs, self.knowledge):
+                target.put(failure)
+
+    @staticmethod
+    def take(source: queue.Queue[Any]) -> Any:
+        item = source.get()
+        if isinstance(item, _Failure):
+            source.put(item)  # every later call fails the same way
+            raise item.error
+        return item
+
+    def request_desc(self) -> Dict[str, dict]:
+        if self.finished or (self.times is not None and self.served >= self.times):
+            raise PantheonError(f"{self.name} was started with times={self.times} and has served all its passes")
+        self._send("desc?")
+        return self.take(self.descs)
+
+    def start_pass(self) -> None:
+        self.in_pass = True
+        self.batches_in_pass = 0
+        self._send("start")
+
+    def stream(self) -> Iterator[Mapping[str, np.ndarray]]:
+        while True:
+            item = self.take(self.knowledge)
+            if item is _END:
+                return
+            yield item
+
+    def _send(self, kind: str, value: Any = None) -> None:
+        try:
+            self.conn.send(kind, value)
+        except ConnectionLost as exc:
+            raise TeacherDisconnected(f"{self.name}: {exc}") from exc
+
+
+class _OfflineTeacher:
+    """Knowledge files written by an offline teacher; every pass reads them from the start."""
+
+    def __init__(self, teacher_id: int, path: str) -> None:
+        from .offline import OfflineKnowledgeReader
+
+        self.name = f"teacher {teacher_id} (offline, {path})"
+        self.reader = OfflineKnowledgeReader(path)
+
+    def request_desc(self) -> Dict[str, dict]:
+        return self.reader.desc
+
+    def stream(self) -> Iterator[Mapping[str, np.ndarray]]:
+        return self.reader.batches()
+
+
+class Student:
+    """The student side of Pantheon: registers teachers, merges and re-batches their knowledge.
+
+    Args:
+        merge_strategy: knowledge key shared by several teachers -> ``"sum"`` or ``"mean"``.
+        token: the shared secret of online teachers (default ``$DISTILL_PANTHEON_TOKEN``).
+        timeout: seconds to wait for an online teacher to come up, and the silence after which a connected
+            teacher is declared dead (default ``$DISTILL_PANTHEON_TIMEOUT`` or 60).
+    """
+
+    def __init__(self, merge_strategy: Optional[Mapping[str, str]] = None, token: str | bytes | None = None,
+                 timeout: Optional[float] = None) -> None:
+        self._merge_strategy = check_strategy(merge_strategy)
+        self._token_arg = token
+        self._timeout = resolve_timeout(timeout)
+        self._teachers: List[Any] = []
+        self._in_paths: List[Optional[str]] = []
+        self._in_addresses: List[Optional[str]] = []
+        self._started = False
+        self._knowledge_desc: Optional[OrderedDict[str, dict]] = None
+        self._teacher_descs: List[Dict[str, dict]] = []
+        self._knowledge_queue: queue.Queue[Any] = queue.Queue(_QUEUE_CAPACITY)
+        self._generator_active = False
+
+    # ------------------------------------------------------------------ setup
+
+    def register_teacher(self, in_path: Optional[str] = None, in_address: Optional[str] = None) -> int:
+        """Register a teacher (ids from 0 in registration order): offline knowledge at ``in_path`` or an online
+        teacher at ``in_address`` ("host:port"; waits up to the timeout for it to come up). Returns its id."""
+        if self._started:
+            raise ValueError("the student has been started: register every teacher before start()")
+        if in_path and in_address:
+            raise ValueError("give in_path (offline teacher) or in_address (online teacher), not both")
+        if not in_path and not in_address:
+            raise ValueError("one of in_path (offline teacher) or in_address (online teacher) must be given")
+        teacher_id = len(self._teachers)
+        if in_address:
+            if in_address in self._in_addresses:
+                raise ValueError(f"teacher at {in_address} is already registered as teacher "
+                                 f"{self._in_addresses.index(in_address)}")
+            logger.info("connecting to teacher %d at %s (waiting up to %gs)", teacher_id, in_address, self._timeout)
+            conn = connect(in_address, resolve_token(self._token_arg), self._timeout)
+            teacher: Any = _OnlineTeacher(teacher_id, in_address, conn)
+        else:
+            if in_path in self._in_paths:
+                raise ValueError(f"knowledge at {in_path} is already registered as teacher "
+                                 f"{self._in_paths.index(in_path)}")
+            teacher = _OfflineTeacher(teacher_id, in_path)
+        self._teachers.append(teacher)
+        self._in_paths.append(in_path)
+        self._in_addresses.append(in_address)
+        logger.info("registered %s", teacher.name)
+        return teacher_id
+
+    def start(self) -> None:
+        """End the registration of teachers."""
+        if self._started:
+            raise ValueError("the student cannot be started more than once")
+        if not self._teachers:
+            raise ValueError("register at least one teacher before start()")
+        self._started = True
+
+    def close(self) -> None:
+        """Say goodbye to the online teachers and close their connections."""
+        for teacher in self._teachers:
+            if isinstance(teacher, _OnlineTeacher) and not teacher.conn.closed:
+                try:
+                    teacher.conn.send("bye")
+                except PantheonError:
+                    pass
+                teacher.conn.close()
+
+    def __enter__(self) -> Student:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ messages
+
+    def send(self, data: Any, teacher_ids: Optional[Iterable[int]] = None) -> None:
+        """Send one JSON-like value or numpy array to the online teachers in ``teacher_ids`` (default all)."""
+        self._check_started("send")
+        ids = range(len(self._teachers)) if teacher_ids is None else list(teacher_ids)
+        for teacher_id in ids:
+            teacher = self._teacher(teacher_id)
+            if isinstance(teacher, _OnlineTeacher):
+                teacher._send("data", data)
+            else:
+                logger.warning("not sent to %s: it is offline", teacher.name)
+
+    def recv(self, teacher_id: int) -> Any:
+        """Receive one value that online teacher ``teacher_id`` sent with ``Teacher.send``."""
+        self._check_started("recv")
+        teacher = self._teacher(teacher_id)
+        if not isinstance(teacher, _OnlineTeacher):
+            raise ValueError(f"cannot receive from {teacher.name}: it is offline")
+        return teacher.take(teacher.t2s)
+
+    # ------------------------------------------------------------------ knowledge
+
+    def get_knowledge_desc(self) -> OrderedDict[str, dict]:
+        """The merged knowledge description: key -> {"shape", "dtype", "lod_level"}, in teacher order."""
+        self._check_started("get_knowledge_desc")
+        if self._knowledge_desc is None:
+            self._teacher_descs = [dict(t.request_desc()) for t in self._teachers]
+            self._knowledge_desc = merge_descs(self._teacher_descs, self._merge_strategy,
+                                               [t.name for t in self._teachers])
+            logger.info("knowledge merge strategy %s, merged description %s", self._merge_strategy,
+                        dict(self._knowledge_desc))
+        return OrderedDict((k, dict(v)) for k, v in self._knowledge_desc.items())
+
+    def get_knowledge_qsize(self) -> int:
+        """Merged batches waiting for the knowledge generator (at most 100)."""
+        self._check_started("get_knowledge_qsize")
+        return self._knowledge_queue.qsize()
+
+    def get_knowledge_generator(self, batch_size: int, drop_last: bool = False):
+        """Start one pass over every teacher's knowledge and return a callable that yields merged batches.
+
+        Each batch is a dict key -> array of ``batch_size`` rows (the last one smaller unless ``drop_last``).
+        Online teachers serve ``times`` passes, one per call; offline knowledge can be read any number of times.
+        """
+        self._check_started("get_knowledge_generator")
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if self._generator_active:
+            raise PantheonError("the previous knowledge generator has not been read to its end: a teacher serves "
+                                "one pass at a time")
+        desc = self.get_knowledge_desc()
+        self._generator_active = True
+        for teacher in self._teachers:
+            if isinstance(teacher, _OnlineTeacher):
+                teacher.start_pass()
+        streams = [self._conformed(t, d) for t, d in zip(self._teachers, self._teacher_descs)]
+        merger = threading.Thread(target=self._merge_pass, args=(streams, desc, batch_size),
+                                  name="pantheon-merge", daemon=True)
+        merger.start()
+        consumed = []
+
+        def knowledge_generator() -> Iterator[OrderedDict[str, np.ndarray]]:
+            if consumed:
+                raise PantheonError("this knowledge generator was already read; call get_knowledge_generator() "
+                                    "for another pass")
+            consumed.append(True)
+            while True:
+                item = self._knowledge_queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Failure):
+                    self._generator_active = False
+                    raise item.error
+                if drop_last and len(next(iter(item.values()))) < batch_size:
+                    continue
+                yield item
+            self._knowledge_desc = None  # each pass asks the teachers again
+            self._generator_active = False
+
+        return knowledge_generator
+
+    def _conformed(self, teacher: Any, desc: Dict[str, dict]) -> Iterator[Dict[str, np.ndarray]]:
+        for batch in teacher.stream():
+            yield conform(batch, desc, teacher.name)
+
+    def _merge_pass(self, streams: list, desc: Mapping[str, dict], batch_size: int) -> None:
+        try:
+            for merged in merged_stream(streams, desc, self._merge_strategy, batch_size,
+                                        [t.name for t in self._teachers]):
+                self._knowledge_queue.put(merged)
+            self._knowledge_queue.put(_END)
+        except Exception as exc:  # re-raised in the training loop
+            self._knowledge_queue.put(_Failure(exc))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_started(self, what: str) -> None:
+        if not self._started:
+            raise ValueError(f"call start() before {what}()")
+
+    def _teacher(self, teacher_id: int) -> Any:
+        if not 0 <= int(teacher_id) < len(self._teachers):
+            raise ValueError(f"no teacher {teacher_id}: {len(self._teachers)} registered (ids 0..)")
+        return self._teachers[int(teacher_id)]
