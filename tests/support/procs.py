@@ -1,6 +1,7 @@
 """Free ports, readiness waits and a guard that stops the processes a test started, even on failure."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -11,6 +12,15 @@ from typing import Callable, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_DIR = os.environ.get("DISTILL_MNIST_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "mnist"))
+
+
+_PR_SET_PDEATHSIG = 1
+_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the test process dies, even by SIGKILL or a timeout."""
+    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,7 +56,11 @@ def pid_alive(pid: int) -> bool:
 
 
 class ProcessGuard:
-    """Start subprocesses and make sure every one of them is stopped at ``close()`` (use as a context manager)."""
+    """Start subprocesses and make sure every one of them is stopped at ``close()`` (use as a context manager).
+
+    Each child runs in its own session (so a signal to it reaches its own children too) and gets SIGTERM
+    from the kernel if the test process dies without reaching ``close()`` (pytest killed by a timeout).
+    """
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
@@ -54,6 +68,7 @@ class ProcessGuard:
     def start(self, args: Sequence[str], env: Optional[dict] = None, **kwargs) -> subprocess.Popen:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        kwargs.setdefault("preexec_fn", _die_with_parent)
         proc = subprocess.Popen(list(args), env=full_env, cwd=kwargs.pop("cwd", REPO_ROOT),
                                 start_new_session=True, **kwargs)
         self.procs.append(proc)

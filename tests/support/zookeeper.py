@@ -1,1 +1,173 @@
-"""Fixtures for a real ZooKeeper server (owned by the discovery work)."""
+"""Fixtures for a real ZooKeeper server (owned by the discovery work).
+
+- ``zookeeper`` (session scope): a ZooKeeper started with ``scripts/zookeeper.sh run`` on a free loopback port and a
+  temporary data dir, stopped at the end of the session even on failure; or, when ``DISTILL_ZK_HOSTS`` is set,
+  that existing ensemble (then it is neither started nor stopped).
+- ``private_zookeeper`` (function scope): always a server of the test's own, for tests that stop or restart it
+  (``restart()`` keeps the port and the data dir, so sessions and persistent nodes survive).
+Tests should use a unique ZooKeeper root (``zk_root`` fixture) so they never see each other's nodes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from typing import Iterator, Optional
+
+import pytest
+
+from .procs import REPO_ROOT, free_port, wait_for
+
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "zookeeper.sh")
+HOSTS_ENV = "DISTILL_ZK_HOSTS"
+
+
+def four_letter_word(host: str, port: int, word: str, timeout: float = 1.0) -> str:
+    """The server's whole answer to a four-letter word ('' when it does not answer)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(word.encode())
+            chunks = []
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return b"".join(chunks).decode(errors="replace")
+                chunks.append(chunk)
+    except OSError:
+        return ""
+
+
+def ruok(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when the server answers ``ruok`` with ``imok`` and ``srvr`` with its mode (it serves sessions)."""
+    return (four_letter_word(host, port, "ruok", timeout) == "imok"
+            and "Mode: " in four_letter_word(host, port, "srvr", timeout))
+
+
+class ZooKeeperServer:
+    """A single ZooKeeper server on 127.0.0.1 run by ``scripts/zookeeper.sh run``; the owner stops it."""
+
+    def __init__(self, port: Optional[int] = None, data_dir: Optional[str] = None):
+        self.port = port or free_port()
+        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="distill-zk-")
+        self.data_dir = data_dir or self._tmp
+        self.proc: Optional[subprocess.Popen] = None
+        self.owned = True
+
+    @property
+    def hosts(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return ruok("127.0.0.1", self.port)
+
+    def start(self, timeout: float = 30.0) -> ZooKeeperServer:
+        if not os.path.exists("/usr/share/java/zookeeper.jar") and "ZK_JAR" not in os.environ:
+            raise RuntimeError("ZooKeeper jar missing: run scripts/setup.sh (Debian package libzookeeper-java) "
+                               f"or set {HOSTS_ENV} to an existing ensemble")
+        log = open(os.path.join(self.data_dir, "zookeeper.log"), "ab")
+        env = dict(os.environ, WATCH_PID=str(os.getpid()))
+        self.proc = subprocess.Popen(["bash", SCRIPT, "run", str(self.port), self.data_dir], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        log.close()
+        try:
+            wait_for(lambda: self.ready() or self.proc.poll() is not None, timeout, f"ZooKeeper on {self.hosts}")
+        except AssertionError:
+            self.stop()
+            raise
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server (SIGTERM, SIGKILL after 10 s; ``kill=True``: SIGKILL at once)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        _signal_group(proc.pid, signal.SIGKILL)   # anything left in its group (the JVM after a bash crash)
+        wait_for(lambda: not self.ready(), 10, f"ZooKeeper on {self.hosts} to stop")
+
+    def restart(self, downtime: float = 0.0, kill: bool = False) -> None:
+        """Stop, stay down ``downtime`` seconds, start again on the same port and data dir."""
+        self.stop(kill=kill)
+        time.sleep(downtime)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "zookeeper.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ExternalZooKeeper:
+    """An ensemble given by ``DISTILL_ZK_HOSTS``: used as is, never stopped."""
+
+    owned = False
+
+    def __init__(self, hosts: str):
+        self.hosts = hosts
+
+    def ready(self) -> bool:
+        host, _, port = self.hosts.split(",")[0].partition(":")
+        return ruok(host, int(port or 2181))
+
+    def restart(self, *args, **kwargs) -> None:
+        raise RuntimeError(f"cannot restart the external ZooKeeper {self.hosts}; use private_zookeeper")
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="session")
+def zookeeper() -> Iterator[object]:
+    """The session's ZooKeeper (``.hosts``): the one in DISTILL_ZK_HOSTS, or one started here."""
+    hosts = os.environ.get(HOSTS_ENV)
+    if hosts:
+        yield ExternalZooKeeper(hosts)
+        return
+    server = ZooKeeperServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def private_zookeeper() -> Iterator[ZooKeeperServer]:
+    """A ZooKeeper of this test only, which it may stop and restart."""
+    server = ZooKeeperServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def zk_root() -> str:
+    """A ZooKeeper root no other test uses."""
+    return f"/distill-test-{uuid.uuid4().hex[:8]}"

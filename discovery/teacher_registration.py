@@ -1,0 +1,230 @@
+"""Register a teacher in ZooKeeper only while it answers its gRPC health check.
+
+Used by the register script (``python -m discovery.register``) and by ``teachers.serve --zk ... --service ...``.
+
+Rules:
+- wait until the endpoint answers ``grpc.health.v1.Health/Check`` (service ``""``) with SERVING, then create the
+  ephemeral sequential node ``<root>/<service>/teacher-NNNNNNNNNN`` holding JSON
+  ``{"endpoint", "host", "pid", ...meta}``. An endpoint without the health service (UNIMPLEMENTED: a real Paddle
+  Serving server) counts as answering;
+- ``unhealthy_after`` failed checks in a row remove the node; the next good check registers it again. A teacher
+  that keeps flapping waits longer each time before it comes back (doubling up to ``max_recover_delay``), and is
+  forgiven after ``stable_after`` seconds of good health;
+- a ZooKeeper session loss is followed by a new session and a new node (see ``registry.EphemeralNode``);
+- ``stop()`` removes the node and closes the session.
+
+Example::
+
+    registration = TeacherRegistration("127.0.0.1:2181", "mnist_teacher", "127.0.0.1:9292",
+                                       meta={"model": "mnist_cnn", "max_batch_size": 256})
+    registration.start()
+    registration.wait_registered(30)
+    ...
+    registration.stop()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .registry import (
+    DEFAULT_ROOT,
+    DEFAULT_SESSION_TIMEOUT,
+    TEACHER_PREFIX,
+    EphemeralNode,
+    ServicePaths,
+    ZkSession,
+    ensure_service,
+    teacher_node_acl,
+    validate_endpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    # Without these, a channel to a teacher that was down waits up to 2 minutes before trying again.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class GrpcHealthProbe:
+    """Callable: True when ``endpoint`` answers the standard gRPC health check with SERVING (or has none)."""
+
+    def __init__(self, endpoint: str, timeout: float = 1.0, service: str = ""):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.service = service
+        self.last_error = ""
+        self._channel: Optional[grpc.Channel] = None
+
+    def __call__(self) -> bool:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return True     # a server without the health service (real Paddle Serving) that answers
+            self.last_error = f"gRPC {exc.code().name}: {exc.details()}"
+            self.close()        # a fresh channel next time: no reconnect backoff after the teacher returns
+            return False
+        if answer.status == health_pb2.HealthCheckResponse.SERVING:
+            return True
+        self.last_error = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+        return False
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class TeacherRegistration:
+    """Keep ``endpoint`` registered under ``<root>/<service>`` exactly while it answers its health check.
+
+    Args:
+        zk_hosts: ``'host:port,host:port'`` or a list of them.
+        service: the service name students ask for (``set_dynamic_teacher(..., teacher_service_name)``).
+        endpoint: the teacher's ``host:port`` as students should dial it.
+        meta: extra JSON fields for the node (``model``, ``max_batch_size``, ``version``, ...).
+        root: the ZooKeeper folder of all services.
+        auth: ``'user:password'`` digest identity; when set, only it may create or delete under the service.
+        health_interval: seconds between health checks.
+        health_timeout: seconds one health check may take.
+        unhealthy_after: failed checks in a row before the node is removed.
+        session_timeout: ZooKeeper session timeout in seconds (see registry.DEFAULT_SESSION_TIMEOUT).
+        health_check: replaces the gRPC health probe (a callable returning True when healthy).
+    """
+
+    def __init__(self, zk_hosts: Union[str, Sequence[str]], service: str, endpoint: str,
+                 meta: Optional[dict] = None, root: str = DEFAULT_ROOT, auth: Optional[str] = None,
+                 health_interval: float = 1.0, health_timeout: float = 1.0, unhealthy_after: int = 2,
+                 session_timeout: float = DEFAULT_SESSION_TIMEOUT, max_recover_delay: float = 30.0,
+                 stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None):
+        if health_interval <= 0 or health_timeout <= 0 or unhealthy_after < 1:
+            raise ValueError("health_interval and health_timeout must be > 0 and unhealthy_after >= 1")
+        self.endpoint = validate_endpoint(endpoint)
+        self.paths = ServicePaths(root, service)
+        self.auth = auth
+        self.health_interval = health_interval
+        self.unhealthy_after = unhealthy_after
+        self.max_recover_delay = max_recover_delay
+        self.stable_after = stable_after
+        self._probe = health_check or GrpcHealthProbe(self.endpoint, timeout=health_timeout)
+        self.session = ZkSession(zk_hosts, auth=auth, session_timeout=session_timeout)
+        data = {"endpoint": self.endpoint, "host": socket.gethostname(), "pid": os.getpid()}
+        data.update(meta or {})
+        data["endpoint"] = self.endpoint
+        self.node = EphemeralNode(self.session, self.paths.service_path, TEACHER_PREFIX, data,
+                                  acl=teacher_node_acl(auth),
+                                  ensure_parent=lambda: ensure_service(self.session, self.paths, auth),
+                                  what=f"teacher {self.endpoint}")
+        self.healthy = False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._health_loop, name=f"health-{self.endpoint}", daemon=True)
+        self._started = False
+
+    # -- public API ------------------------------------------------------------------------------------
+    def start(self) -> TeacherRegistration:
+        """Start health checks and the ZooKeeper session in the background; returns at once."""
+        if self._started:
+            return self
+        self._started = True
+        self.session.start()
+        self.node.start()
+        self._thread.start()
+        logger.info("teacher %s: waiting for its health check before registering in %s", self.endpoint,
+                    self.paths.service_path)
+        return self
+
+    def stop(self) -> None:
+        """Remove the node, close the session and stop health checks."""
+        if not self._started:
+            return
+        self._started = False
+        self._stopping.set()
+        self._thread.join(5)
+        self.node.stop(remove=True)
+        self.session.close()
+        if isinstance(self._probe, GrpcHealthProbe):
+            self._probe.close()
+
+    @property
+    def registered(self) -> bool:
+        return self.node.created.is_set()
+
+    @property
+    def path(self) -> Optional[str]:
+        """The teacher's node path while registered."""
+        return self.node.path
+
+    @property
+    def error(self) -> Optional[Exception]:
+        """A final error (RegistryAuthError) that stopped the registration, else None."""
+        return self.node.error
+
+    def wait_registered(self, timeout: float) -> str:
+        """Block until the node exists; returns its path. Raises the registration's final error, or
+        TimeoutError naming the endpoint and what is missing."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.node.failed.is_set() and self.node.error is not None:
+                raise self.node.error
+            if self.node.created.wait(0.05) and self.node.path:
+                return self.node.path
+        reason = ("ZooKeeper not connected" if not self.session.connected else
+                  "teacher not answering its health check" if not self.healthy else "node not created yet")
+        raise TimeoutError(f"teacher {self.endpoint} not registered in {self.paths.service_path} "
+                           f"after {timeout}s: {reason}")
+
+    def __enter__(self) -> TeacherRegistration:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- health loop --------------------------------------------------------------------------------------
+    def _health_loop(self) -> None:
+        failures = 0
+        flaps = 0
+        not_before = 0.0
+        healthy_since: Optional[float] = None
+        first = True
+        while first or not self._stopping.wait(self.health_interval):
+            first = False
+            try:
+                ok = bool(self._probe())
+            except Exception as exc:  # noqa: BLE001 - a broken probe means "not healthy", not a dead thread
+                logger.warning("teacher %s: health check raised %s", self.endpoint, exc)
+                ok = False
+            now = time.monotonic()
+            self.healthy = ok
+            if ok:
+                failures = 0
+                healthy_since = healthy_since or now
+                if self.node.wanted and flaps and now - healthy_since >= self.stable_after:
+                    flaps = 0
+                if not self.node.wanted and now >= not_before:
+                    logger.info("teacher %s answers its health check: registering", self.endpoint)
+                    self.node.set_wanted(True)
+                continue
+            healthy_since = None
+            failures += 1
+            if self.node.wanted and failures >= self.unhealthy_after:
+                flaps += 1
+                delay = 0.0 if flaps == 1 else min(self.max_recover_delay, self.health_interval * 2 ** (flaps - 1))
+                not_before = now + delay
+                logger.warning("teacher %s failed %d health checks (%s): removing its node%s", self.endpoint,
+                               failures, getattr(self._probe, "last_error", ""),
+                               f"; it may return after {delay:.0f}s of good health" if delay else "")
+                self.node.set_wanted(False)
