@@ -32,7 +32,7 @@ def add_zk_arguments(parser: argparse.ArgumentParser, required: bool = True) -> 
     group.add_argument("--service", required=required, metavar="NAME",
                        help="service name the students ask for (DistillReader.set_dynamic_teacher's "
                             "teacher_service_name); letters, digits, '_', '-', '.'")
-    group.add_argument("--root", default=DEFAULT_ROOT, metavar="PATH",
+    group.add_argument("--root", "--zk_root", dest="root", default=DEFAULT_ROOT, metavar="PATH",
                        help=f"ZooKeeper folder holding all services (default {DEFAULT_ROOT}); the teacher's node "
                             "is <root>/<service>/teacher-NNNNNNNNNN")
     group.add_argument("--zk_auth", default=None, metavar="USER:PASSWORD",

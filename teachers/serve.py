@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from discovery.register import add_zk_arguments, registration_from_args
 from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfig
 
 logger = logging.getLogger("teachers.serve")
@@ -100,14 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: %(default)s)")
 
-    z = p.add_argument_group("service discovery (ZooKeeper)")
-    z.add_argument("--zk", default=None, metavar="HOSTS",
-                   help="ZooKeeper hosts (host:port,host:port); register this teacher there while it serves")
-    z.add_argument("--service", default=None, help="service name to register under (required with --zk)")
-    z.add_argument("--zk_root", default="/distill", help="ZooKeeper root path (default: %(default)s)")
-    z.add_argument("--zk_auth", default=None, metavar="USER:PASS", help="ZooKeeper digest auth")
-    z.add_argument("--advertise_host", default=None,
-                   help="host to register (default: --host, or this machine's address when --host is 0.0.0.0)")
+    add_zk_arguments(p, required=False)   # --zk, --service, --root/--zk_root, --zk_auth, --session_timeout, ...
+    p.add_argument("--advertise_host", default=None,
+                   help="host to register in ZooKeeper (default: --host, or this machine's address when --host "
+                        "is 0.0.0.0)")
     return p
 
 
@@ -287,17 +284,15 @@ class TeacherService:
         args = self.args
         if not args.service:
             raise ServeError("--zk needs --service NAME (the teacher service to register under)")
-        from discovery.teacher_registration import TeacherRegistration
-
         endpoint = f"{_advertise_host(args)}:{self.grpc.port}"
         meta = {"model": os.path.basename(os.path.abspath(self.model_dir)), "device": self.device,
                 "thread": self.pool.size, "max_batch_size": args.max_batch_size if self.batcher else 1,
                 "feeds": self.config.feed_names, "fetches": self.config.fetch_names, "pid": os.getpid()}
         if self.http is not None:
             meta["http_port"] = self.http.port
-        self.registration = TeacherRegistration(args.zk, args.service, endpoint, meta, args.zk_root, args.zk_auth)
+        self.registration = registration_from_args(args, endpoint, meta)
         self.registration.start()
-        logger.info("registered %s as service %r in ZooKeeper %s%s", endpoint, args.service, args.zk, args.zk_root)
+        logger.info("registered %s as service %r in ZooKeeper %s%s", endpoint, args.service, args.zk, args.root)
 
     def drain(self) -> None:
         """Deregister, refuse new requests, let in-flight ones finish, stop everything."""
