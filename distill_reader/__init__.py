@@ -16,15 +16,15 @@ import numpy  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillReader", "__version__"]
+__all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid", "__version__"]
 
 
 def __getattr__(name):
     # Lazy, so that `import distill_reader.client` does not import the reader's machinery.
-    if name == "DistillReader":
-        from .reader import DistillReader
+    if name in ("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid"):
+        from . import reader
 
-        return DistillReader
+        return getattr(reader, name)
     if name == "dist":
         import importlib
 

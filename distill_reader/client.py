@@ -143,7 +143,7 @@ class TeacherClient:
         for name, value in feeds.items():
             spec = self.config.feed(name)
             array = prepare_feed(spec, value, batch_size)
-            request.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw))
+            encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, out=request.tensor.add())
         return request
 
     def health(self, timeout: float = 1.0) -> bool:

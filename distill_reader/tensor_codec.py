@@ -60,12 +60,19 @@ def elem_type_of_dtype(dtype, what: str = "tensor") -> int:
 
 
 def encode_tensor(array: np.ndarray, name: str, alias_name: str = "", raw: bool = True,
-                  lod: Optional[Sequence[int]] = None) -> service_pb2.Tensor:
-    """Encode ``array`` (its first dim is the batch) as a Tensor message."""
+                  lod: Optional[Sequence[int]] = None, out: Optional[service_pb2.Tensor] = None) -> service_pb2.Tensor:
+    """Encode ``array`` (its first dim is the batch) as a Tensor message.
+
+    ``out``: an empty Tensor to fill in place (e.g. ``request.tensor.add()``), which saves copying a large
+    message into its parent.
+    """
     array = np.asarray(array)
     elem_type = elem_type_of_dtype(array.dtype, what=f"tensor {name!r}")
-    tensor = service_pb2.Tensor(name=name, alias_name=alias_name or name, elem_type=elem_type,
-                                shape=[int(d) for d in array.shape])
+    tensor = service_pb2.Tensor() if out is None else out
+    tensor.name = name
+    tensor.alias_name = alias_name or name
+    tensor.elem_type = elem_type
+    tensor.shape.extend(int(d) for d in array.shape)
     if lod:
         tensor.lod.extend(int(x) for x in lod)
     field = _TYPED_FIELD.get(elem_type)

@@ -157,8 +157,9 @@ def committed(path) -> int:
 def test_sigkilled_writer_resumes_from_complete_shards(tmp_path):
     path = str(tmp_path / "cache")
     with ProcessGuard() as guard:
-        child = guard.python("-c", WRITER_CHILD, path, REPO_ROOT, "0.01", stdout=subprocess.PIPE, text=True)
+        child = guard.python("-c", WRITER_CHILD, path, REPO_ROOT, "0.05", stdout=subprocess.PIPE, text=True)
         wait_for(lambda: committed(path) >= 60, 20, "three committed shards")
+        assert child.poll() is None, "the writer finished before it could be killed"
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(timeout=10) == -signal.SIGKILL
         kept = committed(path)
@@ -255,6 +256,9 @@ def test_flipped_byte_names_the_shard(tmp_path):
     with KnowledgeReader(path, lazy_check="sha256", verify_threads=0) as r:
         with pytest.raises(CorruptShardError, match=r"shard-000002\.bin .* is corrupt: sha256"):
             r.read(59, 60)
+        with pytest.raises(CorruptShardError) as err:
+            r.verify()
+        assert err.value.shards == ["shard-000002.bin"]
     (path / "shard-000004.bin").write_bytes(b"short")
     with KnowledgeReader(path) as r:
         with pytest.raises(CorruptShardError, match=r"shard-000004\.bin .* has 5 bytes"):
@@ -346,3 +350,19 @@ def test_cli_inspect_prints_description_and_verifies(tmp_path, capsys):
     for flag in ("--no-verify", "--shards", "--json", "--progress", "PATH", "exit status"):
         assert flag in helped.stdout
     assert run_cli().returncode == 2 and "inspect" in run_cli("--help").stdout
+
+
+def test_reader_follows_a_live_writer_with_refresh(tmp_path):
+    path = tmp_path / "c"
+    with KnowledgeWriter(path, FIELDS, shard_samples=10) as w:
+        w.append(make_samples(0, 12))  # one shard committed, 2 samples pending
+        with KnowledgeReader(path) as r:
+            assert r.num_samples == 10 and not r.complete
+            w.flush()
+            assert r.num_samples == 10  # a snapshot until refresh()
+            r.refresh()
+            assert r.num_samples == 12 and np.array_equal(r.read(0, 12)["label"], np.arange(12))
+            with pytest.raises(IndexError):
+                r.read(0, 13)
+    with KnowledgeReader(path) as r:
+        assert r.complete and r.num_samples == 12

@@ -8,8 +8,9 @@ import mmap
 import os
 import threading
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Deque, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -211,15 +212,9 @@ class KnowledgeReader:
         bad: List[CorruptShardError] = []
         total = 0
         with tqdm(total=self.nbytes, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
-            count = len(self._manifest.shards)
-            if self._executor is not None:
-                results = iter([self._executor.submit(self._open_checked, i, "sha256") for i in range(count)])
-                check = lambda index: next(results).result()  # noqa: E731  (in order, computed in parallel)
-            else:
-                check = lambda index: self._open_checked(index, "sha256")  # noqa: E731
-            for index, info in enumerate(self._manifest.shards):
+            for (index, info), checked in zip(enumerate(self._manifest.shards), self._sha256_checks()):
                 try:
-                    shard = check(index)
+                    shard = checked.result()
                 except CorruptShardError as exc:
                     bad.append(exc)
                 else:
@@ -235,6 +230,26 @@ class KnowledgeReader:
             error.shards = [e.shard for e in bad]
             raise error
         return total
+
+    def _sha256_checks(self) -> Iterator[Future]:
+        """One future per shard, in order, resolving to the sha256-checked shard (a bounded window in parallel)."""
+        count = len(self._manifest.shards)
+        if self._executor is None:
+            for index in range(count):
+                future: Future = Future()
+                try:
+                    future.set_result(self._open_checked(index, "sha256"))
+                except CorruptShardError as exc:
+                    future.set_exception(exc)
+                yield future
+            return
+        window: Deque[Future] = deque()
+        submitted = 0
+        for _ in range(count):
+            while submitted < count and len(window) <= self._ahead:
+                window.append(self._executor.submit(self._open_checked, submitted, "sha256"))
+                submitted += 1
+            yield window.popleft()
 
     def close(self) -> None:
         if self._executor is not None:

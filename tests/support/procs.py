@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -58,8 +59,9 @@ def pid_alive(pid: int) -> bool:
 class ProcessGuard:
     """Start subprocesses and make sure every one of them is stopped at ``close()`` (use as a context manager).
 
-    Each child runs in its own session (so a signal to it reaches its own children too) and gets SIGTERM
-    from the kernel if the test process dies without reaching ``close()`` (pytest killed by a timeout).
+    Each child runs in its own session (so a signal to it reaches its own children too) and, when started from
+    the main thread, gets SIGTERM from the kernel if the test process dies without reaching ``close()``
+    (pytest killed by a timeout).
     """
 
     def __init__(self) -> None:
@@ -68,7 +70,9 @@ class ProcessGuard:
     def start(self, args: Sequence[str], env: Optional[dict] = None, **kwargs) -> subprocess.Popen:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
-        kwargs.setdefault("preexec_fn", _die_with_parent)
+        if threading.current_thread() is threading.main_thread():
+            # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread.
+            kwargs.setdefault("preexec_fn", _die_with_parent)
         proc = subprocess.Popen(list(args), env=full_env, cwd=kwargs.pop("cwd", REPO_ROOT),
                                 start_new_session=True, **kwargs)
         self.procs.append(proc)

@@ -1,0 +1,319 @@
+"""DistillReader: wrap a student's data generator and append remote teachers' predictions to every sample.
+
+Example::
+
+    from distill_reader import DistillReader
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
+    dr.set_fixed_teacher("127.0.0.1:9292")            # or a list/tuple, or "a:1,b:2"
+    dr.set_teacher_batch_size(32)
+    train_reader = dr.set_sample_list_generator(train_reader)
+    for batch in train_reader():                      # each sample: (img, label, prediction)
+        ...
+    loader = paddle.base.io.DataLoader.from_generator(feed_list=[img, label, prediction], capacity=8)
+    loader.set_sample_list_generator(train_reader)    # the static-graph way, as in the seed example
+
+The generator runs in the student's process; worker processes (``distill_reader.workers``) do the teacher
+I/O. See ``distill_reader.pipeline`` for the data path and ``distill_reader.workers`` for the shutdown protocol.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+from .pipeline import (
+    AllTeachersDownError,
+    DistillReaderError,
+    EpochStats,
+    PredictionStage,
+    RemoteOptions,
+    RemoteStage,
+    SlotPlan,
+    TeacherAnswerInvalid,
+    run_epoch,
+)
+from .serving_config import ServingConfig
+from .teacher_pool import TeacherPool
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
+
+__all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid"]
+
+
+def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
+    """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; ValueError on a malformed one."""
+    if isinstance(teachers, str):
+        items = teachers.split(",")
+    elif isinstance(teachers, (list, tuple)):
+        items = [part for item in teachers for part in str(item).split(",")]
+    else:
+        raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
+    endpoints = [item.strip() for item in items if item.strip()]
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"teacher endpoint {endpoint!r} is not 'host:port'")
+    if not endpoints:
+        raise ValueError("no teacher endpoint given")
+    return endpoints
+
+
+class _Resources:
+    """What must be released when the reader goes away (held apart from the reader for weakref.finalize)."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[PredictionStage] = None
+        self.subscription: Any = None
+        self.lock = threading.Lock()
+
+    def remote_stage(self) -> Optional[RemoteStage]:
+        stage = self.stage
+        while stage is not None and not isinstance(stage, RemoteStage):
+            stage = getattr(stage, "inner", None)
+        return stage
+
+    def stop_workers(self) -> None:
+        """Stop the worker processes only (they start again on demand); a cache stage stays open."""
+        with self.lock:
+            remote = self.remote_stage()
+            if remote is not None:
+                remote.close()
+
+    def close(self) -> None:
+        with self.lock:
+            stage, self.stage = self.stage, None
+            if stage is not None:
+                stage.close()
+        subscription, self.subscription = self.subscription, None
+        if subscription is not None:
+            try:
+                subscription.stop()
+            except Exception:  # noqa: BLE001 - closing must not raise at exit
+                logger.exception("stopping the teacher subscription failed")
+
+
+class DistillReader:
+    """Append teachers' predictions to the samples of a generator (sample, sample list or batch).
+
+    Args:
+        ins: names of the slots each sample holds, in order. Slots named like a feed of the teacher (per the
+            serving client config) are sent; other slots (or None) pass through untouched.
+        predicts: fetch names whose values are appended to each sample, in this order.
+        request_timeout: seconds a teacher has to answer one request (default 30).
+        max_retries: failed attempts of one request (on different teachers) before giving up (default 10).
+        retry_backoff / max_retry_backoff: first and largest delay before a failed request is re-sent (s).
+        probe_backoff / max_probe_backoff: first and largest delay before a failed teacher is probed again (s).
+        probe_timeout: seconds for one health probe (default 2).
+        all_teachers_down_timeout: seconds with no usable teacher before AllTeachersDownError (default 60).
+        per_teacher_in_flight: requests outstanding at one teacher (default 2: one computing, one queued).
+        max_pending_tasks: tasks read but not yet yielded (memory bound of the reorder buffer); default
+            twice the in-flight limit.
+        num_workers: worker processes doing the teacher I/O (default 2).
+        protocol: ``"grpc"`` (default) or ``"http"``; wire: ``"auto"``, ``"raw"`` or ``"typed"`` (see client).
+        stop_timeout: seconds a worker gets to exit after ``stop`` before it is signalled (default 2).
+    """
+
+    def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], *, request_timeout: float = 30.0,
+                 max_retries: int = 10, retry_backoff: float = 0.05, max_retry_backoff: float = 2.0,
+                 probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, probe_timeout: float = 2.0,
+                 all_teachers_down_timeout: float = 60.0, per_teacher_in_flight: int = 2,
+                 max_pending_tasks: Optional[int] = None, num_workers: int = 2, protocol: str = "grpc",
+                 wire: str = "auto", stop_timeout: float = 2.0):
+        if not ins:
+            raise ValueError("ins must name at least one slot")
+        if not predicts:
+            raise ValueError("predicts must name at least one fetch var")
+        self.ins = list(ins)
+        self.predicts = list(predicts)
+        self.teacher_batch_size = 32
+        self.serving_conf_file = DEFAULT_SERVING_CONF
+        self.max_pending_tasks = max_pending_tasks
+        self.options = RemoteOptions(
+            request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff,
+            max_retry_backoff=max_retry_backoff, probe_timeout=probe_timeout,
+            all_teachers_down_timeout=all_teachers_down_timeout, num_workers=num_workers, protocol=protocol,
+            wire=wire, stop_timeout=stop_timeout)
+        self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
+                                max_probe_backoff=max_probe_backoff)
+        self._config: Optional[ServingConfig] = None
+        self._stage_wrappers: list[Callable[[PredictionStage], PredictionStage]] = []
+        self._offline: Any = None   # distill_reader.offline.OfflineCache after set_offline_cache
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.close)
+        self._epoch = 0
+        self._active_epoch = 0
+        self._teachers_set = False
+        self.last_epoch_stats: Optional[EpochStats] = None   # samples, tasks, per-teacher share of the last epoch
+
+    # -- configuration --------------------------------------------------------------------------------
+    def set_fixed_teacher(self, teachers: Union[str, Sequence[str]]) -> None:
+        """Use these teachers: ``'127.0.0.1:9292'``, ``'a:1,b:2'``, or a list/tuple of ``host:port``."""
+        self.pool.set_endpoints(parse_endpoints(teachers))
+        self._teachers_set = True
+
+    def set_dynamic_teacher(self, discovery_servers: Union[str, Sequence[str]], teacher_service_name: str,
+                            require_max_teacher: int = 1, **subscription_options: Any) -> None:
+        """Find teachers in ZooKeeper (``'host:port,host:port'`` or a list) under ``teacher_service_name``.
+
+        The reader uses at most ``require_max_teacher`` teachers, its fair share among the students of the
+        service; the set follows teachers and students as they come and go.
+        """
+        from discovery.student import TeacherSubscription  # lazy: kazoo only when used
+
+        hosts = discovery_servers if isinstance(discovery_servers, str) else ",".join(discovery_servers)
+        if self._resources.subscription is not None:
+            self._resources.subscription.stop()
+        subscription = TeacherSubscription(hosts, teacher_service_name, on_change=self.pool.set_endpoints,
+                                           require_max_teacher=require_max_teacher, **subscription_options)
+        self._resources.subscription = subscription
+        self._teachers_set = True
+        self.pool.dynamic = True
+        subscription.start()
+
+    def set_teacher_batch_size(self, teacher_batch_size: int) -> None:
+        """Samples per teacher request (a request never crosses a student batch). Default 32."""
+        if int(teacher_batch_size) < 1:
+            raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
+        self.teacher_batch_size = int(teacher_batch_size)
+
+    def set_serving_conf_file(self, path: str) -> None:
+        """The teacher's serving client config (file or folder). Default 'serving_conf/serving_client_conf.prototxt'."""
+        self.serving_conf_file = path
+        self._config = None
+
+    def set_offline_cache(self, path: str, storage: Union[str, dict] = "float32", **options: Any) -> None:
+        """Ask the teachers once: the first pass writes every answer to the knowledge cache ``path``; later
+        passes (and runs) read it and send nothing. A complete cache needs no teacher. ``storage``: "float32",
+        "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline)."""
+        from .offline import OfflineCache  # lazy: the knowledge-file machinery only when used
+
+        self._offline = OfflineCache(path, storage=storage, **options)
+        self._offline.install(self)
+
+    @property
+    def has_teachers(self) -> bool:
+        """True once set_fixed_teacher or set_dynamic_teacher was called."""
+        return self._teachers_set
+
+    @property
+    def config(self) -> ServingConfig:
+        """The teacher's serving config: the conf file, else the one an offline cache stored (no teacher needed)."""
+        if self._config is None:
+            offline_config = getattr(self._offline, "serving_config", None)
+            if not os.path.exists(self.serving_conf_file) and offline_config is not None and offline_config():
+                self._config = offline_config()
+            else:
+                self._config = ServingConfig.load(self.serving_conf_file)
+        return self._config
+
+    def add_stage_wrapper(self, wrap: Callable[[PredictionStage], PredictionStage]) -> None:
+        """Put a stage in front of the teachers (the offline cache does this); applied at the next epoch.
+
+        ``wrap(inner)`` returns a PredictionStage that answers what it can and submits the rest to ``inner``;
+        it should keep ``inner`` in an ``inner`` attribute.
+        """
+        self._stage_wrappers.append(wrap)
+        self._resources.close()
+
+    # -- generators -------------------------------------------------------------------------------------
+    def set_sample_generator(self, generator: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[tuple]]:
+        """``generator()`` yields samples (tuples of slots); the result yields ``sample + predictions``."""
+        return _EpochReader(self, "sample", generator)
+
+    def set_sample_list_generator(self, generator: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[list]]:
+        """``generator()`` yields lists of samples; the result yields lists of ``sample + predictions``."""
+        return _EpochReader(self, "sample_list", generator)
+
+    def set_batch_generator(self, generator: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[tuple]]:
+        """``generator()`` yields tuples of arrays (batch first); the result appends prediction arrays."""
+        return _EpochReader(self, "batch", generator)
+
+    # -- running ----------------------------------------------------------------------------------------
+    def _stage(self) -> PredictionStage:
+        if self._resources.stage is None:
+            stage: PredictionStage = RemoteStage(self.pool, self.config, self.predicts, self.options)
+            for wrap in self._stage_wrappers:
+                stage = wrap(stage)
+            self._resources.stage = stage
+        return self._resources.stage
+
+    def _run(self, kind: str, generator: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+        if not self._finalizer.alive:
+            raise DistillReaderError("this DistillReader is closed; create a new one")
+        if not self._teachers_set and not self._stage_wrappers:
+            raise DistillReaderError("no teacher: call set_fixed_teacher(...) or set_dynamic_teacher(...) first")
+        plan = SlotPlan(self.ins, self.predicts, self.config)
+        stage = self._stage()
+        self._epoch += 1
+        epoch = self._active_epoch = self._epoch
+        source = generator() if callable(generator) else generator
+        completed = False
+        try:
+            yield from run_epoch(kind, source, plan, stage, self.teacher_batch_size,
+                                 max_pending_tasks=self.max_pending_tasks, epoch=epoch,
+                                 on_end=lambda stats: self._log_summary(epoch, stats),
+                                 is_current=lambda: self._active_epoch == epoch)
+            completed = True
+        finally:
+            if not completed and self._active_epoch == epoch:
+                # break, exception, Ctrl-C or garbage collection of the epoch: stop the workers (restarted on demand)
+                self._resources.stop_workers()
+
+    def _log_summary(self, epoch: int, stats: EpochStats) -> None:
+        shares = []
+        snapshot = self.pool.take_stats()
+        total = sum(t.requests for t in snapshot.teachers) or 1
+        for t in snapshot.teachers:
+            latency = 1000 * t.latency_total / t.requests if t.requests else 0.0
+            stats.teachers[t.endpoint] = {"requests": t.requests, "samples": t.samples, "errors": t.errors,
+                                          "latency_ms": latency}
+            shares.append(f"{t.endpoint} {100 * t.requests / total:.0f}% ({t.requests} req, {latency:.1f} ms"
+                          + (f", {t.errors} errors" if t.errors else "") + ")")
+        rate = stats.samples / stats.seconds if stats.seconds > 0 else 0.0
+        logger.info("epoch %d: %d samples in %.2fs (%.0f samples/s), %d tasks, %s requests, %s retries; teachers: %s",
+                    epoch, stats.samples, stats.seconds, rate, stats.tasks, stats.stage.get("requests", "-"),
+                    stats.stage.get("retries", "-"), "; ".join(shares) or "none asked")
+        self.last_epoch_stats = stats
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+    @property
+    def worker_pids(self) -> list[int]:
+        """PIDs of the running worker processes (empty before the first epoch and after ``close()``)."""
+        stage = self._resources.remote_stage()
+        return stage.worker_pids if stage is not None else []
+
+    def close(self) -> None:
+        """Stop the workers and the teacher subscription (also done on garbage collection and at exit)."""
+        self._finalizer()
+
+    def __enter__(self) -> DistillReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _EpochReader:
+    """The callable ``set_*_generator`` returns: each call is one epoch over ``generator()``."""
+
+    def __init__(self, reader: DistillReader, kind: str, generator: Callable[[], Iterable[Any]]):
+        if not callable(generator):
+            raise TypeError(f"set_{kind}_generator needs a callable that returns an iterable (a reader "
+                            f"function), not {type(generator).__name__}")
+        self.reader = reader
+        self.kind = kind
+        self.generator = generator
+
+    def __call__(self) -> Iterator[Any]:
+        return self.reader._run(self.kind, self.generator)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self()
+
+    def __repr__(self) -> str:
+        return f"<DistillReader {self.kind} reader over {self.generator!r}>"
+

@@ -1,0 +1,215 @@
+"""DistillReader when things go wrong, with real teacher servers, real worker processes and real signals:
+a teacher SIGKILLed mid-epoch and restarted, all teachers down, a worker killed, the user's generator raising,
+and the workers' shutdown after break, del, Ctrl-C and SIGKILL of the student."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+import traceback
+
+import numpy as np  # noqa: I001  (numpy before paddle)
+import pytest
+
+from distill_reader import DistillReader
+from distill_reader.pipeline import AllTeachersDownError
+from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, wait_for
+from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
+
+
+def _reader(teacher_model, endpoints, **options) -> DistillReader:
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"], **options)
+    dr.set_fixed_teacher(endpoints)
+    dr.set_serving_conf_file(teacher_model.client_conf)
+    return dr
+
+
+def _assert_gone(pids, within=5.0):
+    assert pids, "expected worker PIDs to watch"
+    wait_for(lambda: not any(pid_alive(p) for p in pids), within, f"worker processes {pids} to exit")
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_model):
+    with TeacherServer(teacher_model.server_dir) as server:
+        yield server
+
+
+def test_teacher_sigkilled_mid_epoch_and_restarted(teacher_model):
+    """Three teachers, one SIGKILLed mid-epoch and restarted later: every sample once, in order, correct;
+    the restarted teacher is probed back into service."""
+    n, list_size = 1200, 8
+    images = mnist_like_images(n, seed=11)
+    ref = reference_predict(teacher_model.server_dir, images)
+
+    def sample_lists():
+        for start in range(0, n, list_size):
+            yield [(images[i], i) for i in range(start, start + list_size)]
+
+    servers = [TeacherServer(teacher_model.server_dir) for _ in range(3)]
+    try:
+        for server in servers:   # from this thread: ProcessGuard's PDEATHSIG fires when the starting thread ends
+            server.start()
+        victim = servers[1]
+        dr = _reader(teacher_model, [s.endpoint for s in servers], probe_backoff=0.1, max_probe_backoff=0.5)
+        dr.set_teacher_batch_size(4)
+        reader = dr.set_sample_list_generator(sample_lists)
+        out = []
+        for step, batch in enumerate(reader()):
+            out.extend(batch)
+            if step == 20:
+                victim.kill(signal.SIGKILL)
+                victim.wait_exit(10)
+            if step == 60:
+                victim.restart()
+            time.sleep(0.01)   # a student doing some work; the epoch spans the kill and the restart
+        assert [s[1] for s in out] == list(range(n)), "every sample exactly once, in order"
+        np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
+        assert dr.last_epoch_stats.stage["retries"] >= 1
+        assert dr.last_epoch_stats.teachers[victim.endpoint]["errors"] >= 1
+        # next epoch: the restarted teacher is back in service and takes its share
+        out = [s for batch in reader() for s in batch]
+        assert [s[1] for s in out] == list(range(n))
+        np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
+        assert dr.last_epoch_stats.teachers[victim.endpoint]["requests"] > 0
+        dr.close()
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_all_teachers_down_raises_within_timeout(teacher_model):
+    """The only teacher is SIGKILLed mid-epoch: AllTeachersDownError naming it and the last error, no hang."""
+    images = mnist_like_images(16)
+    dead = f"127.0.0.1:{free_port()}"   # never answered
+
+    def endless():
+        while True:
+            yield images, np.zeros(16, "int64")
+
+    with TeacherServer(teacher_model.server_dir) as server:
+        dr = _reader(teacher_model, [server.endpoint, dead], all_teachers_down_timeout=2.0)
+        iterator = dr.set_batch_generator(endless)()
+        for _ in range(5):
+            next(iterator)
+        pids = dr.worker_pids
+        server.kill(signal.SIGKILL)
+        server.wait_exit(10)
+        started = time.monotonic()
+        with pytest.raises(AllTeachersDownError) as info:
+            for _ in iterator:
+                pass
+        elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert elapsed < 2.0 + 3.0, f"took {elapsed:.1f}s"
+    assert server.endpoint in message and dead in message and "last error" in message
+    assert "UNAVAILABLE" in message or "failed" in message
+    _assert_gone(pids)
+
+
+def test_worker_killed_mid_epoch_loses_nothing(teacher_model, teacher):
+    n = 600
+    images = mnist_like_images(n, seed=3)
+    ref = reference_predict(teacher_model.server_dir, images)
+    dr = _reader(teacher_model, [teacher.endpoint])
+    dr.set_teacher_batch_size(5)
+    out = []
+    try:
+        for i, sample in enumerate(dr.set_sample_generator(lambda: ((images[k], k) for k in range(n)))()):
+            out.append(sample)
+            if i == 100:
+                victim = dr.worker_pids[0]
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.0005)
+        assert [s[1] for s in out] == list(range(n))
+        np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
+        assert victim not in dr.worker_pids and len(dr.worker_pids) == 2
+    finally:
+        dr.close()
+
+
+def _user_generator_that_fails(images):
+    for i in range(40):
+        if i == 23:
+            raise ValueError(f"corrupt record {i}")   # the line the traceback must show
+        yield images[i], i
+
+
+def test_generator_exception_reraised_with_traceback(teacher_model, teacher):
+    images = mnist_like_images(40)
+    dr = _reader(teacher_model, [teacher.endpoint])
+    dr.set_teacher_batch_size(4)
+    got = []
+    with pytest.raises(ValueError, match="corrupt record 23") as info:
+        for sample in dr.set_sample_generator(lambda: _user_generator_that_fails(images))():
+            got.append(sample[1])
+            pids = dr.worker_pids
+    text = "".join(traceback.format_exception(info.type, info.value, info.tb))
+    assert "_user_generator_that_fails" in text and 'raise ValueError(f"corrupt record {i}")' in text
+    assert got == list(range(23)), "every sample before the failure comes out, in order, then the error"
+    _assert_gone(pids)
+    dr.close()
+
+
+def test_break_and_del_stop_the_workers(teacher_model, teacher):
+    images = mnist_like_images(64)
+    dr = _reader(teacher_model, [teacher.endpoint])
+    reader = dr.set_batch_generator(lambda: ((images[i:i + 8], np.arange(i, i + 8)) for i in range(0, 64, 8)))
+    for step, _batch in enumerate(reader()):
+        pids = dr.worker_pids
+        if step == 2:
+            break
+    started = time.monotonic()
+    _assert_gone(pids)
+    assert time.monotonic() - started < 5
+    # the reader is still usable: workers start again on demand, and persist after a full epoch
+    assert len(list(reader())) == 8
+    pids = dr.worker_pids
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    del dr, reader
+    gc.collect()
+    _assert_gone(pids)
+
+
+_STUDENT = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from distill_reader import DistillReader
+    endpoint, conf = sys.argv[1], sys.argv[2]
+    images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
+    dr.set_fixed_teacher(endpoint)
+    dr.set_serving_conf_file(conf)
+    def endless():
+        while True:
+            yield images, np.zeros(8, "int64")
+    for step, batch in enumerate(dr.set_batch_generator(endless)()):
+        if step == 3:
+            print(json.dumps(dr.worker_pids), flush=True)
+        time.sleep(0.01)
+""")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_student_killed_or_interrupted_workers_exit(teacher_model, teacher, how):
+    """SIGKILL of the student: its workers exit by themselves. Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it): the student stops its workers and exits."""
+    with ProcessGuard() as guard:
+        student = guard.python("-c", _STUDENT, teacher.endpoint, teacher_model.client_conf,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PYTHONPATH": REPO_ROOT})
+        line = student.stdout.readline()
+        assert line, student.stderr.read().decode()[-2000:]
+        pids = json.loads(line)
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        if how == "SIGKILL":
+            student.kill()
+        else:
+            os.killpg(student.pid, signal.SIGINT)
+        student.wait(10)
+        _assert_gone(pids, within=5.0)
+        if how == "Ctrl-C":
+            assert "KeyboardInterrupt" in student.stderr.read().decode()

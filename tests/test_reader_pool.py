@@ -1,0 +1,105 @@
+"""TeacherPool on its own (it only keeps state; the I/O is tested with real teachers in test_reader*.py):
+least-loaded choice, setting a failed teacher aside, probes with exponential backoff and jitter, flapping
+teachers backing off further, membership changes, and the all-teachers-down clock."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from distill_reader.reader import parse_endpoints
+from distill_reader.teacher_pool import TeacherPool, backoff_delay
+
+
+def test_backoff_delay_grows_exponentially_with_jitter_and_a_cap():
+    rng = random.Random(1)
+    for failures in range(1, 10):
+        exp = min(5.0, 0.2 * 2 ** (failures - 1))
+        delays = [backoff_delay(failures, 0.2, 5.0, rng) for _ in range(200)]
+        assert exp / 2 <= min(delays) and max(delays) <= exp
+        assert max(delays) - min(delays) > exp / 4, "jitter spreads the delays"
+
+
+def test_pick_prefers_the_least_loaded_and_respects_capacity():
+    pool = TeacherPool(["a:1", "b:2"], per_teacher_in_flight=2)
+    picks = []
+    for _ in range(4):
+        endpoint = pool.pick()
+        pool.started(endpoint)
+        picks.append(endpoint)
+    assert sorted(picks) == ["a:1", "a:1", "b:2", "b:2"]
+    assert pool.pick() is None, "both teachers at capacity"
+    pool.succeeded("b:2", 0.01, 8)
+    assert pool.pick() == "b:2"
+    assert pool.pick(avoid=["b:2"]) == "b:2", "avoid only when another teacher has room"
+    pool.succeeded("a:1", 0.01, 8)
+    assert pool.pick(avoid=["b:2"]) == "a:1"
+
+
+def _probe_delay(pool, action):
+    """(earliest, latest) possible backoff that ``action()`` scheduled, robust to the test being preempted."""
+    before = time.monotonic()
+    action()
+    after = time.monotonic()
+    due = pool.next_probe_time()
+    return due - after, due - before
+
+
+def test_failed_teacher_is_set_aside_probed_with_backoff_and_returns():
+    pool = TeacherPool(["a:1", "b:2"], probe_backoff=0.2, max_probe_backoff=5.0, seed=3)
+    pool.started("a:1")
+    low, high = _probe_delay(pool, lambda: pool.failed("a:1", "gRPC UNAVAILABLE"))
+    assert 0.1 <= high and low <= 0.2, "first delay in [0.1, 0.2]"
+    assert pool.usable_count() == 1
+    assert [pool.pick() for _ in range(3)] == ["b:2"] * 3
+    assert pool.probes_due(pool.next_probe_time() - 0.01) == [], "not probed before the backoff"
+    due = pool.next_probe_time()
+    assert pool.probes_due(due) == ["a:1"]
+    assert pool.probes_due(due + 10) == [], "one probe at a time"
+    low, high = _probe_delay(pool, lambda: pool.probe_result("a:1", False, "still down"))
+    assert 0.2 <= high and low <= 0.4, "the second delay doubles: [0.2, 0.4]"
+    pool.probes_due(time.monotonic() + 1)
+    pool.probe_result("a:1", True)
+    assert pool.usable_count() == 2 and "a:1 (usable)" in pool.describe()
+    # healthy by probe, failing again by request: the failure count was not reset, so the backoff keeps growing
+    pool.started("a:1")
+    low, high = _probe_delay(pool, lambda: pool.failed("a:1", "gRPC UNAVAILABLE again"))
+    assert 0.4 <= high and low <= 0.8, "third delay: [0.4, 0.8]"
+    # a successful request resets it
+    pool.probes_due(time.monotonic() + 1)
+    pool.probe_result("a:1", True)
+    pool.started("a:1")
+    pool.succeeded("a:1", 0.02, 4)
+    pool.started("a:1")
+    low, high = _probe_delay(pool, lambda: pool.failed("a:1", "once more"))
+    assert 0.1 <= high and low <= 0.2
+
+
+def test_down_clock_and_membership_changes():
+    pool = TeacherPool(["a:1"])
+    assert pool.down_since() is None
+    pool.started("a:1")
+    pool.failed("a:1", "gRPC UNAVAILABLE: connection refused")
+    since = pool.down_since()
+    assert since is not None and "connection refused" in pool.last_error
+    assert "a:1 (set aside: gRPC UNAVAILABLE: connection refused)" in pool.describe()
+    pool.set_endpoints(["b:2"])          # a new teacher arrives (e.g. from ZooKeeper): usable at once
+    assert pool.down_since() is None and pool.endpoints == ["b:2"] and pool.pick() == "b:2"
+    pool.set_endpoints([])
+    assert pool.down_since() is not None and pool.describe() == "no teachers configured"
+    pool.set_endpoints(["a:1"])          # a teacher that comes back through discovery starts usable
+    assert pool.usable_count() == 1
+
+
+def test_parse_endpoints_forms():
+    assert parse_endpoints("127.0.0.1:9292") == ["127.0.0.1:9292"]
+    assert parse_endpoints("a:1, b:2") == ["a:1", "b:2"]
+    assert parse_endpoints(["a:1", "b:2,c:3"]) == ["a:1", "b:2", "c:3"]
+    assert parse_endpoints(("a:1",)) == ["a:1"]
+    with pytest.raises(ValueError, match="'a' is not 'host:port'"):
+        parse_endpoints("a")
+    with pytest.raises(ValueError, match="no teacher endpoint"):
+        parse_endpoints(" , ")
+    with pytest.raises(TypeError):
+        parse_endpoints(9292)
