@@ -257,7 +257,9 @@ def test_sigterm_during_load_drains_and_exits_zero(teacher_model):
     extra = ["--gpu_ids", "0", "--mem_optim", "True", "--stats_interval", "0.5"]
     server = TeacherServer(teacher_model.server_dir, http=False, thread=1, max_batch_size=0, extra_args=extra)
     with server:
-        images = mnist_like_images(256, seed=11)
+        # 1024 images per request and 8 clients on one predictor: each request waits ~8 runs (hundreds of ms),
+        # so requests sent well before the signal are surely still in flight when it arrives.
+        images = mnist_like_images(1024, seed=11)
         expected = reference_predict(teacher_model.server_dir, images)
         records, stop = [], threading.Event()
 
