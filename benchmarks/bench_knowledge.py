@@ -8,12 +8,18 @@ Part 2 (DistillReader offline mode): Fashion-MNIST train images through a plain 
 / 255), against the same generator wrapped by a DistillReader whose offline cache (1000-class float32 answers of
 an in-process fake teacher, written in a first pass) is complete: cached epochs vs the generator alone.
 
-    python benchmarks/bench_knowledge.py --samples 65536
+Part 3 (student view of the offline mode): steps/s of a small Paddle dygraph training loop (the LeNet-like CNN of
+bench_reader's student view, and an MLP) with a distillation loss, fed by a DistillReader whose cache is complete
+vs the same loop fed by a plain generator that yields the same soft labels from memory; alternating rounds, each
+round one epoch of ``--student-steps`` batches; the ratio of the medians is printed.
+
+    python benchmarks/bench_knowledge.py --samples 65536 --repeats 5
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import os
 import shutil
 import socket
@@ -41,6 +47,12 @@ def parse_args() -> argparse.Namespace:
                         help="Fashion-MNIST images per epoch in part 2 (default 60000; 0 skips part 2)")
     parser.add_argument("--epoch-classes", type=int, default=1000,
                         help="length of the fake teacher's answer per sample in part 2 (default 1000)")
+    parser.add_argument("--student-models", default="cnn,mlp",
+                        help="part 3: comma-separated student models to train (cnn, mlp; empty skips part 3)")
+    parser.add_argument("--student-steps", type=int, default=100, help="part 3: training steps per round")
+    parser.add_argument("--student-batch", type=int, default=64, help="part 3: student batch size")
+    parser.add_argument("--student-rounds", type=int, default=5,
+                        help="part 3: alternating rounds per model (median shown)")
     return parser.parse_args()
 
 
@@ -147,17 +159,34 @@ def main() -> None:
             seconds = statistics.median(values)
             print(f"  {name:<46} {dense_bytes / seconds / 1e9:6.2f} GB/s  ({base / seconds:4.2f}x baseline)")
         images = rng.random((8192, 1, 28, 28), dtype=np.float32)
-        began = time.perf_counter()
-        for lo in range(0, len(images), args.batch_size):
-            sample_digests({"img": images[lo:lo + args.batch_size]})
-        seconds = time.perf_counter() - began
-        print(f"\nsample_digests of MNIST-size inputs (3136 B/sample): {len(images) / seconds:,.0f} samples/s, "
-              f"{images.nbytes / seconds / 1e9:.2f} GB/s")
+        digest_times = {"sample_digests (vectorised, mix64x2-v1)": [], "per-sample hashlib.sha256 loop (before)": []}
+        for _ in range(args.repeats):
+            for name, digest in zip(digest_times, (sample_digests, sha256_digests)):
+                began = time.perf_counter()
+                for lo in range(0, len(images), args.batch_size):
+                    digest({"img": images[lo:lo + args.batch_size]})
+                digest_times[name].append(time.perf_counter() - began)
+        print(f"\ninput digests of MNIST-size float32 inputs (3136 B/sample), batch {args.batch_size}, median of "
+              f"{args.repeats} alternating runs:")
+        for name, values in digest_times.items():
+            seconds = statistics.median(values)
+            print(f"  {name:<42} {len(images) / seconds:9,.0f} samples/s  {images.nbytes / seconds / 1e9:5.2f} GB/s")
         if args.epoch_samples:
             bench_offline_epochs(args, root)
+        if args.student_models and args.student_steps:
+            bench_student_view(args, root)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def sha256_digests(inputs: dict) -> np.ndarray:
+    """The previous input digest (first 16 bytes of sha256 per sample, a Python loop), as a baseline."""
+    array = np.ascontiguousarray(inputs["img"])
+    rows = array.reshape(len(array), -1).view(np.uint8)
+    header = f"img|{array.dtype.str}|{array.shape[1:]}|".encode()
+    return np.frombuffer(b"".join(hashlib.sha256(header + row.tobytes()).digest()[:16] for row in rows),
+                         np.uint8).reshape(len(array), 16)
 
 
 def load_fashion_mnist(count: int) -> np.ndarray:
@@ -232,6 +261,99 @@ def bench_offline_epochs(args: argparse.Namespace, root: str) -> None:
     finally:
         for server in servers:
             server.stop(0)
+
+
+def bench_student_view(args: argparse.Namespace, root: str) -> None:
+    """Part 3: a dygraph training loop fed by the cached DistillReader vs by a plain in-memory generator."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import paddle
+    from fake_teacher import fake_config, fake_predictions, serve
+    from tqdm import tqdm
+
+    from distill_reader import DistillReader
+
+    paddle.disable_static()
+    paddle.set_device("cpu")
+    batch, steps = args.student_batch, args.student_steps
+    images = load_fashion_mnist(batch * steps).reshape(-1, 1, 28, 28)
+    labels = (np.arange(len(images)) % 10).astype(np.int64).reshape(-1, 1)
+    soft = fake_predictions(images.astype(np.float32) / 255.0, 10)   # what the teacher answers (cached)
+
+    def inputs(lo: int) -> tuple:
+        return images[lo:lo + batch].astype(np.float32) / 255.0, labels[lo:lo + batch]
+
+    def plain_batches():
+        for lo in range(0, len(images), batch):
+            yield inputs(lo) + (soft[lo:lo + batch],)
+
+    def student_batches():
+        for lo in range(0, len(images), batch):
+            yield inputs(lo)
+
+    conf_dir = os.path.join(root, "student_conf")
+    fake_config(classes=10).save(conf_dir, "serving_client_conf.prototxt")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    servers = serve([port], latency=0.001, classes=10)
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
+    try:
+        dr.set_fixed_teacher(f"127.0.0.1:{port}")
+        dr.set_serving_conf_file(conf_dir)
+        dr.set_teacher_batch_size(batch)
+        dr.set_offline_cache(os.path.join(root, "student_cache"))
+        reader = dr.set_batch_generator(student_batches)
+        for _ in reader():   # first pass: writes the cache
+            pass
+    finally:
+        for server in servers:
+            server.stop(0)
+    print(f"\nstudent view: dygraph training on {len(images)} Fashion-MNIST images, batch {batch}, {steps} steps "
+          f"per round, soft labels of 10 classes; cached DistillReader (no teacher running) vs plain generator")
+    try:
+        for name in [m.strip() for m in args.student_models.split(",") if m.strip()]:
+            paddle.seed(0)
+            if name == "cnn":   # LeNet-like, as in bench_reader's student view and the MNIST example
+                model = paddle.nn.Sequential(
+                    paddle.nn.Conv2D(1, 16, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
+                    paddle.nn.Conv2D(16, 32, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
+                    paddle.nn.Flatten(), paddle.nn.Linear(32 * 4 * 4, 10))
+            elif name == "mlp":
+                model = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(784, 256), paddle.nn.ReLU(),
+                                             paddle.nn.Linear(256, 10))
+            else:
+                raise SystemExit(f"--student-models: unknown model {name!r} (cnn, mlp)")
+            optimizer = paddle.optimizer.SGD(learning_rate=0.01, parameters=model.parameters())
+
+            def train(source, model=model, optimizer=optimizer) -> float:
+                started = time.perf_counter()
+                count = 0
+                for img, label, prediction in source:
+                    logits = model(paddle.to_tensor(img))
+                    teacher = paddle.nn.functional.softmax(paddle.to_tensor(prediction) / 1000.0)
+                    loss = paddle.nn.functional.cross_entropy(logits, paddle.to_tensor(label)) + \
+                        paddle.nn.functional.cross_entropy(logits, teacher, soft_label=True)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.clear_grad()
+                    count += 1
+                if count != steps:
+                    raise RuntimeError(f"{count} steps, expected {steps}")
+                return steps / (time.perf_counter() - started)
+
+            train(plain_batches())   # warm-up both paths (the first cached epoch also checks the shards)
+            train(reader())
+            assert dr.last_epoch_stats.stage["cache"] == "read"
+            plain_rates, cached_rates = [], []
+            for _ in tqdm(range(args.student_rounds), desc=f"student view {name} (alternating rounds)"):
+                plain_rates.append(train(plain_batches()))
+                cached_rates.append(train(reader()))
+            plain, cached = statistics.median(plain_rates), statistics.median(cached_rates)
+            paired = [c / p for c, p in zip(cached_rates, plain_rates)]
+            print(f"  {name}: plain generator {plain:7.1f} steps/s, cached DistillReader {cached:7.1f} steps/s, "
+                  f"ratio of medians {cached / plain:.3f} (paired ratios {min(paired):.3f}-{max(paired):.3f})")
+    finally:
+        dr.close()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from distill_reader.knowledge import (
+    DIGEST_SCHEME,
     CorruptShardError,
     FormatError,
     InputMismatchError,
@@ -289,6 +290,76 @@ def test_changed_inputs_are_refused_naming_the_sample(tmp_path):
     with KnowledgeReader(tmp_path / "nodigest") as r:
         with pytest.raises(KnowledgeError, match="without input digests"):
             r.check_inputs(0, sample_digests(inputs))
+
+
+def test_sample_digests_detect_every_byte_order_dtype_and_shape_change():
+    rng = np.random.default_rng(5)
+    for sample_shape, dtype in [((13,), np.uint8), ((3, 5), np.float32), ((2,), np.float64)]:   # 13 B: padded lanes
+        x = (rng.random((6, *sample_shape)) * 200).astype(dtype)
+        base = sample_digests({"x": x})
+        assert base.shape == (6, 16) and base.dtype == np.uint8 and len({row.tobytes() for row in base}) == 6
+        raw = x.view(np.uint8).reshape(6, -1)
+        for position in range(raw.shape[1]):   # one changed byte anywhere in sample 4: only that digest changes
+            for delta in (1, 128):
+                changed = raw.copy()
+                changed[4, position] ^= delta
+                digests = sample_digests({"x": changed.view(dtype).reshape(x.shape)})
+                assert not np.array_equal(digests[4], base[4]), (dtype, position, delta)
+                assert np.array_equal(np.delete(digests, 4, axis=0), np.delete(base, 4, axis=0))
+        swapped = x[[0, 2, 1, 3, 4, 5]]   # a swapped pair of samples: their digests swap, nothing else moves
+        assert np.array_equal(sample_digests({"x": swapped}), base[[0, 2, 1, 3, 4, 5]])
+        assert np.array_equal(sample_digests([x]), sample_digests({"0": x}))
+        flat = x.reshape(6, -1)
+        if x.ndim > 2:   # the same bytes seen with another per-sample shape
+            assert not np.any(np.all(sample_digests({"x": flat}) == base, axis=1))
+    x = rng.random((4, 8)).astype(np.float32)
+    base = sample_digests({"x": x})
+    others = [{"x": x.view(np.int32)}, {"x": x.view(">f4")}, {"x": x.reshape(4, 2, 4)}, {"y": x},
+              {"x": x, "z": np.zeros((4, 1), np.uint8)}, {"x": np.zeros_like(x)}, {"x": np.zeros((4, 4), np.float64)}]
+    for other in others:
+        assert not np.any(np.all(sample_digests(other) == base, axis=1)), list(other)
+    zeros = sample_digests({"x": np.zeros((2, 8), np.float32)})
+    assert not np.array_equal(zeros, sample_digests({"x": np.zeros((2, 8), np.int32)}))   # all-zero bytes too
+    with pytest.raises(ValueError, match="first dimension"):
+        sample_digests({"a": np.zeros((3, 2)), "b": np.zeros((4, 2))})
+
+
+_DIGEST_CHILD = """
+import sys
+import numpy as np
+from distill_reader.knowledge import sample_digests
+x = (np.arange(2 * 3 * 5) % 7).astype(np.float32).reshape(2, 3, 5)
+print(sample_digests({"img": x, "label": np.array([1, 2], np.int64)}).tobytes().hex())
+"""
+
+
+def test_sample_digests_are_fixed_and_the_same_in_another_process():
+    x = (np.arange(2 * 3 * 5) % 7).astype(np.float32).reshape(2, 3, 5)
+    here = sample_digests({"img": x, "label": np.array([1, 2], np.int64)}).tobytes().hex()
+    # pinned: a change of the algorithm must come with a new DIGEST_SCHEME (old caches are then refused)
+    assert here == "8fcd4b5d9b5a6f8931d3876208e4a02c1c09a7da5b259eec08814ba98f085dfb"
+    child = subprocess.run([sys.executable, "-c", _DIGEST_CHILD], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONHASHSEED": "123"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == here
+
+
+def test_cache_with_digests_of_another_scheme_is_refused_clearly(tmp_path):
+    path = tmp_path / "c"
+    write_cache(path, total=30)
+    with KnowledgeReader(path) as r:
+        assert r.digest_scheme == DIGEST_SCHEME == "mix64x2-v1"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["input_digest_scheme"] == DIGEST_SCHEME
+    del manifest["input_digest_scheme"]   # as written before the scheme was recorded (sha256 digests)
+    manifest["complete"] = False
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with KnowledgeReader(path) as r:
+        assert r.digest_scheme == "sha256-128" and r.read(0, 30)["label"].tolist() == list(range(30))
+        with pytest.raises(KnowledgeError, match="digests of scheme 'sha256-128', this version computes 'mix64x2-v1'"):
+            r.check_inputs(0, sample_digests(make_inputs(0, 30)))
+    with pytest.raises(KnowledgeError, match="'sha256-128'.* cannot be resumed"):
+        KnowledgeWriter(path, FIELDS, shard_samples=20)
 
 
 def test_untrusted_manifest_is_checked(tmp_path):

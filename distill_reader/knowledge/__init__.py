@@ -19,12 +19,13 @@ Example::
 """
 from .digest import sample_digests
 from .errors import CorruptShardError, FormatError, InputMismatchError, KnowledgeError
-from .manifest import FORMAT_VERSION
+from .manifest import DIGEST_SCHEME, FORMAT_VERSION
 from .reader import KnowledgeReader
 from .spec import FieldSpec, TopK
 from .writer import KnowledgeWriter
 
 __all__ = [
+    "DIGEST_SCHEME",
     "FORMAT_VERSION",
     "CorruptShardError",
     "FieldSpec",

@@ -65,7 +65,8 @@ def inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({
                 "path": args.path, "fields": [f.to_json() for f in reader.fields], "num_samples": reader.num_samples,
-                "complete": reader.complete, "input_digests": reader.has_input_digests, "shards": len(reader.shards),
+                "complete": reader.complete, "input_digests": reader.has_input_digests,
+                "input_digest_scheme": reader.digest_scheme, "shards": len(reader.shards),
                 "shard_bytes": reader.nbytes, "bytes_on_disk": on_disk, "meta": reader.meta,
                 "verification": status, "corrupt_shards": problems}, indent=1))
         else:
@@ -74,7 +75,7 @@ def inspect(args: argparse.Namespace) -> int:
             print(describe(reader.fields))
             print(f"samples: {reader.num_samples} ({'complete' if reader.complete else 'INCOMPLETE'})")
             print(f"shards: {len(reader.shards)}, {_human(reader.nbytes)} of shards, {_human(on_disk)} on disk")
-            print(f"input digests: {'yes' if reader.has_input_digests else 'no'}")
+            print(f"input digests: {'yes (' + str(reader.digest_scheme) + ')' if reader.has_input_digests else 'no'}")
             for key, value in reader.meta.items():
                 text = json.dumps(value)
                 print(f"meta {key}: {text if len(text) <= 100 else text[:97] + '...'}")

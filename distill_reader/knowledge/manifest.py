@@ -24,6 +24,9 @@ FORMAT_VERSION = 1
 CHECKSUM = "sha256"
 DIGEST_FIELD = "#input_digest"  # the segment holding per-sample input digests (not a field name users can give)
 DIGEST_NBYTES = 16
+# how input digests are computed (``digest.py``); a cache with digests of another scheme cannot check inputs
+DIGEST_SCHEME = "mix64x2-v1"
+LEGACY_DIGEST_SCHEME = "sha256-128"  # written before the scheme was recorded (no "input_digest_scheme" entry)
 SHARD_NAME = re.compile(r"^shard-\d{6,}\.bin$")
 
 
@@ -73,6 +76,7 @@ class Manifest:
     meta: Dict[str, Any] = field(default_factory=dict)
     shards: List[ShardInfo] = field(default_factory=list)
     complete: bool = False
+    digest_scheme: Optional[str] = None  # how the input digests were computed (DIGEST_SCHEME for new caches)
 
     @property
     def num_samples(self) -> int:
@@ -81,6 +85,7 @@ class Manifest:
     def to_json(self) -> Dict[str, Any]:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": CHECKSUM,
                 "fields": [f.to_json() for f in self.fields], "input_digests": self.input_digests,
+                "input_digest_scheme": self.digest_scheme if self.input_digests else None,
                 "num_samples": self.num_samples, "complete": self.complete, "meta": self.meta,
                 "shards": [s.to_json() for s in self.shards]}
 
@@ -142,7 +147,10 @@ def read_manifest(directory: str) -> Manifest:
     meta = raw.get("meta", {})
     if digests not in (None, True, False) or not isinstance(meta, dict) or not isinstance(raw.get("complete"), bool):
         raise FormatError(f"{path}: bad input_digests, meta or complete entry")
-    manifest = Manifest(fields, digests, meta, [], raw["complete"])
+    scheme = raw.get("input_digest_scheme", LEGACY_DIGEST_SCHEME if digests else None)
+    if scheme is not None and not (isinstance(scheme, str) and re.fullmatch(r"[0-9A-Za-z._-]{1,64}", scheme)):
+        raise FormatError(f"{path}: bad input_digest_scheme {scheme!r}")
+    manifest = Manifest(fields, digests, meta, [], raw["complete"], scheme if digests else None)
     shard_entries = raw.get("shards")
     if not isinstance(shard_entries, list):
         raise FormatError(f"{path}: no shard list")

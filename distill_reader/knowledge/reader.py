@@ -15,7 +15,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Union
 import numpy as np
 
 from .errors import CorruptShardError, FormatError, InputMismatchError, KnowledgeError
-from .manifest import DIGEST_FIELD, DIGEST_NBYTES, Manifest, ShardInfo, read_manifest
+from .manifest import DIGEST_FIELD, DIGEST_NBYTES, DIGEST_SCHEME, Manifest, ShardInfo, read_manifest
 from .spec import FieldSpec, TopK, dense_topk
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ class KnowledgeReader:
         return bool(self._manifest.input_digests)
 
     @property
+    def digest_scheme(self) -> Optional[str]:
+        """How the stored input digests were computed (``DIGEST_SCHEME``), None without digests."""
+        return self._manifest.digest_scheme
+
+    @property
     def shards(self) -> List[ShardInfo]:
         return list(self._manifest.shards)
 
@@ -187,6 +192,10 @@ class KnowledgeReader:
         if digests.ndim != 2 or digests.shape[1] != DIGEST_NBYTES:
             raise ValueError(f"digests must have shape (n, {DIGEST_NBYTES}), got {digests.shape}")
         stop = start + digests.shape[0]
+        if self.has_input_digests and self.digest_scheme != DIGEST_SCHEME:
+            raise KnowledgeError(f"knowledge cache {self.path} holds input digests of scheme {self.digest_scheme!r}, "
+                                 f"this version computes {DIGEST_SCHEME!r}: the inputs cannot be checked; write the "
+                                 "cache again (or read it without checking inputs)")
         if stop > self.num_samples:
             state = "complete" if self.complete else "incomplete"
             raise KnowledgeError(f"knowledge cache {self.path} ({state}) holds {self.num_samples} samples, but "

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import KnowledgeError
 from .manifest import (
     DIGEST_NBYTES,
+    DIGEST_SCHEME,
     MANIFEST_NAME,
     Manifest,
     Segment,
@@ -102,6 +103,10 @@ class KnowledgeWriter:
                                  f"  stored: {[f.to_json() for f in manifest.fields]}\n"
                                  f"  given:  {[f.to_json() for f in specs]}\n"
                                  "use the same description, another path, or overwrite=True")
+        if manifest.input_digests and manifest.digest_scheme != DIGEST_SCHEME:
+            raise KnowledgeError(f"knowledge cache {self.path} holds input digests of scheme "
+                                 f"{manifest.digest_scheme!r}, this version computes {DIGEST_SCHEME!r}: it cannot "
+                                 "be resumed; delete it (or pass overwrite=True) to write it again")
         _remove_stray_files(self.path, {s.file for s in manifest.shards})
         if meta is not None and meta != manifest.meta:
             manifest.meta = meta
@@ -159,6 +164,7 @@ class KnowledgeWriter:
         with_digests = input_digests is not None
         if self._manifest.input_digests is None and not self._pending:
             self._manifest.input_digests = with_digests
+            self._manifest.digest_scheme = DIGEST_SCHEME if with_digests else None
         elif self._manifest.input_digests != with_digests:
             raise KnowledgeError(f"append to {self.path}: input_digests must be given for every append or for none "
                                  f"(this cache {'has' if self._manifest.input_digests else 'has no'} digests)")
