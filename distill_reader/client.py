@@ -171,7 +171,10 @@ class TeacherClient:
     # -- wire form -----------------------------------------------------------------------------------
     def _wire_is_raw(self) -> bool:
         if self._raw is None:
-            self._raw = bool(self._probe(self.timeout))
+            probed = self._probe(self.timeout)
+            if probed is None:  # draining or starting: not a wire-form answer, ask again next time
+                raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
+            self._raw = probed
             logger.debug("teacher %s: %s wire form", self.endpoint, "raw" if self._raw else "typed")
         return self._raw
 

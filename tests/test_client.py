@@ -145,3 +145,24 @@ def test_feed_errors_before_sending(teacher_server, teacher_model):
         flat = mnist_like_images(2).reshape(2, 784)  # same elements per sample: reshaped by the client
         np.testing.assert_allclose(client.predict({"img": flat})["prediction"],
                                    reference_predict(teacher_model.server_dir, mnist_like_images(2)), atol=1e-5)
+
+
+def test_not_serving_at_first_contact_is_unavailable_then_probed_again(teacher_model):
+    """A draining or starting server (health NOT_SERVING) is retried later; the wire form is not guessed from it."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        with TeacherClient(f"127.0.0.1:{port}", teacher_model.client_conf) as client:
+            with pytest.raises(TeacherUnavailable, match=rf"teacher 127.0.0.1:{port}: .*NOT_SERVING"):
+                client.predict({"img": mnist_like_images(1)})
+            assert client.health() is False
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            assert client._wire_is_raw() is True and client.health() is True
+    finally:
+        server.stop(0)
