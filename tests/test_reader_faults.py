@@ -176,8 +176,9 @@ def test_break_and_del_stop_the_workers(teacher_model, teacher):
 
 
 _STUDENT = textwrap.dedent("""
-    import json, sys, time
+    import faulthandler, json, signal, sys, time
     import numpy as np
+    faulthandler.register(signal.SIGUSR1)  # the test dumps every thread's stack if this process hangs
     from distill_reader import DistillReader
     endpoint, conf = sys.argv[1], sys.argv[2]
     images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
@@ -195,21 +196,28 @@ _STUDENT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
-def test_student_killed_or_interrupted_workers_exit(teacher_model, teacher, how):
+def test_student_killed_or_interrupted_workers_exit(teacher_model, teacher, how, tmp_path):
     """SIGKILL of the student: its workers exit by themselves. Ctrl-C (SIGINT to the whole process group, as a
     terminal sends it): the student stops its workers and exits."""
-    with ProcessGuard() as guard:
+    err_path = tmp_path / "student.err"   # a file, not a pipe: the student and its workers can never block on it
+    with ProcessGuard() as guard, open(err_path, "w") as err:
         student = guard.python("-c", _STUDENT, teacher.endpoint, teacher_model.client_conf,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PYTHONPATH": REPO_ROOT})
+                               stdout=subprocess.PIPE, stderr=err, env={"PYTHONPATH": REPO_ROOT})
         line = student.stdout.readline()
-        assert line, student.stderr.read().decode()[-2000:]
+        assert line, err_path.read_text()[-2000:]
         pids = json.loads(line)
         assert len(pids) == 2 and all(pid_alive(p) for p in pids)
         if how == "SIGKILL":
             student.kill()
         else:
             os.killpg(student.pid, signal.SIGINT)
-        student.wait(10)
+        try:
+            student.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(student.pid, signal.SIGUSR1)
+            time.sleep(1)
+            pytest.fail(f"the student did not exit within 10 s of {how}; its stderr and thread stacks:\n"
+                        + err_path.read_text()[-6000:])
         _assert_gone(pids, within=5.0)
         if how == "Ctrl-C":
-            assert "KeyboardInterrupt" in student.stderr.read().decode()
+            assert "KeyboardInterrupt" in err_path.read_text()
