@@ -268,6 +268,7 @@ def bench_student_view(args: argparse.Namespace, root: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import paddle
     from fake_teacher import fake_config, fake_predictions, serve
+    from student_loop import lenet_student, steps_per_second
     from tqdm import tqdm
 
     from distill_reader import DistillReader
@@ -313,11 +314,8 @@ def bench_student_view(args: argparse.Namespace, root: str) -> None:
     try:
         for name in [m.strip() for m in args.student_models.split(",") if m.strip()]:
             paddle.seed(0)
-            if name == "cnn":   # LeNet-like, as in bench_reader's student view and the MNIST example
-                model = paddle.nn.Sequential(
-                    paddle.nn.Conv2D(1, 16, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
-                    paddle.nn.Conv2D(16, 32, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
-                    paddle.nn.Flatten(), paddle.nn.Linear(32 * 4 * 4, 10))
+            if name == "cnn":   # the same student as bench_reader's student view
+                model = lenet_student()
             elif name == "mlp":
                 model = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(784, 256), paddle.nn.ReLU(),
                                              paddle.nn.Linear(256, 10))
@@ -326,20 +324,7 @@ def bench_student_view(args: argparse.Namespace, root: str) -> None:
             optimizer = paddle.optimizer.SGD(learning_rate=0.01, parameters=model.parameters())
 
             def train(source, model=model, optimizer=optimizer) -> float:
-                started = time.perf_counter()
-                count = 0
-                for img, label, prediction in source:
-                    logits = model(paddle.to_tensor(img))
-                    teacher = paddle.nn.functional.softmax(paddle.to_tensor(prediction) / 1000.0)
-                    loss = paddle.nn.functional.cross_entropy(logits, paddle.to_tensor(label)) + \
-                        paddle.nn.functional.cross_entropy(logits, teacher, soft_label=True)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.clear_grad()
-                    count += 1
-                if count != steps:
-                    raise RuntimeError(f"{count} steps, expected {steps}")
-                return steps / (time.perf_counter() - started)
+                return steps_per_second(model, optimizer, source, steps)
 
             train(plain_batches())   # warm-up both paths (the first cached epoch also checks the shards)
             train(reader())

@@ -179,6 +179,7 @@ def bench_large(latency_ms: float, teacher_batch: int, seconds: float, workdir: 
 def bench_student(teachers: int, latency_ms: float, batch: int, steps: int, rounds: int, workdir: str,
                   **reader_options) -> dict:
     import paddle
+    from student_loop import lenet_student, steps_per_second
 
     paddle.disable_static()
     paddle.set_device("cpu")
@@ -189,10 +190,7 @@ def bench_student(teachers: int, latency_ms: float, batch: int, steps: int, roun
     labels = rng.integers(0, 10, (batch * 16, 1)).astype(np.int64)
     soft = np.full((batch * 16, 10), 0.1, dtype=np.float32)
 
-    model = paddle.nn.Sequential(   # LeNet-like student, as in the MNIST example
-        paddle.nn.Conv2D(1, 16, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
-        paddle.nn.Conv2D(16, 32, 5), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2, 2),
-        paddle.nn.Flatten(), paddle.nn.Linear(32 * 4 * 4, 10))
+    model = lenet_student()
     optimizer = paddle.optimizer.SGD(learning_rate=0.01, parameters=model.parameters())
 
     def plain_batches():
@@ -206,16 +204,7 @@ def bench_student(teachers: int, latency_ms: float, batch: int, steps: int, roun
             yield images[j:j + batch], labels[j:j + batch]
 
     def train(source) -> float:
-        started = time.perf_counter()
-        for img, label, prediction in source:
-            logits = model(paddle.to_tensor(img))
-            teacher = paddle.nn.functional.softmax(paddle.to_tensor(prediction) / 1000.0)
-            loss = paddle.nn.functional.cross_entropy(logits, paddle.to_tensor(label)) + \
-                paddle.nn.functional.cross_entropy(logits, teacher, soft_label=True)
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
-        return steps / (time.perf_counter() - started)
+        return steps_per_second(model, optimizer, source, steps)
 
     with fake_teachers(teachers, latency_ms, conf) as endpoints:
         dr = _reader(endpoints, conf, batch, **reader_options)
