@@ -9,6 +9,7 @@ Tests should use a unique ZooKeeper root (``zk_root`` fixture) so they never see
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -148,17 +149,20 @@ def zookeeper() -> Iterator[object]:
     if hosts:
         yield ExternalZooKeeper(hosts)
         return
-    server = ZooKeeperServer()
-    try:
-        server.start()
+    with _running_zookeeper() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def private_zookeeper() -> Iterator[ZooKeeperServer]:
     """A ZooKeeper of this test only, which it may stop and restart."""
+    with _running_zookeeper() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _running_zookeeper() -> Iterator[ZooKeeperServer]:
+    """A started ZooKeeperServer, closed on the way out even when starting it failed half-way."""
     server = ZooKeeperServer()
     try:
         server.start()
