@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from google.protobuf import text_format
 
+from .atomic_file import atomic_write
 from .proto import general_model_config_pb2 as config_pb2
 from .tensor_codec import dtype_of_elem_type
 
@@ -120,8 +121,8 @@ class ServingConfig:
         os.makedirs(folder, exist_ok=True)
         message = self.to_proto()
         text_path = os.path.join(folder, conf_name)
-        _atomic_write(text_path, text_format.MessageToString(message).encode("utf-8"))
-        _atomic_write(os.path.join(folder, stream_name(conf_name)), message.SerializeToString())
+        atomic_write(text_path, text_format.MessageToString(message).encode("utf-8"))
+        atomic_write(os.path.join(folder, stream_name(conf_name)), message.SerializeToString())
         return text_path
 
 
@@ -143,12 +144,3 @@ def _lookup(specs: Sequence[VarSpec], alias: str, kind: str, source: str) -> Var
 
 def _names(specs: Iterable[VarSpec]) -> list[str]:
     return [s.alias_name for s in specs]
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

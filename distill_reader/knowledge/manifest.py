@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..atomic_file import atomic_write
 from .errors import FormatError
 from .spec import FieldSpec, check_dtype
 
@@ -101,23 +102,7 @@ def expected_segments(fields: List[FieldSpec], input_digests: bool, n: int) -> L
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
     """Atomically replace ``directory/manifest.json``."""
-    data = json.dumps(manifest.to_json(), indent=1).encode("utf-8")
-    final = os.path.join(directory, MANIFEST_NAME)
-    temp = final + ".tmp"
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, final)
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(os.path.join(directory, MANIFEST_NAME), json.dumps(manifest.to_json(), indent=1).encode("utf-8"))
 
 
 def read_manifest(directory: str) -> Manifest:

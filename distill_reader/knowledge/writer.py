@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from ..atomic_file import fsync_dir
 from .errors import KnowledgeError
 from .manifest import (
     DIGEST_NBYTES,
@@ -20,7 +21,6 @@ from .manifest import (
     Segment,
     ShardInfo,
     expected_segments,
-    fsync_dir,
     read_manifest,
     shard_name,
     write_manifest,
