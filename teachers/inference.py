@@ -26,6 +26,8 @@ from distill_reader.tensor_codec import (
     is_raw,
 )
 
+from .lod import LodError, check_lod_feed
+
 logger = logging.getLogger(__name__)
 
 ERR_INPUT = 5000       # the request does not fit the model (pipeline serving's input error code)
@@ -83,13 +85,16 @@ class InferenceHandler:
                 raise RequestError(f"feed {spec.alias_name!r} is given twice")
             array = self._decode(tensor, spec)
             raw = raw or is_raw(tensor)
-            if spec.is_lod_tensor:
-                lods[spec.name] = [int(x) for x in tensor.lod]
-            elif batch is not None and array.shape[0] != batch:
-                raise RequestError(f"feed {spec.alias_name!r} has batch size {array.shape[0]}, other feeds have "
+            samples = int(array.shape[0])
+            if spec.is_lod_tensor:   # bad offsets must never reach Paddle Inference (see teachers/lod.py)
+                try:
+                    array, lods[spec.name], samples = check_lod_feed(spec.alias_name, array, tensor.lod)
+                except LodError as exc:
+                    raise RequestError(str(exc)) from None
+            if batch is not None and samples != batch:
+                raise RequestError(f"feed {spec.alias_name!r} has batch size {samples}, other feeds have "
                                    f"{batch}; every feed must carry the same number of samples")
-            else:
-                batch = array.shape[0]
+            batch = samples
             feeds[spec.name] = array
         missing = [s for s in self.config.feeds if s.name not in feeds]
         if missing:

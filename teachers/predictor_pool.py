@@ -19,6 +19,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .lod import fetch_lod
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,8 +126,8 @@ class PredictorPool:
             result = {}
             for name in fetch_names:
                 handle = predictor.get_output_handle(name)
-                lod = handle.lod()
-                result[name] = (handle.copy_to_cpu(), [int(x) for x in lod[0]] if lod else [])
+                array = handle.copy_to_cpu()
+                result[name] = (array, fetch_lod(handle.lod(), array.shape[0] if array.ndim else 0, name))
             return result
         finally:
             self._idle.put(predictor)

@@ -1,0 +1,86 @@
+"""LoD (level-of-detail) checks and packing for the teacher server: nothing malformed reaches Paddle Inference.
+
+Paddle Serving 0.9 carries one LoD level per tensor on the wire: ``Tensor.lod`` holds flat offsets into the
+tensor's rows (dim 0), e.g. ``[0, 3, 7]`` = two sequences of 3 and 4 rows in a tensor of 7 rows. A request's
+LoD is checked against these rules before any predictor sees it (Paddle Inference trusts the LoD: a last offset
+past the rows makes it read out of bounds, which can kill the process):
+
+1. present: a feed marked ``is_lod_tensor`` in the serving config carries at least two offsets;
+2. starts at 0;
+3. never decreases (empty sequences, equal neighbours, are allowed: Paddle's sequence ops pad them);
+4. ends at the row count of the tensor;
+5. at most ``MAX_SEQUENCES`` sequences (bounds the work before anything is allocated from it).
+
+The number of samples of a LoD feed is its number of sequences; the request handler checks that every feed
+carries the same number of samples. A 1-D LoD feed (``[rows]``) is given to Paddle as ``[rows, 1]``, the layout
+of LoD id inputs (``paddle.static.data(name, [-1, 1], "int64", lod_level=1)``).
+
+Fetches: Paddle Inference may return several LoD levels; ``fetch_lod`` turns them into the one level of row
+offsets per sample that Paddle Serving sends (level 0 composed through the lower levels) and checks it ends at
+the output's row count.
+
+Example::
+
+    rows, offsets, samples = check_lod_feed("words", np.arange(7), [0, 3, 7])   # rows (7, 1), 2 samples
+    fetch_lod([[0, 1, 2], [0, 3, 7]], rows=7)                                    # [0, 3, 7]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+MAX_SEQUENCES = 1 << 20
+
+
+class LodError(ValueError):
+    """A LoD that breaks one of the module's rules; the message names the tensor and the rule."""
+
+
+def check_lod_feed(name: str, array: np.ndarray, lod: Sequence[int]) -> tuple[np.ndarray, list[int], int]:
+    """Check the LoD of feed ``name``; returns (rows to feed, offsets, number of samples).
+
+    Raises LodError naming the feed and the rule broken.
+    """
+    label = f"feed {name!r} (a LoD tensor)"
+    if array.ndim == 0:
+        raise LodError(f"{label}: a scalar has no rows; send the sequences' rows with their lod offsets")
+    rows = int(array.shape[0])
+    count = len(lod)
+    if count < 2:
+        raise LodError(f"{label}: lod offsets missing (got {list(lod)}); a LoD feed needs the offsets of its "
+                       f"sequences, e.g. [0, 3, {max(rows, 3)}] for two sequences in {max(rows, 3)} rows")
+    if count - 1 > MAX_SEQUENCES:
+        raise LodError(f"{label}: {count - 1} sequences, more than the limit of {MAX_SEQUENCES}")
+    offsets = np.asarray(lod, dtype=np.int64)
+    if offsets[0] != 0:
+        raise LodError(f"{label}: lod must start at 0, it starts at {int(offsets[0])}")
+    steps = np.diff(offsets)
+    if (steps < 0).any():
+        at = int(np.argmax(steps < 0)) + 1
+        raise LodError(f"{label}: lod offsets must never decrease; offset {at} is {int(offsets[at])} after "
+                       f"{int(offsets[at - 1])}")
+    if offsets[-1] != rows:
+        raise LodError(f"{label}: lod must end at the tensor's row count {rows} (shape {list(array.shape)}), "
+                       f"it ends at {int(offsets[-1])}")
+    if array.ndim == 1:
+        array = array.reshape(rows, 1)
+    return array, [int(x) for x in offsets], count - 1
+
+
+def fetch_lod(levels: Sequence[Sequence[int]], rows: int, name: str = "fetch") -> list[int]:
+    """One level of row offsets per sample from Paddle's LoD ``levels`` (empty when there is none).
+
+    Raises LodError when the result does not end at ``rows`` (a LoD this server must not send).
+    """
+    levels = [list(level) for level in levels if len(level)]
+    if not levels:
+        return []
+    offsets = [int(x) for x in levels[0]]
+    for lower in levels[1:]:   # level k indexes the entries of level k+1; compose down to rows
+        if offsets and offsets[-1] >= len(lower):
+            raise LodError(f"{name}: LoD levels do not fit each other ({levels})")
+        offsets = [int(lower[x]) for x in offsets]
+    if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise LodError(f"{name}: output LoD {offsets} does not describe its {rows} rows")
+    return offsets

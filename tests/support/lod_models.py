@@ -1,0 +1,115 @@
+"""Variable-length test teachers (paddle 2.6.2 static graph), exported for serving.
+
+- ``save_lod_model``: feed ``words`` int64 LoD [rows, 1] (lod_level 1) -> embedding -> ``sequence_pool``
+  (average) -> fc -> softmax: fetch ``prediction`` [N, 3] (one row per sequence), and a per-token fetch
+  ``token_prediction`` [rows, 4] that keeps the input's LoD.
+- ``save_padded_model``: feeds ``words`` int64 [N, -1] (padded) and ``length`` int64 [N, 1] (the lengths feed)
+  -> embedding -> masked mean -> fc -> softmax: fetch ``prediction`` [N, 3]; per-token ``token_prediction``
+  [N, L, 4] (shape ``[-1, 4]`` per sample in the config).
+- ``export_model(src, out)``: the Paddle Serving folders (an ``ExportedTeacher``).
+- ``local_predict(server_dir, feeds, lods)``: the answers of a local Paddle Inference predictor, to compare with.
+- ``ragged_sequences(n, seed)``: deterministic token id sequences of lengths 1..9 (per-sample int64 arrays).
+
+Example::
+
+    teacher = export_model(save_lod_model(str(tmp / "src")), str(tmp))
+    with TeacherServer(teacher.server_dir) as server: ...
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+import numpy as np  # (numpy before paddle)
+
+from tests.support.teacher import ExportedTeacher
+
+VOCAB = 50
+EMBED = 8
+CLASSES = 3
+TOKEN_CLASSES = 4
+
+
+def _save(dirname: str, feeds: list, fetches: list, main, startup) -> str:
+    import paddle
+
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(scope):
+        exe.run(startup)
+        paddle.static.save_inference_model(os.path.join(dirname, "model"), feeds, fetches, exe, program=main)
+    paddle.disable_static()
+    return dirname
+
+
+def _programs(seed: int):
+    import paddle
+
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    main.random_seed = startup.random_seed = 2000 + seed
+    return main, startup
+
+
+def save_lod_model(dirname: str, seed: int = 0) -> str:
+    """Embedding + sequence_pool over a LoD feed; a pooled and a per-token (LoD) output."""
+    import paddle
+
+    main, startup = _programs(seed)
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        words = paddle.static.data("words", [-1, 1], "int64", lod_level=1)
+        emb = paddle.static.nn.embedding(words, size=[VOCAB, EMBED])
+        pooled = paddle.static.nn.sequence_pool(emb, "average")
+        prediction = paddle.nn.functional.softmax(paddle.static.nn.fc(pooled, CLASSES))
+        tokens = paddle.nn.functional.softmax(paddle.static.nn.fc(emb, TOKEN_CLASSES))
+    return _save(dirname, [words], [prediction, tokens], main, startup)
+
+
+def save_padded_model(dirname: str, seed: int = 0) -> str:
+    """Embedding over padded ids [N, L] with a lengths feed [N, 1]; a pooled and a per-token output."""
+    import paddle
+
+    main, startup = _programs(seed)
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        words = paddle.static.data("words", [-1, -1], "int64")
+        length = paddle.static.data("length", [-1, 1], "int64")
+        emb = paddle.nn.functional.embedding(words, paddle.static.create_parameter([VOCAB, EMBED], "float32"))
+        positions = paddle.arange(paddle.shape(words)[1], dtype="int64").unsqueeze(0)
+        mask = paddle.cast(positions < length, "float32").unsqueeze(-1)            # [N, L, 1]
+        pooled = paddle.sum(emb * mask, axis=1) / paddle.cast(length, "float32")
+        prediction = paddle.nn.functional.softmax(paddle.static.nn.fc(pooled, CLASSES))
+        tokens = paddle.nn.functional.softmax(paddle.static.nn.fc(emb, TOKEN_CLASSES, num_flatten_dims=2))
+    return _save(dirname, [words, length], [prediction, tokens], main, startup)
+
+
+def export_model(src_dir: str, out_dir: str) -> ExportedTeacher:
+    """Serving folders with fetch aliases ``prediction`` and ``token_prediction``."""
+    from teachers.export import inference_model_to_serving
+
+    server_dir, client_dir = os.path.join(out_dir, "serving_server"), os.path.join(out_dir, "serving_client")
+    inference_model_to_serving(src_dir, server_dir, client_dir, fetch_alias_names="prediction,token_prediction")
+    return ExportedTeacher(server_dir, client_dir, os.path.join(client_dir, "serving_client_conf.prototxt"), "lod")
+
+
+_POOLS: dict = {}
+
+
+def local_predict(server_dir: str, feeds: Mapping[str, np.ndarray],
+                  lods: Optional[Mapping[str, list]] = None) -> dict:
+    """{fetch var name: (array, lod)} of a local Paddle Inference predictor (oneDNN, as the server)."""
+    from teachers.predictor_pool import PredictorOptions, PredictorPool
+
+    key = os.path.abspath(server_dir)
+    if key not in _POOLS:
+        _POOLS[key] = PredictorPool(PredictorOptions(model_dir=server_dir, size=1))
+    pool = _POOLS[key]
+    return pool.run(feeds, pool.output_names, lods)
+
+
+def ragged_sequences(n: int, seed: int = 0, max_len: int = 9) -> list[np.ndarray]:
+    """``n`` int64 token id arrays of lengths 1..max_len."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=int(rng.integers(1, max_len + 1))).astype(np.int64) for _ in range(n)]
+
+
+__all__ = ["export_model", "local_predict", "ragged_sequences", "save_lod_model", "save_padded_model"]
