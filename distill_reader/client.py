@@ -23,6 +23,7 @@ import requests
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import lod as lod_feeds
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
@@ -89,11 +90,19 @@ class TeacherClient:
         http_format: ``"proto"`` (the real HttpClient's default) or ``"json"``, with protocol ``"http"``.
         timeout: seconds per request.
         compress: gzip HTTP request bodies over 512 bytes, as the real client does when asked.
+        pad_value: fill value for padded variable-length feeds (see ``distill_reader.lod``).
+        lengths_feeds: padded feed -> feed that gets each sample's length (when the caller leaves it out).
+
+    Variable-length feeds and fetches (LoD or padded, see ``distill_reader.lod``): a feed takes a list of
+    per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
+    lod_form="split")`` gives LoD/per-token fetches back as a list of per-sample arrays, ``"serving"`` as the
+    rows plus ``"<name>.lod"``.
     """
 
     def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
                  wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
+                 pad_value: float = 0, lengths_feeds: Optional[Mapping[str, str]] = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
         if wire not in ("auto", "raw", "typed"):
@@ -106,6 +115,8 @@ class TeacherClient:
         self.http_format = http_format
         self.timeout = timeout
         self.compress = compress
+        self.pad_value = pad_value
+        self.lengths_feeds = dict(lengths_feeds or {})
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
         self._log_id = 0
         self._channel: Optional[grpc.Channel] = None
@@ -120,16 +131,23 @@ class TeacherClient:
 
     # -- public API ------------------------------------------------------------------------------------
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
-                batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
-        """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch."""
+                batch_size: Optional[int] = None, lod_form: str = "split") -> dict[str, Any]:
+        """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch
+        (variable-length feeds: see the class doc)."""
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
+        lod_feeds.check_lod_form(lod_form)
+        try:
+            variable = lod_feeds.prepare_variable_feeds(self.config, feeds, self.pad_value, self.lengths_feeds)
+        except lod_feeds.VariableFeedError as exc:
+            raise FeedError(str(exc)) from None
         if batch_size is None:
-            batch_size = _batch_size_of(feeds)
-        request = self.build_request(feeds, fetch, batch_size)
+            batch_size = variable.batch_size or _batch_size_of(variable.feeds)
+        request = self.build_request(variable.feeds, fetch, batch_size, variable.lods)
         response = self._call_grpc(request) if self.protocol == "grpc" else self._call_http(request)
-        return self._outputs(response, fetch, batch_size)
+        return self._outputs(response, fetch, batch_size, variable, lod_form)
 
-    def build_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int) -> service_pb2.Request:
+    def build_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int,
+                      lods: Optional[Mapping[str, Sequence[int]]] = None) -> service_pb2.Request:
         """The Request message for ``feeds``; unknown feed or fetch names raise naming the model's names."""
         for name in fetch:
             self.config.fetch(name)
@@ -143,7 +161,8 @@ class TeacherClient:
         for name, value in feeds.items():
             spec = self.config.feed(name)
             array = prepare_feed(spec, value, batch_size)
-            encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, out=request.tensor.add())
+            encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, out=request.tensor.add(),
+                          lod=(lods or {}).get(name))
         return request
 
     def health(self, timeout: float = 1.0) -> bool:
@@ -235,13 +254,14 @@ class TeacherClient:
                                                     f"{answer.content[:200]!r} ({exc})") from exc
         return response
 
-    def _outputs(self, response: service_pb2.Response, fetch: Sequence[str],
-                 batch_size: int) -> dict[str, np.ndarray]:
+    def _outputs(self, response: service_pb2.Response, fetch: Sequence[str], batch_size: int,
+                 variable: Optional[lod_feeds.VariableFeeds] = None, lod_form: str = "split") -> dict[str, Any]:
         if response.err_no != 0:
             raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if not response.outputs:
             raise TeacherAnswerError(self.endpoint, "answer has no outputs")
         by_name: dict[str, np.ndarray] = {}
+        lods: dict[str, list] = {}
         for tensor in response.outputs[0].tensor:
             try:
                 array = decode_tensor(tensor)
@@ -249,6 +269,7 @@ class TeacherClient:
                 raise TeacherAnswerError(self.endpoint, str(exc)) from None
             by_name[tensor.alias_name or tensor.name] = array
             by_name.setdefault(tensor.name, array)
+            lods[tensor.alias_name or tensor.name] = lods[tensor.name] = list(tensor.lod)
         result = {}
         for name in fetch:
             spec = self.config.fetch(name)
@@ -260,7 +281,11 @@ class TeacherClient:
                 raise TeacherAnswerError(self.endpoint, f"fetch {name!r} has shape {list(array.shape)}, "
                                                         f"expected a batch of {batch_size}")
             result[name] = array
-        return result
+        try:
+            return lod_feeds.shape_fetches(self.config, result, lods, variable or lod_feeds.VariableFeeds({}),
+                                           batch_size, lod_form)
+        except ValueError as exc:
+            raise TeacherAnswerError(self.endpoint, str(exc)) from None
 
 
 def _batch_size_of(feeds: Mapping[str, Any]) -> int:
