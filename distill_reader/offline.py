@@ -29,10 +29,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .knowledge import KnowledgeError, KnowledgeReader, KnowledgeWriter, sample_digests
+from .knowledge import KnowledgeError, KnowledgeReader, KnowledgeWriter
 from .knowledge.manifest import MANIFEST_NAME
 from .knowledge.spec import FieldSpec, StorageArg, resolve_fields
 from .pipeline import DistillReaderError, PredictionStage, Task, TaskResult
+from .ragged import check_storable, task_digests
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,14 @@ class OfflineCache:
 
             return text_format.MessageToString(reader.config.to_proto())
 
-        reader.add_stage_wrapper(lambda inner: OfflineCacheStage(inner, self, predicts,
-                                                                 lambda: reader.has_teachers, config_text))
+        def wrap(inner: PredictionStage) -> OfflineCacheStage:
+            try:
+                check_storable(reader.config, predicts, self.path)   # variable-length knowledge: refused
+            except ValueError as exc:
+                raise OfflineCacheError(str(exc)) from None
+            return OfflineCacheStage(inner, self, predicts, lambda: reader.has_teachers, config_text)
+
+        reader.add_stage_wrapper(wrap)
 
     def serving_config(self) -> Optional[Any]:
         """The serving config stored in the cache (a ``ServingConfig``), or None when there is none."""
@@ -172,7 +179,7 @@ class OfflineCacheStage(PredictionStage):
         start, stop = task.sample_start, task.sample_start + task.size
         self._seen = max(self._seen, stop)
         need_digests = self.settings.check_inputs or self.mode == "write"
-        digests = sample_digests(task.feeds) if need_digests and task.size else None
+        digests = task_digests(task.feeds, task.size) if need_digests and task.size else None
         if stop <= self.cached or self.mode == "read":
             if stop > self.cached:
                 raise KnowledgeError(f"offline cache {self.path} holds {self.cached} samples, but this pass has "

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import ragged
 from .client import prepare_feed
 from .serving_config import ConfigError, ServingConfig, VarSpec
 from .teacher_pool import TeacherPool, backoff_delay
@@ -349,7 +350,8 @@ class RemoteStage(PredictionStage):
             value = outputs.get(name)
             if value is None:
                 raise TeacherAnswerInvalid(endpoint, f"teacher {endpoint}: answer lacks fetch {name!r}")
-            if np.ndim(value) == 0 or len(value) != task.size:
+            scalar = np.ndim(value) == 0 if isinstance(value, np.ndarray) else not isinstance(value, list)
+            if scalar or len(value) != task.size:   # a list: one array per sample (variable-length fetch)
                 raise TeacherAnswerInvalid(endpoint, f"teacher {endpoint}: fetch {name!r} has shape "
                                                      f"{list(np.shape(value))} for a request of {task.size}")
 
@@ -390,32 +392,36 @@ class SlotPlan:
             config.fetch(name)
         self.fetch_specs = [config.fetch(n) for n in self.predicts]
 
-    def sample_feeds(self, samples: Sequence[Sequence[Any]]) -> dict[str, np.ndarray]:
-        """Feed arrays for a list of samples (each a tuple of slot values)."""
+    def sample_feeds(self, samples: Sequence[Sequence[Any]], first: int = 0) -> dict[str, np.ndarray]:
+        """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first)."""
         feeds = {}
         for index, spec in self.feed_slots:
             try:
-                values = [np.asarray(sample[index]) for sample in samples]
+                values = [sample[index] for sample in samples]
             except (IndexError, TypeError, KeyError):
                 raise DistillReaderError(f"a sample has no slot {index} ({spec.alias_name!r}); ins={self.ins} "
                                          f"needs {len(self.ins)} slots per sample") from None
-            try:
-                stacked = np.stack(values)
-            except ValueError as exc:
-                raise DistillReaderError(f"slot {spec.alias_name!r}: samples of different shapes in one batch "
-                                         f"({exc})") from None
-            feeds[spec.alias_name] = prepare_feed(spec, stacked, len(samples))
+            self._add_slot(feeds, index, spec, values, first)
         return feeds
 
-    def batch_feeds(self, batch: Sequence[Any], start: int, end: int) -> dict[str, np.ndarray]:
-        """Feed arrays for rows ``start:end`` of a batch (a tuple of arrays, one per slot)."""
+    def batch_feeds(self, batch: Sequence[Any], start: int, end: int, first: int = 0) -> dict[str, np.ndarray]:
+        """Feed arrays for rows ``start:end`` of a batch (a tuple of slots: arrays, or lists of ragged samples)."""
         feeds = {}
         for index, spec in self.feed_slots:
-            feeds[spec.alias_name] = prepare_feed(spec, np.asarray(batch[index])[start:end], end - start)
+            self._add_slot(feeds, index, spec, ragged.batch_rows(batch[index], start, end), first)
         return feeds
 
-    def empty_predictions(self) -> list[np.ndarray]:
-        return [np.zeros((0, *spec.shape), dtype=spec.dtype) for spec in self.fetch_specs]
+    @staticmethod
+    def _add_slot(feeds: dict, index: int, spec: VarSpec, values: Sequence[Any], first: int) -> None:
+        try:   # variable-length feeds travel as rows + "<name>.lod" (distill_reader.ragged)
+            arrays = ragged.slot_feeds(index, spec, values, first)
+        except ragged.RaggedSlotError as exc:
+            raise DistillReaderError(str(exc)) from None
+        arrays[spec.alias_name] = prepare_feed(spec, arrays[spec.alias_name], len(values))
+        feeds.update(arrays)
+
+    def empty_predictions(self) -> list[Any]:
+        return [ragged.empty_prediction(spec) for spec in self.fetch_specs]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,7 +497,7 @@ def run_epoch(kind: str, source: Iterable[Any], plan: SlotPlan, stage: Predictio
     def flush_chunk() -> None:
         if not open_chunk:
             return
-        task = make_task(plan.sample_feeds([s for _, s in open_chunk]), len(open_chunk))
+        task = make_task(plan.sample_feeds([s for _, s in open_chunk], sample_index), len(open_chunk))
         for offset, (unit, _) in enumerate(open_chunk):
             unit.parts.append((task.task_id, offset, 1))
         uses[task.task_id] = len(open_chunk)
@@ -524,13 +530,13 @@ def run_epoch(kind: str, source: Iterable[Any], plan: SlotPlan, stage: Predictio
             units.append(unit)
             for start in range(0, len(samples), teacher_batch_size):
                 chunk = samples[start:start + teacher_batch_size]
-                task = make_task(plan.sample_feeds(chunk), len(chunk))
+                task = make_task(plan.sample_feeds(chunk, sample_index), len(chunk))
                 unit.parts.append((task.task_id, 0, len(chunk)))
                 uses[task.task_id] = 1
                 stage.submit(task)
             return True
         batch = _as_slots(item, slots, "a batch")
-        sizes = {len(np.asarray(batch[i])) for i, _ in plan.feed_slots} or {len(np.asarray(batch[0]))}
+        sizes = {ragged.slot_len(batch[i]) for i, _ in plan.feed_slots} or {ragged.slot_len(batch[0])}
         if len(sizes) != 1:
             raise DistillReaderError(f"a batch whose feed slots have different lengths {sorted(sizes)}")
         size = sizes.pop()
@@ -538,7 +544,7 @@ def run_epoch(kind: str, source: Iterable[Any], plan: SlotPlan, stage: Predictio
         units.append(unit)
         for start in range(0, size, teacher_batch_size):
             end = min(size, start + teacher_batch_size)
-            task = make_task(plan.batch_feeds(batch, start, end), end - start)
+            task = make_task(plan.batch_feeds(batch, start, end, sample_index), end - start)
             unit.parts.append((task.task_id, 0, end - start))
             uses[task.task_id] = 1
             stage.submit(task)
@@ -574,8 +580,8 @@ def run_epoch(kind: str, source: Iterable[Any], plan: SlotPlan, stage: Predictio
             stats.samples += len(out)
         else:
             if unit.parts:
-                preds = [np.concatenate([results[t][name] for t, _, _ in unit.parts]) if len(unit.parts) > 1
-                         else results[unit.parts[0][0]][name] for name in plan.predicts]
+                preds = [ragged.concat_predictions([results[t][name] for t, _, _ in unit.parts])
+                         for name in plan.predicts]
             else:
                 preds = plan.empty_predictions()
             out = tuple(unit.item) + tuple(preds)

@@ -21,6 +21,7 @@ import os
 from typing import Mapping, Optional
 
 import numpy as np  # (numpy before paddle)
+import pytest
 
 from tests.support.teacher import ExportedTeacher
 
@@ -112,4 +113,41 @@ def ragged_sequences(n: int, seed: int = 0, max_len: int = 9) -> list[np.ndarray
     return [rng.integers(0, VOCAB, size=int(rng.integers(1, max_len + 1))).astype(np.int64) for _ in range(n)]
 
 
-__all__ = ["export_model", "local_predict", "ragged_sequences", "save_lod_model", "save_padded_model"]
+@pytest.fixture(scope="session")
+def lod_teacher(tmp_path_factory) -> ExportedTeacher:
+    """The LoD model (``save_lod_model``) exported for serving."""
+    root = tmp_path_factory.mktemp("lod_teacher")
+    return export_model(save_lod_model(str(root / "src")), str(root))
+
+
+@pytest.fixture(scope="session")
+def padded_teacher(tmp_path_factory) -> ExportedTeacher:
+    """The padded model (``save_padded_model``) exported for serving."""
+    root = tmp_path_factory.mktemp("padded_teacher")
+    return export_model(save_padded_model(str(root / "src")), str(root))
+
+
+def lod_reference(server_dir: str, samples: list) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pooled [N, 3], per-sample token predictions) of the LoD model, from local Paddle Inference."""
+    rows = np.concatenate(samples).reshape(-1, 1).astype(np.int64)
+    lod = [0, *np.cumsum([len(s) for s in samples]).tolist()]
+    out = local_predict(server_dir, {"words": rows}, {"words": lod})
+    (pooled, _), (tokens, tok_lod) = [out[k] for k in sorted(out)]
+    assert tok_lod == lod
+    return pooled, [tokens[a:b] for a, b in zip(lod, lod[1:])]
+
+
+def padded_reference(server_dir: str, samples: list, pad_value: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pooled [N, 3], per-sample token predictions cut to length) of the padded model, one sample at a time."""
+    pooled, tokens = [], []
+    for s in samples:
+        out = local_predict(server_dir, {"words": np.asarray(s, np.int64)[None],
+                                         "length": np.array([[len(s)]], np.int64)})
+        (p, _), (t, _) = [out[k] for k in sorted(out)]
+        pooled.append(p[0])
+        tokens.append(t[0])
+    return np.stack(pooled), tokens
+
+
+__all__ = ["export_model", "local_predict", "lod_reference", "lod_teacher", "padded_reference", "padded_teacher",
+           "ragged_sequences", "save_lod_model", "save_padded_model"]

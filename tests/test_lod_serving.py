@@ -1,0 +1,195 @@
+"""Variable-length inputs through a real teacher server: LoD models (pooled and per-token outputs) and padded
+models, compared with local Paddle Inference; every LoD violation refused (err_no 5000 naming the feed and the
+rule) while the server keeps serving; the client's ragged and Paddle Serving forms over gRPC and HTTP (JSON and
+proto, raw and typed); concurrent LoD and padded requests under dynamic batching answer as unbatched."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import numpy as np  # noqa: I001  (numpy before paddle)
+import pytest
+import requests
+
+from distill_reader.client import FeedError, TeacherClient
+from distill_reader.proto import general_model_service_pb2 as service_pb2
+from distill_reader.tensor_codec import encode_tensor
+from teachers.lod import LodError, check_lod_feed, fetch_lod
+from tests.support.lod_models import lod_reference, lod_teacher, padded_reference, padded_teacher, ragged_sequences  # noqa: F401  (fixtures)
+from tests.support.teacher import TeacherServer, grpc_health
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def lod_server(lod_teacher):  # noqa: F811
+    with TeacherServer(lod_teacher.server_dir, http=True, max_batch_size=16, batch_timeout_ms=5) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def padded_server(padded_teacher):  # noqa: F811
+    with TeacherServer(padded_teacher.server_dir, http=True, max_batch_size=16, batch_timeout_ms=5) as server:
+        yield server
+
+
+def _clients(server, conf, **options):
+    yield TeacherClient(server.endpoint, conf, wire="raw", **options)
+    yield TeacherClient(server.endpoint, conf, wire="typed", **options)
+    yield TeacherClient(server.http_endpoint, conf, protocol="http", wire="raw", **options)
+    yield TeacherClient(server.http_endpoint, conf, protocol="http", wire="typed", http_format="json", **options)
+
+
+def test_lod_model_matches_local_inference_in_both_client_forms(lod_teacher, lod_server):  # noqa: F811
+    samples = ragged_sequences(7, seed=1)
+    pooled, tokens = lod_reference(lod_teacher.server_dir, samples)
+    rows = np.concatenate(samples)
+    lod = [0, *np.cumsum([len(s) for s in samples]).tolist()]
+    for client in _clients(lod_server, lod_teacher.client_conf):
+        with client:
+            out = client.predict({"words": samples})                      # ragged samples, split answers
+            np.testing.assert_allclose(out["prediction"], pooled, **TOL)
+            assert isinstance(out["token_prediction"], list) and len(out["token_prediction"]) == len(samples)
+            for i, (got, want) in enumerate(zip(out["token_prediction"], tokens)):
+                assert got.shape == (len(samples[i]), 4), f"sample {i}"
+                np.testing.assert_allclose(got, want, **TOL, err_msg=f"sample {i}")
+            out = client.predict({"words": rows, "words.lod": lod}, lod_form="serving")   # Paddle Serving's form
+            np.testing.assert_allclose(out["prediction"], pooled, **TOL)
+            assert out["token_prediction.lod"].tolist() == lod
+            np.testing.assert_allclose(out["token_prediction"], np.concatenate(tokens), **TOL)
+
+
+def test_client_refuses_bad_variable_feeds_naming_them(lod_teacher, lod_server):  # noqa: F811
+    with TeacherClient(lod_server.endpoint, lod_teacher.client_conf) as client:
+        with pytest.raises(FeedError, match=r"'words\.lod' offsets must never decrease"):
+            client.predict({"words": np.arange(5), "words.lod": [0, 4, 2, 5]})
+        with pytest.raises(FeedError, match=r"'words\.lod' must end at the row count 5"):
+            client.predict({"words": np.arange(5), "words.lod": [0, 2, 7]})
+        with pytest.raises(FeedError, match=r"feed 'words' is a LoD tensor: give a list of per-sample arrays"):
+            client.predict({"words": np.arange(5)})
+        with pytest.raises(ValueError, match="lod_form must be one of"):
+            client.predict({"words": [np.arange(3)]}, lod_form="flat")
+
+
+def _lod_request(rows: np.ndarray, lod, fetch="prediction") -> service_pb2.Request:
+    request = service_pb2.Request(fetch_var_names=[fetch], log_id=3)
+    encode_tensor(rows, name="words", raw=False, lod=lod, out=request.tensor.add())
+    return request
+
+
+VIOLATIONS = [
+    ([0, 3, 50_000_000], r"lod must end at the tensor's row count 7 .*ends at 50000000"),
+    ([0, 3, 9], r"lod must end at the tensor's row count 7 .*ends at 9"),
+    ([0, 5, 3, 7], r"lod offsets must never decrease; offset 2 is 3 after 5"),
+    ([2, 4, 7], r"lod must start at 0, it starts at 2"),
+    ([0, 3, 5], r"lod must end at the tensor's row count 7 .*ends at 5"),
+    ([7], r"lod offsets missing"),
+    ([], r"lod offsets missing"),
+]
+
+
+def test_every_lod_violation_is_refused_and_the_server_keeps_serving(lod_teacher, lod_server):  # noqa: F811
+    rows = np.arange(7, dtype=np.int64).reshape(7, 1)
+    with TeacherClient(lod_server.endpoint, lod_teacher.client_conf, wire="typed") as client:
+        for lod, message in VIOLATIONS:
+            for fetch in ("prediction", "token_prediction"):
+                answer = client._call_grpc(_lod_request(rows, lod, fetch))
+                assert answer.err_no == 5000, (lod, answer.err_msg)
+                assert "feed 'words'" in answer.err_msg
+                assert re.search(message, answer.err_msg), (lod, answer.err_msg)
+            # the same over HTTP JSON, as Paddle Serving's curl examples send it
+            doc = {"fetch_var_names": ["token_prediction"], "log_id": 5,
+                   "tensor": [{"int64_data": list(range(7)), "shape": [7, 1], "elem_type": 0, "name": "words",
+                               "lod": lod}]}
+            answer = requests.post(f"http://{lod_server.http_endpoint}/GeneralModelService/inference",
+                                   data=json.dumps(doc), headers=JSON, timeout=10).json()
+            assert answer["err_no"] == 5000 and "feed 'words'" in answer["err_msg"], answer
+            assert lod_server.alive() and grpc_health(lod_server.endpoint) == "SERVING"
+        out = client.predict({"words": [np.arange(3), np.arange(4)]})     # and good requests still work
+        assert out["prediction"].shape == (2, 3)
+    assert "Segmentation" not in lod_server.log() and lod_server.alive()
+
+
+def test_lod_fetch_over_http_json_carries_its_lod(lod_teacher, lod_server):  # noqa: F811
+    doc = {"fetch_var_names": ["token_prediction"], "log_id": 9,
+           "tensor": [{"int64_data": [1, 2, 3, 4, 5], "shape": [5, 1], "elem_type": 0, "name": "words",
+                       "lod": [0, 2, 5]}]}
+    answer = requests.post(f"http://{lod_server.http_endpoint}/GeneralModelService/inference",
+                           data=json.dumps(doc), headers={"Content-Type": "application/json"}, timeout=10).json()
+    assert answer["err_no"] == 0, answer
+    tensor = answer["outputs"][0]["tensor"][0]
+    assert tensor["lod"] == [0, 2, 5] and tensor["shape"] == [5, 4] and tensor["alias_name"] == "token_prediction"
+
+
+def test_padded_feeds_with_lengths_feed_and_pad_value(padded_teacher, padded_server):  # noqa: F811
+    samples = ragged_sequences(6, seed=2)
+    pooled, tokens = padded_reference(padded_teacher.server_dir, samples)
+    for pad_value in (0, 7):
+        for client in _clients(padded_server, padded_teacher.client_conf, pad_value=pad_value,
+                               lengths_feeds={"words": "length"}):
+            with client:
+                out = client.predict({"words": samples})
+                np.testing.assert_allclose(out["prediction"], pooled, **TOL)
+                for i, (got, want) in enumerate(zip(out["token_prediction"], tokens)):
+                    assert got.shape == (len(samples[i]), 4), f"sample {i}"
+                    np.testing.assert_allclose(got, want, **TOL, err_msg=f"sample {i}")
+                # Paddle Serving's form: the padded per-token output as the model gave it
+                rows = np.concatenate(samples)
+                lod = [0, *np.cumsum([len(s) for s in samples]).tolist()]
+                raw = client.predict({"words": rows, "words.lod": lod}, lod_form="serving")
+                assert raw["token_prediction"].shape == (6, max(map(len, samples)), 4)
+    with TeacherClient(padded_server.endpoint, padded_teacher.client_conf) as client:
+        with pytest.raises(FeedError, match=r"feed 'length' has the fixed per-sample shape \[1\]"):
+            client.predict({"words": samples, "length": [np.array([1]), np.array([1, 2])]})
+        with pytest.raises(FeedError, match=r"feed 'words', sample 1: shape \[2, 2\]"):
+            client.predict({"words": [np.arange(3), np.ones((2, 2))], "length": np.array([[3], [2]])})
+
+
+def test_concurrent_lod_and_padded_requests_answer_as_unbatched(lod_teacher, lod_server, padded_teacher,  # noqa: F811
+                                                                padded_server):
+    """Many threads at once through the dynamic batcher: each answer equals the local, unbatched one."""
+    jobs = [ragged_sequences(1 + k % 4, seed=100 + k) for k in range(24)]
+    errors: list = []
+
+    def run(k: int) -> None:
+        try:
+            samples = jobs[k]
+            if k % 2:
+                pooled, tokens = lod_reference(lod_teacher.server_dir, samples)
+                client = TeacherClient(lod_server.endpoint, lod_teacher.client_conf)
+            else:
+                pooled, tokens = padded_reference(padded_teacher.server_dir, samples)
+                client = TeacherClient(padded_server.endpoint, padded_teacher.client_conf,
+                                       lengths_feeds={"words": "length"})
+            with client:
+                for _ in range(3):
+                    out = client.predict({"words": samples})
+                    np.testing.assert_allclose(out["prediction"], pooled, **TOL)
+                    for got, want in zip(out["token_prediction"], tokens):
+                        np.testing.assert_allclose(got, want, **TOL)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((k, exc))
+
+    # references first (the local predictor is not shared across threads)
+    for k in range(len(jobs)):
+        (lod_reference(lod_teacher.server_dir, jobs[k]) if k % 2 else
+         padded_reference(padded_teacher.server_dir, jobs[k]))
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:3]
+
+
+def test_lod_rules_unit():
+    rows, lod, samples = check_lod_feed("w", np.arange(5), [0, 0, 5])
+    assert rows.shape == (5, 1) and lod == [0, 0, 5] and samples == 2      # an empty sequence is allowed
+    with pytest.raises(LodError, match="never decrease"):
+        check_lod_feed("w", np.arange(5), [0, 3, 2, 5])
+    assert fetch_lod([[0, 1, 2], [0, 3, 7]], 7) == [0, 3, 7]             # two levels composed to rows
+    assert fetch_lod([], 4) == []
+    with pytest.raises(LodError, match="does not describe its 6 rows"):
+        fetch_lod([[0, 3, 7]], 6)
