@@ -16,7 +16,8 @@ from distill_reader.client import FeedError, TeacherClient
 from distill_reader.proto import general_model_service_pb2 as service_pb2
 from distill_reader.tensor_codec import encode_tensor
 from teachers.lod import LodError, check_lod_feed, fetch_lod
-from tests.support.lod_models import lod_reference, lod_teacher, padded_reference, padded_teacher, ragged_sequences  # noqa: F401  (fixtures)
+from tests.support import lod_models
+from tests.support.lod_models import lod_teacher, padded_teacher  # noqa: F401  (fixtures)
 from tests.support.teacher import TeacherServer, grpc_health
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -43,8 +44,8 @@ def _clients(server, conf, **options):
 
 
 def test_lod_model_matches_local_inference_in_both_client_forms(lod_teacher, lod_server):  # noqa: F811
-    samples = ragged_sequences(7, seed=1)
-    pooled, tokens = lod_reference(lod_teacher.server_dir, samples)
+    samples = lod_models.ragged_sequences(7, seed=1)
+    pooled, tokens = lod_models.lod_reference(lod_teacher.server_dir, samples)
     rows = np.concatenate(samples)
     lod = [0, *np.cumsum([len(s) for s in samples]).tolist()]
     for client in _clients(lod_server, lod_teacher.client_conf):
@@ -124,8 +125,8 @@ def test_lod_fetch_over_http_json_carries_its_lod(lod_teacher, lod_server):  # n
 
 
 def test_padded_feeds_with_lengths_feed_and_pad_value(padded_teacher, padded_server):  # noqa: F811
-    samples = ragged_sequences(6, seed=2)
-    pooled, tokens = padded_reference(padded_teacher.server_dir, samples)
+    samples = lod_models.ragged_sequences(6, seed=2)
+    pooled, tokens = lod_models.padded_reference(padded_teacher.server_dir, samples)
     for pad_value in (0, 7):
         for client in _clients(padded_server, padded_teacher.client_conf, pad_value=pad_value,
                                lengths_feeds={"words": "length"}):
@@ -150,17 +151,17 @@ def test_padded_feeds_with_lengths_feed_and_pad_value(padded_teacher, padded_ser
 def test_concurrent_lod_and_padded_requests_answer_as_unbatched(lod_teacher, lod_server, padded_teacher,  # noqa: F811
                                                                 padded_server):
     """Many threads at once through the dynamic batcher: each answer equals the local, unbatched one."""
-    jobs = [ragged_sequences(1 + k % 4, seed=100 + k) for k in range(24)]
+    jobs = [lod_models.ragged_sequences(1 + k % 4, seed=100 + k) for k in range(24)]
     errors: list = []
 
     def run(k: int) -> None:
         try:
             samples = jobs[k]
             if k % 2:
-                pooled, tokens = lod_reference(lod_teacher.server_dir, samples)
+                pooled, tokens = lod_models.lod_reference(lod_teacher.server_dir, samples)
                 client = TeacherClient(lod_server.endpoint, lod_teacher.client_conf)
             else:
-                pooled, tokens = padded_reference(padded_teacher.server_dir, samples)
+                pooled, tokens = lod_models.padded_reference(padded_teacher.server_dir, samples)
                 client = TeacherClient(padded_server.endpoint, padded_teacher.client_conf,
                                        lengths_feeds={"words": "length"})
             with client:
@@ -174,8 +175,8 @@ def test_concurrent_lod_and_padded_requests_answer_as_unbatched(lod_teacher, lod
 
     # references first (the local predictor is not shared across threads)
     for k in range(len(jobs)):
-        (lod_reference(lod_teacher.server_dir, jobs[k]) if k % 2 else
-         padded_reference(padded_teacher.server_dir, jobs[k]))
+        (lod_models.lod_reference(lod_teacher.server_dir, jobs[k]) if k % 2 else
+         lod_models.padded_reference(padded_teacher.server_dir, jobs[k]))
     threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
     for thread in threads:
         thread.start()
