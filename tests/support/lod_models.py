@@ -1,7 +1,8 @@
 """Variable-length test teachers (paddle 2.6.2 static graph), exported for serving.
 
 - ``save_lod_model``: feed ``words`` int64 LoD [rows, 1] (lod_level 1) -> embedding -> ``sequence_pool``
-  (average) -> fc -> softmax: fetch ``prediction`` [N, 3] (one row per sequence), and a per-token fetch
+  (sum: IR passes fuse it with the embedding into a kernel that trusts the LoD; a bad one crashed the server)
+  -> fc -> softmax: fetch ``prediction`` [N, 3] (one row per sequence), and a per-token fetch
   ``token_prediction`` [rows, 4] that keeps the input's LoD.
 - ``save_padded_model``: feeds ``words`` int64 [N, -1] (padded) and ``length`` int64 [N, 1] (the lengths feed)
   -> embedding -> masked mean -> fc -> softmax: fetch ``prediction`` [N, 3]; per-token ``token_prediction``
@@ -60,7 +61,7 @@ def save_lod_model(dirname: str, seed: int = 0) -> str:
     with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
         words = paddle.static.data("words", [-1, 1], "int64", lod_level=1)
         emb = paddle.static.nn.embedding(words, size=[VOCAB, EMBED])
-        pooled = paddle.static.nn.sequence_pool(emb, "average")
+        pooled = paddle.static.nn.sequence_pool(emb, "sum")   # sum: fused with the embedding by IR passes
         prediction = paddle.nn.functional.softmax(paddle.static.nn.fc(pooled, CLASSES))
         tokens = paddle.nn.functional.softmax(paddle.static.nn.fc(emb, TOKEN_CLASSES))
     return _save(dirname, [words], [prediction, tokens], main, startup)
