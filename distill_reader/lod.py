@@ -4,7 +4,8 @@ Two kinds of variable-length feed, told apart by the serving config:
 
 - **LoD** (``is_lod_tensor: true``, Paddle Serving's way): the samples' rows are concatenated and sent with
   one level of offsets in ``Tensor.lod`` (``[0, 3, 7]``: sample 0 is rows 0-2, sample 1 rows 3-6).
-  Per-sample 1-D id arrays become rows of shape ``[rows, 1]`` (Paddle's layout for LoD ids).
+  Per-sample 1-D id arrays become rows of shape ``[rows, 1]``, Paddle Serving's layout for id lists (and of
+  ``data(name, [-1, 1], lod_level=1)``); samples of 2 or more dimensions are concatenated as they are.
 - **padded** (not a LoD tensor, a ``-1`` in the per-sample shape; Paddle 3 / PIR has no LoD): the samples of a
   request are padded with ``pad_value`` to the longest one along every ``-1`` dimension. A *lengths feed*
   (``lengths_feeds={"words": "length"}``) is filled with each sample's length (its first ``-1`` dimension)

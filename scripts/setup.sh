@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for distill-reader: Debian packages (Java + ZooKeeper for the
-# discovery tests, Fashion-MNIST for the example's offline fallback), then a virtualenv in .venv with the
-# project installed in editable mode. Idempotent: a second run only checks.
+# discovery tests, Fashion-MNIST for the example's offline fallback, fortunes: the text example's corpus), then a
+# virtualenv in .venv with the project installed in editable mode. Idempotent: a second run only checks.
 # Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS default: test,examples)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test,examples}"
 
-apt_packages=(python3-venv libzookeeper-java openjdk-17-jre-headless dataset-fashion-mnist)
+apt_packages=(python3-venv libzookeeper-java openjdk-17-jre-headless dataset-fashion-mnist fortunes)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

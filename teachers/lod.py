@@ -12,8 +12,7 @@ past the rows makes it read out of bounds, which can kill the process):
 5. at most ``MAX_SEQUENCES`` sequences (bounds the work before anything is allocated from it).
 
 The number of samples of a LoD feed is its number of sequences; the request handler checks that every feed
-carries the same number of samples. A 1-D LoD feed (``[rows]``) is given to Paddle as ``[rows, 1]``, the layout
-of LoD id inputs (``paddle.static.data(name, [-1, 1], "int64", lod_level=1)``).
+carries the same number of samples. The rows go to Paddle in the shape they were sent (as Paddle Serving does).
 
 Fetches: Paddle Inference may return several LoD levels; ``fetch_lod`` turns them into the one level of row
 offsets per sample that Paddle Serving sends (level 0 composed through the lower levels) and checks it ends at
@@ -21,7 +20,7 @@ the output's row count.
 
 Example::
 
-    rows, offsets, samples = check_lod_feed("words", np.arange(7), [0, 3, 7])   # rows (7, 1), 2 samples
+    rows, offsets, samples = check_lod_feed("words", np.arange(7), [0, 3, 7])   # rows as sent, 2 samples
     fetch_lod([[0, 1, 2], [0, 3, 7]], rows=7)                                    # [0, 3, 7]
 """
 from __future__ import annotations
@@ -63,8 +62,6 @@ def check_lod_feed(name: str, array: np.ndarray, lod: Sequence[int]) -> tuple[np
     if offsets[-1] != rows:
         raise LodError(f"{label}: lod must end at the tensor's row count {rows} (shape {list(array.shape)}), "
                        f"it ends at {int(offsets[-1])}")
-    if array.ndim == 1:
-        array = array.reshape(rows, 1)
     return array, [int(x) for x in offsets], count - 1
 
 

@@ -187,7 +187,7 @@ def test_concurrent_lod_and_padded_requests_answer_as_unbatched(lod_teacher, lod
 
 def test_lod_rules_unit():
     rows, lod, samples = check_lod_feed("w", np.arange(5), [0, 0, 5])
-    assert rows.shape == (5, 1) and lod == [0, 0, 5] and samples == 2      # an empty sequence is allowed
+    assert rows.shape == (5,) and lod == [0, 0, 5] and samples == 2        # an empty sequence is allowed
     with pytest.raises(LodError, match="never decrease"):
         check_lod_feed("w", np.arange(5), [0, 3, 2, 5])
     assert fetch_lod([[0, 1, 2], [0, 3, 7]], 7) == [0, 3, 7]             # two levels composed to rows
