@@ -1,9 +1,10 @@
 """Server-side dynamic batching: concurrent requests are merged into one predictor run and split back.
 
 One collector thread takes the first waiting job, keeps collecting compatible jobs (same fetch names, same
-per-sample shapes and dtypes) until ``max_batch_size`` samples or ``timeout_ms`` after the first job, then
-waits for a free runner and also takes whatever arrived meanwhile. ``runners`` threads run the merged
-batches (one per predictor). A job of ``max_batch_size`` samples or more runs alone.
+per-sample shapes and dtypes, same LoD feeds: merged with shifted offsets, see ``teachers/lod.py``) until
+``max_batch_size`` samples or ``timeout_ms`` after the first job, then waits for a free runner and also takes
+whatever arrived meanwhile. ``runners`` threads run the merged batches (one per predictor). A job of
+``max_batch_size`` samples or more runs alone.
 
 Example::
 
@@ -23,6 +24,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from . import lod
+
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[..., dict]
@@ -39,10 +42,9 @@ class _Job:
         self.feeds = feeds
         self.fetch = tuple(fetch)
         self.lods = lods
-        self.batch = int(next(iter(feeds.values())).shape[0]) if feeds else 0
-        mergeable = not any(lods.values()) if lods else True
-        self.key = (self.fetch, tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))) \
-            if mergeable else None
+        self.batch = lod.samples_of(feeds, lods)   # LoD requests count sequences and merge with shifted offsets
+        shapes = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
+        self.key = (self.fetch, lod.lod_key(lods), shapes)
         self.future: Future = Future()
 
 
@@ -148,26 +150,22 @@ class DynamicBatcher:
             self._free_runners.release()
 
     def _run_merged(self, group: list) -> None:
-        names = list(group[0].feeds)
-        merged = {n: np.concatenate([j.feeds[n] for j in group], axis=0) for n in names}
-        total = sum(j.batch for j in group)
+        merged, lods = lod.merge_jobs([(j.feeds, j.lods) for j in group])
         try:
-            outputs = self._run_fn(merged, group[0].fetch, None)
+            outputs = self._run_fn(merged, group[0].fetch, lods or None)
         except Exception as exc:  # noqa: BLE001 - every job of the group gets the error
             for job in group:
                 job.future.set_exception(exc)
             return
         self.runs += 1
         self.merged_jobs += len(group)
-        if any(arr.shape[:1] != (total,) or lod for arr, lod in outputs.values()):
+        shares = lod.split_outputs(outputs, [j.batch for j in group])
+        if shares is None:
             for job in group:  # outputs not split by sample: run each job on its own
                 self._settle(job, lambda job=job: self._run_fn(job.feeds, job.fetch, job.lods))
             return
-        start = 0
-        for job in group:
-            end = start + job.batch
-            job.future.set_result({n: (arr[start:end], []) for n, (arr, _) in outputs.items()})
-            start = end
+        for job, share in zip(group, shares):
+            job.future.set_result(share)
 
     def _settle(self, job: _Job, call: Callable[[], dict]) -> None:
         try:

@@ -18,6 +18,10 @@ Fetches: Paddle Inference may return several LoD levels; ``fetch_lod`` turns the
 offsets per sample that Paddle Serving sends (level 0 composed through the lower levels) and checks it ends at
 the output's row count.
 
+Dynamic batching: ``samples_of``/``lod_key`` give the batcher a request's sample count and merge key;
+``merge_jobs`` concatenates requests with each LoD shifted by the rows before it; ``split_outputs`` cuts a merged
+answer back per request (LoD outputs by their offsets, others by rows), so merged answers equal unmerged ones.
+
 Example::
 
     rows, offsets, samples = check_lod_feed("words", np.arange(7), [0, 3, 7])   # rows as sent, 2 samples
@@ -25,7 +29,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -81,3 +85,54 @@ def fetch_lod(levels: Sequence[Sequence[int]], rows: int, name: str = "fetch") -
     if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise LodError(f"{name}: output LoD {offsets} does not describe its {rows} rows")
     return offsets
+
+
+# -- dynamic batching of LoD requests --------------------------------------------------------------------------
+def samples_of(feeds: Mapping[str, np.ndarray], lods: Optional[Mapping[str, Sequence[int]]]) -> int:
+    """Samples of a request: sequences of a LoD feed, else the first feed's rows."""
+    for offsets in (lods or {}).values():
+        if offsets:
+            return len(offsets) - 1
+    return int(next(iter(feeds.values())).shape[0]) if feeds else 0
+
+
+def lod_key(lods: Optional[Mapping[str, Sequence[int]]]) -> tuple:
+    """Part of the batcher's merge key: which feeds carry a LoD (jobs merge only with the same ones)."""
+    return tuple(sorted(n for n, lod in (lods or {}).items() if lod))
+
+
+def merge_jobs(jobs: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, Sequence[int]]]]
+               ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """(feeds, lods) of several requests run as one: rows concatenated, each LoD shifted by the rows before it."""
+    names = list(jobs[0][0])
+    feeds = {n: np.concatenate([f[n] for f, _ in jobs], axis=0) for n in names}
+    lods: dict[str, list[int]] = {}
+    for name in lod_key(jobs[0][1]):
+        merged, base = [0], 0
+        for _, job_lods in jobs:
+            merged.extend(base + int(x) for x in job_lods[name][1:])
+            base += int(job_lods[name][-1])
+        lods[name] = merged
+    return feeds, lods
+
+
+def split_outputs(outputs: Mapping[str, tuple[np.ndarray, list]], counts: Sequence[int]) -> Optional[list[dict]]:
+    """Each request's share of a merged run's ``{name: (array, lod)}``, by sample counts; None when an output is
+    neither one row per sample nor LoD over the samples (the caller then runs the requests one by one)."""
+    total = sum(counts)
+    shares: list[dict] = [{} for _ in counts]
+    for name, (array, lod) in outputs.items():
+        if lod and len(lod) == total + 1:
+            start = 0
+            for share, count in zip(shares, counts):
+                first, last = lod[start], lod[start + count]
+                share[name] = (array[first:last], [x - first for x in lod[start:start + count + 1]])
+                start += count
+        elif not lod and array.ndim and array.shape[0] == total:
+            start = 0
+            for share, count in zip(shares, counts):
+                share[name] = (array[start:start + count], [])
+                start += count
+        else:
+            return None
+    return shares

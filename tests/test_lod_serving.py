@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
@@ -194,3 +195,50 @@ def test_lod_rules_unit():
     assert fetch_lod([], 4) == []
     with pytest.raises(LodError, match="does not describe its 6 rows"):
         fetch_lod([[0, 3, 7]], 6)
+
+
+def test_batcher_merges_lod_requests_with_shifted_offsets(lod_teacher):  # noqa: F811
+    """Real Paddle Inference behind the real batcher: concurrent LoD requests run merged, each gets its own rows
+    and LoD back, equal to running it alone."""
+    from teachers.batcher import DynamicBatcher
+    from teachers.predictor_pool import PredictorOptions, PredictorPool
+
+    pool = PredictorPool(PredictorOptions(model_dir=lod_teacher.server_dir, size=1))
+    names = pool.output_names
+
+    def slow_run(feeds, fetch, lods):
+        time.sleep(0.02)   # requests pile up meanwhile
+        return pool.run(feeds, fetch, lods)
+
+    jobs = [lod_models.ragged_sequences(1 + k % 3, seed=300 + k) for k in range(16)]
+    alone = []
+    for samples in jobs:
+        rows = np.concatenate(samples).reshape(-1, 1)
+        alone.append((rows, [0, *np.cumsum([len(s) for s in samples]).tolist()]))
+    expected = [pool.run({"words": rows}, names, {"words": lod}) for rows, lod in alone]
+    batcher = DynamicBatcher(slow_run, max_batch_size=64, timeout_ms=20, runners=1)
+    results, errors = {}, []
+
+    def client(k):
+        try:
+            rows, lod = alone[k]
+            results[k] = batcher.submit({"words": rows}, names, {"words": lod})
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(len(jobs))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        batcher.close()
+    assert not errors, errors
+    assert batcher.merged_jobs > 0 and batcher.runs < len(jobs), "LoD requests were merged"
+    for k, got in results.items():
+        for name in names:
+            (array, lod), (want, want_lod) = got[name], expected[k][name]
+            assert lod == want_lod, (k, name)
+            np.testing.assert_allclose(array, want, **TOL, err_msg=f"request {k} {name}")
+    assert results[3][names[1]][1] == alone[3][1]      # the per-token fetch carries the request's own LoD
