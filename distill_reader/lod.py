@@ -86,8 +86,8 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
             continue   # consumed with its feed
         spec = _spec(config, name)
         offsets = feeds.get(name + LOD_SUFFIX)
-        if spec is None or (not is_variable(spec) and offsets is None and not is_ragged(value)):
-            out.feeds[name] = value
+        if spec is None or (not is_variable(spec) and offsets is None and not _irregular(value)):
+            out.feeds[name] = value   # a fixed-shape feed (nested lists of equal length are fine)
             continue
         if not is_variable(spec):
             raise VariableFeedError(f"feed {name!r} has the fixed per-sample shape {list(spec.shape)}; it takes "
@@ -120,6 +120,16 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
         if name.endswith(LOD_SUFFIX) and name[:-len(LOD_SUFFIX)] not in feeds:
             raise VariableFeedError(f"'{name}' given without its feed {name[:-len(LOD_SUFFIX)]!r}")
     return out
+
+
+def _irregular(value: Any) -> bool:
+    """True for ragged samples that do not make one regular array."""
+    if not is_ragged(value):
+        return False
+    try:
+        return np.asarray(value).dtype == object
+    except ValueError:
+        return True
 
 
 def _spec(config: ServingConfig, name: str) -> Optional[VarSpec]:

@@ -242,3 +242,16 @@ def test_batcher_merges_lod_requests_with_shifted_offsets(lod_teacher):  # noqa:
             assert lod == want_lod, (k, name)
             np.testing.assert_allclose(array, want, **TOL, err_msg=f"request {k} {name}")
     assert results[3][names[1]][1] == alone[3][1]      # the per-token fetch carries the request's own LoD
+
+
+def test_fixed_feeds_still_take_nested_lists():
+    from distill_reader.lod import VariableFeedError, prepare_variable_feeds
+    from distill_reader.serving_config import ServingConfig, VarSpec
+
+    config = ServingConfig(feeds=(VarSpec("x", "x", 1, (2,)), VarSpec("w", "w", 0, (-1,), is_lod_tensor=True)),
+                           fetches=())
+    out = prepare_variable_feeds(config, {"x": [[0.5, 1.0], [2.0, 3.0]], "w": [[1, 2, 3], [4]]})
+    assert out.feeds["x"] == [[0.5, 1.0], [2.0, 3.0]] and out.lods["w"] == [0, 3, 4] and out.batch_size == 2
+    assert out.feeds["w"].shape == (4, 1)
+    with pytest.raises(VariableFeedError, match=r"feed 'x' has the fixed per-sample shape \[2\]"):
+        prepare_variable_feeds(config, {"x": [[0.5, 1.0], [2.0]], "w": [[1], [2]]})
