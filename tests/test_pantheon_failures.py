@@ -24,6 +24,7 @@ from distill_reader.pantheon.transport import Connection, encode_frame
 from tests.support.procs import ProcessGuard, free_port, pid_alive, wait_for
 
 TOKEN = "failure-tests-token"
+KEYS = (b"a" * 32, b"b" * 32)  # per-direction frame keys of a socketpair connection (normally from the handshake)
 
 # A teacher that streams slowly: 200 batches of 10 x 100 float32, one every 50 ms.
 SLOW_TEACHER = textwrap.dedent("""
@@ -238,7 +239,7 @@ def test_dump_only_teacher_completes_at_exit_unless_it_crashed(tmp_path):
 
 def test_messages_round_trip_without_pickle():
     left, right = socket.socketpair()
-    a, b = Connection(left, "a", timeout=5), Connection(right, "b", timeout=5)
+    a, b = Connection(left, "a", timeout=5, keys=KEYS), Connection(right, "b", timeout=5, keys=KEYS[::-1])
     try:
         value = {"s": "text", 1: [1.5, None, True], (2, 3): {4, 5}, "arr": np.arange(6, dtype="int16").reshape(2, 3),
                  "empty": np.zeros((0, 4), "float32"), "scalar": np.float64(2.5), "raw": b"\x00\x01"}
@@ -261,7 +262,7 @@ def test_messages_round_trip_without_pickle():
 def test_timeout_when_the_peer_goes_silent():
     left, right = socket.socketpair()
     silent = right  # a raw socket: never sends heartbeats
-    conn = Connection(left, "silent peer", timeout=0.5)
+    conn = Connection(left, "silent peer", timeout=0.5, keys=KEYS)
     try:
         started = time.monotonic()
         with pytest.raises(PantheonError, match="silent peer sent nothing .* for 0.5s"):

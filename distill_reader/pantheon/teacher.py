@@ -25,11 +25,13 @@ import numpy as np
 
 from .merge import describe
 from .transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
     ConnectionLost,
     Listener,
     PantheonError,
     ProtocolError,
+    frame_limit,
     resolve_timeout,
     resolve_token,
 )
@@ -58,14 +60,25 @@ class Teacher:
     Args:
         out_path: offline mode: the knowledge directory to write (the project's knowledge file format).
         out_port: online mode: the TCP port the student connects to.
-        out_host: the interface to listen on in online mode (default all interfaces, as Pantheon did).
+        out_host: the address to listen on in online mode: default ``"0.0.0.0"``, every IPv4 interface (students
+            on other nodes, as Pantheon documents); give one address (e.g. ``"127.0.0.1"``, or ``"::"`` for IPv6)
+            to bind only that one.
         token: the shared secret of online mode (default ``$DISTILL_PANTHEON_TOKEN``).
         timeout: seconds to wait for the student to connect, and the silence after which a connected
             student is declared dead (default ``$DISTILL_PANTHEON_TIMEOUT`` or 60).
+        handshake_timeout: seconds each new connection has to complete the authentication handshake (online);
+            handshakes run side by side, so connections that never speak cannot keep the student out.
+        max_frame_bytes: the longest frame accepted from the student (online; default 64 MiB, see
+            ``transport.frame_limit``).
+
+    Raises:
+        ValueError: both or neither of ``out_path`` / ``out_port``, no token online, a non-positive timeout.
+        PantheonError (from ``start``): the port cannot be bound, or no student authenticated within the timeout.
     """
 
     def __init__(self, out_path: Optional[str] = None, out_port: Optional[int] = None, out_host: str = "0.0.0.0",
-                 token: str | bytes | None = None, timeout: Optional[float] = None) -> None:
+                 token: str | bytes | None = None, timeout: Optional[float] = None,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_frame_bytes: Optional[int] = None) -> None:
         if out_path and out_port:
             raise ValueError("out_path (offline mode) and out_port (online mode) cannot be set at the same time")
         if not out_path and not out_port:
@@ -75,6 +88,8 @@ class Teacher:
         self._out_host = out_host
         self._token = resolve_token(token) if out_port else None
         self._timeout = resolve_timeout(timeout)
+        self._handshake_timeout = float(handshake_timeout)
+        self._max_frame = frame_limit(max_frame_bytes=max_frame_bytes)
         self._knowledge_desc: OrderedDict[str, dict] = OrderedDict()
         self._started = False
         self._conn: Optional[Connection] = None
@@ -93,7 +108,7 @@ class Teacher:
         self._started = True
         if self._out_path:
             return  # the knowledge file is opened when the description is known (first dump or service)
-        listener = Listener(self._out_host, self._out_port, self._token)
+        listener = Listener(self._out_host, self._out_port, self._token, self._handshake_timeout, self._max_frame)
         logger.info("teacher listening on %s:%d, waiting up to %gs for the student", self._out_host,
                     listener.address[1], self._timeout)
         try:
@@ -303,7 +318,11 @@ class Teacher:
                     return
                 else:
                     raise ProtocolError(f"unexpected message {kind!r} from the student")
-        except PantheonError as exc:
+        except Exception as exc:  # noqa: BLE001  (delivered to whoever waits; this thread must not die silently)
+            if not isinstance(exc, PantheonError):
+                logger.exception("unexpected error reading from %s", conn.peer)
+                exc = ProtocolError(f"reading from {conn.peer} failed: {type(exc).__name__}: {exc}")
+            conn.close()
             for target in (self._s2t, self._commands):
                 target.put(_Failure(exc))
 

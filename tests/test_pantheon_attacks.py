@@ -1,0 +1,269 @@
+"""Pantheon online mode under attack (issue 15): each attack with real sockets or processes.
+
+- silent TCP connections (no token) must not keep the real student out;
+- an authenticated peer declaring a huge frame must not make the other side allocate it;
+- a malformed frame must end the connection with ProtocolError in the waiting recv(), within its timeout;
+- frames changed in flight (no token needed) are refused by the per-frame MAC.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import textwrap
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from distill_reader.pantheon import PantheonError, ProtocolError, Student, Teacher
+from distill_reader.pantheon import transport
+from distill_reader.pantheon.transport import ConnectionLost, Listener, connect
+from tests.support.procs import ProcessGuard, free_port, wait_for
+
+TOKEN = "attack-tests-token"
+
+# A teacher that only sends one message to its student, then says goodbye (no paddle needed).
+GREETING_TEACHER = textwrap.dedent("""
+    import sys
+    from distill_reader.pantheon import Teacher
+
+    teacher = Teacher(out_port=int(sys.argv[1]), out_host="127.0.0.1", timeout=40)
+    teacher.start()
+    teacher.send({"hello": "student"})
+    print("sent", flush=True)
+    teacher.recv()
+""")
+
+
+@pytest.mark.timeout(90)
+def test_silent_connections_do_not_keep_the_student_out(tmp_path):
+    """Attack: two silent TCP connections (no token) before the student. Before: the teacher served one handshake
+    at a time (up to 10 s each) and the student timed out. Now: handshakes run side by side with a short deadline."""
+    script = tmp_path / "greeting_teacher.py"
+    script.write_text(GREETING_TEACHER)
+    port = free_port()
+    silent = []
+    with ProcessGuard() as guard:
+        teacher = guard.python(str(script), str(port), env={"DISTILL_PANTHEON_TOKEN": TOKEN},
+                               stdout=open(tmp_path / "teacher.out", "w"))
+        wait_for(lambda: _port_open(port), 30, "the teacher to listen")
+        try:
+            for _ in range(2):
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            student = Student(token=TOKEN, timeout=6)
+            started = time.monotonic()
+            student.register_teacher(in_address=f"127.0.0.1:{port}")
+            connected_after = time.monotonic() - started
+            student.start()
+            assert student.recv(0) == {"hello": "student"}
+            student.send("thanks")
+            student.close()
+            assert connected_after < 3, connected_after
+            assert teacher.wait(timeout=30) == 0
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class _Pair:
+    """A real TCP connection: an authenticated teacher-side and student-side ``Connection``."""
+
+    def __init__(self, timeout: float = 5.0, **options) -> None:
+        listener = Listener("127.0.0.1", 0, token=TOKEN.encode(), **options)
+        port = listener.address[1]
+        got: dict = {}
+        thread = threading.Thread(target=lambda: got.update(conn=listener.accept(timeout=20)))
+        thread.start()
+        self.student = connect(f"127.0.0.1:{port}", TOKEN.encode(), timeout, **options)
+        thread.join(30)
+        listener.close()
+        self.teacher = got["conn"]
+
+    def close(self) -> None:
+        self.student.close()
+        self.teacher.close()
+
+
+def _recv_in_thread(conn, timeout: float):
+    """``conn.recv()`` in a thread: (exception or value, seconds), or fails when it does not return in time."""
+    out: dict = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out["value"] = conn.recv()
+        except BaseException as exc:  # noqa: B036  (inspected by the test)
+            out["value"] = exc
+        out["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"recv() did not return within {timeout}s"
+    return out["value"], out["seconds"]
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_declared_frame_is_refused_before_allocating():
+    """Attack: after authentication, a 12-byte prefix declaring 1 GiB. Before: the peer allocated 1 GiB at once."""
+    pair = _Pair()
+    try:
+        tracemalloc.start()
+        pair.student._sock.sendall(struct.pack("!IQ", 2, 1 << 30) + b"{}")
+        error, seconds = _recv_in_thread(pair.teacher, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert isinstance(error, ProtocolError), error
+        assert "exceeds the limit" in str(error) and "max_frame_bytes" in str(error)
+        assert peak < 16 << 20, peak
+        assert pair.teacher.closed
+    finally:
+        tracemalloc.stop()
+        pair.close()
+
+
+@pytest.mark.timeout(60)
+def test_memory_follows_the_bytes_that_arrive():
+    """A frame declared at 48 MiB (under the limit) of which 100 bytes arrive costs about nothing."""
+    pair = _Pair(max_frame_bytes=64 << 20)
+    try:
+        tracemalloc.start()
+        pair.student._sock.sendall(struct.pack("!IQ", 2, 48 << 20) + b"{}" + b"\0" * 100)
+        time.sleep(0.5)
+        threading.Timer(1.0, pair.student.close).start()
+        error, _ = _recv_in_thread(pair.teacher, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert isinstance(error, ConnectionLost), error
+        assert peak < 8 << 20, peak
+    finally:
+        tracemalloc.stop()
+        pair.close()
+
+
+MALFORMED = {
+    "not json": b"{not json",
+    "not an object": b"[1, 2]",
+    "no kind": b'{"v": null, "b": []}',
+    "unknown tag": b'{"k": "data", "v": {"__evil__": 1}, "b": []}',
+    "buffer index out of range": b'{"k": "data", "v": {"__nd__": [5, "<f4", [1]]}, "b": []}',
+    "object dtype": b'{"k": "data", "v": {"__nd__": [0, "|O", [1]]}, "b": [8]}',
+    "shape does not fit": b'{"k": "data", "v": {"__nd__": [0, "<f4", [3]]}, "b": [8]}',
+    "negative length": b'{"k": "data", "v": null, "b": [-8, 16]}',
+    "lengths not a list": b'{"k": "data", "v": null, "b": "x"}',
+    "deep nesting": b'{"k": "data", "v": ' + b"[" * 100000 + b"]" * 100000 + b', "b": []}',
+    "bad dict entries": b'{"k": "data", "v": {"__dict__": [[1]]}, "b": []}',
+    "unhashable set item": b'{"k": "data", "v": {"__set__": [[1]]}, "b": []}',
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_frames_end_the_connection_with_protocol_error(case):
+    """Attack: a malformed frame from an authenticated peer. Before: some killed the reader thread (recv() then
+    blocked forever). Now: ProtocolError in the waiting recv(), the connection closed."""
+    header = MALFORMED[case]
+    body = b"\0" * 8 if b'"b": [8]' in header else b""
+    if b"[-8, 16]" in header:
+        body = b"\0" * 8
+    pair = _Pair(timeout=5)
+    try:
+        pair.teacher._send_frame(header, [memoryview(body)])
+        error, seconds = _recv_in_thread(pair.student, 10)
+        assert isinstance(error, ProtocolError), (case, error)
+        assert seconds < 5
+        assert pair.student.closed
+    finally:
+        pair.close()
+
+
+@pytest.mark.timeout(120)
+def test_student_recv_gets_protocol_error_from_a_malformed_frame():
+    """The Student's reader thread turns a malformed frame into ProtocolError for the waiting ``Student.recv``."""
+    listener = Listener("127.0.0.1", 0, token=TOKEN.encode())
+    port = listener.address[1]
+    got: dict = {}
+    thread = threading.Thread(target=lambda: got.update(conn=listener.accept(timeout=20)))
+    thread.start()
+    student = Student(token=TOKEN, timeout=5)
+    student.register_teacher(in_address=f"127.0.0.1:{port}")
+    student.start()
+    thread.join(30)
+    listener.close()
+    teacher = got["conn"]
+    try:
+        teacher._send_frame(MALFORMED["buffer index out of range"], [])
+        out: dict = {}
+        waiter = threading.Thread(target=lambda: out.update(error=_raises(lambda: student.recv(0))), daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "Student.recv() blocked after a malformed frame"
+        assert isinstance(out["error"], ProtocolError), out["error"]
+        assert "buffer 5" in str(out["error"])
+    finally:
+        student.close()
+        teacher.close()
+
+
+def _raises(call):
+    try:
+        call()
+    except BaseException as exc:  # noqa: B036  (inspected by the test)
+        return exc
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_a_frame_changed_in_flight_is_refused():
+    """Frames carry an HMAC keyed from the handshake: a flipped bit (or a replayed frame) is a ProtocolError."""
+    pair = _Pair()
+    try:
+        with pair.teacher._send_lock:  # no heartbeat in between: it would take the frame counter
+            frame = pair.teacher._seal(transport.encode_frame("data", np.arange(4, dtype="float32")))
+            raw = bytearray(b"".join(bytes(b) for b in frame))
+            raw[-40] ^= 1  # inside the body
+            pair.teacher._sock.sendall(bytes(raw))
+        error, _ = _recv_in_thread(pair.student, 10)
+        assert isinstance(error, ProtocolError) and "integrity" in str(error), error
+    finally:
+        pair.close()
+    pair = _Pair()
+    try:
+        with pair.teacher._send_lock:
+            frame = b"".join(bytes(b) for b in pair.teacher._seal(transport.encode_frame("data", 1)))
+            pair.teacher._sock.sendall(frame + frame)  # the same frame twice: the second is a replay
+        kind, value, _ = pair.student.recv()
+        assert (kind, value) == ("data", 1)
+        error, _ = _recv_in_thread(pair.student, 10)
+        assert isinstance(error, ProtocolError) and "integrity" in str(error), error
+    finally:
+        pair.close()
+
+
+def test_frame_limit_is_sized_from_the_knowledge_description():
+    desc = {"logits": {"shape": [-1, 1000], "dtype": "float32", "lod_level": 0},
+            "x": {"shape": [-1, 3, 32, 32], "dtype": "float32", "lod_level": 0}}
+    per_sample = 4 * 1000 + 4 * 3 * 32 * 32
+    limit = transport.frame_limit(desc)
+    assert limit == max(transport.DEFAULT_MAX_FRAME, per_sample * transport.MAX_BATCH_SAMPLES + transport.FRAME_SLACK)
+    assert transport.frame_limit(desc, max_frame_bytes=1 << 40) == 1 << 40
+    assert transport.frame_limit({"v": {"shape": [-1, -1], "dtype": "float32"}}) == transport.DEFAULT_MAX_FRAME
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        transport.frame_limit(desc, max_frame_bytes=0)
+
+
+def test_teacher_binds_the_address_it_is_given():
+    teacher = Teacher(out_port=free_port(), out_host="127.0.0.1", token=TOKEN, timeout=0.5)
+    with pytest.raises(PantheonError, match=r"no student connected to port \d+ within 0.5s"):
+        teacher.start()
+    assert Teacher(out_port=1234, token=TOKEN)._out_host == "0.0.0.0"  # all interfaces by default, as Pantheon
