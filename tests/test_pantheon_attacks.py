@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import textwrap
 import threading
 import time
@@ -17,8 +18,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from distill_reader.pantheon import PantheonError, ProtocolError, Student, Teacher
-from distill_reader.pantheon import transport
+from distill_reader.pantheon import PantheonError, ProtocolError, Student, Teacher, transport
 from distill_reader.pantheon.transport import ConnectionLost, Listener, connect
 from tests.support.procs import ProcessGuard, free_port, wait_for
 
@@ -35,6 +35,14 @@ GREETING_TEACHER = textwrap.dedent("""
     print("sent", flush=True)
     teacher.recv()
 """)
+
+
+@pytest.fixture(autouse=True)
+def no_processes_left(tmp_path):
+    """After every test: no script it started from its own folder is still running."""
+    yield
+    result = subprocess.run(["pgrep", "-f", str(tmp_path) + r"/[^ ]*\.py"], capture_output=True, text=True)
+    assert result.stdout.strip() == "", f"processes left running by the test: {result.stdout.split()}"
 
 
 @pytest.mark.timeout(90)

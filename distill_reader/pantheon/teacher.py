@@ -120,7 +120,9 @@ class Teacher:
         self._reader.start()
 
     def close(self) -> None:
-        """Finish the offline knowledge file, or say goodbye to the student and close the connection."""
+        """Offline: commit the knowledge file and mark it complete (call it after the last ``dump()``: knowledge
+        that was never closed stays incomplete and the student refuses it). Online: say goodbye to the student
+        and close the connection."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -158,7 +160,10 @@ class Teacher:
         return self._take(self._s2t, "waiting for a message from the student")
 
     def dump(self, knowledge: Mapping[str, np.ndarray]) -> None:
-        """Write one batch of knowledge (dict name -> array, batch first) to the offline knowledge file."""
+        """Write one batch of knowledge (dict name -> array, batch first) to the offline knowledge file.
+
+        The knowledge is complete (readable by the student) once ``close()`` is called after the last batch.
+        """
         if not self._started:
             raise ValueError("call start() before dump()")
         if not self._out_path:
