@@ -282,3 +282,14 @@ def test_teacher_binds_the_address_it_is_given():
     with pytest.raises(PantheonError, match=r"no student connected to port \d+ within 0.5s"):
         teacher.start()
     assert Teacher(out_port=1234, token=TOKEN)._out_host == "0.0.0.0"  # all interfaces by default, as Pantheon
+
+
+@pytest.mark.parametrize("meta", [{"pantheon": "x"}, {"pantheon": {"desc": "x"}},
+                                  {"pantheon": {"desc": {"p": {"shape": "x", "dtype": "float32"}}}}])
+def test_offline_knowledge_with_a_malformed_description_is_refused(tmp_path, meta):
+    from distill_reader.knowledge import KnowledgeWriter
+
+    with KnowledgeWriter(tmp_path / "k", {"p": ((2,), "float32")}, meta=meta) as writer:
+        writer.append({"p": np.zeros((3, 2), "float32")})
+    with pytest.raises(PantheonError, match="malformed Pantheon description"):
+        Student().register_teacher(in_path=str(tmp_path / "k"))

@@ -89,6 +89,14 @@ class OfflineKnowledgeWriter:
         self._writer.close(complete=False)
 
 
+def _is_desc(desc: object) -> bool:
+    """A Pantheon description read from a file: key -> {"shape": [int, ...], "dtype": str, "lod_level": int}."""
+    return isinstance(desc, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("shape"), list)
+        and all(isinstance(d, int) for d in v["shape"]) and isinstance(v.get("dtype"), str)
+        and isinstance(v.get("lod_level", 0), int) for k, v in desc.items())
+
+
 class OfflineKnowledgeReader:
     """Reads complete knowledge files as a Pantheon teacher's description and batches."""
 
@@ -106,6 +114,9 @@ class OfflineKnowledgeReader:
                                 "last dump(); run the offline teacher to its end first")
         self._reader = reader
         meta = (reader.meta or {}).get(_META_KEY, {})
+        if not isinstance(meta, dict) or ("desc" in meta and not _is_desc(meta["desc"])):
+            reader.close()
+            raise PantheonError(f"offline knowledge {path}: malformed Pantheon description in its manifest meta")
         if "desc" in meta:
             self.desc: Dict[str, dict] = OrderedDict((k, dict(v)) for k, v in meta["desc"].items())
         else:
