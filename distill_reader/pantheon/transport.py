@@ -10,8 +10,8 @@ replayed or reordered in flight is refused (``ProtocolError``). Frames are not e
 network you trust for confidentiality (see docs/security.md).
 
 The header holds the message kind and a JSON tree of the value in which numpy arrays, bytes, tuples, sets
-and dicts are tagged objects pointing into the body. Only numeric and bool dtypes travel; nothing is ever
-unpickled, so a peer can at worst send wrong numbers, never run code.
+and dicts are tagged objects pointing into the body (``frames.py``). Only numeric and bool dtypes travel; nothing
+is ever unpickled, so a peer can at worst send wrong numbers, never run code.
 
 Untrusted input is bounded: a frame longer than the receiver's limit (``frame_limit``: sized from the knowledge
 description, at least 64 MiB, raised with ``max_frame_bytes``) is refused from its 12-byte prefix, memory is
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import math
 import os
 import select
 import selectors
@@ -41,9 +39,25 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
+from .errors import AuthenticationError, ConnectionLost, PantheonError, ProtocolError
+from .frames import (
+    DEFAULT_MAX_FRAME,
+    FRAME_SLACK,
+    MAX_BATCH_SAMPLES,
+    PREFIX,
+    decode_frame,
+    encode_frame,
+    frame_limit,
+    raw_frame,
+)
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_MAX_FRAME", "FRAME_SLACK", "MAX_BATCH_SAMPLES", "MAX_PENDING_HANDSHAKES",
+    "AuthenticationError", "Connection", "ConnectionLost", "Listener", "PantheonError", "ProtocolError", "connect",
+    "decode_frame", "encode_frame", "frame_limit", "parse_address", "resolve_timeout", "resolve_token",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,36 +65,15 @@ TOKEN_ENV = "DISTILL_PANTHEON_TOKEN"
 TIMEOUT_ENV = "DISTILL_PANTHEON_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete the handshake
-DEFAULT_MAX_FRAME = 64 << 20  # bytes (header + body) of one frame, before and below the description's size
-MAX_BATCH_SAMPLES = 4096  # samples per knowledge batch the description-sized limit allows for
-FRAME_SLACK = 1 << 20  # room for the JSON header on top of the arrays
 MAX_PENDING_HANDSHAKES = 32  # handshakes in progress at once; the oldest is dropped for a new one
 
 _MAGIC = b"PNTH2"
 _NONCE = 32
 _MAC = 32
-_PREFIX = struct.Struct("!IQ")
 _SEQ = struct.Struct("!Q")
 _HELLO = len(_MAGIC) + _NONCE + _MAC
-_ALLOWED_KINDS = set("biufc")  # bool, signed, unsigned, float, complex
 _IOV_CHUNK = 256
 _FIRST_CHUNK = 1 << 20  # a frame's buffer starts at most this big and doubles as bytes arrive
-
-
-class PantheonError(RuntimeError):
-    """Base class of every Pantheon failure (connection, protocol, knowledge mismatch)."""
-
-
-class AuthenticationError(PantheonError):
-    """The peer did not present the shared token."""
-
-
-class ConnectionLost(PantheonError):
-    """The peer closed the connection, died, or stayed silent longer than the timeout."""
-
-
-class ProtocolError(PantheonError):
-    """The peer sent something that is not a valid Pantheon frame (malformed, too long, or failing its MAC)."""
 
 
 def resolve_token(token: str | bytes | None) -> bytes:
@@ -110,170 +103,6 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"teacher address {address!r} is not of the form '<host>:<port>' (e.g. '127.0.0.1:8080')")
     return host, int(port)
-
-
-def frame_limit(desc: Optional[Mapping[str, Any]] = None, max_frame_bytes: Optional[int] = None) -> int:
-    """The longest frame (header + body, bytes) a receiver accepts.
-
-    ``max_frame_bytes`` when given (the option to raise or lower it); else, from the knowledge description
-    (key -> ``{"shape": [-1, ...], "dtype": ...}``), room for ``MAX_BATCH_SAMPLES`` samples of every key plus
-    ``FRAME_SLACK`` for the header, and never below ``DEFAULT_MAX_FRAME`` (64 MiB). A description with an
-    unknown (negative) per-sample dimension, or none, gives ``DEFAULT_MAX_FRAME``.
-
-    Raises:
-        ValueError: ``max_frame_bytes`` is not a positive integer.
-    """
-    if max_frame_bytes is not None:
-        if isinstance(max_frame_bytes, bool) or not isinstance(max_frame_bytes, int) or max_frame_bytes <= 0:
-            raise ValueError(f"max_frame_bytes must be a positive number of bytes, got {max_frame_bytes!r}")
-        return max_frame_bytes
-    per_sample = 0
-    try:
-        for entry in (desc or {}).values():
-            dims = [int(d) for d in list(entry["shape"])[1:]]
-            if any(d < 0 for d in dims):
-                return DEFAULT_MAX_FRAME
-            per_sample += math.prod(dims) * np.dtype(entry["dtype"]).itemsize
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return DEFAULT_MAX_FRAME
-    return max(DEFAULT_MAX_FRAME, per_sample * MAX_BATCH_SAMPLES + FRAME_SLACK)
-
-
-# ---------------------------------------------------------------- value encoding
-
-
-def _encode(value: Any, buffers: list) -> Any:
-    if value is None or isinstance(value, (bool, str, int, float)):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in _ALLOWED_KINDS:
-            raise TypeError(f"cannot send an array of dtype {value.dtype}: only bool and numeric arrays travel")
-        array = np.ascontiguousarray(value)
-        buffers.append(memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b""))
-        return {"__nd__": [len(buffers) - 1, array.dtype.str, list(array.shape)]}
-    if isinstance(value, np.generic):
-        return {"__scalar__": _encode(np.asarray(value), buffers)}
-    if isinstance(value, list):
-        return [_encode(item, buffers) for item in value]
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(item, buffers) for item in value]}
-    if isinstance(value, (set, frozenset)):
-        return {"__set__": [_encode(item, buffers) for item in value]}
-    if isinstance(value, dict):
-        return {"__dict__": [[_encode(k, buffers), _encode(v, buffers)] for k, v in value.items()]}
-    if isinstance(value, (bytes, bytearray)):
-        buffers.append(memoryview(bytes(value)))
-        return {"__bytes__": len(buffers) - 1}
-    raise TypeError(f"cannot send a {type(value).__name__}: Pantheon messages carry None, bool, int, float, str, "
-                    "list, tuple, set, dict, bytes and numpy arrays (no pickle)")
-
-
-def _buffer(arrays: list, index: Any) -> Any:
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(arrays):
-        raise ProtocolError(f"value refers to buffer {index!r}, the frame has {len(arrays)}")
-    return arrays[index]
-
-
-def _decode(tree: Any, arrays: list) -> Any:
-    if isinstance(tree, list):
-        return [_decode(item, arrays) for item in tree]
-    if not isinstance(tree, dict):
-        return tree
-    if len(tree) != 1:
-        raise ProtocolError(f"malformed value tag {sorted(tree)!r}")
-    tag, inner = next(iter(tree.items()))
-    if tag == "__nd__":
-        if not isinstance(inner, list) or not inner:
-            raise ProtocolError(f"malformed array tag {inner!r}")
-        return _buffer(arrays, inner[0])
-    if tag == "__bytes__":
-        return _buffer(arrays, inner)
-    if tag == "__scalar__":
-        return _decode(inner, arrays)[()]
-    if tag in ("__tuple__", "__set__", "__dict__") and not isinstance(inner, list):
-        raise ProtocolError(f"malformed {tag} value: {type(inner).__name__}")
-    if tag == "__tuple__":
-        return tuple(_decode(item, arrays) for item in inner)
-    if tag == "__set__":
-        return {_decode(item, arrays) for item in inner}
-    if tag == "__dict__":
-        if not all(isinstance(pair, list) and len(pair) == 2 for pair in inner):
-            raise ProtocolError("malformed __dict__ value: entries must be [key, value] pairs")
-        return {_decode(k, arrays): _decode(v, arrays) for k, v in inner}
-    raise ProtocolError(f"unknown value tag {tag!r}")
-
-
-def encode_frame(kind: str, value: Any = None, **fields: Any) -> list[memoryview]:
-    """The buffers of one frame without its MAC (prefix+header first, then the array buffers)."""
-    buffers: list = []
-    header = dict(fields, k=kind, v=_encode(value, buffers), b=[b.nbytes for b in buffers])
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    return _frame(header_bytes, buffers)
-
-
-def _frame(header_bytes: bytes, buffers: List[memoryview]) -> list[memoryview]:
-    body_len = sum(b.nbytes for b in buffers)
-    return [memoryview(_PREFIX.pack(len(header_bytes), body_len) + header_bytes), *buffers]
-
-
-def decode_frame(header_bytes: bytes | bytearray, body: bytearray) -> Tuple[str, Any, dict]:
-    """``(kind, value, header)`` of a received frame; ``ProtocolError`` for anything malformed."""
-    try:
-        header = json.loads(bytes(header_bytes))
-        if not isinstance(header, dict) or not isinstance(header.get("k"), str):
-            raise ProtocolError("the frame header is not an object with a message kind")
-        return header["k"], _decode(header.get("v"), _arrays_from_body(header, body)), header
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError, MemoryError) as exc:
-        raise ProtocolError(f"malformed frame: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
-def _array_specs(tree: Any, specs: dict) -> None:
-    if isinstance(tree, list):
-        for item in tree:
-            _array_specs(item, specs)
-    elif isinstance(tree, dict):
-        for tag, inner in tree.items():
-            if tag == "__nd__":
-                if not isinstance(inner, list) or len(inner) != 3 or not isinstance(inner[0], int):
-                    raise ProtocolError(f"malformed array tag {inner!r}")
-                specs[inner[0]] = inner
-            else:
-                _array_specs(inner, specs)
-
-
-def _arrays_from_body(header: dict, body: bytearray) -> list:
-    """Views into ``body`` for every buffer the header describes (arrays, or bytes for ``__bytes__``)."""
-    specs: dict = {}
-    _array_specs(header.get("v"), specs)
-    lengths = header.get("b", [])
-    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                                for n in lengths):
-        raise ProtocolError("the frame header's buffer lengths are not a list of non-negative integers")
-    if sum(lengths) != len(body):
-        raise ProtocolError(f"frame body has {len(body)} bytes but its header describes {sum(lengths)}")
-    arrays, offset = [], 0
-    for index, length in enumerate(lengths):
-        spec = specs.get(index)
-        if spec is None:
-            arrays.append(bytes(body[offset:offset + length]))
-        else:
-            dtype = np.dtype(spec[1])
-            if dtype.kind not in _ALLOWED_KINDS or dtype.names is not None or dtype.subdtype is not None:
-                raise ProtocolError(f"refusing an array of dtype {dtype}")
-            if not isinstance(spec[2], list) or not all(isinstance(d, int) and d >= 0 for d in spec[2]):
-                raise ProtocolError(f"malformed array shape {spec[2]!r}")
-            shape = tuple(spec[2])
-            count = math.prod(shape)
-            if count * dtype.itemsize != length:
-                raise ProtocolError(f"array of shape {shape} and dtype {dtype} does not fit its {length} bytes")
-            if count == 0:
-                arrays.append(np.empty(shape, dtype))
-            else:
-                arrays.append(np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape))
-        offset += length
-    return arrays
 
 
 # ---------------------------------------------------------------- connection
@@ -317,7 +146,7 @@ class Connection:
 
     def _send_frame(self, header_bytes: bytes, buffers: List[memoryview]) -> None:
         """Send a frame from raw header bytes (tests use it to send malformed frames with a valid MAC)."""
-        self._send_sealed(_frame(header_bytes, buffers))
+        self._send_sealed(raw_frame(header_bytes, buffers))
 
     def _seal(self, frame: List[memoryview]) -> List[memoryview]:
         """``frame`` plus its MAC tag under the next send counter (call with the send lock held)."""
@@ -350,8 +179,8 @@ class Connection:
                 return kind, value, header
 
     def _recv_frame(self) -> tuple[str, Any, dict]:
-        prefix = bytes(self._read(_PREFIX.size))
-        header_len, body_len = _PREFIX.unpack(prefix)
+        prefix = bytes(self._read(PREFIX.size))
+        header_len, body_len = PREFIX.unpack(prefix)
         if header_len + body_len > self.max_frame_bytes:
             raise ProtocolError(f"{self.peer} announced a frame of {header_len}+{body_len} bytes, which exceeds the "
                                 f"limit of {self.max_frame_bytes} bytes (raise it with max_frame_bytes=... on the "
