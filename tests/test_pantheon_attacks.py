@@ -123,19 +123,21 @@ def _recv_in_thread(conn, timeout: float):
 
 
 @pytest.mark.timeout(60)
-def test_a_huge_declared_frame_is_refused_before_allocating():
+@pytest.mark.parametrize("attacker", ["student", "teacher"])
+def test_a_huge_declared_frame_is_refused_before_allocating(attacker):
     """Attack: after authentication, a 12-byte prefix declaring 1 GiB. Before: the peer allocated 1 GiB at once."""
     pair = _Pair()
+    sender, victim = (pair.student, pair.teacher) if attacker == "student" else (pair.teacher, pair.student)
     try:
         tracemalloc.start()
-        pair.student._sock.sendall(struct.pack("!IQ", 2, 1 << 30) + b"{}")
-        error, seconds = _recv_in_thread(pair.teacher, 10)
+        sender._sock.sendall(struct.pack("!IQ", 2, 1 << 30) + b"{}")
+        error, seconds = _recv_in_thread(victim, 10)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert isinstance(error, ProtocolError), error
         assert "exceeds the limit" in str(error) and "max_frame_bytes" in str(error)
         assert peak < 16 << 20, peak
-        assert pair.teacher.closed
+        assert victim.closed
     finally:
         tracemalloc.stop()
         pair.close()
@@ -293,3 +295,27 @@ def test_offline_knowledge_with_a_malformed_description_is_refused(tmp_path, met
         writer.append({"p": np.zeros((3, 2), "float32")})
     with pytest.raises(PantheonError, match="malformed Pantheon description"):
         Student().register_teacher(in_path=str(tmp_path / "k"))
+
+
+@pytest.mark.timeout(90)
+def test_teacher_names_the_malformed_frame_that_ended_its_pass(tmp_path):
+    """A student's malformed frame mid-pass: the teacher's reader closes the connection and the serving loop fails
+    with StudentDisconnected naming the ProtocolError (not a bare "connection closed")."""
+    from tests.test_pantheon_failures import SLOW_TEACHER
+
+    script = tmp_path / "slow_teacher.py"
+    script.write_text(SLOW_TEACHER)
+    port = free_port()
+    err = tmp_path / "teacher.err"
+    with ProcessGuard() as guard, open(err, "w") as stderr:
+        teacher = guard.python(str(script), str(port), env={"DISTILL_PANTHEON_TOKEN": TOKEN}, stderr=stderr)
+        student = Student(token=TOKEN, timeout=30)
+        student.register_teacher(in_address=f"127.0.0.1:{port}")
+        student.start()
+        generator = student.get_knowledge_generator(batch_size=10)()
+        next(generator)
+        student._teachers[0].conn._send_frame(b'{"k": 1}', [])
+        assert teacher.wait(timeout=30) != 0
+        student.close()
+    text = err.read_text()
+    assert "StudentDisconnected" in text and "not an object with a message kind" in text, text[-2000:]

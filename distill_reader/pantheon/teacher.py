@@ -98,6 +98,7 @@ class Teacher:
         self._commands: queue.Queue[Any] = queue.Queue()
         self._reader: Optional[threading.Thread] = None
         self._student_said_bye = False
+        self._read_failure: Optional[BaseException] = None  # why the reader thread stopped, if it failed
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -295,7 +296,8 @@ class Teacher:
         try:
             conn.send(kind, value, **fields)
         except ConnectionLost as exc:
-            raise StudentDisconnected(str(exc)) from exc
+            cause = self._read_failure if isinstance(self._read_failure, ProtocolError) else exc
+            raise StudentDisconnected(str(cause)) from cause
 
     def _take(self, source: queue.Queue[Any], what: str, closed_ok: bool = False) -> Any:
         item = source.get()
@@ -327,6 +329,7 @@ class Teacher:
             if not isinstance(exc, PantheonError):
                 logger.exception("unexpected error reading from %s", conn.peer)
                 exc = ProtocolError(f"reading from {conn.peer} failed: {type(exc).__name__}: {exc}")
+            self._read_failure = exc
             conn.close()
             for target in (self._s2t, self._commands):
                 target.put(_Failure(exc))
