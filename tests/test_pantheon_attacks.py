@@ -319,3 +319,50 @@ def test_teacher_names_the_malformed_frame_that_ended_its_pass(tmp_path):
         student.close()
     text = err.read_text()
     assert "StudentDisconnected" in text and "not an object with a message kind" in text, text[-2000:]
+
+
+BIG_BATCH_TEACHER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import paddle
+    from distill_reader.pantheon import Teacher
+
+    paddle.enable_static()
+    startup, program = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(program, startup):
+        x = paddle.static.data(name="x", shape=[-1, 100000], dtype="float32")
+    exe = paddle.static.Executor(paddle.CPUPlace())
+
+    def batches():  # one batch of 170 samples x 100000 float32: 68 MB, more than the 64 MiB floor
+        yield [np.arange(170, dtype="float32")[:, None] * np.ones((1, 100000), "float32")]
+
+    teacher = Teacher(out_port=int(sys.argv[1]), out_host="127.0.0.1", timeout=40)
+    teacher.start()
+    teacher.start_knowledge_service(feed_list=[x], schema={"x": x}, program=program,
+                                    reader_config={"batch_generator": batches}, exe=exe)
+""")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("max_frame_bytes", [None, 32 << 20])
+def test_knowledge_frames_are_sized_from_the_description(tmp_path, max_frame_bytes):
+    """A 68 MB knowledge batch passes the description-sized limit (400 KB/sample x 4096 samples); a student that
+    sets max_frame_bytes=32 MiB refuses it with a ProtocolError naming the option."""
+    script = tmp_path / "big_batch_teacher.py"
+    script.write_text(BIG_BATCH_TEACHER)
+    port = free_port()
+    with ProcessGuard() as guard:
+        guard.python(str(script), str(port), env={"DISTILL_PANTHEON_TOKEN": TOKEN})
+        student = Student(token=TOKEN, timeout=60, max_frame_bytes=max_frame_bytes)
+        try:
+            student.register_teacher(in_address=f"127.0.0.1:{port}")
+            student.start()
+            generator = student.get_knowledge_generator(batch_size=170)()
+            if max_frame_bytes is None:
+                (batch,) = list(generator)
+                assert batch["x"].shape == (170, 100000) and batch["x"][169, 99999] == 169.0
+            else:
+                with pytest.raises(ProtocolError, match=r"exceeds the limit of 33554432 bytes .*max_frame_bytes"):
+                    list(generator)
+        finally:
+            student.close()
