@@ -30,7 +30,8 @@ class EphemeralNode:
     """Keep one ephemeral sequential node ``<parent>/<prefix>NNNNNNNNNN`` present while ``wanted``.
 
     A reconciling thread (so kazoo's callbacks never block) creates it, re-creates it after a session loss (the
-    server deleted it), deletes it when unwanted or on ``stop()``, and checks it every ``check_interval`` seconds.
+    server deleted it), deletes it when unwanted or on ``stop()``. A ZooKeeper watch on the node and the session's
+    state changes wake it at once; besides, it checks the node every ``check_interval`` seconds (one ``exists``).
     Failures are retried by kazoo's KazooRetry (backoff 0.1 s doubling to 5 s, jitter); an authorization failure
     is final (``error`` holds a RegistryAuthError, ``failed`` is set) unless ``auth_errors_fatal`` is False
     (students: the teachers' identity may not have created the students folder yet). A create whose answer was
@@ -48,7 +49,7 @@ class EphemeralNode:
 
     def __init__(self, session: ZkSession, parent: str, prefix: str, data: dict,
                  acl: Optional[list] = None, ensure_parent: Optional[Callable[[], None]] = None,
-                 check_interval: float = 2.0, what: str = "node", auth_errors_fatal: bool = True):
+                 check_interval: float = 30.0, what: str = "node", auth_errors_fatal: bool = True):
         self.session = session
         self.parent = parent
         self.prefix = prefix
@@ -101,6 +102,9 @@ class EphemeralNode:
             self.created.clear()
         self._wake.set()
 
+    def _on_node_event(self, event: object) -> None:
+        self._wake.set()          # our node was deleted or changed: check it now
+
     def _run(self) -> None:
         retry = retry_forever(self._stopping)
         while not self._stopping.is_set():
@@ -146,7 +150,7 @@ class EphemeralNode:
                 self._delete(None)
             return
         if self.path is not None:
-            stat = self.session.call("exists", self.path)
+            stat = self.session.call("exists", self.path, watch=self._on_node_event)
             if stat is not None and stat.ephemeralOwner == self.session.session_id:
                 self.created.set()
                 return
@@ -199,6 +203,7 @@ class EphemeralNode:
     def _created(self, path: str) -> None:
         self.path = path
         self.created.set()
+        self._wake.set()          # check it once more at once: that sets the watch on it
         logger.info("registered %s %s", self.what, path)
         if self.on_created is not None:
             self.on_created(path)

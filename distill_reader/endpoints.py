@@ -64,6 +64,8 @@ def parse_endpoint(text: str, what: str = "endpoint", default_port: Optional[int
         raise ValueError(f"{what} {text!r} is not 'host:port' or '[ipv6]:port'")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{what} {text!r}: port {port_text!r} is not a number in 1-65535")
+    if item.startswith("[") and not _is_ipv6(host):
+        raise ValueError(f"{what} {text!r}: only an IPv6 address goes in brackets, not {host!r}")
     if not _valid_host(host):
         raise ValueError(f"{what} {text!r}: {host!r} is not a host name, IPv4 or IPv6 address")
     endpoint = Endpoint(host, int(port_text))
