@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from distill_reader.endpoints import format_endpoints, parse_endpoint
+from distill_reader.endpoints import parse_endpoint, parse_endpoints
 
 DEFAULT_ROOT = "/distill"
 # Why 6 s: a dead machine's teachers leave every student's list within 6-8 s, while a process stalled for up to
@@ -49,8 +49,12 @@ class NoTeachersError(DiscoveryError):
 
 
 def normalize_hosts(zk_hosts: Union[str, Sequence[str]]) -> str:
-    """``'h1:2181,h2:2181'`` from a string or a list of ``host:port``; ValueError naming a bad or missing host."""
-    return format_endpoints(zk_hosts, what="ZooKeeper host")
+    """``'h1:2181,h2:2181[/chroot]'`` from a string or a list of ``host[:port]`` (port 2181 by default), as kazoo
+    takes it; ValueError naming a bad or missing host."""
+    text = zk_hosts if isinstance(zk_hosts, str) else ",".join(zk_hosts)
+    hosts, slash, chroot = text.partition("/")
+    endpoints = parse_endpoints(hosts, what="ZooKeeper host", default_port=2181)
+    return ",".join(str(endpoint) for endpoint in endpoints) + slash + chroot
 
 
 def validate_endpoint(endpoint: str) -> str:

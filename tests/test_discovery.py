@@ -512,3 +512,13 @@ def test_a_student_reads_each_teacher_node_once(zookeeper, zk_root):
         subscription.stop()
         for teacher in teachers:
             teacher.stop()
+
+
+def test_zookeeper_hosts_are_checked_and_keep_kazoo_forms():
+    from discovery.arguments import normalize_hosts
+    assert normalize_hosts("zk1, zk2:2182/distill/prod") == "zk1:2181,zk2:2182/distill/prod"   # default port, chroot
+    assert normalize_hosts(["[::1]:2181", "zk3:2183"]) == "[::1]:2181,zk3:2183"
+    for bad, message in (("", "no ZooKeeper host given"), ("zk1:21x", "ZooKeeper host 'zk1:21x': port '21x'"),
+                         ("zk1,bad host", "ZooKeeper host 'bad host'")):
+        with pytest.raises(ValueError, match=message):
+            TeacherSubscription(bad, SERVICE, print)
