@@ -15,10 +15,10 @@ prefers teacher ``t`` by a 64-bit hash of the pair. Taking only least-loaded tea
 of the others after each pick.
 
 Cost: one 64-bit key per teacher and per student (BLAKE2b), then per student one vectorized hash and partial
-sort over the teachers at the lowest load level: O(T) per student in NumPy, about 5-15 ms for 1,000 students and
-4,000 teachers (benchmarks/bench_share.py). Churn: a change moves only students after the changed one in join
+sort over the teachers at the lowest load level: O(T) per student in NumPy, about 25 ms of CPU for 1,000 students
+and 4,000 teachers (benchmarks/bench_share.py). Churn: a change moves only students after the changed one in join
 order, along a chain of displaced picks (each hop lands on a random later student: about ln(S) hops when every
-teacher is in use, far fewer when teachers are spare); benchmarks/README.md "Fair share" has the measured moves.
+teacher is needed, under 2 moves per change when teachers are spare); benchmarks/README.md "Fair share".
 
 Example::
 
