@@ -23,6 +23,7 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from . import endpoints as endpoints_module
 from .client_security import ClientSecurity
 from .errors import (
     AllTeachersDownError,
@@ -48,21 +49,14 @@ __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "Teach
 
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
-    """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; ValueError on a malformed one."""
-    if isinstance(teachers, str):
-        items = teachers.split(",")
-    elif isinstance(teachers, (list, tuple)):
-        items = [part for item in teachers for part in str(item).split(",")]
-    else:
+    """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; the project's one endpoint parser
+    (``distill_reader.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
+    if not isinstance(teachers, (str, list, tuple)):
         raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
-    endpoints = [item.strip() for item in items if item.strip()]
-    for endpoint in endpoints:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"teacher endpoint {endpoint!r} is not 'host:port'")
+    endpoints = endpoints_module.parse_endpoints(teachers, what="teacher endpoint", allow_wildcard=False)
     if not endpoints:
         raise ValueError("no teacher endpoint given")
-    return endpoints
+    return [str(e) for e in endpoints]
 
 
 class _Resources:
