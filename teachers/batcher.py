@@ -36,7 +36,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[..., dict]
-RunObserver = Callable[[int, float], None]   # (samples in the run, seconds the predictor took)
+RunObserver = Callable[[int, float, float], None]   # (samples in the run, seconds it took, thread CPU seconds)
 _POLL_S = 0.25                               # how often a waiting thread re-checks whether to stop
 
 
@@ -68,7 +68,8 @@ class DynamicBatcher:
         timeout_ms: how long the first job of a run waits for others to join it.
         runners: threads running ``run_fn`` (one per predictor).
         predict_timeout: seconds ``submit`` waits for its answer (PredictorTimeout after that).
-        on_run: called after every predictor run with (samples, seconds), e.g. for metrics.
+        on_run: called after every predictor run with (samples, wall seconds, CPU seconds of the running
+            thread), e.g. for metrics.
     """
 
     def __init__(self, run_fn: RunFn, max_batch_size: int, timeout_ms: float, runners: int = 1,
@@ -246,14 +247,14 @@ class DynamicBatcher:
                     self._free_runners.release()
 
     def _timed_run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods) -> dict:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return self._run_fn(feeds, fetch, lods)
         finally:
             self.runs += 1
             if self._on_run is not None:
                 batch = int(next(iter(feeds.values())).shape[0]) if feeds else 0
-                self._on_run(batch, time.perf_counter() - start)
+                self._on_run(batch, time.perf_counter() - start, time.thread_time() - cpu)
 
     def _run_merged(self, group: list) -> None:
         names = list(group[0].feeds)

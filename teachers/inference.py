@@ -89,8 +89,7 @@ class InferenceHandler:
             return parsed
         feeds, lods, fetch, raw = parsed
         try:
-            future = self._submit(feeds, [s.name for s in fetch], lods)
-            outputs = await asyncio.wait_for(asyncio.wrap_future(future), self.predict_timeout)
+            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), self.predict_timeout)
         except asyncio.TimeoutError:
             return error_response(ERR_TIMEOUT, f"the predictor did not answer within --predict_timeout "
                                                f"{self.predict_timeout:g}s", request.log_id)
@@ -215,6 +214,29 @@ class InferenceHandler:
             model_output.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name,
                                                      raw=raw, lod=lod or None))
         return response
+
+
+async def _wait(future: Future, timeout: Optional[float]):
+    """Await a concurrent Future from the event loop, cancelling it after ``timeout`` seconds (then
+    asyncio.TimeoutError). Cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``, which starts a task."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def settle(_done: Future) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
+    timer = loop.call_later(timeout, settle, None) if timeout is not None else None
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if not future.done():
+        future.cancel()
+        raise asyncio.TimeoutError
+    return future.result()
 
 
 def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:

@@ -11,7 +11,8 @@ Names follow Prometheus' conventions (``distill_teacher_`` prefix, base units, `
 - ``distill_teacher_batch_size``: histogram of samples per predictor run (merged runs included);
 - ``distill_teacher_queue_depth``: gauge of requests waiting for a predictor;
 - ``distill_teacher_predictor_busy_seconds_total``: seconds predictors spent running (divide its rate by
-  ``--thread`` for utilisation);
+  ``--thread`` for utilisation); ``distill_teacher_predictor_cpu_seconds_total``: CPU seconds of those runs
+  (what the predictor costs; the rest of the process's CPU is the server's own cost per request);
 - ``distill_teacher_serving``: gauge, 1 while health says SERVING.
 
 Example::
@@ -46,20 +47,28 @@ class TeacherMetrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.busy = Counter("distill_teacher_predictor_busy_seconds", "Seconds predictors spent running",
                             registry=self.registry)
+        self.predictor_cpu = Counter("distill_teacher_predictor_cpu_seconds", "CPU seconds of predictor runs",
+                                     registry=self.registry)
         self.queue_depth = Gauge("distill_teacher_queue_depth", "Requests waiting for a predictor",
                                  registry=self.registry)
         self.serving = Gauge("distill_teacher_serving", "1 while the server's health is SERVING",
                              registry=self.registry)
+        self._children: dict = {}
 
     def observe_request(self, transport: str, err_no: str, seconds: float, samples: int) -> None:
-        self.requests.labels(transport, err_no).inc()
-        self.latency.labels(transport).observe(seconds)
+        children = self._children.get((transport, err_no))
+        if children is None:
+            children = self._children[(transport, err_no)] = (self.requests.labels(transport, err_no),
+                                                               self.latency.labels(transport))
+        children[0].inc()
+        children[1].observe(seconds)
         if err_no == "0":
             self.samples.inc(samples)
 
-    def observe_run(self, samples: int, seconds: float) -> None:
+    def observe_run(self, samples: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.batch_size.observe(samples)
         self.busy.inc(seconds)
+        self.predictor_cpu.inc(cpu_seconds)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

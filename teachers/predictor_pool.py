@@ -103,6 +103,7 @@ class PredictorPool:
         self._idle: queue.Queue = queue.Queue()
         gpu_ids = options.gpu_ids or [None]
         first_by_device: dict = {}
+        self._handles: dict[int, tuple[dict, dict]] = {}
         for i in range(max(1, options.size)):
             gpu_id = gpu_ids[i % len(gpu_ids)]
             if gpu_id in first_by_device:
@@ -111,6 +112,7 @@ class PredictorPool:
                 predictor = inference.create_predictor(_config(options, gpu_id))
                 first_by_device[gpu_id] = predictor
             self._idle.put(predictor)
+            self._handles[id(predictor)] = ({}, {})   # input / output handles by name, made once (they stay valid)
         probe = next(iter(first_by_device.values()))
         self.input_names: list[str] = list(probe.get_input_names())
         self.output_names: list[str] = list(probe.get_output_names())
@@ -138,8 +140,9 @@ class PredictorPool:
         with self._runs_lock:
             self._runs[id(token)] = time.monotonic()
         try:
+            inputs, outputs = self._handles[id(predictor)]
             for name, array in feeds.items():
-                handle = predictor.get_input_handle(name)
+                handle = inputs.get(name) or inputs.setdefault(name, predictor.get_input_handle(name))
                 handle.reshape(list(array.shape))
                 handle.copy_from_cpu(np.ascontiguousarray(array))
                 if lods and lods.get(name):
@@ -147,7 +150,7 @@ class PredictorPool:
             predictor.run()
             result = {}
             for name in fetch_names:
-                handle = predictor.get_output_handle(name)
+                handle = outputs.get(name) or outputs.setdefault(name, predictor.get_output_handle(name))
                 lod = handle.lod()
                 result[name] = (handle.copy_to_cpu(), [int(x) for x in lod[0]] if lod else [])
             return result
