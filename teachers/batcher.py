@@ -88,6 +88,7 @@ class DynamicBatcher:
         self._stop = threading.Event()                # threads end once their queue is empty
         self._lock = threading.Lock()
         self._waiting = 0                             # jobs submitted and not yet started
+        self._running = 0                             # predictor runs in progress
         self.runs = 0
         self.merged_jobs = 0
         self._threads = [threading.Thread(target=self._runner_loop, name=f"batch-runner-{i}", daemon=True)
@@ -136,7 +137,7 @@ class DynamicBatcher:
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop accepting jobs, let queued jobs run for up to ``timeout`` seconds, then fail the rest with
-        BatcherClosed. Returns True when every thread ended (False: a predictor run is still stuck)."""
+        BatcherClosed. Returns False when a predictor run is still in progress (stuck) at the end."""
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -151,8 +152,8 @@ class DynamicBatcher:
             self._threads[-1].join(2 * _POLL_S)
         self._fail_queued()
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+            t.join(max(0.0, min(deadline - time.monotonic(), 2 * _POLL_S)) if self._running else 2 * _POLL_S)
+        return self._running == 0
 
     def _fail_queued(self) -> None:
         leftovers = list(self._carry)
@@ -248,9 +249,13 @@ class DynamicBatcher:
 
     def _timed_run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods) -> dict:
         start, cpu = time.perf_counter(), time.thread_time()
+        with self._lock:
+            self._running += 1
         try:
             return self._run_fn(feeds, fetch, lods)
         finally:
+            with self._lock:
+                self._running -= 1
             self.runs += 1
             if self._on_run is not None:
                 batch = int(next(iter(feeds.values())).shape[0]) if feeds else 0

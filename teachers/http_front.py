@@ -122,7 +122,8 @@ class HttpFront:
 
     async def start(self) -> None:
         server = _LimitedServer(self._dispatch, self.max_connections, keepalive_timeout=self.keepalive_timeout,
-                                auto_decompress=False, access_log=None, max_field_size=8190, max_headers=64)
+                                auto_decompress=False, access_log=None, max_field_size=8190, max_headers=64,
+                                lingering_time=0)  # no reading of an unread body after answering
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.SockSite(self._runner, self._sock, ssl_context=self._security.ssl_context(),

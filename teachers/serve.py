@@ -437,6 +437,9 @@ class TeacherService:
         clean = True
         if self.grpc is not None:
             await self._set_serving(False)
+            # Health says NOT_SERVING now; give requests already on the wire a moment to reach their handler
+            # (a busy event loop may not have started them yet) before gRPC stops taking new ones.
+            await asyncio.sleep(min(0.5, left() / 4))
             stops = [self.grpc.stop(left())]
             if self.http is not None:
                 stops.append(self.http.stop(left()))
