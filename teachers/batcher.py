@@ -47,12 +47,13 @@ class BatcherClosed(RuntimeError):
 class _Job:
     __slots__ = ("feeds", "fetch", "lods", "batch", "key", "future")
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods: Optional[Mapping[str, list]]):
+    def __init__(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods: Optional[Mapping[str, list]],
+                 merging: bool = True):
         self.feeds = feeds
         self.fetch = tuple(fetch)
         self.lods = lods
         self.batch = int(next(iter(feeds.values())).shape[0]) if feeds else 0
-        mergeable = not any(lods.values()) if lods else True
+        mergeable = merging and (not any(lods.values()) if lods else True)
         self.key = (self.fetch, tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))) \
             if mergeable else None
         self.future: Future = Future()
@@ -112,7 +113,7 @@ class DynamicBatcher:
         """Queue a job; its Future gives this job's outputs {name: (array, lod)} or the run's exception.
 
         Raises BatcherClosed once ``close`` was called."""
-        job = _Job(feeds, fetch, lods)
+        job = _Job(feeds, fetch, lods, self.merging)
         with self._lock:
             if self._closed:
                 raise BatcherClosed("server is shutting down")
