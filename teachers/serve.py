@@ -491,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     # The event loop hands work to batch runners and back: switch the GIL faster than the 5 ms default.
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.0005")))
+    sys.setswitchinterval(0.0005)
     code = asyncio.run(_serve(args))
     if code == 3:  # a predictor thread is stuck in native code: do not wait for it at interpreter exit
         logging.shutdown()
