@@ -350,7 +350,7 @@ class TeacherService:
         handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_async,
                                    predict_timeout=args.predict_timeout)
         self.grpc = GrpcTeacherServer(handler, args.host, args.port, args.max_body_size, observe=self.observe,
-                                      security=self.security, max_concurrent_rpcs=max(64, 64 * self.pool.size))
+                                      security=self.security, max_concurrent_rpcs=max(64, 16 * self.pool.size))
         max_connections = args.http_max_connections or max(16, min(256, _fd_limit() // 4))
         if args.http_port is not None:
             self.http = HttpFront(handler, args.host, args.http_port, args.max_body_size, metrics=self.metrics,

@@ -4,8 +4,9 @@ server (``grpc.aio``): a request costs a coroutine on the event loop, not a thre
 synchronous server machinery; the predictor runs on the batcher's threads meanwhile.
 
 Requests arrive as bytes so that a malformed body or one over ``max_body_size`` gets INVALID_ARGUMENT
-with a clear message instead of a generic deserialization failure. At most ``max_concurrent_rpcs`` calls are
-handled at once (RESOURCE_EXHAUSTED beyond).
+with a clear message instead of a generic deserialization failure; grpc itself refuses messages more than
+64 KiB over the limit before reading them whole. At most ``max_concurrent_rpcs`` calls are handled at once
+(RESOURCE_EXHAUSTED beyond), so at most that many bodies of ``max_body_size`` are held at once.
 
 Example (inside a running event loop)::
 
@@ -44,8 +45,10 @@ class GrpcTeacherServer:
         self.max_body_size = int(max_body_size)
         self._observe = observe
         security = security or TransportSecurity()
-        # Let messages up to twice the limit through so that our own check can explain the refusal.
-        grpc_limit = min(2 * self.max_body_size + 1024, 2**31 - 1)
+        # grpc receives a whole message before the handler sees it: its limit is the real bound. A little slack
+        # lets bodies just over the limit reach our own check, whose refusal names --max_body_size; bigger ones
+        # get grpc's RESOURCE_EXHAUSTED ("Received message larger than max").
+        grpc_limit = min(self.max_body_size + 65536, 2**31 - 1)
         self._server = grpc.aio.server(
             interceptors=security.grpc_interceptors(),
             options=[("grpc.max_receive_message_length", grpc_limit),

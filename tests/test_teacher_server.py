@@ -227,6 +227,9 @@ def test_malformed_and_oversized_bodies(teacher_model):
         checks.append((info.value.code(), info.value.details()))
         assert checks[0][0] == grpc.StatusCode.INVALID_ARGUMENT and "not a general_model Request" in checks[0][1]
         assert checks[1][0] == grpc.StatusCode.INVALID_ARGUMENT and "--max_body_size 20000" in checks[1][1]
+        with pytest.raises(grpc.RpcError) as info:   # far over: refused by grpc before it is read whole
+            _raw_call(server.endpoint, _request(mnist_like_images(64)).SerializeToString())
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
         assert _raw_call(server.endpoint, good).err_no == 0
 
         cases = [
