@@ -225,6 +225,10 @@ class HttpFront:
                     chunks.append(chunk)
         except TimeoutError:
             raise BadBody(408, f"request body not received within {self.body_timeout:g}s") from None
+        except BadBody:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken chunked encoding, a client gone mid-body, ...
+            raise BadBody(400, f"request body could not be read: {exc}") from None
         body = b"".join(chunks)
         if request.headers.get("Content-Encoding", "").strip().lower() == "gzip":
             body = _gunzip(body, limit)
