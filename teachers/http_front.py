@@ -197,8 +197,8 @@ class HttpFront:
         except BadBody as exc:
             self._record("bad_request", start, 0)
             answer = self._answer(request, exc.status, error_response(ERR_INPUT, str(exc)), as_json)
-            if exc.status == 413:
-                answer.force_close()
+            if exc.status != 400:
+                answer.force_close()   # the rest of the body was not read: the connection cannot go on
             return answer
         if not self.serving:
             response, status = error_response(ERR_SHUTDOWN, "server is shutting down", message.log_id), 503

@@ -544,8 +544,13 @@ def test_impossible_shapes_get_err_no_5000_on_every_transport(teacher_server):
 
 def test_http_lengths_and_streams_never_read_past_max_body_size(teacher_model):
     with TeacherServer(teacher_model.server_dir, http=True, thread=1,
-                       extra_args=["--max_body_size", "20000"]) as server:
+                       extra_args=["--max_body_size", "20000", "--http_body_timeout", "1"]) as server:
         path = HTTP_PATH.encode()
+        t0 = time.monotonic()   # a slow client: 100 of 5000 bytes, then nothing
+        answer = _raw_http(server.http_endpoint, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 5000\r\n\r\n", b"{" * 100)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 1s" in answer, answer[:300]
+        assert time.monotonic() - t0 < 6
         for length in (b"-5", b"-1", b"abc", b"1e3"):
             answer = _raw_http(server.http_endpoint, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
                                b"application/proto\r\nContent-Length: " + length + b"\r\n\r\n", b"x" * 100)
