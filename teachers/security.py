@@ -40,7 +40,8 @@ class TransportSecurity:
         return None
 
     def http_middlewares(self) -> list:
-        """aiohttp middlewares run before every HTTP handler (e.g. a bearer-token check)."""
+        """Request checks run before every HTTP handler (e.g. a bearer-token check): async callables taking the
+        aiohttp request and returning None (go on) or the ``web.Response`` to answer instead (e.g. 401)."""
         return []
 
     def bind_grpc(self, server: grpc.aio.Server, address: str) -> int:
