@@ -80,8 +80,8 @@ class DynamicBatcher:
         self.timeout_s = max(0.0, float(timeout_ms)) / 1000.0
         self.predict_timeout = float(predict_timeout)
         self._on_run = on_run
-        self._queue: queue.Queue = queue.Queue()      # jobs waiting for the collector
-        self._work: queue.Queue = queue.Queue()       # groups of jobs waiting for a runner
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()   # jobs waiting for the collector
+        self._work: queue.SimpleQueue = queue.SimpleQueue()    # groups of jobs waiting for a runner
         self._carry: collections.deque = collections.deque()
         self._runners = max(1, runners)
         self._free_runners = threading.Semaphore(self._runners)
