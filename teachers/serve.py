@@ -66,7 +66,7 @@ def str2bool(value) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m teachers.serve",
+        prog="python -m teachers.serve", allow_abbrev=False,
         description="Serve a Paddle Serving model folder (written by teachers.export or paddle_serving_client) "
                     "with Paddle Inference, over Paddle Serving's gRPC and HTTP protocol. Boolean flags take "
                     "an optional True/False value (--mem_optim True, or just --ir_optim).")
@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=int, default=4,
                    help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
-    g.add_argument("--gpu_ids", default="",
-                   help="comma separated GPU ids; predictors are spread over them. Needs the GPU wheel: with the "
-                        "CPU wheel a warning says they are ignored and the server runs on CPU")
+    g.add_argument("--gpu_ids", default=[""], nargs="+", metavar="IDS",
+                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictors are spread over them. Needs "
+                        "the GPU wheel: with the CPU wheel a warning says they are ignored and the server runs on CPU")
     g.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="cpu or gpu (default: gpu when --gpu_ids is given and paddle has CUDA, else cpu); "
                         "--device gpu without CUDA is an error")
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host to register in ZooKeeper (default: --host, or this machine's address when --host "
                         "is 0.0.0.0)")
     return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; an unknown (or abbreviated) flag exits with code 2 naming it."""
+    args = build_parser().parse_args(argv)
+    args.gpu_ids = ",".join(str(v) for v in args.gpu_ids if str(v) != "")
+    return args
 
 
 class ServeError(RuntimeError):
@@ -485,7 +492,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     import paddle  # noqa: F401  (before logging setup: importing paddle sets the root logger to WARNING)
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
