@@ -8,9 +8,10 @@ gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on 
 Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
 asyncio event loop (grpc.aio + aiohttp); predictors run on the batcher's threads.
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
-``--drain_timeout`` (then are cut off), exit 0. A flag that cannot be honoured on this machine is named in a
-WARNING (or an error when it was explicit); an unknown flag is an error (exit 2), except Paddle Serving's own
-flags that this server has no use for: those are accepted, named in a warning and listed in ``--help``.
+``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
+on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
+except Paddle Serving's own flags that this server has no use for: those are accepted, named in a warning and
+listed in ``--help``.
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     o.add_argument("--drain_timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM; the server exits within this "
-                        "whatever its clients do (default: %(default)s)")
+                        "whatever its clients do: code 0, or 3 when a predictor run was still stuck "
+                        "(default: %(default)s)")
     o.add_argument("--stats_interval", type=float, default=60.0,
                    help="seconds between request count / latency log lines (default: %(default)s)")
     o.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
