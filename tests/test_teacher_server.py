@@ -598,7 +598,8 @@ def test_idle_http_connections_are_bounded_and_never_starve_grpc(teacher_model):
         idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
         try:
             time.sleep(0.5)
-            assert _fd_count(server.pid) - fds_before <= 20 + 2
+            # 60 connections opened, at most 20 held (a few more fds for refusals being closed, health probes)
+            assert _fd_count(server.pid) - fds_before <= 20 + 8
             refused = []
             for s in idle[20:]:   # over the limit: answered 503 and closed (or still in the listen backlog)
                 s.settimeout(1)
