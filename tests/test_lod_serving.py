@@ -27,7 +27,8 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def lod_server(lod_teacher):  # noqa: F811
-    with TeacherServer(lod_teacher.server_dir, http=True, max_batch_size=16, batch_timeout_ms=5) as server:
+    with TeacherServer(lod_teacher.server_dir, http=True, max_batch_size=16, batch_timeout_ms=5,
+                       extra_args=("--merge_requests", "yes")) as server:   # LoD requests merge (shifted offsets)
         yield server
 
 
