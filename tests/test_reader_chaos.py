@@ -13,6 +13,7 @@ still depends on the machine).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np  # noqa: I001  (numpy before paddle)
 
 from distill_reader import DistillReader
-from tests.support.procs import port_is_open, wait_for
+from tests.support.procs import pid_alive, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 
 logger = logging.getLogger(__name__)
@@ -236,21 +237,25 @@ def student_epochs(dr: DistillReader, chaos: ChaosDriver, images: np.ndarray, re
     return done
 
 
-def _close_all(chaos: Optional[ChaosDriver], dr: Optional[DistillReader], servers: list[TeacherServer]) -> None:
-    """Resume and stop everything, whatever failed: faults first, then the reader, then the teachers."""
+def _close_all(chaos: Optional[ChaosDriver], dr: Optional[DistillReader], servers: list[TeacherServer]) -> list:
+    """Resume and stop everything, whatever failed: faults first, then the reader, then the teachers.
+    Returns what is still running afterwards (teacher endpoints, worker PIDs): the test asserts it is empty."""
+    workers = []
     try:
         if chaos is not None:
             chaos.stop()
     finally:
         try:
             if dr is not None:
+                workers = dr.worker_pids
                 dr.close()
         finally:
             for server in servers:
                 _signal(server, signal.SIGCONT)
                 server.close()
-            for server in servers:
-                assert not server.alive(), f"teacher {server.endpoint} still running"
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not any(pid_alive(p) for p in workers), 10, "the reader's workers to exit")
+    return [s.endpoint for s in servers if s.alive()] + [p for p in workers if pid_alive(p)]
 
 
 def _check_chaos(chaos: ChaosDriver, epochs: list) -> None:
@@ -285,7 +290,8 @@ def test_chaos_fixed_teachers(teacher_model):
         chaos.stop()
         _check_chaos(chaos, epochs)
     finally:
-        _close_all(chaos, dr, servers)
+        left = _close_all(chaos, dr, servers)
+    assert not left, f"still running after the test: {left}"
 
 
 def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root, teacher_model):
@@ -337,4 +343,5 @@ def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root
     finally:
         if zk_thread is not None:
             zk_thread.join(60)
-        _close_all(chaos, dr, servers)
+        left = _close_all(chaos, dr, servers)
+    assert not left, f"still running after the test: {left}"
