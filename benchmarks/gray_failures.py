@@ -111,9 +111,11 @@ def _timed_epoch(reader, on_batch=None) -> tuple[int, float, float, list[float]]
     return samples, time.perf_counter() - started, gap, times
 
 
-def _stage_counts(dr) -> tuple[Optional[float], Optional[float]]:
-    stage = dr.last_epoch_stats.stage if dr.last_epoch_stats is not None else {}
-    return stage.get("hedges"), stage.get("requests")
+def _stage_counts(dr) -> tuple[Optional[float], Optional[float], dict]:
+    """(hedges, requests, per-teacher stats) of the reader's last epoch (None where it does not say)."""
+    stats = dr.last_epoch_stats
+    stage = stats.stage if stats is not None else {}
+    return stage.get("hedges"), stage.get("requests"), dict(stats.teachers) if stats is not None else {}
 
 
 def _run_reader(harness: Harness, endpoints: Sequence[str], conf: str, batch: int, n_batches: int,
@@ -153,7 +155,7 @@ def bench_frozen(harness: Harness, conf: str, latency_ms: float, batch: int, sec
                 victim.send_signal(signal.SIGSTOP)
                 frozen_at.append(time.perf_counter())
 
-        (hedges, requests), (samples, elapsed, gap, times) = _run_reader(
+        (hedges, requests, _), (samples, elapsed, gap, times) = _run_reader(
             harness, [e for e, _ in procs], conf, batch, n_batches, images, freeze)
         victim.send_signal(signal.SIGCONT)
     after = len(times) - 1 - freeze_at
@@ -171,12 +173,16 @@ def bench_slow(harness: Harness, conf: str, latency_ms: float, batch: int, secon
     n_batches = max(30, int(ideal * seconds / batch))
     with teacher_processes(harness, latencies, conf) as procs:
         endpoints = [e for e, _ in procs]
-        (hedges, requests), (samples, elapsed, gap, _) = _run_reader(harness, endpoints, conf, batch, n_batches,
-                                                                     images)
+        (hedges, requests, teachers), (samples, elapsed, gap, _) = _run_reader(harness, endpoints, conf, batch,
+                                                                               n_batches, images)
         _, (fast_samples, fast_elapsed, _, _) = _run_reader(harness, endpoints[1:], conf, batch, n_batches,
                                                             images)
+    slow_requests = teachers.get(endpoints[0], {}).get("requests", 0)
+    all_requests = sum(t.get("requests", 0) for t in teachers.values()) or 1
     return GrayResult("slow", samples / elapsed, ideal, gap, hedges, requests,
-                      {"three fast teachers alone / ideal of 4": fast_samples / fast_elapsed / ideal,
+                      {"slow teacher's share of requests (its share of the ideal: "
+                       f"{batch / (latencies[0] / 1000.0) / ideal:.3f})": slow_requests / all_requests,
+                       "three fast teachers alone / ideal of 4": fast_samples / fast_elapsed / ideal,
                        "ideal of the three / ideal of 4": (ideal - batch / (latencies[0] / 1000.0)) / ideal})
 
 
@@ -185,7 +191,7 @@ def bench_healthy(harness: Harness, conf: str, latency_ms: float, batch: int, se
     ideal = 4 * batch / (latency_ms / 1000.0)
     n_batches = max(30, int(ideal * seconds / batch))
     with teacher_processes(harness, [latency_ms] * 4, conf) as procs:
-        (hedges, requests), (samples, elapsed, gap, _) = _run_reader(harness, [e for e, _ in procs], conf,
+        (hedges, requests, _), (samples, elapsed, gap, _) = _run_reader(harness, [e for e, _ in procs], conf,
                                                                      batch, n_batches, images)
     return GrayResult("healthy", samples / elapsed, ideal, gap, hedges, requests)
 
