@@ -41,6 +41,7 @@ CHAOS_SECONDS = 12.0     # how long the driver injects faults in each test
 INTERVAL = 0.5           # seconds between two faults (jittered)
 MAX_FAULTY = 3           # teachers out of service at once: one always serves, so the epochs keep moving
 MAX_KILLED = 2           # of which killed or restarting
+HANG_LIMIT = 150.0       # no end of the epochs by then (a hung reader): close it from the watchdog, fail the test
 STUDENT_PAUSE = 0.01     # seconds of "training" per student batch: an epoch spans several faults
 
 
@@ -230,9 +231,34 @@ def check_epoch(got: tuple[np.ndarray, np.ndarray, np.ndarray], images: np.ndarr
 
 
 def student_epochs(dr: DistillReader, chaos: ChaosDriver, images: np.ndarray, reference: np.ndarray) -> list:
-    """Epochs cycling through the three kinds until the chaos is over (and each kind ran once under it)."""
+    """Epochs cycling through the three kinds until the chaos is over (and each kind ran once under it).
+
+    A watchdog closes the reader from another thread if the epochs have not ended after ``HANG_LIMIT`` seconds
+    (a hang must fail the test, with the chaos events, and still let it stop every process)."""
     kinds = generators(images)
     done = []
+    hung = threading.Event()
+
+    def watchdog() -> None:
+        hung.set()
+        chaos.log(f"watchdog: epochs not over after {HANG_LIMIT:.0f}s, closing the reader")
+        dr.close()
+
+    timer = threading.Timer(HANG_LIMIT, watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        return _epochs_until_calm(dr, chaos, kinds, images, reference, done)
+    except BaseException as exc:
+        if hung.is_set():
+            raise AssertionError(f"reader hung: {len(done)} epochs in {HANG_LIMIT:.0f}s, then {exc!r}") from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+def _epochs_until_calm(dr: DistillReader, chaos: ChaosDriver, kinds: dict, images: np.ndarray,
+                       reference: np.ndarray, done: list) -> list:
     while chaos.running or len(done) < len(kinds):
         kind = list(kinds)[len(done) % len(kinds)]
         started = time.monotonic()
