@@ -235,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated benchmarks to run: efficiency, large, student, and the gray "
                         "failures frozen, slow, healthy (gray = those three)")
     parser.add_argument("--ks", default="1,4,8", help="teacher counts for the efficiency benchmark")
-    parser.add_argument("--latency_ms", type=float, default=20.0, help="fake teachers' latency (efficiency)")
-    parser.add_argument("--batch", type=int, default=32, help="teacher batch size (efficiency, student)")
+    parser.add_argument("--latency_ms", type=float, default=20.0, help="fake teachers' latency, ms (efficiency, gray)")
+    parser.add_argument("--batch", type=int, default=32, help="teacher batch size (efficiency, student, gray)")
     parser.add_argument("--seconds", type=float, default=3.0, help="approximate length of each measurement")
     parser.add_argument("--large_batch", type=int, default=8, help="teacher batch of 3x224x224 samples (large)")
     parser.add_argument("--large_latency_ms", type=float, default=20.0, help="fake teachers' latency (large)")
