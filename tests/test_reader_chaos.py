@@ -224,7 +224,14 @@ def run_epoch(dr: DistillReader, kind: str, generator: Callable) -> tuple[np.nda
 def check_epoch(got: tuple[np.ndarray, np.ndarray, np.ndarray], images: np.ndarray, reference: np.ndarray,
                 what: str) -> None:
     got_images, labels, predictions = got
-    assert labels.tolist() == list(range(len(images))), f"{what}: every sample exactly once, in order"
+    order = labels.tolist()
+    if order != list(range(len(images))):
+        counts = np.bincount(labels, minlength=len(images))
+        first_wrong = next(i for i, (a, b) in enumerate(zip(order + [None] * len(images), range(len(images))))
+                           if a != b)
+        raise AssertionError(f"{what}: every sample exactly once, in order; {int((counts == 0).sum())} lost, "
+                             f"{int((counts > 1).sum())} duplicated, {len(order)} yielded, first out of place "
+                             f"at position {first_wrong}: {order[max(0, first_wrong - 2):first_wrong + 3]}")
     np.testing.assert_array_equal(got_images, images, err_msg=f"{what}: samples passed through unchanged")
     np.testing.assert_allclose(predictions, reference, rtol=1e-5, atol=1e-5,
                                err_msg=f"{what}: each sample with the teacher's prediction for it")
