@@ -16,6 +16,7 @@ still depends on the machine).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np  # noqa: I001  (numpy before paddle)
 
 from distill_reader import DistillReader
-from tests.support.procs import pid_alive, port_is_open, wait_for
+from tests.support.procs import ProcessGuard, pid_alive, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,32 @@ MAX_FAULTY = 3           # teachers out of service at once: one always serves, s
 MAX_KILLED = 2           # of which killed or restarting
 HANG_LIMIT = 150.0       # no end of the epochs by then (a hung reader): close it from the watchdog, fail the test
 STUDENT_PAUSE = 0.01     # seconds of "training" per student batch: an epoch spans several faults
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved before any fork
+
+
+def _sigkill_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that started it ends (pytest dying included).
+    SIGKILL, not ProcessGuard's SIGTERM: a teacher frozen by SIGSTOP would never act on a SIGTERM."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _ChaosGuard(ProcessGuard):
+    """ProcessGuard whose children die with the thread that started them, from any thread (the chaos driver's
+    restart threads stay alive until every teacher is stopped, see ``ChaosDriver.release``)."""
+
+    def start(self, args, env=None, **kwargs):
+        kwargs["preexec_fn"] = _sigkill_with_parent
+        return super().start(args, env, **kwargs)
+
+
+def chaos_server(model_dir: str, **options) -> TeacherServer:
+    """A TeacherServer (not started) whose processes are SIGKILLed if the test process dies."""
+    server = TeacherServer(model_dir, **options)
+    server._guard = _ChaosGuard()
+    return server
 
 
 def chaos_seed() -> int:
@@ -66,7 +93,9 @@ class ChaosDriver:
 
     Only the driver thread draws from the seeded RNG, so a seed replays the same choices. Restarts run in their
     own threads (a server start takes seconds). ``stop()`` ends the faults, resumes every frozen teacher and
-    waits for the restarts; it is safe to call more than once and never leaves a process stopped.
+    waits for the restarts; it is safe to call more than once and never leaves a process stopped. A restart
+    thread stays alive until ``release()`` (call it once the teachers are stopped): the processes it started get
+    SIGKILL when it ends (``chaos_server``).
     """
 
     def __init__(self, servers: list[TeacherServer], seed: int, duration: float = CHAOS_SECONDS):
@@ -79,8 +108,9 @@ class ChaosDriver:
         self.kills = self.stops = 0
         self._lock = threading.Lock()
         self._faulty: dict[int, tuple[str, float]] = {}   # server index -> ("stopped" | "killed", when to heal)
-        self._restarts: list[threading.Thread] = []
+        self._restarts: list[tuple[threading.Thread, threading.Event]] = []   # (thread, restart attempted)
         self._done = threading.Event()
+        self._release = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chaos-driver", daemon=True)
         self._started = 0.0
 
@@ -148,12 +178,20 @@ class ChaosDriver:
                 self.log(f"SIGCONT teacher {index} {server.endpoint}")
             elif state == "killed":
                 self._faulty[index] = ("restarting", float("inf"))
-                thread = threading.Thread(target=self._restart, args=(index,), name=f"chaos-restart-{index}",
-                                          daemon=True)
-                self._restarts.append(thread)
+                attempted = threading.Event()
+                thread = threading.Thread(target=self._restart, args=(index, attempted),
+                                          name=f"chaos-restart-{index}", daemon=True)
+                self._restarts.append((thread, attempted))
                 thread.start()
 
-    def _restart(self, index: int) -> None:
+    def _restart(self, index: int, attempted: threading.Event) -> None:
+        try:
+            self._restart_server(index)
+        finally:
+            attempted.set()
+        self._release.wait()   # the server's PDEATHSIG fires when this thread ends
+
+    def _restart_server(self, index: int) -> None:
         server = self.servers[index]
         try:
             server.stop()     # reap the killed process
@@ -171,10 +209,16 @@ class ChaosDriver:
         self._done.set()
         if self._thread.is_alive():
             self._thread.join(30)
-        for thread in list(self._restarts):
-            thread.join(90)
+        for _, attempted in list(self._restarts):
+            attempted.wait(90)
         for server in self.servers:   # whatever happened above: no teacher stays frozen
             _signal(server, signal.SIGCONT)
+
+    def release(self) -> None:
+        """Let the restart threads end (after the teachers were stopped)."""
+        self._release.set()
+        for thread, _ in list(self._restarts):
+            thread.join(10)
 
     def report(self) -> str:
         with self._lock:
@@ -294,6 +338,8 @@ def _close_all(chaos: Optional[ChaosDriver], dr: Optional[DistillReader], server
             for server in servers:
                 _signal(server, signal.SIGCONT)
                 server.close()
+            if chaos is not None:
+                chaos.release()
     with contextlib.suppress(AssertionError):
         wait_for(lambda: not any(pid_alive(p) for p in workers), 10, "the reader's workers to exit")
     return [s.endpoint for s in servers if s.alive()] + [p for p in workers if pid_alive(p)]
@@ -311,7 +357,7 @@ def test_chaos_fixed_teachers(teacher_model):
     seed = chaos_seed()
     images = mnist_like_images(SAMPLES, seed=seed % 1000)
     reference = reference_predict(teacher_model.server_dir, images)
-    servers = [TeacherServer(teacher_model.server_dir) for _ in range(TEACHERS)]
+    servers = [chaos_server(teacher_model.server_dir) for _ in range(TEACHERS)]
     chaos = dr = None
     try:
         for server in servers:   # from this thread: their PDEATHSIG then fires only when pytest dies
@@ -339,7 +385,7 @@ def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root
     images = mnist_like_images(SAMPLES, seed=seed % 1000 + 1)
     reference = reference_predict(teacher_model.server_dir, images)
     zk_args = ["--zk", zk_server.hosts, "--service", SERVICE, "--zk_root", zk_root]   # teachers register themselves
-    servers = [TeacherServer(teacher_model.server_dir, extra_args=zk_args) for _ in range(TEACHERS)]
+    servers = [chaos_server(teacher_model.server_dir, extra_args=zk_args) for _ in range(TEACHERS)]
     endpoints = sorted(s.endpoint for s in servers)
     chaos = dr = zk_thread = None
     zk_errors: list[BaseException] = []
