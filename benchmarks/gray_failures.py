@@ -142,18 +142,17 @@ def _run_reader(harness: Harness, endpoints: Sequence[str], conf: str, batch: in
 
 
 def bench_frozen(harness: Harness, conf: str, latency_ms: float, batch: int, seconds: float) -> GrayResult:
+    """4 teachers; one SIGSTOPped a third of the way into the epoch. Longest gap, samples/s, rate after."""
     images = np.random.default_rng(3).random((batch * 8, 1, 28, 28), dtype=np.float32)
     ideal = 4 * batch / (latency_ms / 1000.0)
     n_batches = max(30, int(ideal * seconds / batch))
     freeze_at = n_batches // 3
     with teacher_processes(harness, [latency_ms] * 4, conf) as procs:
         victim = procs[1][1]
-        frozen_at: list[float] = []
 
         def freeze(i: int) -> None:
             if i == freeze_at:
-                victim.send_signal(signal.SIGSTOP)
-                frozen_at.append(time.perf_counter())
+                victim.send_signal(signal.SIGSTOP)   # resumed below, and by teacher_processes on any exit
 
         (hedges, requests, _), (samples, elapsed, gap, times) = _run_reader(
             harness, [e for e, _ in procs], conf, batch, n_batches, images, freeze)
@@ -167,6 +166,7 @@ def bench_frozen(harness: Harness, conf: str, latency_ms: float, batch: int, sec
 
 def bench_slow(harness: Harness, conf: str, latency_ms: float, batch: int, seconds: float,
                factor: float = 10.0) -> GrayResult:
+    """4 teachers, one at ``factor`` x the latency; then the three fast ones alone. Rates over the ideal sum."""
     images = np.random.default_rng(4).random((batch * 8, 1, 28, 28), dtype=np.float32)
     latencies = [latency_ms * factor] + [latency_ms] * 3
     ideal = sum(batch / (lat / 1000.0) for lat in latencies)
@@ -187,6 +187,7 @@ def bench_slow(harness: Harness, conf: str, latency_ms: float, batch: int, secon
 
 
 def bench_healthy(harness: Harness, conf: str, latency_ms: float, batch: int, seconds: float) -> GrayResult:
+    """4 healthy teachers: efficiency vs ideal and the hedged fraction."""
     images = np.random.default_rng(5).random((batch * 8, 1, 28, 28), dtype=np.float32)
     ideal = 4 * batch / (latency_ms / 1000.0)
     n_batches = max(30, int(ideal * seconds / batch))
