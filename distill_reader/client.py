@@ -138,8 +138,14 @@ class TeacherClient:
                        ("grpc.max_receive_message_length", max_message_bytes)]
             if keepalive_time > 0:   # pings only while a request is out
                 interval_ms = int(keepalive_time * 1000)
+                # grpc-core waits for the ping's acknowledgement for grpc.http2.ping_timeout_ms (default 1 min),
+                # not keepalive_timeout_ms: both are set, or a frozen peer is noticed only after a minute. A new
+                # connection to a frozen peer (TCP accepted, no HTTP/2 SETTINGS) waits for the connect timeout,
+                # min_reconnect_backoff_ms (default 20 s): two intervals here too.
                 options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", interval_ms),
-                            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
+                            ("grpc.http2.ping_timeout_ms", interval_ms), ("grpc.keepalive_permit_without_calls", 0),
+                            ("grpc.http2.max_pings_without_data", 0),
+                            ("grpc.min_reconnect_backoff_ms", 2 * interval_ms)]
             self._channel = grpc.insecure_channel(endpoint, options=options)
             self._stub = service_grpc.GeneralModelServiceStub(self._channel)
         else:

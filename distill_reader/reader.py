@@ -138,7 +138,7 @@ class DistillReader:
             ``clamp(hedge_factor x hedge_percentile-th percentile of recent latencies, hedge_min_delay,
             hedge_max_delay)`` (defaults 2.0, 95, 0.02 s, 1.0 s); the first answer wins.
         stall_factor / stall_min_timeout: a teacher whose request has been out for ``max(stall_min_timeout,
-            stall_factor x the 99th latency percentile)`` (defaults 4, 1 s; at most request_timeout) is set aside
+            stall_factor x the 99th latency percentile)`` (defaults 4, 2 s; at most request_timeout) is set aside
             and probed, and its tasks go to other teachers.
 
     Raises (while iterating): AllTeachersDownError, TeacherAnswerInvalid (no teacher answers a task correctly),
@@ -154,7 +154,7 @@ class DistillReader:
                  wire: str = "auto", stop_timeout: float = 2.0, keepalive_time: float = 1.0,
                  hedge_budget: float = 0.05, hedge_percentile: float = 95.0, hedge_factor: float = 2.0,
                  hedge_min_delay: float = 0.02, hedge_max_delay: float = 1.0, stall_factor: float = 4.0,
-                 stall_min_timeout: float = 1.0):
+                 stall_min_timeout: float = 2.0):
         if not ins:
             raise ValueError("ins must name at least one slot")
         if not predicts:
