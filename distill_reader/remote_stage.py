@@ -15,6 +15,8 @@ wrong answer           missing fetch, wrong rows: the teacher is set aside (it m
                        the task retried elsewhere; wrong at every teacher -> ``TeacherAnswerInvalid``
 stalled                no answer after ``stall_timeout`` (adaptive): the teacher is set aside and probed,
                        its tasks are re-issued elsewhere; a late answer is discarded
+credentials refused    gRPC UNAUTHENTICATED / PERMISSION_DENIED, HTTP 401 / 403: as a wrong answer;
+                       refused by every teacher -> ``TeacherAuthRefused``
 error in the worker    re-raised in the student with its type and the worker's traceback
 =====================  ============================================================================
 
@@ -42,7 +44,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .backoff import backoff_delay
-from .errors import AllTeachersDownError, DistillReaderError, TeacherAnswerInvalid, TeacherRequestRefused
+from .client_security import ClientSecurity
+from .errors import (
+    AllTeachersDownError,
+    DistillReaderError,
+    TeacherAnswerInvalid,
+    TeacherAuthRefused,
+    TeacherRequestRefused,
+)
 from .latency_window import LatencyWindow
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
@@ -76,6 +85,7 @@ class RemoteOptions:
     hedge_max_delay: float = 1.0
     stall_factor: float = 4.0
     stall_min_timeout: float = 2.0
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hedge_budget <= 1.0:
@@ -260,7 +270,8 @@ class RemoteStage(PredictionStage):
             settings = {"config_text": text_format.MessageToString(self.config.to_proto()),
                         "config_source": self.config.source, "fetch": self.fetch,
                         "timeout": self.options.request_timeout, "protocol": self.options.protocol,
-                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time}
+                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time,
+                        "security": self.options.security.settings()}
             self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
 
     def _dispatch(self) -> None:
@@ -390,10 +401,10 @@ class RemoteStage(PredictionStage):
                 self.counts["retries"] += 1
                 self._retry_later(state, text)
             return
-        if failure == "answer":
+        if failure in ("answer", "auth"):
             self.pool.failed(endpoint, text)
             if state is not None:
-                self._wrong_answer(state, endpoint, text)
+                self._wrong_answer(state, endpoint, text, auth=failure == "auth")
             return
         self.pool.released(endpoint)
         if state is None:
@@ -403,8 +414,11 @@ class RemoteStage(PredictionStage):
         else:
             raise _rebuild_worker_error(text, extra[0] if extra else "")
 
-    def _wrong_answer(self, state: _TaskState, endpoint: str, text: str) -> None:
+    def _wrong_answer(self, state: _TaskState, endpoint: str, text: str, auth: bool = False) -> None:
         state.wrong[endpoint] = text
+        if set(self.pool.endpoints) <= set(state.wrong) and auth:
+            raise TeacherAuthRefused("every teacher refused this student's credentials (token, client "
+                                     "certificate): " + "; ".join(f"{e}: {t}" for e, t in state.wrong.items()))
         if set(self.pool.endpoints) <= set(state.wrong):
             raise TeacherAnswerInvalid(endpoint, f"no teacher answered task {state.task.seq} (samples from "
                                                  f"{state.task.sample_start}) correctly: "

@@ -352,7 +352,7 @@ def test_dynamic_teachers_survive_adding_an_offline_cache(teacher_model, teacher
     from discovery.teacher_registration import TeacherRegistration
 
     registration = TeacherRegistration(zookeeper.hosts, "gray", teacher_server.endpoint, root=zk_root,
-                                       session_timeout=2.0)
+                                       session_timeout=2.0, allow_open_acl=True)
     registration.start()
     images = mnist_like_images(96)
     dr = DistillReader(ins=["img", "label"], predicts=["prediction"], all_teachers_down_timeout=15.0)

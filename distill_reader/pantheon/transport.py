@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..endpoints import parse_endpoint
 from .errors import AuthenticationError, ConnectionLost, PantheonError, ProtocolError
 from .frames import (
     DEFAULT_MAX_FRAME,
@@ -96,13 +97,10 @@ def resolve_timeout(timeout: Optional[float]) -> float:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6 address]:port"``) -> ``(host, port)`` with a clear error for anything else."""
-    host, sep, port = str(address).strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"teacher address {address!r} is not of the form '<host>:<port>' (e.g. '127.0.0.1:8080')")
-    return host, int(port)
+    """``"host:port"`` (or ``"[v6 address]:port"``) -> ``(host, port)``; ValueError naming the address otherwise
+    (the project's one endpoint parser, ``distill_reader.endpoints``)."""
+    endpoint = parse_endpoint(str(address), what="teacher address", allow_wildcard=False)
+    return endpoint.host, endpoint.port
 
 
 # ---------------------------------------------------------------- connection
