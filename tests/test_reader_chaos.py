@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import random
@@ -26,7 +27,9 @@ import time
 from typing import Callable, Optional
 
 import numpy as np  # noqa: I001  (numpy before paddle)
+from kazoo.client import KazooClient
 
+from discovery.registry import TEACHER_PREFIX
 from distill_reader import DistillReader
 from tests.support.procs import ProcessGuard, pid_alive, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
@@ -379,12 +382,39 @@ def test_chaos_fixed_teachers(teacher_model):
     assert not left, f"still running after the test: {left}"
 
 
+def registrations(hosts: str, root: str) -> list[str]:
+    """The endpoints registered under the service now, for failure messages (['?'] when ZooKeeper does not say)."""
+    client = KazooClient(hosts=hosts, timeout=2.0)
+    try:
+        client.start(timeout=3)
+        path = f"{root}/{SERVICE}"
+        names = [n for n in client.get_children(path) if n.startswith(TEACHER_PREFIX)] if client.exists(path) else []
+        return sorted(json.loads(client.get(f"{path}/{n}")[0])["endpoint"] for n in names)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return [f"? ({exc!r})"]
+    finally:
+        client.stop()
+        client.close()
+
+
+def wait_for_teachers(dr: DistillReader, endpoints: list[str], zk_hosts: str, root: str, what: str,
+                      chaos: Optional[ChaosDriver] = None) -> None:
+    """Wait until the reader uses exactly ``endpoints``; the failure says what the reader and ZooKeeper have."""
+    try:
+        wait_for(lambda: sorted(dr.pool.endpoints) == endpoints, 20, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: the reader uses {sorted(dr.pool.endpoints)}, ZooKeeper has "
+                             f"{registrations(zk_hosts, root)}, expected {endpoints}"
+                             + (f"\nchaos events:\n{chaos.report()}" if chaos is not None else "")) from None
+
+
 def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root, teacher_model):
     seed = chaos_seed()
     zk_server = private_zookeeper
     images = mnist_like_images(SAMPLES, seed=seed % 1000 + 1)
     reference = reference_predict(teacher_model.server_dir, images)
-    zk_args = ["--zk", zk_server.hosts, "--service", SERVICE, "--zk_root", zk_root]   # teachers register themselves
+    zk_args = ["--zk", zk_server.hosts, "--service", SERVICE, "--zk_root", zk_root,   # teachers register themselves
+               "--allow_open_acl"]
     servers = [chaos_server(teacher_model.server_dir, extra_args=zk_args) for _ in range(TEACHERS)]
     endpoints = sorted(s.endpoint for s in servers)
     chaos = dr = zk_thread = None
@@ -405,7 +435,7 @@ def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root
         dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
         dr.set_serving_conf_file(teacher_model.client_conf)
         dr.set_dynamic_teacher(zk_server.hosts, SERVICE, require_max_teacher=TEACHERS, root=zk_root)
-        wait_for(lambda: sorted(dr.pool.endpoints) == endpoints, 20, "the reader finding the four teachers")
+        wait_for_teachers(dr, endpoints, zk_server.hosts, zk_root, "the reader finding the four teachers")
         check_epoch(run_epoch(dr, "batch", generators(images)["batch"]), images, reference, "warm-up epoch")
         chaos = ChaosDriver(servers, seed).start()
         zk_thread = threading.Thread(target=restart_zookeeper_once, name="zookeeper-restart", daemon=True)
@@ -420,7 +450,7 @@ def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root
         _check_chaos(chaos, epochs)
         assert not zk_errors and not zk_thread.is_alive() and zk_server.ready(), zk_errors
         # after the storm every teacher is registered again and the reader uses all four
-        wait_for(lambda: sorted(dr.pool.endpoints) == endpoints, 20, "the reader back to four teachers")
+        wait_for_teachers(dr, endpoints, zk_server.hosts, zk_root, "the reader back to four teachers", chaos)
         check_epoch(run_epoch(dr, "sample_list", generators(images)["sample_list"]), images, reference,
                     "epoch after the chaos")
         assert set(dr.last_epoch_stats.teachers) <= set(endpoints)
