@@ -23,6 +23,8 @@ setup(
         "requests>=2.28",
         "kazoo>=2.9",
         "tqdm>=4.60",
+        "aiohttp>=3.9",             # the teacher server's HTTP front
+        "prometheus_client>=0.17",  # the teacher server's metrics (--enable_prometheus)
     ],
     extras_require={
         # The GPU wheel replaces the CPU one: `pip install -e .[gpu]` then `pip uninstall paddlepaddle`

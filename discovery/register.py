@@ -18,7 +18,9 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from distill_reader.client_security import ClientSecurity
 
 from .arguments import (
     AUTH_ENV,
@@ -66,13 +68,16 @@ def add_zk_arguments(parser: argparse.ArgumentParser, required: bool = True) -> 
                             "check registers it again (a teacher that keeps flapping waits longer each time)")
 
 
-def registration_from_args(args: argparse.Namespace, endpoint: str,
-                           meta: Optional[dict] = None) -> TeacherRegistration:
-    """A TeacherRegistration from flags added by ``add_zk_arguments``."""
+def registration_from_args(args: argparse.Namespace, endpoint: str, meta: Optional[dict] = None,
+                           health_check: Optional[Callable[[], bool]] = None) -> TeacherRegistration:
+    """A TeacherRegistration from flags added by ``add_zk_arguments`` (and the script's TLS flags, if any)."""
+    security = ClientSecurity(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+                              getattr(args, "tls_key", None))
     return TeacherRegistration(args.zk, args.service, endpoint, meta=meta, root=args.root,
                                auth=resolve_auth(args.zk_auth), health_interval=args.health_interval,
                                health_timeout=args.health_timeout, unhealthy_after=args.unhealthy_after,
-                               session_timeout=args.session_timeout, allow_open_acl=args.allow_open_acl)
+                               session_timeout=args.session_timeout, allow_open_acl=args.allow_open_acl,
+                               health_check=health_check, health_security=security)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the teacher's address as students should dial it, e.g. 10.0.0.5:9292 "
                              "(not 0.0.0.0)")
     add_zk_arguments(parser)
+    tls = parser.add_argument_group("a teacher served over TLS (teachers.serve --tls_cert)")
+    tls.add_argument("--tls_ca", default=None, metavar="FILE",
+                     help="PEM file of the CA that signed the teacher's certificate: health checks use TLS and the "
+                          "node says \"tls\": true, so that students connect with TLS")
+    tls.add_argument("--tls_cert", default=None, metavar="FILE",
+                     help="client certificate (PEM) for a teacher that requires one (--tls_client_ca)")
+    tls.add_argument("--tls_key", default=None, metavar="FILE", help="private key (PEM) of --tls_cert")
     info = parser.add_argument_group("what students learn about the teacher (stored in its node as JSON)")
     info.add_argument("--model", default=None, help="model name, e.g. mnist_cnn")
     info.add_argument("--max_batch_size", type=int, default=None, metavar="N",

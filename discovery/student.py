@@ -58,18 +58,23 @@ class TeacherSubscription:
         auth: ``'user:password'`` digest identity (reading needs none; only for a locked-down ensemble).
         student_id: a readable id stored in the student's node (default ``host-pid-random``).
         session_timeout: ZooKeeper session timeout in seconds.
+        tls: whether this student talks TLS to its teachers (None: use every teacher). A teacher whose node says
+            otherwise (``"tls": true`` from a TLS teacher's registration) is left out of the share with a
+            warning, never dialed the wrong way; the share is computed on all teachers, so students agree.
     """
 
     def __init__(self, zk_hosts: Union[str, Sequence[str]], service: str,
                  on_change: Callable[[list[str]], None], require_max_teacher: int = 1, root: str = DEFAULT_ROOT,
                  auth: Optional[str] = None, student_id: Optional[str] = None,
-                 session_timeout: float = DEFAULT_SESSION_TIMEOUT):
+                 session_timeout: float = DEFAULT_SESSION_TIMEOUT, tls: Optional[bool] = None):
         if isinstance(require_max_teacher, bool) or not isinstance(require_max_teacher, int) \
                 or require_max_teacher < 1:
             raise ValueError(f"require_max_teacher must be an integer >= 1, not {require_max_teacher!r}")
         self.paths = ServicePaths(root, service)
         self.on_change = on_change
         self.require_max_teacher = require_max_teacher
+        self.tls = tls
+        self._warned_tls: set[str] = set()
         self.student_id = student_id or default_student_id()
         self.session = ZkSession(zk_hosts, auth=auth, session_timeout=session_timeout)
         data = {"student_id": self.student_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -147,6 +152,20 @@ class TeacherSubscription:
         if not self.session.retry("exists", self.paths.students_path):
             ensure_service(self.session, self.paths, auth=None)
 
+    def _usable(self, share: list[str], view: ServiceView) -> list[str]:
+        """The share less the teachers this student cannot talk to (TLS on one side only)."""
+        if self.tls is None:
+            return share
+        wants_tls = {t.endpoint: bool(t.meta.get("tls", False)) for t in view.teachers}
+        usable = [e for e in share if wants_tls.get(e, False) == self.tls]
+        for endpoint in set(share) - set(usable) - self._warned_tls:
+            self._warned_tls.add(endpoint)
+            logger.warning("teacher %s %s TLS but this student %s: left out (give the reader %s)", endpoint,
+                           "serves" if wants_tls.get(endpoint) else "does not serve",
+                           "does" if self.tls else "does not",
+                           "tls_ca=" if not self.tls else "no tls_ca, or serve the teacher with --tls_cert")
+        return usable
+
     def _on_view(self, view: ServiceView) -> None:
         endpoints = view.endpoints
         me = self.node.path.rsplit("/", 1)[-1] if self.node.path else None
@@ -156,7 +175,7 @@ class TeacherSubscription:
             me = me or f"{STUDENT_PREFIX}~{self.student_id}"   # not registered (yet): count ourselves last
             students.append(me)
         wanted[me] = self.require_max_teacher
-        share = fair_share(students, endpoints, wanted)[me]
+        share = self._usable(fair_share(students, endpoints, wanted)[me], view)
         with self._changed:
             self._view = view
             if share == self._endpoints:

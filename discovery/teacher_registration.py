@@ -34,6 +34,8 @@ from typing import Callable, Optional, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from distill_reader.client_security import ClientSecurity
+
 from .acls import ensure_service, teacher_node_acl
 from .arguments import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, TEACHER_PREFIX, ServicePaths, validate_endpoint
 from .ephemeral import EphemeralNode
@@ -52,16 +54,18 @@ _CHANNEL_OPTIONS = [
 class GrpcHealthProbe:
     """Callable: True when ``endpoint`` answers the standard gRPC health check with SERVING (or has none)."""
 
-    def __init__(self, endpoint: str, timeout: float = 1.0, service: str = ""):
+    def __init__(self, endpoint: str, timeout: float = 1.0, service: str = "",
+                 security: Optional[ClientSecurity] = None):
         self.endpoint = endpoint
         self.timeout = timeout
         self.service = service
+        self.security = security or ClientSecurity()   # TLS for a teacher served with --tls_cert
         self.last_error = ""
         self._channel: Optional[grpc.Channel] = None
 
     def __call__(self) -> bool:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+            self._channel = self.security.grpc_channel(self.endpoint, list(_CHANNEL_OPTIONS))
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             answer = stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=self.timeout)
@@ -100,6 +104,8 @@ class TeacherRegistration:
         unhealthy_after: failed checks in a row before the node is removed.
         session_timeout: ZooKeeper session timeout in seconds (see registry.DEFAULT_SESSION_TIMEOUT).
         health_check: replaces the gRPC health probe (a callable returning True when healthy).
+        health_security: TLS files for the health probe of a teacher that serves TLS (``ClientSecurity``);
+            with TLS the node says ``"tls": true``, so that students connect the right way.
     """
 
     def __init__(self, zk_hosts: Union[str, Sequence[str]], service: str, endpoint: str,
@@ -107,6 +113,7 @@ class TeacherRegistration:
                  health_interval: float = 1.0, health_timeout: float = 1.0, unhealthy_after: int = 2,
                  session_timeout: float = DEFAULT_SESSION_TIMEOUT, max_recover_delay: float = 30.0,
                  stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None,
+                 health_security: Optional[ClientSecurity] = None,
                  allow_open_acl: bool = False):
         if not auth and not allow_open_acl:
             raise ValueError(f"no ZooKeeper identity: set {AUTH_ENV}=user:password (or --zk_auth) so that only this "
@@ -124,11 +131,14 @@ class TeacherRegistration:
         self.unhealthy_after = unhealthy_after
         self.max_recover_delay = max_recover_delay
         self.stable_after = stable_after
-        self._probe = health_check or GrpcHealthProbe(self.endpoint, timeout=health_timeout)
+        self._probe = health_check or GrpcHealthProbe(self.endpoint, timeout=health_timeout,
+                                                      security=health_security)
         self.session = ZkSession(zk_hosts, auth=auth, session_timeout=session_timeout)
         data = {"endpoint": self.endpoint, "host": socket.gethostname(), "pid": os.getpid()}
         data.update(meta or {})
         data["endpoint"] = self.endpoint
+        if health_security is not None and health_security.tls:
+            data["tls"] = True
         self.node = EphemeralNode(self.session, self.paths.service_path, TEACHER_PREFIX, data,
                                   acl=teacher_node_acl(auth),
                                   ensure_parent=lambda: ensure_service(self.session, self.paths, auth),

@@ -203,6 +203,7 @@ class DistillReader:
         hosts = discovery_servers if isinstance(discovery_servers, str) else ",".join(discovery_servers)
         if self._resources.subscription is not None:
             self._resources.subscription.stop()
+        subscription_options.setdefault("tls", self.options.security.tls)
         subscription = TeacherSubscription(hosts, teacher_service_name, on_change=self.pool.set_endpoints,
                                            require_max_teacher=require_max_teacher, **subscription_options)
         self._resources.subscription = subscription

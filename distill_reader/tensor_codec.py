@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -115,7 +116,10 @@ def _shape(tensor: service_pb2.Tensor, count: int, label: str) -> tuple[int, ...
     shape = tuple(int(d) for d in tensor.shape)
     if not shape:
         return (count,)
-    expected = int(np.prod(shape))
+    if any(d < 0 for d in shape):
+        raise TensorCodecError(f"{label}: shape {list(shape)} has a negative dimension; a tensor on the wire "
+                               f"gives every dimension, the batch included")
+    expected = math.prod(shape)  # Python ints: a product past int64 cannot wrap around
     if expected != count:
         raise TensorCodecError(f"{label}: shape {list(shape)} needs {expected} elements, the message carries {count}")
     return shape

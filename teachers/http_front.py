@@ -1,228 +1,320 @@
-"""HTTP side of the teacher server (Paddle Serving's HttpClient protocol), on ``--http_port``.
+"""HTTP side of the teacher server (Paddle Serving 0.9's HTTP protocol) on aiohttp, in the server's event loop.
 
-- ``POST /GeneralModelService/inference`` (also ``/debug``): body = Request as ``application/proto`` (the real
-  client's default) or ``application/json`` (proto field names); ``Content-Encoding: gzip`` bodies are
-  inflated; the answer is a Response in the same content type, gzipped when ``Accept-Encoding`` allows.
-- ``GET /health``: 200 ``{"status": "SERVING"}`` (503 while draining).
-- ``GET /metrics``: Prometheus text, when the server was given a ``RequestStats``.
+- ``POST /GeneralModelService/inference`` (also ``/debug``): a body with ``Content-Type: application/proto`` is a
+  serialized Request (the real HttpClient's default); any other body is parsed as JSON whatever its content type
+  (brpc does the same: Paddle Serving's curl examples send curl's form content type), proto field names,
+  unnamed tensors matched to the feeds by position. JSON requests get JSON answers, errors included, with the
+  field types Paddle Serving writes (64-bit integers as JSON numbers, ``err_no``/``err_msg``/``log_id`` always
+  present). ``Content-Encoding: gzip`` bodies are inflated (never past ``max_body_size``); answers of 512 bytes
+  or more are gzipped when ``Accept-Encoding`` allows.
+- ``GET /health``: 200 ``{"status": "SERVING"}`` (503 ``NOT_SERVING`` while draining or while a predictor is wedged).
+- ``GET /metrics``: Prometheus text, when the front was given ``TeacherMetrics``.
 
-Example::
+Bounds: no body is read past ``max_body_size`` whatever its headers say (a longer Content-Length gets 413 unread; a
+chunked body is cut off at the limit; invalid or negative lengths get aiohttp's 400); at most ``max_connections``
+connections (more are answered 503 and closed at once, so HTTP clients can never use up the process's files);
+a connection that sends no complete request header within ``keepalive_timeout`` seconds (first request or between
+requests) is closed; a body must arrive within ``body_timeout`` seconds; a request still in progress after
+``request_timeout`` seconds (a client that does not read its answer) has its connection closed.
 
-    front = HttpFront(handler, "127.0.0.1", 9393, max_body_size=1 << 29, stats=stats)
-    front.start(); ...; front.stop()
+Example (inside a running event loop)::
+
+    front = HttpFront(handler, "127.0.0.1", 9393, max_body_size=1 << 29, metrics=metrics)
+    await front.start(); ...; await front.stop(timeout=30)
 """
 from __future__ import annotations
 
+import asyncio
+import base64
 import gzip
 import json
 import logging
 import socket
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import Callable, Optional
 
+from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from distill_reader.proto import general_model_service_pb2 as service_pb2
 
 from .inference import ERR_INPUT, ERR_SHUTDOWN, InferenceHandler, error_response
-from .stats import RequestStats
+from .metrics import TeacherMetrics
+from .security import TransportSecurity
+from .server import request_samples
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_PATHS = ("/GeneralModelService/inference", "/GeneralModelService/debug")
+PROTO_TYPE = "application/proto"
 _MIN_GZIP_BYTES = 512
+_SWEEP_S = 1.0
+
+Observer = Callable[[str, str, float, int], None]  # (transport, err_no or "bad_request", seconds, samples)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False   # server_close() joins the request threads: in-flight requests finish
-    block_on_close = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class BadBody(ValueError):
+    """A request body that cannot become a Request; ``status`` is the HTTP status to answer."""
 
-    inference: Optional[InferenceHandler]
-    stats: Optional[RequestStats]
-    max_body_size: int
-    draining: bool
-    connections: set
-    connections_lock: threading.Lock
-
-    def close_idle_connections(self) -> None:
-        """Shut idle keep-alive connections so that their threads end; busy ones close after answering."""
-        with self.connections_lock:
-            idle = [h for h in self.connections if not h.busy]
-        for handler in idle:
-            try:
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    timeout = 300  # seconds an idle keep-alive connection may stay open
-    busy = False
+class _Refuse(asyncio.Protocol):
+    """Answers a connection over the limit with 503 and closes it."""
 
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
+                        b"Connection: close\r\n\r\ntoo many connections, retry\n")
+        transport.close()
 
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self)
-        super().finish()
 
-    def parse_request(self) -> bool:
-        self.busy = True  # a request line arrived: this connection has a request in flight
-        return super().parse_request()
+class _LimitedServer(web.Server):
+    """aiohttp's low-level server with a cap on open connections."""
 
-    def handle_one_request(self) -> None:
-        super().handle_one_request()
-        self.busy = False
-        if self.server.draining:
-            self.close_connection = True
+    def __init__(self, handler, max_connections: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.refused = 0
 
-    def log_message(self, fmt: str, *args) -> None:  # route http.server's access log to logging
-        logger.debug("%s " + fmt, self.address_string(), *args)
+    def __call__(self):
+        if len(self._connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                logger.warning("HTTP: %d connections open (the limit); refused %d connection(s) so far",
+                               self.max_connections, self.refused)
+            return _Refuse()
+        return super().__call__()
 
-    # -- GET ------------------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.split("?")[0]
-        if path == "/health" and self.server.inference is not None:
-            status = "NOT_SERVING" if self.server.draining else "SERVING"
-            self._send(503 if self.server.draining else 200, json.dumps({"status": status}).encode(),
-                       "application/json")
-        elif path == "/metrics" and self.server.stats is not None:
-            self._send(200, self.server.stats.prometheus_text().encode(), "text/plain; version=0.0.4")
-        else:
-            self._send(404, json.dumps({"error": f"no such path {path!r}"}).encode(), "application/json")
 
-    # -- POST -----------------------------------------------------------------------------------------
-    def do_POST(self) -> None:  # noqa: N802
-        start = time.perf_counter()
-        path = self.path.split("?")[0]
-        as_json = self.headers.get("Content-Type", "").split(";")[0].strip().lower() == "application/json"
-        if path not in INFERENCE_PATHS or self.server.inference is None:
-            self._drain_body()
-            self._send(404, json.dumps({"error": f"no such path {path!r}; POST {INFERENCE_PATHS[0]}"}).encode(),
-                       "application/json")
-            return
-        status, request, error = self._read_request(as_json)
-        if request is None:
-            response = error_response(ERR_INPUT, error)
-        elif self.server.draining:
-            status, response = 503, error_response(ERR_SHUTDOWN, "server is shutting down", request.log_id)
-        else:
-            response = self.server.inference.handle(request)
-        if self.server.stats is not None:
-            samples = int(request.tensor[0].shape[0]) if request is not None and request.tensor and \
-                request.tensor[0].shape else 0
-            self.server.stats.observe(time.perf_counter() - start, samples, response.err_no == 0)
-        self._answer(status, response, as_json)
+class HttpFront:
+    """One HTTP port: inference + health (``handler`` given) and/or metrics (``metrics`` given)."""
 
-    def _read_request(self, as_json: bool) -> tuple[int, Optional[service_pb2.Request], str]:
-        limit = self.server.max_body_size
+    def __init__(self, handler: Optional[InferenceHandler], host: str, port: int, max_body_size: int,
+                 metrics: Optional[TeacherMetrics] = None, observe: Optional[Observer] = None,
+                 security: Optional[TransportSecurity] = None, max_connections: int = 256,
+                 keepalive_timeout: float = 15.0, body_timeout: float = 30.0, request_timeout: float = 120.0):
+        self.handler = handler
+        self.max_body_size = int(max_body_size)
+        self.metrics = metrics
+        self._observe = observe
+        self._security = security or TransportSecurity()
+        self.max_connections = max_connections
+        self.keepalive_timeout = keepalive_timeout
+        self.body_timeout = body_timeout
+        self.request_timeout = request_timeout
+        self.serving = True
+        self._busy: dict = {}   # aiohttp RequestHandler -> monotonic start of its request in progress
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            return 411, None, "Content-Length header missing or not a number"
-        if length > limit:
-            self.close_connection = True  # do not read the oversized body
-            return 413, None, f"request body of {length} bytes is over --max_body_size {limit}"
-        body = self.rfile.read(length)
-        if self.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise OSError(f"cannot bind HTTP port {host}:{port}: {exc}") from None
+        self.port = self._sock.getsockname()[1]
+        self._runner: Optional[web.ServerRunner] = None
+        self._sweeper: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        server = _LimitedServer(self._dispatch, self.max_connections, keepalive_timeout=self.keepalive_timeout,
+                                auto_decompress=False, access_log=None, max_field_size=8190, max_headers=64,
+                                lingering_time=0)  # no reading of an unread body after answering
+        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, self._sock, ssl_context=self._security.ssl_context(),
+                            backlog=min(128, self.max_connections))
+        await site.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let requests in progress finish within ``timeout`` seconds, close every connection."""
+        self.serving = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._runner is not None:
+            server = self._runner.server
             try:
-                body = _gunzip(body, limit)
-            except (OSError, EOFError, zlib.error) as exc:
-                return 400, None, f"body is not valid gzip: {exc}"
-            except ValueError as exc:
-                return 413, None, str(exc)
-        request = service_pb2.Request()
+                await asyncio.wait_for(self._runner.cleanup(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("HTTP: requests still in progress after %.1fs; closing their connections", timeout)
+                for conn in (server.connections if server is not None else []):
+                    conn.force_close()
+
+    async def _sweep(self) -> None:
+        """Close connections whose request has been in progress longer than ``request_timeout``."""
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = time.monotonic()
+            for conn, since in list(self._busy.items()):
+                if now - since > self.request_timeout:
+                    logger.warning("HTTP: request from %s in progress for %.0fs (> %.0fs): closing its connection",
+                                   conn.peername, now - since, self.request_timeout)
+                    self._busy.pop(conn, None)
+                    conn.force_close()
+
+    # -- dispatch -------------------------------------------------------------------------------------
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        conn = request.protocol
+        self._busy[conn] = time.monotonic()
+        try:
+            for middleware in self._security.http_middlewares():
+                refusal = await middleware(request)
+                if refusal is not None:
+                    return refusal
+            return await self._route(request)
+        finally:
+            self._busy.pop(conn, None)
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if request.method == "GET":
+            if path == "/health" and self.handler is not None:
+                status = "SERVING" if self.serving else "NOT_SERVING"
+                return self._json(request, 200 if self.serving else 503, {"status": status})
+            if path == "/metrics" and self.metrics is not None:
+                return web.Response(body=self.metrics.exposition(),
+                                    headers={"Content-Type": self.metrics.content_type})
+        if request.method == "POST" and path in INFERENCE_PATHS and self.handler is not None:
+            return await self._inference(request)
+        response = self._json(request, 404 if request.method in ("GET", "POST") else 405,
+                              {"error": f"no such path {request.method} {path!r}; POST {INFERENCE_PATHS[0]}"})
+        response.force_close()  # the body (if any) was not read
+        return response
+
+    async def _inference(self, request: web.BaseRequest) -> web.StreamResponse:
+        start = time.perf_counter()
+        as_json = request.content_type != PROTO_TYPE
+        try:
+            message = self._parse(await self._read_body(request), request, as_json)
+        except BadBody as exc:
+            self._record("bad_request", start, 0)
+            answer = self._answer(request, exc.status, error_response(ERR_INPUT, str(exc)), as_json)
+            if exc.status != 400:
+                answer.force_close()   # the rest of the body was not read: the connection cannot go on
+            return answer
+        if not self.serving:
+            response, status = error_response(ERR_SHUTDOWN, "server is shutting down", message.log_id), 503
+        else:
+            response, status = await self.handler.handle_async(message), 200
+        self._record(str(response.err_no), start, request_samples(message))
+        return self._answer(request, status, response, as_json)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        limit = self.max_body_size
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BadBody(413, f"request body of {length} bytes is over --max_body_size {limit}")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        raise BadBody(413, f"request body is over --max_body_size {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BadBody(408, f"request body not received within {self.body_timeout:g}s") from None
+        except BadBody:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken chunked encoding, a client gone mid-body, ...
+            raise BadBody(400, f"request body could not be read: {exc}") from None
+        body = b"".join(chunks)
+        if request.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+            body = _gunzip(body, limit)
+        return body
+
+    @staticmethod
+    def _parse(body: bytes, request: web.BaseRequest, as_json: bool) -> service_pb2.Request:
+        message = service_pb2.Request()
         try:
             if as_json:
-                json_format.Parse(body, request)
+                json_format.Parse(body, message)
             else:
-                request.ParseFromString(body)
-        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError) as exc:
-            kind = "JSON" if as_json else "protobuf"
-            return 400, None, f"body is not a general_model Request in {kind}: {exc}"
-        return 200, request, ""
+                message.ParseFromString(body)
+        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            kind = f"JSON (Content-Type {request.content_type!r} is not {PROTO_TYPE})" if as_json else "protobuf"
+            raise BadBody(400, f"body is not a general_model Request in {kind}: {exc}") from None
+        return message
 
-    def _answer(self, status: int, response: service_pb2.Response, as_json: bool) -> None:
+    def _record(self, err_no: str, start: float, samples: int) -> None:
+        if self._observe is not None:
+            self._observe("http", err_no, time.perf_counter() - start, samples)
+
+    # -- answers --------------------------------------------------------------------------------------
+    def _answer(self, request: web.BaseRequest, status: int, response: service_pb2.Response,
+                as_json: bool) -> web.Response:
         if as_json:
-            doc = json_format.MessageToDict(response, preserving_proto_field_name=True)
-            doc.update(err_no=response.err_no, err_msg=response.err_msg, log_id=response.log_id)
-            self._send(status, json.dumps(doc).encode(), "application/json")
-        else:
-            self._send(status, response.SerializeToString(), "application/proto")
+            return self._json(request, status, response_to_json(response))
+        return self._send(request, status, response.SerializeToString(), PROTO_TYPE)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "").lower()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if gzip_ok and len(body) >= _MIN_GZIP_BYTES:
+    def _json(self, request: web.BaseRequest, status: int, doc: dict) -> web.Response:
+        return self._send(request, status, json.dumps(doc).encode(), "application/json")
+
+    def _send(self, request: web.BaseRequest, status: int, body: bytes, content_type: str) -> web.Response:
+        headers = {"Content-Type": content_type}
+        if len(body) >= _MIN_GZIP_BYTES and "gzip" in request.headers.get("Accept-Encoding", "").lower():
             body = gzip.compress(body, compresslevel=1)
-            self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
-        if self.server.draining:
-            self.close_connection = True
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _drain_body(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if 0 < length <= self.server.max_body_size:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
+            headers["Content-Encoding"] = "gzip"
+        response = web.Response(status=status, body=body, headers=headers)
+        if not self.serving:
+            response.force_close()
+        return response
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    data = inflater.decompress(body, limit + 1)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadBody(400, f"body is not valid gzip: {exc}") from None
     if len(data) > limit:
-        raise ValueError(f"gzip body inflates to more than --max_body_size {limit} bytes")
+        raise BadBody(413, f"gzip body inflates to more than --max_body_size {limit} bytes")
     if not inflater.eof:
-        raise zlib.error("truncated gzip stream")
+        raise BadBody(400, "body is not valid gzip: truncated stream")
     return data
 
 
-class HttpFront:
-    """A ThreadingHTTPServer in a background thread; ``stop`` lets in-flight requests finish."""
+_REPEATED = ("int64_data", "float_data", "int_data", "float64_data", "uint32_data", "bool_data",
+             "complex64_data", "complex128_data", "data")
 
-    def __init__(self, handler: Optional[InferenceHandler], host: str, port: int, max_body_size: int,
-                 stats: Optional[RequestStats] = None):
-        self._server = _Server((host, port), _Handler)
-        self._server.inference = handler
-        self._server.stats = stats
-        self._server.max_body_size = int(max_body_size)
-        self._server.draining = False
-        self._server.connections = set()
-        self._server.connections_lock = threading.Lock()
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"http-{self.port}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+def tensor_to_json(tensor: service_pb2.Tensor) -> dict:
+    """A Tensor as Paddle Serving's brpc json2pb writes it: numbers for every integer (64-bit too), lists for
+    repeated fields, ``tensor_content`` in base64."""
+    doc: dict = {}
+    for field in _REPEATED:
+        values = getattr(tensor, field)
+        if values:
+            doc[field] = list(values)
+    doc["elem_type"] = tensor.elem_type
+    doc["shape"] = list(tensor.shape)
+    if tensor.lod:
+        doc["lod"] = list(tensor.lod)
+    doc["name"] = tensor.name
+    doc["alias_name"] = tensor.alias_name
+    if tensor.tensor_content:
+        doc["tensor_content"] = base64.b64encode(tensor.tensor_content).decode("ascii")
+    return doc
 
-    def set_not_serving(self) -> None:
-        self._server.draining = True
 
-    def stop(self) -> None:
-        """Stop accepting connections and wait for the requests being handled."""
-        self._server.draining = True
-        self._server.shutdown()
-        self._server.close_idle_connections()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+def response_to_json(response: service_pb2.Response) -> dict:
+    """A Response as Paddle Serving writes it in JSON (``err_no``, ``err_msg``, ``log_id`` always present)."""
+    doc: dict = {}
+    if response.outputs:
+        doc["outputs"] = [{"tensor": [tensor_to_json(t) for t in output.tensor], "engine_name": output.engine_name}
+                          for output in response.outputs]
+    doc["log_id"] = response.log_id
+    doc["err_no"] = response.err_no
+    doc["err_msg"] = response.err_msg
+    return doc

@@ -1,16 +1,25 @@
 """One inference request, transport-independent: validate a ``Request`` against the serving config, run it,
 and build the ``Response`` in the wire form the request used (raw ``tensor_content`` in -> raw out).
 
-Bad requests get ``err_no`` ``ERR_INPUT`` with a message naming the feed and what the model expects.
+Bad requests get ``err_no`` ``ERR_INPUT`` with a message naming the feed and what the model expects; no
+request, however malformed, makes ``handle``/``handle_async`` raise.
+
+Tensors are matched to feeds by ``name`` (the real variable name, as Paddle Serving does), then by ``alias_name``;
+a tensor with neither is the feed at its position (Paddle Serving 0.9's JSON examples send unnamed tensors).
 
 Example::
 
     handler = InferenceHandler(config, run=pool.run)
-    response = handler.handle(request)        # a general_model Response message
+    response = handler.handle(request)                   # a general_model Response message
+    handler = InferenceHandler(config, run=pool.run, submit=runners.submit, predict_timeout=30)
+    response = await handler.handle_async(request)       # the same, from an event loop
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,10 +39,12 @@ logger = logging.getLogger(__name__)
 
 ERR_INPUT = 5000       # the request does not fit the model (pipeline serving's input error code)
 ERR_SHUTDOWN = 3001    # the server is draining and takes no new work
+ERR_TIMEOUT = 6000     # the predictor did not answer within --predict_timeout (pipeline serving's timeout code)
 ERR_INTERNAL = 10000   # the predictor failed
 ENGINE_NAME = "general_infer_0"
 
 RunFn = Callable[..., dict]
+SubmitFn = Callable[..., "Future[dict]"]   # (feeds, fetch names, lods) -> Future of {name: (array, lod)}
 
 
 class RequestError(ValueError):
@@ -49,26 +60,70 @@ def _describe(spec: VarSpec) -> str:
 class InferenceHandler:
     """Validate, run and answer Requests for one serving model. Thread-safe."""
 
-    def __init__(self, config: ServingConfig, run: RunFn):
+    def __init__(self, config: ServingConfig, run: Optional[RunFn] = None, submit: Optional[SubmitFn] = None,
+                 predict_timeout: Optional[float] = None):
+        """``run`` blocks and returns the outputs (``handle``); ``submit`` returns a Future of them
+        (``handle_async``); ``predict_timeout`` seconds bound the wait for the predictor in ``handle_async``."""
         self.config = config
         self._run = run
+        self._submit = submit
+        self.predict_timeout = predict_timeout
 
     def handle(self, request: service_pb2.Request) -> service_pb2.Response:
         """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
-        try:
-            feeds, lods, fetch, raw = self.parse(request)
-        except RequestError as exc:
-            return error_response(ERR_INPUT, str(exc), request.log_id)
+        parsed = self._parse_or_error(request)
+        if isinstance(parsed, service_pb2.Response):
+            return parsed
+        feeds, lods, fetch, raw = parsed
         try:
             outputs = self._run(feeds, [s.name for s in fetch], lods)
         except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
-            from .batcher import BatcherClosed
+            return self._run_error(exc, request.log_id)
+        return self._answer_or_error(outputs, fetch, raw, request.log_id)
 
-            if isinstance(exc, BatcherClosed):
-                return error_response(ERR_SHUTDOWN, str(exc), request.log_id)
-            logger.exception("predictor failed (log_id %s)", request.log_id)
-            return error_response(ERR_INTERNAL, f"predictor failed: {exc}", request.log_id)
-        return self.answer(outputs, fetch, raw, request.log_id)
+    async def handle_async(self, request: service_pb2.Request) -> service_pb2.Response:
+        """``handle`` for an event loop: the predictor runs elsewhere (``submit``), the loop is never blocked
+        waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ERR_TIMEOUT``."""
+        parsed = self._parse_or_error(request)
+        if isinstance(parsed, service_pb2.Response):
+            return parsed
+        feeds, lods, fetch, raw = parsed
+        try:
+            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), self.predict_timeout)
+        except asyncio.TimeoutError:
+            return error_response(ERR_TIMEOUT, f"the predictor did not answer within --predict_timeout "
+                                               f"{self.predict_timeout:g}s", request.log_id)
+        except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
+            return self._run_error(exc, request.log_id)
+        return self._answer_or_error(outputs, fetch, raw, request.log_id)
+
+    def _parse_or_error(self, request: service_pb2.Request):
+        try:
+            return self.parse(request)
+        except RequestError as exc:
+            return error_response(ERR_INPUT, str(exc), request.log_id)
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed request trips, it is the request's fault
+            logger.warning("request (log_id %s) rejected by an unexpected check: %r", request.log_id, exc)
+            return error_response(ERR_INPUT, f"malformed request: {exc}", request.log_id)
+
+    def _run_error(self, exc: Exception, log_id: int) -> service_pb2.Response:
+        from .batcher import BatcherClosed
+
+        if isinstance(exc, BatcherClosed):
+            return error_response(ERR_SHUTDOWN, str(exc), log_id)
+        from .predictor_pool import PredictorTimeout
+
+        if isinstance(exc, PredictorTimeout):
+            return error_response(ERR_TIMEOUT, str(exc), log_id)
+        logger.error("predictor failed (log_id %s): %r", log_id, exc)
+        return error_response(ERR_INTERNAL, f"predictor failed: {exc}", log_id)
+
+    def _answer_or_error(self, outputs: dict, fetch: list, raw: bool, log_id: int) -> service_pb2.Response:
+        try:
+            return self.answer(outputs, fetch, raw, log_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. an output dtype the protocol cannot carry
+            logger.error("cannot encode the answer (log_id %s): %r", log_id, exc)
+            return error_response(ERR_INTERNAL, f"cannot encode the answer: {exc}", log_id)
 
     # -- request -> arrays ----------------------------------------------------------------------------
     def parse(self, request: service_pb2.Request):
@@ -77,8 +132,11 @@ class InferenceHandler:
         lods: dict[str, list] = {}
         raw = False
         batch: Optional[int] = None
-        for tensor in request.tensor:
-            spec = self._feed_spec(tensor)
+        if len(request.tensor) > len(self.config.feeds):
+            raise RequestError(f"{len(request.tensor)} tensors for a model of {len(self.config.feeds)} feed(s) "
+                               f"{self.config.feed_names}")
+        for index, tensor in enumerate(request.tensor):
+            spec = self._feed_spec(tensor, index)
             if spec.name in feeds:
                 raise RequestError(f"feed {spec.alias_name!r} is given twice")
             array = self._decode(tensor, spec)
@@ -104,8 +162,10 @@ class InferenceHandler:
             fetch.append(spec)
         return feeds, lods, fetch, raw
 
-    def _feed_spec(self, tensor: service_pb2.Tensor) -> VarSpec:
-        # Real Paddle Serving matches by the real name; accept the alias too.
+    def _feed_spec(self, tensor: service_pb2.Tensor, index: int) -> VarSpec:
+        # Real Paddle Serving matches by the real name; accept the alias too; an unnamed tensor by position.
+        if not tensor.name and not tensor.alias_name:
+            return self.config.feeds[index]
         for key in (tensor.name, tensor.alias_name):
             for spec in self.config.feeds:
                 if key and key == spec.name:
@@ -137,12 +197,12 @@ class InferenceHandler:
         if per_sample == spec.shape:
             return array
         known = all(d >= 0 for d in spec.shape)
-        if known and int(np.prod(per_sample)) == int(np.prod(spec.shape)):
+        if known and math.prod(per_sample) == math.prod(spec.shape):
             return array.reshape((array.shape[0], *spec.shape))  # same elements per sample, other layout
         if not known and len(per_sample) == len(spec.shape) and all(
                 d < 0 or d == g for d, g in zip(spec.shape, per_sample)):
             return array
-        raise RequestError(f"{label}: shape {list(array.shape)} ({int(np.prod(per_sample))} elements per sample), "
+        raise RequestError(f"{label}: shape {list(array.shape)} ({math.prod(per_sample)} elements per sample), "
                            f"the model expects {_describe(spec)}")
 
     # -- arrays -> response ---------------------------------------------------------------------------
@@ -154,6 +214,29 @@ class InferenceHandler:
             model_output.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name,
                                                      raw=raw, lod=lod or None))
         return response
+
+
+async def _wait(future: Future, timeout: Optional[float]):
+    """Await a concurrent Future from the event loop, cancelling it after ``timeout`` seconds (then
+    asyncio.TimeoutError). Cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``, which starts a task."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def settle(_done: Future) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
+    timer = loop.call_later(timeout, settle, None) if timeout is not None else None
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if not future.done():
+        future.cancel()
+        raise asyncio.TimeoutError
+    return future.result()
 
 
 def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:

@@ -14,6 +14,8 @@ import glob
 import logging
 import os
 import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -24,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class ModelFilesError(ValueError):
     """The serving folder holds no inference model this pool can load."""
+
+
+class PredictorTimeout(TimeoutError):
+    """No predictor became free (or answered) within the time allowed (``--predict_timeout``)."""
 
 
 @dataclass
@@ -87,7 +93,8 @@ def _config(options: PredictorOptions, gpu_id: Optional[int]):
 
 
 class PredictorPool:
-    """``size`` predictors sharing one model; ``run`` is thread-safe and blocks while all are busy."""
+    """``size`` predictors sharing one model; ``run`` is thread-safe and waits (up to ``timeout``) while all
+    are busy. ``oldest_run_seconds()`` tells a watchdog how long the longest run in progress has taken."""
 
     def __init__(self, options: PredictorOptions):
         from paddle import inference
@@ -96,6 +103,7 @@ class PredictorPool:
         self._idle: queue.Queue = queue.Queue()
         gpu_ids = options.gpu_ids or [None]
         first_by_device: dict = {}
+        self._handles: dict[int, tuple[dict, dict]] = {}
         for i in range(max(1, options.size)):
             gpu_id = gpu_ids[i % len(gpu_ids)]
             if gpu_id in first_by_device:
@@ -104,18 +112,37 @@ class PredictorPool:
                 predictor = inference.create_predictor(_config(options, gpu_id))
                 first_by_device[gpu_id] = predictor
             self._idle.put(predictor)
+            self._handles[id(predictor)] = ({}, {})   # input / output handles by name, made once (they stay valid)
         probe = next(iter(first_by_device.values()))
         self.input_names: list[str] = list(probe.get_input_names())
         self.output_names: list[str] = list(probe.get_output_names())
         self.size = max(1, options.size)
+        self._runs: dict[int, float] = {}   # id of a run in progress -> its monotonic start
+        self._runs_lock = threading.Lock()
+
+    def oldest_run_seconds(self) -> float:
+        """Seconds the longest predictor run in progress has taken so far (0 when none runs)."""
+        with self._runs_lock:
+            starts = list(self._runs.values())
+        return time.monotonic() - min(starts) if starts else 0.0
 
     def run(self, feeds: Mapping[str, np.ndarray], fetch_names: Sequence[str],
-            lods: Optional[Mapping[str, list]] = None) -> dict[str, tuple[np.ndarray, list]]:
-        """Run one batch; returns {fetch name: (array, lod)} (lod empty when the output has none)."""
-        predictor = self._idle.get()
+            lods: Optional[Mapping[str, list]] = None, timeout: Optional[float] = 60.0
+            ) -> dict[str, tuple[np.ndarray, list]]:
+        """Run one batch; returns {fetch name: (array, lod)} (lod empty when the output has none).
+
+        Raises PredictorTimeout when no predictor is free within ``timeout`` seconds (None: wait forever)."""
         try:
+            predictor = self._idle.get(timeout=timeout)
+        except queue.Empty:
+            raise PredictorTimeout(f"no predictor free within {timeout:g}s (all {self.size} busy)") from None
+        token = object()
+        with self._runs_lock:
+            self._runs[id(token)] = time.monotonic()
+        try:
+            inputs, outputs = self._handles[id(predictor)]
             for name, array in feeds.items():
-                handle = predictor.get_input_handle(name)
+                handle = inputs.get(name) or inputs.setdefault(name, predictor.get_input_handle(name))
                 handle.reshape(list(array.shape))
                 handle.copy_from_cpu(np.ascontiguousarray(array))
                 if lods and lods.get(name):
@@ -123,9 +150,11 @@ class PredictorPool:
             predictor.run()
             result = {}
             for name in fetch_names:
-                handle = predictor.get_output_handle(name)
+                handle = outputs.get(name) or outputs.setdefault(name, predictor.get_output_handle(name))
                 lod = handle.lod()
                 result[name] = (handle.copy_to_cpu(), [int(x) for x in lod[0]] if lod else [])
             return result
         finally:
+            with self._runs_lock:
+                self._runs.pop(id(token), None)
             self._idle.put(predictor)

@@ -4,20 +4,25 @@ Command line of ``python -m paddle_serving_server(_gpu).serve``::
 
     python -m teachers.serve --model serving_server --port 9292 --thread 4 --mem_optim True --gpu_ids 0
 
-gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given.
-SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish, exit 0.
-A flag that cannot be honoured on this machine is named in a WARNING (or an error when it was explicit).
+gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given;
+Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
+asyncio event loop (grpc.aio + aiohttp); predictors run on the batcher's threads.
+SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
+``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
+on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
+except Paddle Serving's own flags that this server has no use for: those are accepted, named in a warning and
+listed in ``--help``.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip  # noqa: F401  (gzip/zlib and numpy before paddle: paddle 2.6.2 exports zlib symbols)
 import logging
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 import zlib  # noqa: F401
 from typing import Optional, Sequence
@@ -29,7 +34,23 @@ from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfi
 
 logger = logging.getLogger("teachers.serve")
 
-DEFAULT_MAX_BODY_SIZE = 536870912
+DEFAULT_MAX_BODY_SIZE = 128 * 1024 * 1024
+
+# Flags of Paddle Serving 0.9's ``serve`` that have no meaning here: accepted (any number of values) and ignored.
+IGNORED_SERVING_FLAGS = (
+    "runtime_thread_num", "batch_infer_size", "op", "use_calib", "use_encryption_model", "encryption_rpc_port",
+    "use_ascend_cl", "product_name", "container_id", "gpu_multi_stream", "request_cache_size", "use_dist_model",
+    "dist_carrier_id", "dist_cfg_file", "dist_endpoints", "dist_nranks", "dist_subgraph_index",
+    "dist_worker_serving_endpoints", "dist_master_serving", "min_subgraph_size", "trt_workspace_size",
+    "trt_use_static",
+)
+
+
+def _fd_limit() -> int:
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft > 0 else 1024
 
 
 def str2bool(value) -> bool:
@@ -46,7 +67,7 @@ def str2bool(value) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m teachers.serve",
+        prog="python -m teachers.serve", allow_abbrev=False,
         description="Serve a Paddle Serving model folder (written by teachers.export or paddle_serving_client) "
                     "with Paddle Inference, over Paddle Serving's gRPC and HTTP protocol. Boolean flags take "
                     "an optional True/False value (--mem_optim True, or just --ir_optim).")
@@ -58,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=int, default=4,
                    help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
-    g.add_argument("--gpu_ids", default="",
-                   help="comma separated GPU ids; predictors are spread over them. Needs the GPU wheel: with the "
-                        "CPU wheel a warning says they are ignored and the server runs on CPU")
+    g.add_argument("--gpu_ids", default=[""], nargs="+", metavar="IDS",
+                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictors are spread over them. Needs "
+                        "the GPU wheel: with the CPU wheel a warning says they are ignored and the server runs on CPU")
     g.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="cpu or gpu (default: gpu when --gpu_ids is given and paddle has CUDA, else cpu); "
                         "--device gpu without CUDA is an error")
@@ -76,26 +97,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference precision; fp32 everywhere, bf16 on CPUs with oneDNN bf16 support; others "
                         "fall back to fp32 with a warning (default: %(default)s)")
     g.add_argument("--max_body_size", type=int, default=DEFAULT_MAX_BODY_SIZE,
-                   help="largest request body in bytes, gRPC and HTTP (default: %(default)s)")
+                   help="largest request body in bytes, gRPC and HTTP, after gzip inflation (default: %(default)s "
+                        "= 128 MiB; Paddle Serving's is 512 MiB)")
     g.add_argument("--enable_prometheus", default=False, **flag,
-                   help="serve Prometheus counters on GET /metrics at --prometheus_port")
+                   help="serve Prometheus metrics (distill_teacher_*) on GET /metrics at --prometheus_port")
     g.add_argument("--prometheus_port", type=int, default=19393, help="Prometheus port (default: %(default)s)")
     g.add_argument("--use_trt", default=False, **flag, help="TensorRT: not available here, warns when set")
     g.add_argument("--use_lite", default=False, **flag, help="Paddle Lite: not available here, warns when set")
     g.add_argument("--use_xpu", default=False, **flag, help="Kunlun XPU: not available here, warns when set")
     g.add_argument("--name", default=None, help="Paddle Serving web service name; accepted and logged")
+    g.add_argument("--gpu_memory_mb", type=int, default=256,
+                   help="GPU memory each predictor allocates at start, MB (default: %(default)s)")
+    g.add_argument("--cpu_math_thread_num", type=int, default=1,
+                   help="math library threads per predictor on CPU (default: %(default)s)")
+    ig = p.add_argument_group(
+        "Paddle Serving flags accepted and ignored",
+        "These flags of paddle_serving_server.serve have no meaning for this server; they are accepted (with any "
+        "values) so that Paddle Serving command lines keep working, and named in a warning: "
+        + ", ".join(f"--{name}" for name in IGNORED_SERVING_FLAGS))
+    for name in IGNORED_SERVING_FLAGS:
+        ig.add_argument(f"--{name}", nargs="*", default=None, metavar="VALUE", help=argparse.SUPPRESS)
 
     o = p.add_argument_group("this server's flags")
     o.add_argument("--http_port", type=int, default=None,
                    help="also serve HTTP (POST /GeneralModelService/inference, GET /health) on this port")
     o.add_argument("--max_batch_size", type=int, default=64,
                    help="dynamic batching: merge concurrent requests up to this many samples per predictor run; "
-                        "0 or 1 turns batching off (default: %(default)s)")
+                        "0 or 1 turns batching off (default: %(default)s). Only for batch-independent models: "
+                        "see --merge_requests")
+    o.add_argument("--merge_requests", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: at start, check that each output row depends on its own input row only (every row of "
+                        "a random batch run alone equals the same row inside the batch) and merge requests only "
+                        "then, logging why not; yes: merge without checking; no: never merge (Paddle Serving's "
+                        "behaviour) (default: %(default)s)")
+    o.add_argument("--predict_timeout", type=float, default=60.0,
+                   help="seconds a request waits for its predictor run; then it gets err_no 6000, and while a run "
+                        "takes longer than this, health says NOT_SERVING (default: %(default)s)")
+    o.add_argument("--http_max_connections", type=int, default=None,
+                   help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
+                        "open-file limit, at most 256)")
+    o.add_argument("--http_keepalive_timeout", type=float, default=15.0,
+                   help="seconds an HTTP connection may stay without a complete request header, on connect and "
+                        "between requests (default: %(default)s)")
+    o.add_argument("--http_body_timeout", type=float, default=30.0,
+                   help="seconds an HTTP request body may take to arrive (default: %(default)s)")
     o.add_argument("--batch_timeout_ms", type=float, default=2.0,
                    help="dynamic batching: wait at most this long after a request for others to join it "
                         "(default: %(default)s)")
     o.add_argument("--drain_timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+                   help="seconds in-flight requests get to finish after SIGTERM; the server exits within this "
+                        "whatever its clients do: code 0, or 3 when a predictor run was still stuck "
+                        "(default: %(default)s)")
     o.add_argument("--stats_interval", type=float, default=60.0,
                    help="seconds between request count / latency log lines (default: %(default)s)")
     o.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -106,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host to register in ZooKeeper (default: --host, or this machine's address when --host "
                         "is 0.0.0.0)")
     return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; an unknown (or abbreviated) flag exits with code 2 naming it."""
+    args = build_parser().parse_args(argv)
+    args.gpu_ids = ",".join(str(v) for v in args.gpu_ids if str(v) != "")
+    return args
 
 
 class ServeError(RuntimeError):
@@ -147,13 +206,14 @@ def resolve_device(args: argparse.Namespace, has_cuda: bool, gpu_count: int) -> 
     return ids
 
 
-def warn_unsupported(args: argparse.Namespace, unknown: Sequence[str], on_gpu: bool) -> str:
+def warn_unsupported(args: argparse.Namespace, on_gpu: bool) -> str:
     """Log every flag that is accepted but cannot be honoured; returns the precision actually used."""
     for flag_name in ("use_trt", "use_lite", "use_xpu"):
         if getattr(args, flag_name):
             logger.warning("--%s: not available in this server (Paddle Inference CPU/GPU only); ignored", flag_name)
-    if unknown:
-        logger.warning("flags not implemented by this server, ignored: %s", " ".join(unknown))
+    ignored = [f"--{name}" for name in IGNORED_SERVING_FLAGS if getattr(args, name, None) is not None]
+    if ignored:
+        logger.warning("Paddle Serving flags without meaning for this server, ignored: %s", " ".join(ignored))
     if args.workdir:
         logger.info("--workdir %s: nothing to write there (this server generates no C++ config files)",
                     args.workdir)
@@ -193,11 +253,33 @@ def _warm_up(pool, config: ServingConfig) -> None:
     pool.run(feeds, [s.name for s in config.fetches])
 
 
-class TeacherService:
-    """Everything one ``teachers.serve`` process runs; ``start`` then ``drain``."""
+def decide_merging(args: argparse.Namespace, pool, config: ServingConfig) -> bool:
+    """Whether concurrent requests may be merged into one predictor run (logged with the reason)."""
+    from .batch_check import check_batch_independence
 
-    def __init__(self, args: argparse.Namespace, unknown: Sequence[str] = ()):
+    if args.max_batch_size <= 1 or args.merge_requests == "no":
+        logger.info("dynamic batching off (%s)", "--merge_requests no" if args.merge_requests == "no"
+                    else f"--max_batch_size {args.max_batch_size}")
+        return False
+    if args.merge_requests == "yes":
+        logger.info("dynamic batching on without checking the model (--merge_requests yes)")
+        return True
+    verdict = check_batch_independence(pool.run, config)
+    if verdict.independent:
+        logger.info("dynamic batching on: the model is batch-independent (%s)", verdict.reason)
+    else:
+        logger.warning("dynamic batching off: merging requests could change answers of this model: %s "
+                       "(--merge_requests yes forces merging)", verdict.reason)
+    return verdict.independent
+
+
+class TeacherService:
+    """Everything one ``teachers.serve`` process runs: ``load`` (blocking), then in the event loop ``start``,
+    and ``drain`` at the end."""
+
+    def __init__(self, args: argparse.Namespace):
         from .predictor_pool import ModelFilesError, PredictorOptions
+        from .security import TransportSecurity
 
         self.args = args
         if len(args.model) != 1:
@@ -213,17 +295,23 @@ class TeacherService:
         has_cuda = paddle.is_compiled_with_cuda()
         gpu_count = paddle.device.cuda.device_count() if has_cuda else 0
         self.gpu_ids = resolve_device(args, has_cuda, gpu_count)
-        precision = warn_unsupported(args, unknown, bool(self.gpu_ids))
+        precision = warn_unsupported(args, bool(self.gpu_ids))
         self.options = PredictorOptions(
             model_dir=self.model_dir, size=max(1, args.thread), gpu_ids=self.gpu_ids, use_mkl=args.use_mkl,
-            ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision)
+            ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision,
+            math_threads=max(1, args.cpu_math_thread_num), gpu_mem_mb=args.gpu_memory_mb)
         self._ModelFilesError = ModelFilesError
+        self.security = TransportSecurity.from_args(args)
         self.registration = None
         self.grpc = None
         self.stats = None
         self.batcher = None
         self.http = None
+        self.metrics_front = None
         self.metrics = None
+        self.serving = False
+        self._wedged = False
+        self._watchdog: Optional[asyncio.Task] = None
 
     @property
     def device(self) -> str:
@@ -231,16 +319,15 @@ class TeacherService:
             return f"gpu {','.join(map(str, self.gpu_ids))}"
         return "cpu (oneDNN)" if self.options.use_mkl else "cpu"
 
-    def start(self) -> None:
+    def load(self) -> None:
+        """Create the predictors, check the model, decide on merging (blocking; before the loop serves)."""
         from .batcher import DynamicBatcher
-        from .http_front import HttpFront
-        from .inference import InferenceHandler
+        from .metrics import TeacherMetrics
         from .predictor_pool import PredictorPool
-        from .server import GrpcTeacherServer
         from .stats import RequestStats
 
         args = self.args
-        started = time.monotonic()
+        self._started = time.monotonic()
         try:
             self.pool = PredictorPool(self.options)
         except self._ModelFilesError as exc:
@@ -251,34 +338,81 @@ class TeacherService:
             raise ServeError(f"{self.model_dir}: config names {missing} are not inputs/outputs of the model "
                              f"(inputs {self.pool.input_names}, outputs {self.pool.output_names})")
         _warm_up(self.pool, self.config)
-        run = self.pool.run
-        if args.max_batch_size > 1:
-            self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size, args.batch_timeout_ms,
-                                          runners=self.pool.size)
-            run = self.batcher.submit
+        merge = decide_merging(args, self.pool, self.config)
+        self.metrics = TeacherMetrics()
         self.stats = RequestStats(args.stats_interval)
-        handler = InferenceHandler(self.config, run)
-        self.grpc = GrpcTeacherServer(handler, args.host, args.port, args.max_body_size,
-                                      workers=max(16, 4 * self.pool.size), observe=self.stats.observe)
+        self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
+                                      runners=self.pool.size, predict_timeout=args.predict_timeout,
+                                      on_run=self.metrics.observe_run)
+        self.metrics.track_queue(lambda: self.batcher.queue_depth)
+
+    def observe(self, transport: str, err_no: str, seconds: float, samples: int) -> None:
+        self.stats.observe(seconds, samples, err_no == "0")
+        self.metrics.observe_request(transport, err_no, seconds, samples)
+
+    async def start(self) -> None:
+        from .http_front import HttpFront
+        from .inference import InferenceHandler
+        from .server import GrpcTeacherServer
+
+        args = self.args
+        handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_async,
+                                   predict_timeout=args.predict_timeout)
+        self.grpc = GrpcTeacherServer(handler, args.host, args.port, args.max_body_size, observe=self.observe,
+                                      security=self.security, max_concurrent_rpcs=max(64, 16 * self.pool.size))
+        max_connections = args.http_max_connections or max(16, min(256, _fd_limit() // 4))
         if args.http_port is not None:
-            self.http = HttpFront(handler, args.host, args.http_port, args.max_body_size, stats=self.stats)
+            self.http = HttpFront(handler, args.host, args.http_port, args.max_body_size, metrics=self.metrics,
+                                  observe=self.observe, security=self.security, max_connections=max_connections,
+                                  keepalive_timeout=args.http_keepalive_timeout, body_timeout=args.http_body_timeout,
+                                  request_timeout=args.predict_timeout + args.http_body_timeout + 30)
         if args.enable_prometheus:
-            self.metrics = HttpFront(None, args.host, args.prometheus_port, 1024, stats=self.stats)
-        self.grpc.start()
-        for front in (self.http, self.metrics):
+            self.metrics_front = HttpFront(None, args.host, args.prometheus_port, 1024, metrics=self.metrics,
+                                           security=self.security, max_connections=16)
+        await self.grpc.start()
+        for front in (self.http, self.metrics_front):
             if front is not None:
-                front.start()
+                await front.start()
+        self._set_serving_flag(True)
         self.stats.start_logging()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_predictors())
         batching = (f"dynamic batching up to {args.max_batch_size} samples, {args.batch_timeout_ms} ms"
-                    if self.batcher else "dynamic batching off")
+                    if self.batcher.merging else "dynamic batching off")
         logger.info("serving model %s (feeds %s, fetches %s) on %s:%d gRPC%s%s; device %s, %d predictor(s), "
                     "%s; ready in %.2fs", os.path.abspath(self.model_dir), self.config.feed_names,
                     self.config.fetch_names, args.host, self.grpc.port,
                     f", HTTP :{self.http.port}" if self.http else "",
-                    f", Prometheus :{self.metrics.port}/metrics" if self.metrics else "",
-                    self.device, self.pool.size, batching, time.monotonic() - started)
+                    f", Prometheus :{self.metrics_front.port}/metrics" if self.metrics_front else "",
+                    self.device, self.pool.size, batching, time.monotonic() - self._started)
         if args.zk:
             self._register()
+
+    def _set_serving_flag(self, serving: bool) -> None:
+        self.serving = serving
+        self.metrics.serving.set(1 if serving else 0)
+        for front in (self.http, self.metrics_front):
+            if front is not None:
+                front.set_serving(serving)
+
+    async def _set_serving(self, serving: bool) -> None:
+        self._set_serving_flag(serving)
+        await self.grpc.set_serving(serving)
+
+    async def _watch_predictors(self) -> None:
+        """Health NOT_SERVING while a predictor run takes longer than --predict_timeout; SERVING again after."""
+        limit = self.args.predict_timeout
+        while True:
+            await asyncio.sleep(min(0.5, limit / 4))
+            oldest = self.pool.oldest_run_seconds()
+            if oldest > limit and not self._wedged:
+                self._wedged = True
+                logger.error("a predictor run has taken %.1fs (over --predict_timeout %gs): health NOT_SERVING "
+                             "until it ends", oldest, limit)
+                await self._set_serving(False)
+            elif oldest <= limit and self._wedged:
+                self._wedged = False
+                logger.warning("the stuck predictor run ended: health SERVING again")
+                await self._set_serving(True)
 
     def _register(self) -> None:
         args = self.args
@@ -286,7 +420,7 @@ class TeacherService:
             raise ServeError("--zk needs --service NAME (the teacher service to register under)")
         endpoint = f"{_advertise_host(args)}:{self.grpc.port}"
         meta = {"model": os.path.basename(os.path.abspath(self.model_dir)), "device": self.device,
-                "thread": self.pool.size, "max_batch_size": args.max_batch_size if self.batcher else 1,
+                "thread": self.pool.size, "max_batch_size": args.max_batch_size if self.batcher.merging else 1,
                 "feeds": self.config.feed_names, "fetches": self.config.fetch_names, "pid": os.getpid()}
         if self.http is not None:
             meta["http_port"] = self.http.port
@@ -297,65 +431,84 @@ class TeacherService:
         self.registration.start()
         logger.info("registered %s as service %r in ZooKeeper %s%s", endpoint, args.service, args.zk, args.root)
 
-    def drain(self) -> None:
-        """Deregister, refuse new requests, let in-flight ones finish, stop everything."""
+    async def drain(self) -> bool:
+        """Deregister, refuse new requests, let in-flight ones finish, stop everything, all within
+        --drain_timeout. Returns False when a predictor run was still stuck at the end."""
         started = time.monotonic()
+        deadline = started + max(0.0, self.args.drain_timeout)
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        loop = asyncio.get_running_loop()
         logger.info("draining: no new requests, waiting up to %.0fs for in-flight ones", self.args.drain_timeout)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.registration is not None:
             try:
-                self.registration.stop()
+                await asyncio.wait_for(loop.run_in_executor(None, self.registration.stop), min(5.0, left()))
             except Exception:  # noqa: BLE001 - ZooKeeper trouble must not block the drain
                 logger.exception("ZooKeeper deregistration failed")
-        if self.grpc is None:
-            return
-        self.grpc.set_not_serving()
-        if self.http is not None:
-            self.http.set_not_serving()
-        stoppers = [threading.Thread(target=self.grpc.stop, args=(self.args.drain_timeout,))]
-        if self.http is not None:
-            stoppers.append(threading.Thread(target=self.http.stop))
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join()
+        clean = True
+        if self.grpc is not None:
+            await self._set_serving(False)
+            # Health says NOT_SERVING now; give requests already on the wire a moment to reach their handler
+            # (a busy event loop may not have started them yet) before gRPC stops taking new ones.
+            await asyncio.sleep(min(0.5, left() / 4))
+            stops = [self.grpc.stop(left())]
+            if self.http is not None:
+                stops.append(self.http.stop(left()))
+            try:
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), left() + 1.0)
+            except asyncio.TimeoutError:
+                logger.warning("transports did not stop within --drain_timeout")
         if self.batcher is not None:
-            self.batcher.close()
-        if self.metrics is not None:
-            self.metrics.stop()
-        self.stats.stop()
-        batched = (f"; {self.batcher.runs} predictor runs for {self.stats.total_requests} requests"
-                   if self.batcher is not None else "")
-        logger.info("stopped after %d requests (%d errors) in total%s; drain took %.2fs", self.stats.total_requests,
-                    self.stats.total_errors, batched, time.monotonic() - started)
+            clean = await loop.run_in_executor(None, self.batcher.close, left())
+            if not clean:
+                logger.error("a predictor run is still stuck after --drain_timeout; exiting without it")
+        if self.metrics_front is not None:
+            await self.metrics_front.stop(1.0)
+        if self.stats is not None:
+            self.stats.stop()
+            batched = (f"; {self.batcher.runs} predictor runs for {self.stats.total_requests} requests"
+                       if self.batcher is not None and self.batcher.merging else "")
+            logger.info("stopped after %d requests (%d errors) in total%s; drain took %.2fs",
+                        self.stats.total_requests, self.stats.total_errors, batched, time.monotonic() - started)
+        return clean
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    import paddle  # noqa: F401  (before logging setup: importing paddle sets the root logger to WARNING)
-
-    logging.basicConfig(level=getattr(logging, args.log_level), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    # Request threads hand work to batch runners and back: switch the GIL faster than the 5 ms default.
-    sys.setswitchinterval(0.0005)
-    stop = threading.Event()
+async def _serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        loop.add_signal_handler(sig, stop.set)
     service = None
     try:
-        service = TeacherService(args, unknown)
-        service.start()
+        service = TeacherService(args)
+        service.load()
+        await service.start()
     except Exception as exc:  # noqa: BLE001 - every start failure is logged and exits 2
         if isinstance(exc, (ServeError, OSError)):
             logger.error("%s", exc)
         else:
             logger.exception("cannot start the teacher server")
-        if service is not None and service.grpc is not None:
-            service.drain()
+        if service is not None:
+            await service.drain()
         return 2
-    while not stop.wait(0.5):
-        pass
-    service.drain()
-    return 0
+    await stop.wait()
+    return 0 if await service.drain() else 3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    import paddle  # noqa: F401  (before logging setup: importing paddle sets the root logger to WARNING)
+
+    logging.basicConfig(level=getattr(logging, args.log_level), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    # The event loop hands work to batch runners and back: switch the GIL faster than the 5 ms default.
+    sys.setswitchinterval(0.0005)
+    code = asyncio.run(_serve(args))
+    if code == 3:  # a predictor thread is stuck in native code: do not wait for it at interpreter exit
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

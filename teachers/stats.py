@@ -1,11 +1,10 @@
-"""Request counts and latency of a teacher server: logged every interval, and as Prometheus text.
+"""Request counts and latency of a teacher server, logged every interval (Prometheus metrics: ``metrics.py``).
 
 Example::
 
     stats = RequestStats(interval_s=60)
     stats.observe(0.003, samples=32, ok=True)
     stats.start_logging()          # one INFO line per interval
-    stats.prometheus_text()        # counters for --enable_prometheus
 """
 from __future__ import annotations
 
@@ -71,16 +70,3 @@ class RequestStats:
         if self._thread is not None:
             self._thread.join(timeout=1)
         self.log_window()
-
-    def prometheus_text(self) -> str:
-        with self._lock:
-            rows = [("distill_teacher_requests_total", "counter", "requests answered", self.total_requests),
-                    ("distill_teacher_request_errors_total", "counter", "requests answered with an error",
-                     self.total_errors),
-                    ("distill_teacher_samples_total", "counter", "samples predicted", self.total_samples),
-                    ("distill_teacher_request_seconds_total", "counter", "summed request latency",
-                     self.total_seconds)]
-        lines = []
-        for name, kind, help_text, value in rows:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"

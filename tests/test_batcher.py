@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from teachers.batch_check import check_batch_independence
 from teachers.batcher import BatcherClosed, DynamicBatcher
+from teachers.predictor_pool import PredictorTimeout
 
 
 def _recording_run(sizes: list, delay: float = 0.02):
@@ -36,6 +38,7 @@ def _submit_concurrently(batcher: DynamicBatcher, jobs: int, rows: int = 1) -> d
     for t in threads:
         t.join(timeout=30)
     assert not errors, errors
+    assert sorted(results) == list(range(jobs)), "every job must get its answer"
     return results
 
 
@@ -69,10 +72,12 @@ def test_batching_off_runs_each_request_alone():
     sizes: list = []
     batcher = DynamicBatcher(_recording_run(sizes, delay=0.005), max_batch_size=1, timeout_ms=5, runners=1)
     try:
-        _submit_concurrently(batcher, jobs=10)
+        results = _submit_concurrently(batcher, jobs=10)
     finally:
         batcher.close()
     assert sizes == [1] * 10
+    for i, y in results.items():
+        np.testing.assert_array_equal(y, np.full((1, 3), i * 2.0 + 1.0, dtype="float32"))
 
 
 def test_incompatible_requests_are_not_merged():
@@ -96,7 +101,10 @@ def test_incompatible_requests_are_not_merged():
     finally:
         batcher.close()
     assert len(seen) == 3 and all(shape[0] == 2 for _, shape in seen)   # per-sample shape or fetch differ
-    assert set(outs[0]) == {"a"} and set(outs[2]) == {"b"}
+    assert sorted(outs) == [0, 1, 2]
+    assert set(outs[0]) == {"a"} and set(outs[1]) == {"a"} and set(outs[2]) == {"b"}
+    for k in outs:
+        assert next(iter(outs[k].values()))[0].shape == (2, 1)
 
 
 def test_errors_reach_every_merged_caller_and_closed_batcher_refuses():
@@ -119,6 +127,92 @@ def test_errors_reach_every_merged_caller_and_closed_batcher_refuses():
     for t in threads:
         t.join(timeout=30)
     batcher.close()
-    assert errors == ["predictor failed on purpose"] * 6
+    assert errors == ["predictor failed on purpose"] * 6   # six callers, six errors: none left waiting
     with pytest.raises(BatcherClosed):
         batcher.submit({"x": np.zeros((1, 3), "float32")}, ["y"])
+
+
+def _blocking_run(release: threading.Event, started: list):
+    def run(feeds, fetch, lods):
+        started.append(feeds["x"].shape[0])
+        release.wait(30)  # a wedged predictor, until the test lets it go
+        return {"y": (feeds["x"], [])}
+    return run
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 64])
+def test_wedged_run_times_out_and_timed_out_jobs_never_run(max_batch_size):
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=max_batch_size, timeout_ms=1,
+                             runners=1, predict_timeout=0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PredictorTimeout, match="0.3s"):
+            batcher.submit({"x": np.zeros((1, 3), "float32")}, ["y"])       # runs, and hangs
+        with pytest.raises(PredictorTimeout):
+            batcher.submit({"x": np.zeros((2, 3), "float32")}, ["y"])       # queued behind it, gives up
+        assert time.monotonic() - t0 < 5
+        assert batcher.queue_depth == 1
+        release.set()
+        ok = batcher.submit({"x": np.ones((3, 3), "float32")}, ["y"])
+        np.testing.assert_array_equal(ok["y"][0], np.ones((3, 3), "float32"))
+    finally:
+        release.set()
+        batcher.close()
+    assert started == [1, 3], "the job whose caller gave up must never run"
+    assert batcher.queue_depth == 0
+
+
+def test_close_returns_within_its_timeout_while_a_run_is_stuck():
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=8, timeout_ms=1, runners=1,
+                             predict_timeout=30)
+    stuck = batcher.submit_async({"x": np.zeros((1, 3), "float32")}, ["y"])
+    wait_for_start = time.monotonic()
+    while not started and time.monotonic() - wait_for_start < 10:
+        time.sleep(0.01)
+    queued = batcher.submit_async({"x": np.zeros((1, 4), "float32")}, ["y"])
+    t0 = time.monotonic()
+    finished = batcher.close(timeout=0.5)
+    took = time.monotonic() - t0
+    try:
+        assert not finished and took < 3, took
+        with pytest.raises(BatcherClosed):
+            queued.result(timeout=1)
+        assert not stuck.done()
+        with pytest.raises(BatcherClosed):
+            batcher.submit_async({"x": np.zeros((1, 3), "float32")}, ["y"])
+    finally:
+        release.set()
+    assert stuck.result(timeout=5)["y"][0].shape == (1, 3)
+
+
+def test_batch_independence_check():
+    """Rows that depend on the batch (minus the batch mean) are found; row-wise models pass."""
+    from distill_reader.serving_config import ServingConfig, VarSpec
+
+    config = ServingConfig(feeds=(VarSpec("x", "x", 1, (4,)), VarSpec("ids", "ids", 0, (2,))),
+                           fetches=(VarSpec("y", "y", 1, (4,)),))
+    w = np.random.default_rng(1).standard_normal((4, 4)).astype("float32")
+
+    def rowwise(feeds, fetch, lods):
+        return {"y": (np.tanh(feeds["x"] @ w) + feeds["ids"].sum(1, keepdims=True), [])}
+
+    def centred(feeds, fetch, lods):
+        y = feeds["x"] @ w
+        return {"y": (y - y.mean(0, keepdims=True), [])}
+
+    def pooled(feeds, fetch, lods):
+        return {"y": (feeds["x"].sum(0, keepdims=True), [])}
+
+    def failing(feeds, fetch, lods):
+        raise RuntimeError("no")
+
+    assert check_batch_independence(rowwise, config).independent
+    verdict = check_batch_independence(centred, config)
+    assert not verdict.independent and "row 0 of fetch 'y' alone differs" in verdict.reason
+    verdict = check_batch_independence(pooled, config)
+    assert not verdict.independent and "shape [1, 4] for a batch of 8" in verdict.reason
+    assert "failed on random inputs" in check_batch_independence(failing, config).reason
+    lod = ServingConfig(feeds=(VarSpec("w", "w", 0, (-1,), is_lod_tensor=True),), fetches=config.fetches)
+    assert "cannot check" in check_batch_independence(rowwise, lod).reason

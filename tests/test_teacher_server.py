@@ -15,12 +15,14 @@ import grpc
 import numpy as np
 import pytest
 import requests
+from google.protobuf import json_format
 
 from distill_reader.client import TeacherClient, TeacherUnavailable
 from distill_reader.proto import general_model_service_pb2 as pb
 from distill_reader.serving_config import ServingConfig
 from distill_reader.tensor_codec import decode_tensor, encode_tensor
 from teachers.export import save_model
+from teachers.serve import IGNORED_SERVING_FLAGS
 from tests.support.procs import REPO_ROOT, free_port, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 
@@ -225,6 +227,9 @@ def test_malformed_and_oversized_bodies(teacher_model):
         checks.append((info.value.code(), info.value.details()))
         assert checks[0][0] == grpc.StatusCode.INVALID_ARGUMENT and "not a general_model Request" in checks[0][1]
         assert checks[1][0] == grpc.StatusCode.INVALID_ARGUMENT and "--max_body_size 20000" in checks[1][1]
+        with pytest.raises(grpc.RpcError) as info:   # far over: refused by grpc before it is read whole
+            _raw_call(server.endpoint, _request(mnist_like_images(64)).SerializeToString())
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
         assert _raw_call(server.endpoint, good).err_no == 0
 
         cases = [
@@ -247,9 +252,36 @@ def test_malformed_and_oversized_bodies(teacher_model):
             ok = requests.post(url, data=good, headers={"Content-Type": "application/proto"}, timeout=30)
             assert ok.status_code == 200 and pb.Response.FromString(ok.content).err_no == 0
         assert requests.get(f"http://{server.http_endpoint}/nowhere", timeout=5).status_code == 404
-        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-        total = [line for line in metrics.splitlines() if line.startswith("distill_teacher_requests_total ")]
-        assert total and int(total[0].split()[1]) >= 10
+        families = _metrics(metrics_port)
+        by_code = {(s.labels["transport"], s.labels["err_no"]): s.value
+                   for s in families["distill_teacher_requests"].samples if s.name.endswith("_total")}
+        assert by_code[("grpc", "bad_request")] == 2 and by_code[("grpc", "0")] == 1
+        assert by_code[("http", "bad_request")] == 5 and by_code[("http", "0")] == 5
+        latency = {s.labels["transport"]: s.value for s in families["distill_teacher_request_duration_seconds"].samples
+                   if s.name.endswith("_count")}
+        assert latency == {"grpc": 3, "http": 10}
+        runs = [s.value for s in families["distill_teacher_batch_size"].samples if s.name.endswith("_count")]
+        assert runs[0] >= 6  # warm-up and the batch check run the predictor too
+        assert _sample(families, "distill_teacher_predictor_busy_seconds_total") > 0
+        assert _sample(families, "distill_teacher_queue_depth") == 0
+        assert _sample(families, "distill_teacher_serving") == 1
+        assert _sample(families, "distill_teacher_samples_total") == 6
+
+
+def _metrics(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(answer.text)}
+
+
+def _sample(families: dict, name: str) -> float:
+    for family in families.values():
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"no metric {name}")
 
 
 # -- SIGTERM, flags, logs --------------------------------------------------------------------------------
@@ -299,8 +331,11 @@ def test_sigterm_during_load_drains_and_exits_zero(teacher_model):
         if not isinstance(result, Exception):
             assert result <= 1e-5
     assert "draining" in log and "stopped after" in log
-    assert "paddle is compiled without CUDA; --gpu_ids 0 ignored, serving on CPU" in log
-    assert f"127.0.0.1:{server.port}" in log and "device cpu" in log and "serving model" in log
+    if _has_cuda():   # the GPU wheel serves on GPU 0 as asked
+        assert "device gpu 0" in log
+    else:
+        assert "paddle is compiled without CUDA; --gpu_ids 0 ignored, serving on CPU" in log and "device cpu" in log
+    assert f"127.0.0.1:{server.port}" in log and "serving model" in log
     assert "requests (" in log and "latency ms" in log
 
 
@@ -311,6 +346,23 @@ def test_restart_on_same_port(teacher_model):
         assert server.pid != first_pid and server.port == port
         with TeacherClient(server.endpoint, teacher_model.client_conf) as client:
             assert client.predict({"img": mnist_like_images(1)})["prediction"].shape == (1, 10)
+
+
+def _has_cuda() -> bool:
+    import paddle
+
+    return paddle.is_compiled_with_cuda()
+
+
+def test_paddle_serving_flags_without_meaning_are_accepted_and_named(teacher_model):
+    extra = ["--use_calib", "--request_cache_size", "0", "--runtime_thread_num", "2", "2", "--product_name", "p",
+             "--cpu_math_thread_num", "1", "--gpu_memory_mb", "100"]
+    with TeacherServer(teacher_model.server_dir, thread=1, extra_args=extra) as server:
+        with TeacherClient(server.endpoint, teacher_model.client_conf) as client:
+            assert client.predict({"img": mnist_like_images(1)})["prediction"].shape == (1, 10)
+        log = server.log()
+    assert ("Paddle Serving flags without meaning for this server, ignored: --runtime_thread_num --use_calib "
+            "--product_name --request_cache_size") in log
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
@@ -325,9 +377,14 @@ def test_cli_help_and_refusals(teacher_model):
                  "--mem_optim_off", "--ir_optim", "--use_mkl", "--precision", "--max_body_size", "--http_port",
                  "--max_batch_size", "--batch_timeout_ms", "--enable_prometheus", "--zk", "--service"):
         assert flag in helped.stdout, flag
+    for name in IGNORED_SERVING_FLAGS:
+        assert f"--{name}" in helped.stdout, name
     port = str(free_port())
-    gpu = _serve("--model", teacher_model.server_dir, "--device", "gpu", "--port", port, "--host", "127.0.0.1")
-    assert gpu.returncode == 2 and "--device gpu: paddle is compiled without CUDA" in gpu.stderr
+    if not _has_cuda():   # (the GPU wheel would start serving on the GPU)
+        gpu = _serve("--model", teacher_model.server_dir, "--device", "gpu", "--port", port, "--host", "127.0.0.1")
+        assert gpu.returncode == 2 and "--device gpu: paddle is compiled without CUDA" in gpu.stderr
+    typo = _serve("--model", teacher_model.server_dir, "--port", port, "--max_batch_sise", "8")
+    assert typo.returncode == 2 and "unrecognized arguments: --max_batch_sise 8" in typo.stderr
     two = _serve("--model", teacher_model.server_dir, teacher_model.server_dir, "--port", port)
     assert two.returncode == 2 and "serves one model folder" in two.stderr
     missing = _serve("--model", os.path.dirname(teacher_model.client_dir), "--port", port)
@@ -341,3 +398,358 @@ def test_http_answers_json_errors_in_json(teacher_server):
                            headers={"Content-Type": "application/json"}, timeout=30)
     doc = answer.json()
     assert doc["err_no"] != 0 and "feed 'img'" in doc["err_msg"] and "[N, 1, 28, 28]" in doc["err_msg"]
+
+
+# -- what the client sends (gzip) ------------------------------------------------------------------------
+class _RecordingProxy:
+    """A plain HTTP forwarder between a client and the real teacher's HTTP port that records what the client
+    sent (headers and body as received), so a test can check the client's own encoding."""
+
+    def __init__(self, target: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - the client's health check
+                self._forward(requests.get(f"http://{target}{self.path}", timeout=30))
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append((dict(self.headers), body))
+                self._forward(requests.post(f"http://{target}{self.path}", data=body, timeout=30,
+                                            headers={k: v for k, v in self.headers.items() if k.lower() != "host"}))
+
+            def _forward(self, answer):
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers["Content-Type"])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize("http_format", ["proto", "json"])
+def test_client_compress_really_gzips_the_body(teacher_server, teacher_model, http_format):
+    images = mnist_like_images(32, seed=5)
+    with _RecordingProxy(teacher_server.http_endpoint) as proxy, \
+            TeacherClient(proxy.endpoint, teacher_model.client_conf, protocol="http", http_format=http_format,
+                          compress=True) as client:
+        out = client.predict({"img": images})["prediction"]
+    np.testing.assert_allclose(out, reference_predict(teacher_model.server_dir, images), atol=1e-5)
+    headers, body = proxy.seen[-1]
+    assert headers.get("Content-Encoding") == "gzip" and body[:2] == b"\x1f\x8b"
+    inflated = gzip.decompress(body)
+    assert len(body) < len(inflated)
+    request = json_format.Parse(inflated, pb.Request()) if http_format == "json" else pb.Request.FromString(inflated)
+    assert list(request.tensor[0].shape) == [32, 1, 28, 28]
+
+
+# -- Paddle Serving 0.9's documented HTTP calls ------------------------------------------------------------
+def test_documented_curl_call_with_form_content_type_and_unnamed_tensor(teacher_server, teacher_model):
+    """curl -XPOST -d '<json>' sends application/x-www-form-urlencoded; the documented tensor has no name."""
+    images = mnist_like_images(2, seed=4)
+    doc = {"tensor": [{"float_data": images.ravel().tolist(), "shape": [2, 1, 28, 28], "elem_type": 1}],
+           "fetch_var_names": ["prediction"], "log_id": 12345678901}
+    url = f"http://{teacher_server.http_endpoint}{HTTP_PATH}"
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        raw = requests.post(url, data=json.dumps(doc), headers=headers, timeout=30)
+        assert raw.status_code == 200 and raw.headers["Content-Type"].startswith("application/json"), raw.text[:300]
+        answer = raw.json()
+        assert answer["err_no"] == 0 and answer["err_msg"] == "", answer
+        assert answer["log_id"] == 12345678901 and isinstance(answer["log_id"], int)  # a number, as brpc writes it
+        tensor = answer["outputs"][0]["tensor"][0]
+        assert tensor["alias_name"] == "prediction" and tensor["shape"] == [2, 10] and tensor["elem_type"] == 1
+        np.testing.assert_allclose(np.array(tensor["float_data"]).reshape(2, 10),
+                                   reference_predict(teacher_model.server_dir, images), atol=1e-5)
+
+
+def test_json_answers_write_64_bit_integers_as_numbers(types_server):
+    server, _config = types_server
+    doc = {"tensor": [{"name": f"x_{t}", "elem_type": code, "shape": [1, 3], field: values}
+                      for t, code, field, values in [
+                          ("float32", 1, "float_data", [1, 2, 3]), ("float64", 3, "float64_data", [1, 2, 3]),
+                          ("int32", 2, "int_data", [1, 2, 3]), ("int64", 0, "int64_data", [1, 2, 3]),
+                          ("uint8", 7, "tensor_content", "AQID"), ("float16", 5, "tensor_content", "ADwAQABC"),
+                          ("bool", 9, "bool_data", [True, False, True])]]}
+    answer = requests.post(f"http://{server.http_endpoint}{HTTP_PATH}", json=doc, timeout=30).json()
+    assert answer["err_no"] == 0, answer
+    tensors = {t["alias_name"]: t for t in answer["outputs"][0]["tensor"]}
+    assert tensors["y_int64"]["int64_data"] == [2, 4, 6]          # numbers, not protobuf-JSON strings
+    assert tensors["y_int32"]["int_data"] == [2, 4, 6]
+    assert tensors["y_float32"]["float_data"] == [2.0, 4.0, 6.0]
+    assert tensors["y_float64"]["float64_data"] == [2.0, 4.0, 6.0]
+    assert tensors["y_bool"]["bool_data"] == [True, False, True]
+    assert tensors["y_int64"]["elem_type"] == 0 and tensors["y_int64"]["shape"] == [1, 3]
+    assert isinstance(answer["log_id"], int) and isinstance(answer["err_no"], int)
+
+
+# -- malformed requests: every one an error answer, and the server keeps serving ---------------------------
+def _check_serving(server) -> None:
+    good = _request(mnist_like_images(1))
+    assert _raw_call(server.endpoint, good.SerializeToString()).err_no == 0
+    ok = requests.post(f"http://{server.http_endpoint}{HTTP_PATH}", data=good.SerializeToString(),
+                       headers={"Content-Type": "application/proto"}, timeout=30)
+    assert ok.status_code == 200 and pb.Response.FromString(ok.content).err_no == 0
+
+
+def _raw_http(endpoint: str, head: bytes, body: bytes = b"", timeout: float = 10) -> bytes:
+    host, port = endpoint.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head + body)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def test_impossible_shapes_get_err_no_5000_on_every_transport(teacher_server):
+    url = f"http://{teacher_server.http_endpoint}{HTTP_PATH}"
+    for shape, message in [([2**31 - 1] * 3, "needs 9903520300447984150353281023 elements"),
+                           ([-1, -1, 28, 28], "negative dimension"), ([1, 1, 28, -28], "negative dimension")]:
+        request = pb.Request(fetch_var_names=["prediction"])
+        request.tensor.add(name="img", alias_name="img", elem_type=1, shape=shape, float_data=[0.5] * 784)
+        answers = [_raw_call(teacher_server.endpoint, request.SerializeToString()),
+                   pb.Response.FromString(requests.post(url, data=request.SerializeToString(), timeout=30,
+                                                        headers={"Content-Type": "application/proto"}).content)]
+        doc = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        answers.append(json_format.ParseDict(requests.post(url, json=doc, timeout=30).json(), pb.Response()))
+        for answer in answers:
+            assert answer.err_no == 5000 and "feed 'img'" in answer.err_msg and message in answer.err_msg, answer
+        _check_serving(teacher_server)
+
+
+def test_http_lengths_and_streams_never_read_past_max_body_size(teacher_model):
+    with TeacherServer(teacher_model.server_dir, http=True, thread=1,
+                       extra_args=["--max_body_size", "20000", "--http_body_timeout", "1"]) as server:
+        path = HTTP_PATH.encode()
+        t0 = time.monotonic()   # a slow client: 100 of 5000 bytes, then nothing
+        answer = _raw_http(server.http_endpoint, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 5000\r\n\r\n", b"{" * 100)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 1s" in answer, answer[:300]
+        assert time.monotonic() - t0 < 6
+        for length in (b"-5", b"-1", b"abc", b"1e3"):
+            answer = _raw_http(server.http_endpoint, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                               b"application/proto\r\nContent-Length: " + length + b"\r\n\r\n", b"x" * 100)
+            assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (length, answer[:200])
+            assert b"Content-Length" in answer, answer[:300]   # the 400 names the bad header
+        _check_serving(server)
+        rss_before = _rss_mb(server.pid)
+        host, port = server.http_endpoint.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:   # a chunked stream, never ending
+            s.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/proto\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            sent, answer = 0, b""
+            try:
+                while sent < 200 << 20:
+                    s.sendall(b"100000\r\n" + b"\0" * 0x100000 + b"\r\n")
+                    sent += 0x100000
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.settimeout(5)
+            try:
+                answer = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                pass
+        assert sent < 50 << 20, f"the server kept reading: {sent >> 20} MiB sent"
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert _rss_mb(server.pid) - rss_before < 30
+        _check_serving(server)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_http_connections_are_bounded_and_never_starve_grpc(teacher_model):
+    extra = ["--http_max_connections", "20", "--http_keepalive_timeout", "2"]
+    with TeacherServer(teacher_model.server_dir, http=True, thread=1, extra_args=extra) as server:
+        host, port = server.http_endpoint.split(":")
+        fds_before = _fd_count(server.pid)
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
+        try:
+            time.sleep(0.5)
+            # 60 connections opened, at most 20 held (a few more fds for refusals being closed, health probes)
+            assert _fd_count(server.pid) - fds_before <= 20 + 8
+            refused = []
+            for s in idle[20:]:   # over the limit: answered 503 and closed (or still in the listen backlog)
+                s.settimeout(1)
+                try:
+                    refused.append(s.recv(200))
+                except socket.timeout:
+                    refused.append(b"")
+            assert all(r == b"" or r.startswith(b"HTTP/1.1 503 ") for r in refused), refused
+            assert sum(r.startswith(b"HTTP/1.1 503 ") for r in refused) >= 10
+            with TeacherClient(server.endpoint, teacher_model.client_conf, timeout=10) as client:
+                assert client.predict({"img": mnist_like_images(2)})["prediction"].shape == (2, 10)
+            # idle (and half-sent header) connections are closed after --http_keepalive_timeout
+            idle[0].sendall(b"POST " + HTTP_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n")
+            t0 = time.monotonic()
+            assert idle[0].recv(100) == b"" and idle[1].recv(100) == b""
+            assert time.monotonic() - t0 < 8
+            wait_for(lambda: _fd_count(server.pid) <= fds_before + 1, 10, "idle HTTP connections closed")
+        finally:
+            for s in idle:
+                s.close()
+        _check_serving(server)
+
+
+# -- batching never changes an answer ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batch_dependent_model(tmp_path_factory):
+    """y = fc(x) - mean over the batch of fc(x): each row depends on the others in its batch."""
+    import paddle
+
+    root = tmp_path_factory.mktemp("batch_dependent")
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    main.random_seed = startup.random_seed = 7
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        x = paddle.static.data("x", [None, 4], "float32")
+        h = paddle.static.nn.fc(x, size=3)
+        y = h - paddle.mean(h, axis=0, keepdim=True)
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        exe.run(startup)
+        save_model(str(root / "server"), str(root / "client"), {"x": x}, {"y": y}, main)
+    paddle.disable_static()
+    return str(root / "server"), str(root / "client")
+
+
+def _concurrent_answers(endpoint: str, client_dir: str, inputs: list) -> list:
+    answers = [None] * len(inputs)
+
+    def ask(i: int) -> None:
+        with TeacherClient(endpoint, client_dir) as client:
+            answers[i] = client.predict({"x": inputs[i]})["y"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return answers
+
+
+def test_batch_dependent_model_is_never_merged(batch_dependent_model):
+    server_dir, client_dir = batch_dependent_model
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((2, 4)).astype("float32") for _ in range(20)]
+    with TeacherServer(server_dir, thread=1, max_batch_size=64, batch_timeout_ms=20) as server:
+        alone = []
+        with TeacherClient(server.endpoint, client_dir) as client:
+            for x in inputs:
+                alone.append(client.predict({"x": x})["y"])
+        answers = _concurrent_answers(server.endpoint, client_dir, inputs)
+        log = server.log()
+    assert "dynamic batching off: merging requests could change answers" in log
+    assert "differs from the same row inside a random batch" in log
+    for got, expected in zip(answers, alone):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_allclose(got.sum(0), 0, atol=1e-5)   # centred over its own request only
+
+
+def test_batch_independent_model_merges_and_flag_forces_either_way(teacher_model, batch_dependent_model):
+    with TeacherServer(teacher_model.server_dir, thread=1) as server:
+        assert "dynamic batching on: the model is batch-independent" in server.log()
+    with TeacherServer(batch_dependent_model[0], thread=1, extra_args=["--merge_requests", "yes"]) as server:
+        assert "dynamic batching on without checking the model (--merge_requests yes)" in server.log()
+    with TeacherServer(teacher_model.server_dir, thread=1, extra_args=["--merge_requests", "no"]) as server:
+        assert "dynamic batching off (--merge_requests no)" in server.log()
+
+
+# -- a wedged predictor, SIGTERM whatever the clients do -----------------------------------------------------
+@pytest.fixture(scope="module")
+def wedging_model(tmp_path_factory):
+    """y = x, after a loop counting (in float32) up to max(x): x >= 2**24 never ends (a wedged predictor)."""
+    import paddle
+
+    root = tmp_path_factory.mktemp("wedging")
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        x = paddle.static.data("x", [None, 1], "float32")
+        limit = paddle.max(x)
+        (count,) = paddle.static.nn.while_loop(lambda i: i < limit, lambda i: [i + 1.0],
+                                               [paddle.full([1], 0.0, "float32")])
+        y = x + count * 0.0
+    save_model(str(root / "server"), str(root / "client"), {"x": x}, {"y": y}, main)
+    paddle.disable_static()
+    return str(root / "server"), str(root / "client")
+
+
+def test_wedged_predictor_fails_its_requests_turns_not_serving_and_sigterm_still_exits(wedging_model):
+    server_dir, client_dir = wedging_model
+    extra = ["--predict_timeout", "1", "--drain_timeout", "2"]
+    with TeacherServer(server_dir, http=True, thread=1, extra_args=extra) as server:
+        with TeacherClient(server.endpoint, client_dir, timeout=20) as client:
+            np.testing.assert_array_equal(client.predict({"x": np.array([[3.0]], "float32")})["y"], [[3.0]])
+            answers = []
+            t0 = time.monotonic()
+            for value in (1e9, 2.0):     # the first wedges the only predictor, the second waits behind it
+                request = pb.Request(fetch_var_names=["y"])
+                request.tensor.append(encode_tensor(np.array([[value]], "float32"), name="x", alias_name="x"))
+                answers.append(_raw_call(server.endpoint, request.SerializeToString(), timeout=20))
+            assert time.monotonic() - t0 < 8
+        for answer in answers:
+            assert answer.err_no == 6000 and "--predict_timeout 1s" in answer.err_msg, answer
+        wait_for(lambda: grpc_health(server.endpoint) == "NOT_SERVING", 5, "health NOT_SERVING")
+        health = requests.get(f"http://{server.http_endpoint}/health", timeout=5)
+        assert health.status_code == 503 and health.json() == {"status": "NOT_SERVING"}
+        t0 = time.monotonic()
+        server.kill(signal.SIGTERM)
+        code = server.wait_exit(timeout=30)
+        took = time.monotonic() - t0
+        log = server.log()
+    assert took < 2 + 4, (took, log[-2000:])
+    assert code == 3, log[-2000:]
+    assert "over --predict_timeout 1s): health NOT_SERVING" in log
+    assert "still stuck after --drain_timeout" in log
+
+
+def test_sigterm_with_a_stalled_http_client_exits_within_drain_timeout(teacher_model):
+    with TeacherServer(teacher_model.server_dir, http=True, thread=1, extra_args=["--drain_timeout", "2"]) as server:
+        host, port = server.http_endpoint.split(":")
+        stalled = socket.create_connection((host, int(port)), timeout=30)
+        try:
+            stalled.sendall(b"POST " + HTTP_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            b"application/proto\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 100)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            server.kill(signal.SIGTERM)
+            code = server.wait_exit(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            stalled.close()
+        log = server.log()
+    assert code == 0 and took < 2 + 3, (code, took, log[-2000:])
