@@ -156,12 +156,15 @@ def teacher_model_jit(tmp_path_factory) -> ExportedTeacher:
 
 
 # -- server process ---------------------------------------------------------------------------------------
-def grpc_health(endpoint: str, timeout: float = 0.5) -> Optional[str]:
-    """The health status name ("SERVING", "NOT_SERVING", ...) of ``endpoint``, or None when unreachable."""
+def grpc_health(endpoint: str, timeout: float = 0.5, security=None) -> Optional[str]:
+    """The health status name ("SERVING", "NOT_SERVING", ...) of ``endpoint``, or None when unreachable.
+    ``security``: a ``ClientSecurity`` for a server that serves TLS."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(endpoint) as channel:
+    from distill_reader.client_security import ClientSecurity
+
+    with (security or ClientSecurity()).grpc_channel(endpoint, []) as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                                timeout=timeout)
@@ -179,6 +182,7 @@ class TeacherServer:
         thread, max_batch_size, batch_timeout_ms: passed as flags.
         extra_args: more command-line flags.
         port: the gRPC port (default: a free one).
+        health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
     ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``,
     ``.restart()`` (same ports), ``.stop()``, ``.log()`` (the server's output so far).
@@ -186,8 +190,9 @@ class TeacherServer:
 
     def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
                  batch_timeout_ms: float = 2.0, extra_args: Sequence[str] = (), port: Optional[int] = None,
-                 start_timeout: float = SERVER_START_TIMEOUT):
+                 start_timeout: float = SERVER_START_TIMEOUT, health_security=None):
         self.model_dir = model_dir
+        self.health_security = health_security
         self.port = port or free_port()
         self.http_port = free_port() if http else None
         self.args = ["-m", "teachers.serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
@@ -227,7 +232,7 @@ class TeacherServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"teacher server exited with {self.proc.returncode} while starting:\n"
                                      f"{self.log()[-3000:]}")
-            if grpc_health(self.endpoint, timeout=0.5) == "SERVING":
+            if grpc_health(self.endpoint, timeout=0.5, security=self.health_security) == "SERVING":
                 self.start_seconds = time.monotonic() - started
                 return self
             time.sleep(0.05)
