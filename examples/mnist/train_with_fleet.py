@@ -21,13 +21,17 @@ import os
 import sys
 import time
 
-import data as mnist_data  # first: imports numpy and gzip before paddle
-import models
-import numpy as np
-import paddle
-import paddle.distributed as dist
-from paddle.distributed import fleet
-from tqdm import tqdm
+# A static-graph (legacy program) training script, like the seed's: on paddle 3 the flag must be set before paddle
+# is imported, or paddle builds PIR programs, which paddle.static.nn and fleet's static optimizer do not support.
+os.environ.setdefault("FLAGS_enable_pir_api", "0")
+
+import data as mnist_data  # noqa: E402  (first: imports numpy and gzip before paddle)
+import models  # noqa: E402
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
+from paddle.distributed import fleet  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 log = logging.getLogger("train_with_fleet")
 
