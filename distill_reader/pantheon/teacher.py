@@ -316,10 +316,10 @@ class _PredictionPlan:
 
     def __init__(self, feed_list: list, schema: Mapping[str, Any], program: Any,
                  reader_config: Mapping[str, Any], exe: Any) -> None:
-        import paddle
-        from paddle.base.data_feeder import convert_dtype
+        from distill_reader.paddle_compat import import_paddle, is_pir_program
 
-        from distill_reader.paddle_compat import is_pir_program
+        paddle = import_paddle("the Pantheon teacher's knowledge service")
+        from paddle.base.data_feeder import convert_dtype
 
         pir = is_pir_program(program)
         if not (pir or isinstance(program, paddle.static.Program)):
