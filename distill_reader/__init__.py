@@ -16,12 +16,14 @@ import numpy  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid", "__version__"]
+_READER_NAMES = ("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
+                 "TeacherRequestRefused", "ReaderClosedError")
+__all__ = [*_READER_NAMES, "__version__"]
 
 
 def __getattr__(name):
     # Lazy, so that `import distill_reader.client` does not import the reader's machinery.
-    if name in ("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid"):
+    if name in _READER_NAMES:
         from . import reader
 
         return getattr(reader, name)

@@ -51,6 +51,20 @@ class TeacherAnswerError(TeacherError):
     """The teacher answered with an error or with an answer that does not fit the request."""
 
 
+class TeacherRequestRejected(TeacherAnswerError):
+    """The teacher refused the request as invalid (err_no 5000, gRPC INVALID_ARGUMENT, HTTP 4xx): wrong feed,
+    shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
+
+
+# Paddle Serving's error numbers (pipeline serving's table, also used by teachers.serve): 5000 input error;
+# 3001 draining and 10000 predictor failed are transient (another teacher, or this one later, can answer).
+ERR_NO_INVALID_INPUT = 5000
+_TRANSIENT_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                         grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)
+_REJECTING_GRPC_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+
+
 class FeedError(ValueError):
     """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
 
@@ -89,11 +103,19 @@ class TeacherClient:
         http_format: ``"proto"`` (the real HttpClient's default) or ``"json"``, with protocol ``"http"``.
         timeout: seconds per request.
         compress: gzip HTTP request bodies over 512 bytes, as the real client does when asked.
+        keepalive_time: gRPC keepalive ping interval in seconds while a request is out (0: off); a peer that
+            does not answer a ping within the same time fails the request with UNAVAILABLE, so a frozen or
+            partitioned teacher is noticed in about two intervals. HTTP: the connect timeout.
+
+    Errors: ``TeacherUnavailable`` (transient: unreachable, timed out, overloaded, predictor failed, HTTP 5xx),
+    ``TeacherRequestRejected`` (the request is invalid for the model), ``TeacherAnswerError`` (a wrong answer);
+    ``FeedError`` before sending when a feed does not fit the config.
     """
 
     def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
                  wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
+                 keepalive_time: float = 1.0):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
         if wire not in ("auto", "raw", "typed"):
@@ -106,6 +128,7 @@ class TeacherClient:
         self.http_format = http_format
         self.timeout = timeout
         self.compress = compress
+        self.keepalive_time = keepalive_time
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
         self._log_id = 0
         self._channel: Optional[grpc.Channel] = None
@@ -113,6 +136,10 @@ class TeacherClient:
         if protocol == "grpc":
             options = [("grpc.max_send_message_length", max_message_bytes),
                        ("grpc.max_receive_message_length", max_message_bytes)]
+            if keepalive_time > 0:   # pings only while a request is out
+                interval_ms = int(keepalive_time * 1000)
+                options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", interval_ms),
+                            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
             self._channel = grpc.insecure_channel(endpoint, options=options)
             self._stub = service_grpc.GeneralModelServiceStub(self._channel)
         else:
@@ -217,13 +244,15 @@ class TeacherClient:
         headers["Accept-Encoding"] = "gzip"
         url = f"http://{self.endpoint}{HTTP_PATH}"
         try:
-            answer = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
+            answer = self._session.post(url, data=body, headers=headers, timeout=self._http_timeouts())
         except requests.Timeout as exc:
             raise TeacherUnavailable(self.endpoint, f"no answer within {self.timeout}s") from exc
         except requests.RequestException as exc:
             raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}") from exc
         if answer.status_code >= 500:
             raise TeacherUnavailable(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
+        if answer.status_code >= 400:
+            raise TeacherRequestRejected(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         response = service_pb2.Response()
         try:
             if answer.headers.get("Content-Type", "").startswith("application/json"):
@@ -235,10 +264,17 @@ class TeacherClient:
                                                     f"{answer.content[:200]!r} ({exc})") from exc
         return response
 
+    def _http_timeouts(self) -> tuple[float, float]:
+        """(connect, read) seconds: a host that does not accept the connection is noticed quickly."""
+        connect = min(self.timeout, self.keepalive_time) if self.keepalive_time > 0 else self.timeout
+        return connect, self.timeout
+
     def _outputs(self, response: service_pb2.Response, fetch: Sequence[str],
                  batch_size: int) -> dict[str, np.ndarray]:
+        if response.err_no == ERR_NO_INVALID_INPUT:
+            raise TeacherRequestRejected(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if response.err_no != 0:
-            raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
+            raise TeacherUnavailable(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if not response.outputs:
             raise TeacherAnswerError(self.endpoint, "answer has no outputs")
         by_name: dict[str, np.ndarray] = {}
@@ -272,9 +308,12 @@ def _batch_size_of(feeds: Mapping[str, Any]) -> int:
 
 
 def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
+    """Transient codes -> TeacherUnavailable; invalid-request codes -> TeacherRequestRejected; the rest (e.g.
+    UNIMPLEMENTED: not a Paddle Serving endpoint) -> TeacherAnswerError."""
     code = exc.code()
     details = exc.details()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                grpc.StatusCode.ABORTED):
+    if code in _TRANSIENT_GRPC_CODES:
         return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}")
+    if code in _REJECTING_GRPC_CODES:
+        return TeacherRequestRejected(endpoint, f"gRPC {code.name}: {details}")
     return TeacherAnswerError(endpoint, f"gRPC {code.name}: {details}")

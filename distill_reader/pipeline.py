@@ -7,27 +7,26 @@ One epoch, top to bottom (all in the student process, which owns order and count
 
 - ``SlotPlan`` says which slots of a sample are teacher feeds (sent) and which pass through, and turns slot
   values into feed arrays with ``client.prepare_feed`` (cast + reshape to the config's feed shape).
-- A ``Task`` is at most ``teacher_batch_size`` samples of one student batch (a task never crosses a student
-  batch; samples from a sample generator are grouped). ``seq`` numbers tasks within the epoch and
+- A ``Task`` (``tasks.py``) is at most ``teacher_batch_size`` samples of one student batch (a task never crosses
+  a student batch; samples from a sample generator are grouped). ``seq`` numbers tasks within the epoch and
   ``sample_start`` is the epoch index of its first sample, so a cache stage can key answers by them.
-- A ``PredictionStage`` turns submitted tasks into results, in any order. ``RemoteStage`` does it with worker
-  processes and a ``TeacherPool`` (retries on another teacher with backoff, probes, the all-teachers-down
-  timeout). A cache stage (offline mode) wraps another stage with the same interface.
-- ``run_epoch`` keeps at most ``max_pending_tasks`` tasks read but not yet yielded and yields each input item
-  once, in order, with its predictions appended.
+- A ``PredictionStage`` turns submitted tasks into results, in any order, each exactly once. ``RemoteStage``
+  (``remote_stage.py``) does it with worker processes and a ``TeacherPool``. A cache stage (offline mode) wraps
+  another stage with the same interface.
+- ``Epoch`` keeps at most ``max_pending_tasks`` tasks read but not yet yielded (the reorder buffer's bound) and
+  yields each input item once, in order, with its predictions appended.
 
 Example (what ``DistillReader`` does)::
 
     plan = SlotPlan(["img", "label"], ["prediction"], config)
-    for sample_list in run_epoch("sample_list", gen(), plan, stage, teacher_batch_size=32, ...):
+    for sample_list in Epoch("sample_list", gen(), plan, stage, teacher_batch_size=32).run():
         ...
 """
 from __future__ import annotations
 
-import heapq
+import contextlib
 import itertools
-import logging
-import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,335 +35,18 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from .client import prepare_feed
+from .errors import (  # noqa: F401 - re-exported: the reader's errors were first defined here
+    AllTeachersDownError,
+    DistillReaderError,
+    ReaderClosedError,
+    TeacherAnswerInvalid,
+    TeacherRequestRefused,
+)
+from .remote_stage import RemoteOptions, RemoteStage  # noqa: F401 - re-exported
 from .serving_config import ConfigError, ServingConfig, VarSpec
-from .teacher_pool import TeacherPool, backoff_delay
-from .workers import WorkerPool
-
-logger = logging.getLogger(__name__)
+from .tasks import PredictionStage, Task, TaskResult, next_task_id  # noqa: F401 - re-exported
 
 KINDS = ("sample", "sample_list", "batch")
-
-
-class DistillReaderError(RuntimeError):
-    """The reader cannot go on (teachers unreachable, bad answers, bad input); the message says why."""
-
-
-class AllTeachersDownError(DistillReaderError):
-    """No teacher was usable for longer than ``all_teachers_down_timeout``; names the teachers and the last error."""
-
-
-class TeacherAnswerInvalid(DistillReaderError):
-    """A teacher answered with something that does not fit the request; ``endpoint`` names it."""
-
-    def __init__(self, endpoint: str, message: str):
-        super().__init__(message)
-        self.endpoint = endpoint
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tasks and the stage interface
-# ---------------------------------------------------------------------------------------------------------
-_task_ids = itertools.count(1)
-
-
-@dataclass
-class Task:
-    """At most ``teacher_batch_size`` samples of one student batch, as prepared feed arrays.
-
-    ``task_id`` is unique in the process (results of an abandoned epoch never match a new task);
-    ``seq`` numbers tasks within the epoch from 0; ``sample_start`` is the epoch index of the first sample.
-    """
-
-    task_id: int
-    seq: int
-    sample_start: int
-    size: int
-    feeds: dict[str, np.ndarray]
-
-
-@dataclass
-class TaskResult:
-    """The predictions for one task: fetch name -> array with ``task.size`` rows."""
-
-    task_id: int
-    outputs: dict[str, np.ndarray]
-
-
-class PredictionStage:
-    """Turns submitted tasks into results (in any order). The seam where a cache stage plugs in.
-
-    The pipeline calls ``begin_epoch()``, then ``submit(task)`` while ``capacity() > 0``, and ``poll(timeout)``
-    to collect results (``poll`` raises DistillReaderError when the stage cannot go on), then
-    ``end_epoch(complete)``. ``in_flight_limit()`` sizes the reorder buffer. ``close()`` frees resources.
-    """
-
-    def begin_epoch(self, epoch: int) -> None:
-        pass
-
-    def submit(self, task: Task) -> None:
-        raise NotImplementedError
-
-    def capacity(self) -> int:
-        raise NotImplementedError
-
-    def in_flight_limit(self) -> int:
-        raise NotImplementedError
-
-    def poll(self, timeout: float) -> list[TaskResult]:
-        raise NotImplementedError
-
-    def end_epoch(self, complete: bool) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Remote stage: worker processes + teacher pool
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class RemoteOptions:
-    request_timeout: float = 30.0
-    max_retries: int = 10
-    retry_backoff: float = 0.05
-    max_retry_backoff: float = 2.0
-    probe_timeout: float = 2.0
-    all_teachers_down_timeout: float = 60.0
-    num_workers: int = 2
-    protocol: str = "grpc"
-    wire: str = "auto"
-    stop_timeout: float = 2.0
-
-
-@dataclass
-class _Attempt:
-    task: Task
-    failures: int = 0
-    tried: list[str] = field(default_factory=list)
-    endpoint: str = ""
-
-
-class RemoteStage(PredictionStage):
-    """Send tasks to teachers through worker processes; retry failed ones on another teacher.
-
-    Workers are started on the first ``submit`` (so a stage that is never asked costs nothing) and persist
-    across epochs until ``close()``.
-    """
-
-    def __init__(self, pool: TeacherPool, config: ServingConfig, fetch: Sequence[str], options: RemoteOptions):
-        self.pool = pool
-        self.config = config
-        self.fetch = list(fetch)
-        self.options = options
-        self.workers: Optional[WorkerPool] = None
-        self._waiting: deque[_Attempt] = deque()          # ready to send
-        self._delayed: list[tuple[float, int, _Attempt]] = []  # (due, task_id, attempt): retry backoff
-        self._outstanding: dict[int, _Attempt] = {}       # sent to a worker
-        self._probe_ids = itertools.count(1)
-        self._probing: dict[int, str] = {}
-        self._known_endpoints: set[str] = set()
-        self._results: list[TaskResult] = []
-        self.requests = 0
-        self.retries = 0
-        self._stopped_mid_epoch = False
-
-    # -- PredictionStage ----------------------------------------------------------------------------------
-    def begin_epoch(self, epoch: int) -> None:
-        self._reset_epoch()
-        self._stopped_mid_epoch = False
-        self.pool.restart_down_timer()
-
-    def in_flight_limit(self) -> int:
-        return self.pool.per_teacher_in_flight * max(1, len(self.pool.endpoints))
-
-    def capacity(self) -> int:
-        pending = len(self._waiting) + len(self._delayed) + len(self._outstanding)
-        return self.in_flight_limit() - pending
-
-    def submit(self, task: Task) -> None:
-        if not self.pool.dynamic and not self.pool.endpoints:
-            raise DistillReaderError("no teacher configured: call set_fixed_teacher(...) or set_dynamic_teacher(...)")
-        self._ensure_workers()
-        self._waiting.append(_Attempt(task))
-        self._dispatch()
-
-    def poll(self, timeout: float) -> list[TaskResult]:
-        if self._stopped_mid_epoch:
-            raise DistillReaderError("the reader's worker processes were stopped (close()) during this epoch")
-        self._dispatch()
-        if self.workers is None or not self._busy():
-            results, self._results = self._results, []
-            return results
-        now = time.monotonic()
-        wake = now + max(0.0, timeout)
-        for t in (self._delayed[0][0] if self._delayed else None, self.pool.next_probe_time(),
-                  self._down_deadline()):
-            if t is not None:
-                wake = min(wake, t)
-        if self._results:
-            wake = now
-        for worker, message in self.workers.receive(timeout=max(0.0, wake - now)):
-            self._handle(worker, message)
-        self._check_down()
-        self._dispatch()
-        results, self._results = self._results, []
-        return results
-
-    def end_epoch(self, complete: bool) -> dict[str, Any]:
-        stats = {"requests": self.requests, "retries": self.retries}
-        self._reset_epoch()
-        return stats
-
-    def close(self) -> None:
-        self._stopped_mid_epoch = bool(self._waiting or self._delayed or self._outstanding)
-        if self.workers is not None:
-            self.workers.close()
-            self.workers = None
-        for endpoint in self._probing.values():   # lost with the workers: probe again after the backoff
-            self.pool.probe_result(endpoint, False)
-        self._probing.clear()
-        self._reset_epoch()
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return self.workers.pids if self.workers is not None else []
-
-    # -- internals -----------------------------------------------------------------------------------------
-    def _reset_epoch(self) -> None:
-        """Forget the epoch's tasks; requests still out are abandoned (their answers will be ignored)."""
-        for attempt in self._outstanding.values():
-            self.pool.released(attempt.endpoint)
-        self._waiting.clear()
-        self._delayed.clear()
-        self._outstanding.clear()
-        self._results.clear()
-        self.requests = 0
-        self.retries = 0
-
-    def _busy(self) -> bool:
-        return bool(self._waiting or self._delayed or self._outstanding or self._probing)
-
-    def _ensure_workers(self) -> None:
-        if self.workers is not None and self.workers.owner_pid != os.getpid():
-            # this is a forked child of the student (e.g. a multiprocess data loader): start workers of its own
-            # (WorkerPool.close only drops the sockets here; lost probes are rescheduled)
-            waiting = list(self._waiting)
-            self.close()
-            self._waiting.extend(waiting)
-        if self.workers is None or self.workers.closed:
-            from google.protobuf import text_format
-
-            settings = {"config_text": text_format.MessageToString(self.config.to_proto()),
-                        "config_source": self.config.source, "fetch": self.fetch,
-                        "timeout": self.options.request_timeout, "protocol": self.options.protocol,
-                        "wire": self.options.wire}
-            self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
-
-    def _dispatch(self) -> None:
-        if self.workers is None:
-            return
-        now = time.monotonic()
-        while self._delayed and self._delayed[0][0] <= now:
-            self._waiting.append(heapq.heappop(self._delayed)[2])
-        current = set(self.pool.endpoints)
-        for gone in self._known_endpoints - current:
-            self.workers.forget(gone)
-        self._known_endpoints = current
-        for endpoint in self.pool.probes_due(now):
-            probe_id = next(self._probe_ids)
-            self._probing[probe_id] = endpoint
-            self.workers.send_probe(probe_id, endpoint, self.options.probe_timeout)
-        while self._waiting:
-            attempt = self._waiting[0]
-            endpoint = self.pool.pick(avoid=attempt.tried[-1:])
-            if endpoint is None:
-                return
-            self._waiting.popleft()
-            attempt.endpoint = endpoint
-            self.pool.started(endpoint)
-            self._outstanding[attempt.task.task_id] = attempt
-            self.requests += 1
-            self.workers.send_task(attempt.task.task_id, endpoint, attempt.task.feeds, attempt.task.size)
-
-    def _handle(self, worker, message: tuple) -> None:
-        kind = message[0]
-        if kind == "done":
-            _, task_id, endpoint, outputs, latency = message
-            attempt = self._outstanding.pop(task_id, None)
-            if attempt is None:
-                return  # an answer for an abandoned epoch
-            self._check_answer(endpoint, attempt.task, outputs)
-            self.pool.succeeded(endpoint, latency, attempt.task.size)
-            self._results.append(TaskResult(task_id, outputs))
-        elif kind == "fail":
-            _, task_id, endpoint, failure, text, _latency = message
-            attempt = self._outstanding.pop(task_id, None)
-            if attempt is None:
-                return  # a request of an abandoned epoch
-            if failure == "answer":
-                self.pool.released(endpoint)
-                raise TeacherAnswerInvalid(endpoint, f"bad answer from teacher {endpoint} for task "
-                                                     f"{attempt.task.seq} of this epoch: {text}")
-            if failure != "unavailable":
-                self.pool.released(endpoint)
-                raise DistillReaderError(f"the request of task {attempt.task.seq} to teacher {endpoint} failed "
-                                         f"in the worker process: {text}")
-            self.pool.failed(endpoint, text)
-            self._retry(attempt, endpoint, text)
-        elif kind == "probe":
-            _, probe_id, endpoint, healthy, text = message
-            self._probing.pop(probe_id, None)
-            self.pool.probe_result(endpoint, healthy, text)
-            if healthy:
-                logger.info("teacher %s is healthy again; back in service", endpoint)
-        elif kind == "dead":
-            _, task_ids, probes = message
-            for task_id in task_ids:
-                attempt = self._outstanding.pop(task_id, None)
-                if attempt is not None:
-                    self.pool.released(attempt.endpoint)
-                    self._waiting.appendleft(attempt)
-            for probe_id, endpoint in probes.items():
-                self._probing.pop(probe_id, None)
-                self.pool.probe_result(endpoint, False, "probe lost with a dead worker")
-        elif kind == "ready":
-            pass
-
-    def _retry(self, attempt: _Attempt, endpoint: str, text: str) -> None:
-        attempt.failures += 1
-        attempt.tried.append(endpoint)
-        self.retries += 1
-        if attempt.failures > self.options.max_retries:
-            raise DistillReaderError(
-                f"task {attempt.task.seq} of this epoch failed {attempt.failures} times on teachers "
-                f"{sorted(set(attempt.tried))}; last error: {text}")
-        delay = backoff_delay(attempt.failures, self.options.retry_backoff, self.options.max_retry_backoff)
-        logger.info("request failed on %s (%s); retrying task %d in %.0f ms", endpoint, text, attempt.task.seq,
-                    delay * 1000)
-        heapq.heappush(self._delayed, (time.monotonic() + delay, attempt.task.task_id, attempt))
-
-    def _check_answer(self, endpoint: str, task: Task, outputs: dict) -> None:
-        for name in self.fetch:
-            value = outputs.get(name)
-            if value is None:
-                raise TeacherAnswerInvalid(endpoint, f"teacher {endpoint}: answer lacks fetch {name!r}")
-            if np.ndim(value) == 0 or len(value) != task.size:
-                raise TeacherAnswerInvalid(endpoint, f"teacher {endpoint}: fetch {name!r} has shape "
-                                                     f"{list(np.shape(value))} for a request of {task.size}")
-
-    def _down_deadline(self) -> Optional[float]:
-        since = self.pool.down_since()
-        return None if since is None else since + self.options.all_teachers_down_timeout
-
-    def _check_down(self) -> None:
-        deadline = self._down_deadline()
-        if deadline is None or not (self._waiting or self._delayed or self._outstanding):
-            return
-        if time.monotonic() >= deadline:
-            raise AllTeachersDownError(
-                f"no teacher was reachable for {self.options.all_teachers_down_timeout:g}s; teachers: "
-                f"{self.pool.describe()}; last error: {self.pool.last_error or 'none'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,6 +103,40 @@ class SlotPlan:
 # ---------------------------------------------------------------------------------------------------------
 # One epoch
 # ---------------------------------------------------------------------------------------------------------
+class Gate:
+    """Lets ``close()`` from another thread wait until the iterating thread is outside the reader's own code.
+
+    The iterating thread holds the gate while it runs the pipeline (never while the student holds a yielded
+    item, nor while the user's generator runs) and checks ``closed`` each time it takes the gate, at least every
+    half second: it then raises ReaderClosedError. ``close()`` sets ``closed`` and takes the gate before it frees
+    sockets and processes, so nothing is closed under a thread that is using it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.closed = threading.Event()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self.lock:
+            self.check()
+            yield
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Run user code (the generator) without the gate; take it back and check ``closed`` afterwards."""
+        self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.acquire()
+        self.check()
+
+    def check(self) -> None:
+        if self.closed.is_set():
+            raise ReaderClosedError("the DistillReader was closed (close() was called) while this epoch ran")
+
+
 @dataclass
 class _Unit:
     """One item to yield: a sample, a sample list or a batch; ``parts`` = (task_id, start, count)."""
@@ -449,167 +165,216 @@ def _as_slots(item: Any, slots: int, what: str) -> Sequence[Any]:
     raise DistillReaderError(f"{what} must be a tuple or list of {slots} slots, not {type(item).__name__}")
 
 
-def run_epoch(kind: str, source: Iterable[Any], plan: SlotPlan, stage: PredictionStage, teacher_batch_size: int,
-              max_pending_tasks: Optional[int] = None, epoch: int = 0,
-              on_end: Optional[Callable[[EpochStats], None]] = None,
-              is_current: Optional[Callable[[], bool]] = None) -> Iterator[Any]:
-    """Yield every item of ``source`` once, in order, with the teachers' predictions appended.
+_END = object()
+
+
+class Epoch:
+    """One pass over ``source``: every item once, in order, with the teachers' predictions appended.
 
     ``kind`` is ``sample`` (item = one sample: a tuple of slots), ``sample_list`` (item = list of samples) or
-    ``batch`` (item = tuple of arrays, one per slot, batch first). ``on_end`` gets the statistics when the
-    epoch completes. ``is_current()`` false means a newer epoch took the stage over: this one stops with
-    DistillReaderError. An exception raised by ``source`` is re-raised (the same object, with its original
-    traceback) after every item read before it has been yielded; errors of the stage or of bad input
-    propagate at once.
+    ``batch`` (item = tuple of arrays, one per slot, batch first). ``run()`` is the generator. ``on_end`` gets
+    the statistics when the epoch completes. ``abandon()`` (a newer epoch started) ends it on the stage at once;
+    resuming it then raises DistillReaderError. An exception raised by ``source`` is re-raised (the same object,
+    with its original traceback) after every item read before it has been yielded; errors of the stage or of
+    bad input propagate at once.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    if teacher_batch_size < 1:
-        raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
-    stats = EpochStats()
-    started = time.monotonic()
-    units: deque[_Unit] = deque()
-    results: dict[int, dict[str, np.ndarray]] = {}
-    uses: dict[int, int] = {}          # task_id -> units still needing it
-    pending_tasks = 0                  # tasks submitted whose units are not all yielded
-    open_chunk: list[tuple[_Unit, Any]] = []   # sample kind: samples waiting to fill a task
-    seq = itertools.count()
-    sample_index = 0
-    exhausted = False
-    source_error: Optional[BaseException] = None   # the user's generator raised: after the items before it
-    iterator = iter(source)
-    slots = len(plan.ins)
 
-    def make_task(feeds: dict[str, np.ndarray], size: int) -> Task:
-        nonlocal sample_index, pending_tasks
-        task = Task(next(_task_ids), next(seq), sample_index, size, feeds)
-        sample_index += size
-        pending_tasks += 1
-        stats.tasks += 1
-        return task
+    def __init__(self, kind: str, source: Iterable[Any], plan: SlotPlan, stage: PredictionStage,
+                 teacher_batch_size: int, max_pending_tasks: Optional[int] = None, epoch: int = 0,
+                 on_end: Optional[Callable[[EpochStats], None]] = None, gate: Optional[Gate] = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if teacher_batch_size < 1:
+            raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
+        self.kind, self.plan, self.stage, self.epoch = kind, plan, stage, epoch
+        self.teacher_batch_size = teacher_batch_size
+        self.max_pending_tasks = max_pending_tasks
+        self.on_end = on_end
+        self.gate = gate or Gate()
+        self.stats = EpochStats()
+        self.abandoned = False
+        self.finished = False
+        self._iterator = iter(source)
+        self._units: deque[_Unit] = deque()
+        self._results: dict[int, dict[str, np.ndarray]] = {}
+        self._uses: dict[int, int] = {}             # task_id -> units still needing it
+        self._pending_tasks = 0                      # tasks submitted whose units are not all yielded
+        self._open_chunk: list[tuple[_Unit, Any]] = []   # sample kind: samples waiting to fill a task
+        self._seq = itertools.count()
+        self._sample_index = 0
+        self._exhausted = False
+        self._source_error: Optional[BaseException] = None
 
-    def flush_chunk() -> None:
-        if not open_chunk:
-            return
-        task = make_task(plan.sample_feeds([s for _, s in open_chunk]), len(open_chunk))
-        for offset, (unit, _) in enumerate(open_chunk):
-            unit.parts.append((task.task_id, offset, 1))
-        uses[task.task_id] = len(open_chunk)
-        open_chunk.clear()
-        stage.submit(task)
-
-    def read_one() -> bool:
-        nonlocal exhausted, source_error
+    # -- the generator ----------------------------------------------------------------------------------
+    def run(self) -> Iterator[Any]:
+        started = time.monotonic()
+        with self.gate.held():
+            self.stage.begin_epoch(self.epoch)
+        complete = False
         try:
-            item = next(iterator)
+            while True:
+                with self.gate.held():
+                    item = self._next_item()
+                if item is _END:
+                    break
+                yield item
+            complete = True
+        finally:
+            self.stats.seconds = time.monotonic() - started
+            with self.gate.lock:
+                self._finish(complete)
+        if self.on_end is not None:
+            self.on_end(self.stats)
+
+    def abandon(self) -> None:
+        """End this epoch on the stage now (a newer epoch takes the stage over); resuming it raises."""
+        with self.gate.lock:
+            if not self.finished:
+                self.abandoned = True
+                self._finish(False)
+
+    def pending(self) -> int:
+        """Tasks read from the generator whose items are not all yielded yet."""
+        return self._pending_tasks
+
+    def _finish(self, complete: bool) -> None:
+        if self.finished or self.gate.closed.is_set():
+            self.finished = True
+            return
+        self.finished = True
+        self.stats.stage = self.stage.end_epoch(complete)
+
+    def _next_item(self) -> Any:
+        while True:
+            if self.abandoned:
+                raise DistillReaderError(f"epoch {self.epoch} was abandoned: a newer epoch started on this reader")
+            self._collect(0.0)
+            self._fill()
+            if self._head_ready():
+                return self._build(self._units.popleft())
+            if self._exhausted and not self._units:
+                if self._source_error is not None:
+                    raise self._source_error
+                return _END
+            self._collect(0.5)
+
+    # -- reading the generator into tasks -----------------------------------------------------------------
+    def _fill(self) -> None:
+        limit = self.max_pending_tasks or max(4, 2 * self.stage.in_flight_limit())
+        while not self._exhausted and self.stage.capacity() > 0 and self._pending_tasks < limit:
+            self._read_one()
+
+    def _read_one(self) -> None:
+        try:
+            with self.gate.released():
+                item = next(self._iterator)
         except StopIteration:
-            exhausted = True
-            flush_chunk()
-            return False
+            self._exhausted = True
+            self._flush_chunk()
+            return
+        except ReaderClosedError:
+            raise
         except Exception as exc:  # noqa: BLE001 - re-raised (same object, same traceback) after earlier items
-            source_error = exc
-            exhausted = True
-            flush_chunk()
-            return False
-        if kind == "sample":
-            unit = _Unit(_as_slots(item, slots, "a sample"), [])
-            units.append(unit)
-            open_chunk.append((unit, unit.item))
-            if len(open_chunk) >= teacher_batch_size:
-                flush_chunk()
-            return True
-        if kind == "sample_list":
-            samples = [_as_slots(s, slots, "a sample") for s in item]
-            unit = _Unit(samples, [])
-            units.append(unit)
-            for start in range(0, len(samples), teacher_batch_size):
-                chunk = samples[start:start + teacher_batch_size]
-                task = make_task(plan.sample_feeds(chunk), len(chunk))
-                unit.parts.append((task.task_id, 0, len(chunk)))
-                uses[task.task_id] = 1
-                stage.submit(task)
-            return True
-        batch = _as_slots(item, slots, "a batch")
-        sizes = {len(np.asarray(batch[i])) for i, _ in plan.feed_slots} or {len(np.asarray(batch[0]))}
+            self._source_error = exc
+            self._exhausted = True
+            self._flush_chunk()
+            return
+        {"sample": self._add_sample, "sample_list": self._add_sample_list, "batch": self._add_batch}[self.kind](item)
+
+    def _add_sample(self, item: Any) -> None:
+        unit = _Unit(_as_slots(item, len(self.plan.ins), "a sample"), [])
+        self._units.append(unit)
+        self._open_chunk.append((unit, unit.item))
+        if len(self._open_chunk) >= self.teacher_batch_size:
+            self._flush_chunk()
+
+    def _add_sample_list(self, item: Any) -> None:
+        samples = [_as_slots(s, len(self.plan.ins), "a sample") for s in item]
+        unit = _Unit(samples, [])
+        self._units.append(unit)
+        for start in range(0, len(samples), self.teacher_batch_size):
+            chunk = samples[start:start + self.teacher_batch_size]
+            self._submit(unit, self.plan.sample_feeds(chunk), len(chunk), uses=1)
+
+    def _add_batch(self, item: Any) -> None:
+        batch = _as_slots(item, len(self.plan.ins), "a batch")
+        sizes = {len(np.asarray(batch[i])) for i, _ in self.plan.feed_slots} or {len(np.asarray(batch[0]))}
         if len(sizes) != 1:
             raise DistillReaderError(f"a batch whose feed slots have different lengths {sorted(sizes)}")
         size = sizes.pop()
         unit = _Unit(batch, [])
-        units.append(unit)
-        for start in range(0, size, teacher_batch_size):
-            end = min(size, start + teacher_batch_size)
-            task = make_task(plan.batch_feeds(batch, start, end), end - start)
-            unit.parts.append((task.task_id, 0, end - start))
-            uses[task.task_id] = 1
-            stage.submit(task)
-        return True
+        self._units.append(unit)
+        for start in range(0, size, self.teacher_batch_size):
+            end = min(size, start + self.teacher_batch_size)
+            self._submit(unit, self.plan.batch_feeds(batch, start, end), end - start, uses=1)
 
-    def fill() -> None:
-        limit = max_pending_tasks or max(4, 2 * stage.in_flight_limit())
-        while not exhausted and stage.capacity() > 0 and pending_tasks < limit:
-            read_one()
+    def _flush_chunk(self) -> None:
+        if not self._open_chunk:
+            return
+        chunk, self._open_chunk = self._open_chunk, []
+        task = self._new_task(self.plan.sample_feeds([s for _, s in chunk]), len(chunk))
+        for offset, (unit, _) in enumerate(chunk):
+            unit.parts.append((task.task_id, offset, 1))
+        self._uses[task.task_id] = len(chunk)
+        self.stage.submit(task)
 
-    def head_ready() -> bool:
-        if not units:
+    def _submit(self, unit: _Unit, feeds: dict[str, np.ndarray], size: int, uses: int) -> None:
+        task = self._new_task(feeds, size)
+        unit.parts.append((task.task_id, 0, size))
+        self._uses[task.task_id] = uses
+        self.stage.submit(task)
+
+    def _new_task(self, feeds: dict[str, np.ndarray], size: int) -> Task:
+        task = Task(next_task_id(), next(self._seq), self._sample_index, size, feeds)
+        self._sample_index += size
+        self._pending_tasks += 1
+        self.stats.tasks += 1
+        return task
+
+    # -- results back into items, in order ----------------------------------------------------------------
+    def _collect(self, timeout: float) -> None:
+        for result in self.stage.poll(timeout):
+            self._results[result.task_id] = result.outputs
+
+    def _head_ready(self) -> bool:
+        if not self._units:
             return False
-        return all(task_id in results for task_id, _, _ in units[0].parts) and (
-            kind != "sample" or units[0].parts)
+        head = self._units[0]
+        return all(task_id in self._results for task_id, _, _ in head.parts) and (
+            self.kind != "sample" or bool(head.parts))
 
-    def build(unit: _Unit) -> Any:
-        nonlocal pending_tasks
-        for task_id, _, _ in unit.parts:
-            uses[task_id] -= 1
-        if kind == "sample":
+    def _build(self, unit: _Unit) -> Any:
+        predicts = self.plan.predicts
+        if self.kind == "sample":
             task_id, offset, _ = unit.parts[0]
-            outputs = results[task_id]
-            out = tuple(unit.item) + tuple(outputs[name][offset] for name in plan.predicts)
-            stats.samples += 1
-        elif kind == "sample_list":
+            out: Any = tuple(unit.item) + tuple(self._results[task_id][name][offset] for name in predicts)
+            self.stats.samples += 1
+        elif self.kind == "sample_list":
             out = []
             for task_id, _, count in unit.parts:
-                outputs = results[task_id]
-                start = len(out)
-                for k in range(count):
-                    out.append(tuple(unit.item[start + k]) + tuple(outputs[name][k] for name in plan.predicts))
-            stats.samples += len(out)
+                outputs, start = self._results[task_id], len(out)
+                out.extend(tuple(unit.item[start + k]) + tuple(outputs[name][k] for name in predicts)
+                           for k in range(count))
+            self.stats.samples += len(out)
         else:
-            if unit.parts:
-                preds = [np.concatenate([results[t][name] for t, _, _ in unit.parts]) if len(unit.parts) > 1
-                         else results[unit.parts[0][0]][name] for name in plan.predicts]
-            else:
-                preds = plan.empty_predictions()
-            out = tuple(unit.item) + tuple(preds)
-            stats.samples += sum(count for _, _, count in unit.parts)
-        for task_id, _, _ in unit.parts:
-            if uses[task_id] == 0:
-                del uses[task_id]
-                del results[task_id]
-                pending_tasks -= 1
-        stats.items += 1
+            out = tuple(unit.item) + tuple(self._stacked(unit))
+            self.stats.samples += sum(count for _, _, count in unit.parts)
+        self._release(unit)
+        self.stats.items += 1
         return out
 
-    stage.begin_epoch(epoch)
-    complete = False
-    try:
-        while True:
-            if is_current is not None and not is_current():
-                raise DistillReaderError(f"epoch {epoch} was abandoned: a newer epoch started on this reader")
-            for result in stage.poll(0.0):
-                results[result.task_id] = result.outputs
-            fill()
-            if head_ready():
-                yield build(units.popleft())
-                continue
-            if exhausted and not units:
-                if source_error is not None:
-                    raise source_error
-                break
-            for result in stage.poll(0.5):
-                results[result.task_id] = result.outputs
-        complete = True
-    finally:
-        if is_current is None or is_current():   # an abandoned epoch must not touch its successor's state
-            stats.stage = stage.end_epoch(complete)
-        stats.seconds = time.monotonic() - started
-    if on_end is not None:
-        on_end(stats)
+    def _stacked(self, unit: _Unit) -> list[np.ndarray]:
+        if not unit.parts:
+            return self.plan.empty_predictions()
+        if len(unit.parts) == 1:
+            return [self._results[unit.parts[0][0]][name] for name in self.plan.predicts]
+        return [np.concatenate([self._results[t][name] for t, _, _ in unit.parts]) for name in self.plan.predicts]
+
+    def _release(self, unit: _Unit) -> None:
+        for task_id, _, _ in unit.parts:
+            self._uses[task_id] -= 1
+            if self._uses[task_id] == 0:
+                del self._uses[task_id]
+                del self._results[task_id]
+                self._pending_tasks -= 1
+

@@ -23,25 +23,26 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from .pipeline import (
+from .errors import (
     AllTeachersDownError,
     DistillReaderError,
-    EpochStats,
-    PredictionStage,
-    RemoteOptions,
-    RemoteStage,
-    SlotPlan,
+    ReaderClosedError,
     TeacherAnswerInvalid,
-    run_epoch,
+    TeacherRequestRefused,
 )
+from .pipeline import Epoch, EpochStats, Gate, SlotPlan
+from .remote_stage import RemoteOptions, RemoteStage
 from .serving_config import ServingConfig
+from .tasks import PredictionStage
 from .teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
+CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iterating thread to leave the reader
 
-__all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid"]
+__all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
+           "TeacherRequestRefused", "ReaderClosedError"]
 
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
@@ -69,6 +70,7 @@ class _Resources:
         self.stage: Optional[PredictionStage] = None
         self.subscription: Any = None
         self.lock = threading.Lock()
+        self.gate = Gate()
 
     def remote_stage(self) -> Optional[RemoteStage]:
         stage = self.stage
@@ -83,11 +85,25 @@ class _Resources:
             if remote is not None:
                 remote.close()
 
-    def close(self) -> None:
+    def close_stage(self) -> None:
+        """Close the stage chain (rebuilt on demand); the teacher subscription stays."""
         with self.lock:
             stage, self.stage = self.stage, None
             if stage is not None:
                 stage.close()
+
+    def close(self) -> None:
+        """Everything, once; from any thread. An epoch running in another thread stops with ReaderClosedError."""
+        self.gate.closed.set()
+        took = self.gate.lock.acquire(timeout=CLOSE_WAIT_S)
+        if not took:
+            logger.warning("close(): the iterating thread did not leave the reader within %.0fs; closing anyway",
+                           CLOSE_WAIT_S)
+        try:
+            self.close_stage()
+        finally:
+            if took:
+                self.gate.lock.release()
         subscription, self.subscription = self.subscription, None
         if subscription is not None:
             try:
@@ -115,6 +131,19 @@ class DistillReader:
         num_workers: worker processes doing the teacher I/O (default 2).
         protocol: ``"grpc"`` (default) or ``"http"``; wire: ``"auto"``, ``"raw"`` or ``"typed"`` (see client).
         stop_timeout: seconds a worker gets to exit after ``stop`` before it is signalled (default 2).
+        keepalive_time: gRPC keepalive interval while a request is out (default 1 s; 0 off): a frozen or
+            unreachable teacher fails its requests after about two intervals.
+        hedge_budget: hedged requests allowed, as a fraction of all requests (default 0.05; 0 disables hedging).
+            The task the reorder buffer waits on is sent again to another teacher once it has been out for
+            ``clamp(hedge_factor x hedge_percentile-th percentile of recent latencies, hedge_min_delay,
+            hedge_max_delay)`` (defaults 2.0, 95, 0.02 s, 1.0 s); the first answer wins.
+        stall_factor / stall_min_timeout: a teacher whose request has been out for ``max(stall_min_timeout,
+            stall_factor x the 99th latency percentile)`` (defaults 4, 1 s; at most request_timeout) is set aside
+            and probed, and its tasks go to other teachers.
+
+    Raises (while iterating): AllTeachersDownError, TeacherAnswerInvalid (no teacher answers a task correctly),
+    TeacherRequestRefused (every teacher refuses a task as invalid), ReaderClosedError (``close()`` from another
+    thread), errors of the user's generator (re-raised as they are), FeedError / ConfigError for bad input.
     """
 
     def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], *, request_timeout: float = 30.0,
@@ -122,7 +151,10 @@ class DistillReader:
                  probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, probe_timeout: float = 2.0,
                  all_teachers_down_timeout: float = 60.0, per_teacher_in_flight: int = 2,
                  max_pending_tasks: Optional[int] = None, num_workers: int = 2, protocol: str = "grpc",
-                 wire: str = "auto", stop_timeout: float = 2.0):
+                 wire: str = "auto", stop_timeout: float = 2.0, keepalive_time: float = 1.0,
+                 hedge_budget: float = 0.05, hedge_percentile: float = 95.0, hedge_factor: float = 2.0,
+                 hedge_min_delay: float = 0.02, hedge_max_delay: float = 1.0, stall_factor: float = 4.0,
+                 stall_min_timeout: float = 1.0):
         if not ins:
             raise ValueError("ins must name at least one slot")
         if not predicts:
@@ -136,7 +168,9 @@ class DistillReader:
             request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff,
             max_retry_backoff=max_retry_backoff, probe_timeout=probe_timeout,
             all_teachers_down_timeout=all_teachers_down_timeout, num_workers=num_workers, protocol=protocol,
-            wire=wire, stop_timeout=stop_timeout)
+            wire=wire, stop_timeout=stop_timeout, keepalive_time=keepalive_time, hedge_budget=hedge_budget,
+            hedge_percentile=hedge_percentile, hedge_factor=hedge_factor, hedge_min_delay=hedge_min_delay,
+            hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout)
         self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None
@@ -145,7 +179,7 @@ class DistillReader:
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close)
         self._epoch = 0
-        self._active_epoch = 0
+        self._active: Optional[Epoch] = None   # the epoch that owns the stage now
         self._teachers_set = False
         self.last_epoch_stats: Optional[EpochStats] = None   # samples, tasks, per-teacher share of the last epoch
 
@@ -217,7 +251,7 @@ class DistillReader:
         it should keep ``inner`` in an ``inner`` attribute.
         """
         self._stage_wrappers.append(wrap)
-        self._resources.close()
+        self._resources.close_stage()   # rebuilt with the wrapper at the next epoch; the subscription stays
 
     # -- generators -------------------------------------------------------------------------------------
     def set_sample_generator(self, generator: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[tuple]]:
@@ -248,20 +282,26 @@ class DistillReader:
             raise DistillReaderError("no teacher: call set_fixed_teacher(...) or set_dynamic_teacher(...) first")
         plan = SlotPlan(self.ins, self.predicts, self.config)
         stage = self._stage()
+        if self._active is not None:
+            self._active.abandon()   # e.g. Paddle's loader starts the next epoch before the old generator is gone
         self._epoch += 1
-        epoch = self._active_epoch = self._epoch
+        number = self._epoch
         source = generator() if callable(generator) else generator
+        epoch = self._active = Epoch(kind, source, plan, stage, self.teacher_batch_size,
+                                     max_pending_tasks=self.max_pending_tasks, epoch=number,
+                                     on_end=lambda stats: self._log_summary(number, stats),
+                                     gate=self._resources.gate)
         completed = False
         try:
-            yield from run_epoch(kind, source, plan, stage, self.teacher_batch_size,
-                                 max_pending_tasks=self.max_pending_tasks, epoch=epoch,
-                                 on_end=lambda stats: self._log_summary(epoch, stats),
-                                 is_current=lambda: self._active_epoch == epoch)
+            yield from epoch.run()
             completed = True
         finally:
-            if not completed and self._active_epoch == epoch:
-                # break, exception, Ctrl-C or garbage collection of the epoch: stop the workers (restarted on demand)
-                self._resources.stop_workers()
+            if self._active is epoch:
+                self._active = None
+                if not completed and not self._resources.gate.closed.is_set():
+                    # break, exception, Ctrl-C or garbage collection of the epoch: stop the workers (restarted
+                    # on demand)
+                    self._resources.stop_workers()
 
     def _log_summary(self, epoch: int, stats: EpochStats) -> None:
         shares = []
@@ -274,9 +314,12 @@ class DistillReader:
             shares.append(f"{t.endpoint} {100 * t.requests / total:.0f}% ({t.requests} req, {latency:.1f} ms"
                           + (f", {t.errors} errors" if t.errors else "") + ")")
         rate = stats.samples / stats.seconds if stats.seconds > 0 else 0.0
-        logger.info("epoch %d: %d samples in %.2fs (%.0f samples/s), %d tasks, %s requests, %s retries; teachers: %s",
-                    epoch, stats.samples, stats.seconds, rate, stats.tasks, stats.stage.get("requests", "-"),
-                    stats.stage.get("retries", "-"), "; ".join(shares) or "none asked")
+        stage = stats.stage
+        logger.info("epoch %d: %d samples in %.2fs (%.0f samples/s), %d tasks, %s requests, %s retries, %s hedges "
+                    "(%s won), %s late answers discarded, %s stalls; teachers: %s",
+                    epoch, stats.samples, stats.seconds, rate, stats.tasks, stage.get("requests", "-"),
+                    stage.get("retries", "-"), stage.get("hedges", "-"), stage.get("hedge_wins", "-"),
+                    stage.get("late_answers", "-"), stage.get("stalls", "-"), "; ".join(shares) or "none asked")
         self.last_epoch_stats = stats
 
     # -- lifetime ---------------------------------------------------------------------------------------
@@ -287,7 +330,11 @@ class DistillReader:
         return stage.worker_pids if stage is not None else []
 
     def close(self) -> None:
-        """Stop the workers and the teacher subscription (also done on garbage collection and at exit)."""
+        """Stop the workers and the teacher subscription (also done on garbage collection and at exit).
+
+        Safe from any thread: an epoch being iterated in another thread stops with ReaderClosedError at its next
+        step (within about half a second), and nothing is closed under it.
+        """
         self._finalizer()
 
     def __enter__(self) -> DistillReader:

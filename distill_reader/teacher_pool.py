@@ -1,31 +1,42 @@
-"""Which teachers are usable right now: health, backoff and load state of the student's teachers.
+"""Which teachers are usable, and which one should take the next request: health, backoff, load and speed.
 
 The pool lives in the student process and only keeps state; the I/O (requests and health probes) is done by
-the worker processes, which report back. A teacher whose request fails is set aside and probed again after an
-exponential backoff with jitter (not hammered); when a probe finds it healthy it returns to service. The set of
-teachers can change at any time with ``set_endpoints`` (a fixed list, or ZooKeeper's fair share delivered from
-a kazoo thread), so every method takes the pool's lock.
+the worker processes, which report back. A teacher whose request fails, stalls or is answered wrongly is set
+aside and probed again after an exponential backoff with jitter (not hammered); when a probe finds it healthy
+it returns to service. The set of teachers can change at any time with ``set_endpoints`` (a fixed list, or
+ZooKeeper's fair share delivered from a kazoo thread), so every method takes the pool's lock.
+
+Routing by expected finish time: each teacher has a service-time estimate (an exponentially weighted moving
+average of its answers' latency divided by the requests it had in flight, Finagle's "peak EWMA" idea: a request
+out for longer than the estimate raises it at once). A request goes to the teacher that would finish it first,
+``(outstanding + queued + 1) * service_time``; when that teacher has no free in-flight slot the request waits
+for it in the student rather than going to a much slower teacher. So a teacher at 10x the latency of the others
+gets work only when the fast ones have ten times its queue: less, not none. An estimate that has not been
+refreshed for a while decays toward the fastest teacher's, so a teacher that was slow is tried again later.
 
 Example::
 
     pool = TeacherPool(["127.0.0.1:9292", "127.0.0.1:9293"], per_teacher_in_flight=2)
-    endpoint = pool.pick()            # least loaded usable teacher with spare capacity, or None
+    endpoint = pool.pick()            # the usable teacher that finishes first and has a free slot, or None
     pool.started(endpoint)
+    pool.succeeded(endpoint, latency=0.020, samples=32)
     pool.failed(endpoint, "gRPC UNAVAILABLE")   # set aside; pool.probes_due() names it after the backoff
 """
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
+from .backoff import backoff_delay
 
-def backoff_delay(failures: int, base: float, cap: float, rng: random.Random = random) -> float:
-    """Exponential backoff with jitter: ``d = min(cap, base * 2**(failures-1))``, a delay in ``[d/2, d]``."""
-    exp = min(cap, base * (2 ** max(0, failures - 1)))
-    return exp / 2 + rng.uniform(0, exp / 2)
+__all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
+
+EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
+ESTIMATE_DECAY_S = 5.0     # an estimate not refreshed for this long moves 1/e of the way to the fastest teacher's
 
 
 @dataclass
@@ -40,6 +51,9 @@ class TeacherState:
     probing: bool = False
     last_error: str = ""
     last_used: float = 0.0
+    service_time: Optional[float] = None   # seconds per request (EWMA), None until the first answer
+    refreshed_at: float = 0.0              # when service_time was last updated
+    started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
     # per-epoch statistics
     requests: int = 0
     samples: int = 0
@@ -55,13 +69,14 @@ class PoolSnapshot:
 
 
 class TeacherPool:
-    """Health and load of the student's teachers (thread-safe).
+    """Health, load and speed of the student's teachers (thread-safe).
 
     Args:
         endpoints: initial ``host:port`` list (may be empty and filled later by ``set_endpoints``).
         per_teacher_in_flight: requests outstanding at one teacher at most.
-        probe_backoff: first delay before probing a failed teacher again, seconds; doubles per failure.
-        max_probe_backoff: cap of that delay.
+        probe_backoff: first delay before probing a set-aside teacher again, seconds; doubles per failure.
+        max_probe_backoff: cap of that delay, seconds.
+        seed: seed of the jitter's random generator (tests).
     """
 
     def __init__(self, endpoints: Iterable[str] = (), per_teacher_in_flight: int = 2,
@@ -90,10 +105,9 @@ class TeacherPool:
                     self._retired[endpoint] = self._teachers.pop(endpoint)
             for endpoint in wanted:
                 if endpoint not in self._teachers:
-                    self._teachers[endpoint] = self._retired.pop(endpoint, None) or TeacherState(endpoint)
-                    self._teachers[endpoint].healthy = True
-                    self._teachers[endpoint].failures = 0
-                    self._teachers[endpoint].probing = False
+                    state = self._retired.pop(endpoint, None) or TeacherState(endpoint)
+                    state.healthy, state.failures, state.probing = True, 0, False
+                    self._teachers[endpoint] = state
             self._update_down_locked(time.monotonic())
 
     @property
@@ -102,35 +116,59 @@ class TeacherPool:
             return list(self._teachers)
 
     # -- choosing -----------------------------------------------------------------------------------------
-    def pick(self, avoid: Iterable[str] = ()) -> Optional[str]:
-        """The usable teacher with the fewest outstanding requests and spare capacity, or None.
+    def route(self, avoid: Iterable[str] = (), exclude: Iterable[str] = (),
+              queued: Optional[Mapping[str, int]] = None) -> tuple[Optional[str], Optional[str]]:
+        """Where the next request should go: ``(send_to, None)``, ``(None, wait_for)`` or ``(None, None)``.
 
-        Teachers in ``avoid`` (e.g. the one a retried request just failed on) are chosen only when no other
-        teacher has capacity.
+        The usable teacher with the earliest expected finish is chosen; if it has a free in-flight slot the
+        request goes there now, else it should wait for that teacher (``wait_for``; count it in ``queued`` for
+        the requests routed after it in the same pass). ``(None, None)``: no usable teacher. Teachers in
+        ``avoid`` (the one a retried request just failed on) are chosen only when no other can take it now;
+        teachers in ``exclude`` (those a hedged request is already at) never.
         """
-        avoid = set(avoid)
+        avoid, exclude, queued = set(avoid), set(exclude), queued or {}
+        now = time.monotonic()
         with self._lock:
-            candidates = [t for t in self._teachers.values()
-                          if t.healthy and t.outstanding < self.per_teacher_in_flight]
-            if not candidates:
-                return None
-            preferred = [t for t in candidates if t.endpoint not in avoid] or candidates
-            best = min(preferred, key=lambda t: (t.outstanding, t.last_used))
-            return best.endpoint
+            usable = [t for t in self._teachers.values() if t.healthy and t.endpoint not in exclude]
+            if not usable:
+                return None, None
+            best_time = self._fastest_locked()
+            preferred = [t for t in usable if t.endpoint not in avoid]
+            if not any(t.outstanding < self.per_teacher_in_flight for t in preferred):
+                preferred = usable
+            cost = {t.endpoint: (t.outstanding + queued.get(t.endpoint, 0) + 1) * self._estimate_locked(
+                t, now, best_time) for t in preferred}
+            best = min(preferred, key=lambda t: (cost[t.endpoint], t.outstanding, t.last_used))
+            if best.outstanding < self.per_teacher_in_flight:
+                return best.endpoint, None
+            return None, best.endpoint
+
+    def pick(self, avoid: Iterable[str] = ()) -> Optional[str]:
+        """The teacher a request should go to now, or None (no usable teacher with a free slot is worth it)."""
+        return self.route(avoid=avoid)[0]
 
     def started(self, endpoint: str) -> None:
+        now = time.monotonic()
         with self._lock:
             state = self._state_locked(endpoint)
             if state is not None:
                 state.outstanding += 1
-                state.last_used = time.monotonic()
+                state.last_used = now
+                state.started_at.append(now)
 
     def succeeded(self, endpoint: str, latency: float, samples: int) -> None:
+        """A request answered after ``latency`` seconds: counts, the speed estimate, and the failure streak."""
+        now = time.monotonic()
         with self._lock:
             state = self._state_locked(endpoint)
             if state is None:
                 return
-            state.outstanding = max(0, state.outstanding - 1)
+            in_flight = max(1, state.outstanding)    # requests it was working on, this one included
+            per_request = latency / in_flight
+            state.service_time = per_request if state.service_time is None else (
+                (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
+            state.refreshed_at = now
+            self._finish_locked(state)
             state.requests += 1
             state.samples += samples
             state.latency_total += latency
@@ -138,29 +176,27 @@ class TeacherPool:
 
     def failed(self, endpoint: str, error: str) -> None:
         """A request to ``endpoint`` failed: set it aside and schedule a probe after the backoff."""
-        now = time.monotonic()
-        with self._lock:
-            self.last_error = error
-            state = self._state_locked(endpoint)
-            if state is None:
-                return
-            state.outstanding = max(0, state.outstanding - 1)
-            state.errors += 1
-            state.last_error = error
-            if state.healthy:   # the first failure of a burst sets it aside; later ones only count
-                state.failures += 1
-                state.healthy = False
-                state.probing = False
-                state.next_probe_at = now + backoff_delay(state.failures, self.probe_backoff,
-                                                          self.max_probe_backoff, self._rng)
-            self._update_down_locked(now)
-
-    def released(self, endpoint: str) -> None:
-        """A request was abandoned (no answer will be counted)."""
         with self._lock:
             state = self._state_locked(endpoint)
             if state is not None:
-                state.outstanding = max(0, state.outstanding - 1)
+                self._finish_locked(state)
+                state.errors += 1
+            self._set_aside_locked(endpoint, error)
+
+    def set_aside(self, endpoint: str, reason: str) -> None:
+        """Stop sending to ``endpoint`` (its requests stall, or it answers wrongly) and probe it with backoff.
+
+        Its outstanding requests still hold their slots until they are answered, fail or are released.
+        """
+        with self._lock:
+            self._set_aside_locked(endpoint, reason)
+
+    def released(self, endpoint: str) -> None:
+        """A request was abandoned or refused (no answer counted, no verdict on the teacher)."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            if state is not None:
+                self._finish_locked(state)
 
     # -- probing ------------------------------------------------------------------------------------------
     def probes_due(self, now: Optional[float] = None) -> list[str]:
@@ -217,8 +253,18 @@ class TeacherPool:
         with self._lock:
             return sum(1 for s in self._teachers.values() if s.healthy)
 
+    def usable_endpoints(self) -> list[str]:
+        with self._lock:
+            return [s.endpoint for s in self._teachers.values() if s.healthy]
+
+    def service_time(self, endpoint: str) -> Optional[float]:
+        """The current service-time estimate of ``endpoint`` in seconds (None before its first answer)."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            return None if state is None else state.service_time
+
     def describe(self) -> str:
-        """``a:1 (error ...), b:2 (healthy)`` for error messages."""
+        """``a:1 (error ...), b:2 (usable)`` for error messages."""
         with self._lock:
             if not self._teachers:
                 return "no teachers configured"
@@ -229,11 +275,11 @@ class TeacherPool:
             return ", ".join(parts)
 
     def take_stats(self) -> PoolSnapshot:
-        """Per-teacher statistics since the last call (then reset)."""
+        """Per-teacher statistics since the last call (then reset); every current teacher is listed."""
         with self._lock:
             snapshot = PoolSnapshot()
             for state in list(self._teachers.values()) + list(self._retired.values()):
-                if state.requests or state.errors:
+                if state.endpoint in self._teachers or state.requests or state.errors:
                     snapshot.teachers.append(TeacherState(
                         state.endpoint, requests=state.requests, samples=state.samples,
                         latency_total=state.latency_total, errors=state.errors))
@@ -244,6 +290,43 @@ class TeacherPool:
     # -- internals ----------------------------------------------------------------------------------------
     def _state_locked(self, endpoint: str) -> Optional[TeacherState]:
         return self._teachers.get(endpoint) or self._retired.get(endpoint)
+
+    @staticmethod
+    def _finish_locked(state: TeacherState) -> None:
+        state.outstanding = max(0, state.outstanding - 1)
+        if state.started_at:
+            state.started_at.pop(0)
+
+    def _set_aside_locked(self, endpoint: str, reason: str) -> None:
+        now = time.monotonic()
+        self.last_error = reason
+        state = self._state_locked(endpoint)
+        if state is None:
+            return
+        state.last_error = reason
+        if state.healthy:   # the first failure of a burst sets it aside; later ones only count
+            state.failures += 1
+            state.healthy = False
+            state.probing = False
+            state.next_probe_at = now + backoff_delay(state.failures, self.probe_backoff, self.max_probe_backoff,
+                                                      self._rng)
+        self._update_down_locked(now)
+
+    def _fastest_locked(self) -> Optional[float]:
+        known = [t.service_time for t in self._teachers.values() if t.healthy and t.service_time is not None]
+        return min(known) if known else None
+
+    @staticmethod
+    def _estimate_locked(state: TeacherState, now: float, fastest: Optional[float]) -> float:
+        """Seconds per request: the EWMA, raised by a request out for longer, decayed toward the fastest."""
+        if state.service_time is None or fastest is None:
+            estimate = fastest if fastest is not None else 1.0   # unknown: as fast as the best (it gets tried)
+        else:
+            weight = math.exp(-(now - state.refreshed_at) / ESTIMATE_DECAY_S)
+            estimate = fastest + (state.service_time - fastest) * weight
+        if state.started_at and state.outstanding:
+            estimate = max(estimate, (now - state.started_at[0]) / state.outstanding)
+        return estimate
 
     def _update_down_locked(self, now: float) -> None:
         if any(s.healthy for s in self._teachers.values()):

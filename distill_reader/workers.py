@@ -3,17 +3,20 @@
 Each worker is a fresh interpreter (``python -m distill_reader.workers``, not a fork of the student, so it holds
 no copy of the student's Paddle, gRPC or thread state) connected to the student by one private socket pair. The
 worker keeps one ``TeacherClient`` per endpoint and runs each request in a thread of its own, so one worker keeps
-many teachers busy. Workers are stateless about the epoch: they get ``(task id, endpoint, feeds)`` and send back
-``(task id, predictions)`` or a failure; the student owns the order and the counts and re-issues what did not
-return. Messages travel pickled over that private local socket only (never over the network).
+many teachers busy. Workers are stateless about the epoch: they get ``(request id, endpoint, feeds)`` and send back
+``(request id, predictions)`` or a failure; the student owns the order and the counts and re-issues what did not
+return (one task may have several requests: hedges and re-issues). Messages travel pickled over that private
+local socket only (never over the network).
 
-Messages, student -> worker: ``("init", settings)`` once, ``("task", task_id, endpoint, feeds, size)``,
+Messages, student -> worker: ``("init", settings)`` once, ``("task", request_id, endpoint, feeds, size)``,
 ``("probe", probe_id, endpoint, timeout)``, ``("forget", endpoint)``, ``("stop",)``; for large tasks
 ``("buffer", buffer_id, size)`` followed by the memfd of a shared memory block (SCM_RIGHTS), and ``("unmap", id)``.
 A feed in shared memory is described as ``("shm", buffer_id, offset, dtype, shape)``; the student reuses the
 block once the task is answered. Anonymous memfds leave nothing behind when either side dies.
-Worker -> student: ``("ready", pid)``, ``("done", task_id, endpoint, outputs, latency)``,
-``("fail", task_id, endpoint, kind, message, latency)`` with kind ``unavailable`` | ``answer`` | ``error``,
+Worker -> student: ``("ready", pid)``, ``("done", request_id, endpoint, outputs, latency)``,
+``("fail", request_id, endpoint, kind, message, latency[, exception type])`` with kind ``unavailable`` (transient:
+retry elsewhere) | ``rejected`` (the teacher refused the request as invalid) | ``answer`` (a wrong answer) |
+``error`` (an exception in the worker, re-raised in the student with its type ``module:qualname``),
 ``("probe", probe_id, endpoint, healthy, message)``, ``("crash", traceback_text)``.
 
 Shutdown protocol (who signals whom, what is drained, what is abandoned):
@@ -416,6 +419,7 @@ class _Worker:
         self.timeout = float(settings.get("timeout", 30.0))
         self.protocol = settings.get("protocol", "grpc")
         self.wire = settings.get("wire", "auto")
+        self.keepalive_time = float(settings.get("keepalive_time", 1.0))
         self._client_class = TeacherClient
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
@@ -429,7 +433,7 @@ class _Worker:
             client = self._clients.get(endpoint)
             if client is None:
                 client = self._client_class(endpoint, self.config, protocol=self.protocol, wire=self.wire,
-                                            timeout=self.timeout)
+                                            timeout=self.timeout, keepalive_time=self.keepalive_time)
                 self._clients[endpoint] = client
             return client
 
@@ -472,22 +476,26 @@ class _Worker:
                 feeds[name] = value
         return feeds
 
-    def run_task(self, task_id: int, endpoint: str, feeds: dict, size: int) -> None:
-        from .client import TeacherAnswerError, TeacherUnavailable
+    def run_task(self, request_id: int, endpoint: str, feeds: dict, size: int) -> None:
+        from .client import TeacherAnswerError, TeacherRequestRejected, TeacherUnavailable
 
         start = time.monotonic()
         try:
             feeds = self.feeds_of(feeds)
             outputs = self.client(endpoint).predict(feeds, fetch=self.fetch, batch_size=size)
         except TeacherUnavailable as exc:
-            self.send(("fail", task_id, endpoint, "unavailable", str(exc), time.monotonic() - start))
+            self.send(("fail", request_id, endpoint, "unavailable", str(exc), time.monotonic() - start))
+        except TeacherRequestRejected as exc:
+            self.send(("fail", request_id, endpoint, "rejected", str(exc), time.monotonic() - start))
         except TeacherAnswerError as exc:
-            self.send(("fail", task_id, endpoint, "answer", str(exc), time.monotonic() - start))
-        except Exception as exc:  # noqa: BLE001 - reported to the student with its traceback
+            self.send(("fail", request_id, endpoint, "answer", str(exc), time.monotonic() - start))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the student with its type and this traceback
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            self.send(("fail", task_id, endpoint, "error", f"teacher {endpoint}: {text}", time.monotonic() - start))
+            type_path = f"{type(exc).__module__}:{type(exc).__qualname__}"
+            self.send(("fail", request_id, endpoint, "error", f"teacher {endpoint}: {text}", time.monotonic() - start,
+                       type_path))
         else:
-            self.send(("done", task_id, endpoint, outputs, time.monotonic() - start))
+            self.send(("done", request_id, endpoint, outputs, time.monotonic() - start))
 
     def run_probe(self, probe_id: int, endpoint: str, timeout: float) -> None:
         try:

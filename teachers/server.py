@@ -45,7 +45,11 @@ class GrpcTeacherServer:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", grpc_limit),
                      ("grpc.max_send_message_length", 2**31 - 1),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0),
+                     # students ping every second while a request is out (DistillReader's keepalive_time) to
+                     # notice a frozen teacher: allow it instead of answering GOAWAY "too_many_pings"
+                     ("grpc.http2.min_ping_interval_without_data_ms", 500),
+                     ("grpc.http2.max_ping_strikes", 0)])
         methods = {
             "inference": grpc.unary_unary_rpc_method_handler(
                 self._inference, request_deserializer=None, response_serializer=_serialize),

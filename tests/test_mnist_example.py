@@ -1,5 +1,6 @@
-"""The MNIST example end to end on a small slice of the MNIST test set: teacher trained, exported and served by a
-real teachers.serve process; students trained alone and with DistillReader; the server stopped afterwards; then
+"""The MNIST example end to end on a small slice of Debian's Fashion-MNIST (installed by scripts/setup.sh; or the
+MNIST-format folder in DISTILL_MNIST_DIR): teacher trained, exported and served by a real teachers.serve process;
+students trained alone and with DistillReader; the server stopped afterwards; then
 two fleet trainers (paddle.distributed.launch, CPU) distilling from a served teacher."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _env() -> dict:
 def flow(tmp_path_factory):
     """Run local_flow.py once (tiny): returns (workdir, results, stdout)."""
     workdir = str(tmp_path_factory.mktemp("mnist_flow"))
-    args = [os.path.join(EXAMPLE, "local_flow.py"), "--data_dir", MNIST_DIR, "--epochs", "3", "--teacher_epochs", "2",
+    args = [os.path.join(EXAMPLE, "local_flow.py"), "--data_dir", MNIST_DIR, "--epochs", "3", "--teacher_epochs", "3",
             "--train_samples", "1600", "--test_samples", "500", "--seeds", str(SEED), "--thread", "1",
             "--workdir", workdir, "--no_progress"]
     with ProcessGuard() as guard:
@@ -76,7 +77,8 @@ def test_served_soft_labels_reach_the_student(flow):
 
 def test_training_loss_falls_and_students_learn(flow):
     _, results, _ = flow
-    assert results["teacher"]["test_acc"] > 0.8
+    # Fashion-MNIST is harder than MNIST: 3 teacher epochs on 1,600 images reach ~0.79 (chance is 0.1).
+    assert results["teacher"]["test_acc"] > 0.75
     (student,) = results["students"]
     assert results["args"]["distill_temperature"] == 2.0 and results["args"]["hard_label_weight"] == 0.5
     for kind in ("alone", "distilled"):
@@ -90,7 +92,7 @@ def test_training_loss_falls_and_students_learn(flow):
         assert run["test_acc"] > 0.6, (kind, run["test_acc"])
         assert run["samples_per_s"] > 0
         assert run["distill"] == (kind == "distilled")
-        assert "MNIST test set only" in run["data"]
+        assert f"({MNIST_DIR})" in run["data"], run["data"]  # the folder the test chose, named in the results
 
 
 def test_server_stopped_and_report_written(flow):

@@ -137,7 +137,9 @@ def download_mnist() -> MnistData:
 def load_data(data_dir: Optional[str] = None, fashion_dir: str = FASHION_MNIST_DIR) -> MnistData:
     """``data_dir`` if given; else Paddle's MNIST download; if that fails, Debian's Fashion-MNIST."""
     if data_dir:
-        return load_idx_dir(data_dir)
+        same_as_fashion = os.path.isdir(data_dir) and os.path.isdir(fashion_dir) and os.path.samefile(
+            data_dir, fashion_dir)
+        return load_idx_dir(data_dir, name="Fashion-MNIST" if same_as_fashion else "MNIST")
     try:
         return download_mnist()
     except Exception as exc:  # no network, proxy, checksum...: fall back, and say why

@@ -12,7 +12,9 @@ import time
 from typing import Callable, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MNIST_DIR = os.environ.get("DISTILL_MNIST_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "mnist"))
+# The MNIST example's tests read what the README's setup installs (Debian's dataset-fashion-mnist), never a folder
+# outside the clone; DISTILL_MNIST_DIR points them at other MNIST-format IDX files.
+MNIST_DIR = os.environ.get("DISTILL_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 
 _PR_SET_PDEATHSIG = 1

@@ -1,0 +1,510 @@
+"""The remote stage: tasks to teachers through worker processes, with retries, hedges and stall detection.
+
+One task may have several requests out at once (a hedge, or a re-issue after its teacher stalled); the first
+correct answer wins, the others are discarded when they arrive (counted as ``late_answers``), so each task is
+answered exactly once. What happens to a request, by how it ends:
+
+=====================  ============================================================================
+answered correctly     the task's result; the teacher's speed estimate and the latency window learn
+transient failure      gRPC UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / INTERNAL / UNKNOWN /
+                       CANCELLED, err_no 10000 (predictor failed), HTTP 5xx: the teacher is set aside and
+                       probed with backoff; the task is retried on another teacher after a backoff
+refused as invalid     err_no 5000, INVALID_ARGUMENT, HTTP 4xx: the task goes to a teacher that has not
+                       refused it; refused by every teacher -> ``TeacherRequestRefused``
+wrong answer           missing fetch, wrong rows: the teacher is set aside (it may run another model) and
+                       the task retried elsewhere; wrong at every teacher -> ``TeacherAnswerInvalid``
+stalled                no answer after ``stall_timeout`` (adaptive): the teacher is set aside and probed,
+                       its tasks are re-issued elsewhere; a late answer is discarded
+error in the worker    re-raised in the student with its type and the worker's traceback
+=====================  ============================================================================
+
+Hedging: when the task the reorder buffer waits on (the lowest unanswered ``seq``) has been out longer than
+``hedge_delay`` (a percentile of recent latencies times a factor, clamped), it is sent once more to another
+teacher, within a budget of ``hedge_budget`` x requests (+2). Dean and Barroso, "The Tail at Scale" (2013).
+
+Example (``DistillReader`` builds this)::
+
+    stage = RemoteStage(pool, config, ["prediction"], RemoteOptions(request_timeout=30))
+    stage.begin_epoch(1); stage.submit(task)
+    results = stage.poll(timeout=0.5)    # [TaskResult(task_id, {"prediction": array})]
+"""
+from __future__ import annotations
+
+import heapq
+import importlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .backoff import backoff_delay
+from .errors import AllTeachersDownError, DistillReaderError, TeacherAnswerInvalid, TeacherRequestRefused
+from .latency_window import LatencyWindow
+from .serving_config import ServingConfig
+from .tasks import PredictionStage, Task, TaskResult
+from .teacher_pool import TeacherPool
+from .workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+HEDGE_BURST = 2   # hedges allowed beyond the budget's share, so the first stalls of an epoch can be hedged
+
+
+@dataclass
+class RemoteOptions:
+    """Settings of the remote stage; ``DistillReader``'s keyword options of the same names (seconds)."""
+
+    request_timeout: float = 30.0
+    max_retries: int = 10
+    retry_backoff: float = 0.05
+    max_retry_backoff: float = 2.0
+    probe_timeout: float = 2.0
+    all_teachers_down_timeout: float = 60.0
+    num_workers: int = 2
+    protocol: str = "grpc"
+    wire: str = "auto"
+    stop_timeout: float = 2.0
+    keepalive_time: float = 1.0
+    hedge_budget: float = 0.05
+    hedge_percentile: float = 95.0
+    hedge_factor: float = 2.0
+    hedge_min_delay: float = 0.02
+    hedge_max_delay: float = 1.0
+    stall_factor: float = 4.0
+    stall_min_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hedge_budget <= 1.0:
+            raise ValueError(f"hedge_budget must be in [0, 1], not {self.hedge_budget}")
+        if not 0 < self.hedge_percentile <= 100:
+            raise ValueError(f"hedge_percentile must be in (0, 100], not {self.hedge_percentile}")
+        if self.hedge_min_delay > self.hedge_max_delay:
+            raise ValueError(f"hedge_min_delay {self.hedge_min_delay} exceeds hedge_max_delay {self.hedge_max_delay}")
+        if self.request_timeout <= 0 or self.stall_min_timeout <= 0:
+            raise ValueError("request_timeout and stall_min_timeout must be > 0")
+
+
+@dataclass
+class _Request:
+    request_id: int
+    task_id: int
+    endpoint: str
+    sent_at: float
+    hedge: bool = False
+    stalled: bool = False
+
+
+@dataclass
+class _TaskState:
+    task: Task
+    failures: int = 0                                    # transient failures: the retry budget
+    tried: list[str] = field(default_factory=list)
+    live: set[int] = field(default_factory=set)          # request ids out
+    queued: bool = False                                 # in the waiting queue or the retry heap
+    hedges: int = 0
+    refused: dict[str, str] = field(default_factory=dict)   # endpoint -> why it refused the request
+    wrong: dict[str, str] = field(default_factory=dict)     # endpoint -> what was wrong with its answer
+    unroutable_since: Optional[float] = None
+
+
+class RemoteStage(PredictionStage):
+    """Send tasks to teachers through worker processes; retry, hedge and re-issue; answer each task once.
+
+    Workers are started on the first ``submit`` (so a stage that is never asked costs nothing) and persist
+    across epochs until ``close()``.
+    """
+
+    def __init__(self, pool: TeacherPool, config: ServingConfig, fetch: Sequence[str], options: RemoteOptions):
+        self.pool = pool
+        self.config = config
+        self.fetch = list(fetch)
+        self.options = options
+        self.workers: Optional[WorkerPool] = None
+        self._ids = itertools.count(1)
+        self._tasks: dict[int, _TaskState] = {}
+        self._requests: dict[int, _Request] = {}
+        self._waiting: list[tuple[int, int, int, bool]] = []   # heap (seq, order, task_id, hedge)
+        self._delayed: list[tuple[float, int, int]] = []        # heap (due, order, task_id): retry backoff
+        self._probing: dict[int, str] = {}
+        self._known_endpoints: set[str] = set()
+        self._results: list[TaskResult] = []
+        self.latencies = LatencyWindow()
+        self.counts = self._zero_counts()
+        self._stopped_mid_epoch = False
+
+    # -- PredictionStage ----------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int) -> None:
+        self._reset_epoch()
+        self._stopped_mid_epoch = False
+        self.pool.restart_down_timer()
+
+    def in_flight_limit(self) -> int:
+        return self.pool.per_teacher_in_flight * max(1, len(self.pool.endpoints))
+
+    def capacity(self) -> int:
+        return self.in_flight_limit() - len(self._tasks)
+
+    def submit(self, task: Task) -> None:
+        if not self.pool.dynamic and not self.pool.endpoints:
+            raise DistillReaderError("no teacher configured: call set_fixed_teacher(...) or set_dynamic_teacher(...)")
+        self._ensure_workers()
+        state = _TaskState(task)
+        self._tasks[task.task_id] = state
+        self._queue(state)
+        self._dispatch()
+
+    def poll(self, timeout: float) -> list[TaskResult]:
+        if self._stopped_mid_epoch:
+            raise DistillReaderError("the reader's worker processes were stopped (close()) during this epoch")
+        self._dispatch()
+        if self.workers is not None and self._busy():
+            now = time.monotonic()
+            wake = min([now + max(0.0, timeout)] + [t for t in self._wake_times() if t is not None])
+            for _worker, message in self.workers.receive(timeout=0.0 if self._results else max(0.0, wake - now)):
+                self._handle(message)
+            self._check_stalls()
+            self._maybe_hedge()
+            self._check_down()
+            self._dispatch()
+        results, self._results = self._results, []
+        return results
+
+    def end_epoch(self, complete: bool) -> dict[str, Any]:
+        stats = dict(self.counts)
+        self._reset_epoch()
+        return stats
+
+    def close(self) -> None:
+        self._stopped_mid_epoch = bool(self._tasks)
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+        for endpoint in self._probing.values():   # lost with the workers: probe again after the backoff
+            self.pool.probe_result(endpoint, False)
+        self._probing.clear()
+        self._reset_epoch()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self.workers.pids if self.workers is not None else []
+
+    def hedge_delay(self) -> float:
+        """Seconds the head task may be out before it is hedged (``hedge_max_delay`` until latencies are known)."""
+        o = self.options
+        return self.latencies.scaled(o.hedge_percentile, o.hedge_factor, o.hedge_min_delay, o.hedge_max_delay,
+                                     unknown=o.hedge_max_delay)
+
+    def stall_timeout(self) -> float:
+        """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``)."""
+        o = self.options
+        ceiling = max(o.stall_min_timeout, o.request_timeout)
+        return self.latencies.scaled(99, o.stall_factor, o.stall_min_timeout, ceiling,
+                                     unknown=min(ceiling, max(o.stall_min_timeout, 5.0)))
+
+    # -- queueing and sending -----------------------------------------------------------------------------
+    @staticmethod
+    def _zero_counts() -> dict[str, int]:
+        return {"requests": 0, "retries": 0, "hedges": 0, "hedge_wins": 0, "late_answers": 0, "stalls": 0}
+
+    def _reset_epoch(self) -> None:
+        """Forget the epoch's tasks; requests still out are abandoned (their answers will be ignored)."""
+        for request in self._requests.values():
+            self.pool.released(request.endpoint)
+        self._tasks.clear()
+        self._requests.clear()
+        self._waiting.clear()
+        self._delayed.clear()
+        self._results.clear()
+        self.counts = self._zero_counts()
+
+    def _busy(self) -> bool:
+        return bool(self._tasks or self._requests or self._probing)
+
+    def _queue(self, state: _TaskState, hedge: bool = False) -> None:
+        if not hedge:
+            state.queued = True
+        heapq.heappush(self._waiting, (state.task.seq, next(self._ids), state.task.task_id, hedge))
+
+    def _retry_later(self, state: _TaskState, text: str) -> None:
+        state.failures += 1
+        if state.failures > self.options.max_retries:
+            raise DistillReaderError(
+                f"task {state.task.seq} (samples from {state.task.sample_start}) failed {state.failures} times on "
+                f"teachers {sorted(set(state.tried))}; last error: {text}")
+        delay = backoff_delay(state.failures, self.options.retry_backoff, self.options.max_retry_backoff)
+        logger.info("retrying task %d in %.0f ms: %s", state.task.seq, delay * 1000, text)
+        state.queued = True
+        heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._ids), state.task.task_id))
+
+    def _ensure_workers(self) -> None:
+        if self.workers is not None and self.workers.owner_pid != os.getpid():
+            # a forked child of the student (e.g. a multiprocess data loader): start workers of its own
+            # (WorkerPool.close only drops the sockets here; lost probes are rescheduled)
+            tasks = list(self._tasks.values())
+            self.close()
+            for state in tasks:
+                state.live.clear()
+                self._tasks[state.task.task_id] = state
+                self._queue(state)
+        if self.workers is None or self.workers.closed:
+            from google.protobuf import text_format
+
+            settings = {"config_text": text_format.MessageToString(self.config.to_proto()),
+                        "config_source": self.config.source, "fetch": self.fetch,
+                        "timeout": self.options.request_timeout, "protocol": self.options.protocol,
+                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time}
+            self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
+
+    def _dispatch(self) -> None:
+        if self.workers is None:
+            return
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task_id = heapq.heappop(self._delayed)
+            state = self._tasks.get(task_id)
+            if state is not None:
+                heapq.heappush(self._waiting, (state.task.seq, next(self._ids), task_id, False))
+        self._follow_membership()
+        for endpoint in self.pool.probes_due(now):
+            probe_id = next(self._ids)
+            self._probing[probe_id] = endpoint
+            self.workers.send_probe(probe_id, endpoint, self.options.probe_timeout)
+        queued: dict[str, int] = {}
+        held = []
+        while self._waiting:
+            entry = heapq.heappop(self._waiting)
+            _, _, task_id, hedge = entry
+            state = self._tasks.get(task_id)
+            if state is None or (hedge and not state.live):
+                continue   # answered meanwhile, or the hedged request failed and the task was re-queued
+            exclude = {self._requests[r].endpoint for r in state.live} | set(state.refused) | set(state.wrong)
+            send_to, wait_for = self.pool.route(avoid=state.tried[-1:], exclude=exclude, queued=queued)
+            if send_to is None:
+                if wait_for is not None:
+                    queued[wait_for] = queued.get(wait_for, 0) + 1
+                elif state.unroutable_since is None:
+                    state.unroutable_since = now
+                held.append(entry)
+                continue
+            state.unroutable_since = None
+            self._send(state, send_to, hedge)
+        for entry in held:
+            heapq.heappush(self._waiting, entry)
+
+    def _send(self, state: _TaskState, endpoint: str, hedge: bool) -> None:
+        request = _Request(next(self._ids), state.task.task_id, endpoint, time.monotonic(), hedge=hedge)
+        if not hedge:
+            state.queued = False
+        state.live.add(request.request_id)
+        state.tried.append(endpoint)
+        self._requests[request.request_id] = request
+        self.pool.started(endpoint)
+        self.counts["requests"] += 1
+        self.counts["hedges"] += hedge
+        self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size)
+
+    def _follow_membership(self) -> None:
+        current = set(self.pool.endpoints)
+        for gone in self._known_endpoints - current:
+            self.workers.forget(gone)
+        self._known_endpoints = current
+
+    def _wake_times(self) -> list[Optional[float]]:
+        """When ``poll`` must look again even without a message: retry, probe, outage, hedge, stall."""
+        times = [self._delayed[0][0] if self._delayed else None, self.pool.next_probe_time(), self._down_deadline()]
+        oldest = min((r.sent_at for r in self._requests.values() if not r.stalled), default=None)
+        if oldest is not None:
+            times.append(oldest + self.stall_timeout())
+        head = self._head()
+        if head is not None and head.live and not head.hedges:
+            times.append(min(self._requests[r].sent_at for r in head.live) + self.hedge_delay())
+        return times
+
+    # -- answers and failures -------------------------------------------------------------------------------
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind in ("done", "fail"):
+            request = self._requests.pop(message[1], None)
+            if request is None:
+                return   # a request of an abandoned epoch
+            state = self._tasks.get(request.task_id)
+            if state is not None:
+                state.live.discard(request.request_id)
+            if kind == "done":
+                self._answered(request, state, outputs=message[3], latency=message[4])
+            else:
+                self._failed(request, state, failure=message[3], text=message[4], extra=message[6:])
+        elif kind == "probe":
+            _, probe_id, endpoint, healthy, text = message
+            self._probing.pop(probe_id, None)
+            self.pool.probe_result(endpoint, healthy, text)
+            if healthy:
+                logger.info("teacher %s is healthy again; back in service", endpoint)
+        elif kind == "dead":
+            _, request_ids, probes = message
+            for request_id in request_ids:
+                request = self._requests.pop(request_id, None)
+                if request is None:
+                    continue
+                self.pool.released(request.endpoint)
+                state = self._tasks.get(request.task_id)
+                if state is not None:
+                    state.live.discard(request_id)
+                    if not state.live and not state.queued:
+                        self._queue(state)
+            for probe_id, endpoint in probes.items():
+                self._probing.pop(probe_id, None)
+                self.pool.probe_result(endpoint, False, "probe lost with a dead worker")
+
+    def _answered(self, request: _Request, state: Optional[_TaskState], outputs: dict, latency: float) -> None:
+        problem = _answer_problem(self.fetch, outputs, request.endpoint,
+                                  state.task.size if state is not None else None)
+        if problem is not None:
+            self.pool.released(request.endpoint)
+            self.pool.set_aside(request.endpoint, problem)
+            if state is not None:
+                self._wrong_answer(state, request.endpoint, problem)
+            return
+        self.pool.succeeded(request.endpoint, latency, len(next(iter(outputs.values()), ())))
+        self.latencies.add(latency)
+        if state is None:
+            self.counts["late_answers"] += 1   # another request of the task answered first
+            return
+        del self._tasks[request.task_id]
+        self.counts["hedge_wins"] += request.hedge   # requests still out: discarded when their answers come
+        self._results.append(TaskResult(request.task_id, outputs))
+
+    def _failed(self, request: _Request, state: Optional[_TaskState], failure: str, text: str,
+                extra: tuple) -> None:
+        endpoint = request.endpoint
+        if failure == "unavailable":
+            self.pool.failed(endpoint, text)
+            if state is not None and not state.live and not state.queued:
+                self.counts["retries"] += 1
+                self._retry_later(state, text)
+            return
+        self.pool.released(endpoint)
+        if failure == "answer":
+            self.pool.set_aside(endpoint, text)
+            if state is not None:
+                self._wrong_answer(state, endpoint, text)
+        elif failure == "rejected":
+            if state is not None:
+                self._refused(state, endpoint, text)
+        else:
+            raise _rebuild_worker_error(text, extra[0] if extra else "")
+
+    def _wrong_answer(self, state: _TaskState, endpoint: str, text: str) -> None:
+        state.wrong[endpoint] = text
+        if set(self.pool.endpoints) <= set(state.wrong):
+            raise TeacherAnswerInvalid(endpoint, f"no teacher answered task {state.task.seq} (samples from "
+                                                 f"{state.task.sample_start}) correctly: "
+                                       + "; ".join(f"{e}: {t}" for e, t in state.wrong.items()))
+        logger.warning("teacher %s answered wrongly (%s); set aside, task %d retried elsewhere", endpoint, text,
+                       state.task.seq)
+        if not state.live and not state.queued:
+            self.counts["retries"] += 1
+            self._queue(state)
+
+    def _refused(self, state: _TaskState, endpoint: str, text: str) -> None:
+        state.refused[endpoint] = text
+        if set(self.pool.endpoints) <= set(state.refused):
+            task = state.task
+            slots = [f"{name} {np.asarray(a).dtype} {list(np.shape(a))}" for name, a in task.feeds.items()]
+            raise TeacherRequestRefused(
+                f"every teacher refused task {task.seq} (samples {task.sample_start}.."
+                f"{task.sample_start + task.size - 1}) as an invalid request; slots sent: {', '.join(slots)}; "
+                + "; ".join(f"{e}: {t}" for e, t in state.refused.items()), task.sample_start, list(task.feeds))
+        if not state.live and not state.queued:
+            self.counts["retries"] += 1
+            self._queue(state)
+
+    # -- gray failures: hedges, stalls, outages --------------------------------------------------------------
+    def _head(self) -> Optional[_TaskState]:
+        """The unanswered task with the lowest ``seq``: the one the reorder buffer waits on."""
+        return min(self._tasks.values(), key=lambda s: s.task.seq, default=None)
+
+    def _maybe_hedge(self) -> None:
+        head = self._head()
+        if head is None or not head.live or head.hedges or self.options.hedge_budget <= 0:
+            return
+        sent = min(self._requests[r].sent_at for r in head.live)
+        if time.monotonic() - sent < self.hedge_delay():
+            return
+        if self.counts["hedges"] >= self.options.hedge_budget * self.counts["requests"] + HEDGE_BURST:
+            return
+        head.hedges += 1
+        self._queue(head, hedge=True)
+
+    def _check_stalls(self) -> None:
+        now = time.monotonic()
+        limit = self.stall_timeout()
+        stalled: dict[str, list[_Request]] = {}
+        for request in self._requests.values():
+            if not request.stalled and now - request.sent_at > limit:
+                stalled.setdefault(request.endpoint, []).append(request)
+        for endpoint, requests in stalled.items():
+            age = now - min(r.sent_at for r in requests)
+            self.counts["stalls"] += 1
+            logger.warning("teacher %s: no answer for %.1fs (stall timeout %.2fs); set aside, %d request(s) "
+                           "re-issued elsewhere", endpoint, age, limit, len(requests))
+            self.pool.set_aside(endpoint, f"requests stalled: no answer for {age:.1f}s")
+            for request in requests:
+                request.stalled = True
+                state = self._tasks.get(request.task_id)
+                if state is None:
+                    continue
+                others = [r for r in state.live if not self._requests[r].stalled]
+                if not others and not state.queued:
+                    self.counts["retries"] += 1
+                    self._queue(state)
+
+    def _down_deadline(self) -> Optional[float]:
+        since = self.pool.down_since()
+        stuck = min((s.unroutable_since for s in self._tasks.values() if s.unroutable_since is not None),
+                    default=None)
+        starts = [t for t in (since, stuck) if t is not None]
+        return min(starts) + self.options.all_teachers_down_timeout if starts else None
+
+    def _check_down(self) -> None:
+        deadline = self._down_deadline()
+        if deadline is None or not self._tasks or time.monotonic() < deadline:
+            return
+        raise AllTeachersDownError(
+            f"no teacher was usable for {self.options.all_teachers_down_timeout:g}s; teachers: "
+            f"{self.pool.describe()}; last error: {self.pool.last_error or 'none'}")
+
+
+def _answer_problem(fetch: Sequence[str], outputs: dict, endpoint: str, size: Optional[int]) -> Optional[str]:
+    """What is wrong with an answer (a missing fetch, rows that are not the task's samples), or None."""
+    for name in fetch:
+        value = outputs.get(name)
+        if value is None:
+            return f"teacher {endpoint}: answer lacks fetch {name!r}"
+        if np.ndim(value) == 0 or (size is not None and len(value) != size):
+            return f"teacher {endpoint}: fetch {name!r} has shape {list(np.shape(value))} for a request of {size}"
+    return None
+
+
+def _rebuild_worker_error(text: str, type_path: str) -> BaseException:
+    """The worker's exception as an exception of the same type, its message holding the worker's traceback.
+
+    As PyTorch's DataLoader does for its workers: the type is kept (so ``except FeedError`` still works) and
+    the original traceback is in the message. A type that cannot be rebuilt from one message becomes a
+    DistillReaderError.
+    """
+    message = f"in a DistillReader worker process:\n{text}"
+    module_name, _, qualname = type_path.partition(":")
+    try:
+        cls: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls(message)
+    except Exception:  # noqa: BLE001 - fall back to the generic error below
+        pass
+    return DistillReaderError(message)
