@@ -22,6 +22,7 @@ import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symb
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.teacher import (  # noqa: E402
+    ExportedTeacher,
     TeacherServer,
     export_teacher,
     mnist_like_images,
@@ -92,9 +93,18 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent client processes (default: 8)")
     parser.add_argument("--width", type=int, default=1,
                         help="conv filter multiplier of the teacher CNN: 1 = the test model, 8 = a heavier teacher")
+    parser.add_argument("--exported", default=None,
+                        help="folder holding serving_server/ and serving_client/ of an exported model to measure "
+                             "instead of building one (benchmarks/bench_paddle_lines.py passes one model to each "
+                             "paddle line)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = export_teacher(save_static_model(os.path.join(tmp, "model"), width=args.width), tmp, "static")
+        if args.exported:
+            client_dir = os.path.join(args.exported, "serving_client")
+            teacher = ExportedTeacher(os.path.join(args.exported, "serving_server"), client_dir,
+                                      os.path.join(client_dir, "serving_client_conf.prototxt"), "given")
+        else:
+            teacher = export_teacher(save_static_model(os.path.join(tmp, "model"), width=args.width), tmp, "static")
         raw32 = raw_predictor_rate(teacher.server_dir, 32, args.seconds, args.thread)
         with TeacherServer(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
             served32 = server_rate(on.endpoint, teacher.client_conf, 32, args.clients, args.seconds)
