@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for distill-reader: Debian packages (Java + ZooKeeper for the
 # discovery tests, Fashion-MNIST for the example's offline fallback), then one virtualenv per supported
-# PaddlePaddle line, each with the project installed in editable mode:
-#   .venv          paddle 2.6.2   (PADDLE2_SPEC, default "paddlepaddle==2.6.2")
-#   .venv-paddle3  newest paddle 3 (PADDLE3_SPEC, default "paddlepaddle>=3,<4")
-# PADDLE_LINES="2 3" (default) picks which of the two to set up. Paddle itself is not a requirement of the
-# package (see setup.py): it is installed here by its spec, next to the project's extras.
+# PaddlePaddle line, each with the project installed in editable mode with the cpu extra (paddlepaddle):
+#   .venv          paddle 2.6.2
+#   .venv-paddle3  the newest paddle 3
+# PADDLE_LINES="2 3" (default) picks which of the two to set up; PADDLE_WHEEL=paddlepaddle-gpu installs the GPU
+# wheel (the gpu extra) instead. Paddle is not a requirement of the package (see setup.py).
 # Idempotent: a second run only checks.
 # Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS default: test,examples)
 set -euo pipefail
@@ -34,14 +34,20 @@ setup_venv() {
     "$python" -m venv "$dir"
   fi
   "$dir/bin/python" -m pip install -q --upgrade pip
-  echo "[setup] $dir: pip install '$spec' -e .[$extras]"
-  "$dir/bin/python" -m pip install -q "$spec" -e ".[$extras]"
+  echo "[setup] $dir: pip install '$spec' -e .[$paddle_extra,$extras]"
+  "$dir/bin/python" -m pip install -q "$spec" -e ".[$paddle_extra,$extras]"
 }
 
+wheel="${PADDLE_WHEEL:-paddlepaddle}"
+case "$wheel" in
+  paddlepaddle) paddle_extra=cpu ;;
+  paddlepaddle-gpu) paddle_extra=gpu ;;
+  *) echo "[setup] PADDLE_WHEEL must be paddlepaddle or paddlepaddle-gpu, not '$wheel'" >&2; exit 2 ;;
+esac
 for line in ${PADDLE_LINES:-2 3}; do
   case "$line" in
-    2) setup_venv .venv "${PADDLE2_SPEC:-paddlepaddle==2.6.2}" ;;
-    3) setup_venv .venv-paddle3 "${PADDLE3_SPEC:-paddlepaddle>=3,<4}" ;;
+    2) setup_venv .venv "$wheel==2.6.2" ;;
+    3) setup_venv .venv-paddle3 "$wheel>=3,<4" ;;
     *) echo "[setup] unknown paddle line '$line' in PADDLE_LINES (use 2 and/or 3)" >&2; exit 2 ;;
   esac
 done
