@@ -114,6 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _allreduce_sum_op() -> dict:
+    """The static sum-allreduce op: ``c_allreduce_sum`` on paddle 2.6, ``all_reduce`` (reduce_type 0 = sum) on 3.x."""
+    from paddle.base.framework import OpProtoHolder
+
+    try:
+        OpProtoHolder.instance().get_op_proto("c_allreduce_sum")
+        return {"type": "c_allreduce_sum", "x": "X", "out": "Out", "attrs": {"ring_id": 0, "use_calc_stream": True}}
+    except ValueError:
+        return {"type": "all_reduce", "x": "x", "out": "out", "attrs": {"ring_id": 0, "reduce_type": 0}}
+
+
 class Network:
     """The programs and variables of one training run."""
 
@@ -151,9 +162,10 @@ class Network:
                 # generated in paddlepaddle-xpu"); on CPU average the gradients with gloo allreduce ops instead.
                 params_grads = optimizer.backward(self.loss)
                 block = self.main.global_block()
+                allreduce = _allreduce_sum_op()
                 for _, grad in params_grads:
-                    block.append_op(type="c_allreduce_sum", inputs={"X": grad}, outputs={"Out": grad},
-                                    attrs={"ring_id": 0, "use_calc_stream": True})
+                    block.append_op(type=allreduce["type"], inputs={allreduce["x"]: grad},
+                                    outputs={allreduce["out"]: grad}, attrs=allreduce["attrs"])
                     block.append_op(type="scale", inputs={"X": grad}, outputs={"Out": grad},
                                     attrs={"scale": 1.0 / nranks})
                 optimizer.apply_gradients(params_grads)
