@@ -115,14 +115,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _allreduce_sum_op() -> dict:
-    """The static sum-allreduce op: ``c_allreduce_sum`` on paddle 2.6, ``all_reduce`` (reduce_type 0 = sum) on 3.x."""
+    """The static sum-allreduce op of paddle 2.6 (``c_allreduce_sum``, gloo on CPU); a clear error elsewhere."""
     from paddle.base.framework import OpProtoHolder
 
     try:
         OpProtoHolder.instance().get_op_proto("c_allreduce_sum")
-        return {"type": "c_allreduce_sum", "x": "X", "out": "Out", "attrs": {"ring_id": 0, "use_calc_stream": True}}
     except ValueError:
-        return {"type": "all_reduce", "x": "x", "out": "out", "attrs": {"ring_id": 0, "reduce_type": 0}}
+        raise SystemExit(f"paddle {paddle.__version__} has no CPU allreduce op for static programs (c_allreduce_sum "
+                         "is gone; all_reduce needs NCCL): train with one CPU trainer, on GPUs, or with paddle "
+                         "2.6") from None
+    return {"type": "c_allreduce_sum", "x": "X", "out": "Out", "attrs": {"ring_id": 0, "use_calc_stream": True}}
 
 
 class Network:
