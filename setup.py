@@ -32,7 +32,8 @@ setup(
         "cpu": [f"paddlepaddle{PADDLE_SUPPORTED}"],
         "gpu": [f"paddlepaddle-gpu{PADDLE_SUPPORTED}"],
         "examples": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff>=0.5", "matplotlib>=3.5",
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff>=0.5", "matplotlib>=3.5", "cryptography>=41",
+                 "hypothesis>=6.100",
                  "grpcio-tools>=1.74,<1.79"],
     },
     entry_points={

@@ -110,7 +110,8 @@ class RegisterScript:
     def __init__(self, hosts: str, endpoint: str, session_timeout: float, workdir: str):
         self.args = [sys.executable, "-m", "discovery.register", "--zk", hosts, "--service", SERVICE, "--root", ROOT,
                      "--endpoint", endpoint, "--session_timeout", str(session_timeout),
-                     "--health_interval", "0.2", "--health_timeout", "0.5", "--log_level", "WARNING"]
+                     "--health_interval", "0.2", "--health_timeout", "0.5", "--log_level", "WARNING",
+                     "--allow_open_acl"]
         self.log_path = os.path.join(workdir, f"register-{endpoint.replace(':', '_')}.log")
         self.proc: Optional[subprocess.Popen] = None
 
@@ -192,7 +193,8 @@ def node_ctime(zk_client, endpoint: str) -> Optional[float]:
 
 def bench_join(hosts: str, conf_dir: str, workdir: str, rounds: int, zk_client) -> list[tuple[float, float]]:
     base, joiner = Teacher(workdir), Teacher(workdir)
-    base_reg = TeacherRegistration(hosts, SERVICE, base.endpoint, root=ROOT, health_interval=0.2)
+    base_reg = TeacherRegistration(hosts, SERVICE, base.endpoint, root=ROOT, health_interval=0.2,
+                                   allow_open_acl=True)
     student = None
     results = []
     try:
@@ -202,7 +204,8 @@ def bench_join(hosts: str, conf_dir: str, workdir: str, rounds: int, zk_client) 
         student = Student(hosts, conf_dir, require_max_teacher=2, session_timeout=6.0).start()
         wait_for(lambda: student.dr.pool.endpoints == [base.endpoint] and student.samples > 0, 30, "student running")
         for _ in tqdm(range(rounds), desc="join", leave=False):
-            registration = TeacherRegistration(hosts, SERVICE, joiner.endpoint, root=ROOT, health_interval=0.2)
+            registration = TeacherRegistration(hosts, SERVICE, joiner.endpoint, root=ROOT, health_interval=0.2,
+                                               allow_open_acl=True)
             registration.start()
             registration.wait_registered(20)
             created = node_ctime(zk_client, joiner.endpoint)

@@ -5,7 +5,10 @@ from a producer process to this process, side by side in one run:
 
 - ``managers queue (pickle)``: Pantheon's transport: a ``BaseManager`` server process hosting a queue, the
   producer putting dicts of arrays through a proxy, this process getting them through another proxy.
-- ``transport``: ``distill_reader.pantheon.transport.Connection`` (authenticated, JSON header + raw buffers).
+- ``transport``: ``distill_reader.pantheon.transport.Connection`` (authenticated, JSON header + raw buffers,
+  HMAC-SHA256 per frame).
+- ``HMAC-SHA256 alone``: the per-frame MAC of every batch in this process, no network: the ceiling the MAC
+  puts on one direction.
 - ``Teacher -> Student``: the full path: ``Teacher.start_knowledge_service`` in the producer (the logits are
   a feed of the teacher program, so no compute), ``Student.get_knowledge_generator`` here (decode, check,
   re-batch, merge thread), float32 and with ``use_fp16=True``.
@@ -132,6 +135,22 @@ def bench_transport(batches: int, batch_size: int, classes: int) -> float:
     return (batches - 1) * batch_size * classes * 4 / elapsed / 1e6
 
 
+# ---------------------------------------------------------------- the per-frame MAC alone
+
+
+def bench_mac(batches: int, batch_size: int, classes: int) -> float:
+    """HMAC-SHA256 of every batch in this process: the ceiling the per-frame MAC puts on one direction (the sender
+    and the receiver each hash every byte once, in their own processes)."""
+    import hashlib
+    import hmac
+
+    logits = memoryview(_logits(batch_size, classes)).cast("B")
+    started = time.perf_counter()
+    for _ in range(batches):
+        hmac.new(b"k" * 32, logits, hashlib.sha256).digest()
+    return batches * logits.nbytes / (time.perf_counter() - started) / 1e6
+
+
 # ---------------------------------------------------------------- Teacher -> Student
 
 
@@ -208,6 +227,7 @@ def main() -> None:
     cases = [
         ("managers queue (pickle)", lambda: bench_managers(args.batches, args.batch_size, args.classes)),
         ("transport (raw frames)", lambda: bench_transport(args.batches, args.batch_size, args.classes)),
+        ("HMAC-SHA256 alone, 1 core", lambda: bench_mac(args.batches, args.batch_size, args.classes)),
         ("Teacher -> Student fp32", lambda: bench_teacher_student(args.batches, args.batch_size, args.classes,
                                                                   False)),
         ("Teacher -> Student fp16", lambda: bench_teacher_student(args.batches, args.batch_size, args.classes,

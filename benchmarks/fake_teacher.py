@@ -51,6 +51,11 @@ def fake_predictions(x: np.ndarray, classes: int = 10) -> np.ndarray:
     return (sums[:, None] * np.arange(1, classes + 1)[None, :]).astype(np.float32)
 
 
+# --bad modes that fail every request the way a sick teacher does: Paddle Serving's err_no for a failed predictor
+# (10000) or for an invalid request (5000), or gRPC RESOURCE_EXHAUSTED (out of memory)
+FAILURES = {"predictor_failed": 10000, "refuse": 5000, "resource_exhausted": None}
+
+
 class FakeTeacher(service_grpc.GeneralModelServiceServicer):
     """Answer after ``latency`` seconds, one request at a time; ``bad`` makes every answer wrong on purpose."""
 
@@ -65,6 +70,8 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
         feeds = [decode_tensor(t) for t in request.tensor]
         if not feeds:
             return service_pb2.Response(err_no=1, err_msg="no feed")
+        if self.bad in FAILURES:
+            return self._fail(context)
         with self.lock:
             start = time.monotonic()
             prediction = fake_predictions(feeds[0], self.classes)
@@ -82,13 +89,23 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
                                                alias_name=name, raw=True))
         return service_pb2.Response(outputs=[output], log_id=request.log_id)
 
+    def _fail(self, context):
+        with self.lock:
+            self.requests += 1
+        err_no = FAILURES[self.bad]
+        if err_no is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake teacher: out of memory")
+        return service_pb2.Response(err_no=err_no, err_msg=f"fake teacher: failing on purpose ({self.bad})")
+
 
 def serve(ports: Sequence[int], latency: float, classes: int = 10, host: str = "127.0.0.1",
           bad: str = "", threads: int = 4) -> list[grpc.Server]:
     """Start one gRPC server per port (each with its own one-at-a-time teacher); returns the servers."""
     servers = []
     options = [("grpc.max_send_message_length", 512 * 1024 * 1024),
-               ("grpc.max_receive_message_length", 512 * 1024 * 1024)]
+               ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+               # allow the students' keepalive pings (one a second while a request is out), as teachers.serve does
+               ("grpc.http2.min_ping_interval_without_data_ms", 500), ("grpc.http2.max_ping_strikes", 0)]
     for port in ports:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
         service_grpc.add_GeneralModelServiceServicer_to_server(FakeTeacher(latency, classes, bad), server)
@@ -111,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10, help="length of each sample's 'prediction'")
     parser.add_argument("--feed_shape", default="1,28,28", help="per-sample shape of feed 'img' (for --write_conf)")
     parser.add_argument("--write_conf", default="", help="folder to write serving_client_conf.prototxt into")
-    parser.add_argument("--bad", choices=["", "missing", "batch"], default="",
-                        help="answer wrongly on purpose: 'missing' fetch or wrong 'batch' length (for tests)")
+    parser.add_argument("--bad", choices=["", "missing", "batch", *FAILURES], default="",
+                        help="answer wrongly on purpose (for tests): 'missing' fetch or wrong 'batch' length; or fail "
+                             "every request: 'predictor_failed' (err_no 10000), 'refuse' (err_no 5000, invalid "
+                             "request), 'resource_exhausted' (gRPC RESOURCE_EXHAUSTED)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fake_teacher %(message)s")
     if args.write_conf:

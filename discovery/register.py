@@ -2,10 +2,12 @@
 
 Example::
 
-    python -m discovery.register --zk 127.0.0.1:2181 --service mnist_teacher --endpoint 127.0.0.1:9292
+    DISTILL_ZK_AUTH=teacher:secret python -m discovery.register --zk 127.0.0.1:2181 --service mnist_teacher \
+        --endpoint 127.0.0.1:9292
 
-SIGTERM or SIGINT removes the node and exits 0. Exit 1 when ZooKeeper refuses the write (auth / ACL), exit 2 on
-bad arguments. ``add_zk_arguments(parser)`` and ``registration_from_args(args, endpoint)`` let other command
+SIGTERM or SIGINT removes the node and exits 0. Exit 1 when ZooKeeper refuses the write (auth / ACL, a service
+squatted by another identity), exit 2 on bad arguments (among them: no identity and no --allow_open_acl).
+``add_zk_arguments(parser)`` and ``registration_from_args(args, endpoint)`` let other command
 lines (``teachers.serve --zk ... --service ...``) offer the same flags.
 """
 from __future__ import annotations
@@ -18,7 +20,15 @@ import sys
 import threading
 from typing import Any, Optional, Sequence
 
-from .registry import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, RegistryAuthError, parse_auth, resolve_auth
+from .arguments import (
+    AUTH_ENV,
+    DEFAULT_ROOT,
+    DEFAULT_SESSION_TIMEOUT,
+    RegistryAuthError,
+    ServiceSquattedError,
+    parse_auth,
+    resolve_auth,
+)
 from .teacher_registration import TeacherRegistration
 
 logger = logging.getLogger("discovery.register")
@@ -39,6 +49,10 @@ def add_zk_arguments(parser: argparse.ArgumentParser, required: bool = True) -> 
                        help="digest identity for ZooKeeper; when set, only this identity may create or delete "
                             f"nodes under the service and everyone else may only read. Default: the {AUTH_ENV} "
                             "environment variable (prefer it: command lines are visible to other users)")
+    group.add_argument("--allow_open_acl", action="store_true",
+                       help="register without an identity, with ZooKeeper's open ACL: anyone who reaches "
+                            "ZooKeeper may then register a teacher that students feed, or delete this one. "
+                            f"Without --zk_auth / {AUTH_ENV} registration is refused unless this is given")
     group.add_argument("--session_timeout", type=float, default=DEFAULT_SESSION_TIMEOUT, metavar="SECONDS",
                        help=f"ZooKeeper session timeout (default {DEFAULT_SESSION_TIMEOUT:g}); if this process "
                             "dies without a goodbye, its node vanishes after about this long. The server clamps "
@@ -58,7 +72,7 @@ def registration_from_args(args: argparse.Namespace, endpoint: str,
     return TeacherRegistration(args.zk, args.service, endpoint, meta=meta, root=args.root,
                                auth=resolve_auth(args.zk_auth), health_interval=args.health_interval,
                                health_timeout=args.health_timeout, unhealthy_after=args.unhealthy_after,
-                               session_timeout=args.session_timeout)
+                               session_timeout=args.session_timeout, allow_open_acl=args.allow_open_acl)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         registration.stop()
     error = registration.error
     if error is not None:
-        logger.error("%s", error)
+        logger.error("%s%s", "SQUATTED SERVICE: " if isinstance(error, ServiceSquattedError) else "", error)
         return 1 if isinstance(error, RegistryAuthError) else 3
     return 0
 

@@ -27,21 +27,20 @@ import threading
 import time
 from typing import Callable, Optional, Sequence, Union
 
-from .registry import (
+from .acls import ensure_service
+from .arguments import (
     DEFAULT_ROOT,
     DEFAULT_SESSION_TIMEOUT,
     STUDENT_PREFIX,
-    EphemeralNode,
     NoTeachersError,
     ServicePaths,
-    ServiceView,
-    ServiceWatcher,
-    TeacherInfo,
-    ZkSession,
     default_student_id,
-    ensure_service,
 )
+from .ephemeral import EphemeralNode
+from .nodes import TeacherInfo
+from .session import ZkSession
 from .share import fair_share
+from .watcher import ServiceView, ServiceWatcher
 
 logger = logging.getLogger(__name__)
 

@@ -34,17 +34,10 @@ from typing import Callable, Optional, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .registry import (
-    DEFAULT_ROOT,
-    DEFAULT_SESSION_TIMEOUT,
-    TEACHER_PREFIX,
-    EphemeralNode,
-    ServicePaths,
-    ZkSession,
-    ensure_service,
-    teacher_node_acl,
-    validate_endpoint,
-)
+from .acls import ensure_service, teacher_node_acl
+from .arguments import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, TEACHER_PREFIX, ServicePaths, validate_endpoint
+from .ephemeral import EphemeralNode
+from .session import ZkSession
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +91,10 @@ class TeacherRegistration:
         endpoint: the teacher's ``host:port`` as students should dial it.
         meta: extra JSON fields for the node (``model``, ``max_batch_size``, ``version``, ...).
         root: the ZooKeeper folder of all services.
-        auth: ``'user:password'`` digest identity; when set, only it may create or delete under the service.
+        auth: ``'user:password'`` digest identity; when set, only it may create or delete under the service
+            (see ``discovery.acls``).
+        allow_open_acl: without ``auth`` every node is open: anyone may register a teacher that students then
+            feed. Refused (ValueError) unless this is True.
         health_interval: seconds between health checks.
         health_timeout: seconds one health check may take.
         unhealthy_after: failed checks in a row before the node is removed.
@@ -110,7 +106,15 @@ class TeacherRegistration:
                  meta: Optional[dict] = None, root: str = DEFAULT_ROOT, auth: Optional[str] = None,
                  health_interval: float = 1.0, health_timeout: float = 1.0, unhealthy_after: int = 2,
                  session_timeout: float = DEFAULT_SESSION_TIMEOUT, max_recover_delay: float = 30.0,
-                 stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None):
+                 stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None,
+                 allow_open_acl: bool = False):
+        if not auth and not allow_open_acl:
+            raise ValueError(f"no ZooKeeper identity: set {AUTH_ENV}=user:password (or --zk_auth) so that only this "
+                             "identity may register teachers, or pass --allow_open_acl to register with an open ACL "
+                             "(anyone who reaches ZooKeeper could then register a teacher that students trust)")
+        if not auth:
+            logger.warning("registering with an open ACL (--allow_open_acl): anyone who reaches ZooKeeper may "
+                           "register or delete teachers of this service")
         if health_interval <= 0 or health_timeout <= 0 or unhealthy_after < 1:
             raise ValueError("health_interval and health_timeout must be > 0 and unhealthy_after >= 1")
         self.endpoint = validate_endpoint(endpoint)

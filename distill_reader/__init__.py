@@ -17,7 +17,7 @@ import numpy  # noqa: F401
 __version__ = "0.1.0"
 
 _READER_NAMES = ("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
-                 "TeacherRequestRefused", "ReaderClosedError")
+                 "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError")
 __all__ = [*_READER_NAMES, "__version__"]
 
 

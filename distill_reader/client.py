@@ -23,6 +23,7 @@ import requests
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .client_security import ClientSecurity
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
@@ -51,18 +52,26 @@ class TeacherAnswerError(TeacherError):
     """The teacher answered with an error or with an answer that does not fit the request."""
 
 
+class TeacherAuthError(TeacherError):
+    """The teacher refused this client's credentials (gRPC UNAUTHENTICATED / PERMISSION_DENIED, HTTP 401 / 403):
+    a missing or wrong bearer token, or a client certificate it does not accept."""
+
+
 class TeacherRequestRejected(TeacherAnswerError):
     """The teacher refused the request as invalid (err_no 5000, gRPC INVALID_ARGUMENT, HTTP 4xx): wrong feed,
     shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
 
 
 # Paddle Serving's error numbers (pipeline serving's table, also used by teachers.serve): 5000 input error;
-# 3001 draining and 10000 predictor failed are transient (another teacher, or this one later, can answer).
+# 3001 draining and 10000 predictor failed are transient (another teacher, or this one later, can answer);
+# any other non-zero err_no is an error answer of that teacher.
 ERR_NO_INVALID_INPUT = 5000
+TRANSIENT_ERR_NOS = (3001, 10000)
 _TRANSIENT_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)
 _REJECTING_GRPC_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+_AUTH_GRPC_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class FeedError(ValueError):
@@ -106,16 +115,24 @@ class TeacherClient:
         keepalive_time: gRPC keepalive ping interval in seconds while a request is out (0: off); a peer that
             does not answer a ping within the same time fails the request with UNAVAILABLE, so a frozen or
             partitioned teacher is noticed in about two intervals. HTTP: the connect timeout.
+        security: TLS files and bearer token (``ClientSecurity``); default: ``tls_ca``/``tls_cert``/
+            ``tls_key``/``token`` below, the token also from ``DISTILL_TEACHER_TOKEN``.
+        tls_ca / tls_cert / tls_key: PEM files: the CA that signed the teacher's certificate (turns TLS on), and
+            the client certificate and key for a teacher that requires them (mutual TLS).
+        token: bearer token for a teacher started with ``--token_file``.
 
     Errors: ``TeacherUnavailable`` (transient: unreachable, timed out, overloaded, predictor failed, HTTP 5xx),
-    ``TeacherRequestRejected`` (the request is invalid for the model), ``TeacherAnswerError`` (a wrong answer);
+    ``TeacherRequestRejected`` (the request is invalid for the model), ``TeacherAnswerError`` (a wrong answer),
+    ``TeacherAuthError`` (credentials refused);
     ``FeedError`` before sending when a feed does not fit the config.
     """
 
     def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
                  wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
-                 keepalive_time: float = 1.0):
+                 keepalive_time: float = 1.0, security: Optional[ClientSecurity] = None,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 token: Optional[str] = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
         if wire not in ("auto", "raw", "typed"):
@@ -129,6 +146,7 @@ class TeacherClient:
         self.timeout = timeout
         self.compress = compress
         self.keepalive_time = keepalive_time
+        self.security = security or ClientSecurity.create(tls_ca, tls_cert, tls_key, token)
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
         self._log_id = 0
         self._channel: Optional[grpc.Channel] = None
@@ -138,12 +156,21 @@ class TeacherClient:
                        ("grpc.max_receive_message_length", max_message_bytes)]
             if keepalive_time > 0:   # pings only while a request is out
                 interval_ms = int(keepalive_time * 1000)
+                # grpc-core waits for the ping's acknowledgement for grpc.http2.ping_timeout_ms (default 1 min),
+                # not keepalive_timeout_ms: both are set, or a frozen peer is noticed only after a minute. A new
+                # connection to a frozen peer (TCP accepted, no HTTP/2 SETTINGS) waits for the connect timeout,
+                # min_reconnect_backoff_ms (default 20 s): two intervals here too.
                 options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", interval_ms),
-                            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
-            self._channel = grpc.insecure_channel(endpoint, options=options)
+                            ("grpc.http2.ping_timeout_ms", interval_ms), ("grpc.keepalive_permit_without_calls", 0),
+                            ("grpc.http2.max_pings_without_data", 0),
+                            ("grpc.min_reconnect_backoff_ms", 2 * interval_ms)]
+            self._channel = self.security.grpc_channel(endpoint, options)
             self._stub = service_grpc.GeneralModelServiceStub(self._channel)
         else:
             self._session = requests.Session()
+            for key, value in self.security.requests_options().items():
+                setattr(self._session, key, value)
+            self._session.headers.update(self.security.http_headers())
 
     # -- public API ------------------------------------------------------------------------------------
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
@@ -217,7 +244,7 @@ class TeacherClient:
                 raise _grpc_error(self.endpoint, exc) from None
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
         try:
-            answer = self._session.get(f"http://{self.endpoint}/health", timeout=timeout)
+            answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout)
         except requests.RequestException as exc:
             raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}") from exc
         if answer.status_code == 404:
@@ -227,7 +254,7 @@ class TeacherClient:
     # -- transports ----------------------------------------------------------------------------------
     def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
         try:
-            return self._stub.inference(request, timeout=self.timeout)
+            return self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
             raise _grpc_error(self.endpoint, exc) from None
 
@@ -242,7 +269,7 @@ class TeacherClient:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
         headers["Accept-Encoding"] = "gzip"
-        url = f"http://{self.endpoint}{HTTP_PATH}"
+        url = f"{self.security.scheme}://{self.endpoint}{HTTP_PATH}"
         try:
             answer = self._session.post(url, data=body, headers=headers, timeout=self._http_timeouts())
         except requests.Timeout as exc:
@@ -251,6 +278,8 @@ class TeacherClient:
             raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}") from exc
         if answer.status_code >= 500:
             raise TeacherUnavailable(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
+        if answer.status_code in (401, 403):
+            raise TeacherAuthError(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if answer.status_code >= 400:
             raise TeacherRequestRejected(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         response = service_pb2.Response()
@@ -273,8 +302,10 @@ class TeacherClient:
                  batch_size: int) -> dict[str, np.ndarray]:
         if response.err_no == ERR_NO_INVALID_INPUT:
             raise TeacherRequestRejected(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
-        if response.err_no != 0:
+        if response.err_no in TRANSIENT_ERR_NOS:
             raise TeacherUnavailable(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
+        if response.err_no != 0:
+            raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if not response.outputs:
             raise TeacherAnswerError(self.endpoint, "answer has no outputs")
         by_name: dict[str, np.ndarray] = {}
@@ -316,4 +347,6 @@ def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
         return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}")
     if code in _REJECTING_GRPC_CODES:
         return TeacherRequestRejected(endpoint, f"gRPC {code.name}: {details}")
+    if code in _AUTH_GRPC_CODES:
+        return TeacherAuthError(endpoint, f"gRPC {code.name}: {details}")
     return TeacherAnswerError(endpoint, f"gRPC {code.name}: {details}")

@@ -47,5 +47,9 @@ class TeacherRequestRefused(DistillReaderError):
         self.slots = list(slots or [])
 
 
+class TeacherAuthRefused(DistillReaderError):
+    """Every teacher refused the student's credentials (a missing or wrong token, or client certificate)."""
+
+
 class ReaderClosedError(DistillReaderError):
     """``close()`` was called (possibly from another thread) while this epoch was being iterated."""

@@ -22,7 +22,7 @@ import numpy as np
 class LatencyWindow:
     """The last ``size`` latencies (seconds); percentiles once ``min_samples`` were seen."""
 
-    def __init__(self, size: int = 256, min_samples: int = 16):
+    def __init__(self, size: int = 256, min_samples: int = 4):
         self._values: deque[float] = deque(maxlen=size)
         self._min_samples = min_samples
         self._cache: dict[float, float] = {}

@@ -246,6 +246,7 @@ class Epoch:
 
     def _next_item(self) -> Any:
         while True:
+            self.gate.check()
             if self.abandoned:
                 raise DistillReaderError(f"epoch {self.epoch} was abandoned: a newer epoch started on this reader")
             self._collect(0.0)

@@ -23,11 +23,14 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from . import endpoints as endpoints_module
+from .client_security import ClientSecurity
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
     ReaderClosedError,
     TeacherAnswerInvalid,
+    TeacherAuthRefused,
     TeacherRequestRefused,
 )
 from .pipeline import Epoch, EpochStats, Gate, SlotPlan
@@ -42,25 +45,18 @@ DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
 CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iterating thread to leave the reader
 
 __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
-           "TeacherRequestRefused", "ReaderClosedError"]
+           "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"]
 
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
-    """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; ValueError on a malformed one."""
-    if isinstance(teachers, str):
-        items = teachers.split(",")
-    elif isinstance(teachers, (list, tuple)):
-        items = [part for item in teachers for part in str(item).split(",")]
-    else:
+    """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; the project's one endpoint parser
+    (``distill_reader.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
+    if not isinstance(teachers, (str, list, tuple)):
         raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
-    endpoints = [item.strip() for item in items if item.strip()]
-    for endpoint in endpoints:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"teacher endpoint {endpoint!r} is not 'host:port'")
+    endpoints = endpoints_module.parse_endpoints(teachers, what="teacher endpoint", allow_wildcard=False)
     if not endpoints:
         raise ValueError("no teacher endpoint given")
-    return endpoints
+    return [str(e) for e in endpoints]
 
 
 class _Resources:
@@ -138,11 +134,15 @@ class DistillReader:
             ``clamp(hedge_factor x hedge_percentile-th percentile of recent latencies, hedge_min_delay,
             hedge_max_delay)`` (defaults 2.0, 95, 0.02 s, 1.0 s); the first answer wins.
         stall_factor / stall_min_timeout: a teacher whose request has been out for ``max(stall_min_timeout,
-            stall_factor x the 99th latency percentile)`` (defaults 4, 1 s; at most request_timeout) is set aside
+            stall_factor x the 99th latency percentile)`` (defaults 4, 2 s; at most request_timeout) is set aside
             and probed, and its tasks go to other teachers.
+        tls_ca / tls_cert / tls_key: PEM files: the CA of the teachers' certificates (turns TLS on), and this
+            student's certificate and key for teachers that require one (``teachers.serve --tls_client_ca``).
+        token: bearer token for teachers started with ``--token_file`` (default: ``$DISTILL_TEACHER_TOKEN``).
 
     Raises (while iterating): AllTeachersDownError, TeacherAnswerInvalid (no teacher answers a task correctly),
-    TeacherRequestRefused (every teacher refuses a task as invalid), ReaderClosedError (``close()`` from another
+    TeacherRequestRefused (every teacher refuses a task as invalid), TeacherAuthRefused (every teacher refuses
+    the credentials), ReaderClosedError (``close()`` from another
     thread), errors of the user's generator (re-raised as they are), FeedError / ConfigError for bad input.
     """
 
@@ -154,7 +154,8 @@ class DistillReader:
                  wire: str = "auto", stop_timeout: float = 2.0, keepalive_time: float = 1.0,
                  hedge_budget: float = 0.05, hedge_percentile: float = 95.0, hedge_factor: float = 2.0,
                  hedge_min_delay: float = 0.02, hedge_max_delay: float = 1.0, stall_factor: float = 4.0,
-                 stall_min_timeout: float = 1.0):
+                 stall_min_timeout: float = 2.0, tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, token: Optional[str] = None):
         if not ins:
             raise ValueError("ins must name at least one slot")
         if not predicts:
@@ -170,7 +171,8 @@ class DistillReader:
             all_teachers_down_timeout=all_teachers_down_timeout, num_workers=num_workers, protocol=protocol,
             wire=wire, stop_timeout=stop_timeout, keepalive_time=keepalive_time, hedge_budget=hedge_budget,
             hedge_percentile=hedge_percentile, hedge_factor=hedge_factor, hedge_min_delay=hedge_min_delay,
-            hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout)
+            hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout,
+            security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token))
         self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None

@@ -15,6 +15,8 @@ wrong answer           missing fetch, wrong rows: the teacher is set aside (it m
                        the task retried elsewhere; wrong at every teacher -> ``TeacherAnswerInvalid``
 stalled                no answer after ``stall_timeout`` (adaptive): the teacher is set aside and probed,
                        its tasks are re-issued elsewhere; a late answer is discarded
+credentials refused    gRPC UNAUTHENTICATED / PERMISSION_DENIED, HTTP 401 / 403: as a wrong answer;
+                       refused by every teacher -> ``TeacherAuthRefused``
 error in the worker    re-raised in the student with its type and the worker's traceback
 =====================  ============================================================================
 
@@ -42,7 +44,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .backoff import backoff_delay
-from .errors import AllTeachersDownError, DistillReaderError, TeacherAnswerInvalid, TeacherRequestRefused
+from .client_security import ClientSecurity
+from .errors import (
+    AllTeachersDownError,
+    DistillReaderError,
+    TeacherAnswerInvalid,
+    TeacherAuthRefused,
+    TeacherRequestRefused,
+)
 from .latency_window import LatencyWindow
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
@@ -75,7 +84,8 @@ class RemoteOptions:
     hedge_min_delay: float = 0.02
     hedge_max_delay: float = 1.0
     stall_factor: float = 4.0
-    stall_min_timeout: float = 1.0
+    stall_min_timeout: float = 2.0
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hedge_budget <= 1.0:
@@ -127,6 +137,7 @@ class RemoteStage(PredictionStage):
         self._ids = itertools.count(1)
         self._tasks: dict[int, _TaskState] = {}
         self._requests: dict[int, _Request] = {}
+        self._orphans: dict[int, _Request] = {}   # requests of ended epochs still at a teacher: they hold its slot
         self._waiting: list[tuple[int, int, int, bool]] = []   # heap (seq, order, task_id, hedge)
         self._delayed: list[tuple[float, int, int]] = []        # heap (due, order, task_id): retry backoff
         self._probing: dict[int, str] = {}
@@ -183,10 +194,13 @@ class RemoteStage(PredictionStage):
         if self.workers is not None:
             self.workers.close()
             self.workers = None
+        self._reset_epoch()
+        for request in self._orphans.values():   # lost with the workers
+            self.pool.released(request.endpoint)
+        self._orphans.clear()
         for endpoint in self._probing.values():   # lost with the workers: probe again after the backoff
             self.pool.probe_result(endpoint, False)
         self._probing.clear()
-        self._reset_epoch()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -211,9 +225,9 @@ class RemoteStage(PredictionStage):
         return {"requests": 0, "retries": 0, "hedges": 0, "hedge_wins": 0, "late_answers": 0, "stalls": 0}
 
     def _reset_epoch(self) -> None:
-        """Forget the epoch's tasks; requests still out are abandoned (their answers will be ignored)."""
-        for request in self._requests.values():
-            self.pool.released(request.endpoint)
+        """Forget the epoch's tasks. Requests still out become orphans: they keep their teacher's slot until
+        they end, and how they end still counts for the teacher's health and speed, not for any task."""
+        self._orphans.update(self._requests)
         self._tasks.clear()
         self._requests.clear()
         self._waiting.clear()
@@ -256,7 +270,8 @@ class RemoteStage(PredictionStage):
             settings = {"config_text": text_format.MessageToString(self.config.to_proto()),
                         "config_source": self.config.source, "fetch": self.fetch,
                         "timeout": self.options.request_timeout, "protocol": self.options.protocol,
-                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time}
+                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time,
+                        "security": self.options.security.settings()}
             self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
 
     def _dispatch(self) -> None:
@@ -328,7 +343,7 @@ class RemoteStage(PredictionStage):
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind in ("done", "fail"):
-            request = self._requests.pop(message[1], None)
+            request = self._requests.pop(message[1], None) or self._orphans.pop(message[1], None)
             if request is None:
                 return   # a request of an abandoned epoch
             state = self._tasks.get(request.task_id)
@@ -347,7 +362,7 @@ class RemoteStage(PredictionStage):
         elif kind == "dead":
             _, request_ids, probes = message
             for request_id in request_ids:
-                request = self._requests.pop(request_id, None)
+                request = self._requests.pop(request_id, None) or self._orphans.pop(request_id, None)
                 if request is None:
                     continue
                 self.pool.released(request.endpoint)
@@ -364,8 +379,7 @@ class RemoteStage(PredictionStage):
         problem = _answer_problem(self.fetch, outputs, request.endpoint,
                                   state.task.size if state is not None else None)
         if problem is not None:
-            self.pool.released(request.endpoint)
-            self.pool.set_aside(request.endpoint, problem)
+            self.pool.failed(request.endpoint, problem)
             if state is not None:
                 self._wrong_answer(state, request.endpoint, problem)
             return
@@ -387,19 +401,24 @@ class RemoteStage(PredictionStage):
                 self.counts["retries"] += 1
                 self._retry_later(state, text)
             return
+        if failure in ("answer", "auth"):
+            self.pool.failed(endpoint, text)
+            if state is not None:
+                self._wrong_answer(state, endpoint, text, auth=failure == "auth")
+            return
         self.pool.released(endpoint)
-        if failure == "answer":
-            self.pool.set_aside(endpoint, text)
-            if state is not None:
-                self._wrong_answer(state, endpoint, text)
-        elif failure == "rejected":
-            if state is not None:
-                self._refused(state, endpoint, text)
+        if state is None:
+            return   # the task was answered by another request, or its epoch ended
+        if failure == "rejected":
+            self._refused(state, endpoint, text)
         else:
             raise _rebuild_worker_error(text, extra[0] if extra else "")
 
-    def _wrong_answer(self, state: _TaskState, endpoint: str, text: str) -> None:
+    def _wrong_answer(self, state: _TaskState, endpoint: str, text: str, auth: bool = False) -> None:
         state.wrong[endpoint] = text
+        if set(self.pool.endpoints) <= set(state.wrong) and auth:
+            raise TeacherAuthRefused("every teacher refused this student's credentials (token, client "
+                                     "certificate): " + "; ".join(f"{e}: {t}" for e, t in state.wrong.items()))
         if set(self.pool.endpoints) <= set(state.wrong):
             raise TeacherAnswerInvalid(endpoint, f"no teacher answered task {state.task.seq} (samples from "
                                                  f"{state.task.sample_start}) correctly: "
@@ -441,13 +460,12 @@ class RemoteStage(PredictionStage):
         self._queue(head, hedge=True)
 
     def _check_stalls(self) -> None:
+        """A teacher with a request out longer than ``stall_timeout``: set aside, all its tasks re-issued."""
         now = time.monotonic()
         limit = self.stall_timeout()
-        stalled: dict[str, list[_Request]] = {}
-        for request in self._requests.values():
-            if not request.stalled and now - request.sent_at > limit:
-                stalled.setdefault(request.endpoint, []).append(request)
-        for endpoint, requests in stalled.items():
+        stalled = {r.endpoint for r in self._requests.values() if not r.stalled and now - r.sent_at > limit}
+        for endpoint in stalled:
+            requests = [r for r in self._requests.values() if r.endpoint == endpoint and not r.stalled]
             age = now - min(r.sent_at for r in requests)
             self.counts["stalls"] += 1
             logger.warning("teacher %s: no answer for %.1fs (stall timeout %.2fs); set aside, %d request(s) "
@@ -455,11 +473,9 @@ class RemoteStage(PredictionStage):
             self.pool.set_aside(endpoint, f"requests stalled: no answer for {age:.1f}s")
             for request in requests:
                 request.stalled = True
+            for request in requests:
                 state = self._tasks.get(request.task_id)
-                if state is None:
-                    continue
-                others = [r for r in state.live if not self._requests[r].stalled]
-                if not others and not state.queued:
+                if state is not None and not state.queued and all(self._requests[r].stalled for r in state.live):
                     self.counts["retries"] += 1
                     self._queue(state)
 

@@ -16,6 +16,7 @@ block once the task is answered. Anonymous memfds leave nothing behind when eith
 Worker -> student: ``("ready", pid)``, ``("done", request_id, endpoint, outputs, latency)``,
 ``("fail", request_id, endpoint, kind, message, latency[, exception type])`` with kind ``unavailable`` (transient:
 retry elsewhere) | ``rejected`` (the teacher refused the request as invalid) | ``answer`` (a wrong answer) |
+``auth`` (the teacher refused the credentials) |
 ``error`` (an exception in the worker, re-raised in the student with its type ``module:qualname``),
 ``("probe", probe_id, endpoint, healthy, message)``, ``("crash", traceback_text)``.
 
@@ -408,6 +409,7 @@ class _Worker:
         from google.protobuf import text_format
 
         from .client import TeacherClient
+        from .client_security import ClientSecurity
         from .proto import general_model_config_pb2 as config_pb2
         from .serving_config import ServingConfig
 
@@ -420,6 +422,7 @@ class _Worker:
         self.protocol = settings.get("protocol", "grpc")
         self.wire = settings.get("wire", "auto")
         self.keepalive_time = float(settings.get("keepalive_time", 1.0))
+        self.security = ClientSecurity(**settings.get("security", {}))
         self._client_class = TeacherClient
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
@@ -433,7 +436,8 @@ class _Worker:
             client = self._clients.get(endpoint)
             if client is None:
                 client = self._client_class(endpoint, self.config, protocol=self.protocol, wire=self.wire,
-                                            timeout=self.timeout, keepalive_time=self.keepalive_time)
+                                            timeout=self.timeout, keepalive_time=self.keepalive_time,
+                                            security=self.security)
                 self._clients[endpoint] = client
             return client
 
@@ -477,7 +481,7 @@ class _Worker:
         return feeds
 
     def run_task(self, request_id: int, endpoint: str, feeds: dict, size: int) -> None:
-        from .client import TeacherAnswerError, TeacherRequestRejected, TeacherUnavailable
+        from .client import TeacherAnswerError, TeacherAuthError, TeacherRequestRejected, TeacherUnavailable
 
         start = time.monotonic()
         try:
@@ -487,6 +491,8 @@ class _Worker:
             self.send(("fail", request_id, endpoint, "unavailable", str(exc), time.monotonic() - start))
         except TeacherRequestRejected as exc:
             self.send(("fail", request_id, endpoint, "rejected", str(exc), time.monotonic() - start))
+        except TeacherAuthError as exc:
+            self.send(("fail", request_id, endpoint, "auth", str(exc), time.monotonic() - start))
         except TeacherAnswerError as exc:
             self.send(("fail", request_id, endpoint, "answer", str(exc), time.monotonic() - start))
         except Exception as exc:  # noqa: BLE001 - re-raised in the student with its type and this traceback

@@ -290,7 +290,10 @@ class TeacherService:
                 "feeds": self.config.feed_names, "fetches": self.config.fetch_names, "pid": os.getpid()}
         if self.http is not None:
             meta["http_port"] = self.http.port
-        self.registration = registration_from_args(args, endpoint, meta)
+        try:
+            self.registration = registration_from_args(args, endpoint, meta)
+        except ValueError as exc:     # e.g. no ZooKeeper identity and no --allow_open_acl
+            raise ServeError(str(exc)) from None
         self.registration.start()
         logger.info("registered %s as service %r in ZooKeeper %s%s", endpoint, args.service, args.zk, args.root)
 

@@ -7,18 +7,20 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoAuthError
+from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.security import OPEN_ACL_UNSAFE, Permissions, make_acl, make_digest_acl
 
 from discovery.register import main as register_main
 from discovery.registry import TEACHER_PREFIX, NoTeachersError, ServicePaths
 from discovery.student import TeacherSubscription
 from discovery.teacher_registration import TeacherRegistration
-from tests.support.procs import ProcessGuard, free_port, port_is_open, wait_for
+from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, port_is_open, wait_for
 from tests.support.teacher import TeacherServer
 from tests.support.zookeeper import four_letter_word
 
@@ -65,9 +67,18 @@ def teacher_nodes(client, root, service=SERVICE):
         if name.startswith(TEACHER_PREFIX):
             try:
                 nodes[name] = json.loads(client.get(f"{path}/{name}")[0])
-            except Exception:  # noqa: BLE001 - vanished between list and read
+            except NoNodeError:   # vanished between list and read; any other error fails the test
                 pass
     return nodes
+
+
+def acl_set(acls):
+    """{(scheme, id, perms)}; a digest id as its user only (ZooKeeper shows others 'user:x', not the hash)."""
+    return {(acl.id.scheme, acl.id.id.split(":")[0] if acl.id.scheme == "digest" else acl.id.id, acl.perms)
+            for acl in acls}
+
+
+OWNED = {("digest", "teacher", Permissions.ALL), ("world", "anyone", Permissions.READ)}
 
 
 def endpoints_of(nodes):
@@ -75,10 +86,13 @@ def endpoints_of(nodes):
 
 
 def start_register(guard, hosts, root, endpoint, *extra, env=None, log_dir=None):
+    """The register script; without DISTILL_ZK_AUTH in ``env`` it registers with --allow_open_acl."""
     log = open(os.path.join(log_dir, f"register-{endpoint.replace(':', '_')}.log"), "ab")
+    open_acl = [] if env and env.get("DISTILL_ZK_AUTH") else ["--allow_open_acl"]
     proc = guard.python("-m", "discovery.register", "--zk", hosts, "--service", SERVICE, "--root", root,
                         "--endpoint", endpoint, "--session_timeout", str(SESSION), "--health_interval", "0.2",
-                        "--health_timeout", "0.5", *extra, env=env, stdout=log, stderr=subprocess.STDOUT)
+                        "--health_timeout", "0.5", *open_acl, *extra, env=env, stdout=log,
+                        stderr=subprocess.STDOUT)
     log.close()
     return proc
 
@@ -162,12 +176,15 @@ def test_register_script_follows_health_session_loss_and_sigterm(zookeeper, zk, 
             assert teacher_nodes(zk, zk_root) == {}         # removed before exiting, not by session expiry
 
 
-def test_teacher_server_registers_itself_and_leaves_on_sigterm(zookeeper, zk, zk_root, teacher_model):
+def test_teacher_server_registers_itself_and_leaves_on_sigterm(zookeeper, zk, zk_root, teacher_model, monkeypatch):
+    monkeypatch.setenv("DISTILL_ZK_AUTH", "teacher:s3cret")          # the identity reaches the server's env only
     with TeacherServer(teacher_model.server_dir,
                        extra_args=["--zk", zookeeper.hosts, "--service", SERVICE, "--zk_root", zk_root]) as server:
         wait_for(lambda: teacher_nodes(zk, zk_root), 10, "teachers.serve --zk registration")
-        (_, doc), = teacher_nodes(zk, zk_root).items()
+        (name, doc), = teacher_nodes(zk, zk_root).items()
         assert doc["endpoint"] == server.endpoint and doc["pid"] == server.pid
+        for path in (zk_root, f"{zk_root}/{SERVICE}", f"{zk_root}/{SERVICE}/{name}"):
+            assert acl_set(zk.get_acls(path)[0]) == OWNED, path
         server.kill(signal.SIGTERM)
         assert server.wait_exit(30) == 0
         assert teacher_nodes(zk, zk_root) == {}
@@ -258,7 +275,8 @@ def test_three_students_six_teachers_then_a_student_leaves(zookeeper, zk_root):
         try:
             for endpoint in endpoints:
                 registrations[endpoint] = TeacherRegistration(zookeeper.hosts, SERVICE, endpoint, root=zk_root,
-                                                              health_interval=0.2, session_timeout=SESSION).start()
+                                                              health_interval=0.2, session_timeout=SESSION,
+                                                              allow_open_acl=True).start()
             for endpoint in endpoints:
                 registrations[endpoint].wait_registered(10)
             for name in ("s1", "s2", "s3"):   # join in this order
@@ -361,15 +379,146 @@ def test_register_script_help_and_bad_arguments(capsys):
     text = capsys.readouterr().out
     for flag in ("--zk", "--service", "--endpoint", "--root", "--zk_auth", "--session_timeout", "--health_interval",
                  "--health_timeout", "--unhealthy_after", "--model", "--max_batch_size", "--version", "--meta",
-                 "--log_level", "DISTILL_ZK_AUTH"):
+                 "--log_level", "DISTILL_ZK_AUTH", "--allow_open_acl"):
         assert flag in text
-    for argv, message in ((["--endpoint", "nohost"], "is not 'host:port'"),
-                          (["--endpoint", "0.0.0.0:9292"], "students cannot dial a wildcard address"),
+    for argv, message in ((["--endpoint", "nohost"], "teacher endpoint 'nohost' is not 'host:port'"),
+                          (["--endpoint", "0.0.0.0:9292"], "a wildcard address cannot be dialed"),
+                          (["--endpoint", "h:70000"], "port '70000' is not a number in 1-65535"),
                           (["--endpoint", "127.0.0.1:1", "--zk_auth", "nopassword"], "must be 'user:password'"),
-                          (["--endpoint", "127.0.0.1:1", "--service", "a/b"], "service name 'a/b'")):
-        base = ["--zk", "127.0.0.1:1", "--service", SERVICE]
+                          (["--endpoint", "127.0.0.1:1", "--service", "a/b"], "service name 'a/b'"),
+                          (["--endpoint", "127.0.0.1:1", "--zk", "zk1:2181,bad host:1"],
+                           "ZooKeeper host 'bad host:1'")):
+        base = ["--zk", "127.0.0.1:1", "--service", SERVICE, "--allow_open_acl"]
         with pytest.raises(SystemExit) as exit_info:
             register_main(base + argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+    env = dict(os.environ)
+    env.pop("DISTILL_ZK_AUTH", None)
+    code = subprocess.run([sys.executable, "-m", "discovery.register", "--zk", "127.0.0.1:1", "--service", SERVICE,
+                           "--endpoint", "127.0.0.1:1"], env=env, capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=60)
+    assert code.returncode == 2
+    assert "no ZooKeeper identity" in code.stderr and "--allow_open_acl" in code.stderr, code.stderr
 
+
+# -- untrusted nodes, squatting, open ACLs ----------------------------------------------------------------
+def registration(hosts, root, endpoint, **kwargs):
+    """An in-process registration of a teacher that is always healthy (what is under test is ZooKeeper)."""
+    return TeacherRegistration(hosts, SERVICE, endpoint, root=root, health_interval=0.2, session_timeout=SESSION,
+                               health_check=lambda: True, **kwargs).start()
+
+
+def test_a_squatted_service_is_named_and_the_register_script_exits_1(zookeeper, zk, zk_root, tmp_path):
+    zk.create(zk_root, b"", makepath=True)                              # an open root (created by anyone) ...
+    mallory = KazooClient(hosts=zookeeper.hosts, timeout=SESSION, auth_data=[("digest", "mallory:evil")])
+    mallory.start(timeout=10)
+    try:                                                               # ... where another identity came first
+        mallory.create(f"{zk_root}/{SERVICE}", b"", acl=[make_digest_acl("mallory", "evil", all=True),
+                                                         make_acl("world", "anyone", read=True)])
+        endpoint = f"127.0.0.1:{free_port()}"
+        with ProcessGuard() as guard:
+            start_health_server(guard, [int(endpoint.rsplit(":", 1)[1])])
+            script = start_register(guard, zookeeper.hosts, zk_root, endpoint, log_dir=tmp_path,
+                                    env={"DISTILL_ZK_AUTH": "teacher:s3cret"})
+            assert script.wait(timeout=30) == 1
+        log = (tmp_path / f"register-{endpoint.replace(':', '_')}.log").read_text()
+        assert f"service {zk_root}/{SERVICE} is squatted: it was created first by identity mallory" in log, log
+        assert "SQUATTED SERVICE" in log and "not by teacher" in log
+        assert teacher_nodes(zk, zk_root) == {}
+    finally:
+        mallory.stop()
+        mallory.close()
+
+
+def test_an_open_service_is_claimed_and_teachers_registered_while_it_was_open_are_removed(zookeeper, zk, zk_root):
+    service_path = f"{zk_root}/{SERVICE}"
+    zk.create(f"{service_path}/students", b"", makepath=True, acl=OPEN_ACL_UNSAFE)   # e.g. an early student
+    planted = zk.create(f"{service_path}/{TEACHER_PREFIX}", b'{"endpoint": "10.9.9.9:1"}', ephemeral=True,
+                        sequence=True)                                 # an endpoint that would receive inputs
+    subscription, recorder = subscribe(zookeeper.hosts, zk_root)
+    real = registration(zookeeper.hosts, zk_root, "127.0.0.1:1", auth="teacher:s3cret")
+    try:
+        real.wait_registered(10)
+        wait_for(lambda: recorder.last == ["127.0.0.1:1"], 10, "the student following only the real teacher")
+        assert not zk.exists(planted)
+        assert acl_set(zk.get_acls(service_path)[0]) == OWNED
+        with pytest.raises(NoAuthError):                               # no second planting
+            zk.create(f"{service_path}/{TEACHER_PREFIX}", b'{"endpoint": "10.9.9.9:1"}', ephemeral=True,
+                      sequence=True)
+        wait_for(subscription.node.created.is_set, 10, "the anonymous student still registering itself")
+    finally:
+        subscription.stop()
+        real.stop()
+
+
+def test_registration_without_identity_needs_allow_open_acl():
+    with pytest.raises(ValueError, match="no ZooKeeper identity: set DISTILL_ZK_AUTH.*--allow_open_acl"):
+        TeacherRegistration("127.0.0.1:1", SERVICE, "127.0.0.1:2")
+
+
+def test_bad_nodes_are_skipped_with_a_warning_and_students_keep_following(zookeeper, zk, zk_root, caplog):
+    first = registration(zookeeper.hosts, zk_root, "127.0.0.1:1", allow_open_acl=True)
+    subscription, recorder = subscribe(zookeeper.hosts, zk_root, require_max_teacher=2)
+    second = None
+    try:
+        first.wait_registered(10)
+        wait_for(lambda: recorder.last == ["127.0.0.1:1"], 10, "the student following the first teacher")
+        students = f"{zk_root}/{SERVICE}/students"
+        bad_students = {
+            "deeply nested": b"[" * 20000 + b"]" * 20000,
+            "huge": b'{"student_id": "' + b"x" * 900_000 + b'"}',
+            "not UTF-8": b"\xff\xfe\x00{",
+            "not an object": b"[1, 2]",
+            "absurd maximum": b'{"student_id": "greedy", "require_max_teacher": 1000000000}',
+        }
+        for data in bad_students.values():
+            zk.create(f"{students}/student-", data, ephemeral=True, sequence=True)
+        for data in (b"{" * 30 + b"}" * 30, b'{"endpoint": "0.0.0.0:1"}', b'{"model": "no endpoint"}'):
+            zk.create(f"{zk_root}/{SERVICE}/{TEACHER_PREFIX}", data, ephemeral=True, sequence=True)
+        second = registration(zookeeper.hosts, zk_root, "127.0.0.1:2", allow_open_acl=True)
+        wait_for(lambda: recorder.last == ["127.0.0.1:1", "127.0.0.1:2"], 10, "the student following a new teacher")
+        assert subscription.watcher._thread.is_alive()
+        assert [s.student_id for s in subscription.watcher.view.students] == [subscription.student_id]
+        assert [t.endpoint for t in subscription.watcher.view.teachers] == ["127.0.0.1:1", "127.0.0.1:2"]
+        warnings = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+        assert sum("JSON nested 17 deep (at most 16 accepted)" in w for w in warnings) == 2   # the scan stops there
+        for reason in ("bytes of data (at most 65536 accepted)", "not UTF-8 JSON",
+                       "JSON list, not an object", "'require_max_teacher' 1000000000 is not an integer",
+                       "a wildcard address cannot be dialed", "no 'endpoint' field"):
+            assert any(reason in w for w in warnings), (reason, warnings)
+        assert len(warnings) == 8                                     # each bad node is reported once
+    finally:
+        subscription.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_a_student_reads_each_teacher_node_once(zookeeper, zk_root):
+    teachers = [registration(zookeeper.hosts, zk_root, f"127.0.0.1:{port}", allow_open_acl=True)
+                for port in range(1, 6)]
+    subscription, recorder = subscribe(zookeeper.hosts, zk_root, require_max_teacher=8)
+    try:
+        wait_for(lambda: recorder.last is not None and len(recorder.last) == 5, 15, "five teachers")
+        assert subscription.watcher.teachers.reads == 5
+        teachers.append(registration(zookeeper.hosts, zk_root, "127.0.0.1:6", allow_open_acl=True))
+        wait_for(lambda: len(recorder.last) == 6, 10, "the sixth teacher")
+        assert subscription.watcher.teachers.reads == 6               # only the new node was read
+        teachers.pop(0).stop()
+        wait_for(lambda: len(recorder.last) == 5, 10, "a teacher leaving")
+        assert subscription.watcher.teachers.reads == 6               # a node leaving costs no read
+    finally:
+        subscription.stop()
+        for teacher in teachers:
+            teacher.stop()
+
+
+def test_zookeeper_hosts_are_checked_and_keep_kazoo_forms():
+    from discovery.arguments import normalize_hosts
+    assert normalize_hosts("zk1, zk2:2182/distill/prod") == "zk1:2181,zk2:2182/distill/prod"   # default port, chroot
+    assert normalize_hosts(["[::1]:2181", "zk3:2183"]) == "[::1]:2181,zk3:2183"
+    for bad, message in (("", "no ZooKeeper host given"), ("zk1:21x", "ZooKeeper host 'zk1:21x': port '21x'"),
+                         ("zk1,bad host", "ZooKeeper host 'bad host'")):
+        with pytest.raises(ValueError, match=message):
+            TeacherSubscription(bad, SERVICE, print)

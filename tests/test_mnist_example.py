@@ -148,7 +148,8 @@ def test_student_finds_a_registered_teacher_in_zookeeper(flow, zookeeper, zk_roo
                      "--host", "127.0.0.1", "--thread", "1", env=_env(), stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
         guard.python("-m", "discovery.register", "--zk", zookeeper.hosts, "--service", "MnistDistill",
-                     "--root", zk_root, "--endpoint", f"127.0.0.1:{port}", env=_env(), stdout=subprocess.DEVNULL,
+                     "--root", zk_root, "--endpoint", f"127.0.0.1:{port}",
+                     env=dict(_env(), DISTILL_ZK_AUTH="teacher:secret"), stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
         dump = tmp_path / "fed.npz"
         student = guard.python(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 
 import numpy as np  # noqa: I001  (numpy before paddle)
@@ -86,6 +87,21 @@ def _one_pass(dr, kind, images):
     return np.concatenate([b[1] for b in out]), np.concatenate([b[-1] for b in out])
 
 
+def _half_rounded(values: np.ndarray) -> np.ndarray:
+    """IEEE 754 binary16 round-to-nearest-even of every value, by CPython's ``struct`` 'e' format (its own
+    implementation, independent of NumPy's float16 cast that the knowledge files use), back as float32."""
+    flat = [struct.unpack("<e", struct.pack("<e", float(v)))[0] for v in values.ravel()]
+    return np.array(flat, dtype=np.float64).astype(np.float32).reshape(values.shape)
+
+
+def test_half_rounding_reference():
+    """The reference itself: exact halves, ties to even, subnormals, and the largest finite half."""
+    got = _half_rounded(np.array([1.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -24, 3 * 2 ** -25, 65504.0, 0.1],
+                                 dtype=np.float32))
+    want = [1.0, 1.0, 1 + 2 ** -9, 2 ** -24, 2 ** -23, 65504.0, 0.0999755859375]
+    assert got.tolist() == want
+
+
 @pytest.mark.parametrize("kind", ["sample", "sample_list", "batch"])
 def test_first_pass_writes_later_passes_read_bit_for_bit(teacher_model, teacher, data, tmp_path, kind):
     images, online = data
@@ -114,7 +130,7 @@ def test_float16_and_topk_storage_every_pass_sees_the_stored_answers(teacher_mod
     order = np.argsort(-online, axis=1, kind="stable")[:, :3]
     topk = np.zeros_like(online)
     np.put_along_axis(topk, order, np.take_along_axis(online, order, axis=1), axis=1)
-    expected = {"float16": online.astype(np.float16).astype(np.float32), "topk:3": topk}
+    expected = {"float16": _half_rounded(online), "topk:3": topk}
     for storage, want in expected.items():
         dr = _reader(teacher_model, teacher.endpoint, tmp_path / storage.replace(":", "_"), storage=storage)
         try:
@@ -125,6 +141,7 @@ def test_float16_and_topk_storage_every_pass_sees_the_stored_answers(teacher_mod
         finally:
             dr.close()
     np.testing.assert_allclose(expected["float16"], online, rtol=2 ** -11)
+    assert np.count_nonzero(expected["float16"] != online) > online.size // 2  # the rounding is really exercised
     with KnowledgeReader(tmp_path / "topk_3", topk_as="sparse") as r:
         assert r.description["prediction"].storage_label() == "topk:3:0.0"
         assert np.array_equal(r.read(0, N)["prediction"].indices, order)

@@ -43,8 +43,8 @@ FLOAT_TEACHER = textwrap.dedent("""
 """)
 
 
-def _toy(guard, script, *args, out=None):
-    return guard.python(os.path.join(TOY, script), *args, "--timeout", "30", env=ENV, stdout=out,
+def _toy(guard, script, *args, out=None, env=ENV):
+    return guard.python(os.path.join(TOY, script), *args, "--timeout", "30", env=env, stdout=out,
                         stderr=subprocess.STDOUT if out else None)
 
 
@@ -132,14 +132,18 @@ def test_toy_online_student_first_with_messages(tmp_path):
 def test_toy_hybrid_two_passes_drop_last(offline_knowledge, tmp_path):
     port = free_port()
     logs = {name: tmp_path / f"{name}.log" for name in ("student", "teacher1")}
+    token_file = tmp_path / "token"
+    token_file.write_text("the token from a file\n")
+    env = {"DISTILL_PANTHEON_TOKEN": "not-this-one"}  # --token_file wins over the environment
     with ProcessGuard() as guard:
         files = {name: open(path, "w") for name, path in logs.items()}
         teacher = _toy(guard, "run_teacher1.py", "--out_port", str(port), "--out_host", "127.0.0.1",
                        "--serving_times", "2", "--generator_type", "sample_generator", "--batch_size", "10",
-                       "--use_cuda", "true", out=files["teacher1"])
+                       "--use_cuda", "true", "--token_file", str(token_file), out=files["teacher1"], env=env)
         student = _toy(guard, "run_student.py", "--in_address0", f"127.0.0.1:{port}", "--in_path1",
                        offline_knowledge[1], "--merge_strategy", "sum", "--passes", "2", "--batch_size", "64",
-                       "--drop_last", "true", out=files["student"])
+                       "--drop_last", "true", "--token_file", str(token_file), out=files["student"],
+                       env={"DISTILL_PANTHEON_TOKEN": "nor-this-one"})
         for f in files.values():
             f.close()
         text = _wait_ok(student, logs["student"])
@@ -205,9 +209,10 @@ def test_fp16_knowledge_is_cast_back(tmp_path):
 
 
 def test_toy_scripts_explain_their_flags():
-    for script, flags in [("run_teacher1.py", ["--out_path", "--out_port", "--use_cuda", "--serving_times"]),
+    for script, flags in [("run_teacher1.py", ["--out_path", "--out_port", "--use_cuda", "--serving_times",
+                                               "--token_file"]),
                           ("run_student.py", ["--in_path0", "--in_path1", "--in_address0", "--in_address1",
-                                              "--merge_strategy"])]:
+                                              "--merge_strategy", "--token_file"])]:
         result = subprocess.run([sys.executable, os.path.join(TOY, script), "--help"], capture_output=True,
                                 text=True, timeout=60, cwd=REPO_ROOT)
         assert result.returncode == 0, result.stderr

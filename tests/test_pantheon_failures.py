@@ -24,6 +24,7 @@ from distill_reader.pantheon.transport import Connection, encode_frame
 from tests.support.procs import ProcessGuard, free_port, pid_alive, wait_for
 
 TOKEN = "failure-tests-token"
+KEYS = (b"a" * 32, b"b" * 32)  # per-direction frame keys of a socketpair connection (normally from the handshake)
 
 # A teacher that streams slowly: 200 batches of 10 x 100 float32, one every 50 ms.
 SLOW_TEACHER = textwrap.dedent("""
@@ -66,6 +67,29 @@ SLOW_STUDENT = textwrap.dedent("""
         print("got", i, float(batch["logits"][0, 0]), flush=True)
         time.sleep(0.1)
 """)
+
+
+@pytest.fixture(autouse=True)
+def no_processes_left(tmp_path):
+    """After every test (whatever the order, or alone): no script it started from its folder is still running.
+
+    Only the test's own scripts are matched (its ``tmp_path``): other modules' session-scoped servers also live
+    under the same pytest base folder.
+    """
+    yield
+    pattern = str(tmp_path) + r"/[^ ]*\.py"
+    result = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    assert result.stdout.strip() == "", f"processes left running by the test: {result.stdout.split()}"
+
+
+def test_the_leftover_check_sees_a_running_script(tmp_path):
+    """The check above is not vacuous: the same pgrep finds a script of this test while it runs."""
+    script = tmp_path / "slow_teacher.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    with ProcessGuard() as guard:
+        proc = guard.python(str(script))
+        wait_for(lambda: subprocess.run(["pgrep", "-f", str(tmp_path) + r"/[^ ]*\.py"], capture_output=True,
+                                        text=True).stdout.split() == [str(proc.pid)], 10, "pgrep to see the script")
 
 
 def _env():
@@ -212,33 +236,67 @@ def test_incomplete_offline_knowledge_is_refused(tmp_path):
         student.register_teacher(in_path=str(tmp_path / "k"))
 
 
-def test_dump_only_teacher_completes_at_exit_unless_it_crashed(tmp_path):
-    """Pantheon scripts never close their teacher: a clean exit completes the knowledge, a crash does not."""
-    for crash in (False, True):
-        path = tmp_path / f"crash{crash}"
-        code = ("import numpy as np\n"
-                "from distill_reader.pantheon import Teacher\n"
-                f"t = Teacher(out_path={str(path)!r})\n"
-                "t.start()\n"
-                "t.dump({'p': np.arange(6, dtype='float32').reshape(3, 2)})\n"
-                "t.dump({'p': np.arange(6, 10, dtype='float32').reshape(2, 2)})\n"
-                + ("raise RuntimeError('the teacher crashed')\n" if crash else ""))
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert (result.returncode != 0) == crash, result.stderr
-        student = Student()
-        if crash:
-            with pytest.raises(PantheonError, match="is incomplete"):
-                student.register_teacher(in_path=str(path))
-            continue
-        student.register_teacher(in_path=str(path))
-        student.start()
-        (batch,) = list(student.get_knowledge_generator(batch_size=8)())
-        np.testing.assert_array_equal(batch["p"], np.arange(10, dtype="float32").reshape(5, 2))
+DUMP_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from distill_reader.pantheon import Teacher
+
+    def batches():
+        yield {"p": np.arange(6, dtype="float32").reshape(3, 2)}
+        yield {"p": np.arange(6, 10, dtype="float32").reshape(2, 2)}
+        raise OSError("the input files went away")
+
+    case = sys.argv[2]
+    if case.startswith("with"):
+        with Teacher(out_path=sys.argv[1]) as t:
+            t.start()
+            for i, batch in enumerate(batches()):
+                t.dump(batch)
+                if i == 0 and case == "with":
+                    break
+        sys.exit(0)
+    t = Teacher(out_path=sys.argv[1])
+    t.start()
+    try:
+        for batch in batches():
+            t.dump(batch)
+    except OSError as exc:
+        print("error:", exc, file=sys.stderr)
+        if case == "closed":
+            t.close()           # the script says its knowledge is whole anyway
+            sys.exit(0)
+        sys.exit(1 if case == "exit1" else 0)   # "exit0": ends without close()
+""")
+
+
+@pytest.mark.parametrize("case, complete", [("exit1", False), ("exit0", False), ("with_error", False),
+                                            ("closed", True), ("with", True)])
+def test_offline_knowledge_is_complete_only_when_the_teacher_closed_it(tmp_path, case, complete):
+    """Attack: a teacher script that catches an error and exits 1. Before: at interpreter exit the partial knowledge
+    was marked complete (only ``sys.last_value`` said otherwise). Now: complete only after ``Teacher.close()``."""
+    script = tmp_path / "dump_teacher.py"
+    script.write_text(DUMP_SCRIPT)
+    path = tmp_path / "knowledge"
+    result = subprocess.run([sys.executable, str(script), str(path), case], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert result.returncode == (0 if case in ("exit0", "closed", "with") else 1), result.stderr
+    student = Student()
+    if not complete:
+        if case != "with_error":  # the with block aborts the writer itself
+            assert "left INCOMPLETE (5 samples committed)" in result.stderr and "Teacher.close()" in result.stderr
+        with pytest.raises(PantheonError, match=r"is incomplete \(5 samples committed\)"):
+            student.register_teacher(in_path=str(path))
+        return
+    student.register_teacher(in_path=str(path))
+    student.start()
+    (batch,) = list(student.get_knowledge_generator(batch_size=8)())
+    rows = 5 if case == "closed" else 3
+    np.testing.assert_array_equal(batch["p"], np.arange(2 * rows, dtype="float32").reshape(rows, 2))
 
 
 def test_messages_round_trip_without_pickle():
     left, right = socket.socketpair()
-    a, b = Connection(left, "a", timeout=5), Connection(right, "b", timeout=5)
+    a, b = Connection(left, "a", timeout=5, keys=KEYS), Connection(right, "b", timeout=5, keys=KEYS[::-1])
     try:
         value = {"s": "text", 1: [1.5, None, True], (2, 3): {4, 5}, "arr": np.arange(6, dtype="int16").reshape(2, 3),
                  "empty": np.zeros((0, 4), "float32"), "scalar": np.float64(2.5), "raw": b"\x00\x01"}
@@ -261,7 +319,7 @@ def test_messages_round_trip_without_pickle():
 def test_timeout_when_the_peer_goes_silent():
     left, right = socket.socketpair()
     silent = right  # a raw socket: never sends heartbeats
-    conn = Connection(left, "silent peer", timeout=0.5)
+    conn = Connection(left, "silent peer", timeout=0.5, keys=KEYS)
     try:
         started = time.monotonic()
         with pytest.raises(PantheonError, match="silent peer sent nothing .* for 0.5s"):
@@ -270,14 +328,3 @@ def test_timeout_when_the_peer_goes_silent():
     finally:
         conn.close()
         silent.close()
-
-
-def test_no_processes_left(tmp_path):
-    """The scripts of this module leave nothing behind (the guard stopped them).
-
-    Only this module's own scripts are matched: other modules' session-scoped servers also live under the
-    same pytest base folder.
-    """
-    pattern = str(tmp_path.parent) + r"/[^ ]*slow_(teacher|student)\.py"
-    result = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    assert result.stdout.strip() == ""

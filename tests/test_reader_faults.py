@@ -117,16 +117,20 @@ def test_worker_killed_mid_epoch_loses_nothing(teacher_model, teacher):
     ref = reference_predict(teacher_model.server_dir, images)
     dr = _reader(teacher_model, [teacher.endpoint])
     dr.set_teacher_batch_size(5)
-    out = []
+    out, victim, held = [], None, set()
     try:
         for i, sample in enumerate(dr.set_sample_generator(lambda: ((images[k], k) for k in range(n)))()):
             out.append(sample)
-            if i == 100:
-                victim = dr.worker_pids[0]
-                os.kill(victim, signal.SIGKILL)
+            if i >= 100 and victim is None:
+                # the victim must hold requests when it dies, or nothing is tested: the first worker that does
+                holder = next((h for h in dr._resources.remote_stage().workers.workers if h.outstanding), None)
+                if holder is not None:
+                    victim, held = holder.pid, set(holder.outstanding)
+                    os.kill(victim, signal.SIGKILL)
             time.sleep(0.0005)
         assert [s[1] for s in out] == list(range(n))
         np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
+        assert held, "the killed worker held at least one request"
         assert victim not in dr.worker_pids and len(dr.worker_pids) == 2
     finally:
         dr.close()

@@ -103,3 +103,61 @@ def test_parse_endpoints_forms():
         parse_endpoints(" , ")
     with pytest.raises(TypeError):
         parse_endpoints(9292)
+
+
+def _answer(pool, endpoint, latency):
+    pool.started(endpoint)
+    pool.succeeded(endpoint, latency, 32)
+
+
+def test_route_by_expected_finish_time_gives_a_slow_teacher_less_not_none():
+    """Teacher c answers at 10x the latency of a and b: requests wait for a fast teacher's slot rather than go
+    to c, until the fast queues are about ten times deeper than c's."""
+    pool = TeacherPool(["a:1", "b:2", "c:3"], per_teacher_in_flight=2)
+    for _ in range(5):
+        _answer(pool, "a:1", 0.02)
+        _answer(pool, "b:2", 0.02)
+        _answer(pool, "c:3", 0.20)
+    assert pool.service_time("c:3") == pytest.approx(0.20) and pool.service_time("a:1") == pytest.approx(0.02)
+    sent, queued, held = [], {}, 0
+    for _ in range(24):          # 24 requests waiting, routed in one pass
+        send_to, wait_for = pool.route(queued=queued)
+        if send_to is not None:
+            pool.started(send_to)
+            sent.append(send_to)
+        else:
+            queued[wait_for] = queued.get(wait_for, 0) + 1
+            held += 1
+    assert sent.count("a:1") == sent.count("b:2") == 2, "the fast ones fill their slots first"
+    assert sent.count("c:3") >= 1, "a slow teacher gets work once the fast queues are deep enough"
+    assert queued.get("c:3", 0) == 0 and queued["a:1"] >= 8 and queued["b:2"] >= 8
+    few = TeacherPool(["a:1", "c:3"], per_teacher_in_flight=2)
+    for _ in range(5):
+        _answer(few, "a:1", 0.02)
+        _answer(few, "c:3", 0.20)
+    few.started("a:1")
+    few.started("a:1")
+    assert few.route() == (None, "a:1"), "one request waits for the fast teacher instead of taking 10x longer"
+
+
+def test_a_request_out_longer_than_the_estimate_raises_it_and_stale_estimates_decay(monkeypatch):
+    from distill_reader import teacher_pool
+
+    clock = [100.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["a:1", "b:2"], per_teacher_in_flight=2)
+    for _ in range(3):
+        _answer(pool, "a:1", 0.02)
+        _answer(pool, "b:2", 0.02)
+    pool.started("b:2")          # b freezes with this request out
+    clock[0] += 1.0
+    assert pool.route() == ("a:1", None), "b's request has been out 1 s: b now looks 50x slower"
+    pool.released("b:2")
+    slow = TeacherPool(["a:1", "c:3"], per_teacher_in_flight=1)
+    for _ in range(3):
+        _answer(slow, "a:1", 0.02)
+        _answer(slow, "c:3", 0.40)
+    slow.started("a:1")
+    assert slow.route() == (None, "a:1")
+    clock[0] += 30.0             # c's estimate was not refreshed for 30 s: it is tried again
+    assert slow.route() == ("c:3", None)

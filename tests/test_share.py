@@ -3,8 +3,10 @@ import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from discovery.share import fair_share, teacher_loads
+from discovery.share import fair_share, moved_assignments, teacher_loads
 
 
 def students(n):
@@ -84,6 +86,66 @@ def test_a_leaving_student_never_moves_the_teachers_of_older_students():
         after = fair_share(s[:leaving] + s[leaving + 1:], t, m)
         for older in s[:leaving]:
             assert after[older] == before[older]
+
+
+# -- property tests over random views ---------------------------------------------------------------------
+names = st.text(alphabet="abcdefghij0123456789.:-", min_size=1, max_size=12)
+
+
+@st.composite
+def views(draw, max_students=24, max_teachers=40):
+    """(students in join order, teachers, require_max per student) of a random ZooKeeper view."""
+    student_ids = draw(st.lists(names, max_size=max_students, unique=True))
+    teacher_ids = draw(st.lists(names, max_size=max_teachers))
+    wanted = {s: draw(st.integers(1, 6)) for s in student_ids}
+    return student_ids, teacher_ids, wanted
+
+
+@settings(max_examples=400, deadline=None)
+@given(views(), st.randoms(use_true_random=False))
+def test_rules_hold_and_the_answer_depends_only_on_the_view(view, rng):
+    s, t, wanted = view
+    assignment = fair_share(s, t, wanted)
+    check_rules(assignment, s, t, wanted)
+    shuffled = list(t) + t[: len(t) // 3]
+    rng.shuffle(shuffled)
+    assert fair_share(s, shuffled, wanted) == assignment          # teacher order and duplicates do not matter
+    assert fair_share(s, t, dict(reversed(list(wanted.items())))) == assignment
+
+
+@settings(max_examples=300, deadline=None)
+@given(views(), st.data())
+def test_churn_a_student_joining_moves_nobody_and_one_leaving_moves_no_older_student(view, data):
+    s, t, wanted = view
+    before = fair_share(s, t, wanted)
+    newcomer = data.draw(names.filter(lambda name: name not in wanted))
+    joined = fair_share(s + [newcomer], t, dict(wanted, **{newcomer: data.draw(st.integers(1, 6))}))
+    assert moved_assignments(before, joined) == 0
+    assert all(joined[x] == before[x] for x in s)
+    if s:
+        leaving = data.draw(st.integers(0, len(s) - 1))
+        after = fair_share(s[:leaving] + s[leaving + 1:], t, wanted)
+        check_rules(after, s[:leaving] + s[leaving + 1:], t, wanted)
+        for older in s[:leaving]:
+            assert after[older] == before[older]
+
+
+@settings(max_examples=300, deadline=None)
+@given(views(), st.data())
+def test_churn_teachers_joining_or_leaving_keep_the_rules_and_a_join_moves_no_student_before_its_first_user(
+        view, data):
+    s, t, wanted = view
+    before = fair_share(s, t, wanted)
+    if t:
+        gone = data.draw(st.sampled_from(sorted(set(t))))
+        left = [x for x in t if x != gone]
+        check_rules(fair_share(s, left, wanted), s, left, wanted)
+    newcomer = data.draw(names.filter(lambda name: name not in t))
+    after = fair_share(s, t + [newcomer], wanted)
+    check_rules(after, s, t + [newcomer], wanted)
+    first_user = next((i for i, x in enumerate(s) if newcomer in after[x]), len(s))
+    for older in s[:first_user]:
+        assert after[older] == before[older]
 
 
 def test_a_new_teacher_moves_few_assignments():

@@ -18,7 +18,15 @@ Example::
         top = r.read(0, 100)["logits"]          # TopK(values (100, 3), indices (100, 3))
 """
 from .digest import sample_digests
-from .errors import CorruptShardError, FormatError, InputMismatchError, KnowledgeError
+from .errors import (
+    CorruptShardError,
+    FormatError,
+    InputMismatchError,
+    KnowledgeError,
+    SizeLimitError,
+    UnsafeFileError,
+    UnsafeShardError,
+)
 from .manifest import DIGEST_SCHEME, FORMAT_VERSION
 from .reader import KnowledgeReader
 from .spec import FieldSpec, TopK
@@ -34,6 +42,9 @@ __all__ = [
     "KnowledgeError",
     "KnowledgeReader",
     "KnowledgeWriter",
+    "SizeLimitError",
     "TopK",
+    "UnsafeFileError",
+    "UnsafeShardError",
     "sample_digests",
 ]

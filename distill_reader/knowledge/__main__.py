@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from .errors import CorruptShardError, KnowledgeError
 from .reader import KnowledgeReader
+from .safe_io import lstat_problem
 from .spec import describe
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
@@ -18,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distill_reader.knowledge",
         description="Tools for distill-reader knowledge files (the offline teacher-knowledge caches).",
-        epilog=f"exit status: {EXIT_OK} ok, {EXIT_CORRUPT} a shard is missing, truncated or corrupt, "
-               f"{EXIT_USAGE} bad command line, {EXIT_UNREADABLE} not a readable knowledge cache (no or bad manifest).")
+        epilog=f"exit status: {EXIT_OK} ok, {EXIT_CORRUPT} a shard is missing, truncated, corrupt, or not a regular "
+               f"file (a link, FIFO or directory: never followed or opened), {EXIT_USAGE} bad command line, "
+               f"{EXIT_UNREADABLE} not a readable knowledge cache (no or bad manifest, or a manifest that is not a "
+               "regular file).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = commands.add_parser(
         "inspect", help="print the knowledge description, sample count, size on disk and storage, and verify "
@@ -49,11 +52,11 @@ def inspect(args: argparse.Namespace) -> int:
             status = "not verified"
             for info in reader.shards:
                 full = os.path.join(args.path, info.file)
-                size = os.path.getsize(full) if os.path.exists(full) else None
-                if size != info.nbytes:
+                kind = lstat_problem(full)  # never opens nor follows the entry
+                size = os.lstat(full).st_size if not kind else None
+                if kind or size != info.nbytes:
                     problems.append(info.file)
-                    problem = f"{info.file}: {'missing' if size is None else f'{size} bytes'}, manifest says " \
-                              f"{info.nbytes}"
+                    problem = f"{info.file}: {kind or f'{size} bytes'}, manifest says {info.nbytes} bytes"
         else:
             try:
                 reader.verify(progress=args.progress)
@@ -109,7 +112,14 @@ def _human(n: int) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
-        return inspect(args)
+        try:
+            return inspect(args)
+        except CorruptShardError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CORRUPT
+        except (KnowledgeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_UNREADABLE
     return EXIT_USAGE
 
 

@@ -30,3 +30,23 @@ class InputMismatchError(KnowledgeError):
         super().__init__(message)
         self.sample = sample
         self.shard = shard
+
+
+class UnsafeFileError(KnowledgeError):
+    """A file of the cache (manifest, lock, temporary) is a symbolic link, FIFO, directory or device.
+
+    It is never followed nor opened as a file: a cache may come from someone else. ``.file`` is its name.
+    """
+
+    def __init__(self, message: str, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class UnsafeShardError(CorruptShardError):
+    """A shard file is a symbolic link, FIFO, directory or device: never followed nor read. ``.shard`` is its name."""
+
+
+class SizeLimitError(KnowledgeError):
+    """A size the cache declares is beyond what its bytes back, or a read would allocate more than allowed
+    (``KnowledgeReader(max_dense_bytes=...)``)."""

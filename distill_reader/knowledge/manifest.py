@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..atomic_file import atomic_write
-from .errors import FormatError
+from .errors import FormatError, KnowledgeError, UnsafeFileError
+from .safe_io import open_regular
 from .spec import FieldSpec, check_dtype
 
 MANIFEST_NAME = "manifest.json"
@@ -29,6 +30,8 @@ DIGEST_NBYTES = 16
 DIGEST_SCHEME = "mix64x2-v1"
 LEGACY_DIGEST_SCHEME = "sha256-128"  # written before the scheme was recorded (no "input_digest_scheme" entry)
 SHARD_NAME = re.compile(r"^shard-\d{6,}\.bin$")
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists ~600 bytes per shard: room for ~400,000 shards
+MAX_SAMPLE_ELEMENTS = 1 << 48  # elements of one sample of one field (a declared shape beyond it is refused)
 
 
 def shard_name(index: int) -> str:
@@ -101,20 +104,45 @@ def expected_segments(fields: List[FieldSpec], input_digests: bool, n: int) -> L
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
-    """Atomically replace ``directory/manifest.json``."""
-    atomic_write(os.path.join(directory, MANIFEST_NAME), json.dumps(manifest.to_json(), indent=1).encode("utf-8"))
+    """Atomically replace ``directory/manifest.json`` (temporary created exclusively, links never followed)."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    try:
+        atomic_write(path, json.dumps(manifest.to_json(), indent=1).encode("utf-8"))
+    except OSError as exc:
+        raise KnowledgeError(f"cannot write {path}: {exc}") from None
+
+
+def _load_json(directory: str, path: str) -> Any:
+    """The manifest's JSON: opened without following a link or blocking, bounded in size and nesting."""
+    try:
+        fd, size = open_regular(path, UnsafeFileError, MANIFEST_NAME)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FormatError(f"{directory} is not a knowledge cache: {MANIFEST_NAME} not found") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot be read ({exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        if size > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{path}: {size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{path}: more than a manifest may hold ({MAX_MANIFEST_BYTES} bytes)")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not a manifest (JSON nested too deeply)") from None
 
 
 def read_manifest(directory: str) -> Manifest:
-    """Load and check ``directory/manifest.json``; ``FormatError`` names what is wrong."""
+    """Load and check ``directory/manifest.json``; ``FormatError`` names what is wrong.
+
+    Raises:
+        FormatError: missing, unreadable, too large, malformed, of another version, or inconsistent.
+        UnsafeFileError: ``manifest.json`` is a symbolic link, FIFO, directory or device (never followed or read).
+    """
     path = os.path.join(directory, MANIFEST_NAME)
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{directory} is not a knowledge cache: {MANIFEST_NAME} not found") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    raw = _load_json(directory, path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
     if raw.get("version") != FORMAT_VERSION:
@@ -125,6 +153,10 @@ def read_manifest(directory: str) -> Manifest:
     if not isinstance(entries, list) or not entries:
         raise FormatError(f"{path}: no fields")
     fields = [FieldSpec.from_json(e) for e in entries]
+    for f in fields:
+        if any(p.shape and math.prod(p.shape) > MAX_SAMPLE_ELEMENTS for p in f.parts) or (
+                f.shape and math.prod(d for d in f.shape if d) > MAX_SAMPLE_ELEMENTS):
+            raise FormatError(f"{path}: field {f.name!r}: shape {list(f.shape)} is too large for one sample")
     names = [f.name for f in fields]
     if len(set(names)) != len(names) or DIGEST_FIELD in names:
         raise FormatError(f"{path}: field names {names} repeat or use a reserved name")

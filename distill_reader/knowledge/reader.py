@@ -4,6 +4,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 import mmap
 import os
 import threading
@@ -14,13 +15,22 @@ from typing import Deque, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
-from .errors import CorruptShardError, FormatError, InputMismatchError, KnowledgeError
+from .errors import (
+    CorruptShardError,
+    FormatError,
+    InputMismatchError,
+    KnowledgeError,
+    SizeLimitError,
+    UnsafeShardError,
+)
 from .manifest import DIGEST_FIELD, DIGEST_NBYTES, DIGEST_SCHEME, Manifest, ShardInfo, read_manifest
+from .safe_io import open_regular
 from .spec import FieldSpec, TopK, dense_topk
 
 log = logging.getLogger(__name__)
 
 Batch = Dict[str, Union[np.ndarray, TopK]]
+DEFAULT_MAX_DENSE_BYTES = 1 << 30  # one dense top-k result of one read call
 
 
 class _Shard:
@@ -57,6 +67,13 @@ class KnowledgeReader:
             read; 0 checks each shard in the reading thread only.
         lazy_check: the checksum compared on a shard's first use: ``"crc32"`` (default, fast) or ``"sha256"``
             (about 1 GB/s per core).
+        max_dense_bytes: the most one dense top-k field of one ``read`` may allocate (default 1 GiB): the class
+            count comes from the manifest, not from bytes on disk, so a larger result is a ``SizeLimitError``
+            (read fewer samples, use ``topk_as="sparse"``, or raise this limit for a cache you trust).
+
+    The cache is untrusted input: files inside it are opened without following links or blocking (a symbolic
+    link, FIFO, directory or device is ``UnsafeFileError`` for the manifest, ``UnsafeShardError`` for a shard),
+    and every array is a view of bytes actually present in a shard whose size the manifest states.
 
     Example::
 
@@ -66,12 +83,16 @@ class KnowledgeReader:
     """
 
     def __init__(self, path: str, topk_as: str = "dense", topk_fill: Optional[float] = None,
-                 verify_threads: int = 2, lazy_check: str = "crc32") -> None:
+                 verify_threads: int = 2, lazy_check: str = "crc32",
+                 max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES) -> None:
         if topk_as not in ("dense", "sparse"):
             raise ValueError(f"topk_as must be 'dense' or 'sparse', not {topk_as!r}")
         if lazy_check not in ("crc32", "sha256"):
             raise ValueError(f"lazy_check must be 'crc32' or 'sha256', not {lazy_check!r}")
+        if isinstance(max_dense_bytes, bool) or not isinstance(max_dense_bytes, int) or max_dense_bytes < 1:
+            raise ValueError(f"max_dense_bytes must be a positive integer, not {max_dense_bytes!r}")
         self.lazy_check = lazy_check
+        self.max_dense_bytes = max_dense_bytes
         self.path = os.fspath(path)
         self.topk_as = topk_as
         self.topk_fill = topk_fill
@@ -320,6 +341,12 @@ class KnowledgeReader:
         indices = indices.astype(np.int64)
         if self.topk_as == "sparse":
             return TopK(values, indices)
+        dense_bytes = values.shape[0] * math.prod(f.shape) * f.dtype.itemsize
+        if dense_bytes > self.max_dense_bytes:
+            raise SizeLimitError(f"knowledge cache {self.path}: field {f.name!r} declares {f.shape[-1]} classes: a "
+                                 f"dense read of {values.shape[0]} samples would allocate {dense_bytes} bytes, more "
+                                 f"than max_dense_bytes={self.max_dense_bytes} (read fewer samples, use "
+                                 "topk_as='sparse', or raise max_dense_bytes for a cache you trust)")
         return dense_topk(values, indices, f.shape, f.dtype, self.topk_fill if self.topk_fill is not None else f.fill)
 
     def _shard(self, index: int) -> _Shard:
@@ -345,13 +372,20 @@ class KnowledgeReader:
         full = os.path.join(self.path, info.file)
         where = f"knowledge cache {self.path}: shard {info.file} (samples [{info.start}, {info.stop}))"
         try:
-            with open(full, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != info.nbytes:
-                    raise CorruptShardError(f"{where} has {size} bytes, the manifest says {info.nbytes}", info.file)
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            fd, size = open_regular(full, lambda message, name: UnsafeShardError(f"{where}: {message}", name),
+                                    info.file)
         except FileNotFoundError:
             raise CorruptShardError(f"{where} is missing", info.file) from None
+        except OSError as exc:
+            raise CorruptShardError(f"{where} cannot be read: {exc}", info.file) from None
+        try:
+            if size != info.nbytes:
+                raise CorruptShardError(f"{where} has {size} bytes, the manifest says {info.nbytes}", info.file)
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as exc:
+            raise CorruptShardError(f"{where} cannot be mapped: {exc}", info.file) from None
+        finally:
+            os.close(fd)
         data = mapped if mapped is not None else b""
         if (check or self.lazy_check) == "sha256":
             actual, wanted = hashlib.sha256(data).hexdigest(), info.checksum

@@ -1,18 +1,19 @@
 """KnowledgeWriter: append per-sample knowledge to a crash-safe, sharded cache directory."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
 import os
-import shutil
+import stat
 import zlib
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..atomic_file import fsync_dir
-from .errors import KnowledgeError
+from ..atomic_file import create_exclusive, fsync_dir
+from .errors import KnowledgeError, UnsafeFileError
 from .manifest import (
     DIGEST_NBYTES,
     DIGEST_SCHEME,
@@ -25,6 +26,7 @@ from .manifest import (
     shard_name,
     write_manifest,
 )
+from .safe_io import kind_of, remove_entry
 from .spec import FieldsArg, FieldSpec, StorageArg, cast_checked, resolve_fields
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,10 @@ class KnowledgeWriter:
         specs = resolve_fields(fields, storage)
         meta_dict = dict(meta or {})
         _check_json(meta_dict)
-        os.makedirs(self.path, exist_ok=True)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise KnowledgeError(f"cannot create the knowledge cache folder {self.path}: {exc}") from None
         self._lock_fd = _lock(self.path)
         try:
             if overwrite:
@@ -89,7 +94,7 @@ class KnowledgeWriter:
         self._reader = None
 
     def _open_manifest(self, specs: List[FieldSpec], meta: Optional[Dict[str, Any]]) -> Manifest:
-        if not os.path.exists(os.path.join(self.path, MANIFEST_NAME)):
+        if not os.path.lexists(os.path.join(self.path, MANIFEST_NAME)):
             _remove_cache_files(self.path)
             manifest = Manifest(specs, None, meta or {})
             write_manifest(self.path, manifest)
@@ -262,7 +267,11 @@ class KnowledgeWriter:
         crc = 0
         segments = []
         offset = 0
-        with open(temp, "wb") as out:
+        try:
+            fd = create_exclusive(temp)
+        except OSError as exc:
+            raise KnowledgeError(f"knowledge cache {self.path}: cannot create {name}.tmp: {exc}") from None
+        with os.fdopen(fd, "wb") as out:
             for field, part, dtype, shape in expected_segments(self.fields, bool(self._manifest.input_digests),
                                                                count):
                 array = digests if field.startswith("#") else parts[f"{field}\0{part}"]
@@ -281,7 +290,10 @@ class KnowledgeWriter:
                 offset += data.nbytes
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temp, final)
+        try:
+            os.replace(temp, final)  # replaces a planted link of that name, never writes through it
+        except OSError as exc:
+            raise KnowledgeError(f"knowledge cache {self.path}: cannot commit {name}: {exc}") from None
         start = self._manifest.num_samples
         self._manifest.shards.append(ShardInfo(name, start, start + count, offset, hasher.hexdigest(), crc,
                                                tuple(segments)))
@@ -299,7 +311,18 @@ def _check_json(meta: Dict[str, Any]) -> None:
 
 
 def _lock(path: str) -> int:
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    full = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{full} is a symbolic link: links inside a knowledge cache are never followed",
+                                  LOCK_NAME) from None
+        raise KnowledgeError(f"cannot open {full}: {exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFileError(f"{full} is {kind_of(mode)}, not a regular file: refused", LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -309,11 +332,12 @@ def _lock(path: str) -> int:
 
 
 def _remove_stray_files(path: str, keep: set) -> None:
-    """Delete shard files a crash left behind: temp files and shards the manifest does not list."""
+    """Delete shard files a crash left behind: temp files and shards the manifest does not list (links removed as
+    names, never followed)."""
     removed = []
     for entry in os.listdir(path):
         if entry.startswith("shard-") and entry not in keep:
-            os.remove(os.path.join(path, entry))
+            _remove(path, entry)
             removed.append(entry)
     if removed:
         fsync_dir(path)
@@ -324,8 +348,13 @@ def _remove_stray_files(path: str, keep: set) -> None:
 def _remove_cache_files(path: str) -> None:
     for entry in os.listdir(path):
         if entry.startswith("shard-") or entry.startswith(MANIFEST_NAME):
-            full = os.path.join(path, entry)
-            if os.path.isdir(full):
-                shutil.rmtree(full)
-            else:
-                os.remove(full)
+            _remove(path, entry)
+
+
+def _remove(path: str, entry: str) -> None:
+    try:
+        remove_entry(os.path.join(path, entry))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise KnowledgeError(f"knowledge cache {path}: cannot remove {entry}: {exc}") from None

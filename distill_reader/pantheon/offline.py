@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import sys
 from collections import OrderedDict
 from typing import Dict, Iterator, Mapping, Optional
 
@@ -34,8 +33,10 @@ _META_KEY = "pantheon"
 class OfflineKnowledgeWriter:
     """Writes batches of Pantheon knowledge to a knowledge directory (replacing what was there).
 
-    The files are marked complete by ``close()``, or at interpreter exit when the program ends without an
-    uncaught exception; a crash leaves them incomplete, and the student refuses incomplete knowledge.
+    The files are marked complete only by ``close()``: ``Teacher.close()`` after the last ``dump()`` (or the end
+    of a ``with Teacher(...)`` block without an error), or the end of ``start_knowledge_service``'s loop. A
+    program that ends any other way (an uncaught error, ``sys.exit(1)`` after catching one, a kill, or simply
+    no ``close()``) leaves them incomplete (what was written is committed), and the student refuses them.
     """
 
     def __init__(self, path: str, desc: Mapping[str, dict], use_fp16: bool = False) -> None:
@@ -79,13 +80,21 @@ class OfflineKnowledgeWriter:
             self._writer.close(complete=False)
 
     def _close_at_exit(self) -> None:
+        """At interpreter exit without ``close()``: commit what was written, but never mark it complete."""
         if self._writer is None:
             return
-        if getattr(sys, "last_value", None) is not None:
-            logger.error("offline knowledge %s left incomplete: the program ended with an error", self.path)
-            self._writer.close(complete=False)
-        else:
-            self._writer.close(complete=True)
+        logger.error("offline knowledge %s left INCOMPLETE (%d samples committed): the program ended before the "
+                     "teacher was closed; call Teacher.close() after the last dump() (or use 'with Teacher(...)') "
+                     "to mark it complete", self.path, self.samples)
+        self._writer.close(complete=False)
+
+
+def _is_desc(desc: object) -> bool:
+    """A Pantheon description read from a file: key -> {"shape": [int, ...], "dtype": str, "lod_level": int}."""
+    return isinstance(desc, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("shape"), list)
+        and all(isinstance(d, int) for d in v["shape"]) and isinstance(v.get("dtype"), str)
+        and isinstance(v.get("lod_level", 0), int) for k, v in desc.items())
 
 
 class OfflineKnowledgeReader:
@@ -101,9 +110,13 @@ class OfflineKnowledgeReader:
             samples = reader.num_samples
             reader.close()
             raise PantheonError(f"offline knowledge {path} is incomplete ({samples} samples committed): its teacher "
-                                "has not finished writing it, or crashed; run the offline teacher to its end first")
+                                "has not finished writing it, crashed, or never called Teacher.close() after its "
+                                "last dump(); run the offline teacher to its end first")
         self._reader = reader
         meta = (reader.meta or {}).get(_META_KEY, {})
+        if not isinstance(meta, dict) or ("desc" in meta and not _is_desc(meta["desc"])):
+            reader.close()
+            raise PantheonError(f"offline knowledge {path}: malformed Pantheon description in its manifest meta")
         if "desc" in meta:
             self.desc: Dict[str, dict] = OrderedDict((k, dict(v)) for k, v in meta["desc"].items())
         else:

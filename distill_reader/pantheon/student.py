@@ -29,6 +29,7 @@ from .transport import (
     PantheonError,
     ProtocolError,
     connect,
+    frame_limit,
     resolve_timeout,
     resolve_token,
 )
@@ -56,9 +57,10 @@ _END = object()
 class _OnlineTeacher:
     """One connected teacher: a reader thread sorts its messages into data, description and knowledge queues."""
 
-    def __init__(self, teacher_id: int, address: str, conn: Connection) -> None:
+    def __init__(self, teacher_id: int, address: str, conn: Connection, max_frame_bytes: Optional[int]) -> None:
         self.name = f"teacher {teacher_id} at {address}"
         self.conn = conn
+        self.max_frame_bytes = max_frame_bytes
         self.t2s: queue.Queue[Any] = queue.Queue()
         self.descs: queue.Queue[Any] = queue.Queue()
         self.knowledge: queue.Queue[Any] = queue.Queue(_TEACHER_BUFFER)
@@ -78,6 +80,9 @@ class _OnlineTeacher:
                     self.t2s.put(value)
                 elif kind == "desc":
                     self.times = int(header.get("times", 1))
+                    # knowledge frames may now be as large as the description says (or as the user allows)
+                    self.conn.max_frame_bytes = frame_limit(value if isinstance(value, dict) else None,
+                                                            self.max_frame_bytes)
                     self.descs.put(value)
                 elif kind == "batch":
                     self.batches_in_pass += 1
@@ -99,7 +104,12 @@ class _OnlineTeacher:
                                               f"({self.served} of times={self.times} passes) and closed")
                 else:
                     raise ProtocolError(f"unexpected message {kind!r} from {self.name}")
-        except PantheonError as exc:
+        except Exception as exc:  # noqa: BLE001  (delivered to whoever waits; this thread must not die silently)
+            if not isinstance(exc, PantheonError):
+                logger.exception("unexpected error reading from %s", self.name)
+                exc = ProtocolError(f"{self.name} sent a message that could not be handled: "
+                                    f"{type(exc).__name__}: {exc}")
+            self.conn.close()
             if isinstance(exc, ConnectionLost) and self.in_pass:
                 exc = TeacherDisconnected(f"{self.name} disconnected in the middle of pass {self.served + 1} "
                                           f"(after {self.batches_in_pass} batches): {exc}; did the teacher die?")
@@ -166,11 +176,19 @@ class Student:
         token: the shared secret of online teachers (default ``$DISTILL_PANTHEON_TOKEN``).
         timeout: seconds to wait for an online teacher to come up, and the silence after which a connected
             teacher is declared dead (default ``$DISTILL_PANTHEON_TIMEOUT`` or 60).
+        max_frame_bytes: the longest frame accepted from an online teacher. Default: 64 MiB until the teacher's
+            knowledge description is known, then room for 4096 samples of it (``transport.frame_limit``); raise
+            it when a teacher sends larger batches (the student then fails with a ``ProtocolError`` naming it).
+
+    Raises:
+        ValueError: an unknown merge strategy, a non-positive timeout or ``max_frame_bytes``.
     """
 
     def __init__(self, merge_strategy: Optional[Mapping[str, str]] = None, token: str | bytes | None = None,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, max_frame_bytes: Optional[int] = None) -> None:
         self._merge_strategy = check_strategy(merge_strategy)
+        self._max_frame = max_frame_bytes
+        frame_limit(max_frame_bytes=max_frame_bytes)  # checked now
         self._token_arg = token
         self._timeout = resolve_timeout(timeout)
         self._teachers: List[Any] = []
@@ -199,8 +217,9 @@ class Student:
                 raise ValueError(f"teacher at {in_address} is already registered as teacher "
                                  f"{self._in_addresses.index(in_address)}")
             logger.info("connecting to teacher %d at %s (waiting up to %gs)", teacher_id, in_address, self._timeout)
-            conn = connect(in_address, resolve_token(self._token_arg), self._timeout)
-            teacher: Any = _OnlineTeacher(teacher_id, in_address, conn)
+            conn = connect(in_address, resolve_token(self._token_arg), self._timeout,
+                           max_frame_bytes=frame_limit(max_frame_bytes=self._max_frame))
+            teacher: Any = _OnlineTeacher(teacher_id, in_address, conn, self._max_frame)
         else:
             if in_path in self._in_paths:
                 raise ValueError(f"knowledge at {in_path} is already registered as teacher "

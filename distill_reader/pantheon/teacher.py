@@ -25,11 +25,13 @@ import numpy as np
 
 from .merge import describe
 from .transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
     ConnectionLost,
     Listener,
     PantheonError,
     ProtocolError,
+    frame_limit,
     resolve_timeout,
     resolve_token,
 )
@@ -58,14 +60,25 @@ class Teacher:
     Args:
         out_path: offline mode: the knowledge directory to write (the project's knowledge file format).
         out_port: online mode: the TCP port the student connects to.
-        out_host: the interface to listen on in online mode (default all interfaces, as Pantheon did).
+        out_host: the address to listen on in online mode: default ``"0.0.0.0"``, every IPv4 interface (students
+            on other nodes, as Pantheon documents); give one address (e.g. ``"127.0.0.1"``, or ``"::"`` for IPv6)
+            to bind only that one.
         token: the shared secret of online mode (default ``$DISTILL_PANTHEON_TOKEN``).
         timeout: seconds to wait for the student to connect, and the silence after which a connected
             student is declared dead (default ``$DISTILL_PANTHEON_TIMEOUT`` or 60).
+        handshake_timeout: seconds each new connection has to complete the authentication handshake (online);
+            handshakes run side by side, so connections that never speak cannot keep the student out.
+        max_frame_bytes: the longest frame accepted from the student (online; default 64 MiB, see
+            ``transport.frame_limit``).
+
+    Raises:
+        ValueError: both or neither of ``out_path`` / ``out_port``, no token online, a non-positive timeout.
+        PantheonError (from ``start``): the port cannot be bound, or no student authenticated within the timeout.
     """
 
     def __init__(self, out_path: Optional[str] = None, out_port: Optional[int] = None, out_host: str = "0.0.0.0",
-                 token: str | bytes | None = None, timeout: Optional[float] = None) -> None:
+                 token: str | bytes | None = None, timeout: Optional[float] = None,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_frame_bytes: Optional[int] = None) -> None:
         if out_path and out_port:
             raise ValueError("out_path (offline mode) and out_port (online mode) cannot be set at the same time")
         if not out_path and not out_port:
@@ -75,6 +88,8 @@ class Teacher:
         self._out_host = out_host
         self._token = resolve_token(token) if out_port else None
         self._timeout = resolve_timeout(timeout)
+        self._handshake_timeout = float(handshake_timeout)
+        self._max_frame = frame_limit(max_frame_bytes=max_frame_bytes)
         self._knowledge_desc: OrderedDict[str, dict] = OrderedDict()
         self._started = False
         self._conn: Optional[Connection] = None
@@ -83,6 +98,7 @@ class Teacher:
         self._commands: queue.Queue[Any] = queue.Queue()
         self._reader: Optional[threading.Thread] = None
         self._student_said_bye = False
+        self._read_failure: Optional[BaseException] = None  # why the reader thread stopped, if it failed
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,7 +109,7 @@ class Teacher:
         self._started = True
         if self._out_path:
             return  # the knowledge file is opened when the description is known (first dump or service)
-        listener = Listener(self._out_host, self._out_port, self._token)
+        listener = Listener(self._out_host, self._out_port, self._token, self._handshake_timeout, self._max_frame)
         logger.info("teacher listening on %s:%d, waiting up to %gs for the student", self._out_host,
                     listener.address[1], self._timeout)
         try:
@@ -105,7 +121,9 @@ class Teacher:
         self._reader.start()
 
     def close(self) -> None:
-        """Finish the offline knowledge file, or say goodbye to the student and close the connection."""
+        """Offline: commit the knowledge file and mark it complete (call it after the last ``dump()``: knowledge
+        that was never closed stays incomplete and the student refuses it). Online: say goodbye to the student
+        and close the connection."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -143,7 +161,10 @@ class Teacher:
         return self._take(self._s2t, "waiting for a message from the student")
 
     def dump(self, knowledge: Mapping[str, np.ndarray]) -> None:
-        """Write one batch of knowledge (dict name -> array, batch first) to the offline knowledge file."""
+        """Write one batch of knowledge (dict name -> array, batch first) to the offline knowledge file.
+
+        The knowledge is complete (readable by the student) once ``close()`` is called after the last batch.
+        """
         if not self._started:
             raise ValueError("call start() before dump()")
         if not self._out_path:
@@ -275,7 +296,8 @@ class Teacher:
         try:
             conn.send(kind, value, **fields)
         except ConnectionLost as exc:
-            raise StudentDisconnected(str(exc)) from exc
+            cause = self._read_failure if isinstance(self._read_failure, ProtocolError) else exc
+            raise StudentDisconnected(str(cause)) from cause
 
     def _take(self, source: queue.Queue[Any], what: str, closed_ok: bool = False) -> Any:
         item = source.get()
@@ -303,7 +325,12 @@ class Teacher:
                     return
                 else:
                     raise ProtocolError(f"unexpected message {kind!r} from the student")
-        except PantheonError as exc:
+        except Exception as exc:  # noqa: BLE001  (delivered to whoever waits; this thread must not die silently)
+            if not isinstance(exc, PantheonError):
+                logger.exception("unexpected error reading from %s", conn.peer)
+                exc = ProtocolError(f"reading from {conn.peer} failed: {type(exc).__name__}: {exc}")
+            self._read_failure = exc
+            conn.close()
             for target in (self._s2t, self._commands):
                 target.put(_Failure(exc))
 

@@ -4,7 +4,7 @@
 """
 import argparse
 
-from utils import setup_logging, str2bool
+from utils import read_token, setup_logging, str2bool
 
 from distill_reader.pantheon import Student
 
@@ -27,8 +27,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=1,
                         help="passes over the knowledge; online teachers need --serving_times >= this "
                              "(default: %(default)s)")
-    parser.add_argument("--token", type=str, default=None,
-                        help="shared secret of online teachers (default: $DISTILL_PANTHEON_TOKEN)")
+    parser.add_argument("--token_file", type=str, default=None,
+                        help="file holding the shared secret of online teachers (default: "
+                             "$DISTILL_PANTHEON_TOKEN; never give the secret itself on the command line)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for teachers (default: $DISTILL_PANTHEON_TIMEOUT or 60)")
     args = parser.parse_args()
@@ -39,7 +40,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    student = Student(merge_strategy={"result": args.merge_strategy}, token=args.token, timeout=args.timeout)
+    student = Student(merge_strategy={"result": args.merge_strategy}, token=read_token(args.token_file),
+                      timeout=args.timeout)
     student.register_teacher(in_address=args.in_address0, in_path=args.in_path0)
     student.register_teacher(in_address=args.in_address1, in_path=args.in_path1)
     student.start()

@@ -1,6 +1,6 @@
 """Toy teacher 2 of Pantheon: predicts 2x+1 for x and serves the knowledge "2x+1" and "result" (= 2x+1)."""
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
-from utils import make_place, parse_args, reader_config, setup_logging
+from utils import make_place, parse_args, read_token, reader_config, setup_logging
 
 from distill_reader.pantheon import Teacher
 
@@ -18,8 +18,8 @@ def run(args) -> None:
     exe = paddle.static.Executor(make_place(args.use_cuda))
     exe.run(startup)
 
-    teacher = Teacher(out_path=args.out_path, out_port=args.out_port, out_host=args.out_host, token=args.token,
-                      timeout=args.timeout)
+    teacher = Teacher(out_path=args.out_path, out_port=args.out_port, out_host=args.out_host,
+                      token=read_token(args.token_file), timeout=args.timeout)
     teacher.start()
 
     if args.test_send_recv:

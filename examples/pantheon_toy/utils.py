@@ -1,4 +1,6 @@
 """Shared flags and data readers of the Pantheon toy example (the seed's demo/pantheon/utils.py, on paddle 2.6)."""
+from __future__ import annotations
+
 import argparse
 import logging
 
@@ -10,7 +12,7 @@ def str2bool(value: str) -> bool:
 
 
 def parse_args(doc: str) -> argparse.Namespace:
-    """The teachers' flags (the seed's, plus --out_host, --max_n and --token)."""
+    """The teachers' flags (the seed's, plus --out_host, --max_n and --token_file)."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--out_port", type=int, default=None,
                         help="online mode: TCP port to serve knowledge on (default: %(default)s)")
@@ -32,14 +34,23 @@ def parse_args(doc: str) -> argparse.Namespace:
                         help="passes to serve in online mode (default: %(default)s)")
     parser.add_argument("--max_n", type=int, default=1000,
                         help="the reader yields x = 0 .. max_n-1 (default: %(default)s)")
-    parser.add_argument("--token", type=str, default=None,
-                        help="shared secret of online mode (default: $DISTILL_PANTHEON_TOKEN)")
+    parser.add_argument("--token_file", type=str, default=None,
+                        help="file holding the shared secret of online mode (default: $DISTILL_PANTHEON_TOKEN; "
+                             "never give the secret itself on the command line)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the student (default: $DISTILL_PANTHEON_TIMEOUT or 60)")
     args = parser.parse_args()
     if bool(args.out_path) == bool(args.out_port):
         parser.error("give exactly one of --out_path (offline) or --out_port (online)")
     return args
+
+
+def read_token(path: str | None) -> str | None:
+    """The token in ``path`` (surrounding whitespace removed), or None to use $DISTILL_PANTHEON_TOKEN."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def setup_logging() -> None:

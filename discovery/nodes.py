@@ -1,0 +1,120 @@
+"""The documents in teacher and student nodes, parsed as untrusted input.
+
+Anyone may create student nodes (and, without an identity on the service, teacher nodes), so every node's data is
+parsed with limits: at most ``MAX_NODE_BYTES`` bytes (checked before decoding), UTF-8 JSON whose object and array
+nesting is at most ``MAX_NESTING`` deep (checked by a scan before ``json.loads``, which would otherwise recurse
+once per level), a JSON object at the top. A node that breaks a rule raises ``NodeDataError``; the watcher logs it
+once and skips the node.
+
+Example::
+
+    >>> parse_teacher("teacher-0000000007", b'{"endpoint": "10.0.0.5:9292", "model": "mnist"}').endpoint
+    '10.0.0.5:9292'
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .arguments import node_sequence, validate_endpoint
+
+MAX_NODE_BYTES = 64 * 1024       # our own documents are < 1 KiB; ZooKeeper allows up to jute.maxbuffer (1 MiB)
+MAX_NESTING = 16
+MAX_STUDENT_ID = 256
+MAX_REQUIRE_TEACHERS = 1024
+
+
+class NodeDataError(ValueError):
+    """A node's data is not a document discovery accepts (too big, too deep, not JSON, a bad field)."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """One registered teacher: its node name (``teacher-0000000007``), endpoint and the rest of its JSON."""
+
+    node: str
+    endpoint: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def sequence(self) -> int:
+        return node_sequence(self.node)
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """One registered student: node name, its id and how many teachers it wants."""
+
+    node: str
+    student_id: str
+    require_max_teacher: int = 1
+
+    @property
+    def sequence(self) -> int:
+        return node_sequence(self.node)
+
+
+def load_document(value: bytes) -> dict[str, Any]:
+    """A JSON object from untrusted node data; NodeDataError naming the broken limit."""
+    if value is None or len(value) > MAX_NODE_BYTES:
+        raise NodeDataError(f"{len(value or b'')} bytes of data (at most {MAX_NODE_BYTES} accepted)")
+    depth = nesting_depth(value)
+    if depth > MAX_NESTING:
+        raise NodeDataError(f"JSON nested {depth} deep (at most {MAX_NESTING} accepted)")
+    try:
+        document = json.loads(value.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NodeDataError(f"not UTF-8 JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise NodeDataError(f"JSON {type(document).__name__}, not an object")
+    return document
+
+
+def nesting_depth(value: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside JSON strings (stops counting past MAX_NESTING + 1)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in value:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:        # backslash
+                escaped = True
+            elif byte == 0x22:        # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):    # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_NESTING:
+                    return deepest
+        elif byte in (0x5D, 0x7D):    # ] }
+            depth -= 1
+    return deepest
+
+
+def parse_teacher(name: str, value: bytes) -> TeacherInfo:
+    """The teacher in node ``name``; NodeDataError unless its data is a document with a dialable ``endpoint``."""
+    document = load_document(value)
+    try:
+        endpoint = validate_endpoint(document["endpoint"])
+    except KeyError:
+        raise NodeDataError("no 'endpoint' field") from None
+    except ValueError as exc:
+        raise NodeDataError(str(exc)) from None
+    return TeacherInfo(node=name, endpoint=endpoint, meta=document)
+
+
+def parse_student(name: str, value: bytes) -> StudentInfo:
+    """The student in node ``name``; NodeDataError for data out of bounds (an id too long, a bad maximum)."""
+    document = load_document(value)
+    student_id = document.get("student_id", name)
+    wanted = document.get("require_max_teacher", 1)
+    if not isinstance(student_id, str) or len(student_id) > MAX_STUDENT_ID:
+        raise NodeDataError(f"'student_id' is not a string of at most {MAX_STUDENT_ID} characters")
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= MAX_REQUIRE_TEACHERS:
+        raise NodeDataError(f"'require_max_teacher' {wanted!r} is not an integer in 1-{MAX_REQUIRE_TEACHERS}")
+    return StudentInfo(node=name, student_id=student_id, require_max_teacher=wanted)

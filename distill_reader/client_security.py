@@ -1,0 +1,118 @@
+"""What a student presents to its teachers: TLS (server CA, optional client certificate) and a bearer token.
+
+``ClientSecurity`` is built once from ``DistillReader`` / ``TeacherClient`` arguments and applied to every
+gRPC channel and HTTP session. The token goes in the gRPC metadata ``authorization: Bearer <token>`` and in the
+HTTP ``Authorization`` header, the conventions of gRPC and of RFC 6750; it is never put on a command line (take
+it from ``DISTILL_TEACHER_TOKEN`` or a file).
+
+Example::
+
+    security = ClientSecurity(tls_ca="ca.pem", token=open("token").read().strip())
+    channel = security.grpc_channel("teacher-7:9292", options=[])
+    stub.inference(request, metadata=security.metadata())
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "DISTILL_TEACHER_TOKEN"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path!r}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """TLS files (PEM paths) and a bearer token; all optional. ``tls_cert`` and ``tls_key`` go together.
+
+    Raises ValueError naming the file when one cannot be read, or when only one of cert/key is given.
+    """
+
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    token: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together (a client certificate needs its private key)")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("a client certificate (tls_cert) needs TLS: give the teachers' CA as tls_ca too")
+        if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
+            raise ValueError("the teacher token must be one non-empty line")
+        for path, what in ((self.tls_ca, "TLS CA file"), (self.tls_cert, "TLS certificate"),
+                           (self.tls_key, "TLS private key")):
+            if path:
+                _read(path, what)
+
+    @classmethod
+    def create(cls, tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+               token: Optional[str] = None) -> ClientSecurity:
+        """As the constructor, with the token from ``DISTILL_TEACHER_TOKEN`` when not given."""
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        return cls(tls_ca, tls_cert, tls_key, token.strip() if token else None)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def grpc_channel(self, endpoint: str, options: list) -> grpc.Channel:
+        """A secure channel when TLS is configured, else an insecure one (a warning if a token would travel
+        in clear text to another host)."""
+        if not self.tls:
+            if self.token and not _is_loopback(endpoint):
+                logger.warning("teacher %s: the bearer token is sent without TLS (give tls_ca)", endpoint)
+            return grpc.insecure_channel(endpoint, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "TLS CA file"),
+            private_key=_read(self.tls_key, "TLS private key") if self.tls_key else None,
+            certificate_chain=_read(self.tls_cert, "TLS certificate") if self.tls_cert else None)
+        return grpc.secure_channel(endpoint, credentials, options=options)
+
+    def metadata(self) -> Optional[tuple]:
+        """gRPC call metadata carrying the token, or None."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def http_headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def requests_options(self) -> dict:
+        """``verify`` and ``cert`` for a requests session."""
+        if not self.tls:
+            return {}
+        options: dict = {"verify": self.tls_ca}
+        if self.tls_cert:
+            options["cert"] = (self.tls_cert, self.tls_key)
+        return options
+
+    def settings(self) -> dict:
+        """What a worker process needs to build the same security (sent over its private socket)."""
+        return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key, "token": self.token}
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

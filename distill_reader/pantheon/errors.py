@@ -1,0 +1,18 @@
+"""The errors of Pantheon mode (one base class, so callers can catch every Pantheon failure at once)."""
+from __future__ import annotations
+
+
+class PantheonError(RuntimeError):
+    """Base class of every Pantheon failure (connection, protocol, knowledge mismatch)."""
+
+
+class AuthenticationError(PantheonError):
+    """The peer did not present the shared token."""
+
+
+class ConnectionLost(PantheonError):
+    """The peer closed the connection, died, or stayed silent longer than the timeout."""
+
+
+class ProtocolError(PantheonError):
+    """The peer sent something that is not a valid Pantheon frame (malformed, too long, or failing its MAC)."""
