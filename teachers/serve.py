@@ -516,7 +516,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    import paddle  # noqa: F401  (before logging setup: importing paddle sets the root logger to WARNING)
+    from distill_reader.paddle_compat import import_paddle
+
+    import_paddle("teachers.serve")  # before logging setup: importing paddle sets the root logger to WARNING
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

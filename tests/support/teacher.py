@@ -43,25 +43,27 @@ SERVER_START_TIMEOUT = 60.0
 def build_mnist_cnn(seed: int = 0, width: int = 1):
     """(main_program, startup_program, img_var, prediction_var) of a small static-graph CNN.
 
-    ``width`` multiplies the conv filters (8 and 16): a heavier teacher for benchmarks."""
+    ``width`` multiplies the conv filters (8 and 16): a heavier teacher for benchmarks. Built with ``paddle.nn``
+    layers, which work in both static modes: a legacy program on paddle 2.6 (or paddle 3 with
+    FLAGS_enable_pir_api=0), a PIR program on paddle 3."""
     import paddle
 
     paddle.enable_static()
     main, startup = paddle.static.Program(), paddle.static.Program()
     main.random_seed = startup.random_seed = 1000 + seed  # random_seed 0 would mean "not fixed"
     with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        relu, pool = paddle.nn.functional.relu, paddle.nn.functional.max_pool2d
         img = paddle.static.data(FEED, [None, *IMAGE_SHAPE], "float32")
-        x = paddle.static.nn.conv2d(img, num_filters=8 * width, filter_size=5, act="relu")
-        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
-        x = paddle.static.nn.conv2d(x, num_filters=16 * width, filter_size=5, act="relu")
-        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
-        logits = paddle.static.nn.fc(x, size=10)
+        x = pool(relu(paddle.nn.Conv2D(1, 8 * width, 5)(img)), kernel_size=2, stride=2)
+        x = pool(relu(paddle.nn.Conv2D(8 * width, 16 * width, 5)(x)), kernel_size=2, stride=2)
+        logits = paddle.nn.Linear(16 * width * 4 * 4, 10)(paddle.flatten(x, 1))
         prediction = paddle.nn.functional.softmax(logits)
     return main, startup, img, prediction
 
 
 def save_static_model(dirname: str, seed: int = 0, width: int = 1) -> str:
-    """Save the CNN with ``paddle.static.save_inference_model`` as ``dirname/model.pdmodel`` (+ .pdiparams)."""
+    """Save the CNN with ``paddle.static.save_inference_model`` as ``dirname/model.pdmodel`` (+ .pdiparams), or
+    ``dirname/model.json`` (+ .pdiparams) on paddle 3 in PIR mode."""
     import paddle
 
     main, startup, img, prediction = build_mnist_cnn(seed, width)
@@ -75,7 +77,8 @@ def save_static_model(dirname: str, seed: int = 0, width: int = 1) -> str:
 
 
 def save_jit_model(dirname: str, seed: int = 0) -> str:
-    """Save the same architecture with ``paddle.jit.save`` as ``dirname/inference.pdmodel`` (+ .pdiparams)."""
+    """Save the same architecture with ``paddle.jit.save`` as ``dirname/inference.pdmodel`` (+ .pdiparams), or
+    ``dirname/inference.json`` (+ .pdiparams) on paddle 3 in PIR mode."""
     import paddle
 
     paddle.disable_static()
