@@ -1,7 +1,11 @@
 """distill-reader: service-based knowledge distillation for PaddlePaddle."""
 from setuptools import find_packages, setup
 
-PADDLE_VERSION = "2.6.2"
+# PaddlePaddle is left to the user, as PaddleSlim and PaddleNLP do: `paddlepaddle` and `paddlepaddle-gpu` are two
+# distributions that both install the same `paddle` package, so requiring one would pull it in next to the other
+# (or next to a paddle 3 the user already has) and the last one installed would overwrite the other's files.
+# Pick one with an extra: `pip install -e .[cpu]` or `pip install -e .[gpu]` (see README "Installing PaddlePaddle").
+PADDLE_SUPPORTED = ">=2.6.2,<4"
 
 setup(
     name="distill-reader",
@@ -14,7 +18,6 @@ setup(
                                     "discovery", "discovery.*"]),
     package_data={"distill_reader.proto": ["*.py"]},
     install_requires=[
-        f"paddlepaddle=={PADDLE_VERSION}",
         "numpy>=1.23",
         # grpcio-tools/-health-checking 1.85+ need protobuf>=7, and paddle 2.6.2's fleet breaks on protobuf 7.
         "grpcio>=1.74,<1.79",
@@ -27,9 +30,9 @@ setup(
         "prometheus_client>=0.17",  # the teacher server's metrics (--enable_prometheus)
     ],
     extras_require={
-        # The GPU wheel replaces the CPU one: `pip install -e .[gpu]` then `pip uninstall paddlepaddle`
-        # is not needed, pip keeps both names apart; see README "GPU".
-        "gpu": [f"paddlepaddle-gpu=={PADDLE_VERSION}"],
+        # Exactly one of these two: both distributions write the same `paddle` package.
+        "cpu": [f"paddlepaddle{PADDLE_SUPPORTED}"],
+        "gpu": [f"paddlepaddle-gpu{PADDLE_SUPPORTED}"],
         "examples": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff>=0.5", "matplotlib>=3.5", "cryptography>=41",
                  "hypothesis>=6.100",

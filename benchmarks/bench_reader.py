@@ -8,6 +8,8 @@
 3. student: steps/s of a small Paddle dygraph training loop fed by DistillReader (teachers with spare capacity)
    against the same loop fed by the plain generator (same model, same loss, precomputed soft labels), in
    alternating rounds.
+4. gray failures (parts frozen, slow, healthy; ``gray`` = all three): a teacher frozen with SIGSTOP, one teacher
+   at 10x latency, all healthy with the hedged fraction (see benchmarks/gray_failures.py).
 
 Example::
 
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from fake_teacher import fake_config  # noqa: E402
+from gray_failures import GRAY_PARTS, Harness, print_gray, run_gray  # noqa: E402
 
 from distill_reader import DistillReader  # noqa: E402
 from distill_reader.client import TeacherClient  # noqa: E402
@@ -229,10 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="efficiency,large,student",
-                        help="comma-separated benchmarks to run: efficiency, large, student")
+                        help="comma-separated benchmarks to run: efficiency, large, student, and the gray "
+                        "failures frozen, slow, healthy (gray = those three)")
     parser.add_argument("--ks", default="1,4,8", help="teacher counts for the efficiency benchmark")
-    parser.add_argument("--latency_ms", type=float, default=20.0, help="fake teachers' latency (efficiency)")
-    parser.add_argument("--batch", type=int, default=32, help="teacher batch size (efficiency, student)")
+    parser.add_argument("--latency_ms", type=float, default=20.0, help="fake teachers' latency, ms (efficiency, gray)")
+    parser.add_argument("--batch", type=int, default=32, help="teacher batch size (efficiency, student, gray)")
     parser.add_argument("--seconds", type=float, default=3.0, help="approximate length of each measurement")
     parser.add_argument("--large_batch", type=int, default=8, help="teacher batch of 3x224x224 samples (large)")
     parser.add_argument("--large_latency_ms", type=float, default=20.0, help="fake teachers' latency (large)")
@@ -240,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student_latency_ms", type=float, default=2.0, help="their latency (spare capacity)")
     parser.add_argument("--student_steps", type=int, default=150, help="training steps per round (student)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (student); the median is shown")
+    parser.add_argument("--slow_factor", type=float, default=10.0,
+                        help="latency of the slow teacher as a multiple of --latency_ms (part slow)")
     parser.add_argument("--num_workers", type=int, default=None, help="DistillReader worker processes (default: "
                         "the reader's default)")
     parser.add_argument("--per_teacher_in_flight", type=int, default=None,
@@ -247,7 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = {k: getattr(args, k) for k in ("num_workers", "per_teacher_in_flight") if getattr(args, k) is not None}
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"efficiency", "large", "student"}
+    if "gray" in parts:
+        parts = (parts - {"gray"}) | set(GRAY_PARTS)
+    unknown = parts - {"efficiency", "large", "student", *GRAY_PARTS}
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start (shared machine: "
@@ -277,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.student_latency_ms:g} ms; goal >= 0.95)")
             for key, value in result.items():
                 print(f"  {key:<34} {value:8.3f}")
+        gray = [part for part in GRAY_PARTS if part in parts]
+        if gray:
+            harness = Harness(free_port, wait_serving,
+                              lambda endpoints, conf, batch: _reader(endpoints, conf, batch, **options))
+            rows = run_gray(harness, gray, args.latency_ms, args.batch, args.seconds, workdir, args.slow_factor)
+            print_gray(rows, args.latency_ms, args.batch)
     return 0
 
 

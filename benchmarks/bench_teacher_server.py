@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 from tests.support.procs import free_port  # noqa: E402
 from tests.support.teacher import (  # noqa: E402
+    ExportedTeacher,
     TeacherServer,
     export_teacher,
     mnist_like_images,
@@ -182,9 +183,18 @@ def main() -> int:
                         help="conv filter multiplier of the teacher CNN: 1 = the test model, 8 = a heavier teacher")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="another checkout of this project whose teacher server is measured in the same run")
+    parser.add_argument("--exported", default=None,
+                        help="folder holding serving_server/ and serving_client/ of an exported model to measure "
+                             "instead of building one (benchmarks/bench_paddle_lines.py passes one model to each "
+                             "paddle line)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = export_teacher(save_static_model(os.path.join(tmp, "model"), width=args.width), tmp, "static")
+        if args.exported:
+            client_dir = os.path.join(args.exported, "serving_client")
+            teacher = ExportedTeacher(os.path.join(args.exported, "serving_server"), client_dir,
+                                      os.path.join(client_dir, "serving_client_conf.prototxt"), "given")
+        else:
+            teacher = export_teacher(save_static_model(os.path.join(tmp, "model"), width=args.width), tmp, "static")
         raw32, cpu32 = raw_predictor_rate(teacher.server_dir, 32, args.seconds, args.thread)
         raw1, cpu1 = raw_predictor_rate(teacher.server_dir, 1, args.seconds, args.thread)
         raw_cpu = {1: cpu1, 32: cpu32}

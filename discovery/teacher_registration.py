@@ -8,8 +8,8 @@ Rules:
   ``{"endpoint", "host", "pid", ...meta}``. An endpoint without the health service (UNIMPLEMENTED: a real Paddle
   Serving server) counts as answering;
 - ``unhealthy_after`` failed checks in a row remove the node; the next good check registers it again. A teacher
-  that keeps flapping waits longer each time before it comes back (doubling up to ``max_recover_delay``), and is
-  forgiven after ``stable_after`` seconds of good health;
+  that keeps flapping waits longer each time before it comes back (doubling up to ``max_recover_delay``, with
+  jitter), and is forgiven after ``stable_after`` seconds of good health;
 - a ZooKeeper session loss is followed by a new session and a new node (see ``registry.EphemeralNode``);
 - ``stop()`` removes the node and closes the session.
 
@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from distill_reader.backoff import backoff_delay
 from distill_reader.client_security import ClientSecurity
 
 from .acls import ensure_service, teacher_node_acl
@@ -236,7 +237,8 @@ class TeacherRegistration:
             failures += 1
             if self.node.wanted and failures >= self.unhealthy_after:
                 flaps += 1
-                delay = 0.0 if flaps == 1 else min(self.max_recover_delay, self.health_interval * 2 ** (flaps - 1))
+                # the project's one backoff rule (jittered: teachers flapping together come back apart)
+                delay = 0.0 if flaps == 1 else backoff_delay(flaps, self.health_interval, self.max_recover_delay)
                 not_before = now + delay
                 logger.warning("teacher %s failed %d health checks (%s): removing its node%s", self.endpoint,
                                failures, getattr(self._probe, "last_error", ""),

@@ -179,9 +179,9 @@ class TeacherClient:
             self._stub = service_grpc.GeneralModelServiceStub(self._channel)
         else:
             self._session = requests.Session()
-            for key, value in self.security.requests_options().items():
-                setattr(self._session, key, value)
             self._session.headers.update(self.security.http_headers())
+            # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+            self._tls_options = self.security.requests_options()
 
     # -- public API ------------------------------------------------------------------------------------
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
@@ -263,7 +263,8 @@ class TeacherClient:
                 raise _grpc_error(self.endpoint, exc) from None
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
         try:
-            answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout)
+            answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout,
+                                       **self._tls_options)
         except requests.RequestException as exc:
             raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}") from exc
         if answer.status_code == 404:
@@ -290,7 +291,8 @@ class TeacherClient:
         headers["Accept-Encoding"] = "gzip"
         url = f"{self.security.scheme}://{self.endpoint}{HTTP_PATH}"
         try:
-            answer = self._session.post(url, data=body, headers=headers, timeout=self._http_timeouts())
+            answer = self._session.post(url, data=body, headers=headers, timeout=self._http_timeouts(),
+                                        **self._tls_options)
         except requests.Timeout as exc:
             raise TeacherUnavailable(self.endpoint, f"no answer within {self.timeout}s") from exc
         except requests.RequestException as exc:

@@ -6,5 +6,5 @@
 # Extra arguments go to examples/mnist/local_flow.py (see its --help), e.g. --seeds 1,2,3 or --data_dir DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,examples
+PADDLE_LINES="${PADDLE_LINES:-2}" bash scripts/setup.sh test,examples  # the paddle 2.6.2 venv (.venv)
 exec .venv/bin/python examples/mnist/local_flow.py "$@"

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for distill-reader: Debian packages (Java + ZooKeeper for the
-# discovery tests, Fashion-MNIST for the example's offline fallback, fortunes: the text example's corpus), then a
-# virtualenv in .venv with the project installed in editable mode. Idempotent: a second run only checks.
+# discovery tests, Fashion-MNIST for the example's offline fallback, fortunes: the text example's corpus), then
+# one virtualenv per supported PaddlePaddle line, each with the project installed in editable mode with the cpu extra (paddlepaddle):
+#   .venv          paddle 2.6.2
+#   .venv-paddle3  the newest paddle 3
+# PADDLE_LINES="2 3" (default) picks which of the two to set up; PADDLE_WHEEL=paddlepaddle-gpu installs the GPU
+# wheel (the gpu extra) instead. Paddle is not a requirement of the package (see setup.py).
+# Idempotent: a second run only checks.
 # Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS default: test,examples)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +25,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($python --version)"
-  "$python" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-echo "[setup] pip install -e .[$extras]"
-.venv/bin/python -m pip install -q -e ".[$extras]"
+
+# setup_venv DIR PADDLE_SPEC: a virtualenv in DIR with PADDLE_SPEC and the project (editable) with $extras.
+setup_venv() {
+  local dir="$1" spec="$2"
+  if [ ! -x "$dir/bin/python" ]; then
+    echo "[setup] creating $dir with $($python --version)"
+    "$python" -m venv "$dir"
+  fi
+  "$dir/bin/python" -m pip install -q --upgrade pip
+  echo "[setup] $dir: pip install '$spec' -e .[$paddle_extra,$extras]"
+  "$dir/bin/python" -m pip install -q "$spec" -e ".[$paddle_extra,$extras]"
+}
+
+wheel="${PADDLE_WHEEL:-paddlepaddle}"
+case "$wheel" in
+  paddlepaddle) paddle_extra=cpu ;;
+  paddlepaddle-gpu) paddle_extra=gpu ;;
+  *) echo "[setup] PADDLE_WHEEL must be paddlepaddle or paddlepaddle-gpu, not '$wheel'" >&2; exit 2 ;;
+esac
+for line in ${PADDLE_LINES:-2 3}; do
+  case "$line" in
+    2) setup_venv .venv "$wheel==2.6.2" ;;
+    3) setup_venv .venv-paddle3 "$wheel>=3,<4" ;;
+    *) echo "[setup] unknown paddle line '$line' in PADDLE_LINES (use 2 and/or 3)" >&2; exit 2 ;;
+  esac
+done

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint with ruff, and run the whole test suite with real teacher servers,
 # real worker processes and a real ZooKeeper (started by the tests on loopback unless
-# DISTILL_ZK_HOSTS points at an existing ensemble). Extra arguments go to pytest.
+# DISTILL_ZK_HOSTS points at an existing ensemble), once per supported PaddlePaddle line:
+# paddle 2.6.2 (.venv) and the newest paddle 3 (.venv-paddle3). PADDLE_LINES="2" or "3" runs one line only.
+# Extra arguments go to pytest (both runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,examples
 echo "[test] ruff check"
 .venv/bin/ruff check .
-echo "[test] pytest"
-exec .venv/bin/python -m pytest "$@"
+status=0
+for line in ${PADDLE_LINES:-2 3}; do
+  venv=.venv; [ "$line" = 3 ] && venv=.venv-paddle3
+  version="$("$venv/bin/python" -c 'import numpy, paddle; print(paddle.__version__)' 2>/dev/null | tail -1)"
+  echo "[test] pytest on paddle $version ($venv)"
+  started=$SECONDS code=0
+  "$venv/bin/python" -m pytest "$@" || code=$?
+  echo "[test] paddle $version: pytest exit $code after $((SECONDS - started))s"
+  [ "$code" -eq 0 ] || status=$code
+done
+exit $status

@@ -1,7 +1,8 @@
 """Export Paddle inference models as Paddle Serving model folders (same API and layout as
 ``paddle_serving_client.io`` 0.9).
 
-A server folder holds the inference model (``model.pdmodel`` + ``params.pdiparams`` by default),
+A server folder holds the inference model (``model.pdmodel`` + ``params.pdiparams`` for a legacy program;
+``model.json`` + ``params.pdiparams`` for a paddle 3 PIR program),
 ``serving_server_conf.prototxt`` and its binary twin ``serving_server_conf.stream.prototxt``; the client
 folder holds ``serving_client_conf.prototxt`` (+ ``.stream``).
 
@@ -16,14 +17,18 @@ CLI: ``python -m teachers.export --dirname mnist_infer --fetch_alias_names predi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import logging
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence, Union
 
 import numpy as np  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
+from distill_reader.atomic_file import atomic_write
+from distill_reader.paddle_compat import import_paddle, is_pir_program, keep_mode, legacy_ir, paddle_major, pir_ir
 from distill_reader.serving_config import CLIENT_CONF, SERVER_CONF, ServingConfig, VarSpec
 from distill_reader.tensor_codec import elem_type_of_dtype
 
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILENAME = "model.pdmodel"
 DEFAULT_PARAMS_FILENAME = "params.pdiparams"
+PIR_MODEL_FILENAME = "model.json"  # a paddle 3 PIR program in a server folder (with params.pdiparams)
 _BFLOAT16_ELEM_TYPE = 6
 
 AliasNames = Union[None, str, Sequence[str]]
@@ -46,15 +52,16 @@ def save_model(server_model_folder: str, client_config_folder: str, feed_var_dic
                scope=None) -> tuple[list[str], list[str]]:
     """Save ``main_program`` (default: the default main program) as a Paddle Serving model.
 
-    ``feed_var_dict`` / ``fetch_var_dict`` map alias names to static variables of the program; the
-    parameters are read from ``scope`` (default: the global scope). Fetch vars are written sorted by alias.
-    Returns the feed and fetch alias names.
+    ``feed_var_dict`` / ``fetch_var_dict`` map alias names to static variables of the program (paddle 3 PIR
+    programs: their ``Value``s); the parameters are read from ``scope`` (default: the global scope). Fetch vars
+    are written sorted by alias. A legacy program is written as ``model.pdmodel``, a PIR program as ``model.json``
+    (with ``params.pdiparams`` both). Returns the feed and fetch alias names.
 
     Example::
 
         save_model("serving_server", "serving_client", {"img": img}, {"prediction": pred}, main_program)
     """
-    import paddle
+    paddle = import_paddle("teachers.export.save_model")
 
     if main_program is None:
         main_program = paddle.static.default_main_program()
@@ -67,17 +74,24 @@ def save_model(server_model_folder: str, client_config_folder: str, feed_var_dic
     fetch_vars = [v for _, v in fetch_items]
 
     exe = paddle.static.Executor(paddle.CPUPlace())
-    with paddle.static.scope_guard(scope):
+    if is_pir_program(main_program):
+        with tempfile.TemporaryDirectory(prefix="distill_export_") as tmp, paddle.static.scope_guard(scope):
+            paddle.static.save_inference_model(os.path.join(tmp, "model"), feed_vars, fetch_vars, exe,
+                                               program=main_program)
+            return _export_pir(paddle, os.path.join(tmp, "model.json"), os.path.join(tmp, "model.pdiparams"),
+                               server_model_folder, client_config_folder, feed_aliases, fetch_aliases,
+                               model_filename, params_filename)
+    with legacy_ir(paddle), paddle.static.scope_guard(scope):
         program_bytes = paddle.static.serialize_program(feed_vars, fetch_vars, program=main_program)
         params_bytes = paddle.static.serialize_persistables(feed_vars, fetch_vars, exe, program=main_program)
-    return _write_serving_model(server_model_folder, client_config_folder, program_bytes, params_bytes,
-                                feed_aliases, fetch_aliases, model_filename, params_filename)
+        return _write_serving_model(server_model_folder, client_config_folder, program_bytes, params_bytes,
+                                    feed_aliases, fetch_aliases, model_filename, params_filename)
 
 
 def _write_serving_model(server_model_folder: str, client_config_folder: str, program_bytes: bytes,
                          params_bytes: Optional[bytes], feed_aliases: list[str], fetch_aliases: list[str],
                          model_filename: Optional[str], params_filename: Optional[str]) -> tuple[list[str], list[str]]:
-    """Write the model files and both configs; var names and types are read back from the saved program."""
+    """Write a legacy program's files and both configs; var names and types are read back from the saved program."""
     import paddle
 
     # Saving may rename fetch targets (normalization appends scale ops): read the real names from the bytes.
@@ -87,13 +101,20 @@ def _write_serving_model(server_model_folder: str, client_config_folder: str, pr
         raise ExportError(f"saved program has feeds {feed_names} and fetches {fetch_names}, "
                           f"expected {len(feed_aliases)} feeds and {len(fetch_aliases)} fetches")
     block = saved.global_block()
-    feeds = tuple(_var_spec(block.var(n), alias) for n, alias in zip(feed_names, feed_aliases))
-    fetches = tuple(sorted((_var_spec(block.var(n), alias) for n, alias in zip(fetch_names, fetch_aliases)),
-                           key=lambda spec: spec.alias_name))
+    feeds = [_var_spec(block.var(n), alias) for n, alias in zip(feed_names, feed_aliases)]
+    fetches = [_var_spec(block.var(n), alias) for n, alias in zip(fetch_names, fetch_aliases)]
+    files = {model_filename or DEFAULT_MODEL_FILENAME: program_bytes,
+             params_filename or DEFAULT_PARAMS_FILENAME: params_bytes or b""}
+    return _write_folders(server_model_folder, client_config_folder, files, feeds, fetches)
+
+
+def _write_folders(server_model_folder: str, client_config_folder: str, files: dict[str, bytes],
+                   feeds: list[VarSpec], fetches: list[VarSpec]) -> tuple[list[str], list[str]]:
+    """Model files first, each atomically (temp file, fsync, rename), then the configs that make the folder whole."""
     os.makedirs(server_model_folder, exist_ok=True)
-    _write(os.path.join(server_model_folder, model_filename or DEFAULT_MODEL_FILENAME), program_bytes)
-    _write(os.path.join(server_model_folder, params_filename or DEFAULT_PARAMS_FILENAME), params_bytes or b"")
-    config = ServingConfig(feeds=feeds, fetches=fetches)
+    for name, data in files.items():
+        atomic_write(os.path.join(server_model_folder, name), data)
+    config = ServingConfig(feeds=tuple(feeds), fetches=tuple(sorted(fetches, key=lambda spec: spec.alias_name)))
     config.save(server_model_folder, SERVER_CONF)
     config.save(client_config_folder, CLIENT_CONF)
     logger.info("saved serving model: server folder %s, client config %s; feeds %s, fetches %s",
@@ -109,18 +130,37 @@ def inference_model_to_serving(dirname: str, serving_server: str = "serving_serv
     ``__model__`` layouts) into a Paddle Serving server folder and client config folder.
 
     ``dirname`` is the model folder (or a ``paddle.jit.save`` path prefix). Without file names the model
-    file is found in the folder (one ``*.pdmodel``, or ``__model__`` with ``__params__`` or one file per
-    parameter). Alias names default to the variable names; ``fetch_alias_names="prediction"`` (comma
-    separated string or list) renames them. Returns the feed and fetch alias names.
+    file is found in the folder (one ``*.pdmodel``, ``__model__`` with ``__params__`` or one file per
+    parameter, or a paddle 3 PIR model: one ``*.json`` with its ``*.pdiparams``). Alias names default to the
+    variable names; ``fetch_alias_names="prediction"`` (comma separated string or list) renames them.
+    Returns the feed and fetch alias names. Paddle's dynamic/static mode is the same after the call as before.
+
+    Server folder files: a legacy program becomes ``model.pdmodel`` + ``params.pdiparams``; a PIR model (paddle 3)
+    is copied as ``model.json`` + ``params.pdiparams``. Legacy ``.pdmodel`` models export and serve on paddle 3
+    too; PIR models need paddle 3.
 
     Example::
 
         inference_model_to_serving("jit_model", fetch_alias_names="prediction")
     """
-    import paddle
-
-    paddle.enable_static()
+    paddle = import_paddle("teachers.export")
     prefix, kwargs = _locate_model(dirname, model_filename, params_filename)
+    model_path = (os.path.join(prefix, kwargs["model_filename"]) if kwargs.get("model_filename")
+                  else prefix + (".json" if _is_pir_file(prefix + ".json") else ".pdmodel"))
+    with keep_mode(paddle):
+        paddle.enable_static()
+        if model_path.endswith(".json"):
+            params_path = (os.path.join(prefix, kwargs["params_filename"]) if kwargs.get("params_filename")
+                           else os.path.splitext(model_path)[0] + ".pdiparams")
+            return _export_pir(paddle, model_path, params_path, serving_server, serving_client,
+                               feed_alias_names, fetch_alias_names, None, None)
+        with legacy_ir(paddle):
+            return _export_legacy(paddle, dirname, prefix, kwargs, serving_server, serving_client,
+                                  feed_alias_names, fetch_alias_names)
+
+
+def _export_legacy(paddle, dirname: str, prefix: str, kwargs: dict, serving_server: str, serving_client: str,
+                   feed_alias_names: AliasNames, fetch_alias_names: AliasNames) -> tuple[list[str], list[str]]:
     exe = paddle.static.Executor(paddle.CPUPlace())
     scope = paddle.static.Scope()
     with paddle.static.scope_guard(scope):
@@ -138,6 +178,58 @@ def inference_model_to_serving(dirname: str, serving_server: str = "serving_serv
                                 _aliases(fetch_alias_names, [v.name for v in fetch_targets], "fetch"), None, None)
 
 
+def _export_pir(paddle, model_path: str, params_path: str, serving_server: str, serving_client: str,
+                feed_alias_names: AliasNames, fetch_alias_names: AliasNames, model_filename: Optional[str],
+                params_filename: Optional[str]) -> tuple[list[str], list[str]]:
+    """A paddle 3 PIR model (``*.json`` + ``*.pdiparams``): read its feeds and fetches, copy both files as they are."""
+    if paddle_major(paddle) < 3:
+        raise ExportError(f"{model_path} is a paddle 3 (PIR) model; paddle {paddle.__version__} cannot read it "
+                          "(export it with paddle 3, or save the model as a legacy .pdmodel program)")
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    folder = os.path.dirname(model_path) or "."
+    params_name = os.path.basename(params_path) if os.path.exists(params_path) else None
+    with keep_mode(paddle), pir_ir(paddle), paddle.static.scope_guard(paddle.static.Scope()):
+        paddle.enable_static()
+        try:
+            program, _, _ = paddle.static.load_inference_model(
+                folder, exe, model_filename=os.path.basename(model_path), params_filename=params_name)
+        except Exception as exc:  # paddle raises many types; name the model in one error
+            raise ExportError(f"cannot load PIR inference model {model_path!r}: {exc}") from exc
+        feeds, fetches = _pir_feed_fetch_specs(program)
+    feed_aliases = _aliases(feed_alias_names, [s.name for s in feeds], "feed")
+    fetch_aliases = _aliases(fetch_alias_names, [s.name for s in fetches], "fetch")
+    feeds = [dataclasses.replace(s, alias_name=a) for s, a in zip(feeds, feed_aliases)]
+    fetches = [dataclasses.replace(s, alias_name=a) for s, a in zip(fetches, fetch_aliases)]
+    files = {model_filename or PIR_MODEL_FILENAME: _read(model_path),
+             params_filename or DEFAULT_PARAMS_FILENAME: _read(params_path) if params_name else b""}
+    return _write_folders(serving_server, serving_client, files, feeds, fetches)
+
+
+def _pir_feed_fetch_specs(program) -> tuple[list[VarSpec], list[VarSpec]]:
+    """Feeds (``pd_op.data``, program order) and fetches (``pd_op.fetch``, by column) of a PIR program."""
+    feeds: list[VarSpec] = []
+    fetches: dict[int, VarSpec] = {}
+    for op in program.global_block().ops:
+        if op.name() == "pd_op.data":
+            name = op.attrs()["name"]
+            feeds.append(_value_spec(op.result(0), name))
+        elif op.name() == "pd_op.fetch":
+            attrs = op.attrs()
+            fetches[int(attrs["col"])] = _value_spec(op.operand_source(0), attrs["name"])
+    if not feeds or not fetches:
+        raise ExportError(f"PIR program has {len(feeds)} feeds (pd_op.data) and {len(fetches)} fetches "
+                          "(pd_op.fetch); an inference model needs both")
+    return feeds, [fetches[i] for i in sorted(fetches)]
+
+
+def _value_spec(value, name: str) -> VarSpec:
+    shape = [int(d) for d in value.shape]
+    if shape and shape[0] < 0:  # the batch dimension
+        shape = shape[1:]
+    return VarSpec(name=name, alias_name=name, elem_type=_elem_type_of(value.dtype, name), shape=tuple(shape),
+                   is_lod_tensor=False)
+
+
 # -- helpers ---------------------------------------------------------------------------------------------
 def _locate_model(dirname: str, model_filename: Optional[str],
                   params_filename: Optional[str]) -> tuple[str, dict]:
@@ -147,16 +239,19 @@ def _locate_model(dirname: str, model_filename: Optional[str],
             raise ExportError(f"model folder {dirname!r} does not exist")
         return dirname, {"model_filename": model_filename, "params_filename": params_filename}
     if not os.path.isdir(dirname):
-        if os.path.exists(dirname + ".pdmodel"):
+        if os.path.exists(dirname + ".pdmodel") or _is_pir_file(dirname + ".json"):
             return dirname, {}
-        raise ExportError(f"no model folder {dirname!r} and no {dirname}.pdmodel")
+        raise ExportError(f"no model folder {dirname!r} and no {dirname}.pdmodel or {dirname}.json")
     if os.path.exists(os.path.join(dirname, "__model__")):
         params = "__params__" if os.path.exists(os.path.join(dirname, "__params__")) else None
         return dirname, {"model_filename": "__model__", "params_filename": params}
     models = sorted(glob.glob(os.path.join(dirname, "*.pdmodel")))
+    if not models:
+        models = [m for m in sorted(glob.glob(os.path.join(dirname, "*.json"))) if _is_pir_file(m)]
     if len(models) != 1:
-        raise ExportError(f"model folder {dirname!r} holds {len(models)} *.pdmodel files "
-                          f"({[os.path.basename(m) for m in models]}); pass model_filename and params_filename")
+        raise ExportError(f"model folder {dirname!r} holds {len(models)} *.pdmodel files (or paddle 3 *.json "
+                          f"models with their *.pdiparams) ({[os.path.basename(m) for m in models]}); "
+                          "pass model_filename and params_filename")
     stem = os.path.splitext(models[0])[0]
     params = [p for p in (stem + ".pdiparams",) if os.path.exists(p)] or glob.glob(os.path.join(dirname, "*.pdiparams"))
     if len(params) != 1:
@@ -188,12 +283,21 @@ def _var_spec(var, alias: str) -> VarSpec:
 
 
 def _elem_type(var) -> int:
+    return _elem_type_of(var.dtype, var.name)
+
+
+def _elem_type_of(dtype, name: str) -> int:
     from paddle.base.data_feeder import convert_dtype
 
-    name = convert_dtype(var.dtype)
-    if name == "uint16" or name == "bfloat16":
+    dtype_name = convert_dtype(dtype)
+    if dtype_name == "uint16" or dtype_name == "bfloat16":
         return _BFLOAT16_ELEM_TYPE
-    return elem_type_of_dtype(name, what=f"variable {var.name!r}")
+    return elem_type_of_dtype(dtype_name, what=f"variable {name!r}")
+
+
+def _is_pir_file(path: str) -> bool:
+    """A paddle 3 PIR model file: ``*.json`` with its ``*.pdiparams`` beside it (or a parameter-free model)."""
+    return path.endswith(".json") and os.path.isfile(path) and os.path.exists(os.path.splitext(path)[0] + ".pdiparams")
 
 
 def _aliases(given: AliasNames, default: list[str], kind: str) -> list[str]:
@@ -205,9 +309,9 @@ def _aliases(given: AliasNames, default: list[str], kind: str) -> list[str]:
     return names
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # -- CLI -------------------------------------------------------------------------------------------------

@@ -49,28 +49,58 @@ class PredictorOptions:
     gpu_mem_mb: int = 256
 
 
+# Paddle 3 (PIR) models are ``model.json`` + ``params.pdiparams`` in a serving folder (teachers.export writes them).
+_KNOWN_LAYOUTS = (("model.pdmodel", "params.pdiparams"), ("model.json", "params.pdiparams"),
+                  ("__model__", "__params__"))
+
+
 def find_model_files(model_dir: str) -> tuple[str, Optional[str]]:
-    """(model file, params file or None for one file per parameter) inside a serving folder."""
-    for model, params in (("model.pdmodel", "params.pdiparams"), ("__model__", "__params__")):
+    """(model file, params file or None for one file per parameter) inside a serving folder.
+
+    Looked for in this order: ``model.pdmodel`` (legacy program) or ``model.json`` (paddle 3 PIR program) with
+    ``params.pdiparams``; ``__model__`` (+ ``__params__``); one ``*.pdmodel`` or one ``*.json`` with its
+    ``*.pdiparams``. Raises ModelFilesError naming the folder when none is there.
+    """
+    for model, params in _KNOWN_LAYOUTS:
         if os.path.exists(os.path.join(model_dir, model)):
             params_path = os.path.join(model_dir, params)
             return os.path.join(model_dir, model), params_path if os.path.exists(params_path) else None
-    models = sorted(glob.glob(os.path.join(model_dir, "*.pdmodel")))
-    if len(models) == 1:
+    for pattern in ("*.pdmodel", "*.json"):
+        models = sorted(glob.glob(os.path.join(model_dir, pattern)))
+        if len(models) != 1:
+            continue
         params = os.path.splitext(models[0])[0] + ".pdiparams"
         others = glob.glob(os.path.join(model_dir, "*.pdiparams"))
         if not os.path.exists(params) and len(others) == 1:
             params = others[0]
         if os.path.exists(params):
             return models[0], params
-    raise ModelFilesError(f"no inference model in {model_dir!r}: expected model.pdmodel + params.pdiparams, "
-                          f"__model__ (+ __params__), or one *.pdmodel with its *.pdiparams")
+    raise ModelFilesError(f"no inference model in {model_dir!r}: expected model.pdmodel or model.json (paddle 3) "
+                          f"+ params.pdiparams, __model__ (+ __params__), or one *.pdmodel / *.json with its "
+                          f"*.pdiparams")
+
+
+def _cpu_options(config, options: PredictorOptions) -> None:
+    """oneDNN and threads; paddle 3 renamed the oneDNN switches to ``enable_onednn*`` (2.6 has ``enable_mkldnn*``)."""
+    config.disable_gpu()
+    if options.use_mkl:
+        (getattr(config, "enable_onednn", None) or config.enable_mkldnn)()
+        if options.precision == "bf16":
+            (getattr(config, "enable_onednn_bfloat16", None) or config.enable_mkldnn_bfloat16)()
+    config.set_cpu_math_library_num_threads(options.math_threads)
 
 
 def _config(options: PredictorOptions, gpu_id: Optional[int]):
+    from distill_reader.paddle_compat import import_paddle, paddle_major
+
+    paddle = import_paddle("the teacher server's predictors")
     from paddle import inference
 
     model_file, params_file = find_model_files(options.model_dir)
+    pir_model = model_file.endswith(".json")
+    if pir_model and paddle_major(paddle) < 3:
+        raise ModelFilesError(f"{model_file} is a paddle 3 (PIR) model; paddle {paddle.__version__} cannot load it "
+                              f"(install paddle 3, or export the model from a legacy .pdmodel program)")
     if params_file and os.path.getsize(params_file) > 0:
         config = inference.Config(model_file, params_file)
     elif os.path.basename(model_file) == "__model__":
@@ -81,14 +111,13 @@ def _config(options: PredictorOptions, gpu_id: Optional[int]):
     if gpu_id is not None:
         config.enable_use_gpu(options.gpu_mem_mb, gpu_id)
     else:
-        config.disable_gpu()
-        if options.use_mkl:
-            config.enable_mkldnn()
-            if options.precision == "bf16":
-                config.enable_mkldnn_bfloat16()
-        config.set_cpu_math_library_num_threads(options.math_threads)
+        _cpu_options(config, options)
     config.switch_ir_optim(options.ir_optim)
-    if options.mem_optim:
+    if options.mem_optim and pir_model:
+        # Paddle Inference 3.x fails to create a PIR-model predictor with memory optimization on
+        # ("Not find predictor_id 0 and pass_name memory_optimize_pass"); PIR plans memory itself.
+        logger.debug("memory optimization is not available for PIR model %s; left off", model_file)
+    elif options.mem_optim:
         config.enable_memory_optim()
     config.disable_glog_info()
     return config
@@ -99,6 +128,9 @@ class PredictorPool:
     are busy. ``oldest_run_seconds()`` tells a watchdog how long the longest run in progress has taken."""
 
     def __init__(self, options: PredictorOptions):
+        from distill_reader.paddle_compat import import_paddle
+
+        import_paddle("teachers.predictor_pool")
         from paddle import inference
 
         self.options = options

@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch_timeout_ms", type=float, default=2.0,
                    help="dynamic batching: wait at most this long after a request for others to join it "
                         "(default: %(default)s)")
+    t = p.add_argument_group("transport security (docs/security.md)")
+    t.add_argument("--tls_cert", default=None, metavar="FILE",
+                   help="PEM certificate (chain) to serve gRPC and HTTP over TLS; with --tls_key")
+    t.add_argument("--tls_key", default=None, metavar="FILE", help="PEM private key of --tls_cert")
+    t.add_argument("--tls_client_ca", default=None, metavar="FILE",
+                   help="PEM CA: require client certificates signed by it on gRPC and HTTP (mutual TLS)")
+    t.add_argument("--token_file", default=None, metavar="FILE",
+                   help="file holding a bearer token every request must carry (gRPC metadata 'authorization: "
+                        "Bearer <token>', the HTTP Authorization header); health checks stay open. A file, never "
+                        "the command line, where other users see it; students give it as DistillReader(token=) "
+                        "or $DISTILL_TEACHER_TOKEN")
     o.add_argument("--drain_timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM; the server exits within this "
                         "whatever its clients do: code 0, or 3 when a predictor run was still stuck "
@@ -301,7 +312,10 @@ class TeacherService:
             ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision,
             math_threads=max(1, args.cpu_math_thread_num), gpu_mem_mb=args.gpu_memory_mb)
         self._ModelFilesError = ModelFilesError
-        self.security = TransportSecurity.from_args(args)
+        try:
+            self.security = TransportSecurity.from_args(args)
+        except ValueError as exc:
+            raise ServeError(str(exc)) from None
         self.registration = None
         self.grpc = None
         self.stats = None
@@ -378,12 +392,13 @@ class TeacherService:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_predictors())
         batching = (f"dynamic batching up to {args.max_batch_size} samples, {args.batch_timeout_ms} ms"
                     if self.batcher.merging else "dynamic batching off")
-        logger.info("serving model %s (feeds %s, fetches %s) on %s:%d gRPC%s%s; device %s, %d predictor(s), "
+        logger.info("serving model %s (feeds %s, fetches %s) on %s:%d gRPC%s%s (%s); device %s, %d predictor(s), "
                     "%s; ready in %.2fs", os.path.abspath(self.model_dir), self.config.feed_names,
                     self.config.fetch_names, args.host, self.grpc.port,
                     f", HTTP :{self.http.port}" if self.http else "",
                     f", Prometheus :{self.metrics_front.port}/metrics" if self.metrics_front else "",
-                    self.device, self.pool.size, batching, time.monotonic() - self._started)
+                    self.security.describe(), self.device, self.pool.size, batching,
+                    time.monotonic() - self._started)
         if args.zk:
             self._register()
 
@@ -424,8 +439,11 @@ class TeacherService:
                 "feeds": self.config.feed_names, "fetches": self.config.fetch_names, "pid": os.getpid()}
         if self.http is not None:
             meta["http_port"] = self.http.port
+        if self.security.tls:
+            meta["tls"] = True       # students connect with TLS (discovery.student leaves it out otherwise)
         try:
-            self.registration = registration_from_args(args, endpoint, meta)
+            # the process knows whether it serves: no probe through its own (possibly TLS-only) port
+            self.registration = registration_from_args(args, endpoint, meta, health_check=lambda: self.serving)
         except ValueError as exc:     # e.g. no ZooKeeper identity and no --allow_open_acl
             raise ServeError(str(exc)) from None
         self.registration.start()
@@ -498,7 +516,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    import paddle  # noqa: F401  (before logging setup: importing paddle sets the root logger to WARNING)
+    from distill_reader.paddle_compat import import_paddle
+
+    import_paddle("teachers.serve")  # before logging setup: importing paddle sets the root logger to WARNING
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

@@ -1,4 +1,9 @@
-"""Small static programs shared by the dist tests: a teacher and a student built in their own name spaces."""
+"""Small static programs shared by the dist tests: a teacher and a student built in their own name spaces.
+
+``dist.merge`` and the name-addressed losses work on legacy static programs: on paddle 3 ``static_mode()`` builds
+and runs them under ``paddle.pir_utils.OldIrGuard`` (the in-process equivalent of FLAGS_enable_pir_api=0, which
+tests/test_dist_examples.py sets in the environment of the example scripts).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,13 +11,27 @@ import contextlib
 import numpy as np
 import paddle
 
+from distill_reader.paddle_compat import keep_mode, legacy_ir, pir_ir
+
 
 @contextlib.contextmanager
 def static_mode():
-    """Static graph mode for the duration of a test; dygraph again afterwards."""
+    """Legacy static graph mode for the duration of a test; dygraph again afterwards."""
     paddle.enable_static()
     try:
-        yield
+        with legacy_ir(paddle):
+            yield
+    finally:
+        paddle.disable_static()
+
+
+@contextlib.contextmanager
+def pir_static_mode():
+    """PIR static graph mode (paddle 3 only) for the duration of a test; dygraph again afterwards."""
+    paddle.enable_static()
+    try:
+        with pir_ir(paddle):
+            yield
     finally:
         paddle.disable_static()
 
@@ -79,6 +98,25 @@ def control_flow_teacher(input_name="y"):
     return {"hidden": hidden, "branched": branched, "looped": looped}
 
 
+def legacy_control_flow_builds() -> bool:
+    """Whether this paddle builds ``cond`` in legacy static mode (paddle 3.3 does not: its logical_not is PIR-only)."""
+    try:
+        with keep_mode(paddle), legacy_ir(paddle):
+            paddle.enable_static()
+            build(control_flow_teacher, "y")
+    except TypeError as exc:
+        if "must be Value" in str(exc):
+            return False
+        raise
+    return True
+
+
 def fc_student(input_name="x"):
     x = paddle.static.data(name=input_name, shape=[None, 4], dtype="float32")
     return {"out": paddle.static.nn.fc(x, 4, name="s_fc")}
+
+
+def plain_fc(input_name="x"):
+    """fc(3) with generated names (fc_0.w_0, fc_0.b_0): a teacher and a student built by it share the names."""
+    x = paddle.static.data(name=input_name, shape=[None, 4], dtype="float32")
+    return {"out": paddle.static.nn.fc(x, 3)}

@@ -7,7 +7,8 @@ import pytest
 
 from distill_reader import dist
 from distill_reader.dist import functional as DF
-from tests.dist_support import build, conv_student, conv_teacher, static_mode
+from distill_reader.paddle_compat import paddle_major
+from tests.dist_support import build, conv_student, conv_teacher, pir_static_mode, static_mode
 
 PLACE = paddle.CPUPlace()
 RNG = np.random.RandomState(123)
@@ -63,7 +64,8 @@ def test_static_losses_equal_numpy(merged):
         dist.soft_label_loss("teacher_t_fc.tmp_1", "s_fc.tmp_1", p),
         dist.soft_label_loss("teacher_t_fc.tmp_1", "s_fc.tmp_1", p, teacher_temperature=4.0, student_temperature=2.0),
         dist.fsp_loss("teacher_t_c1.tmp_1", "teacher_t_c2.tmp_1", "s_c1.tmp_1", "s_c2.tmp_1", p),
-        dist.loss(lambda t, s, w: paddle.mean(paddle.abs(paddle.subtract(s, t))) * w, p,
+        # (max, not abs: paddle 3.3's legacy static mode has no abs/exp/log/sum/multiply for legacy Variables)
+        dist.loss(lambda t, s, w: paddle.max(paddle.square(paddle.subtract(s, t))) * w, p,
                   t="teacher_t_fc.tmp_1", s="s_fc.tmp_1", w=3.0),
     ])
     fetched = student.run(exe, {"img": batch}, losses + [
@@ -74,7 +76,7 @@ def test_static_losses_equal_numpy(merged):
     np.testing.assert_allclose(soft1, np_soft_label(t_fc, s_fc), rtol=1e-5)
     np.testing.assert_allclose(soft42, np_soft_label(t_fc, s_fc, 4.0, 2.0), rtol=1e-5)
     np.testing.assert_allclose(fsp, np_fsp(t1, t2, s1, s2), rtol=1e-5)
-    np.testing.assert_allclose(custom, 3.0 * np.mean(np.abs(s_fc.astype(np.float64) - t_fc)), rtol=1e-5)
+    np.testing.assert_allclose(custom, 3.0 * np.max((s_fc.astype(np.float64) - t_fc) ** 2), rtol=1e-5)
     assert l2.shape == () and fsp.shape == ()
 
 
@@ -215,3 +217,52 @@ def test_dygraph_training_lowers_the_loss_and_keeps_the_teacher():
     for p, b in zip(teacher.parameters(), before):
         assert p.grad is None
         assert np.array_equal(p.numpy(), b)
+
+
+# --- numerical stability, and the losses on paddle 3 PIR programs ------------------------------------------------
+CONFIDENT_TEACHER = np.array([[10.0, 0.0, 0.0]], "float32")
+WRONG_STUDENT = np.array([[0.0, 100.0, 0.0]], "float32")
+
+
+def test_soft_label_loss_is_exact_for_large_logit_gaps_in_dygraph():
+    paddle.disable_static()
+    expected = np_soft_label(CONFIDENT_TEACHER, WRONG_STUDENT)
+    assert abs(expected - 99.995) < 1e-3
+    student = paddle.to_tensor(WRONG_STUDENT, stop_gradient=False)
+    value = DF.soft_label_loss(CONFIDENT_TEACHER, student)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-6)
+    value.backward()  # d/ds = softmax(s) - softmax(t): no gradient lost to clipping
+    np.testing.assert_allclose(student.grad.numpy(), np_softmax(WRONG_STUDENT.astype(np.float64))
+                               - np_softmax(CONFIDENT_TEACHER.astype(np.float64)), atol=1e-6)
+
+
+def test_soft_label_loss_is_exact_for_large_logit_gaps_in_static_programs():
+    with static_mode():
+        program, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(program, startup):
+            paddle.static.data("t", [None, 3], "float32")
+            paddle.static.data("s", [None, 3], "float32")
+            value = dist.soft_label_loss("t", "s", program)
+        exe = paddle.static.Executor(PLACE)
+        got = exe.run(program, feed={"t": CONFIDENT_TEACHER, "s": WRONG_STUDENT}, fetch_list=[value])[0]
+    np.testing.assert_allclose(got, np_soft_label(CONFIDENT_TEACHER, WRONG_STUDENT), rtol=1e-6)
+
+
+def test_functional_losses_build_on_pir_values():
+    """Paddle 3's PIR programs: dist.functional builds every loss on Values (the name-based API cannot)."""
+    if paddle_major(paddle) < 3:
+        pytest.skip(f"paddle {paddle.__version__} has no PIR programs (they came with paddle 3)")
+    t, s = RNG.randn(4, 10).astype("float32"), RNG.randn(4, 10).astype("float32")
+    t1, t2, s1, s2 = (RNG.randn(2, c, 3, 3).astype("float32") for c in (4, 6, 4, 6))
+    with pir_static_mode():
+        program, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(program, startup):
+            feeds = {name: paddle.static.data(name, list(a.shape), "float32")
+                     for name, a in {"t": t, "s": s, "t1": t1, "t2": t2, "s1": s1, "s2": s2}.items()}
+            losses = [DF.l2_loss(feeds["t"], feeds["s"]), DF.soft_label_loss(feeds["t"], feeds["s"], 2.0, 3.0),
+                      DF.fsp_loss(feeds["t1"], feeds["t2"], feeds["s1"], feeds["s2"])]
+        got = paddle.static.Executor(PLACE).run(
+            program, feed={"t": t, "s": s, "t1": t1, "t2": t2, "s1": s1, "s2": s2}, fetch_list=losses)
+    np.testing.assert_allclose(got[0], np_l2(t, s), rtol=1e-5)
+    np.testing.assert_allclose(got[1], np_soft_label(t, s, 2.0, 3.0), rtol=1e-5)
+    np.testing.assert_allclose(got[2], np_fsp(t1, t2, s1, s2), rtol=1e-5)

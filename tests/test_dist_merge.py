@@ -6,7 +6,19 @@ import paddle
 import pytest
 
 from distill_reader import dist
-from tests.dist_support import build, control_flow_teacher, conv_student, conv_teacher, fc_student, static_mode
+from distill_reader.paddle_compat import paddle_major
+from tests.dist_support import (
+    Built,
+    build,
+    control_flow_teacher,
+    conv_student,
+    conv_teacher,
+    fc_student,
+    legacy_control_flow_builds,
+    pir_static_mode,
+    plain_fc,
+    static_mode,
+)
 
 PLACE = paddle.CPUPlace()
 
@@ -51,6 +63,9 @@ def test_merged_conv_teacher_equals_standalone_teacher(exe):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])  # both branches of the teacher's cond
 def test_teacher_with_cond_and_while_loop_merges_and_computes(exe, sign):
+    if not legacy_control_flow_builds():
+        pytest.skip(f"paddle {paddle.__version__} cannot build paddle.static.nn.cond in legacy static mode (its "
+                    "logical_not calls the PIR-only C++ API), so no legacy teacher with sub-blocks can be made")
     teacher = build(control_flow_teacher, "y").init(exe, seed=5)
     student = build(fc_student, "x").init(exe, seed=6)
     # Make the fc's output mean positive or negative so both cond branches run.
@@ -163,3 +178,48 @@ def test_uninitialized_teacher_is_reported(exe, caplog):
         dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=student.scope,
                    teacher_scope=teacher.scope)
     assert "not initialized" in caplog.text and "s_fc.w_0" in caplog.text
+
+
+def test_same_generated_names_in_one_scope_need_the_teacher_scope(exe):
+    """Teacher and student both named fc_0.w_0, in one scope, student initialized last: never mix them."""
+    shared = paddle.static.Scope()
+    teacher, student = build(plain_fc, "x"), build(plain_fc, "x")
+    teacher.scope = student.scope = shared
+    teacher.init(exe, seed=1)
+    alone = Built(teacher.program, teacher.startup, paddle.static.Scope()).init(exe, seed=1)  # the teacher's state
+    student.init(exe, seed=2)  # overwrites fc_0.w_0 / fc_0.b_0 in the shared scope with the student's
+    batch = _batch((3, 4), seed=4)
+    expected = alone.run(exe, {"x": batch}, [teacher.out["out"]])[0]
+    assert not np.allclose(expected, student.run(exe, {"x": batch}, [student.out["out"]])[0])
+
+    with pytest.raises(dist.MergeError, match=r"teacher variable 'fc_0\.[wb]_0'.*teacher_scope"):
+        dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=shared)
+    assert not [v for v in student.program.list_vars() if v.name.startswith("teacher_")]  # nothing half-merged
+
+    names = dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=shared, teacher_scope=alone.scope)
+    merged = student.run(exe, {"x": batch}, [names[teacher.out["out"].name]])[0]
+    np.testing.assert_allclose(merged, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_teacher_tensors_must_match_the_declared_variables(exe, bad):
+    teacher = build(fc_student, "x").init(exe, seed=7)
+    student = build(conv_student, "img").init(exe, seed=8)
+    wrong = np.zeros([5, 4], "float32") if bad == "shape" else np.zeros([4, 4], "float64")
+    teacher.scope.find_var("s_fc.w_0").get_tensor().set(wrong, PLACE)
+    with pytest.raises(dist.MergeError, match=r"teacher variable 's_fc\.w_0'.*declares float32 \[4, 4\]"):
+        dist.merge(teacher.program, student.program, {}, PLACE, scope=student.scope, teacher_scope=teacher.scope)
+    assert not [v for v in student.program.list_vars() if v.name.startswith("teacher_")]
+    assert student.scope.find_var("teacher_s_fc.b_0") is None  # no tensor copied either
+
+
+def test_pir_programs_get_a_clear_error_naming_the_flag():
+    if paddle_major(paddle) < 3:
+        pytest.skip(f"paddle {paddle.__version__} has no PIR programs (they came with paddle 3)")
+    with pir_static_mode():
+        teacher, student = build(plain_fc, "x"), build(plain_fc, "x")
+        with pytest.raises(dist.PirProgramError, match="teacher_program is a paddle 3 PIR program.*"
+                                                       "FLAGS_enable_pir_api=0 before paddle is imported"):
+            dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=student.scope)
+        with pytest.raises(dist.PirProgramError, match="dist.l2_loss: program is a paddle 3 PIR program"):
+            dist.l2_loss("a", "b", student.program)

@@ -7,12 +7,25 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from distill_reader.paddle_compat import keep_mode, legacy_ir, paddle_major, pir_enabled
 from distill_reader.proto import general_model_config_pb2 as config_pb2
 from distill_reader.serving_config import ServingConfig
 from teachers.export import ExportError, inference_model_to_serving, main, save_model
 from teachers.predictor_pool import PredictorOptions, PredictorPool
 from tests.support.procs import REPO_ROOT
-from tests.support.teacher import build_mnist_cnn, mnist_like_images, reference_predict, save_static_model
+from tests.support.teacher import (
+    build_mnist_cnn,
+    mnist_like_images,
+    reference_predict,
+    save_jit_model,
+    save_static_model,
+)
+
+
+def paddle_module():
+    import paddle
+
+    return paddle
 
 
 def _predict_dir(model_dir: str, images: np.ndarray) -> np.ndarray:
@@ -23,7 +36,8 @@ def _predict_dir(model_dir: str, images: np.ndarray) -> np.ndarray:
 def _source_predict(path_prefix: str, images: np.ndarray) -> np.ndarray:
     from paddle import inference
 
-    config = inference.Config(path_prefix + ".pdmodel", path_prefix + ".pdiparams")
+    pir = os.path.exists(path_prefix + ".json")  # paddle 3 saves PIR programs as .json
+    config = inference.Config(path_prefix + (".json" if pir else ".pdmodel"), path_prefix + ".pdiparams")
     config.disable_glog_info()
     predictor = inference.create_predictor(config)
     predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
@@ -31,9 +45,11 @@ def _source_predict(path_prefix: str, images: np.ndarray) -> np.ndarray:
     return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def _check_layout(server_dir: str, client_dir: str) -> ServingConfig:
-    assert sorted(os.listdir(server_dir)) == ["model.pdmodel", "params.pdiparams", "serving_server_conf.prototxt",
-                                              "serving_server_conf.stream.prototxt"]
+def _check_layout(server_dir: str, client_dir: str, model_file: str = "") -> ServingConfig:
+    """The serving folders; ``model_file`` defaults to what the running paddle saves (PIR on paddle 3)."""
+    model_file = model_file or ("model.json" if pir_enabled(paddle_module()) else "model.pdmodel")
+    assert sorted(os.listdir(server_dir)) == sorted([model_file, "params.pdiparams", "serving_server_conf.prototxt",
+                                                     "serving_server_conf.stream.prototxt"])
     assert sorted(os.listdir(client_dir)) == ["serving_client_conf.prototxt", "serving_client_conf.stream.prototxt"]
     for folder, name in ((server_dir, "serving_server_conf"), (client_dir, "serving_client_conf")):
         text = config_pb2.GeneralModelConfig()
@@ -83,6 +99,18 @@ def test_jit_path_prefix_and_default_aliases(teacher_model_jit, tmp_path):
 def test_old_layouts(tmp_path, combined):
     import paddle
 
+    with keep_mode(paddle), legacy_ir(paddle):  # the layouts of paddle 1.x/2.x programs, also made on paddle 3
+        _save_old_layout(paddle, tmp_path, combined)
+    feeds, fetches = inference_model_to_serving(str(tmp_path / "old"), str(tmp_path / "s"), str(tmp_path / "c"),
+                                                fetch_alias_names="prediction")
+    assert (feeds, fetches) == (["img"], ["prediction"])
+    _check_layout(str(tmp_path / "s"), str(tmp_path / "c"), "model.pdmodel")
+    images = mnist_like_images(4, seed=6)
+    np.testing.assert_allclose(_predict_dir(str(tmp_path / "s"), images),
+                               _source_predict(str(tmp_path / "new" / "model"), images), atol=1e-6)
+
+
+def _save_old_layout(paddle, tmp_path, combined: bool) -> None:
     main_prog, startup, img, prediction = build_mnist_cnn(seed=5)
     scope = paddle.static.Scope()
     exe = paddle.static.Executor(paddle.CPUPlace())
@@ -96,16 +124,8 @@ def test_old_layouts(tmp_path, combined):
                 paddle.static.serialize_persistables([img], [prediction], exe, program=main_prog))
         else:
             paddle.static.io.save_vars(exe, str(old), main_prog, predicate=paddle.static.io.is_persistable)
-        new_prefix = str(tmp_path / "new" / "model")
-        paddle.static.save_inference_model(new_prefix, [img], [prediction], exe, program=main_prog)
-    paddle.disable_static()
-    feeds, fetches = inference_model_to_serving(str(old), str(tmp_path / "s"), str(tmp_path / "c"),
-                                                fetch_alias_names="prediction")
-    assert (feeds, fetches) == (["img"], ["prediction"])
-    _check_layout(str(tmp_path / "s"), str(tmp_path / "c"))
-    images = mnist_like_images(4, seed=6)
-    np.testing.assert_allclose(_predict_dir(str(tmp_path / "s"), images), _source_predict(new_prefix, images),
-                               atol=1e-6)
+        paddle.static.save_inference_model(str(tmp_path / "new" / "model"), [img], [prediction], exe,
+                                           program=main_prog)
 
 
 def test_save_model_from_program(tmp_path):
@@ -136,8 +156,9 @@ def test_cli_help_and_convert(teacher_model, tmp_path):
                  "--fetch_alias_names"):
         assert flag in helped.stdout
     src = os.path.join(os.path.dirname(teacher_model.server_dir), "inference_model")
+    model_file = next(n for n in os.listdir(src) if n.startswith("model.") and n != "model.pdiparams")
     assert main(["--dirname", src, "--serving_server", str(tmp_path / "s"), "--serving_client", str(tmp_path / "c"),
-                 "--model_filename", "model.pdmodel", "--params_filename", "model.pdiparams",
+                 "--model_filename", model_file, "--params_filename", "model.pdiparams",
                  "--fetch_alias_names", "prediction"]) == 0
     assert ServingConfig.load(str(tmp_path / "c")).fetch_names == ["prediction"]
     assert main(["--dirname", str(tmp_path / "nowhere")]) == 2
@@ -153,3 +174,69 @@ def test_errors_name_the_problem(tmp_path):
     src = save_static_model(str(tmp_path / "m"))
     with pytest.raises(ExportError, match="2 fetch alias names"):
         inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"), fetch_alias_names="a,b")
+
+
+def test_legacy_pdmodel_exports_and_serves_on_every_line(tmp_path):
+    """A .pdmodel program (what paddle 2.6 saves) exports as model.pdmodel and predicts the same, on 2.6 and 3.x."""
+    import paddle
+
+    with keep_mode(paddle), legacy_ir(paddle):
+        src = save_static_model(str(tmp_path / "legacy"), seed=2)
+    assert sorted(os.listdir(src)) == ["model.pdiparams", "model.pdmodel"]
+    inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"), fetch_alias_names="prediction")
+    _check_layout(str(tmp_path / "s"), str(tmp_path / "c"), "model.pdmodel")
+    images = mnist_like_images(5, seed=8)
+    np.testing.assert_allclose(_predict_dir(str(tmp_path / "s"), images),
+                               _source_predict(os.path.join(src, "model"), images), atol=1e-6)
+
+
+def test_pir_model_exports_as_model_json(tmp_path):
+    """Paddle 3 PIR models (``inference.json`` + ``.pdiparams``) are copied as model.json + params.pdiparams."""
+    import paddle
+
+    if paddle_major(paddle) < 3:
+        pytest.skip(f"paddle {paddle.__version__} cannot build PIR programs (they came with paddle 3)")
+    from distill_reader.paddle_compat import pir_ir
+
+    with keep_mode(paddle), pir_ir(paddle):
+        src = save_jit_model(str(tmp_path / "jit"), seed=3)
+    assert sorted(os.listdir(src)) == ["inference.json", "inference.pdiparams"]
+    feeds, fetches = inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"),
+                                                fetch_alias_names="prediction")
+    assert (feeds, fetches) == (["img"], ["prediction"])
+    _check_layout(str(tmp_path / "s"), str(tmp_path / "c"), "model.json")
+    with open(os.path.join(src, "inference.json"), "rb") as a, open(str(tmp_path / "s" / "model.json"), "rb") as b:
+        assert a.read() == b.read()
+    images = mnist_like_images(5, seed=9)
+    np.testing.assert_allclose(_predict_dir(str(tmp_path / "s"), images),
+                               _source_predict(os.path.join(src, "inference"), images), atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dygraph", "static"])
+def test_export_keeps_paddles_mode(teacher_model, tmp_path, dynamic):
+    import paddle
+
+    src = os.path.join(os.path.dirname(teacher_model.server_dir), "inference_model")
+    try:
+        paddle.disable_static() if dynamic else paddle.enable_static()
+        inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"))
+        assert paddle.in_dynamic_mode() is dynamic
+    finally:
+        paddle.disable_static()
+
+
+def test_model_files_are_replaced_atomically(teacher_model, tmp_path):
+    """Re-exporting over a folder writes new files and renames them in: the old files' contents are never cut."""
+    src = os.path.join(os.path.dirname(teacher_model.server_dir), "inference_model")
+    server = tmp_path / "s"
+    inference_model_to_serving(src, str(server), str(tmp_path / "c"))
+    model_file = next(n for n in os.listdir(server) if n.startswith("model."))
+    before = {}
+    for name in (model_file, "params.pdiparams"):
+        os.link(server / name, tmp_path / f"old_{name}")  # a reader holding the old file sees it whole
+        before[name] = (server / name).read_bytes()
+    inference_model_to_serving(src, str(server), str(tmp_path / "c"))
+    for name, data in before.items():
+        assert (tmp_path / f"old_{name}").read_bytes() == data
+        assert os.stat(server / name).st_ino != os.stat(tmp_path / f"old_{name}").st_ino
+    assert not [n for n in os.listdir(server) if n.endswith(".tmp")]

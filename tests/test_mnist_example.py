@@ -107,6 +107,12 @@ def test_server_stopped_and_report_written(flow):
 
 
 def test_two_fleet_trainers_distill_from_a_served_teacher(flow, tmp_path):
+    import paddle
+
+    if int(paddle.__version__.split(".")[0]) >= 3:
+        pytest.skip(f"paddle {paddle.__version__} has no CPU allreduce for static programs: c_allreduce_sum is gone "
+                    "and its all_reduce op finds no gloo communicator ('NCCLCommContext is nullptr') after "
+                    "init_parallel_env, so two CPU trainers cannot average gradients")
     workdir, _, _ = flow
     port = free_port()
     with ProcessGuard() as guard:

@@ -69,8 +69,10 @@ def test_teacher_sigkilled_mid_epoch_and_restarted(teacher_model):
             time.sleep(0.01)   # a student doing some work; the epoch spans the kill and the restart
         assert [s[1] for s in out] == list(range(n)), "every sample exactly once, in order"
         np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
-        assert dr.last_epoch_stats.stage["retries"] >= 1
-        assert dr.last_epoch_stats.teachers[victim.endpoint]["errors"] >= 1
+        stage, teachers = dr.last_epoch_stats.stage, dr.last_epoch_stats.teachers
+        # the victim's tasks were answered elsewhere: re-sent after its failure, or already hedged
+        assert stage["retries"] + stage["hedge_wins"] >= 1, stage
+        assert teachers[victim.endpoint]["errors"] >= 1, teachers
         # next epoch: the restarted teacher is back in service and takes its share
         out = [s for batch in reader() for s in batch]
         assert [s[1] for s in out] == list(range(n))

@@ -147,7 +147,7 @@ def test_a_sick_teacher_is_set_aside_and_its_tasks_retried_elsewhere(teacher_mod
                 out = list(dr.set_batch_generator(_batches(images))())
                 _check(out, images, ref)
                 teachers = dr.last_epoch_stats.teachers
-                assert teachers[sick]["requests"] == 0 and teachers[good.endpoint]["requests"] == N // BATCH, teachers
+                assert teachers[sick]["requests"] == 0 and teachers[good.endpoint]["requests"] >= N // BATCH, teachers
                 errors += teachers[sick]["errors"]
             assert errors >= 1, "the sick teacher was asked and its failures counted"
         finally:

@@ -1,7 +1,8 @@
 """In-process distillation on static graphs: merge a teacher program into a student program, add losses.
 
 The API of PaddleSlim's ``dist`` module (``merge``, ``fsp_loss``, ``l2_loss``, ``soft_label_loss``, ``loss``) on
-paddle 2.6 static graphs, plus multi-block teachers, name suggestions, shape checks, student-only checkpoints and
+legacy static graphs (paddle 2.6, or paddle 3 with ``FLAGS_enable_pir_api=0`` set before paddle is imported: PIR
+programs raise PirProgramError), plus multi-block teachers, name suggestions, shape checks, student-only checkpoints and
 dygraph counterparts of the losses in ``dist.functional``.
 
 Example::
@@ -16,15 +17,20 @@ Example::
 """
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
-from . import functional
-from .checkpoint import load_student_params, save_student_params, student_parameters
-from .losses import fsp_loss, l2_loss, loss, soft_label_loss
-from .merge import MergeError, merge
-from .names import VarNotFoundError, find_var
-from .shapes import ShapeMismatchError
+from distill_reader.paddle_compat import import_paddle
+
+import_paddle("distill_reader.dist")  # one clear ImportError (naming the cpu/gpu extras) without paddle
+
+from . import functional  # noqa: E402
+from .checkpoint import load_student_params, save_student_params, student_parameters  # noqa: E402
+from .losses import fsp_loss, l2_loss, loss, soft_label_loss  # noqa: E402
+from .merge import MergeError, merge  # noqa: E402
+from .names import VarNotFoundError, find_var  # noqa: E402
+from .pir import PirProgramError  # noqa: E402
+from .shapes import ShapeMismatchError  # noqa: E402
 
 __all__ = [
     "merge", "fsp_loss", "l2_loss", "soft_label_loss", "loss", "functional",
     "save_student_params", "load_student_params", "student_parameters",
-    "MergeError", "VarNotFoundError", "ShapeMismatchError", "find_var",
+    "MergeError", "VarNotFoundError", "ShapeMismatchError", "PirProgramError", "find_var",
 ]

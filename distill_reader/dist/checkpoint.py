@@ -17,6 +17,8 @@ import os
 
 import paddle
 
+from .pir import require_legacy
+
 __all__ = ["student_parameters", "save_student_params", "load_student_params"]
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 def student_parameters(program=None, exclude_prefix: str | None = None) -> list:
     """The Parameters of ``program`` (default main program), skipping names that start with ``exclude_prefix``."""
     program = paddle.static.default_main_program() if program is None else program
+    require_legacy("dist.student_parameters", program=program)
     params = program.global_block().all_parameters()
     if exclude_prefix:
         params = [p for p in params if not p.name.startswith(exclude_prefix)]

@@ -52,7 +52,9 @@ def fsp_matrix(x, y):
     c2 = y.shape[1]
     x_flat = paddle.reshape(x, [0, c1, -1])
     y_flat = paddle.reshape(y, [0, c2, -1])
-    product = paddle.matmul(x_flat, y_flat, transpose_y=True)
+    # einsum, not matmul: paddle 3's legacy static mode (FLAGS_enable_pir_api=0) has no matmul/sum/multiply/exp/log
+    # for legacy Variables; einsum, max, mean, softmax and log_softmax work in every mode of 2.6 and 3.x.
+    product = paddle.einsum("nip,njp->nij", x_flat, y_flat)
     if h is not None and w is not None and h > 0 and w > 0:
         return product / float(h * w)
     area = paddle.cast(paddle.shape(x_flat)[2], product.dtype)
@@ -99,7 +101,8 @@ def _l2_loss(teacher_var, student_var):
 def soft_label_loss(teacher_var, student_var, teacher_temperature: float = 1.0, student_temperature: float = 1.0):
     """Cross entropy of the student's softmax against the teacher's softmax (soft labels), mean over rows.
 
-    ``mean_rows(-sum_last_axis(softmax(t / Tt) * log_softmax(s / Ts)))``.
+    ``mean_rows(-sum_last_axis(softmax(t / Tt) * log_softmax(s / Ts)))``, computed stably (teacher logits
+    ``[10, 0, 0]`` against student ``[0, 100, 0]`` give 99.995, not a value capped by a clipped log).
 
     Example::
 
@@ -113,8 +116,20 @@ def soft_label_loss(teacher_var, student_var, teacher_temperature: float = 1.0, 
 
 def _soft_label_loss(teacher_var, student_var, teacher_temperature, student_temperature):
     teacher_prob = F.softmax(teacher_var / float(teacher_temperature), axis=-1)
-    student_log_prob = F.log_softmax(student_var / float(student_temperature), axis=-1)
-    return paddle.mean(-paddle.sum(paddle.multiply(teacher_prob, student_log_prob), axis=-1))
+    student_log_prob = _log_softmax(student_var / float(student_temperature))
+    return paddle.mean(-paddle.einsum("...k,...k->...", teacher_prob, student_log_prob))
+
+
+def _log_softmax(x):
+    """``log_softmax`` over the last axis, exact for any logit gap.
+
+    Paddle's CPU ``log_softmax`` kernel clips its results at -64, so a confidently wrong student would get a capped
+    loss and no gradient. ``log_softmax(x) = (x - max(x)) - logsumexp(x - max(x))``, and the second term (between
+    0 and log(K)) is minus the largest entry of the kernel's own ``log_softmax``, which is never clipped. Only ops
+    that paddle 2.6 and 3.x (PIR and legacy mode) all support: max, log_softmax, subtract, add.
+    """
+    shifted = paddle.subtract(x, paddle.max(x, axis=-1, keepdim=True))
+    return paddle.add(shifted, paddle.max(F.log_softmax(x, axis=-1), axis=-1, keepdim=True))
 
 
 def loss(loss_func: Callable, teacher_args: tuple[str, ...] = (), **kwargs):

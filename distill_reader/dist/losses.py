@@ -19,13 +19,16 @@ import paddle
 
 from . import functional
 from .names import find_var
+from .pir import require_legacy
 from .shapes import check_fsp_shapes, check_same_shape
 
 __all__ = ["fsp_loss", "l2_loss", "soft_label_loss", "loss"]
 
 
-def _program(program):
-    return paddle.static.default_main_program() if program is None else program
+def _program(program, api: str):
+    program = paddle.static.default_main_program() if program is None else program
+    require_legacy(f"dist.{api}", program=program)
+    return program
 
 
 def fsp_loss(teacher_var1_name: str, teacher_var2_name: str, student_var1_name: str, student_var2_name: str,
@@ -39,7 +42,7 @@ def fsp_loss(teacher_var1_name: str, teacher_var2_name: str, student_var1_name: 
 
         distill = dist.fsp_loss("teacher_t1.tmp_1", "teacher_t2.tmp_1", "s1.tmp_1", "s2.tmp_1", student_program)
     """
-    program = _program(program)
+    program = _program(program, "fsp_loss")
     names = {"teacher": (teacher_var1_name, teacher_var2_name), "student": (student_var1_name, student_var2_name)}
     pairs = {role: tuple(find_var(program, n, f"{role} var{i + 1}") for i, n in enumerate(pair))
              for role, pair in names.items()}
@@ -57,7 +60,7 @@ def l2_loss(teacher_var_name: str, student_var_name: str, program=None):
 
         distill = dist.l2_loss("teacher_t2.tmp_1", "s2.tmp_1", student_program)
     """
-    program = _program(program)
+    program = _program(program, "l2_loss")
     teacher_var = find_var(program, teacher_var_name, "teacher var")
     student_var = find_var(program, student_var_name, "student var")
     check_same_shape("l2_loss", teacher_var, student_var, repr(teacher_var_name), repr(student_var_name))
@@ -74,7 +77,7 @@ def soft_label_loss(teacher_var_name: str, student_var_name: str, program=None, 
 
         distill = dist.soft_label_loss("teacher_t2.tmp_1", "s2.tmp_1", student_program, 1., 1.)
     """
-    program = _program(program)
+    program = _program(program, "soft_label_loss")
     teacher_var = find_var(program, teacher_var_name, "teacher var")
     student_var = find_var(program, student_var_name, "student var")
     check_same_shape("soft_label_loss", teacher_var, student_var, repr(teacher_var_name), repr(student_var_name))
@@ -94,7 +97,7 @@ def loss(loss_func: Callable, program=None, **kwargs):
             return paddle.mean(paddle.square(s_var - t_var))
         distill = dist.loss(adaptation_loss, student_program, t_var="teacher_t2.tmp_1", s_var="s2.tmp_1")
     """
-    program = _program(program)
+    program = _program(program, "loss")
     call_args = {key: (find_var(program, value, f"argument {key!r}") if isinstance(value, str) else value)
                  for key, value in kwargs.items()}
     with paddle.static.program_guard(program):

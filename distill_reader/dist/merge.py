@@ -23,6 +23,7 @@ from paddle.base import core
 from paddle.base.framework import Operator
 
 from .names import closest_names
+from .pir import require_legacy
 from .shapes import ShapeMismatchError, dims_compatible
 
 __all__ = ["merge", "MergeError"]
@@ -50,11 +51,19 @@ def merge(teacher_program, student_program, data_name_map: dict[str, str], place
         place: the device the copied teacher tensors are placed on (``paddle.CPUPlace()``).
         scope: the scope the merged program runs in (default: the global scope); teacher tensors are copied here.
         name_prefix: prefix of every other teacher variable name.
-        teacher_scope: the scope holding the teacher's parameters (default: ``scope``).
+        teacher_scope: the scope holding the teacher's parameters (default: ``scope``). Pass it whenever the
+            teacher and the student were built with the same generated names (e.g. both ``fc_0.w_0``).
 
     Returns:
         dict teacher variable name -> its name in the merged program.
+
+    Raises:
+        MergeError: a bad ``data_name_map``; a teacher tensor whose shape or dtype differs from the teacher
+            program's declaration; a teacher persistable whose name the student also uses while the teacher's
+            tensors are read from ``scope`` (pass ``teacher_scope``); the message names the variable.
+        PirProgramError: a paddle 3 PIR program (set ``FLAGS_enable_pir_api=0`` before importing paddle).
     """
+    require_legacy("dist.merge", teacher_program=teacher_program, student_program=student_program)
     scope = paddle.static.global_scope() if scope is None else scope
     teacher_scope = scope if teacher_scope is None else teacher_scope
     data_name_map = dict(data_name_map or {})
@@ -70,7 +79,7 @@ def merge(teacher_program, student_program, data_name_map: dict[str, str], place
     teacher_names = {v.name for block in teacher.blocks for v in block.vars.values() if v.name not in _SKIPPED_NAMES}
     name_map = {name: rename(name) for name in sorted(teacher_names)}
     _check_collisions(student_program, name_map, data_name_map, name_prefix)
-    _copy_persistables(teacher, rename, place, scope, teacher_scope)
+    _copy_persistables(teacher, student_program, rename, place, scope, teacher_scope)
     block_map = _create_blocks(teacher, student_program)
     _clone_vars(teacher, student_program, block_map, rename, data_name_map)
     _append_ops(teacher, student_program, block_map, rename)
@@ -130,9 +139,16 @@ def _used_names(program) -> set[str]:
     return used
 
 
-def _copy_persistables(teacher, rename, place, scope, teacher_scope) -> None:
+def _copy_persistables(teacher, student, rename, place, scope, teacher_scope) -> None:
+    """Copy the teacher's persistable tensors into ``scope`` under their new names, after checking all of them.
+
+    Nothing is written unless every tensor checks out: it must have the shape and dtype the teacher program
+    declares, and it must be the teacher's (a name the student program also uses is refused when the teacher's
+    tensors are read from the scope the student was initialized in).
+    """
     used = _used_names(teacher)
-    missing = []
+    student_names = {v.name for block in student.blocks for v in block.vars.values()}
+    missing, copies = [], []
     for block in teacher.blocks:
         for var in block.vars.values():
             if not var.persistable or var.name in _SKIPPED_NAMES or var.name not in used:
@@ -142,14 +158,37 @@ def _copy_persistables(teacher, rename, place, scope, teacher_scope) -> None:
             new_name = rename(var.name)
             if teacher_scope is scope and new_name == var.name:
                 continue
+            if teacher_scope is scope and var.name in student_names:
+                raise MergeError(
+                    f"teacher variable {var.name!r} has the name of a student program variable, and the teacher's "
+                    "tensors are read from the scope the student runs in, where that name may hold the student's "
+                    "tensor (running the student's startup program after the teacher's overwrites it); pass "
+                    "teacher_scope=<the scope the teacher was initialized or loaded in>")
             source = teacher_scope.find_var(var.name)
             if source is None or not source.get_tensor()._is_initialized():
                 missing.append(var.name)
                 continue
-            scope.var(new_name).get_tensor().set(np.array(source.get_tensor()), place)
+            array = np.array(source.get_tensor())
+            _check_tensor(var, array)
+            copies.append((new_name, array))
+    for new_name, array in copies:
+        scope.var(new_name).get_tensor().set(array, place)
     if missing:
         logger.warning("teacher persistable variables not initialized in the teacher scope, not copied (load or "
                        "initialize the teacher before merge, or the merged program cannot run): %s", missing[:10])
+
+
+def _check_tensor(var, array: np.ndarray) -> None:
+    """MergeError unless ``array`` has the shape and dtype the teacher program declares for ``var``."""
+    from paddle.base.data_feeder import convert_dtype
+
+    declared = [int(d) for d in var.shape]
+    dtype = convert_dtype(var.dtype)
+    shape_ok = len(declared) == array.ndim and all(d < 0 or d == a for d, a in zip(declared, array.shape))
+    if not shape_ok or np.dtype(dtype) != array.dtype:
+        raise MergeError(f"teacher variable {var.name!r}: the teacher scope holds a {array.dtype} tensor of shape "
+                         f"{list(array.shape)}, but the teacher program declares {dtype} {declared}; the scope does "
+                         "not hold this teacher's parameters (wrong scope or model)")
 
 
 def _create_blocks(teacher, student) -> dict[int, int]:

@@ -343,10 +343,13 @@ class _PredictionPlan:
 
     def __init__(self, feed_list: list, schema: Mapping[str, Any], program: Any,
                  reader_config: Mapping[str, Any], exe: Any) -> None:
-        import paddle
+        from distill_reader.paddle_compat import import_paddle, is_pir_program
+
+        paddle = import_paddle("the Pantheon teacher's knowledge service")
         from paddle.base.data_feeder import convert_dtype
 
-        if not isinstance(program, paddle.static.Program):
+        pir = is_pir_program(program)
+        if not (pir or isinstance(program, paddle.static.Program)):
             raise ValueError(f"program must be a paddle.static.Program, got {type(program).__name__}")
         if not isinstance(exe, paddle.static.Executor):
             raise ValueError(f"exe must be a paddle.static.Executor, got {type(exe).__name__}")
@@ -356,27 +359,24 @@ class _PredictionPlan:
             raise ValueError("schema must be a non-empty dict of knowledge name -> Variable")
         if not isinstance(reader_config, Mapping):
             raise ValueError("reader_config must be a dict")
-        block = program.global_block()
-
-        def var_of(item: Any, what: str):
-            name = item if isinstance(item, str) else getattr(item, "name", None)
-            if name is None or not block.has_var(name):
-                raise ValueError(f"{what} {item!r} is not a variable of the teacher program")
-            return block.var(name)
-
+        var_of = _pir_values(program) if pir else _legacy_vars(program)
         self.feed_vars = [var_of(item, "feed") for item in feed_list]
-        self.feed_names = [v.name for v in self.feed_vars]
+        self.feed_names = [_feed_name(v, pir) for v in self.feed_vars]
         self.feed_dtypes = [convert_dtype(v.dtype) for v in self.feed_vars]
         self.feed_shapes = [list(v.shape) for v in self.feed_vars]
-        self.schema_names: OrderedDict[str, str] = OrderedDict()
+        # What exe.run fetches: variable names in legacy programs, Values in PIR programs (most have no name).
+        self.schema_targets: OrderedDict[str, Any] = OrderedDict()
         self.desc: OrderedDict[str, dict] = OrderedDict()
+        feed_of = dict(zip(self.feed_vars if pir else self.feed_names, self.feed_names))
         for key, item in schema.items():
             var = var_of(item, f"schema entry {key!r}:")
-            self.schema_names[key] = var.name
+            self.schema_targets[key] = var if pir else var.name
             self.desc[key] = {"shape": [int(d) for d in var.shape], "dtype": convert_dtype(var.dtype),
-                              "lod_level": int(getattr(var, "lod_level", 0) or 0)}
-        self.fetch_names = [n for n in dict.fromkeys(self.schema_names.values()) if n not in self.feed_names]
-        self.program = program._inference_optimize(prune_read_op=True)
+                              "lod_level": 0 if pir else int(getattr(var, "lod_level", 0) or 0)}
+        self.feed_of = feed_of  # fetch target -> feed name, for schema entries that are feeds
+        self.fetch_targets = [t for t in dict.fromkeys(self.schema_targets.values()) if t not in feed_of]
+        # Legacy programs are pruned for inference (dropout/batch-norm in test mode); build PIR teachers in eval mode.
+        self.program = program if pir else program._inference_optimize(prune_read_op=True)
         self.exe = exe
         self.devices = _devices(exe)
         self.reader = _feed_batches(reader_config, self.feed_names, self.feed_dtypes, self.feed_shapes)
@@ -384,11 +384,56 @@ class _PredictionPlan:
     def batches(self) -> Iterator[OrderedDict[str, np.ndarray]]:
         """Predict every batch the reader yields and return the schema's knowledge, in reader order."""
         for feed in self.reader():
-            outputs = self.exe.run(self.program, feed=feed, fetch_list=self.fetch_names, return_numpy=True) \
-                if self.fetch_names else []
-            fetched: Dict[str, np.ndarray] = dict(zip(self.fetch_names, outputs))
-            fetched.update(feed)
-            yield OrderedDict((key, np.asarray(fetched[name])) for key, name in self.schema_names.items())
+            outputs = self.exe.run(self.program, feed=feed, fetch_list=self.fetch_targets, return_numpy=True) \
+                if self.fetch_targets else []
+            fetched: Dict[Any, np.ndarray] = dict(zip(self.fetch_targets, outputs))
+            for target, name in self.feed_of.items():
+                fetched[target] = feed[name]
+            yield OrderedDict((key, np.asarray(fetched[t])) for key, t in self.schema_targets.items())
+
+
+def _legacy_vars(program: Any):
+    """Resolver of feed/schema items (Variables or names) in a legacy static program."""
+    block = program.global_block()
+
+    def var_of(item: Any, what: str):
+        name = item if isinstance(item, str) else getattr(item, "name", None)
+        if name is None or not block.has_var(name):
+            raise ValueError(f"{what} {item!r} is not a variable of the teacher program")
+        return block.var(name)
+
+    return var_of
+
+
+def _pir_values(program: Any):
+    """Resolver of feed/schema items in a paddle 3 PIR program: Values, or the names of its data and parameters."""
+    named = {}
+    for op in program.global_block().ops:
+        if op.name() == "pd_op.data":
+            named[op.attrs()["name"]] = op.result(0)
+        elif op.name() == "builtin.parameter":
+            named[op.attrs()["parameter_name"]] = op.result(0)
+
+    def var_of(item: Any, what: str):
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(f"{what} {item!r} is not a feed or parameter of the teacher's PIR program (only "
+                                 "those have names in PIR: pass the Value itself)")
+            return named[item]
+        if type(item).__name__ != "Value":
+            raise ValueError(f"{what} {item!r} is not a Value of the teacher's PIR program")
+        return item
+
+    return var_of
+
+
+def _feed_name(var: Any, pir: bool) -> str:
+    if not pir:
+        return var.name
+    op = var.get_defining_op()
+    if op is None or op.name() != "pd_op.data":
+        raise ValueError(f"feed {var!r} is not a paddle.static.data input of the teacher's PIR program")
+    return op.attrs()["name"]
 
 
 def _devices(exe: Any) -> List[str]:

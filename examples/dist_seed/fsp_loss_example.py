@@ -9,11 +9,16 @@ Run: ``python examples/dist_seed/fsp_loss_example.py`` (runs one random batch an
 """
 import argparse
 import json
+import os
 
-import numpy as np
-import paddle
+# dist.merge and the name-addressed losses need legacy static programs: on paddle 3 the flag must be set before
+# paddle is imported (paddle 2.6 builds legacy programs anyway).
+os.environ.setdefault("FLAGS_enable_pir_api", "0")
 
-import distill_reader.dist as dist
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import distill_reader.dist as dist  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--as-written", action="store_true",

@@ -9,11 +9,16 @@ Run: ``python examples/dist_seed/merge_example.py`` (runs one random batch and p
 """
 import argparse
 import json
+import os
 
-import numpy as np
-import paddle
+# dist.merge and the name-addressed losses need legacy static programs: on paddle 3 the flag must be set before
+# paddle is imported (paddle 2.6 builds legacy programs anyway).
+os.environ.setdefault("FLAGS_enable_pir_api", "0")
 
-import distill_reader.dist as dist
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import distill_reader.dist as dist  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--as-written", action="store_true",
@@ -27,7 +32,10 @@ with paddle.static.program_guard(student_program):
     conv = paddle.static.nn.conv2d(x, 32, 1)
     out = paddle.static.nn.conv2d(conv, 64, 3, padding=1)
 teacher_program = paddle.static.Program()
-with paddle.static.program_guard(teacher_program):
+# Changed: the teacher has its own startup program and scope. Paddle 3 restarts generated names in every
+# program_guard, so teacher and student both declare conv2d_0.w_0 ...: one shared startup program cannot hold both.
+teacher_startup, teacher_scope = paddle.static.Program(), paddle.static.Scope()
+with paddle.static.program_guard(teacher_program, teacher_startup):
     y = paddle.static.data(name='y', shape=[None, 1, 28, 28])
     conv = paddle.static.nn.conv2d(y, 32, 1)
     conv = paddle.static.nn.conv2d(conv, 32, 3, padding=1)
@@ -40,10 +48,11 @@ place = paddle.CUDAPlace(0) if USE_GPU else paddle.CPUPlace()
 exe = paddle.static.Executor(place)
 batch = np.random.RandomState(0).rand(2, 1, 28, 28).astype('float32')
 if not args.as_written:
-    exe.run(paddle.static.default_startup_program())
-    teacher_alone = exe.run(teacher_program, feed={'y': batch}, fetch_list=[out])[0]
+    with paddle.static.scope_guard(teacher_scope):
+        exe.run(teacher_startup)
+        teacher_alone = exe.run(teacher_program, feed={'y': batch}, fetch_list=[out])[0]
 dist.merge(teacher_program, student_program,
-                          data_name_map, place)
+                          data_name_map, place, teacher_scope=teacher_scope)
 
 if args.as_written:
     print(json.dumps({"teacher_ops": sum(op.type.startswith("conv2d") for op in student_program.global_block().ops)}))

@@ -62,6 +62,9 @@ def distill_loss(logits, prediction, soft_label, temperature: float = 1.0):
     if temperature == 1.0:
         per_sample = F.cross_entropy(prediction, soft_label, soft_label=True, use_softmax=False, reduction="none")
         return paddle.mean(per_sample)
-    target = F.softmax(paddle.log(paddle.clip(soft_label, min=1e-30)) / temperature)
+    # softmax(log(p) / T) == p ** (1 / T) / sum(p ** (1 / T)), written without log and sum: paddle 3.3's legacy
+    # static mode (FLAGS_enable_pir_api=0, which this static-graph example uses) has neither for legacy Variables.
+    powered = paddle.pow(paddle.clip(soft_label, min=1e-30), 1.0 / temperature)
+    target = powered / (paddle.mean(powered, axis=-1, keepdim=True) * float(soft_label.shape[-1]))
     per_sample = F.cross_entropy(logits / temperature, target, soft_label=True, use_softmax=True, reduction="none")
     return paddle.mean(per_sample) * (temperature ** 2)

@@ -21,13 +21,17 @@ import os
 import sys
 import time
 
-import data as mnist_data  # first: imports numpy and gzip before paddle
-import models
-import numpy as np
-import paddle
-import paddle.distributed as dist
-from paddle.distributed import fleet
-from tqdm import tqdm
+# A static-graph (legacy program) training script, like the seed's: on paddle 3 the flag must be set before paddle
+# is imported, or paddle builds PIR programs, which paddle.static.nn and fleet's static optimizer do not support.
+os.environ.setdefault("FLAGS_enable_pir_api", "0")
+
+import data as mnist_data  # noqa: E402  (first: imports numpy and gzip before paddle)
+import models  # noqa: E402
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
+from paddle.distributed import fleet  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 log = logging.getLogger("train_with_fleet")
 
@@ -110,6 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _allreduce_sum_op() -> dict:
+    """The static sum-allreduce op of paddle 2.6 (``c_allreduce_sum``, gloo on CPU); a clear error elsewhere."""
+    from paddle.base.framework import OpProtoHolder
+
+    try:
+        OpProtoHolder.instance().get_op_proto("c_allreduce_sum")
+    except ValueError:
+        raise SystemExit(f"paddle {paddle.__version__} has no CPU allreduce op for static programs (c_allreduce_sum "
+                         "is gone; all_reduce needs NCCL): train with one CPU trainer, on GPUs, or with paddle "
+                         "2.6") from None
+    return {"type": "c_allreduce_sum", "x": "X", "out": "Out", "attrs": {"ring_id": 0, "use_calc_stream": True}}
+
+
 class Network:
     """The programs and variables of one training run."""
 
@@ -147,9 +164,10 @@ class Network:
                 # generated in paddlepaddle-xpu"); on CPU average the gradients with gloo allreduce ops instead.
                 params_grads = optimizer.backward(self.loss)
                 block = self.main.global_block()
+                allreduce = _allreduce_sum_op()
                 for _, grad in params_grads:
-                    block.append_op(type="c_allreduce_sum", inputs={"X": grad}, outputs={"Out": grad},
-                                    attrs={"ring_id": 0, "use_calc_stream": True})
+                    block.append_op(type=allreduce["type"], inputs={allreduce["x"]: grad},
+                                    outputs={allreduce["out"]: grad}, attrs=allreduce["attrs"])
                     block.append_op(type="scale", inputs={"X": grad}, outputs={"Out": grad},
                                     attrs={"scale": 1.0 / nranks})
                 optimizer.apply_gradients(params_grads)

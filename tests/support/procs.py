@@ -22,8 +22,9 @@ _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any for
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the test process dies, even by SIGKILL or a timeout."""
-    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In the child, before exec: get SIGKILL when the test process dies, even by SIGKILL or a timeout. SIGKILL,
+    not SIGTERM: a child the test froze with SIGSTOP would keep a SIGTERM pending, frozen forever."""
+    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,7 +63,7 @@ class ProcessGuard:
     """Start subprocesses and make sure every one of them is stopped at ``close()`` (use as a context manager).
 
     Each child runs in its own session (so a signal to it reaches its own children too) and, when started from
-    the main thread, gets SIGTERM from the kernel if the test process dies without reaching ``close()``
+    the main thread, gets SIGKILL from the kernel if the test process dies without reaching ``close()``
     (pytest killed by a timeout).
     """
 

@@ -43,25 +43,27 @@ SERVER_START_TIMEOUT = 60.0
 def build_mnist_cnn(seed: int = 0, width: int = 1):
     """(main_program, startup_program, img_var, prediction_var) of a small static-graph CNN.
 
-    ``width`` multiplies the conv filters (8 and 16): a heavier teacher for benchmarks."""
+    ``width`` multiplies the conv filters (8 and 16): a heavier teacher for benchmarks. Built with ``paddle.nn``
+    layers, which work in both static modes: a legacy program on paddle 2.6 (or paddle 3 with
+    FLAGS_enable_pir_api=0), a PIR program on paddle 3."""
     import paddle
 
     paddle.enable_static()
     main, startup = paddle.static.Program(), paddle.static.Program()
     main.random_seed = startup.random_seed = 1000 + seed  # random_seed 0 would mean "not fixed"
     with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        relu, pool = paddle.nn.functional.relu, paddle.nn.functional.max_pool2d
         img = paddle.static.data(FEED, [None, *IMAGE_SHAPE], "float32")
-        x = paddle.static.nn.conv2d(img, num_filters=8 * width, filter_size=5, act="relu")
-        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
-        x = paddle.static.nn.conv2d(x, num_filters=16 * width, filter_size=5, act="relu")
-        x = paddle.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
-        logits = paddle.static.nn.fc(x, size=10)
+        x = pool(relu(paddle.nn.Conv2D(1, 8 * width, 5)(img)), kernel_size=2, stride=2)
+        x = pool(relu(paddle.nn.Conv2D(8 * width, 16 * width, 5)(x)), kernel_size=2, stride=2)
+        logits = paddle.nn.Linear(16 * width * 4 * 4, 10)(paddle.flatten(x, 1))
         prediction = paddle.nn.functional.softmax(logits)
     return main, startup, img, prediction
 
 
 def save_static_model(dirname: str, seed: int = 0, width: int = 1) -> str:
-    """Save the CNN with ``paddle.static.save_inference_model`` as ``dirname/model.pdmodel`` (+ .pdiparams)."""
+    """Save the CNN with ``paddle.static.save_inference_model`` as ``dirname/model.pdmodel`` (+ .pdiparams), or
+    ``dirname/model.json`` (+ .pdiparams) on paddle 3 in PIR mode."""
     import paddle
 
     main, startup, img, prediction = build_mnist_cnn(seed, width)
@@ -75,7 +77,8 @@ def save_static_model(dirname: str, seed: int = 0, width: int = 1) -> str:
 
 
 def save_jit_model(dirname: str, seed: int = 0) -> str:
-    """Save the same architecture with ``paddle.jit.save`` as ``dirname/inference.pdmodel`` (+ .pdiparams)."""
+    """Save the same architecture with ``paddle.jit.save`` as ``dirname/inference.pdmodel`` (+ .pdiparams), or
+    ``dirname/inference.json`` (+ .pdiparams) on paddle 3 in PIR mode."""
     import paddle
 
     paddle.disable_static()
@@ -156,12 +159,15 @@ def teacher_model_jit(tmp_path_factory) -> ExportedTeacher:
 
 
 # -- server process ---------------------------------------------------------------------------------------
-def grpc_health(endpoint: str, timeout: float = 0.5) -> Optional[str]:
-    """The health status name ("SERVING", "NOT_SERVING", ...) of ``endpoint``, or None when unreachable."""
+def grpc_health(endpoint: str, timeout: float = 0.5, security=None) -> Optional[str]:
+    """The health status name ("SERVING", "NOT_SERVING", ...) of ``endpoint``, or None when unreachable.
+    ``security``: a ``ClientSecurity`` for a server that serves TLS."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(endpoint) as channel:
+    from distill_reader.client_security import ClientSecurity
+
+    with (security or ClientSecurity()).grpc_channel(endpoint, []) as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                                timeout=timeout)
@@ -179,6 +185,7 @@ class TeacherServer:
         thread, max_batch_size, batch_timeout_ms: passed as flags.
         extra_args: more command-line flags.
         port: the gRPC port (default: a free one).
+        health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
     ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``,
     ``.restart()`` (same ports), ``.stop()``, ``.log()`` (the server's output so far).
@@ -186,8 +193,9 @@ class TeacherServer:
 
     def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
                  batch_timeout_ms: float = 2.0, extra_args: Sequence[str] = (), port: Optional[int] = None,
-                 start_timeout: float = SERVER_START_TIMEOUT):
+                 start_timeout: float = SERVER_START_TIMEOUT, health_security=None):
         self.model_dir = model_dir
+        self.health_security = health_security
         self.port = port or free_port()
         self.http_port = free_port() if http else None
         self.args = ["-m", "teachers.serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
@@ -227,7 +235,7 @@ class TeacherServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"teacher server exited with {self.proc.returncode} while starting:\n"
                                      f"{self.log()[-3000:]}")
-            if grpc_health(self.endpoint, timeout=0.5) == "SERVING":
+            if grpc_health(self.endpoint, timeout=0.5, security=self.health_security) == "SERVING":
                 self.start_seconds = time.monotonic() - started
                 return self
             time.sleep(0.05)
