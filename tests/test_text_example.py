@@ -10,12 +10,14 @@ import subprocess
 
 import pytest
 
+from tests.support.lod_models import skip_without_lod
 from tests.support.procs import REPO_ROOT, ProcessGuard, pid_alive
 
 FORTUNES = "/usr/share/games/fortunes"
 
 
 def test_text_example_shortened(tmp_path):
+    skip_without_lod()   # the example's teacher is a LoD model
     assert os.path.isfile(os.path.join(FORTUNES, "computers")), \
         "Debian's 'fortunes' package is missing: run bash scripts/setup.sh"
     workdir = str(tmp_path / "text")
