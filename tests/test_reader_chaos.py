@@ -348,6 +348,18 @@ def _close_all(chaos: Optional[ChaosDriver], dr: Optional[DistillReader], server
     return [s.endpoint for s in servers if s.alive()] + [p for p in workers if pid_alive(p)]
 
 
+def _epochs_under_chaos(dr: DistillReader, chaos: ChaosDriver, images: np.ndarray, reference: np.ndarray,
+                        seed: int) -> list:
+    """The student's epochs while the driver runs (its events printed if one fails); the driver stopped after."""
+    try:
+        return student_epochs(dr, chaos, images, reference)
+    except BaseException:
+        print(f"chaos events (seed {seed}):\n{chaos.report()}")
+        raise
+    finally:
+        chaos.stop()
+
+
 def _check_chaos(chaos: ChaosDriver, epochs: list) -> None:
     assert not chaos.errors, f"chaos driver failed: {chaos.errors!r}\n{chaos.report()}"
     assert chaos.kills >= 2 and chaos.stops >= 2, f"too few faults injected:\n{chaos.report()}"
@@ -370,13 +382,7 @@ def test_chaos_fixed_teachers(teacher_model):
         dr.set_serving_conf_file(teacher_model.client_conf)
         check_epoch(run_epoch(dr, "batch", generators(images)["batch"]), images, reference, "warm-up epoch")
         chaos = ChaosDriver(servers, seed).start()
-        try:
-            epochs = student_epochs(dr, chaos, images, reference)
-        except BaseException:
-            print(f"chaos events (seed {seed}):\n{chaos.report()}")
-            raise
-        chaos.stop()
-        _check_chaos(chaos, epochs)
+        _check_chaos(chaos, _epochs_under_chaos(dr, chaos, images, reference, seed))
     finally:
         left = _close_all(chaos, dr, servers)
     assert not left, f"still running after the test: {left}"
@@ -440,12 +446,7 @@ def test_chaos_dynamic_teachers_and_zookeeper_restart(private_zookeeper, zk_root
         chaos = ChaosDriver(servers, seed).start()
         zk_thread = threading.Thread(target=restart_zookeeper_once, name="zookeeper-restart", daemon=True)
         zk_thread.start()
-        try:
-            epochs = student_epochs(dr, chaos, images, reference)
-        except BaseException:
-            print(f"chaos events (seed {seed}):\n{chaos.report()}")
-            raise
-        chaos.stop()
+        epochs = _epochs_under_chaos(dr, chaos, images, reference, seed)
         zk_thread.join(60)
         _check_chaos(chaos, epochs)
         assert not zk_errors and not zk_thread.is_alive() and zk_server.ready(), zk_errors
