@@ -257,6 +257,12 @@ class TeacherPool:
         with self._lock:
             return [s.endpoint for s in self._teachers.values() if s.healthy]
 
+    def outstanding(self, endpoint: str) -> int:
+        """Requests of this student out at ``endpoint`` now."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            return 0 if state is None else state.outstanding
+
     def service_time(self, endpoint: str) -> Optional[float]:
         """The current service-time estimate of ``endpoint`` in seconds (None before its first answer)."""
         with self._lock:
