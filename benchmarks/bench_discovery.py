@@ -203,7 +203,7 @@ def bench_join(hosts: str, conf_dir: str, workdir: str, rounds: int, zk_client) 
         base_reg.start().wait_registered(20)
         student = Student(hosts, conf_dir, require_max_teacher=2, session_timeout=6.0).start()
         wait_for(lambda: student.dr.pool.endpoints == [base.endpoint] and student.samples > 0, 30, "student running")
-        for _ in tqdm(range(rounds), desc="join", leave=False):
+        for _ in tqdm(range(rounds), desc="join", leave=False, disable=None):
             registration = TeacherRegistration(hosts, SERVICE, joiner.endpoint, root=ROOT, health_interval=0.2,
                                                allow_open_acl=True)
             registration.start()
@@ -237,7 +237,7 @@ def bench_kill(hosts: str, conf_dir: str, workdir: str, rounds: int, session_tim
             teacher.start()
             scripts[teacher.endpoint] = RegisterScript(hosts, teacher.endpoint, session_timeout, workdir).start()
         student = Student(hosts, conf_dir, require_max_teacher=1, session_timeout=session_timeout).start()
-        for _ in tqdm(range(rounds), desc=label, leave=False):
+        for _ in tqdm(range(rounds), desc=label, leave=False, disable=None):
             wait_for(lambda: len(student.dr.pool.endpoints) == 1 and student.samples > 0, 60, "student running")
             time.sleep(0.5)
             (victim,) = student.dr.pool.endpoints

@@ -330,7 +330,7 @@ def bench_student_view(args: argparse.Namespace, root: str) -> None:
             train(reader())
             assert dr.last_epoch_stats.stage["cache"] == "read"
             plain_rates, cached_rates = [], []
-            for _ in tqdm(range(args.student_rounds), desc=f"student view {name} (alternating rounds)"):
+            for _ in tqdm(range(args.student_rounds), desc=f"student view {name} (alternating rounds)", disable=None):
                 plain_rates.append(train(plain_batches()))
                 cached_rates.append(train(reader()))
             plain, cached = statistics.median(plain_rates), statistics.median(cached_rates)

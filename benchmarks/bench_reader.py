@@ -95,7 +95,7 @@ def bench_efficiency(ks: Sequence[int], latency_ms: float, batch: int, seconds: 
     images = np.random.default_rng(0).random((batch * 8, 1, 28, 28), dtype=np.float32)
     labels = np.zeros((batch, 1), dtype=np.int64)
     rows = []
-    for k in tqdm(ks, desc="efficiency (K teachers)"):
+    for k in tqdm(ks, desc="efficiency (K teachers)", disable=None):
         ideal = k * batch / (latency_ms / 1000.0)
         n_batches = max(20, int(ideal * seconds / batch))
 
@@ -216,7 +216,7 @@ def bench_student(teachers: int, latency_ms: float, batch: int, steps: int, roun
             train(plain_batches())   # warm-up both paths
             train(reader())
             plain_rates, distill_rates = [], []
-            for _ in tqdm(range(rounds), desc="student view (alternating rounds)"):
+            for _ in tqdm(range(rounds), desc="student view (alternating rounds)", disable=None):
                 plain_rates.append(train(plain_batches()))
                 distill_rates.append(train(reader()))
         finally:

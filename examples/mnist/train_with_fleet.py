@@ -252,7 +252,9 @@ def train(args: argparse.Namespace) -> dict:
         for epoch in range(args.epochs):
             start, samples = time.perf_counter(), 0
             bar = tqdm(loader(), total=steps_per_epoch, desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
-                       disable=args.no_progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+                       # None: tqdm stays quiet when stderr is not a terminal (logs, CI)
+                       disable=True if args.no_progress or rank != 0 else None, file=sys.stderr,
+                       dynamic_ncols=True)
             for step, feed in enumerate(bar):
                 if step == 0 and epoch == 0 and args.dump_soft_labels and rank == 0:
                     np.savez(args.dump_soft_labels, **{k: np.array(v) for k, v in feed[0].items()})
