@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
 CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iterating thread to leave the reader
+_D = RemoteOptions    # the remote stage's defaults are the reader's: one place states them
 
 __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
            "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"]
@@ -146,16 +147,19 @@ class DistillReader:
     thread), errors of the user's generator (re-raised as they are), FeedError / ConfigError for bad input.
     """
 
-    def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], *, request_timeout: float = 30.0,
-                 max_retries: int = 10, retry_backoff: float = 0.05, max_retry_backoff: float = 2.0,
-                 probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, probe_timeout: float = 2.0,
-                 all_teachers_down_timeout: float = 60.0, per_teacher_in_flight: int = 2,
-                 max_pending_tasks: Optional[int] = None, num_workers: int = 2, protocol: str = "grpc",
-                 wire: str = "auto", stop_timeout: float = 2.0, keepalive_time: float = 1.0,
-                 hedge_budget: float = 0.05, hedge_percentile: float = 95.0, hedge_factor: float = 2.0,
-                 hedge_min_delay: float = 0.02, hedge_max_delay: float = 1.0, stall_factor: float = 4.0,
-                 stall_min_timeout: float = 2.0, tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, token: Optional[str] = None):
+    def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], *,
+                 request_timeout: float = _D.request_timeout, max_retries: int = _D.max_retries,
+                 retry_backoff: float = _D.retry_backoff, max_retry_backoff: float = _D.max_retry_backoff,
+                 probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, probe_timeout: float = _D.probe_timeout,
+                 all_teachers_down_timeout: float = _D.all_teachers_down_timeout, per_teacher_in_flight: int = 2,
+                 max_pending_tasks: Optional[int] = None, num_workers: int = _D.num_workers,
+                 protocol: str = _D.protocol, wire: str = _D.wire, stop_timeout: float = _D.stop_timeout,
+                 keepalive_time: float = _D.keepalive_time, hedge_budget: float = _D.hedge_budget,
+                 hedge_percentile: float = _D.hedge_percentile, hedge_factor: float = _D.hedge_factor,
+                 hedge_min_delay: float = _D.hedge_min_delay, hedge_max_delay: float = _D.hedge_max_delay,
+                 stall_factor: float = _D.stall_factor, stall_min_timeout: float = _D.stall_min_timeout,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 token: Optional[str] = None):
         if not ins:
             raise ValueError("ins must name at least one slot")
         if not predicts:
