@@ -301,7 +301,7 @@ class RemoteStage(PredictionStage):
             if send_to is None:
                 if wait_for is not None:
                     queued[wait_for] = queued.get(wait_for, 0) + 1
-                elif state.unroutable_since is None:
+                elif state.unroutable_since is None and not hedge:   # (a hedge is optional: no outage)
                     state.unroutable_since = now
                 held.append(entry)
                 continue
@@ -456,6 +456,8 @@ class RemoteStage(PredictionStage):
             return
         if self.counts["hedges"] >= self.options.hedge_budget * self.counts["requests"] + HEDGE_BURST:
             return
+        if len(self.pool.usable_endpoints()) < 2:
+            return   # nowhere else to send it
         head.hedges += 1
         self._queue(head, hedge=True)
 
