@@ -266,7 +266,7 @@ class TeacherClient:
             answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout,
                                        **self._tls_options)
         except requests.RequestException as exc:
-            raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}") from exc
+            raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}{_tls_hint(str(exc))}") from exc
         if answer.status_code == 404:
             return False
         return True if answer.status_code == 200 else None
@@ -296,7 +296,7 @@ class TeacherClient:
         except requests.Timeout as exc:
             raise TeacherUnavailable(self.endpoint, f"no answer within {self.timeout}s") from exc
         except requests.RequestException as exc:
-            raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}") from exc
+            raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}{_tls_hint(str(exc))}") from exc
         if answer.status_code >= 500:
             raise TeacherUnavailable(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if answer.status_code in (401, 403):
@@ -365,13 +365,24 @@ def _batch_size_of(feeds: Mapping[str, Any]) -> int:
     raise FeedError("cannot tell the batch size: no feed has a batch dimension; pass batch_size=")
 
 
+_TLS_SYMPTOMS = ("socket closed", "handshake", "ssl", "certificate", "remotedisconnected", "connection reset")
+
+
+def _tls_hint(details: str) -> str:
+    """A hint for errors that TLS on one side only, or a refused client certificate, look like."""
+    if any(symptom in (details or "").lower() for symptom in _TLS_SYMPTOMS):
+        return (" (if this teacher serves TLS or requires a client certificate, check tls_ca / tls_cert / tls_key: "
+                "a TLS mismatch looks like this)")
+    return ""
+
+
 def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
     """Transient codes -> TeacherUnavailable; invalid-request codes -> TeacherRequestRejected; the rest (e.g.
     UNIMPLEMENTED: not a Paddle Serving endpoint) -> TeacherAnswerError."""
     code = exc.code()
     details = exc.details()
     if code in _TRANSIENT_GRPC_CODES:
-        return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}")
+        return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}{_tls_hint(details)}")
     if code in _REJECTING_GRPC_CODES:
         return TeacherRequestRejected(endpoint, f"gRPC {code.name}: {details}")
     if code in _AUTH_GRPC_CODES:

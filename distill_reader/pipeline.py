@@ -162,7 +162,7 @@ class EpochStats:
 
 def _as_slots(item: Any, slots: int, what: str) -> Sequence[Any]:
     if isinstance(item, (tuple, list)):
-        if len(item) < slots:
+        if len(item) != slots:   # more would move the predictions' place from sample to sample
             raise DistillReaderError(f"{what} has {len(item)} slot(s), ins names {slots}")
         return item
     if slots == 1:
@@ -304,15 +304,25 @@ class Epoch:
 
     def _add_batch(self, item: Any) -> None:
         batch = _as_slots(item, len(self.plan.ins), "a batch")
-        sizes = {ragged.slot_len(batch[i]) for i, _ in self.plan.feed_slots} or {ragged.slot_len(batch[0])}
-        if len(sizes) != 1:
-            raise DistillReaderError(f"a batch whose feed slots have different lengths {sorted(sizes)}")
-        size = sizes.pop()
+        size = self._batch_size(batch)
         unit = _Unit(batch, [])
         self._units.append(unit)
         for start in range(0, size, self.teacher_batch_size):
             end = min(size, start + self.teacher_batch_size)
             self._submit(unit, self.plan.batch_feeds(batch, start, end, self._sample_index), end - start, uses=1)
+
+    def _batch_size(self, batch: Sequence[Any]) -> int:
+        """The rows of a batch; every slot that has rows must have as many (else labels and predictions part)."""
+        lengths = {index: ragged.slot_len(value) for index, value in enumerate(batch)
+                   if isinstance(value, (list, tuple)) or (value is not None and np.ndim(value) > 0)}
+        if len(set(lengths.values())) > 1:
+            first = next(iter(lengths))
+            other = next(i for i, n in lengths.items() if n != lengths[first])
+            raise DistillReaderError(
+                f"batch {len(self._units) + self.stats.items} of this epoch: slot {other} "
+                f"({self.plan.ins[other]!r}) has {lengths[other]} rows, slot {first} ({self.plan.ins[first]!r}) "
+                f"has {lengths[first]}")
+        return next(iter(lengths.values()), 0)
 
     def _flush_chunk(self) -> None:
         if not self._open_chunk:

@@ -96,6 +96,12 @@ class RemoteOptions:
             raise ValueError(f"hedge_min_delay {self.hedge_min_delay} exceeds hedge_max_delay {self.hedge_max_delay}")
         if self.request_timeout <= 0 or self.stall_min_timeout <= 0:
             raise ValueError("request_timeout and stall_min_timeout must be > 0")
+        if self.protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', not {self.protocol!r}")
+        if self.wire not in ("auto", "raw", "typed"):
+            raise ValueError(f"wire must be 'auto', 'raw' or 'typed', not {self.wire!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, not {self.num_workers}")
 
 
 @dataclass

@@ -139,7 +139,7 @@ def _lookup(specs: Sequence[VarSpec], alias: str, kind: str, source: str) -> Var
         if spec.name == alias:
             return spec
     where = f" in {source}" if source else ""
-    raise ConfigError(f"unknown {kind} {alias!r}{where}; the model's {kind}s are {_names(specs)}")
+    raise ConfigError(f"unknown {kind} {alias!r}{where}; the model's {kind} vars are {_names(specs)}")
 
 
 def _names(specs: Iterable[VarSpec]) -> list[str]:

@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -34,6 +35,8 @@ from typing import Iterable, Mapping, Optional
 from .backoff import backoff_delay
 
 __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
+
+logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
 ESTIMATE_DECAY_S = 5.0     # an estimate not refreshed for this long moves 1/e of the way to the fastest teacher's
@@ -314,8 +317,9 @@ class TeacherPool:
             state.failures += 1
             state.healthy = False
             state.probing = False
-            state.next_probe_at = now + backoff_delay(state.failures, self.probe_backoff, self.max_probe_backoff,
-                                                      self._rng)
+            delay = backoff_delay(state.failures, self.probe_backoff, self.max_probe_backoff, self._rng)
+            state.next_probe_at = now + delay
+            logger.warning("teacher %s set aside (%s); health probe in %.2fs", endpoint, reason, delay)
         self._update_down_locked(now)
 
     def _fastest_locked(self) -> Optional[float]:

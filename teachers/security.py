@@ -156,9 +156,12 @@ class TransportSecurity:
     def bind_grpc(self, server: grpc.aio.Server, address: str) -> int:
         """Bind ``server`` to ``address`` with these credentials; returns the port (0 when binding failed)."""
         credentials = self.grpc_credentials()
-        if credentials is None:
-            return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+        except RuntimeError as exc:   # grpc.aio raises instead of returning 0 (e.g. the port is in use)
+            raise OSError(f"cannot bind gRPC port {address}: {exc}") from None
 
 
 class _TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -53,6 +53,17 @@ def _fd_limit() -> int:
     return soft if soft > 0 else 1024
 
 
+def port_number(value: str) -> int:
+    """argparse type: a TCP port 0-65535 (0: any free port)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 def str2bool(value) -> bool:
     """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``)."""
     if isinstance(value, bool):
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Paddle Serving flags")
     g.add_argument("--model", nargs="+", required=True, metavar="DIR",
                    help="serving server folder (model files + serving_server_conf.prototxt); one model only")
-    g.add_argument("--port", type=int, default=9393, help="gRPC port (default: %(default)s)")
+    g.add_argument("--port", type=port_number, default=9393, help="gRPC port (default: %(default)s)")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=int, default=4,
                    help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "= 128 MiB; Paddle Serving's is 512 MiB)")
     g.add_argument("--enable_prometheus", default=False, **flag,
                    help="serve Prometheus metrics (distill_teacher_*) on GET /metrics at --prometheus_port")
-    g.add_argument("--prometheus_port", type=int, default=19393, help="Prometheus port (default: %(default)s)")
+    g.add_argument("--prometheus_port", type=port_number, default=19393, help="Prometheus port (default: %(default)s)")
     g.add_argument("--use_trt", default=False, **flag, help="TensorRT: not available here, warns when set")
     g.add_argument("--use_lite", default=False, **flag, help="Paddle Lite: not available here, warns when set")
     g.add_argument("--use_xpu", default=False, **flag, help="Kunlun XPU: not available here, warns when set")
@@ -119,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         ig.add_argument(f"--{name}", nargs="*", default=None, metavar="VALUE", help=argparse.SUPPRESS)
 
     o = p.add_argument_group("this server's flags")
-    o.add_argument("--http_port", type=int, default=None,
+    o.add_argument("--http_port", type=port_number, default=None,
                    help="also serve HTTP (POST /GeneralModelService/inference, GET /health) on this port")
     o.add_argument("--max_batch_size", type=int, default=64,
                    help="dynamic batching: merge concurrent requests up to this many samples per predictor run; "

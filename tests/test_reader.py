@@ -195,6 +195,12 @@ def test_bad_inputs_and_config_errors(teacher_model, two_teachers, data):
         no_feed.set_serving_conf_file(teacher_model.client_conf)
         with pytest.raises(ConfigError, match=r"feed\(s\) \['img'\] are not among ins"):
             list(no_feed.set_batch_generator(lambda: iter([(images[:2], np.zeros(2))]))())
+        # labels and predictions would part: a label slot shorter than the images, a sample with an extra slot
+        with pytest.raises(RuntimeError, match=r"batch 1 of this epoch: slot 1 \('label'\) has 3 rows, slot 0 "
+                                               r"\('img'\) has 4"):
+            list(dr.set_batch_generator(lambda: iter([(images[:4], np.arange(4)), (images[:4], np.arange(3))]))())
+        with pytest.raises(RuntimeError, match=r"a sample has 3 slot\(s\), ins names 2"):
+            list(dr.set_sample_generator(lambda: iter([(images[0], 0), (images[1], 1, "extra")]))())
         with pytest.raises(ValueError, match="not 'host:port'"):
             dr.set_fixed_teacher("localhost")
     finally:

@@ -161,3 +161,13 @@ def test_a_request_out_longer_than_the_estimate_raises_it_and_stale_estimates_de
     assert slow.route() == (None, "a:1")
     clock[0] += 30.0             # c's estimate was not refreshed for 30 s: it is tried again
     assert slow.route() == ("c:3", None)
+
+
+@pytest.mark.parametrize("option, message", [({"protocol": "ftp"}, "protocol must be 'grpc' or 'http'"),
+                                             ({"wire": "bogus"}, "wire must be 'auto', 'raw' or 'typed'"),
+                                             ({"num_workers": 0}, "num_workers must be >= 1")])
+def test_reader_options_are_checked_when_the_reader_is_made(option, message):
+    from distill_reader import DistillReader
+
+    with pytest.raises(ValueError, match=message):
+        DistillReader(ins=["img"], predicts=["prediction"], **option)

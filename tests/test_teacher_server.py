@@ -763,3 +763,19 @@ def test_sigterm_with_a_stalled_http_client_exits_within_drain_timeout(teacher_m
             stalled.close()
         log = server.log()
     assert code == 0 and took < 2 + 3, (code, took, log[-2000:])
+
+
+def test_ports_out_of_range_or_in_use_are_refused_clearly(teacher_model):
+    for flags in (["--port", "70000"], ["--port", "-5"], ["--http_port", "65536"]):
+        proc = subprocess.run([sys.executable, "-m", "teachers.serve", "--model", teacher_model.server_dir, *flags],
+                              capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+        assert proc.returncode == 2 and "is not a port (0-65535)" in proc.stderr, (flags, proc.stderr[-500:])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "teachers.serve", "--model", teacher_model.server_dir,
+                               "--host", "127.0.0.1", "--port", str(port), "--thread", "1"],
+                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2 and f"cannot bind gRPC port 127.0.0.1:{port}" in proc.stderr, proc.stderr[-800:]
+    assert "Traceback" not in proc.stderr

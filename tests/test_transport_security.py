@@ -72,7 +72,7 @@ def test_tls_and_token_answer_the_right_client(tls_teacher, teacher_model, pki, 
     with pytest.raises(TeacherUnavailable) as wrong_ca:
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.other_ca_cert, token=TOKEN)
     assert "ssl" in str(wrong_ca.value).lower() or "certificate" in str(wrong_ca.value).lower(), wrong_ca.value
-    with pytest.raises(TeacherUnavailable):      # plaintext to a TLS port
+    with pytest.raises(TeacherUnavailable, match="check tls_ca"):      # plaintext to a TLS port: a hint
         _predict(endpoint, teacher_model, protocol, token=TOKEN)
 
 
@@ -91,9 +91,9 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_teacher, teacher
     got, want = _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert, tls_cert=pki.client_cert,
                          tls_key=pki.client_key)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(TeacherUnavailable):
+    with pytest.raises(TeacherUnavailable, match="check tls_ca / tls_cert"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert)
-    with pytest.raises(TeacherUnavailable):
+    with pytest.raises(TeacherUnavailable, match="check tls_ca / tls_cert"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert, tls_cert=pki.stranger_cert,
                  tls_key=pki.stranger_key)
 
