@@ -152,6 +152,11 @@ class _Unit:
 
 @dataclass
 class EpochStats:
+    """One epoch's figures (``DistillReader.last_epoch_stats``); ``complete`` False for an epoch that ended early
+    (an error, ``break``, ``close()``)."""
+
+    epoch: int = 0
+    complete: bool = False
     samples: int = 0
     items: int = 0
     tasks: int = 0

@@ -296,13 +296,15 @@ class DistillReader:
         source = generator() if callable(generator) else generator
         epoch = self._active = Epoch(kind, source, plan, stage, self.teacher_batch_size,
                                      max_pending_tasks=self.max_pending_tasks, epoch=number,
-                                     on_end=lambda stats: self._log_summary(number, stats),
+                                     on_end=lambda stats: self._log_summary(number, stats, complete=True),
                                      gate=self._resources.gate)
         completed = False
         try:
             yield from epoch.run()
             completed = True
         finally:
+            if not completed and self._active is epoch:   # an epoch that ended early: its figures, not the last's
+                self._log_summary(number, epoch.stats, complete=False)
             if self._active is epoch:
                 self._active = None
                 if not completed and not self._resources.gate.closed.is_set():
@@ -310,7 +312,21 @@ class DistillReader:
                     # on demand)
                     self._resources.stop_workers()
 
-    def _log_summary(self, epoch: int, stats: EpochStats) -> None:
+    def _log_summary(self, epoch: int, stats: EpochStats, complete: bool) -> None:
+        """Fill in the per-teacher figures, log one line (WARNING for an epoch that ended early), keep the stats."""
+        stats.epoch, stats.complete = epoch, complete
+        shares = self._teacher_shares(stats)
+        rate = stats.samples / stats.seconds if stats.seconds > 0 else 0.0
+        counts = [stats.stage.get(k, "-") for k in ("requests", "retries", "hedges", "hedge_wins", "late_answers",
+                                                      "stalls")]
+        logger.log(logging.INFO if complete else logging.WARNING,
+                   "epoch %d%s: %d samples in %.2fs (%.0f samples/s), %d tasks, %s requests, %s retries, %s hedges "
+                   "(%s won), %s late answers discarded, %s stalls; teachers: %s", epoch,
+                   "" if complete else " ended early", stats.samples, stats.seconds, rate, stats.tasks, *counts,
+                   "; ".join(shares) or "none asked")
+        self.last_epoch_stats = stats
+
+    def _teacher_shares(self, stats: EpochStats) -> list[str]:
         shares = []
         snapshot = self.pool.take_stats()
         total = sum(t.requests for t in snapshot.teachers) or 1
@@ -320,14 +336,7 @@ class DistillReader:
                                           "latency_ms": latency}
             shares.append(f"{t.endpoint} {100 * t.requests / total:.0f}% ({t.requests} req, {latency:.1f} ms"
                           + (f", {t.errors} errors" if t.errors else "") + ")")
-        rate = stats.samples / stats.seconds if stats.seconds > 0 else 0.0
-        stage = stats.stage
-        logger.info("epoch %d: %d samples in %.2fs (%.0f samples/s), %d tasks, %s requests, %s retries, %s hedges "
-                    "(%s won), %s late answers discarded, %s stalls; teachers: %s",
-                    epoch, stats.samples, stats.seconds, rate, stats.tasks, stage.get("requests", "-"),
-                    stage.get("retries", "-"), stage.get("hedges", "-"), stage.get("hedge_wins", "-"),
-                    stage.get("late_answers", "-"), stage.get("stalls", "-"), "; ".join(shares) or "none asked")
-        self.last_epoch_stats = stats
+        return shares
 
     # -- lifetime ---------------------------------------------------------------------------------------
     @property

@@ -66,6 +66,7 @@ def test_sample_generator_pass_through_and_reshape(teacher_model, two_teachers, 
         assert all(s[0].dtype == np.float64 and s[0].shape == (784,) for s in out)   # inputs untouched
         _check_samples(out, images.astype(np.float64), ref, flat=True)
         assert dr.last_epoch_stats.samples == N and dr.last_epoch_stats.tasks == 11   # ceil(75 / 7)
+        assert dr.last_epoch_stats.complete is True
     finally:
         dr.close()
 

@@ -167,6 +167,8 @@ def test_wrong_answers_everywhere_end_the_epoch_and_release_every_slot(teacher_m
                 list(dr.set_batch_generator(_batches(images))())
             assert a in str(info.value) and b in str(info.value) and "correctly" in str(info.value)
             assert time.monotonic() - started < 15, "failed by a timeout instead of by the answers"
+            stats = dr.last_epoch_stats     # the failed epoch's figures, marked as such
+            assert stats.epoch == _epoch + 1 and stats.complete is False and stats.teachers[a]["errors"] >= 1
     finally:
         dr.close()
 
