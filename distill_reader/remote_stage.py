@@ -421,19 +421,17 @@ class RemoteStage(PredictionStage):
             raise _rebuild_worker_error(text, extra[0] if extra else "")
 
     def _wrong_answer(self, state: _TaskState, endpoint: str, text: str, auth: bool = False) -> None:
+        """The teacher is already set aside (and logged by the pool); retry elsewhere unless every one was wrong."""
         state.wrong[endpoint] = text
-        if set(self.pool.endpoints) <= set(state.wrong) and auth:
-            raise TeacherAuthRefused("every teacher refused this student's credentials (token, client "
-                                     "certificate): " + "; ".join(f"{e}: {t}" for e, t in state.wrong.items()))
         if set(self.pool.endpoints) <= set(state.wrong):
+            answers = "; ".join(f"{e}: {t}" for e, t in state.wrong.items())
+            if auth:
+                raise TeacherAuthRefused(f"every teacher refused this student's credentials (token, client "
+                                         f"certificate): {answers}")
             raise TeacherAnswerInvalid(endpoint, f"no teacher answered task {state.task.seq} (samples from "
-                                                 f"{state.task.sample_start}) correctly: "
-                                       + "; ".join(f"{e}: {t}" for e, t in state.wrong.items()))
-        logger.warning("teacher %s answered wrongly (%s); set aside, task %d retried elsewhere", endpoint, text,
-                       state.task.seq)
-        if not state.live and not state.queued:
-            self.counts["retries"] += 1
-            self._queue(state)
+                                                 f"{state.task.sample_start}) correctly: {answers}")
+        if not state.live:
+            self._reissue(state)
 
     def _refused(self, state: _TaskState, endpoint: str, text: str) -> None:
         state.refused[endpoint] = text
@@ -444,7 +442,12 @@ class RemoteStage(PredictionStage):
                 f"every teacher refused task {task.seq} (samples {task.sample_start}.."
                 f"{task.sample_start + task.size - 1}) as an invalid request; slots sent: {', '.join(slots)}; "
                 + "; ".join(f"{e}: {t}" for e, t in state.refused.items()), task.sample_start, list(task.feeds))
-        if not state.live and not state.queued:
+        if not state.live:
+            self._reissue(state)
+
+    def _reissue(self, state: _TaskState) -> None:
+        """Send the task again at once (another teacher: the route excludes the ones that failed it)."""
+        if not state.queued:
             self.counts["retries"] += 1
             self._queue(state)
 
@@ -483,9 +486,8 @@ class RemoteStage(PredictionStage):
                 request.stalled = True
             for request in requests:
                 state = self._tasks.get(request.task_id)
-                if state is not None and not state.queued and all(self._requests[r].stalled for r in state.live):
-                    self.counts["retries"] += 1
-                    self._queue(state)
+                if state is not None and all(self._requests[r].stalled for r in state.live):
+                    self._reissue(state)
 
     def _down_deadline(self) -> Optional[float]:
         since = self.pool.down_since()
