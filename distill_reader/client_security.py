@@ -26,12 +26,13 @@ logger = logging.getLogger(__name__)
 TOKEN_ENV = "DISTILL_TEACHER_TOKEN"
 
 
-def _read(path: str, what: str) -> bytes:
+def read_file(path: str, what: str, error: type = ValueError) -> bytes:
+    """The bytes of a PEM or token file; ``error`` naming ``what`` and the path when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise ValueError(f"cannot read the {what} {path!r}: {exc.strerror or exc}") from None
+        raise error(f"cannot read the {what} {path!r}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ClientSecurity:
         for path, what in ((self.tls_ca, "TLS CA file"), (self.tls_cert, "TLS certificate"),
                            (self.tls_key, "TLS private key")):
             if path:
-                _read(path, what)
+                read_file(path, what)
 
     @classmethod
     def create(cls, tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
@@ -82,9 +83,9 @@ class ClientSecurity:
                 logger.warning("teacher %s: the bearer token is sent without TLS (give tls_ca)", endpoint)
             return grpc.insecure_channel(endpoint, options=options)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(self.tls_ca, "TLS CA file"),
-            private_key=_read(self.tls_key, "TLS private key") if self.tls_key else None,
-            certificate_chain=_read(self.tls_cert, "TLS certificate") if self.tls_cert else None)
+            root_certificates=read_file(self.tls_ca, "TLS CA file"),
+            private_key=read_file(self.tls_key, "TLS private key") if self.tls_key else None,
+            certificate_chain=read_file(self.tls_cert, "TLS certificate") if self.tls_cert else None)
         return grpc.secure_channel(endpoint, credentials, options=options)
 
     def metadata(self) -> Optional[tuple]:

@@ -30,6 +30,8 @@ from typing import Optional
 
 import grpc
 
+from distill_reader.client_security import read_file
+
 logger = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
@@ -55,16 +57,12 @@ class SecurityConfigError(ValueError):
 
 
 def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise SecurityConfigError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+    return read_file(path, what, error=SecurityConfigError)
 
 
 def read_token_file(path: str) -> str:
     """The bearer token in ``path`` (one line; surrounding whitespace dropped). Warns when others may read it."""
-    data = _read(path, "the token file")
+    data = _read(path, "token file")
     if len(data) > MAX_TOKEN_BYTES:
         raise SecurityConfigError(f"token file {path!r} holds {len(data)} bytes; a token is one short line")
     token = data.decode("utf-8", "replace").strip()
@@ -90,8 +88,8 @@ class TransportSecurity:
             raise SecurityConfigError("--tls_cert and --tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise SecurityConfigError("--tls_client_ca (mutual TLS) needs TLS: give --tls_cert and --tls_key")
-        for path, what in ((self.tls_cert, "the TLS certificate"), (self.tls_key, "the TLS key"),
-                           (self.tls_client_ca, "the client CA")):
+        for path, what in ((self.tls_cert, "TLS certificate"), (self.tls_key, "TLS key"),
+                           (self.tls_client_ca, "client CA")):
             if path:
                 _read(path, what)
 
@@ -115,8 +113,8 @@ class TransportSecurity:
         """Server credentials for gRPC (None: plaintext)."""
         if not self.tls:
             return None
-        client_ca = _read(self.tls_client_ca, "the client CA") if self.tls_client_ca else None
-        return grpc.ssl_server_credentials([(_read(self.tls_key, "the TLS key"), _read(self.tls_cert, "the TLS "
+        client_ca = _read(self.tls_client_ca, "client CA") if self.tls_client_ca else None
+        return grpc.ssl_server_credentials([(_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS "
                                                                                         "certificate"))],
                                            root_certificates=client_ca, require_client_auth=client_ca is not None)
 
