@@ -96,9 +96,12 @@ def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
     if array.shape == target:
         return array
     if array.size != int(np.prod(target)):
+        per_sample = int(np.prod(spec.shape))
+        hint = (f"; this looks like one sample without its batch dimension: give it shape {[1, *spec.shape]}"
+                if array.size == per_sample else "")
         raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
-                        f"batch of {batch_size}; the model expects {list(spec.shape)} per sample "
-                        f"({int(np.prod(spec.shape))} elements)")
+                        f"batch of {batch_size} (the first dimension of the feeds, or batch_size=); the model "
+                        f"expects {list(spec.shape)} per sample ({per_sample} elements){hint}")
     return array.reshape(target)
 
 
@@ -190,6 +193,7 @@ class TeacherClient:
         (variable-length feeds: see the class doc)."""
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
         lod_feeds.check_lod_form(lod_form)
+        self._check_names(feeds, fetch)
         try:
             variable = lod_feeds.prepare_variable_feeds(self.config, feeds, self.pad_value, self.lengths_feeds)
         except lod_feeds.VariableFeedError as exc:
@@ -203,12 +207,7 @@ class TeacherClient:
     def build_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int,
                       lods: Optional[Mapping[str, Sequence[int]]] = None) -> service_pb2.Request:
         """The Request message for ``feeds``; unknown feed or fetch names raise naming the model's names."""
-        for name in fetch:
-            self.config.fetch(name)
-        missing = [s.alias_name for s in self.config.feeds if s.alias_name not in feeds]
-        if missing:
-            raise FeedError(f"missing feed(s) {missing} for teacher {self.endpoint}; "
-                            f"the model's feeds are {self.config.feed_names}")
+        self._check_names(feeds, fetch)
         raw = self._wire_is_raw()
         self._log_id += 1
         request = service_pb2.Request(fetch_var_names=list(fetch), log_id=self._log_id)
@@ -218,6 +217,14 @@ class TeacherClient:
             encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, out=request.tensor.add(),
                           lod=(lods or {}).get(name))
         return request
+
+    def _check_names(self, feeds: Mapping[str, Any], fetch: Sequence[str]) -> None:
+        for name in fetch:
+            self.config.fetch(name)
+        missing = [s.alias_name for s in self.config.feeds if s.alias_name not in feeds]
+        if missing:
+            raise FeedError(f"missing feed(s) {missing} for teacher {self.endpoint}; "
+                            f"the model's feeds are {self.config.feed_names}")
 
     def health(self, timeout: float = 1.0) -> bool:
         """True when the endpoint answers its health check with SERVING."""

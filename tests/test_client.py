@@ -140,6 +140,11 @@ def test_feed_errors_before_sending(teacher_server, teacher_model):
             client.predict({"img": np.zeros((2, 27, 28), "float32")})
         with pytest.raises(FeedError, match="missing feed"):
             client.predict({}, batch_size=1)
+        with pytest.raises(FeedError, match=r"missing feed\(s\) \['img'\]"):  # not "cannot tell the batch size"
+            client.predict({})
+        with pytest.raises(FeedError, match=r"batch of 784 .*without its batch dimension: give it shape "
+                                            r"\[1, 1, 28, 28\]"):
+            client.predict({"img": np.zeros(784, "float32")})
         with pytest.raises(ConfigError, match="unknown fetch 'logits'"):
             client.predict({"img": mnist_like_images(1)}, fetch=["logits"])
         flat = mnist_like_images(2).reshape(2, 784)  # same elements per sample: reshaped by the client
