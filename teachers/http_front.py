@@ -115,7 +115,8 @@ class HttpFront:
             self._sock.bind((host, port))
         except OSError as exc:
             self._sock.close()
-            raise OSError(f"cannot bind HTTP port {host}:{port}: {exc}") from None
+            what = "HTTP port (--http_port)" if handler is not None else "Prometheus port (--prometheus_port)"
+            raise OSError(f"cannot bind the {what} {host}:{port}: {exc}") from None
         self.port = self._sock.getsockname()[1]
         self._runner: Optional[web.ServerRunner] = None
         self._sweeper: Optional[asyncio.Task] = None

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import gzip  # noqa: F401  (gzip/zlib and numpy before paddle: paddle 2.6.2 exports zlib symbols)
 import logging
+import math
 import os
 import signal
 import socket
@@ -64,6 +65,37 @@ def port_number(value: str) -> int:
     return port
 
 
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (``--thread 0`` is an error, not silently 1)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{number} is less than {minimum}")
+        return number
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def seconds(value: str, allow_zero: bool = False) -> float:
+    """argparse type: a finite number of seconds (or milliseconds, where the flag says so), > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"{value} is not a {'' if allow_zero else 'positive, '}finite number"
+                                         f"{' >= 0' if allow_zero else ''}")
+    return number
+
+
+def wait_ms(value: str) -> float:
+    """argparse type: a finite number of milliseconds >= 0."""
+    return seconds(value, allow_zero=True)
+
+
 def str2bool(value) -> bool:
     """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``)."""
     if isinstance(value, bool):
@@ -88,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving server folder (model files + serving_server_conf.prototxt); one model only")
     g.add_argument("--port", type=port_number, default=9393, help="gRPC port (default: %(default)s)")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
-    g.add_argument("--thread", type=int, default=4,
+    g.add_argument("--thread", type=at_least(1), default=4,
                    help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
     g.add_argument("--gpu_ids", default=[""], nargs="+", metavar="IDS",
                    help="GPU ids, comma and/or space separated (0,1 or 0 1); predictors are spread over them. Needs "
@@ -107,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16"],
                    help="inference precision; fp32 everywhere, bf16 on CPUs with oneDNN bf16 support; others "
                         "fall back to fp32 with a warning (default: %(default)s)")
-    g.add_argument("--max_body_size", type=int, default=DEFAULT_MAX_BODY_SIZE,
+    g.add_argument("--max_body_size", type=at_least(1), default=DEFAULT_MAX_BODY_SIZE,
                    help="largest request body in bytes, gRPC and HTTP, after gzip inflation (default: %(default)s "
                         "= 128 MiB; Paddle Serving's is 512 MiB)")
     g.add_argument("--enable_prometheus", default=False, **flag,
@@ -117,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_lite", default=False, **flag, help="Paddle Lite: not available here, warns when set")
     g.add_argument("--use_xpu", default=False, **flag, help="Kunlun XPU: not available here, warns when set")
     g.add_argument("--name", default=None, help="Paddle Serving web service name; accepted and logged")
-    g.add_argument("--gpu_memory_mb", type=int, default=256,
+    g.add_argument("--gpu_memory_mb", type=at_least(0), default=256,
                    help="GPU memory each predictor allocates at start, MB (default: %(default)s)")
-    g.add_argument("--cpu_math_thread_num", type=int, default=1,
+    g.add_argument("--cpu_math_thread_num", type=at_least(1), default=1,
                    help="math library threads per predictor on CPU (default: %(default)s)")
     ig = p.add_argument_group(
         "Paddle Serving flags accepted and ignored",
@@ -132,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("this server's flags")
     o.add_argument("--http_port", type=port_number, default=None,
                    help="also serve HTTP (POST /GeneralModelService/inference, GET /health) on this port")
-    o.add_argument("--max_batch_size", type=int, default=64,
+    o.add_argument("--max_batch_size", type=at_least(0), default=64,
                    help="dynamic batching: merge concurrent requests up to this many samples per predictor run; "
                         "0 or 1 turns batching off (default: %(default)s). Only for batch-independent models: "
                         "see --merge_requests")
@@ -141,18 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "a random batch run alone equals the same row inside the batch) and merge requests only "
                         "then, logging why not; yes: merge without checking; no: never merge (Paddle Serving's "
                         "behaviour) (default: %(default)s)")
-    o.add_argument("--predict_timeout", type=float, default=60.0,
+    o.add_argument("--predict_timeout", type=seconds, default=60.0,
                    help="seconds a request waits for its predictor run; then it gets err_no 6000, and while a run "
                         "takes longer than this, health says NOT_SERVING (default: %(default)s)")
-    o.add_argument("--http_max_connections", type=int, default=None,
+    o.add_argument("--http_max_connections", type=at_least(1), default=None,
                    help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
                         "open-file limit, at most 256)")
-    o.add_argument("--http_keepalive_timeout", type=float, default=15.0,
+    o.add_argument("--http_keepalive_timeout", type=seconds, default=15.0,
                    help="seconds an HTTP connection may stay without a complete request header, on connect and "
                         "between requests (default: %(default)s)")
-    o.add_argument("--http_body_timeout", type=float, default=30.0,
+    o.add_argument("--http_body_timeout", type=seconds, default=30.0,
                    help="seconds an HTTP request body may take to arrive (default: %(default)s)")
-    o.add_argument("--batch_timeout_ms", type=float, default=2.0,
+    o.add_argument("--batch_timeout_ms", type=wait_ms, default=2.0,
                    help="dynamic batching: wait at most this long after a request for others to join it "
                         "(default: %(default)s)")
     t = p.add_argument_group("transport security (docs/security.md)")
@@ -166,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Bearer <token>', the HTTP Authorization header); health checks stay open. A file, never "
                         "the command line, where other users see it; students give it as DistillReader(token=) "
                         "or $DISTILL_TEACHER_TOKEN")
-    o.add_argument("--drain_timeout", type=float, default=30.0,
+    o.add_argument("--drain_timeout", type=seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM; the server exits within this "
                         "whatever its clients do: code 0, or 3 when a predictor run was still stuck "
                         "(default: %(default)s)")
-    o.add_argument("--stats_interval", type=float, default=60.0,
+    o.add_argument("--stats_interval", type=seconds, default=60.0,
                    help="seconds between request count / latency log lines (default: %(default)s)")
     o.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: %(default)s)")
@@ -319,9 +351,9 @@ class TeacherService:
         self.gpu_ids = resolve_device(args, has_cuda, gpu_count)
         precision = warn_unsupported(args, bool(self.gpu_ids))
         self.options = PredictorOptions(
-            model_dir=self.model_dir, size=max(1, args.thread), gpu_ids=self.gpu_ids, use_mkl=args.use_mkl,
+            model_dir=self.model_dir, size=args.thread, gpu_ids=self.gpu_ids, use_mkl=args.use_mkl,
             ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision,
-            math_threads=max(1, args.cpu_math_thread_num), gpu_mem_mb=args.gpu_memory_mb)
+            math_threads=args.cpu_math_thread_num, gpu_mem_mb=args.gpu_memory_mb)
         self._ModelFilesError = ModelFilesError
         try:
             self.security = TransportSecurity.from_args(args)

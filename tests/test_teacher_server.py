@@ -22,7 +22,7 @@ from distill_reader.proto import general_model_service_pb2 as pb
 from distill_reader.serving_config import ServingConfig
 from distill_reader.tensor_codec import decode_tensor, encode_tensor
 from teachers.export import save_model
-from teachers.serve import IGNORED_SERVING_FLAGS
+from teachers.serve import IGNORED_SERVING_FLAGS, parse_args
 from tests.support.procs import REPO_ROOT, free_port, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 
@@ -389,6 +389,35 @@ def test_cli_help_and_refusals(teacher_model):
     assert two.returncode == 2 and "serves one model folder" in two.stderr
     missing = _serve("--model", os.path.dirname(teacher_model.client_dir), "--port", port)
     assert missing.returncode == 2 and "serving_server_conf.prototxt" in missing.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--thread", "0", "argument --thread: 0 is less than 1"),
+    ("--cpu_math_thread_num", "-2", "argument --cpu_math_thread_num: -2 is less than 1"),
+    ("--max_batch_size", "-1", "argument --max_batch_size: -1 is less than 0"),
+    ("--max_body_size", "0", "argument --max_body_size: 0 is less than 1"),
+    ("--http_max_connections", "many", "argument --http_max_connections: 'many' is not an integer"),
+    ("--predict_timeout", "nan", "argument --predict_timeout: nan is not a positive, finite number"),
+    ("--drain_timeout", "0", "argument --drain_timeout: 0 is not a positive, finite number"),
+    ("--batch_timeout_ms", "-1", "argument --batch_timeout_ms: -1 is not a finite number >= 0"),
+])
+def test_out_of_range_numbers_are_refused_not_clamped(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--model", "m", flag, value])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    args = parse_args(["--model", "m", "--thread", "3", "--max_batch_size", "0", "--batch_timeout_ms", "0"])
+    assert (args.thread, args.max_batch_size, args.batch_timeout_ms) == (3, 0, 0.0)
+
+
+def test_busy_prometheus_port_is_named_as_such(teacher_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        run = _serve("--model", teacher_model.server_dir, "--host", "127.0.0.1", "--port", str(free_port()),
+                     "--enable_prometheus", "--prometheus_port", busy)
+    assert run.returncode == 2
+    assert f"cannot bind the Prometheus port (--prometheus_port) 127.0.0.1:{busy}" in run.stderr
 
 
 def test_http_answers_json_errors_in_json(teacher_server):
