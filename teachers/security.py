@@ -169,6 +169,7 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
+            _log_refusal("gRPC", context.peer())     # (the interceptor itself does not see the peer)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
                                                                  "(metadata 'authorization: Bearer ...')")
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
@@ -180,5 +181,4 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
         given = metadata.get("authorization", "")
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
             return await continuation(handler_call_details)
-        _log_refusal("gRPC", "")
         return self._deny

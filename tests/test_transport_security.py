@@ -67,6 +67,9 @@ def test_tls_and_token_answer_the_right_client(tls_teacher, teacher_model, pki, 
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TeacherAuthError, match="UNAUTHENTICATED|HTTP 401"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert, token="not-the-token")
+    if protocol == "grpc":   # the first refusal of this server (one is logged per 10 s) names the peer
+        wait_for(lambda: "refused a gRPC request without the right bearer token from ipv4:127.0.0.1:"
+                 in tls_teacher.log(), timeout=5, what="the refusal logged with its peer")
     with pytest.raises(TeacherAuthError, match="bearer token"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert)
     with pytest.raises(TeacherUnavailable) as wrong_ca:
