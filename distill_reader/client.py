@@ -58,6 +58,12 @@ class TeacherAuthError(TeacherError):
     a missing or wrong bearer token, or a client certificate it does not accept."""
 
 
+class TeacherTlsError(TeacherAuthError):
+    """The TLS handshake with the teacher failed for a reason retrying cannot fix: its certificate is not signed
+    by ``tls_ca``, it refused this client's certificate, or one side speaks TLS and the other does not (when the
+    error says so; a plaintext client's connection closed by a TLS teacher only gets a hint)."""
+
+
 class TeacherRequestRejected(TeacherAnswerError):
     """The teacher refused the request as invalid (err_no 5000, gRPC INVALID_ARGUMENT, HTTP 4xx): wrong feed,
     shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
@@ -267,23 +273,31 @@ class TeacherClient:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return False
-                raise _grpc_error(self.endpoint, exc) from None
+                raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
         try:
             answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout,
                                        **self._tls_options)
         except requests.RequestException as exc:
-            raise TeacherUnavailable(self.endpoint, f"HTTP health check failed: {exc}{_tls_hint(str(exc))}") from exc
+            raise self._tls_verdict(_http_error(self.endpoint, exc, "HTTP health check")) from exc
         if answer.status_code == 404:
             return False
         return True if answer.status_code == 200 else None
+
+    def _tls_verdict(self, error: TeacherError) -> TeacherError:
+        """A connection the teacher closed, as a TLS mismatch or a refused client certificate would: one TLS
+        handshake of our own tells (TeacherTlsError, retrying cannot help); otherwise ``error`` as it is."""
+        if not isinstance(error, TeacherUnavailable) or not _tls_hint(str(error)):
+            return error
+        reason = self.security.tls_refusal(self.endpoint, timeout=min(2.0, self.timeout))
+        return TeacherTlsError(self.endpoint, f"{reason} ({error})") if reason else error
 
     # -- transports ----------------------------------------------------------------------------------
     def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
         try:
             return self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
-            raise _grpc_error(self.endpoint, exc) from None
+            raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
 
     def _call_http(self, request: service_pb2.Request) -> service_pb2.Response:
         if self.http_format == "json":
@@ -303,7 +317,7 @@ class TeacherClient:
         except requests.Timeout as exc:
             raise TeacherUnavailable(self.endpoint, f"no answer within {self.timeout}s") from exc
         except requests.RequestException as exc:
-            raise TeacherUnavailable(self.endpoint, f"HTTP request failed: {exc}{_tls_hint(str(exc))}") from exc
+            raise self._tls_verdict(_http_error(self.endpoint, exc, "HTTP request")) from exc
         if answer.status_code >= 500:
             raise TeacherUnavailable(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if answer.status_code in (401, 403):
@@ -375,6 +389,17 @@ def _batch_size_of(feeds: Mapping[str, Any]) -> int:
 _TLS_SYMPTOMS = ("socket closed", "handshake", "ssl", "certificate", "remotedisconnected", "connection reset")
 
 
+# What OpenSSL/BoringSSL (gRPC, requests) say when the handshake fails for good, lower case: a certificate not
+# signed by the CA given, a client certificate refused or missing, TLS spoken to a plaintext port.
+_TLS_REFUSALS = ("certificate_verify_failed", "certificate verify failed", "certificate_required",
+                 "certificate required", "bad_certificate", "bad certificate", "unknown_ca", "unknown ca",
+                 "wrong_version_number", "wrong version number")
+
+
+def _tls_refusal(details: str) -> bool:
+    return any(marker in (details or "").lower() for marker in _TLS_REFUSALS)
+
+
 def _tls_hint(details: str) -> str:
     """A hint for errors that TLS on one side only, or a refused client certificate, look like."""
     if any(symptom in (details or "").lower() for symptom in _TLS_SYMPTOMS):
@@ -383,11 +408,21 @@ def _tls_hint(details: str) -> str:
     return ""
 
 
+def _http_error(endpoint: str, exc: requests.RequestException, what: str) -> TeacherError:
+    """A failed HTTP exchange: TeacherTlsError when TLS refused it for good, else TeacherUnavailable."""
+    details = str(exc)
+    if _tls_refusal(details):
+        return TeacherTlsError(endpoint, f"{what}: TLS handshake failed: {details}{_tls_hint(details)}")
+    return TeacherUnavailable(endpoint, f"{what} failed: {details}{_tls_hint(details)}")
+
+
 def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
     """Transient codes -> TeacherUnavailable; invalid-request codes -> TeacherRequestRejected; the rest (e.g.
     UNIMPLEMENTED: not a Paddle Serving endpoint) -> TeacherAnswerError."""
     code = exc.code()
     details = exc.details()
+    if _tls_refusal(details):
+        return TeacherTlsError(endpoint, f"gRPC {code.name}: TLS handshake failed: {details}{_tls_hint(details)}")
     if code in _TRANSIENT_GRPC_CODES:
         return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}{_tls_hint(details)}")
     if code in _REJECTING_GRPC_CODES:

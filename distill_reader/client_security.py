@@ -16,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,9 +106,58 @@ class ClientSecurity:
             options["cert"] = (self.tls_cert, self.tls_key)
         return options
 
+    def tls_refusal(self, endpoint: str, timeout: float) -> Optional[str]:
+        """Why TLS between this client and ``endpoint`` cannot work, found by one TLS handshake with these
+        settings, or None when nothing definite was learned (unreachable, or the handshake is fine).
+
+        For the errors a closed connection leaves ambiguous: plaintext to a TLS teacher, and a client certificate
+        the teacher refuses (TLS 1.3 sends that alert after the handshake, so one read follows it).
+        """
+        host, _, port = endpoint.rpartition(":")
+        try:
+            context = self._probe_context()
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+                with context.wrap_socket(raw) as tls:
+                    if not self.tls:
+                        return "the teacher serves TLS but this client connects in plaintext: give tls_ca"
+                    tls.settimeout(min(timeout, 0.5))
+                    if tls.recv(1) == b"":    # closed at once (gRPC's refusal); data or silence: accepted
+                        return self._refused("the teacher closed the connection right after the TLS handshake")
+        except ssl.SSLCertVerificationError as exc:
+            return f"the teacher's certificate does not verify with tls_ca {self.tls_ca}: {exc.verify_message}"
+        except ssl.SSLError as exc:
+            if any(alert in str(exc.reason) for alert in _CLIENT_CERT_ALERTS):
+                return self._refused(f"the teacher sent the TLS alert {exc.reason}")
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def _refused(self, what: str) -> str:
+        given = f"client certificate {self.tls_cert}" if self.tls_cert else "no client certificate"
+        return (f"{what}: it does not accept this client's certificate ({given}; a teacher started with "
+                f"--tls_client_ca needs tls_cert/tls_key signed by that CA)")
+
+    def _probe_context(self) -> ssl.SSLContext:
+        if not self.tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE        # only asks whether the port speaks TLS
+            return context
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        context.check_hostname = False                 # gRPC checks the name; here only the chain matters
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        return context
+
     def settings(self) -> dict:
         """What a worker process needs to build the same security (sent over its private socket)."""
         return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key, "token": self.token}
+
+
+# TLS alerts (OpenSSL reason names) by which a server refuses the client's certificate.
+_CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                       "HANDSHAKE_FAILURE")
 
 
 def _is_loopback(endpoint: str) -> bool:

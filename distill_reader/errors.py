@@ -48,7 +48,9 @@ class TeacherRequestRefused(DistillReaderError):
 
 
 class TeacherAuthRefused(DistillReaderError):
-    """Every teacher refused the student's credentials (a missing or wrong token, or client certificate)."""
+    """Every teacher refused the student's credentials (a missing or wrong token, or client certificate) or its
+    TLS settings (a teacher certificate not signed by ``tls_ca``, plaintext to a TLS teacher or TLS to a plaintext
+    one)."""
 
 
 class ReaderClosedError(DistillReaderError):

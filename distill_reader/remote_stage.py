@@ -426,8 +426,8 @@ class RemoteStage(PredictionStage):
         if set(self.pool.endpoints) <= set(state.wrong):
             answers = "; ".join(f"{e}: {t}" for e, t in state.wrong.items())
             if auth:
-                raise TeacherAuthRefused(f"every teacher refused this student's credentials (token, client "
-                                         f"certificate): {answers}")
+                raise TeacherAuthRefused(f"every teacher refused this student's credentials or TLS settings "
+                                         f"(token, tls_ca, client certificate): {answers}")
             raise TeacherAnswerInvalid(endpoint, f"no teacher answered task {state.task.seq} (samples from "
                                                  f"{state.task.sample_start}) correctly: {answers}")
         if not state.live:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 import requests
 
 from distill_reader import DistillReader
-from distill_reader.client import TeacherAuthError, TeacherClient, TeacherUnavailable
+from distill_reader.client import TeacherAuthError, TeacherClient, TeacherTlsError
 from distill_reader.client_security import ClientSecurity
 from distill_reader.errors import TeacherAuthRefused
 from tests.support.procs import ProcessGuard, wait_for
@@ -72,10 +73,11 @@ def test_tls_and_token_answer_the_right_client(tls_teacher, teacher_model, pki, 
                  in tls_teacher.log(), timeout=5, what="the refusal logged with its peer")
     with pytest.raises(TeacherAuthError, match="bearer token"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert)
-    with pytest.raises(TeacherUnavailable) as wrong_ca:
+    # TLS settings that retrying cannot fix are TeacherTlsError (an auth error: the reader gives up at once)
+    with pytest.raises(TeacherTlsError, match="TLS handshake failed: .*(?i:certificate.verify.failed)"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.other_ca_cert, token=TOKEN)
-    assert "ssl" in str(wrong_ca.value).lower() or "certificate" in str(wrong_ca.value).lower(), wrong_ca.value
-    with pytest.raises(TeacherUnavailable, match="check tls_ca"):      # plaintext to a TLS port: a hint
+    with pytest.raises(TeacherTlsError, match="the teacher serves TLS but this client connects in plaintext: "
+                                              "give tls_ca"):
         _predict(endpoint, teacher_model, protocol, token=TOKEN)
 
 
@@ -94,11 +96,30 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_teacher, teacher
     got, want = _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert, tls_cert=pki.client_cert,
                          tls_key=pki.client_key)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(TeacherUnavailable, match="check tls_ca / tls_cert"):
+    with pytest.raises(TeacherTlsError, match=r"does not accept this client's certificate \(no client cert"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert)
-    with pytest.raises(TeacherUnavailable, match="check tls_ca / tls_cert"):
+    with pytest.raises(TeacherTlsError, match="does not accept this client's certificate .*client certificate "
+                                              ".*stranger"):
         _predict(endpoint, teacher_model, protocol, tls_ca=pki.ca_cert, tls_cert=pki.stranger_cert,
                  tls_key=pki.stranger_key)
+
+
+@pytest.mark.parametrize("case", ["plaintext", "wrong_ca"])
+def test_distill_reader_gives_up_at_once_on_a_tls_mismatch(tls_teacher, teacher_model, pki, case):
+    """Retrying cannot fix TLS settings: TeacherAuthRefused long before all_teachers_down_timeout (60 s)."""
+    security = {"tls_ca": pki.other_ca_cert} if case == "wrong_ca" else {}
+    dr = DistillReader(ins=["img"], predicts=["prediction"], token=TOKEN, **security)
+    dr.set_fixed_teacher(tls_teacher.endpoint)
+    dr.set_serving_conf_file(teacher_model.client_conf)
+    images = mnist_like_images(8, seed=5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TeacherAuthRefused, match="plaintext: give tls_ca" if case == "plaintext"
+                                                      else "(?i)certificate.verify.failed"):
+            list(dr.set_batch_generator(lambda: iter([(images,)]))())
+    finally:
+        dr.close()
+    assert time.monotonic() - started < 30
 
 
 def test_bad_security_flags_are_refused_at_start(teacher_model, pki, tmp_path):
