@@ -63,12 +63,7 @@ def slot_feeds(slot: int, spec: VarSpec, values: Sequence[Any], first_sample: in
     if not is_variable(spec):
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            want = int(np.prod(spec.shape))
-            odd = next((k for k, a in enumerate(arrays) if a.size != want or a.shape != arrays[0].shape), 0)
-            raise RaggedSlotError(
-                f"slot {slot} ({name!r}) of sample {first_sample + odd} has shape {list(arrays[odd].shape)}, "
-                f"sample {first_sample} has {list(arrays[0].shape)}: the teacher's feed {name!r} has the fixed "
-                f"per-sample shape {list(spec.shape)} (ragged values need a LoD or -1 feed)")
+            raise _ragged_fixed_slot(slot, spec, arrays, first_sample)
         return {name: np.stack(arrays) if arrays else np.zeros((0, *spec.shape), spec.dtype)}
     var_dims = [k for k, d in enumerate(spec.shape) if d < 0]
     for k, array in enumerate(arrays):
@@ -83,6 +78,20 @@ def slot_feeds(slot: int, spec: VarSpec, values: Sequence[Any], first_sample: in
     np.cumsum([a.shape[0] for a in arrays], out=offsets[1:])
     rows = np.concatenate(arrays, axis=0) if arrays else np.zeros((0,), spec.dtype)
     return {name: rows.astype(spec.dtype, copy=False), name + LOD_SUFFIX: offsets}
+
+
+def _ragged_fixed_slot(slot: int, spec: VarSpec, arrays: Sequence[np.ndarray], first_sample: int) -> RaggedSlotError:
+    """The error for samples of unequal shapes in a fixed-shape feed: names the first sample of the wrong size
+    (else the first whose shape differs) and one sample with another shape."""
+    want = int(np.prod(spec.shape))
+    odd = next((k for k, a in enumerate(arrays) if a.size != want), None)
+    if odd is None:
+        odd = next(k for k, a in enumerate(arrays) if a.shape != arrays[0].shape)
+    other = next(k for k, a in enumerate(arrays) if a.shape != arrays[odd].shape)
+    return RaggedSlotError(
+        f"slot {slot} ({spec.alias_name!r}) of sample {first_sample + odd} has shape {list(arrays[odd].shape)}, "
+        f"sample {first_sample + other} has {list(arrays[other].shape)}: the teacher's feed {spec.alias_name!r} has "
+        f"the fixed per-sample shape {list(spec.shape)} (ragged values need a LoD or -1 feed)")
 
 
 def concat_predictions(parts: Sequence[Any]) -> Any:

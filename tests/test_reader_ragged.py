@@ -144,6 +144,10 @@ def test_padded_teacher_and_a_ragged_slot_for_a_fixed_feed(padded_teacher):  # n
                 list(dr.set_sample_generator(lambda: ((words[i], bad[i], i) for i in range(N)))())
             with pytest.raises(DistillReaderError, match=r"slot 1 \('length'\) of sample 6 has shape \[2\]"):
                 list(dr.set_batch_generator(lambda: iter([(words[:10], bad[:10], np.arange(10))]))())
+            first_bad = [np.array([3, 4])] + list(lengths[1:])   # the wrong one first: compared with another
+            with pytest.raises(DistillReaderError, match=r"slot 1 \('length'\) of sample 0 has shape \[2\], "
+                                                         r"sample 1 has \[1\]"):
+                list(dr.set_sample_generator(lambda: ((words[i], first_bad[i], i) for i in range(N)))())
         finally:
             dr.close()
 
