@@ -168,6 +168,7 @@ class DistillReader:
         self.predicts = list(predicts)
         self.teacher_batch_size = 32
         self.serving_conf_file = DEFAULT_SERVING_CONF
+        self._conf_file_given = False
         self.max_pending_tasks = max_pending_tasks
         self.options = RemoteOptions(
             request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff,
@@ -224,6 +225,7 @@ class DistillReader:
     def set_serving_conf_file(self, path: str) -> None:
         """The teacher's serving client config (file or folder). Default 'serving_conf/serving_client_conf.prototxt'."""
         self.serving_conf_file = path
+        self._conf_file_given = True
         self._config = None
 
     def set_offline_cache(self, path: str, storage: Union[str, dict] = "float32", **options: Any) -> None:
@@ -242,11 +244,14 @@ class DistillReader:
 
     @property
     def config(self) -> ServingConfig:
-        """The teacher's serving config: the conf file, else the one an offline cache stored (no teacher needed)."""
+        """The teacher's serving config: the conf file given to ``set_serving_conf_file`` when it exists, else the
+        one an offline cache stored (the config its answers were made with; no teacher needed), else the default
+        'serving_conf/serving_client_conf.prototxt'."""
         if self._config is None:
             offline_config = getattr(self._offline, "serving_config", None)
-            if not os.path.exists(self.serving_conf_file) and offline_config is not None and offline_config():
-                self._config = offline_config()
+            stored = offline_config() if offline_config is not None else None
+            if stored is not None and not (self._conf_file_given and os.path.exists(self.serving_conf_file)):
+                self._config = stored
             else:
                 self._config = ServingConfig.load(self.serving_conf_file)
         return self._config

@@ -158,7 +158,8 @@ images = np.load(sys.argv[2] + ".images.npy", allow_pickle=False)
 dr = DistillReader(ins=["img", "label"], predicts=["prediction"], all_teachers_down_timeout=20, num_workers=1)
 if endpoint:
     dr.set_fixed_teacher(endpoint)
-dr.set_serving_conf_file(conf)
+if conf != "-":
+    dr.set_serving_conf_file(conf)
 dr.set_teacher_batch_size(8)
 dr.set_offline_cache(cache, shard_samples=16)
 def batches():
@@ -194,6 +195,17 @@ def test_second_process_reads_with_every_teacher_stopped(teacher_model, data, tm
     assert child.returncode == 0, stderr[-3000:]
     report = json.loads(stdout.splitlines()[-1])
     assert report["stage"]["cache"] == "read" and report["stage"]["cache_served"] == N and report["workers"] == []
+    assert np.load(out, allow_pickle=False).tobytes() == online.tobytes()
+    # No conf file given, and another model's config at the default path: the cache's own config is used.
+    other = tmp_path / "cwd" / "serving_conf"
+    other.mkdir(parents=True)
+    text = open(os.path.join(teacher_model.client_dir, "serving_client_conf.prototxt")).read()
+    (other / "serving_client_conf.prototxt").write_text(text.replace('"img"', '"image"'))
+    os.remove(out)
+    with ProcessGuard() as guard:
+        child = _run_child(guard, cache, out, "-", cwd=str(tmp_path / "cwd"))
+        stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 0, stderr[-3000:]
     assert np.load(out, allow_pickle=False).tobytes() == online.tobytes()
 
 
