@@ -167,7 +167,10 @@ def _export_legacy(paddle, dirname: str, prefix: str, kwargs: dict, serving_serv
         try:
             program, feed_names, fetch_targets = paddle.static.load_inference_model(prefix, exe, **kwargs)
         except Exception as exc:  # paddle raises many types; name the model in one error
-            raise ExportError(f"cannot load inference model from {dirname!r} ({kwargs or prefix}): {exc}") from exc
+            hint = ("; there is no *.pdiparams next to it: if the model has parameters, give its file as "
+                    "params_filename" if kwargs.get("model_filename") and not kwargs.get("params_filename") else "")
+            raise ExportError(f"cannot load inference model from {dirname!r} ({kwargs or prefix}){hint}: "
+                              f"{exc}") from exc
     block = program.global_block()
     feed_vars = [block.var(name) for name in feed_names]
     with paddle.static.scope_guard(scope):
@@ -194,7 +197,9 @@ def _export_pir(paddle, model_path: str, params_path: str, serving_server: str, 
             program, _, _ = paddle.static.load_inference_model(
                 folder, exe, model_filename=os.path.basename(model_path), params_filename=params_name)
         except Exception as exc:  # paddle raises many types; name the model in one error
-            raise ExportError(f"cannot load PIR inference model {model_path!r}: {exc}") from exc
+            hint = ("; there is no *.pdiparams next to it: if the model has parameters, give its file as "
+                    "params_filename" if params_name is None else "")
+            raise ExportError(f"cannot load PIR inference model {model_path!r}{hint}: {exc}") from exc
         feeds, fetches = _pir_feed_fetch_specs(program)
     feed_aliases = _aliases(feed_alias_names, [s.name for s in feeds], "feed")
     fetch_aliases = _aliases(fetch_alias_names, [s.name for s in fetches], "fetch")
@@ -254,10 +259,12 @@ def _locate_model(dirname: str, model_filename: Optional[str],
                           "pass model_filename and params_filename")
     stem = os.path.splitext(models[0])[0]
     params = [p for p in (stem + ".pdiparams",) if os.path.exists(p)] or glob.glob(os.path.join(dirname, "*.pdiparams"))
-    if len(params) != 1:
-        raise ExportError(f"model folder {dirname!r}: cannot tell which *.pdiparams belongs to "
-                          f"{os.path.basename(models[0])}; pass params_filename")
-    return dirname, {"model_filename": os.path.basename(models[0]), "params_filename": os.path.basename(params[0])}
+    if len(params) > 1:
+        raise ExportError(f"model folder {dirname!r}: cannot tell which of {sorted(map(os.path.basename, params))} "
+                          f"belongs to {os.path.basename(models[0])}; pass params_filename")
+    # No *.pdiparams: a model without parameters (paddle writes none); loading says so if it has some.
+    return dirname, {"model_filename": os.path.basename(models[0]),
+                     "params_filename": os.path.basename(params[0]) if params else None}
 
 
 def _feed_fetch_targets(program) -> tuple[list[str], list[str]]:
@@ -296,8 +303,12 @@ def _elem_type_of(dtype, name: str) -> int:
 
 
 def _is_pir_file(path: str) -> bool:
-    """A paddle 3 PIR model file: ``*.json`` with its ``*.pdiparams`` beside it (or a parameter-free model)."""
-    return path.endswith(".json") and os.path.isfile(path) and os.path.exists(os.path.splitext(path)[0] + ".pdiparams")
+    """A paddle 3 PIR model file: ``*.json`` whose first bytes are PIR's header (``"magic":"pir"``); its
+    ``*.pdiparams`` beside it unless the model has no parameters."""
+    if not (path.endswith(".json") and os.path.isfile(path)):
+        return False
+    with open(path, "rb") as f:
+        return b'"magic":"pir"' in f.read(256).replace(b" ", b"")
 
 
 def _aliases(given: AliasNames, default: list[str], kind: str) -> list[str]:

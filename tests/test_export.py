@@ -176,6 +176,33 @@ def test_errors_name_the_problem(tmp_path):
         inference_model_to_serving(src, str(tmp_path / "s"), str(tmp_path / "c"), fetch_alias_names="a,b")
 
 
+def test_parameter_free_model_exports_and_missing_params_are_named(tmp_path):
+    """No *.pdiparams next to the model: fine for a model without parameters; otherwise the error says what is
+    missing (it said "cannot tell which *.pdiparams belongs" for none at all)."""
+    import paddle
+
+    with keep_mode(paddle), legacy_ir(paddle):
+        paddle.enable_static()
+        main_program, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main_program, startup):
+            x = paddle.static.data("x", [None, 4], "float32")
+            y = paddle.nn.functional.relu(x) * 2.0
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle.static.save_inference_model(str(tmp_path / "free" / "model"), [x], [y], exe, program=main_program)
+    assert os.listdir(tmp_path / "free") == ["model.pdmodel"]
+    inference_model_to_serving(str(tmp_path / "free"), str(tmp_path / "s"), str(tmp_path / "c"))
+    x_in = np.array([[-1, 2, -3, 4]], "float32")
+    np.testing.assert_array_equal(_predict_dir(str(tmp_path / "s"), x_in), [[0, 4, 0, 8]])
+
+    src = save_static_model(str(tmp_path / "cnn"))
+    with_params = [n for n in os.listdir(src) if n.endswith(".pdiparams")]
+    os.remove(os.path.join(src, with_params[0]))
+    with pytest.raises(ExportError, match=r"no \*\.pdiparams next to it: if the model has parameters, give its "
+                                          r"file as params_filename"):
+        inference_model_to_serving(src, str(tmp_path / "s2"), str(tmp_path / "c2"))
+
+
 def test_legacy_pdmodel_exports_and_serves_on_every_line(tmp_path):
     """A .pdmodel program (what paddle 2.6 saves) exports as model.pdmodel and predicts the same, on 2.6 and 3.x."""
     import paddle
