@@ -16,19 +16,24 @@ import numpy  # noqa: F401
 
 __version__ = "0.1.0"
 
-_READER_NAMES = ("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
-                 "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError")
-__all__ = [*_READER_NAMES, "__version__"]
+# Public names -> the module that holds them; imported lazily, so that `import distill_reader.client` does not
+# import the reader's machinery (nor the reader the client's gRPC stack before it is needed).
+_EXPORTS = {
+    **dict.fromkeys(("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
+                     "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"), "reader"),
+    **dict.fromkeys(("TeacherClient", "TeacherError", "TeacherUnavailable", "TeacherAnswerError", "TeacherAuthError",
+                     "TeacherTlsError", "TeacherRequestRejected", "FeedError"), "client"),
+    "ClientSecurity": "client_security",
+    **dict.fromkeys(("ServingConfig", "ConfigError"), "serving_config"),
+}
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name):
-    # Lazy, so that `import distill_reader.client` does not import the reader's machinery.
-    if name in _READER_NAMES:
-        from . import reader
+    import importlib
 
-        return getattr(reader, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     if name == "dist":
-        import importlib
-
         return importlib.import_module(".dist", __name__)
     raise AttributeError(f"module 'distill_reader' has no attribute {name!r}")

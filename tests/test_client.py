@@ -171,3 +171,15 @@ def test_not_serving_at_first_contact_is_unavailable_then_probed_again(teacher_m
             assert client._wire_is_raw() is True and client.health() is True
     finally:
         server.stop(0)
+
+
+def test_public_names_are_exported_from_the_package():
+    import distill_reader
+    from distill_reader import client, client_security, reader, serving_config
+
+    modules = (reader, client, client_security, serving_config)
+    for name in distill_reader.__all__:
+        if name != "__version__":
+            assert any(getattr(m, name, None) is getattr(distill_reader, name) for m in modules), name
+    assert distill_reader.TeacherClient is TeacherClient and distill_reader.FeedError is FeedError
+    assert issubclass(distill_reader.TeacherTlsError, distill_reader.TeacherAuthError)
