@@ -214,6 +214,9 @@ class DistillReader:
         self._resources.subscription = subscription
         self._teachers_set = True
         self.pool.dynamic = True
+        self.pool.discovery_state = lambda: (
+            f"no teacher of service {teacher_service_name!r} found in ZooKeeper {hosts} "
+            f"({'connected' if subscription.connected else 'NOT connected: is ZooKeeper running there?'})")
         subscription.start()
 
     def set_teacher_batch_size(self, teacher_batch_size: int) -> None:

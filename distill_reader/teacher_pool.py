@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from .backoff import backoff_delay
 
@@ -96,6 +96,7 @@ class TeacherPool:
         self._down_since: Optional[float] = time.monotonic()
         self.last_error = ""
         self.dynamic = False   # True when the set comes from discovery (an empty set is then worth waiting for)
+        self.discovery_state: Optional[Callable[[], str]] = None   # what discovery knows, for an empty set
         self.set_endpoints(endpoints)
 
     # -- membership ---------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ class TeacherPool:
         """``a:1 (error ...), b:2 (usable)`` for error messages."""
         with self._lock:
             if not self._teachers:
-                return "no teachers configured"
+                return self.discovery_state() if self.discovery_state else "no teachers configured"
             parts = []
             for s in self._teachers.values():
                 status = "usable" if s.healthy else f"set aside: {s.last_error or 'failed'}"

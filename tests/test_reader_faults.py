@@ -231,3 +231,18 @@ def test_student_killed_or_interrupted_workers_exit(teacher_model, teacher, how,
         _assert_gone(pids, within=5.0)
         if how == "Ctrl-C":
             assert "KeyboardInterrupt" in err_path.read_text()
+
+
+def test_unreachable_zookeeper_is_named_when_no_teacher_comes(teacher_model):
+    """Discovery that never connects: the error names the service, the ZooKeeper address and that it is not
+    connected (it said "no teachers configured")."""
+    hosts = f"127.0.0.1:{free_port()}"        # nothing listens there
+    dr = DistillReader(ins=["img"], predicts=["prediction"], all_teachers_down_timeout=2)
+    dr.set_serving_conf_file(teacher_model.client_conf)
+    dr.set_dynamic_teacher(hosts, "nobody_serves_this")
+    try:
+        with pytest.raises(AllTeachersDownError, match=rf"no teacher of service 'nobody_serves_this' found in "
+                                                       rf"ZooKeeper {hosts} \(NOT connected"):
+            list(dr.set_batch_generator(lambda: iter([(mnist_like_images(4),)]))())
+    finally:
+        dr.close()
