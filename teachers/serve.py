@@ -490,7 +490,8 @@ class TeacherService:
         except ValueError as exc:     # e.g. no ZooKeeper identity and no --allow_open_acl
             raise ServeError(str(exc)) from None
         self.registration.start()
-        logger.info("registered %s as service %r in ZooKeeper %s%s", endpoint, args.service, args.zk, args.root)
+        logger.info("registering %s as service %r in ZooKeeper %s%s in the background (a 'registered' line "
+                    "follows once the node exists)", endpoint, args.service, args.zk, args.root)
 
     async def drain(self) -> bool:
         """Deregister, refuse new requests, let in-flight ones finish, stop everything, all within

@@ -183,6 +183,9 @@ def test_teacher_server_registers_itself_and_leaves_on_sigterm(zookeeper, zk, zk
         wait_for(lambda: teacher_nodes(zk, zk_root), 10, "teachers.serve --zk registration")
         (name, doc), = teacher_nodes(zk, zk_root).items()
         assert doc["endpoint"] == server.endpoint and doc["pid"] == server.pid
+        wait_for(lambda: f"registered teacher {server.endpoint} {zk_root}/{SERVICE}/{name}" in server.log(), 10,
+                 "the 'registered' line, once the node exists")
+        assert f"registered {server.endpoint} as service" not in server.log()   # not claimed before it is true
         for path in (zk_root, f"{zk_root}/{SERVICE}", f"{zk_root}/{SERVICE}/{name}"):
             assert acl_set(zk.get_acls(path)[0]) == OWNED, path
         server.kill(signal.SIGTERM)
