@@ -79,7 +79,7 @@ class Assigner:
         self.terms = self.writes = self.transactions = 0
         self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
         self._view: Optional[ServiceView] = None
-        self._stored: dict[str, bytes] = {}
+        self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
         self._lock: Optional[Lock] = None
         self._wake = threading.Event()
         self._deposed = threading.Event()
@@ -176,25 +176,24 @@ class Assigner:
         self._view = view
         self._wake.set()
 
-    def _read_stored(self) -> dict[str, bytes]:
-        """The stored assignment nodes (name -> data); unparsable ones count as absent and get rewritten."""
+    def _read_stored(self) -> dict[str, Optional[Assignment]]:
+        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite)."""
         try:
             names = self.session.call("get_children", self.paths.assignment_path)
         except NoNodeError:
             return {}
         requests = [(name, self.session.client.get_async(self.paths.assignment_of(name)))
                     for name in names if name.startswith(STUDENT_PREFIX)]
-        stored = {}
+        stored: dict[str, Optional[Assignment]] = {}
         for name, request in requests:
             try:
                 value, _ = request.get(timeout=self.session.request_timeout)
-                parse_assignment(name, value)
+                stored[name] = parse_assignment(name, value)
             except NoNodeError:
                 continue
             except NodeDataError as exc:
                 logger.warning("ignoring assignment node %s: %s", self.paths.assignment_of(name), exc)
-                value = b""
-            stored[name] = value
+                stored[name] = None
         return stored
 
     def _apply(self, lock_node: str) -> None:
@@ -204,18 +203,13 @@ class Assigner:
         node_of: dict[str, str] = {}
         for teacher in view.teachers:
             node_of.setdefault(teacher.endpoint, teacher.node)
-        previous = {}
-        for name, value in self._stored.items():
-            try:
-                previous[name] = list(parse_assignment(name, value).endpoints)
-            except NodeDataError:
-                continue
+        previous = {name: list(a.endpoints) for name, a in self._stored.items() if a is not None}
         share = rebalance(previous, list(wanted), view.endpoints, wanted)
-        changes: list[tuple[str, Optional[bytes]]] = []
+        changes: list[tuple[str, Optional[Assignment]]] = []
         for student, endpoints in share.items():
-            data = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints)).document()
-            if self._stored.get(student) != data:
-                changes.append((student, data))
+            assignment = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints))
+            if self._stored.get(student) != assignment:
+                changes.append((student, assignment))
         changes += [(name, None) for name in self._stored if name not in wanted]
         for start in range(0, len(changes), OPS_PER_TRANSACTION):
             self._commit(lock_node, changes[start:start + OPS_PER_TRANSACTION])
@@ -224,17 +218,18 @@ class Assigner:
             logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
                         self.paths.service, len(view.endpoints), len(wanted), len(changes), moved)
 
-    def _commit(self, lock_node: str, changes: list[tuple[str, Optional[bytes]]]) -> None:
+    def _commit(self, lock_node: str, changes: list[tuple[str, Optional[Assignment]]]) -> None:
+        """One transaction: check the lock node, then create/set/delete (None) the students' nodes."""
         transaction = self.session.client.transaction()
         transaction.check(lock_node, 0)
-        for name, data in changes:
+        for name, assignment in changes:
             path = self.paths.assignment_of(name)
-            if data is None:
+            if assignment is None:
                 transaction.delete(path)
             elif name in self._stored:
-                transaction.set_data(path, data)
+                transaction.set_data(path, assignment.document())
             else:
-                transaction.create(path, data, acl=OPEN_ACL_UNSAFE)
+                transaction.create(path, assignment.document(), acl=OPEN_ACL_UNSAFE)
         results = transaction.commit_async().get(timeout=self.session.request_timeout)
         if isinstance(results[0], (NoNodeError, BadVersionError)):
             self._deposed.set()
@@ -245,9 +240,9 @@ class Assigner:
             raise ForceRetryError(f"assignment transaction refused ({type(failed[0]).__name__}); re-read")
         self.transactions += 1
         self.writes += len(changes)
-        for name, data in changes:
-            if data is None:
+        for name, assignment in changes:
+            if assignment is None:
                 self._stored.pop(name, None)
             else:
-                self._stored[name] = data
+                self._stored[name] = assignment
 

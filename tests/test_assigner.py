@@ -147,7 +147,7 @@ def test_a_deposed_assigner_cannot_write(zookeeper, zk, zk_root):
         wait_for(second.assigner.leading.is_set, 15, "the second student taking over")
         wait_for(lambda: first.session.connected and first.session.session_id != old_session, 15,
                  "the first student in a new session")
-        forged = Assignment(second_node, ("teacher-0000000000",), ("127.0.0.1:9",)).document()
+        forged = Assignment(second_node, ("teacher-0000000000",), ("127.0.0.1:9",))
         with pytest.raises(Deposed):                     # a write with the lost lock node is refused as a whole
             first.assigner._commit(lock_node, [(second_node, forged)])
         assert zk.get(ServicePaths(zk_root, SERVICE).assignment_of(second_node))[0] == second_before
@@ -227,5 +227,30 @@ def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zoo
     finally:
         for s in subscriptions:
             s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_a_tampered_assignment_never_points_a_student_outside_the_registered_teachers(zookeeper, zk, zk_root,
+                                                                                      caplog):
+    caplog.set_level(logging.WARNING, logger="discovery")
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    lone, recorder = student(zookeeper.hosts, zk_root, "lone", require_max_teacher=1)
+    try:
+        wait_for(lambda: settled(zk, zk_root, [lone], list(registrations), {"lone": 1}), 15, "assigned")
+        path = ServicePaths(zk_root, SERVICE).assignment_of(node_of(lone))
+        (used,) = lone.endpoints
+        (teacher_node,) = parse_assignment(node_of(lone), zk.get(path)[0]).teachers
+        forgeries = {b"[" * 100: "JSON nested 17 deep",
+                     b'{"teachers": ["../../x/teacher-0000000001"], "endpoints": ["10.6.6.6:1"]}': "teacher node names",
+                     Assignment("x", (teacher_node,), ("10.6.6.6:1",)).document():
+                         f"names teacher node {teacher_node} as 10.6.6.6:1 but it serves {used}"}
+        for forged, warning in forgeries.items():
+            zk.set(path, forged)                           # anyone may write there: see docs/architecture.md
+            wait_for(lambda w=warning: any(w in r.getMessage() for r in caplog.records), 10, warning)
+        wait_for(lambda: recorder.last == [], 10, "the forged endpoint left out")
+        assert all(set(call) <= {used} for call in recorder.calls)     # 10.6.6.6:1 never reported
+    finally:
+        lone.stop()
         for reg in registrations.values():
             reg.stop()
