@@ -35,6 +35,7 @@ from kazoo.exceptions import (
     CancelledError,
     NoAuthError,
     NoNodeError,
+    RolledBackError,
 )
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
@@ -44,7 +45,7 @@ from kazoo.security import OPEN_ACL_UNSAFE
 from .arguments import STUDENT_PREFIX, ServicePaths
 from .nodes import Assignment, NodeDataError, parse_assignment
 from .rebalance import rebalance
-from .session import ZK_ERRORS, ZkSession, retry_forever
+from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
 from .watcher import ServiceView, ServiceWatcher
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Assigner:
             self._lock = Lock(self.session.client, self.paths.assigner_lock_path, self.identifier)
             try:
                 retry(self._lock.acquire)
-            except (CancelledError, InterruptedError):
+            except (CancelledError, RetryInterrupted):
                 return
             except NoAuthError:
                 logger.warning("this student may not create %s (service locked down without it): no assigner; "
@@ -135,6 +136,13 @@ class Assigner:
                 continue
             try:
                 self._lead(f"{self._lock.path}/{self._lock.node}")
+            except ZK_ERRORS as exc:      # not retryable (e.g. NoAuth after an ACL change): step down, try again
+                logger.warning("assigner of %s stepping down after %s: %s", self.paths.service_path,
+                               type(exc).__name__, exc)
+                self._stopping.wait(1.0)
+            except Exception:  # noqa: BLE001 - a bug must not leave the service without an assigner for good
+                logger.exception("assigner of %s failed; stepping down", self.paths.service_path)
+                self._stopping.wait(1.0)
             finally:
                 self.leading.clear()
                 self._release()
@@ -164,7 +172,7 @@ class Assigner:
                 self._wake.clear()
                 if self._view is not None and self.session.connected and not self._deposed.is_set():
                     retry(self._apply, lock_node)
-        except (Deposed, InterruptedError):
+        except (Deposed, RetryInterrupted):
             pass
         finally:
             watcher.stop()
@@ -234,8 +242,10 @@ class Assigner:
         if isinstance(results[0], (NoNodeError, BadVersionError)):
             self._deposed.set()
             raise Deposed(lock_node)
-        failed = [r for r in results if isinstance(r, Exception)]
+        failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
         if failed:
+            logger.warning("assignment transaction refused (%s: %s); re-reading the stored nodes",
+                           type(failed[0]).__name__, failed[0])
             self._stored = self._read_stored()      # someone changed a node: start again from what is stored
             raise ForceRetryError(f"assignment transaction refused ({type(failed[0]).__name__}); re-read")
         self.transactions += 1

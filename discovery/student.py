@@ -262,11 +262,13 @@ class TeacherSubscription:
         self._report(share, teachers=teachers, view=None)
 
     def _read_teachers(self, nodes: Sequence[str], endpoints: Sequence[str]) -> list[TeacherInfo]:
-        """The teacher nodes named by the assignment; reads (pipelined) only those not read before. Gone or
-        mismatching ones are left out (the assigner replaces them soon)."""
+        """The teacher nodes named by the assignment; reads (pipelined) only those not read before with the same
+        endpoint. Gone or mismatching ones are left out (the assigner replaces them soon)."""
         cache = self._teacher_cache
+        stale = [node for node, endpoint in zip(nodes, endpoints)      # new, gone or another teacher since:
+                 if cache.get(node) is None or cache[node].endpoint != endpoint]   # (a re-created service folder)
         requests = [(node, self.session.client.get_async(f"{self.paths.service_path}/{node}"))
-                    for node in dict.fromkeys(nodes) if node not in cache]
+                    for node in dict.fromkeys(stale)]
         self.teacher_reads += len(requests)
         for node, request in requests:
             try:

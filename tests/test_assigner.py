@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from kazoo.client import KazooClient
 from kazoo.recipe.lock import Lock
-from kazoo.security import Permissions
+from kazoo.security import Permissions, make_acl, make_digest_acl
 
 from discovery.arguments import STUDENT_PREFIX, ServicePaths
 from discovery.assigner import Deposed
@@ -207,13 +207,22 @@ def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zoo
         for name in ("a", "b"):                                  # anonymous students
             subscriptions.append(student(zookeeper.hosts, zk_root, name)[0])
         wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations)), 15, "assigned anonymously")
-        while subscriptions:
-            subscriptions.pop().stop()
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
 
         owner = KazooClient(hosts=zookeeper.hosts, timeout=SESSION, auth_data=[("digest", "teacher:s3cret")])
         owner.start(timeout=10)
-        try:                                                     # a service locked down before this folder existed
-            owner.delete(paths.assignment_path, recursive=True)
+        try:
+            owner.set_acls(paths.assignment_path, [make_digest_acl("teacher", "s3cret", all=True),
+                                                   make_acl("world", "anyone", read=True)])
+            late, late_calls = student(zookeeper.hosts, zk_root, "late", assignment_wait=1.0)
+            subscriptions.append(late)                           # the assigner may not create its node now
+            wait_for(lambda: len(late_calls.last or []) == 2 and late.fallback.is_set(), 10, "the late one's share")
+            wait_for(lambda: any("assignment transaction refused (NoAuthError" in r.getMessage()
+                                 for r in caplog.records), 10, "the refused write logged")
+            assert leader.assigner.leading.is_set() and leader.assigner._thread.is_alive()
+            while subscriptions:
+                subscriptions.pop().stop()
+            owner.delete(paths.assignment_path, recursive=True)  # a service locked down before this folder existed
         finally:
             owner.stop()
             owner.close()
@@ -254,3 +263,34 @@ def test_a_tampered_assignment_never_points_a_student_outside_the_registered_tea
         lone.stop()
         for reg in registrations.values():
             reg.stop()
+
+
+def test_background_threads_end_cleanly_when_stopped_during_a_retry(zookeeper, zk_root, monkeypatch):
+    """kazoo's KazooRetry ends with its own InterruptedError (a KazooException, not the builtin): a thread stopped
+    while retrying must end quietly, not with an unhandled exception."""
+    import threading
+
+    from kazoo.exceptions import ConnectionLoss
+
+    from discovery.session import ZkSession
+    from discovery.watcher import ServiceWatcher
+
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: unhandled.append(args.exc_value))
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    try:
+        assert session.wait_connected(10)
+        watcher = ServiceWatcher(session, ServicePaths(zk_root, SERVICE), on_view=lambda view: None)
+        attempts = []
+
+        def failing():
+            attempts.append(1)
+            raise ConnectionLoss("injected")
+        watcher._attempt = failing
+        watcher.start()
+        wait_for(lambda: len(attempts) >= 2, 10, "the watcher retrying")
+        watcher.stop()
+        assert not watcher._thread.is_alive()
+        assert unhandled == []
+    finally:
+        session.close()
