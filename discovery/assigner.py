@@ -69,6 +69,7 @@ class Assigner:
         leading: set while this process is the assigner.
         unavailable: set when this student may not create the assignment folder (see the module docstring).
         terms, writes, transactions: how many times it became the assigner, nodes written, transactions committed.
+        applied: the last ``ServiceView`` whose assignment is all written (None before the first).
     """
 
     def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = ""):
@@ -78,6 +79,7 @@ class Assigner:
         self.leading = threading.Event()
         self.unavailable = threading.Event()
         self.terms = self.writes = self.transactions = 0
+        self.applied: Optional[ServiceView] = None
         self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
         self._view: Optional[ServiceView] = None
         self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
@@ -221,6 +223,7 @@ class Assigner:
         changes += [(name, None) for name in self._stored if name not in wanted]
         for start in range(0, len(changes), OPS_PER_TRANSACTION):
             self._commit(lock_node, changes[start:start + OPS_PER_TRANSACTION])
+        self.applied = view
         if changes:
             moved = sum(len(set(previous.get(s, ())) - set(e)) for s, e in share.items() if s in previous)
             logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
