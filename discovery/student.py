@@ -76,7 +76,12 @@ class TeacherSubscription:
             otherwise (``"tls": true`` from a TLS teacher's registration) is left out of the share with a
             warning, never dialed the wrong way; the share is computed on all teachers, so students agree.
         assignment_wait: seconds after registering without an assignment before falling back to the local
-            stateless fair share (see the module docstring).
+            stateless fair share (see the module docstring); ValueError unless a positive number.
+
+    Attributes:
+        assigner: this student's ``discovery.assigner.Assigner`` (``assigner.leading`` while it is the assigner).
+        fallback: an Event set while the student uses the stateless share; ``watcher`` is then its ServiceWatcher.
+        teacher_reads: teacher nodes read so far (only those named by its assignments, each once).
     """
 
     def __init__(self, zk_hosts: Union[str, Sequence[str]], service: str,
@@ -87,6 +92,9 @@ class TeacherSubscription:
         if isinstance(require_max_teacher, bool) or not isinstance(require_max_teacher, int) \
                 or require_max_teacher < 1:
             raise ValueError(f"require_max_teacher must be an integer >= 1, not {require_max_teacher!r}")
+        if isinstance(assignment_wait, bool) or not isinstance(assignment_wait, (int, float)) \
+                or not assignment_wait > 0:
+            raise ValueError(f"assignment_wait must be a positive number of seconds, not {assignment_wait!r}")
         self.paths = ServicePaths(root, service)
         self.on_change = on_change
         self.require_max_teacher = require_max_teacher
@@ -205,26 +213,35 @@ class TeacherSubscription:
 
     # -- following the assignment (the follower thread) ----------------------------------------------------------
     def _follow(self) -> None:
-        watched: Optional[str] = None
-        registered_at = 0.0
+        state = {"watched": None, "registered_at": 0.0}
         while not self._stopping.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
             if self._stopping.is_set():
                 return
-            path = self.node.path
-            me = path.rsplit("/", 1)[-1] if path else None
-            if me is not None and me != watched:              # (re-)registered: follow the new node's assignment
-                watched, registered_at = me, time.monotonic()
-                DataWatch(self.session.client, self.paths.assignment_of(me),
-                          lambda data, stat, name=me: self._on_assignment(name, data))
-            with self._lock:
-                data = self._data
-            if data is not None and data[0] == watched and data[1] is not None:
-                self._use_assignment(watched, data[1])
-            elif (not self.fallback.is_set() and self._endpoints is None and watched is not None
-                  and (self.assigner.unavailable.is_set() or time.monotonic() - registered_at > self.assignment_wait)):
-                self._start_fallback()
+            try:
+                self._follow_once(state)
+            except Exception:  # noqa: BLE001 - ZooKeeper trouble or a bug: log, keep the last teachers, go on
+                logger.exception("following the assignment of service %s failed; retrying", self.paths.service)
+                self._stopping.wait(1.0)
+                self._wake.set()
+
+    def _follow_once(self, state: dict) -> None:
+        """One round: watch the current node's assignment, use a new assignment, or fall back when overdue."""
+        path = self.node.path
+        me = path.rsplit("/", 1)[-1] if path else None
+        if me is not None and me != state["watched"]:        # (re-)registered: follow the new node's assignment
+            DataWatch(self.session.client, self.paths.assignment_of(me),
+                      lambda data, stat, name=me: self._on_assignment(name, data))
+            state["watched"], state["registered_at"] = me, time.monotonic()
+        watched, registered_at = state["watched"], state["registered_at"]
+        with self._lock:
+            data = self._data
+        if data is not None and data[0] == watched and data[1] is not None:
+            self._use_assignment(watched, data[1])
+        elif (not self.fallback.is_set() and self._endpoints is None and watched is not None
+              and (self.assigner.unavailable.is_set() or time.monotonic() - registered_at > self.assignment_wait)):
+            self._start_fallback()
 
     def _on_assignment(self, name: str, data: Optional[bytes]) -> Optional[bool]:
         """kazoo's DataWatch callback (its event thread): record and wake the follower, never block."""
