@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError, NotEmptyError
 from kazoo.recipe.lock import Lock
 from kazoo.security import Permissions, make_acl, make_digest_acl
 
@@ -294,3 +295,35 @@ def test_background_threads_end_cleanly_when_stopped_during_a_retry(zookeeper, z
         assert unhandled == []
     finally:
         session.close()
+
+
+def test_a_service_folder_wiped_and_recreated_reuses_names_for_other_teachers(zookeeper, zk, zk_root):
+    """Sequence numbers restart in a new folder: teacher-0000000000 may now be another teacher. The student must
+    not keep the old node's data (it would drop its only teacher as 'serving another endpoint')."""
+    paths = ServicePaths(zk_root, SERVICE)
+    first = registration(zookeeper.hosts, zk_root, "127.0.0.1:1", allow_open_acl=True)
+    first.wait_registered(10)
+    lone, recorder = student(zookeeper.hosts, zk_root, "lone", require_max_teacher=1)
+    second = None
+    try:
+        wait_for(lambda: recorder.last == ["127.0.0.1:1"], 15, "the first teacher")
+        (old_name,) = parse_assignment(node_of(lone), zk.get(paths.assignment_of(node_of(lone)))[0]).teachers
+        first.stop()
+        wait_for(lambda: zk.exists(f"{paths.service_path}/{old_name}") is None, 10, "the first teacher gone")
+        for _ in range(50):                                      # the whole service wiped (an operator, a test),
+            try:                                                 # racing the student re-creating its node
+                zk.delete(paths.service_path, recursive=True)
+                break
+            except (NotEmptyError, NoNodeError):
+                continue
+        else:
+            raise AssertionError("could not wipe the service folder")
+        second = registration(zookeeper.hosts, zk_root, "127.0.0.1:2", allow_open_acl=True)
+        second.wait_registered(10)
+        wait_for(lambda: zk.exists(f"{paths.service_path}/{old_name}") is not None, 10, "the name reused")
+        wait_for(lambda: recorder.last == ["127.0.0.1:2"], 20, "the student following the new teacher")
+    finally:
+        lone.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
