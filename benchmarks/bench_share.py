@@ -11,6 +11,12 @@ student asking for ``--require_max`` teachers):
   joins last, a student leaves), the (student, teacher) pairs of students present before and after that changed,
   mean and max.
 
+A second table does the same for the incremental ``discovery.rebalance.rebalance`` (what the assigner computes
+from the assignment stored in ZooKeeper): its median time per change, the moves of one change from the balanced
+state (``rebalance({}, ...)``, comparable to the first table), and the moves along a random sequence of
+``--sequence`` changes, each applied to the previous result (the long-run cost; the membership drifts), next to the
+stateless ``fair_share`` along the same sequence.
+
 Example::
 
     python benchmarks/bench_share.py                     # about 1-2 minutes
@@ -30,6 +36,7 @@ from typing import Callable, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from discovery.rebalance import rebalance  # noqa: E402
 from discovery.share import fair_share, moved_assignments  # noqa: E402
 
 
@@ -68,10 +75,14 @@ def timed(function: Callable, repeat: int, *args) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def churn(students: list[str], teachers: list[str], m: int, changes: int, rng: random.Random) -> dict[str, list[int]]:
-    before = fair_share(students, teachers, m)
-    moves: dict[str, list[int]] = {"teacher joins": [], "teacher leaves": [], "student joins": [],
-                                   "student leaves": []}
+KINDS = ("teacher joins", "teacher leaves", "student joins", "student leaves")
+
+
+def churn(students: list[str], teachers: list[str], m: int, changes: int, rng: random.Random,
+          incremental: bool = False) -> dict[str, list[int]]:
+    """Moves of single changes from one state: fair_share's, or rebalance's from its balanced state."""
+    before = rebalance({}, students, teachers, m) if incremental else fair_share(students, teachers, m)
+    moves: dict[str, list[int]] = {kind: [] for kind in KINDS}
     last = int(students[-1][-10:]) if students else 0
     for change in range(changes):
         gone = rng.randrange(len(teachers))
@@ -82,8 +93,44 @@ def churn(students: list[str], teachers: list[str], m: int, changes: int, rng: r
         leaving = rng.randrange(len(students))
         cases["student leaves"] = (students[:leaving] + students[leaving + 1:], teachers)
         for kind, (s, t) in cases.items():
-            moves[kind].append(moved_assignments(before, fair_share(s, t, m)))
+            after = rebalance(before, s, t, m) if incremental else fair_share(s, t, m)
+            moves[kind].append(moved_assignments(before, after))
     return moves
+
+
+def sequence(students: list[str], teachers: list[str], m: int, steps: int,
+             rng: random.Random) -> tuple[dict[str, list[int]], dict[str, list[int]], list[float]]:
+    """Moves along ``steps`` random changes, each applied to the last result: (rebalance's, fair_share's, times of
+    rebalance in seconds)."""
+    incremental = {kind: [] for kind in KINDS}
+    stateless = {kind: [] for kind in KINDS}
+    times: list[float] = []
+    current, stateless_current = rebalance({}, students, teachers, m), fair_share(students, teachers, m)
+    serial = int(students[-1][-10:]) + 1 if students else 0
+    for step in range(steps):
+        kind = rng.choice(KINDS)
+        if kind == "teacher joins" or len(teachers) < 2:
+            kind, teachers = "teacher joins", teachers + [f"10.253.{step % 256}.{rng.randrange(1, 255)}:{step}"]
+        elif kind == "teacher leaves":
+            gone = rng.randrange(len(teachers))
+            teachers = teachers[:gone] + teachers[gone + 1:]
+        elif kind == "student joins" or len(students) < 2:
+            kind, students, serial = "student joins", students + [f"student-{serial:010d}"], serial + 1
+        else:
+            gone = rng.randrange(len(students))
+            students = students[:gone] + students[gone + 1:]
+        started = time.perf_counter()
+        after = rebalance(current, students, teachers, m)
+        times.append(time.perf_counter() - started)
+        stateless_after = fair_share(students, teachers, m)
+        incremental[kind].append(moved_assignments(current, after))
+        stateless[kind].append(moved_assignments(stateless_current, stateless_after))
+        current, stateless_current = after, stateless_after
+    return incremental, stateless, times
+
+
+def cells(moves: dict[str, list[int]]) -> str:
+    return " | ".join(f"{statistics.mean(v):.2f} ({max(v)})" if v else "-" for v in moves.values())
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -95,14 +142,16 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--changes", type=int, default=40, help="random changes of each kind per size (default 40)")
     parser.add_argument("--baseline_max", type=int, default=300,
                         help="time the previous version only up to this many students (it takes ~9 s at 1,000)")
+    parser.add_argument("--sequence", type=int, default=200,
+                        help="random changes in the sequence of the incremental table (default 200)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the views and changes")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
+    sizes = [tuple(int(x) for x in size.lower().split("x")) for size in args.sizes.split(",")]
     print("| students x teachers | fair_share wall (CPU) | previous version wall (CPU) | moves per change, mean (max): "
           "teacher joins | teacher leaves | student joins | student leaves |")
     print("|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        n_students, n_teachers = (int(x) for x in size.lower().split("x"))
+    for n_students, n_teachers in sizes:
         students, teachers = view(n_students, n_teachers, rng)
         now = "{:.1f} ms ({:.1f} ms)".format(*(x * 1e3 for x in timed(fair_share, args.repeat, students, teachers,
                                                                          args.require_max)))
@@ -110,8 +159,20 @@ def main(argv: Sequence[str] = None) -> int:
                                                                           args.require_max)))
                   if n_students <= args.baseline_max else "not run")
         moves = churn(students, teachers, args.require_max, args.changes, rng)
-        cells = " | ".join(f"{statistics.mean(v):.2f} ({max(v)})" for v in moves.values())
-        print(f"| {n_students} x {n_teachers} | {now} | {before} | {cells} |", flush=True)
+        print(f"| {n_students} x {n_teachers} | {now} | {before} | {cells(moves)} |", flush=True)
+    print()
+    print("| students x teachers | what | rebalance wall per change, median (max) | moves per change, mean (max): "
+          "teacher joins | teacher leaves | student joins | student leaves |")
+    print("|---|---|---|---|---|---|---|")
+    for n_students, n_teachers in sizes:
+        students, teachers = view(n_students, n_teachers, rng)
+        single = churn(students, teachers, args.require_max, args.changes, rng, incremental=True)
+        incremental, stateless, times = sequence(students, teachers, args.require_max, args.sequence, rng)
+        spent = f"{statistics.median(times) * 1e3:.1f} ms ({max(times) * 1e3:.1f} ms)"
+        size = f"{n_students} x {n_teachers}"
+        print(f"| {size} | rebalance, one change from the balanced state | {spent} | {cells(single)} |")
+        print(f"| {size} | rebalance, {args.sequence} changes in a row | | {cells(incremental)} |")
+        print(f"| {size} | fair_share, the same {args.sequence} changes | | {cells(stateless)} |", flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ With an identity (``--zk_auth user:password`` or ``DISTILL_ZK_AUTH``), digest sc
     <root>/<service>          [digest(user):ALL, world:READ]           teachers: only the identity registers
     <root>/<service>/teacher-*  the same
     <root>/<service>/students [digest(user):ALL, world:READ|CREATE|DELETE]   students need no identity
+    <root>/<service>/assignment  the same as students: the students' assigner writes there (discovery.assigner)
 
 Everyone still reads (world:READ), so students follow teachers without any identity. A service node that already
 exists is checked first: open (world:ALL, e.g. created by a student or an anonymous teacher) is claimed with
@@ -50,7 +51,7 @@ def is_open(acls: Sequence[ACL]) -> bool:
 
 
 def ensure_service(session: ZkSession, paths: ServicePaths, auth: Optional[str]) -> None:
-    """Create the root, service and students nodes if missing; with auth, claim them with the service ACLs.
+    """Create the root, service, students and assignment nodes if missing; with auth, claim them with the service ACLs.
 
     Raises:
         ServiceSquattedError: the service node belongs to another identity.
@@ -64,6 +65,7 @@ def ensure_service(session: ZkSession, paths: ServicePaths, auth: Optional[str])
             _check_owner(session, paths, auth)
         _create_quietly(session, paths.service_path, service_acl)
         _create_quietly(session, paths.students_path, students_acl)
+        _create_quietly(session, paths.assignment_path, students_acl)
         if auth:
             _claim(session, paths, auth, service_acl, students_acl)
     except NoAuthError as exc:
@@ -96,7 +98,8 @@ def _check_owner(session: ZkSession, paths: ServicePaths, auth: str) -> None:
 
 
 def _claim(session: ZkSession, paths: ServicePaths, auth: str, service_acl: list, students_acl: list) -> None:
-    for path, wanted in ((paths.service_path, service_acl), (paths.students_path, students_acl)):
+    for path, wanted in ((paths.service_path, service_acl), (paths.students_path, students_acl),
+                         (paths.assignment_path, students_acl)):
         current, _ = session.retry("get_acls", path)
         if _acl_set(current) == _acl_set(wanted):
             continue

@@ -7,6 +7,9 @@ Layout (root default ``/distill``)::
     <root>/<service>/teacher-0000000007   ephemeral sequential, JSON {"endpoint": "host:port", "model": ..., ...}
     <root>/<service>/students             persistent; everyone may create and delete children
     <root>/<service>/students/student-0000000003   ephemeral sequential, JSON {"student_id": ..., ...}
+    <root>/<service>/assignment           persistent; everyone may create and delete children
+    <root>/<service>/assignment/assigner  kazoo Lock of the students' election (one contender node per student)
+    <root>/<service>/assignment/student-0000000003  persistent, JSON {"teachers": [...], "endpoints": [...]}
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ AUTH_ENV = "DISTILL_ZK_AUTH"
 TEACHER_PREFIX = "teacher-"
 STUDENTS_NODE = "students"
 STUDENT_PREFIX = "student-"
+ASSIGNMENT_NODE = "assignment"
+ASSIGNER_LOCK = "assigner"
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
 
@@ -98,6 +103,18 @@ class ServicePaths:
     @property
     def students_path(self) -> str:
         return f"{self.service_path}/{STUDENTS_NODE}"
+
+    @property
+    def assignment_path(self) -> str:
+        return f"{self.service_path}/{ASSIGNMENT_NODE}"
+
+    @property
+    def assigner_lock_path(self) -> str:
+        return f"{self.assignment_path}/{ASSIGNER_LOCK}"
+
+    def assignment_of(self, student_node: str) -> str:
+        """The assignment node of the student registered as ``student_node`` (``student-0000000003``)."""
+        return f"{self.assignment_path}/{student_node}"
 
 
 def node_sequence(name: str) -> int:

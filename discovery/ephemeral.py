@@ -21,7 +21,7 @@ from kazoo.protocol.states import KazooState
 from kazoo.retry import ForceRetryError
 
 from .arguments import AUTH_ENV, RegistryAuthError
-from .session import ZK_ERRORS, ZkSession, retry_forever
+from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class EphemeralNode:
                 return
             try:
                 retry(self._attempt)
-            except InterruptedError:
+            except RetryInterrupted:
                 return
             except (NoAuthError, RegistryAuthError) as exc:
                 self.error = exc if isinstance(exc, RegistryAuthError) else RegistryAuthError(

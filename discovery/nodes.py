@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ MAX_NODE_BYTES = 64 * 1024       # our own documents are < 1 KiB; ZooKeeper allo
 MAX_NESTING = 16
 MAX_STUDENT_ID = 256
 MAX_REQUIRE_TEACHERS = 1024
+_TEACHER_NODE = re.compile(r"^teacher-[0-9]{10}$")
 
 
 class NodeDataError(ValueError):
@@ -118,3 +120,38 @@ def parse_student(name: str, value: bytes) -> StudentInfo:
     if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= MAX_REQUIRE_TEACHERS:
         raise NodeDataError(f"'require_max_teacher' {wanted!r} is not an integer in 1-{MAX_REQUIRE_TEACHERS}")
     return StudentInfo(node=name, student_id=student_id, require_max_teacher=wanted)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The teachers the assigner gave one student: teacher node names and their endpoints, in the same order."""
+
+    student: str
+    teachers: tuple[str, ...]
+    endpoints: tuple[str, ...]
+
+    def document(self) -> bytes:
+        """The node data: compact JSON ``{"teachers": [...], "endpoints": [...]}``."""
+        return json.dumps({"teachers": list(self.teachers), "endpoints": list(self.endpoints)},
+                          separators=(",", ":")).encode()
+
+
+def parse_assignment(name: str, value: bytes) -> Assignment:
+    """The assignment in node ``name``; NodeDataError unless ``teachers`` lists at most MAX_REQUIRE_TEACHERS
+    teacher node names (``teacher-`` and 10 digits: nothing that leads out of the service folder) and
+    ``endpoints`` as many dialable endpoints."""
+    document = load_document(value)
+    teachers, endpoints = document.get("teachers"), document.get("endpoints")
+    if not isinstance(teachers, list) or not isinstance(endpoints, list) or len(teachers) != len(endpoints):
+        raise NodeDataError("'teachers' and 'endpoints' are not two lists of the same length")
+    if len(teachers) > MAX_REQUIRE_TEACHERS:
+        raise NodeDataError(f"{len(teachers)} teachers (at most {MAX_REQUIRE_TEACHERS} accepted)")
+    if not all(isinstance(t, str) and _TEACHER_NODE.match(t) for t in teachers):
+        raise NodeDataError("'teachers' holds something other than teacher node names (teacher-NNNNNNNNNN)")
+    if not all(isinstance(e, str) for e in endpoints):
+        raise NodeDataError("'endpoints' holds something other than strings")
+    try:
+        checked = tuple(validate_endpoint(e) for e in endpoints)
+    except ValueError as exc:
+        raise NodeDataError(str(exc)) from None
+    return Assignment(student=name, teachers=tuple(teachers), endpoints=checked)

@@ -21,6 +21,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, ZookeeperError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
+from kazoo.retry import InterruptedError as RetryInterrupted  # kazoo's own class, not the builtin
 from kazoo.retry import KazooRetry
 
 from .arguments import DEFAULT_SESSION_TIMEOUT, normalize_hosts, parse_auth
@@ -28,11 +29,13 @@ from .arguments import DEFAULT_SESSION_TIMEOUT, normalize_hosts, parse_auth
 logger = logging.getLogger(__name__)
 
 ZK_ERRORS = (KazooException, ZookeeperError, OSError, KazooTimeoutError)
+__all__ = ["ZK_ERRORS", "RetryInterrupted", "ZkSession", "retry_forever"]
 
 
 def retry_forever(stopping: threading.Event, max_delay: float = 5.0) -> KazooRetry:
     """KazooRetry that retries ZooKeeper trouble (connection loss, session expiry, a timed-out answer) forever with
-    backoff 0.1 s doubling to ``max_delay`` and +-40% jitter; ``stopping.set()`` ends it with InterruptedError."""
+    backoff 0.1 s doubling to ``max_delay`` and +-40% jitter; ``stopping.set()`` ends it with ``RetryInterrupted``
+    (kazoo's ``kazoo.retry.InterruptedError``, a KazooException: the builtin ``InterruptedError`` misses it)."""
     retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.4, max_delay=max_delay,
                        sleep_func=stopping.wait, interrupt=stopping.is_set)
     retry.retry_exceptions = retry.retry_exceptions + (KazooTimeoutError,)

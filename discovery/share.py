@@ -1,5 +1,10 @@
 """Fair sharing of teachers among students: a pure, deterministic function every student computes alike.
 
+Stateless: it sees only the membership, so when every teacher is needed a change moves several students (below).
+Students now follow the incremental ``discovery.rebalance.rebalance`` that the elected assigner keeps in
+ZooKeeper (``discovery.assigner``); this function gives its first assignment and the students' fallback when no
+assignment arrives (``discovery.student``).
+
 Rules (for S students, T teachers, each student ``s`` asking for at most ``m_s`` teachers):
 - student ``s`` gets ``min(m_s, T)`` distinct teachers (never more than it asked for, never none while T > 0);
 - the number of students per teacher differs by at most one across all teachers (idle teachers count as 0);

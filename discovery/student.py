@@ -1,9 +1,19 @@
-"""A student's subscription to a teacher service: register the student, watch, and compute its fair share.
+"""A student's subscription to a teacher service: register the student and follow the teachers assigned to it.
 
-``TeacherSubscription`` registers the student as an ephemeral node under ``<root>/<service>/students``, watches the
-teachers and the other students, and calls ``on_change(endpoints)`` with this student's share (see
-``discovery.share.fair_share``) every time it changes, from a background thread. The first call comes once
-ZooKeeper has been read, even when no teacher is registered (``[]``).
+``TeacherSubscription`` registers the student as an ephemeral node under ``<root>/<service>/students`` and calls
+``on_change(endpoints)`` with this student's teachers every time they change, from a background thread. The
+teachers come from the student's own assignment node, ``<service>/assignment/<student-node>``, which the elected
+assigner keeps (``discovery.assigner``: an incremental fair share stored in ZooKeeper, few moves per change).
+Every student contends for the assigner role, so there is one as long as there is a student. The student watches
+only its assignment node (a kazoo ``DataWatch``, re-armed after a session loss) and reads the data of the teacher
+nodes it names (the endpoint and the ``tls`` flag come from the teacher's own node, which only the teachers'
+identity may write in a locked-down service; the assignment only names them). The first call comes once the
+assignment was read, even when no teacher is registered (``[]``).
+
+Fallback: when no assignment arrives within ``assignment_wait`` seconds after the student registered (no assigner
+yet: the previous one was SIGKILLed and its session has not expired), or the student may not use the assignment
+folder (a service locked down before that folder existed), the student watches teachers and students itself and
+uses its share of the stateless ``discovery.share.fair_share`` (logged at WARNING) until an assignment arrives.
 
 ZooKeeper unreachable or restarting: nothing is reported, so the last known teachers stay in use; the client
 reconnects with backoff and logs it; the process never exits because of ZooKeeper.
@@ -27,6 +37,9 @@ import threading
 import time
 from typing import Callable, Optional, Sequence, Union
 
+from kazoo.exceptions import NoNodeError
+from kazoo.recipe.watchers import DataWatch
+
 from .acls import ensure_service
 from .arguments import (
     DEFAULT_ROOT,
@@ -36,9 +49,10 @@ from .arguments import (
     ServicePaths,
     default_student_id,
 )
+from .assigner import Assigner
 from .ephemeral import EphemeralNode
-from .nodes import TeacherInfo
-from .session import ZkSession
+from .nodes import NodeDataError, TeacherInfo, parse_assignment, parse_teacher
+from .session import ZK_ERRORS, ZkSession
 from .share import fair_share
 from .watcher import ServiceView, ServiceWatcher
 
@@ -61,15 +75,26 @@ class TeacherSubscription:
         tls: whether this student talks TLS to its teachers (None: use every teacher). A teacher whose node says
             otherwise (``"tls": true`` from a TLS teacher's registration) is left out of the share with a
             warning, never dialed the wrong way; the share is computed on all teachers, so students agree.
+        assignment_wait: seconds after registering without an assignment before falling back to the local
+            stateless fair share (see the module docstring); ValueError unless a positive number.
+
+    Attributes:
+        assigner: this student's ``discovery.assigner.Assigner`` (``assigner.leading`` while it is the assigner).
+        fallback: an Event set while the student uses the stateless share; ``watcher`` is then its ServiceWatcher.
+        teacher_reads: teacher nodes read so far (only those named by its assignments, each once).
     """
 
     def __init__(self, zk_hosts: Union[str, Sequence[str]], service: str,
                  on_change: Callable[[list[str]], None], require_max_teacher: int = 1, root: str = DEFAULT_ROOT,
                  auth: Optional[str] = None, student_id: Optional[str] = None,
-                 session_timeout: float = DEFAULT_SESSION_TIMEOUT, tls: Optional[bool] = None):
+                 session_timeout: float = DEFAULT_SESSION_TIMEOUT, tls: Optional[bool] = None,
+                 assignment_wait: float = 5.0):
         if isinstance(require_max_teacher, bool) or not isinstance(require_max_teacher, int) \
                 or require_max_teacher < 1:
             raise ValueError(f"require_max_teacher must be an integer >= 1, not {require_max_teacher!r}")
+        if isinstance(assignment_wait, bool) or not isinstance(assignment_wait, (int, float)) \
+                or not assignment_wait > 0:
+            raise ValueError(f"assignment_wait must be a positive number of seconds, not {assignment_wait!r}")
         self.paths = ServicePaths(root, service)
         self.on_change = on_change
         self.require_max_teacher = require_max_teacher
@@ -82,13 +107,23 @@ class TeacherSubscription:
         self.node = EphemeralNode(self.session, self.paths.students_path, STUDENT_PREFIX, data,
                                   ensure_parent=self._ensure_students_path, what=f"student {self.student_id}",
                                   auth_errors_fatal=False)
-        self.node.on_created = lambda path: self.watcher.refresh()
-        self.watcher = ServiceWatcher(self.session, self.paths, self._on_view)
+        self.node.on_created = lambda path: self._wake.set()
+        self.assigner = Assigner(self.session, self.paths, identifier=self.student_id)
+        self.assignment_wait = assignment_wait
+        self.watcher: Optional[ServiceWatcher] = None   # the fallback's, while it runs
+        self.fallback = threading.Event()          # set while the student uses the stateless fair share
+        self.teacher_reads = 0                     # teacher nodes read (tests, docs: reads per change)
+        self._teacher_cache: dict[str, Optional[TeacherInfo]] = {}
         self._lock = threading.Lock()
         self._endpoints: Optional[list[str]] = None
         self._view: Optional[ServiceView] = None
+        self._assigned: Optional[list[TeacherInfo]] = None
         self._changed = threading.Condition(self._lock)
         self._started = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._data: Optional[tuple[str, Optional[bytes]]] = None   # (student node, assignment data) last reported
+        self._follower = threading.Thread(target=self._follow, name=f"zk-assignment-{service}", daemon=True)
 
     # -- public API ------------------------------------------------------------------------------------
     def start(self) -> TeacherSubscription:
@@ -98,7 +133,8 @@ class TeacherSubscription:
             self.session.start()
             self.node.start()
             self.node.set_wanted(True)
-            self.watcher.start()
+            self.assigner.start()
+            self._follower.start()
         return self
 
     def stop(self) -> None:
@@ -106,9 +142,15 @@ class TeacherSubscription:
         if not self._started:
             return
         self._started = False
-        self.watcher.stop()
+        self._stopping.set()
+        self._wake.set()
+        self.assigner.stop()
+        if self._follower.is_alive():
+            self._follower.join(5)
+        self._stop_fallback()
         self.node.stop(remove=True)
         self.session.close()
+        self.assigner.join(5)
 
     @property
     def endpoints(self) -> list[str]:
@@ -118,8 +160,11 @@ class TeacherSubscription:
 
     @property
     def teachers(self) -> list[TeacherInfo]:
-        """Every registered teacher of the service, as last read (node name, endpoint, JSON meta)."""
+        """The teachers assigned to this student as last read (node name, endpoint, JSON meta); in fallback,
+        every registered teacher of the service."""
         with self._lock:
+            if self._assigned is not None and not self.fallback.is_set():
+                return list(self._assigned)
             return list(self._view.teachers) if self._view else []
 
     @property
@@ -152,11 +197,11 @@ class TeacherSubscription:
         if not self.session.retry("exists", self.paths.students_path):
             ensure_service(self.session, self.paths, auth=None)
 
-    def _usable(self, share: list[str], view: ServiceView) -> list[str]:
+    def _usable(self, share: list[str], teachers: Sequence[TeacherInfo]) -> list[str]:
         """The share less the teachers this student cannot talk to (TLS on one side only)."""
         if self.tls is None:
             return share
-        wants_tls = {t.endpoint: bool(t.meta.get("tls", False)) for t in view.teachers}
+        wants_tls = {t.endpoint: bool(t.meta.get("tls", False)) for t in teachers}
         usable = [e for e in share if wants_tls.get(e, False) == self.tls]
         for endpoint in set(share) - set(usable) - self._warned_tls:
             self._warned_tls.add(endpoint)
@@ -166,7 +211,120 @@ class TeacherSubscription:
                            "tls_ca=" if not self.tls else "no tls_ca, or serve the teacher with --tls_cert")
         return usable
 
+    # -- following the assignment (the follower thread) ----------------------------------------------------------
+    def _follow(self) -> None:
+        state = {"watched": None, "registered_at": 0.0}
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._follow_once(state)
+            except Exception:  # noqa: BLE001 - ZooKeeper trouble or a bug: log, keep the last teachers, go on
+                logger.exception("following the assignment of service %s failed; retrying", self.paths.service)
+                self._stopping.wait(1.0)
+                self._wake.set()
+
+    def _follow_once(self, state: dict) -> None:
+        """One round: watch the current node's assignment, use a new assignment, or fall back when overdue."""
+        path = self.node.path
+        me = path.rsplit("/", 1)[-1] if path else None
+        if me is not None and me != state["watched"]:        # (re-)registered: follow the new node's assignment
+            DataWatch(self.session.client, self.paths.assignment_of(me),
+                      lambda data, stat, name=me: self._on_assignment(name, data))
+            state["watched"], state["registered_at"] = me, time.monotonic()
+        watched, registered_at = state["watched"], state["registered_at"]
+        with self._lock:
+            data = self._data
+        if data is not None and data[0] == watched and data[1] is not None:
+            self._use_assignment(watched, data[1])
+        elif (not self.fallback.is_set() and self._endpoints is None and watched is not None
+              and (self.assigner.unavailable.is_set() or time.monotonic() - registered_at > self.assignment_wait)):
+            self._start_fallback()
+
+    def _on_assignment(self, name: str, data: Optional[bytes]) -> Optional[bool]:
+        """kazoo's DataWatch callback (its event thread): record and wake the follower, never block."""
+        if self._stopping.is_set() or (self.node.path and not self.node.path.endswith("/" + name)):
+            return False                              # stopped, or an older registration: end this watch
+        with self._lock:
+            self._data = (name, data)
+        self._wake.set()
+        return None
+
+    def _use_assignment(self, me: str, data: bytes) -> None:
+        """Read the teacher nodes the assignment names and report them (once per new assignment)."""
+        try:
+            assignment = parse_assignment(me, data)
+        except NodeDataError as exc:
+            logger.warning("ignoring assignment node %s: %s", self.paths.assignment_of(me), exc)
+            with self._lock:
+                self._data = (me, None)
+            return
+        try:
+            teachers = self._read_teachers(assignment.teachers, assignment.endpoints)
+        except ZK_ERRORS as exc:
+            logger.warning("reading the teachers of %s failed (%s: %s); retrying", self.paths.assignment_of(me),
+                           type(exc).__name__, exc)
+            self._stopping.wait(0.5)
+            self._wake.set()
+            return
+        with self._lock:
+            if self._data is not None and self._data[1] == data:
+                self._data = (me, None)                   # done with this version
+        if self.fallback.is_set():
+            logger.info("service %s: an assignment arrived; leaving the stateless fallback", self.paths.service)
+            self._stop_fallback()
+        share = self._usable([t.endpoint for t in teachers], teachers)
+        self._report(share, teachers=teachers, view=None)
+
+    def _read_teachers(self, nodes: Sequence[str], endpoints: Sequence[str]) -> list[TeacherInfo]:
+        """The teacher nodes named by the assignment; reads (pipelined) only those not read before with the same
+        endpoint. Gone or mismatching ones are left out (the assigner replaces them soon)."""
+        cache = self._teacher_cache
+        stale = [node for node, endpoint in zip(nodes, endpoints)      # new, gone or another teacher since:
+                 if cache.get(node) is None or cache[node].endpoint != endpoint]   # (a re-created service folder)
+        requests = [(node, self.session.client.get_async(f"{self.paths.service_path}/{node}"))
+                    for node in dict.fromkeys(stale)]
+        self.teacher_reads += len(requests)
+        for node, request in requests:
+            try:
+                value, _ = request.get(timeout=self.session.request_timeout)
+                cache[node] = parse_teacher(node, value)
+            except NoNodeError:
+                cache[node] = None                        # gone since the assignment was written
+            except NodeDataError as exc:
+                logger.warning("ignoring teacher node %s/%s: %s", self.paths.service_path, node, exc)
+                cache[node] = None
+        self._teacher_cache = {node: cache[node] for node in nodes}   # forget the teachers no longer assigned
+        teachers = []
+        for node, endpoint in zip(nodes, endpoints):
+            teacher = cache[node]
+            if teacher is not None and teacher.endpoint != endpoint:
+                logger.warning("the assignment names teacher node %s as %s but it serves %s: left out", node,
+                               endpoint, teacher.endpoint)
+            elif teacher is not None:
+                teachers.append(teacher)
+        return teachers
+
+    # -- fallback: the stateless share of every student -------------------------------------------------------
+    def _start_fallback(self) -> None:
+        reason = ("this student may not use the assignment folder" if self.assigner.unavailable.is_set()
+                  else f"no assignment within {self.assignment_wait:g}s (no assigner yet)")
+        logger.warning("service %s: %s; using the stateless fair share until an assignment arrives",
+                       self.paths.service, reason)
+        self.fallback.set()
+        self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()
+
+    def _stop_fallback(self) -> None:
+        self.fallback.clear()
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+
     def _on_view(self, view: ServiceView) -> None:
+        if not self.fallback.is_set():
+            return
         endpoints = view.endpoints
         me = self.node.path.rsplit("/", 1)[-1] if self.node.path else None
         students = [s.node for s in view.students]
@@ -175,15 +333,21 @@ class TeacherSubscription:
             me = me or f"{STUDENT_PREFIX}~{self.student_id}"   # not registered (yet): count ourselves last
             students.append(me)
         wanted[me] = self.require_max_teacher
-        share = self._usable(fair_share(students, endpoints, wanted)[me], view)
+        share = self._usable(fair_share(students, endpoints, wanted)[me], view.teachers)
+        self._report(share, teachers=None, view=view)
+
+    def _report(self, share: list[str], teachers: Optional[list[TeacherInfo]], view: Optional[ServiceView]) -> None:
         with self._changed:
-            self._view = view
+            if view is not None:
+                self._view = view
+            if teachers is not None:
+                self._assigned = teachers
             if share == self._endpoints:
                 return
             previous, self._endpoints = self._endpoints, share
             self._changed.notify_all()
-        logger.info("service %s: %d teacher(s), %d student(s); this student uses %s (was %s)",
-                    self.paths.service, len(endpoints), len(students), share, previous)
+        logger.info("service %s: this student uses %s (was %s)%s", self.paths.service, share, previous,
+                    " (stateless fallback)" if self.fallback.is_set() else "")
         try:
             self.on_change(list(share))
         except Exception:  # noqa: BLE001 - the subscriber's bug must not stop discovery

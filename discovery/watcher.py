@@ -31,7 +31,7 @@ from kazoo.retry import ForceRetryError
 
 from .arguments import STUDENT_PREFIX, TEACHER_PREFIX, ServicePaths, node_sequence
 from .nodes import NodeDataError, StudentInfo, TeacherInfo, parse_student, parse_teacher
-from .session import ZK_ERRORS, ZkSession, retry_forever
+from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ServiceWatcher:
                 continue
             try:
                 view = retry(self._attempt)
-            except InterruptedError:
+            except RetryInterrupted:
                 return
             if view is not None and view != self.view:
                 self.view = view

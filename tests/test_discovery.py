@@ -128,6 +128,12 @@ class Recorder:
             return self.calls[-1] if self.calls else None
 
 
+def assigner_view(subscription):
+    """The service view of the subscription's assigner (None unless this student is the assigner)."""
+    watcher = subscription.assigner.watcher
+    return watcher.view if watcher is not None and subscription.assigner.leading.is_set() else None
+
+
 def subscribe(hosts, root, require_max_teacher=1, student_id=None):
     recorder = Recorder()
     subscription = TeacherSubscription(hosts, SERVICE, recorder, require_max_teacher=require_max_teacher,
@@ -202,7 +208,8 @@ def test_sigkill_teacher_and_its_register_script_moves_its_share(zookeeper, zk, 
         subscription, recorder = subscribe(zookeeper.hosts, zk_root, require_max_teacher=1)
         try:
             wait_for(lambda: len(teacher_nodes(zk, zk_root)) == 2, 15, "two registrations")
-            wait_for(lambda: len(subscription.teachers) == 2 and recorder.last, 10, "student sees both")
+            wait_for(lambda: assigner_view(subscription) and len(assigner_view(subscription).teachers) == 2
+                     and recorder.last, 10, "student sees both")
             (used,) = recorder.last
             other = next(e for e in servers if e != used)
             servers[used].kill(signal.SIGKILL)
@@ -300,7 +307,7 @@ def test_three_students_six_teachers_then_a_student_leaves(zookeeper, zk_root):
 
             s2.stop()                                              # the middle student leaves
             subscriptions.pop(1)
-            wait_for(lambda: len(s1.teachers) == 6 and len(shares()) == 2 and
+            wait_for(lambda: len(shares()) == 2 and
                      len(set(s1.endpoints) | set(s3.endpoints)) == 4, 10, "two students, two teachers each")
             time.sleep(0.3)
             assert set(s1.endpoints) == before["s1"]               # the older student keeps its teachers
@@ -481,9 +488,9 @@ def test_bad_nodes_are_skipped_with_a_warning_and_students_keep_following(zookee
             zk.create(f"{zk_root}/{SERVICE}/{TEACHER_PREFIX}", data, ephemeral=True, sequence=True)
         second = registration(zookeeper.hosts, zk_root, "127.0.0.1:2", allow_open_acl=True)
         wait_for(lambda: recorder.last == ["127.0.0.1:1", "127.0.0.1:2"], 10, "the student following a new teacher")
-        assert subscription.watcher._thread.is_alive()
-        assert [s.student_id for s in subscription.watcher.view.students] == [subscription.student_id]
-        assert [t.endpoint for t in subscription.watcher.view.teachers] == ["127.0.0.1:1", "127.0.0.1:2"]
+        assert subscription.assigner.watcher._thread.is_alive()
+        assert [s.student_id for s in assigner_view(subscription).students] == [subscription.student_id]
+        assert [t.endpoint for t in assigner_view(subscription).teachers] == ["127.0.0.1:1", "127.0.0.1:2"]
         warnings = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
         assert sum("JSON nested 17 deep (at most 16 accepted)" in w for w in warnings) == 2   # the scan stops there
         for reason in ("bytes of data (at most 65536 accepted)", "not UTF-8 JSON",
@@ -504,13 +511,14 @@ def test_a_student_reads_each_teacher_node_once(zookeeper, zk_root):
     subscription, recorder = subscribe(zookeeper.hosts, zk_root, require_max_teacher=8)
     try:
         wait_for(lambda: recorder.last is not None and len(recorder.last) == 5, 15, "five teachers")
-        assert subscription.watcher.teachers.reads == 5
+        reads = subscription.assigner.watcher.teachers     # the assigner (this only student) reads every node
+        assert reads.reads == 5 and subscription.teacher_reads == 5   # the student only those assigned to it
         teachers.append(registration(zookeeper.hosts, zk_root, "127.0.0.1:6", allow_open_acl=True))
         wait_for(lambda: len(recorder.last) == 6, 10, "the sixth teacher")
-        assert subscription.watcher.teachers.reads == 6               # only the new node was read
+        assert reads.reads == 6 and subscription.teacher_reads == 6   # only the new node was read
         teachers.pop(0).stop()
         wait_for(lambda: len(recorder.last) == 5, 10, "a teacher leaving")
-        assert subscription.watcher.teachers.reads == 6               # a node leaving costs no read
+        assert reads.reads == 6 and subscription.teacher_reads == 6   # a node leaving costs no read
     finally:
         subscription.stop()
         for teacher in teachers:

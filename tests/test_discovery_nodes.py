@@ -8,9 +8,11 @@ from hypothesis import strategies as st
 from discovery.nodes import (
     MAX_NESTING,
     MAX_NODE_BYTES,
+    Assignment,
     NodeDataError,
     load_document,
     nesting_depth,
+    parse_assignment,
     parse_student,
     parse_teacher,
 )
@@ -48,3 +50,28 @@ def test_documents_within_bounds_are_read():
     assert parse_student("student-0000000005", b"{}").student_id == "student-0000000005"
     with pytest.raises(NodeDataError, match="bytes of data"):
         load_document(b" " * (MAX_NODE_BYTES + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048) | json_values.map(lambda v: json.dumps(v).encode())
+       | st.fixed_dictionaries({"teachers": json_values, "endpoints": json_values}).map(
+           lambda v: json.dumps(v).encode()))
+def test_any_bytes_give_an_assignment_or_node_data_error(value):
+    try:
+        parse_assignment("student-0000000001", value)
+    except NodeDataError:
+        pass
+
+
+def test_assignments_name_only_teacher_nodes_of_the_service_and_are_bounded():
+    good = Assignment("student-0000000001", ("teacher-0000000007",), ("10.0.0.5:9292",))
+    assert parse_assignment("student-0000000001", good.document()) == good
+    for document, message in (
+            ({"teachers": ["../../other/teacher-0000000001"], "endpoints": ["a:1"]}, "teacher node names"),
+            ({"teachers": ["teacher-0000000001"], "endpoints": []}, "same length"),
+            ({"teachers": ["teacher-0000000001"], "endpoints": [5]}, "other than strings"),
+            ({"teachers": ["teacher-0000000001"], "endpoints": ["0.0.0.0:1"]}, "wildcard"),
+            ({"teachers": ["teacher-0000000001"] * 1025, "endpoints": ["a:1"] * 1025}, "at most 1024"),
+            ({"teachers": "teacher-0000000001", "endpoints": "a:1"}, "two lists")):
+        with pytest.raises(NodeDataError, match=message):
+            parse_assignment("student-0000000001", json.dumps(document).encode())

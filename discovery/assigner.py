@@ -1,0 +1,261 @@
+"""The assigner: one student at a time keeps every student's teachers in ZooKeeper, moving as few as it can.
+
+Every ``TeacherSubscription`` runs an ``Assigner``. They elect one with kazoo's ``Lock`` recipe under
+``<service>/assignment/assigner`` (one ephemeral sequential contender node per student, each watching only its
+predecessor). The holder watches teachers and students (``ServiceWatcher``), computes
+``discovery.rebalance.rebalance(stored, view)`` and writes only the per-student nodes that changed,
+``<service>/assignment/<student-node>`` = ``{"teachers": [teacher node names], "endpoints": [...]}``
+(``nodes.Assignment``), and deletes the nodes of departed students. The stored nodes are the state: a new
+assigner reads them first, so a change of assigner moves nobody.
+
+Fencing: every write is a ZooKeeper multi-op transaction that starts with a ``check`` of the assigner's own lock
+node. That node is ephemeral, so once the assigner's session is gone (expired, or the process stopped) its
+transactions fail as a whole and it can never overwrite its successor's work; it then stops leading and contends
+again. A transaction that fails for another reason (a node changed behind its back) makes it re-read the stored
+state and try again.
+
+Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
+not create the assignment folder (locked down by a teacher identity before this folder existed) sets
+``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``).
+
+Example::
+
+    assigner = Assigner(session, ServicePaths("/distill", "mnist_teacher"), identifier="host-42").start()
+    ...
+    assigner.stop()
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from kazoo.exceptions import (
+    BadVersionError,
+    CancelledError,
+    NoAuthError,
+    NoNodeError,
+    RolledBackError,
+)
+from kazoo.protocol.states import KazooState
+from kazoo.recipe.lock import Lock
+from kazoo.retry import ForceRetryError
+from kazoo.security import OPEN_ACL_UNSAFE
+
+from .arguments import STUDENT_PREFIX, ServicePaths
+from .nodes import Assignment, NodeDataError, parse_assignment
+from .rebalance import rebalance
+from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
+from .watcher import ServiceView, ServiceWatcher
+
+logger = logging.getLogger(__name__)
+
+OPS_PER_TRANSACTION = 200     # ~200 B per op: far below ZooKeeper's 1 MiB request limit (jute.maxbuffer)
+
+
+class Deposed(Exception):
+    """The assigner's lock node is gone (session lost): its writes are refused, it must contend again."""
+
+
+class Assigner:
+    """Contend for the assigner role of a service and, while holding it, keep the assignment nodes up to date.
+
+    Args:
+        session: the student's ZooKeeper session.
+        paths: the service's paths.
+        identifier: stored in the contender node (readable with ``kazoo`` ``Lock.contenders()``).
+
+    Attributes:
+        leading: set while this process is the assigner.
+        unavailable: set when this student may not create the assignment folder (see the module docstring).
+        terms, writes, transactions: how many times it became the assigner, nodes written, transactions committed.
+        applied: the last ``ServiceView`` whose assignment is all written (None before the first).
+    """
+
+    def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = ""):
+        self.session = session
+        self.paths = paths
+        self.identifier = identifier
+        self.leading = threading.Event()
+        self.unavailable = threading.Event()
+        self.terms = self.writes = self.transactions = 0
+        self.applied: Optional[ServiceView] = None
+        self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
+        self._view: Optional[ServiceView] = None
+        self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
+        self._lock: Optional[Lock] = None
+        self._wake = threading.Event()
+        self._deposed = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"zk-assigner-{paths.service}", daemon=True)
+        session.subscribe(self._on_state)
+
+    def start(self) -> Assigner:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop contending or leading; returns at once (a pending acquire ends when the session closes, and
+        the lock node goes with the session). ``join`` waits for the thread."""
+        self._stopping.set()
+        self._wake.set()
+        lock = self._lock
+        if lock is not None:
+            lock.cancel()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- election ------------------------------------------------------------------------------------------
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.LOST and self.leading.is_set():
+            self._deposed.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        retry = retry_forever(self._stopping)
+        while not self._stopping.is_set():
+            if not self.session.connected:                # kazoo's Lock would retry unstoppably meanwhile
+                self._stopping.wait(0.2)
+                continue
+            self._lock = Lock(self.session.client, self.paths.assigner_lock_path, self.identifier)
+            try:
+                retry(self._lock.acquire)
+            except (CancelledError, RetryInterrupted):
+                return
+            except NoAuthError:
+                logger.warning("this student may not create %s (service locked down without it): no assigner; "
+                               "students share teachers by the stateless fair share", self.paths.assignment_path)
+                self.unavailable.set()
+                return
+            except ZK_ERRORS as exc:   # not retried by KazooRetry (e.g. a refused create): try again later
+                if self._stopping.is_set():               # the session closed under a pending acquire
+                    return
+                logger.warning("contending for the assigner of %s failed (%s: %s); retrying",
+                               self.paths.service_path, type(exc).__name__, exc)
+                self._stopping.wait(1.0)
+                continue
+            try:
+                self._lead(f"{self._lock.path}/{self._lock.node}")
+            except ZK_ERRORS as exc:      # not retryable (e.g. NoAuth after an ACL change): step down, try again
+                logger.warning("assigner of %s stepping down after %s: %s", self.paths.service_path,
+                               type(exc).__name__, exc)
+                self._stopping.wait(1.0)
+            except Exception:  # noqa: BLE001 - a bug must not leave the service without an assigner for good
+                logger.exception("assigner of %s failed; stepping down", self.paths.service_path)
+                self._stopping.wait(1.0)
+            finally:
+                self.leading.clear()
+                self._release()
+
+    def _release(self) -> None:
+        try:
+            self.session.call("delete", f"{self._lock.path}/{self._lock.node}")
+        except NoNodeError:
+            pass
+        except ZK_ERRORS as exc:
+            logger.debug("releasing the assigner lock: %s", exc)
+
+    # -- leading -------------------------------------------------------------------------------------------
+    def _lead(self, lock_node: str) -> None:
+        self._deposed.clear()
+        self._view = None
+        self.terms += 1
+        self.leading.set()
+        logger.info("%s is now the assigner of service %s", self.identifier, self.paths.service_path)
+        watcher = self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()
+        retry = retry_forever(self._stopping, max_delay=2.0)
+        try:
+            self._stored = retry(self._read_stored)
+            self._wake.set()
+            while not (self._stopping.is_set() or self._deposed.is_set()):
+                self._wake.wait()
+                self._wake.clear()
+                if self._view is not None and self.session.connected and not self._deposed.is_set():
+                    retry(self._apply, lock_node)
+        except (Deposed, RetryInterrupted):
+            pass
+        finally:
+            watcher.stop()
+        if not self._stopping.is_set():
+            logger.warning("%s is no longer the assigner of service %s (session lost); contending again",
+                           self.identifier, self.paths.service_path)
+
+    def _on_view(self, view: ServiceView) -> None:
+        self._view = view
+        self._wake.set()
+
+    def _read_stored(self) -> dict[str, Optional[Assignment]]:
+        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite)."""
+        try:
+            names = self.session.call("get_children", self.paths.assignment_path)
+        except NoNodeError:
+            return {}
+        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name)))
+                    for name in names if name.startswith(STUDENT_PREFIX)]
+        stored: dict[str, Optional[Assignment]] = {}
+        for name, request in requests:
+            try:
+                value, _ = request.get(timeout=self.session.request_timeout)
+                stored[name] = parse_assignment(name, value)
+            except NoNodeError:
+                continue
+            except NodeDataError as exc:
+                logger.warning("ignoring assignment node %s: %s", self.paths.assignment_of(name), exc)
+                stored[name] = None
+        return stored
+
+    def _apply(self, lock_node: str) -> None:
+        """Rebalance from the stored nodes to the current view and write what changed (fenced)."""
+        view = self._view
+        wanted = {s.node: s.require_max_teacher for s in view.students}
+        node_of: dict[str, str] = {}
+        for teacher in view.teachers:
+            node_of.setdefault(teacher.endpoint, teacher.node)
+        previous = {name: list(a.endpoints) for name, a in self._stored.items() if a is not None}
+        share = rebalance(previous, list(wanted), view.endpoints, wanted)
+        changes: list[tuple[str, Optional[Assignment]]] = []
+        for student, endpoints in share.items():
+            assignment = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints))
+            if self._stored.get(student) != assignment:
+                changes.append((student, assignment))
+        changes += [(name, None) for name in self._stored if name not in wanted]
+        for start in range(0, len(changes), OPS_PER_TRANSACTION):
+            self._commit(lock_node, changes[start:start + OPS_PER_TRANSACTION])
+        self.applied = view
+        if changes:
+            moved = sum(len(set(previous.get(s, ())) - set(e)) for s, e in share.items() if s in previous)
+            logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
+                        self.paths.service, len(view.endpoints), len(wanted), len(changes), moved)
+
+    def _commit(self, lock_node: str, changes: list[tuple[str, Optional[Assignment]]]) -> None:
+        """One transaction: check the lock node, then create/set/delete (None) the students' nodes."""
+        transaction = self.session.client.transaction()
+        transaction.check(lock_node, 0)
+        for name, assignment in changes:
+            path = self.paths.assignment_of(name)
+            if assignment is None:
+                transaction.delete(path)
+            elif name in self._stored:
+                transaction.set_data(path, assignment.document())
+            else:
+                transaction.create(path, assignment.document(), acl=OPEN_ACL_UNSAFE)
+        results = transaction.commit_async().get(timeout=self.session.request_timeout)
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            self._deposed.set()
+            raise Deposed(lock_node)
+        failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
+        if failed:
+            logger.warning("assignment transaction refused (%s: %s); re-reading the stored nodes",
+                           type(failed[0]).__name__, failed[0])
+            self._stored = self._read_stored()      # someone changed a node: start again from what is stored
+            raise ForceRetryError(f"assignment transaction refused ({type(failed[0]).__name__}); re-read")
+        self.transactions += 1
+        self.writes += len(changes)
+        for name, assignment in changes:
+            if assignment is None:
+                self._stored.pop(name, None)
+            else:
+                self._stored[name] = assignment
+

@@ -1,0 +1,329 @@
+"""The assigner (discovery.assigner) against a real ZooKeeper: election, takeover after SIGKILL, fencing after a
+session loss, agreement after random joins and leaves, the ACLs of a locked-down service, the stateless fallback.
+
+Session timeout 2 s (the test server's minimum) so that expiries take seconds.
+"""
+import logging
+import random
+import signal
+import subprocess
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError, NotEmptyError
+from kazoo.recipe.lock import Lock
+from kazoo.security import Permissions, make_acl, make_digest_acl
+
+from discovery.arguments import STUDENT_PREFIX, ServicePaths
+from discovery.assigner import Deposed
+from discovery.nodes import Assignment, parse_assignment
+from discovery.share import teacher_loads
+from discovery.student import TeacherSubscription
+from tests.support.procs import ProcessGuard, wait_for
+
+from .test_discovery import SERVICE, SESSION, Recorder, acl_set, registration
+
+CHILD_STUDENT = """
+import sys, time
+from discovery.student import TeacherSubscription
+hosts, root = sys.argv[1:3]
+TeacherSubscription(hosts, "mnist_teacher", lambda endpoints: None, require_max_teacher=2, root=root,
+                    student_id="child", session_timeout=2.0).start()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture
+def zk(zookeeper):
+    client = KazooClient(hosts=zookeeper.hosts, timeout=SESSION)
+    client.start(timeout=10)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+def student(hosts, root, name, require_max_teacher=2, **kwargs):
+    recorder = Recorder()
+    subscription = TeacherSubscription(hosts, SERVICE, recorder, require_max_teacher=require_max_teacher, root=root,
+                                       student_id=name, session_timeout=SESSION, **kwargs).start()
+    wait_for(subscription.node.created.is_set, 10, f"student {name} registered")
+    return subscription, recorder
+
+
+def node_of(subscription):
+    return subscription.node.path.rsplit("/", 1)[-1]
+
+
+def stored(client, root):
+    """{student node: endpoints} of the assignment nodes in ZooKeeper."""
+    path = ServicePaths(root, SERVICE).assignment_path
+    result = {}
+    for name in client.get_children(path) if client.exists(path) else []:
+        if name.startswith(STUDENT_PREFIX):
+            result[name] = list(parse_assignment(name, client.get(f"{path}/{name}")[0]).endpoints)
+    return result
+
+
+def contenders(client, root):
+    return Lock(client, ServicePaths(root, SERVICE).assigner_lock_path).contenders()
+
+
+def settled(client, root, subscriptions, teachers, wanted=None):
+    """Every student uses exactly its stored assignment, the rules hold, nobody is in the fallback."""
+    assignment = stored(client, root)
+    nodes = {node_of(s): s for s in subscriptions if s.node.path}
+    if set(assignment) != set(nodes) or any(s.fallback.is_set() for s in subscriptions):
+        return False
+    for name, s in nodes.items():
+        m = (wanted or {}).get(s.student_id, 2)
+        if sorted(s.endpoints) != sorted(assignment[name]) or len(set(assignment[name])) != min(m, len(teachers)):
+            return False
+    loads = teacher_loads(assignment, teachers)
+    return set(loads) <= set(teachers) and max(loads.values()) - min(loads.values()) <= 1
+
+
+def teachers_up(hosts, root, ports, **kwargs):
+    registrations = {f"127.0.0.1:{port}": registration(hosts, root, f"127.0.0.1:{port}", **kwargs)
+                     for port in ports}
+    for reg in registrations.values():
+        reg.wait_registered(10)
+    return registrations
+
+
+def test_sigkilled_assigner_is_replaced_and_the_others_keep_their_teachers(zookeeper, zk, zk_root):
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 7), allow_open_acl=True)
+    subscriptions = []
+    try:
+        with ProcessGuard() as guard:
+            child = guard.python("-c", CHILD_STUDENT, zookeeper.hosts, zk_root, stdout=subprocess.DEVNULL)
+            wait_for(lambda: contenders(zk, zk_root)[:1] == ["child"] and len(stored(zk, zk_root)) == 1, 30,
+                     "the child student elected assigner and assigned")
+            (child_node,) = stored(zk, zk_root)
+            for name in ("s1", "s2"):
+                subscriptions.append(student(zookeeper.hosts, zk_root, name)[0])
+            wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations)) is not None
+                     and len(stored(zk, zk_root)) == 3 and all(len(s.endpoints) == 2 for s in subscriptions),
+                     15, "three students with two teachers each")
+            before = {node_of(s): sorted(s.endpoints) for s in subscriptions}
+            assert not any(s.assigner.leading.is_set() for s in subscriptions)
+
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            late, late_calls = student(zookeeper.hosts, zk_root, "s3", assignment_wait=0.5)
+            subscriptions.append(late)
+            wait_for(lambda: late.endpoints, 10, "the student joining without an assigner getting teachers")
+            wait_for(lambda: any(s.assigner.leading.is_set() for s in subscriptions), 15, "a new assigner")
+            wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations)), 15, "the new assignment")
+            assert child_node not in stored(zk, zk_root)                     # the dead student's node removed
+            assert {node_of(s): sorted(s.endpoints) for s in subscriptions[:2]} == before   # nobody else moved
+            assert [] not in late_calls.calls
+            assert sorted(e for s in subscriptions for e in s.endpoints) == sorted(registrations)   # once each
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_a_deposed_assigner_cannot_write(zookeeper, zk, zk_root):
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 5), allow_open_acl=True)
+    first, _ = student(zookeeper.hosts, zk_root, "first")
+    second = None
+    try:
+        wait_for(first.assigner.leading.is_set, 10, "the first student elected")
+        second, _ = student(zookeeper.hosts, zk_root, "second")
+        wait_for(lambda: settled(zk, zk_root, [first, second], list(registrations)), 15, "both assigned")
+        lock_node = f"{first.assigner._lock.path}/{first.assigner._lock.node}"
+        second_node = node_of(second)
+        second_before = zk.get(ServicePaths(zk_root, SERVICE).assignment_of(second_node))[0]
+
+        old_session = first.session.session_id
+        thief = KazooClient(hosts=zookeeper.hosts, client_id=first.session.client.client_id, timeout=SESSION)
+        thief.start(timeout=10)                          # the same session, closed: the first student's expires
+        thief.stop()
+        thief.close()
+        wait_for(second.assigner.leading.is_set, 15, "the second student taking over")
+        wait_for(lambda: first.session.connected and first.session.session_id != old_session, 15,
+                 "the first student in a new session")
+        forged = Assignment(second_node, ("teacher-0000000000",), ("127.0.0.1:9",))
+        with pytest.raises(Deposed):                     # a write with the lost lock node is refused as a whole
+            first.assigner._commit(lock_node, [(second_node, forged)])
+        assert zk.get(ServicePaths(zk_root, SERVICE).assignment_of(second_node))[0] == second_before
+        assert not zk.exists(lock_node)
+        wait_for(lambda: first.node.created.is_set() and settled(zk, zk_root, [first, second], list(registrations)),
+                 15, "the first student registered again and assigned by the second")
+        assert not first.assigner.leading.is_set() and first.assigner.terms == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_students_agree_after_random_joins_and_leaves(zookeeper, zk, zk_root):
+    rng = random.Random(16)
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 9), allow_open_acl=True)
+    subscriptions, wanted, serial = [], {}, 0
+    try:
+        for step in range(14):
+            action = rng.choice(["student joins", "student joins", "student leaves", "teacher joins",
+                                 "teacher leaves"])
+            if action == "student joins" or not subscriptions:
+                serial += 1
+                wanted[f"s{serial}"] = rng.randint(1, 3)
+                subscriptions.append(student(zookeeper.hosts, zk_root, f"s{serial}", wanted[f"s{serial}"])[0])
+            elif action == "student leaves" and len(subscriptions) == 1:
+                continue              # with no student left, no assigner removes the last one's node: by design
+            elif action == "student leaves":
+                subscriptions.pop(rng.randrange(len(subscriptions))).stop()
+            elif action == "teacher joins":
+                endpoint = f"127.0.0.1:{100 + step}"
+                registrations[endpoint] = registration(zookeeper.hosts, zk_root, endpoint, allow_open_acl=True)
+                registrations[endpoint].wait_registered(10)
+            elif len(registrations) > 1:
+                registrations.pop(rng.choice(sorted(registrations))).stop()
+            wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations), wanted), 20,
+                     f"students agreeing after step {step} ({action})")
+            assert sum(s.assigner.leading.is_set() for s in subscriptions) == 1
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog):
+    caplog.set_level(logging.WARNING, logger="discovery")
+    paths = ServicePaths(zk_root, SERVICE)
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 5), auth="teacher:s3cret")
+    subscriptions = []
+    try:
+        assert acl_set(zk.get_acls(paths.assignment_path)[0]) == {
+            ("digest", "teacher", Permissions.ALL),
+            ("world", "anyone", Permissions.READ | Permissions.CREATE | Permissions.DELETE)}
+        for name in ("a", "b"):                                  # anonymous students
+            subscriptions.append(student(zookeeper.hosts, zk_root, name)[0])
+        wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations)), 15, "assigned anonymously")
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
+
+        owner = KazooClient(hosts=zookeeper.hosts, timeout=SESSION, auth_data=[("digest", "teacher:s3cret")])
+        owner.start(timeout=10)
+        try:
+            owner.set_acls(paths.assignment_path, [make_digest_acl("teacher", "s3cret", all=True),
+                                                   make_acl("world", "anyone", read=True)])
+            late, late_calls = student(zookeeper.hosts, zk_root, "late", assignment_wait=1.0)
+            subscriptions.append(late)                           # the assigner may not create its node now
+            wait_for(lambda: len(late_calls.last or []) == 2 and late.fallback.is_set(), 10, "the late one's share")
+            wait_for(lambda: any("assignment transaction refused (NoAuthError" in r.getMessage()
+                                 for r in caplog.records), 10, "the refused write logged")
+            assert leader.assigner.leading.is_set() and leader.assigner._thread.is_alive()
+            while subscriptions:
+                subscriptions.pop().stop()
+            owner.delete(paths.assignment_path, recursive=True)  # a service locked down before this folder existed
+        finally:
+            owner.stop()
+            owner.close()
+        lone, recorder = student(zookeeper.hosts, zk_root, "lone")
+        subscriptions.append(lone)
+        wait_for(lambda: len(recorder.last or []) == 2, 10, "the student's stateless share")
+        assert lone.fallback.is_set() and lone.assigner.unavailable.is_set()
+        assert not zk.exists(paths.assignment_path)
+        assert any("may not create" in r.getMessage() for r in caplog.records)
+        assert any("using the stateless fair share" in r.getMessage() for r in caplog.records)
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_a_tampered_assignment_never_points_a_student_outside_the_registered_teachers(zookeeper, zk, zk_root,
+                                                                                      caplog):
+    caplog.set_level(logging.WARNING, logger="discovery")
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    lone, recorder = student(zookeeper.hosts, zk_root, "lone", require_max_teacher=1)
+    try:
+        wait_for(lambda: settled(zk, zk_root, [lone], list(registrations), {"lone": 1}), 15, "assigned")
+        path = ServicePaths(zk_root, SERVICE).assignment_of(node_of(lone))
+        (used,) = lone.endpoints
+        (teacher_node,) = parse_assignment(node_of(lone), zk.get(path)[0]).teachers
+        forgeries = {b"[" * 100: "JSON nested 17 deep",
+                     b'{"teachers": ["../../x/teacher-0000000001"], "endpoints": ["10.6.6.6:1"]}': "teacher node names",
+                     Assignment("x", (teacher_node,), ("10.6.6.6:1",)).document():
+                         f"names teacher node {teacher_node} as 10.6.6.6:1 but it serves {used}"}
+        for forged, warning in forgeries.items():
+            zk.set(path, forged)                           # anyone may write there: see docs/architecture.md
+            wait_for(lambda w=warning: any(w in r.getMessage() for r in caplog.records), 10, warning)
+        wait_for(lambda: recorder.last == [], 10, "the forged endpoint left out")
+        assert all(set(call) <= {used} for call in recorder.calls)     # 10.6.6.6:1 never reported
+    finally:
+        lone.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_background_threads_end_cleanly_when_stopped_during_a_retry(zookeeper, zk_root, monkeypatch):
+    """kazoo's KazooRetry ends with its own InterruptedError (a KazooException, not the builtin): a thread stopped
+    while retrying must end quietly, not with an unhandled exception."""
+    import threading
+
+    from kazoo.exceptions import ConnectionLoss
+
+    from discovery.session import ZkSession
+    from discovery.watcher import ServiceWatcher
+
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: unhandled.append(args.exc_value))
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    try:
+        assert session.wait_connected(10)
+        watcher = ServiceWatcher(session, ServicePaths(zk_root, SERVICE), on_view=lambda view: None)
+        attempts = []
+
+        def failing():
+            attempts.append(1)
+            raise ConnectionLoss("injected")
+        watcher._attempt = failing
+        watcher.start()
+        wait_for(lambda: len(attempts) >= 2, 10, "the watcher retrying")
+        watcher.stop()
+        assert not watcher._thread.is_alive()
+        assert unhandled == []
+    finally:
+        session.close()
+
+
+def test_a_service_folder_wiped_and_recreated_reuses_names_for_other_teachers(zookeeper, zk, zk_root):
+    """Sequence numbers restart in a new folder: teacher-0000000000 may now be another teacher. The student must
+    not keep the old node's data (it would drop its only teacher as 'serving another endpoint')."""
+    paths = ServicePaths(zk_root, SERVICE)
+    first = registration(zookeeper.hosts, zk_root, "127.0.0.1:1", allow_open_acl=True)
+    first.wait_registered(10)
+    lone, recorder = student(zookeeper.hosts, zk_root, "lone", require_max_teacher=1)
+    second = None
+    try:
+        wait_for(lambda: recorder.last == ["127.0.0.1:1"], 15, "the first teacher")
+        (old_name,) = parse_assignment(node_of(lone), zk.get(paths.assignment_of(node_of(lone)))[0]).teachers
+        first.stop()
+        wait_for(lambda: zk.exists(f"{paths.service_path}/{old_name}") is None, 10, "the first teacher gone")
+        for _ in range(50):                                      # the whole service wiped (an operator, a test),
+            try:                                                 # racing the student re-creating its node
+                zk.delete(paths.service_path, recursive=True)
+                break
+            except (NotEmptyError, NoNodeError):
+                continue
+        else:
+            raise AssertionError("could not wipe the service folder")
+        second = registration(zookeeper.hosts, zk_root, "127.0.0.1:2", allow_open_acl=True)
+        second.wait_registered(10)
+        wait_for(lambda: zk.exists(f"{paths.service_path}/{old_name}") is not None, 10, "the name reused")
+        wait_for(lambda: recorder.last == ["127.0.0.1:2"], 20, "the student following the new teacher")
+    finally:
+        lone.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
