@@ -272,6 +272,28 @@ def test_requests_given_up_by_the_handler_never_run():
     assert started == [1, 5], "requests given up (timed out or cancelled) must never reach the predictor"
 
 
+def test_jobs_queued_behind_a_busy_runner_merge_into_its_next_run():
+    """Jobs that waited longer than timeout_ms for the busy runner go together in its next run, each caller
+    getting its own rows back."""
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=64, timeout_ms=1, runners=1,
+                             predict_timeout=30)
+    try:
+        first = batcher.submit_async({"x": np.zeros((1, 3), "float32")}, ["y"])
+        _wait_started(started)
+        queued = [batcher.submit_async({"x": np.full((2, 3), k, "float32")}, ["y"]) for k in range(3)]
+        time.sleep(0.05)                   # much longer than timeout_ms
+        release.set()
+        results = [f.result(timeout=10)["y"][0] for f in queued]
+        assert first.result(timeout=10)["y"][0].shape == (1, 3)
+    finally:
+        release.set()
+        batcher.close()
+    assert started == [1, 6], "the three waiting jobs must run as one batch"
+    for k, rows in enumerate(results):
+        np.testing.assert_array_equal(rows, np.full((2, 3), k, "float32"))
+
+
 def test_runners_collect_batches_themselves():
     """No collector thread: with merging on, the batcher runs exactly one thread per runner."""
     before = {t.ident for t in threading.enumerate()}
