@@ -31,9 +31,10 @@ import paddle
 print(paddle.__version__)
 """
 
-FIELDS = {"raw32": r"raw predictor, batch 32:\s+(\d+)", "served32": r"server, batch 32, \d+ clients:\s+(\d+)",
-          "ratio32": r"ratio server / raw predictor:\s+([\d.]+)", "raw1": r"raw predictor, batch 1:\s+(\d+)",
-          "on1": r"batching on:\s+(\d+)", "off1": r"batching off:\s+(\d+)", "load": r"load average ([\d.]+)"}
+FIELDS = {"raw32": r"raw predictor, batch 32:\s+(\d+)", "served32": r"batch 32, batching on:\s+(\d+)",
+          "ratio32": r"ratio to the raw predictor ([\d.]+)", "raw1": r"raw predictor, batch 1:\s+(\d+)",
+          "on1": r"batch 1, batching on / off:\s+(\d+)", "off1": r"batch 1, batching on / off:\s+\d+ / (\d+)",
+          "load": r"load average ([\d.]+)"}
 
 
 def build(python: str, root: str, width: int) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def build(python: str, root: str, width: int) -> tuple[str, str]:
 
 def measure(python: str, exported: str, args: argparse.Namespace) -> dict:
     cmd = [python, os.path.join(HERE, "bench_teacher_server.py"), "--exported", exported, "--seconds",
-           str(args.seconds), "--thread", str(args.thread), "--clients", str(args.clients)]
+           str(args.seconds), "--thread", str(args.thread), "--clients", str(args.clients), "--client", "raw"]
     text = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=True).stdout
     return {key: float(re.search(pattern, text).group(1)) for key, pattern in FIELDS.items()}
 

@@ -1,28 +1,36 @@
 """Server-side dynamic batching: concurrent requests are merged into one predictor run and split back.
 
-``runners`` threads (one per predictor) run the work. With ``max_batch_size`` > 1 one collector thread takes the
-first waiting job, keeps collecting compatible jobs (same fetch names, same per-sample shapes and dtypes, same
-LoD feeds: merged with shifted offsets, see ``teachers/lod.py``) until ``max_batch_size`` samples or
-``timeout_ms`` after the first job, then waits for a free runner and also takes whatever arrived meanwhile. A
-job of ``max_batch_size`` samples or more runs alone. With ``max_batch_size`` <= 1 jobs go straight to the
-runners, one predictor run each (Paddle Serving's default).
+``runners`` threads (one per predictor) run the work. With ``max_batch_size`` > 1 the runners collect the
+batches themselves, one at a time (whichever runner is free leads): it takes the first waiting job, keeps
+collecting compatible jobs (same fetch names, same per-sample shapes and dtypes, same LoD feeds: merged with
+shifted offsets, see ``teachers/lod.py``) until ``max_batch_size`` samples or ``timeout_ms`` after the first
+job arrived (a job that already waited that long for a free runner takes only what is queued), then runs the
+merged batch. A job of ``max_batch_size`` samples or more runs alone. With ``max_batch_size`` <= 1 jobs go
+straight to the runners, one predictor run each (Paddle Serving's default). There is no separate collector
+thread: a job passes one thread hand-off on its way in and one on its way out.
 
 Merging is only correct for a model whose output rows depend on their own input row alone; the server checks
 that when it loads the model (``teachers.batch_check``) and turns merging off otherwise.
 
 No thread waits without a timeout: every wait is bounded and re-checks whether the batcher is closing, so one
-wedged predictor holds its own runner only. ``submit_async`` hands back a Future that a waiter may cancel (a
-timed-out request): a cancelled job is skipped, never run.
+wedged predictor holds its own runner only. A job can be cancelled until it starts (a timed-out request): a
+cancelled job is skipped, never run.
+
+Two ways to wait for a job: ``submit_async`` hands back a ``concurrent.futures.Future`` (any thread);
+``submit_to_loop`` (event-loop thread only) hands back a ``LoopJob`` whose ``waiter`` is an asyncio Future the
+runner settles directly with ``loop.call_soon_threadsafe`` (no concurrent Future, no extra callback hop).
 
 Example::
 
     batcher = DynamicBatcher(pool.run, max_batch_size=64, timeout_ms=2, runners=pool.size)
     outputs = batcher.submit({"img": images}, ["prediction"])     # blocks, {name: (array, lod)}
     future = batcher.submit_async({"img": images}, ["prediction"])  # concurrent.futures.Future
+    job = batcher.submit_to_loop({"img": images}, ["prediction"])   # in the event loop: await job.waiter
     batcher.close(timeout=30)
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import queue
@@ -41,6 +49,7 @@ logger = logging.getLogger(__name__)
 RunFn = Callable[..., dict]
 RunObserver = Callable[[int, float, float], None]   # (samples in the run, seconds it took, thread CPU seconds)
 _POLL_S = 0.25                               # how often a waiting thread re-checks whether to stop
+_PENDING, _RUNNING, _CANCELLED = 0, 1, 2
 
 
 class BatcherClosed(RuntimeError):
@@ -48,17 +57,70 @@ class BatcherClosed(RuntimeError):
 
 
 class _Job:
-    __slots__ = ("feeds", "fetch", "lods", "batch", "key", "future")
+    """One submitted request. Exactly one of ``future`` (submit_async) and ``waiter`` + ``loop``
+    (submit_to_loop) is set; ``state`` moves PENDING -> RUNNING or PENDING -> CANCELLED under the batcher's
+    lock, so a cancelled job never runs."""
+
+    __slots__ = ("feeds", "fetch", "lods", "batch", "key", "arrived", "state", "future", "waiter", "loop", "_lock")
 
     def __init__(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods: Optional[Mapping[str, list]],
-                 merging: bool = True):
+                 merging: bool, lock: threading.Lock):
         self.feeds = feeds
         self.fetch = tuple(fetch)
         self.lods = lods
         self.batch = lod.samples_of(feeds, lods)   # LoD requests count sequences and merge with shifted offsets
-        shapes = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
-        self.key = (self.fetch, lod.lod_key(lods), shapes) if merging else None
-        self.future: Future = Future()
+        if merging:
+            shapes = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
+            self.key = (self.fetch, lod.lod_key(lods), shapes)
+        else:
+            self.key = None
+        self.arrived = time.monotonic()
+        self.state = _PENDING
+        self.future: Optional[Future] = None
+        self.waiter: Optional[asyncio.Future] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._lock = lock
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started; True when it will never run."""
+        with self._lock:
+            if self.state == _PENDING:
+                self.state = _CANCELLED
+                return True
+            return self.state == _CANCELLED
+
+    def start(self) -> bool:
+        """Mark the job running; False when it was cancelled (then it must not run)."""
+        if self.future is not None:
+            if not self.future.set_running_or_notify_cancel():
+                self.state = _CANCELLED
+                return False
+        with self._lock:
+            if self.state != _PENDING:
+                return False
+            self.state = _RUNNING
+            return True
+
+    def finish(self, result=None, error: Optional[BaseException] = None) -> None:
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
+            return
+        try:
+            self.loop.call_soon_threadsafe(_settle_waiter, self.waiter, result, error)
+        except RuntimeError:   # the event loop is closed: nobody waits any more
+            pass
+
+
+def _settle_waiter(waiter: asyncio.Future, result, error: Optional[BaseException]) -> None:
+    if waiter.done():          # the request gave up (timeout) or was cancelled meanwhile
+        return
+    if error is None:
+        waiter.set_result(result)
+    else:
+        waiter.set_exception(error)
 
 
 class DynamicBatcher:
@@ -82,13 +144,12 @@ class DynamicBatcher:
         self.timeout_s = max(0.0, float(timeout_ms)) / 1000.0
         self.predict_timeout = float(predict_timeout)
         self._on_run = on_run
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()   # jobs waiting for the collector
-        self._work: queue.SimpleQueue = queue.SimpleQueue()    # groups of jobs waiting for a runner
-        self._carry: collections.deque = collections.deque()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()   # jobs not yet taken by a runner
+        self._carry: collections.deque = collections.deque()   # taken by the leader but left for the next batch
+        self._leader = threading.Lock()               # held by the runner collecting a batch (merging only)
         self._runners = max(1, runners)
-        self._free_runners = threading.Semaphore(self._runners)
         self._closed = False
-        self._stop = threading.Event()                # threads end once their queue is empty
+        self._stop = threading.Event()                # runners end once the queue is empty
         self._lock = threading.Lock()
         self._waiting = 0                             # jobs submitted and not yet started
         self._running = 0                             # predictor runs in progress
@@ -96,8 +157,6 @@ class DynamicBatcher:
         self.merged_jobs = 0
         self._threads = [threading.Thread(target=self._runner_loop, name=f"batch-runner-{i}", daemon=True)
                          for i in range(self._runners)]
-        if self.max_batch_size > 1:
-            self._threads.append(threading.Thread(target=self._collect_loop, name="batch-collector", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -110,21 +169,34 @@ class DynamicBatcher:
         """Jobs submitted and not yet handed to the predictor."""
         return self._waiting
 
-    def submit_async(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
-                     lods: Optional[Mapping[str, list]] = None) -> Future:
-        """Queue a job; its Future gives this job's outputs {name: (array, lod)} or the run's exception.
-
-        Raises BatcherClosed once ``close`` was called."""
-        job = _Job(feeds, fetch, lods, self.merging)
+    def _enqueue(self, job: _Job) -> _Job:
         with self._lock:
             if self._closed:
                 raise BatcherClosed("server is shutting down")
             self._waiting += 1
-            if self.merging:
-                self._queue.put(job)
-            else:
-                self._work.put([job])
-        return job.future
+        self._queue.put(job)
+        return job
+
+    def submit_async(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                     lods: Optional[Mapping[str, list]] = None) -> Future:
+        """Queue a job; its Future gives this job's outputs {name: (array, lod)} or the run's exception.
+        Cancelling the Future before the job starts means it never runs.
+
+        Raises BatcherClosed once ``close`` was called."""
+        job = _Job(feeds, fetch, lods, self.merging, self._lock)
+        job.future = Future()
+        return self._enqueue(job).future
+
+    def submit_to_loop(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                       lods: Optional[Mapping[str, list]] = None) -> _Job:
+        """Queue a job from the running event loop's thread; ``await job.waiter`` gives its outputs (or raises
+        the run's exception); ``job.cancel()`` before it starts means it never runs.
+
+        Raises BatcherClosed once ``close`` was called; RuntimeError outside an event loop."""
+        job = _Job(feeds, fetch, lods, self.merging, self._lock)
+        job.loop = asyncio.get_running_loop()
+        job.waiter = job.loop.create_future()
+        return self._enqueue(job)
 
     def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
                lods: Optional[Mapping[str, list]] = None) -> dict:
@@ -142,113 +214,101 @@ class DynamicBatcher:
         """Stop accepting jobs, let queued jobs run for up to ``timeout`` seconds, then fail the rest with
         BatcherClosed. Returns False when a predictor run is still in progress (stuck) at the end."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
+            self._closed = True
         deadline = time.monotonic() + max(0.0, timeout)
-        if self.merging:
-            self._threads[-1].join(max(0.0, deadline - time.monotonic()))
-        while time.monotonic() < deadline and (self._waiting > 0 or not self._work.empty()):
+        while time.monotonic() < deadline and self._waiting > 0:
             time.sleep(0.01)
         self._stop.set()
-        if self.merging:
-            self._threads[-1].join(2 * _POLL_S)
-        self._fail_queued()
+        # a runner collecting a batch lets go of the leader lock within its batch timeout (runners check _stop)
+        leader = self._leader.acquire(timeout=2 * _POLL_S + self.timeout_s)
+        try:
+            self._fail_queued()
+        finally:
+            if leader:
+                self._leader.release()
         for t in self._threads:
             t.join(max(0.0, min(deadline - time.monotonic(), 2 * _POLL_S)) if self._running else 2 * _POLL_S)
         return self._running == 0
 
     def _fail_queued(self) -> None:
-        leftovers = list(self._carry)
-        self._carry.clear()
-        for q in (self._queue, self._work):
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    leftovers.extend(item if isinstance(item, list) else [item])
+        leftovers = []
+        while self._carry:
+            leftovers.append(self._carry.popleft())
+        while True:
+            try:
+                leftovers.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
         for job in leftovers:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(BatcherClosed("server shut down before this request ran"))
+            if job.start():
+                job.finish(error=BatcherClosed("server shut down before this request ran"))
             self._started(1)
 
     def _started(self, jobs: int) -> None:
         with self._lock:
             self._waiting -= jobs
 
-    # -- collector ----------------------------------------------------------------------------------
-    def _next(self, timeout: float) -> Optional[_Job]:
+    # -- taking work --------------------------------------------------------------------------------
+    def _next(self, timeout: float) -> _Job:
         if self._carry:
             return self._carry.popleft()
         if timeout <= 0:
             return self._queue.get_nowait()
         return self._queue.get(timeout=timeout)
 
-    def _collect_loop(self) -> None:
-        stopping = False
-        while not self._stop.is_set():
+    def _take(self) -> Optional[list]:
+        """The next group of jobs to run (None when the batcher stops and nothing is left)."""
+        if not self.merging:
             try:
-                first = self._next(0 if stopping else _POLL_S)
+                return [self._queue.get(timeout=_POLL_S)]
             except queue.Empty:
-                if stopping:
-                    break
-                continue
-            if first is None:
-                stopping = True
-                continue
+                return None
+        if not self._leader.acquire(timeout=_POLL_S):
+            return None
+        try:
+            if self._stop.is_set():
+                return None
+            try:
+                first = self._next(_POLL_S)
+            except queue.Empty:
+                return None
             group = [first]
             if first.key is not None and first.batch < self.max_batch_size:
-                stopping = self._fill(group, time.monotonic() + self.timeout_s, wait=True) or stopping
-            while not self._free_runners.acquire(timeout=_POLL_S):
-                if self._stop.is_set():
-                    self._carry.extend(group)
-                    return
-            if first.key is not None:
-                stopping = self._fill(group, 0, wait=False) or stopping
-            self._work.put(group)
+                self._fill(group, first.arrived + self.timeout_s)
+            return group
+        finally:
+            self._leader.release()
 
-    def _fill(self, group: list, deadline: float, wait: bool) -> bool:
-        """Add compatible jobs to ``group``; returns True when the close marker was seen."""
+    def _fill(self, group: list, deadline: float) -> None:
+        """Add compatible jobs to ``group`` until it is full or ``deadline`` passes (no waiting once closed)."""
         total = sum(j.batch for j in group)
         key = group[0].key
         while total < self.max_batch_size:
-            remaining = deadline - time.monotonic() if wait else 0
-            if wait and remaining <= 0:
-                break
+            remaining = 0.0 if self._closed else deadline - time.monotonic()
             try:
                 job = self._next(remaining)
             except queue.Empty:
                 break
-            if job is None:
-                return True
             if job.key != key or total + job.batch > self.max_batch_size:
                 self._carry.append(job)
                 break
             group.append(job)
             total += job.batch
-        return False
 
     # -- runners ------------------------------------------------------------------------------------
     def _runner_loop(self) -> None:
         while True:
-            try:
-                group = self._work.get(timeout=_POLL_S)
-            except queue.Empty:
+            group = self._take()
+            if group is None:
                 if self._stop.is_set():
                     return
                 continue
-            try:
-                self._started(len(group))
-                live = [job for job in group if job.future.set_running_or_notify_cancel()]  # drop timed-out jobs
-                if len(live) == 1:
-                    self._settle(live[0])
-                elif live:
-                    self._run_merged(live)
-            finally:
-                if self.merging:
-                    self._free_runners.release()
+            self._started(len(group))
+            live = [job for job in group if job.start()]  # drop timed-out jobs
+            if len(live) == 1:
+                self._settle(live[0])
+            elif live:
+                self._run_merged(live)
 
     def _timed_run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods) -> dict:
         start, cpu = time.perf_counter(), time.thread_time()
@@ -270,7 +330,7 @@ class DynamicBatcher:
             outputs = self._timed_run(merged, group[0].fetch, lods or None)
         except Exception as exc:  # noqa: BLE001 - every job of the group gets the error
             for job in group:
-                job.future.set_exception(exc)
+                job.finish(error=exc)
             return
         self.merged_jobs += len(group)
         shares = lod.split_outputs(outputs, [j.batch for j in group])
@@ -279,10 +339,12 @@ class DynamicBatcher:
                 self._settle(job)
             return
         for job, share in zip(group, shares):
-            job.future.set_result(share)
+            job.finish(share)
 
     def _settle(self, job: _Job) -> None:
         try:
-            job.future.set_result(self._timed_run(job.feeds, job.fetch, job.lods))
+            outputs = self._timed_run(job.feeds, job.fetch, job.lods)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request
-            job.future.set_exception(exc)
+            job.finish(error=exc)
+            return
+        job.finish(outputs)

@@ -11,7 +11,7 @@ Example::
 
     handler = InferenceHandler(config, run=pool.run)
     response = handler.handle(request)                   # a general_model Response message
-    handler = InferenceHandler(config, run=pool.run, submit=runners.submit, predict_timeout=30)
+    handler = InferenceHandler(config, run=pool.run, submit=batcher.submit_to_loop, predict_timeout=30)
     response = await handler.handle_async(request)       # the same, from an event loop
 """
 from __future__ import annotations
@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from concurrent.futures import Future
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 
@@ -46,7 +45,19 @@ ERR_INTERNAL = 10000   # the predictor failed
 ENGINE_NAME = "general_infer_0"
 
 RunFn = Callable[..., dict]
-SubmitFn = Callable[..., "Future[dict]"]   # (feeds, fetch names, lods) -> Future of {name: (array, lod)}
+
+
+class PendingRun(Protocol):
+    """What ``submit`` returns (``DynamicBatcher.submit_to_loop``): an asyncio Future of {name: (array, lod)}
+    settled by the thread that runs the predictor, and ``cancel()``, which keeps a job that has not started
+    from ever running."""
+
+    waiter: asyncio.Future
+
+    def cancel(self) -> bool: ...
+
+
+SubmitFn = Callable[..., PendingRun]   # (feeds, fetch names, lods), called in the event loop's thread
 
 
 class RequestError(ValueError):
@@ -64,8 +75,9 @@ class InferenceHandler:
 
     def __init__(self, config: ServingConfig, run: Optional[RunFn] = None, submit: Optional[SubmitFn] = None,
                  predict_timeout: Optional[float] = None):
-        """``run`` blocks and returns the outputs (``handle``); ``submit`` returns a Future of them
-        (``handle_async``); ``predict_timeout`` seconds bound the wait for the predictor in ``handle_async``."""
+        """``run`` blocks and returns the outputs (``handle``); ``submit`` queues them from the event loop and
+        returns a PendingRun (``handle_async``); ``predict_timeout`` seconds bound the wait for the predictor in
+        ``handle_async``."""
         self.config = config
         self._run = run
         self._submit = submit
@@ -92,7 +104,7 @@ class InferenceHandler:
         feeds, lods, fetch, raw = parsed
         try:
             outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), self.predict_timeout)
-        except asyncio.TimeoutError:
+        except _Expired:
             return error_response(ERR_TIMEOUT, f"the predictor did not answer within --predict_timeout "
                                                f"{self.predict_timeout:g}s", request.log_id)
         except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
@@ -221,27 +233,28 @@ class InferenceHandler:
         return response
 
 
-async def _wait(future: Future, timeout: Optional[float]):
-    """Await a concurrent Future from the event loop, cancelling it after ``timeout`` seconds (then
-    asyncio.TimeoutError). Cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``, which starts a task."""
-    loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
+class _Expired(Exception):
+    """``predict_timeout`` passed before the predictor answered."""
 
-    def settle(_done: Future) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
 
-    future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
-    timer = loop.call_later(timeout, settle, None) if timeout is not None else None
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
+
+
+async def _wait(pending: PendingRun, timeout: Optional[float]):
+    """Await a queued run from the event loop, giving up after ``timeout`` seconds (then _Expired); a run
+    that has not started by then, or whose request is cancelled meanwhile, never starts. One timer per
+    request; no task, no thread-side Future (cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``)."""
+    waiter = pending.waiter
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter) if timeout is not None else None
     try:
-        await waiter
+        return await waiter
     finally:
         if timer is not None:
             timer.cancel()
-    if not future.done():
-        future.cancel()
-        raise asyncio.TimeoutError
-    return future.result()
+        if not waiter.done() or waiter.cancelled() or isinstance(waiter.exception(), _Expired):
+            pending.cancel()
 
 
 def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:

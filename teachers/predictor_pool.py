@@ -134,7 +134,7 @@ class PredictorPool:
         from paddle import inference
 
         self.options = options
-        self._idle: queue.Queue = queue.Queue()
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()   # C-implemented: cheaper than queue.Queue per run
         gpu_ids = options.gpu_ids or [None]
         first_by_device: dict = {}
         self._handles: dict[int, tuple[dict, dict]] = {}

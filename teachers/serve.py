@@ -413,7 +413,7 @@ class TeacherService:
         from .server import GrpcTeacherServer
 
         args = self.args
-        handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_async,
+        handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_to_loop,
                                    predict_timeout=args.predict_timeout)
         self.grpc = GrpcTeacherServer(handler, args.host, args.port, args.max_body_size, observe=self.observe,
                                       security=self.security, max_concurrent_rpcs=max(64, 16 * self.pool.size))

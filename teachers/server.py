@@ -59,11 +59,10 @@ class GrpcTeacherServer:
                      ("grpc.http2.min_ping_interval_without_data_ms", 500),
                      ("grpc.http2.max_ping_strikes", 0)],
             maximum_concurrent_rpcs=max_concurrent_rpcs)
+        # bytes both ways: the handler parses (its own error for a malformed body) and serializes itself
         methods = {
-            "inference": grpc.unary_unary_rpc_method_handler(
-                self._inference, request_deserializer=None, response_serializer=_serialize),
-            "debug": grpc.unary_unary_rpc_method_handler(
-                self._inference, request_deserializer=None, response_serializer=_serialize),
+            "inference": grpc.unary_unary_rpc_method_handler(self._inference),
+            "debug": grpc.unary_unary_rpc_method_handler(self._inference),
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVING_SERVICE, methods),))
         self.health = health.aio.HealthServicer()
@@ -88,7 +87,7 @@ class GrpcTeacherServer:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, cancel the rest."""
         await self._server.stop(grace)
 
-    async def _inference(self, body: bytes, context: grpc.aio.ServicerContext) -> service_pb2.Response:
+    async def _inference(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         start = time.perf_counter()
         if len(body) > self.max_body_size:
             self._record("bad_request", start, 0)
@@ -102,15 +101,11 @@ class GrpcTeacherServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a general_model Request: {exc}")
         response = await self.handler.handle_async(request)
         self._record(str(response.err_no), start, request_samples(request))
-        return response
+        return response.SerializeToString()
 
     def _record(self, err_no: str, start: float, samples: int) -> None:
         if self._observe is not None:
             self._observe("grpc", err_no, time.perf_counter() - start, samples)
-
-
-def _serialize(response: service_pb2.Response) -> bytes:
-    return response.SerializeToString()
 
 
 def request_samples(request: service_pb2.Request) -> int:

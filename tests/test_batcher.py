@@ -2,6 +2,8 @@
 
 The run function stands in for the predictor (not under test here); the batcher's threads are real.
 """
+import asyncio
+import contextlib
 import threading
 import time
 
@@ -185,6 +187,123 @@ def test_close_returns_within_its_timeout_while_a_run_is_stuck():
     finally:
         release.set()
     assert stuck.result(timeout=5)["y"][0].shape == (1, 3)
+
+
+def _wait_started(started: list, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert started, "the first job never reached the predictor"
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 64])
+def test_loop_jobs_are_settled_by_the_runner_and_cancelled_ones_never_run(max_batch_size):
+    """submit_to_loop: the runner thread settles the asyncio Future itself; a job cancelled before it starts is
+    skipped, one that ran cannot be cancelled any more."""
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=max_batch_size, timeout_ms=1,
+                             runners=1, predict_timeout=30)
+
+    async def scenario():
+        stuck = batcher.submit_to_loop({"x": np.zeros((1, 3), "float32")}, ["y"])
+        await asyncio.get_running_loop().run_in_executor(None, _wait_started, started)
+        gone = batcher.submit_to_loop({"x": np.zeros((2, 3), "float32")}, ["y"])
+        assert batcher.queue_depth == 1
+        assert gone.cancel() and gone.cancel()        # not started: it never will (asking twice is fine)
+        release.set()
+        first = await asyncio.wait_for(stuck.waiter, 10)
+        assert not stuck.cancel()                    # it ran
+        last = batcher.submit_to_loop({"x": np.ones((3, 3), "float32")}, ["y"])
+        return first, await asyncio.wait_for(last.waiter, 10), gone.waiter.done()
+
+    try:
+        first, last, gone_settled = asyncio.run(scenario())
+    finally:
+        release.set()
+        batcher.close()
+    assert started == [1, 3], "the cancelled job must never run"
+    assert not gone_settled
+    assert first["y"][0].shape == (1, 3)
+    np.testing.assert_array_equal(last["y"][0], np.ones((3, 3), "float32"))
+    assert batcher.queue_depth == 0
+
+
+def test_requests_given_up_by_the_handler_never_run():
+    """InferenceHandler.handle_async on the batcher: a wedged run answers err_no 6000 after predict_timeout; a
+    request queued behind it that times out, or whose coroutine is cancelled (a client gone), never runs."""
+    from distill_reader.proto import general_model_service_pb2 as service_pb2
+    from distill_reader.serving_config import ServingConfig, VarSpec
+    from distill_reader.tensor_codec import encode_tensor
+    from teachers.inference import ERR_TIMEOUT, InferenceHandler
+
+    config = ServingConfig(feeds=(VarSpec("x", "x", 1, (3,)),), fetches=(VarSpec("y", "y", 1, (3,)),))
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=64, timeout_ms=1, runners=1,
+                             predict_timeout=0.3)
+    handler = InferenceHandler(config, submit=batcher.submit_to_loop, predict_timeout=0.3)
+
+    def request(rows: int) -> service_pb2.Request:
+        message = service_pb2.Request(fetch_var_names=["y"])
+        encode_tensor(np.full((rows, 3), rows, "float32"), name="x", out=message.tensor.add())
+        return message
+
+    async def scenario():
+        t0 = time.monotonic()
+        wedged = await handler.handle_async(request(1))
+        waited = time.monotonic() - t0
+        gone = asyncio.get_running_loop().create_task(handler.handle_async(request(2)))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        queued = await handler.handle_async(request(4))
+        release.set()
+        return wedged, waited, queued, await handler.handle_async(request(5))
+
+    try:
+        wedged, waited, queued, ok = asyncio.run(scenario())
+    finally:
+        release.set()
+        batcher.close()
+    assert wedged.err_no == ERR_TIMEOUT and "0.3s" in wedged.err_msg and 0.25 < waited < 5
+    assert queued.err_no == ERR_TIMEOUT
+    assert ok.err_no == 0
+    np.testing.assert_array_equal(np.frombuffer(ok.outputs[0].tensor[0].tensor_content, "<f4"), [5.0] * 15)
+    assert started == [1, 5], "requests given up (timed out or cancelled) must never reach the predictor"
+
+
+def test_jobs_queued_behind_a_busy_runner_merge_into_its_next_run():
+    """Jobs that waited longer than timeout_ms for the busy runner go together in its next run, each caller
+    getting its own rows back."""
+    release, started = threading.Event(), []
+    batcher = DynamicBatcher(_blocking_run(release, started), max_batch_size=64, timeout_ms=1, runners=1,
+                             predict_timeout=30)
+    try:
+        first = batcher.submit_async({"x": np.zeros((1, 3), "float32")}, ["y"])
+        _wait_started(started)
+        queued = [batcher.submit_async({"x": np.full((2, 3), k, "float32")}, ["y"]) for k in range(3)]
+        time.sleep(0.05)                   # much longer than timeout_ms
+        release.set()
+        results = [f.result(timeout=10)["y"][0] for f in queued]
+        assert first.result(timeout=10)["y"][0].shape == (1, 3)
+    finally:
+        release.set()
+        batcher.close()
+    assert started == [1, 6], "the three waiting jobs must run as one batch"
+    for k, rows in enumerate(results):
+        np.testing.assert_array_equal(rows, np.full((2, 3), k, "float32"))
+
+
+def test_runners_collect_batches_themselves():
+    """No collector thread: with merging on, the batcher runs exactly one thread per runner."""
+    before = {t.ident for t in threading.enumerate()}
+    batcher = DynamicBatcher(_recording_run([], delay=0.001), max_batch_size=64, timeout_ms=5, runners=2)
+    try:
+        _submit_concurrently(batcher, jobs=8)
+        mine = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("batch-")]
+    finally:
+        batcher.close()
+    assert sorted(mine) == ["batch-runner-0", "batch-runner-1"]
 
 
 def test_batch_independence_check():
