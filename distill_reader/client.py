@@ -199,11 +199,11 @@ class TeacherClient:
         (variable-length feeds: see the class doc)."""
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
         lod_feeds.check_lod_form(lod_form)
-        self._check_names(feeds, fetch)
         try:
             variable = lod_feeds.prepare_variable_feeds(self.config, feeds, self.pad_value, self.lengths_feeds)
         except lod_feeds.VariableFeedError as exc:
             raise FeedError(str(exc)) from None
+        self._check_names(variable.feeds, fetch)      # before guessing the batch size from the feeds given
         if batch_size is None:
             batch_size = variable.batch_size or _batch_size_of(variable.feeds)
         request = self.build_request(variable.feeds, fetch, batch_size, variable.lods)
