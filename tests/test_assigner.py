@@ -63,7 +63,11 @@ def stored(client, root):
     result = {}
     for name in client.get_children(path) if client.exists(path) else []:
         if name.startswith(STUDENT_PREFIX):
-            result[name] = list(parse_assignment(name, client.get(f"{path}/{name}")[0]).endpoints)
+            try:
+                data = client.get(f"{path}/{name}")[0]
+            except NoNodeError:      # deleted by the assigner between the listing and the read
+                continue
+            result[name] = list(parse_assignment(name, data).endpoints)
     return result
 
 
