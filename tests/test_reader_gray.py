@@ -201,7 +201,7 @@ def test_a_worker_exception_keeps_its_type_and_traceback(teacher_model, teacher_
             while time.monotonic() < deadline:
                 stage.poll(0.5)
         assert "in a DistillReader worker process" in str(info.value)
-        assert "Traceback (most recent call last)" in str(info.value) and "build_request" in str(info.value)
+        assert "Traceback (most recent call last)" in str(info.value) and "in _check_names" in str(info.value)
         assert "missing feed(s) ['img']" in str(info.value)
     finally:
         stage.close()
