@@ -3,6 +3,7 @@ session loss, agreement after random joins and leaves, the ACLs of a locked-down
 
 Session timeout 2 s (the test server's minimum) so that expiries take seconds.
 """
+import contextlib
 import logging
 import random
 import signal
@@ -327,3 +328,36 @@ def test_a_service_folder_wiped_and_recreated_reuses_names_for_other_teachers(zo
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_recover(private_zookeeper, zk_root):
+    """A wiped (or restored) server refuses every client that saw a later transaction id than its own, and kazoo
+    would offer the same id forever: every session must start afresh, the assignment be written again."""
+    hosts = private_zookeeper.hosts
+    registrations = teachers_up(hosts, zk_root, range(1, 4), allow_open_acl=True)
+    subscriptions = [student(hosts, zk_root, name)[0] for name in ("a", "b")]
+    try:
+        with closing_client(hosts) as client:
+            wait_for(lambda: settled(client, zk_root, subscriptions, list(registrations)), 15, "assigned")
+        private_zookeeper.restart(wipe=True)
+        with closing_client(hosts) as client:
+            wait_for(lambda: client.exists(ServicePaths(zk_root, SERVICE).assignment_path) is not None
+                     and settled(client, zk_root, subscriptions, list(registrations)), 30,
+                     "teachers registered again, students assigned again in the empty server")
+            assert all(s.session.connected for s in subscriptions)
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+@contextlib.contextmanager
+def closing_client(hosts):
+    client = KazooClient(hosts=hosts, timeout=SESSION)
+    client.start(timeout=10)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
