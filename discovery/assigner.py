@@ -12,7 +12,8 @@ Fencing: every write is a ZooKeeper multi-op transaction that starts with a ``ch
 node. That node is ephemeral, so once the assigner's session is gone (expired, or the process stopped) its
 transactions fail as a whole and it can never overwrite its successor's work; it then stops leading and contends
 again. A transaction that fails for another reason (a node changed behind its back) makes it re-read the stored
-state and try again.
+state and try again. It watches the data of every node it wrote: a node changed or deleted by someone else
+(anyone may write the folder) is written back at once.
 
 Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
 not create the assignment folder (locked down by a teacher identity before this folder existed) sets
@@ -37,7 +38,7 @@ from kazoo.exceptions import (
     NoNodeError,
     RolledBackError,
 )
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import KazooState, WatchedEvent
 from kazoo.recipe.lock import Lock
 from kazoo.retry import ForceRetryError
 from kazoo.security import OPEN_ACL_UNSAFE
@@ -83,7 +84,10 @@ class Assigner:
         self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
         self._view: Optional[ServiceView] = None
         self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
+        self._repair: dict[str, bool] = {}     # node name -> it exists: changed or deleted behind our back, rewrite
+        self._suspects: set[str] = set()       # node names whose data watch fired: compare with what we wrote
         self._lock: Optional[Lock] = None
+        self._suspect_lock = threading.Lock()
         self._wake = threading.Event()
         self._deposed = threading.Event()
         self._stopping = threading.Event()
@@ -167,7 +171,7 @@ class Assigner:
         watcher = self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()
         retry = retry_forever(self._stopping, max_delay=2.0)
         try:
-            self._stored = retry(self._read_stored)
+            self._stored, self._repair = retry(self._read_stored), {}
             self._wake.set()
             while not (self._stopping.is_set() or self._deposed.is_set()):
                 self._wake.wait()
@@ -186,13 +190,19 @@ class Assigner:
         self._view = view
         self._wake.set()
 
+    def _on_node_event(self, event: WatchedEvent) -> None:
+        """A data watch on an assignment node fired (kazoo's event thread): check that node before the next write."""
+        with self._suspect_lock:
+            self._suspects.add(event.path.rsplit("/", 1)[-1])
+        self._wake.set()
+
     def _read_stored(self) -> dict[str, Optional[Assignment]]:
-        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite)."""
+        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite); watches each."""
         try:
             names = self.session.call("get_children", self.paths.assignment_path)
         except NoNodeError:
             return {}
-        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name)))
+        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name), watch=self._on_node_event))
                     for name in names if name.startswith(STUDENT_PREFIX)]
         stored: dict[str, Optional[Assignment]] = {}
         for name, request in requests:
@@ -206,8 +216,35 @@ class Assigner:
                 stored[name] = None
         return stored
 
+    def _check_suspects(self) -> None:
+        """Compare the nodes whose watch fired with what this assigner wrote; mark those changed or deleted by
+        someone else for rewriting (anyone may write the folder: see docs/security.md). Re-arms their watches."""
+        with self._suspect_lock:
+            names = sorted(self._suspects)
+        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name), watch=self._on_node_event))
+                    for name in names if name.startswith(STUDENT_PREFIX)]
+        for name, request in requests:
+            written = self._stored.get(name)
+            try:
+                value, _ = request.get(timeout=self.session.request_timeout)
+            except NoNodeError:
+                if written is not None:
+                    self._repair[name] = False          # deleted by hand: create it again
+                else:
+                    self._stored.pop(name, None)        # a foreign or unreadable node, gone: nothing to delete
+                continue
+            if name not in self._stored:
+                self._stored[name] = None               # not ours: rewrite it, or delete it if no such student
+            elif written is not None and value != written.document():
+                logger.warning("assignment node %s was changed by someone else; writing it again",
+                               self.paths.assignment_of(name))
+                self._repair[name] = True
+        with self._suspect_lock:
+            self._suspects.difference_update(names)
+
     def _apply(self, lock_node: str) -> None:
         """Rebalance from the stored nodes to the current view and write what changed (fenced)."""
+        self._check_suspects()
         view = self._view
         wanted = {s.node: s.require_max_teacher for s in view.students}
         node_of: dict[str, str] = {}
@@ -218,7 +255,7 @@ class Assigner:
         changes: list[tuple[str, Optional[Assignment]]] = []
         for student, endpoints in share.items():
             assignment = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints))
-            if self._stored.get(student) != assignment:
+            if self._stored.get(student) != assignment or student in self._repair:
                 changes.append((student, assignment))
         changes += [(name, None) for name in self._stored if name not in wanted]
         for start in range(0, len(changes), OPS_PER_TRANSACTION):
@@ -237,7 +274,7 @@ class Assigner:
             path = self.paths.assignment_of(name)
             if assignment is None:
                 transaction.delete(path)
-            elif name in self._stored:
+            elif name in self._stored and self._repair.get(name, True):
                 transaction.set_data(path, assignment.document())
             else:
                 transaction.create(path, assignment.document(), acl=OPEN_ACL_UNSAFE)
@@ -249,7 +286,7 @@ class Assigner:
         if failed:
             logger.warning("assignment transaction refused (%s: %s); re-reading the stored nodes",
                            type(failed[0]).__name__, failed[0])
-            self._stored = self._read_stored()      # someone changed a node: start again from what is stored
+            self._stored, self._repair = self._read_stored(), {}   # someone changed a node: start again
             raise ForceRetryError(f"assignment transaction refused ({type(failed[0]).__name__}); re-read")
         self.transactions += 1
         self.writes += len(changes)
@@ -257,5 +294,8 @@ class Assigner:
             if assignment is None:
                 self._stored.pop(name, None)
             else:
+                if name not in self._stored or not self._repair.get(name, True):
+                    self._on_node_event(WatchedEvent(None, None, self.paths.assignment_of(name)))   # arm its watch
                 self._stored[name] = assignment
+            self._repair.pop(name, None)
 

@@ -17,7 +17,7 @@ from kazoo.security import Permissions, make_acl, make_digest_acl
 
 from discovery.arguments import STUDENT_PREFIX, ServicePaths
 from discovery.assigner import Deposed
-from discovery.nodes import Assignment, parse_assignment
+from discovery.nodes import Assignment, NodeDataError, parse_assignment
 from discovery.share import teacher_loads
 from discovery.student import TeacherSubscription
 from tests.support.procs import ProcessGuard, wait_for
@@ -256,10 +256,15 @@ def test_a_tampered_assignment_never_points_a_student_outside_the_registered_tea
                      b'{"teachers": ["../../x/teacher-0000000001"], "endpoints": ["10.6.6.6:1"]}': "teacher node names",
                      Assignment("x", (teacher_node,), ("10.6.6.6:1",)).document():
                          f"names teacher node {teacher_node} as 10.6.6.6:1 but it serves {used}"}
-        for forged, warning in forgeries.items():
-            zk.set(path, forged)                           # anyone may write there: see docs/architecture.md
+        check_suspects = lone.assigner._check_suspects
+        lone.assigner._check_suspects = lambda: (check_suspects(), lone.assigner._repair.clear())
+        for forged, warning in forgeries.items():          # (the assigner's repair held back: the student's
+            zk.set(path, forged)                           # parsing is under test; anyone may write there)
             wait_for(lambda w=warning: any(w in r.getMessage() for r in caplog.records), 10, warning)
         wait_for(lambda: recorder.last == [], 10, "the forged endpoint left out")
+        lone.assigner._check_suspects = check_suspects
+        zk.set(path, b"garbage")                            # wakes the assigner: it writes the node again
+        wait_for(lambda: recorder.last == [used], 10, "the assignment repaired by the assigner")
         assert all(set(call) <= {used} for call in recorder.calls)     # 10.6.6.6:1 never reported
     finally:
         lone.stop()
@@ -352,6 +357,15 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
             reg.stop()
 
 
+def readable(client, path):
+    """The assignment node at ``path`` exists and parses."""
+    try:
+        parse_assignment("x", client.get(path)[0])
+        return True
+    except (NoNodeError, NodeDataError):
+        return False
+
+
 @contextlib.contextmanager
 def closing_client(hosts):
     client = KazooClient(hosts=hosts, timeout=SESSION)
@@ -361,3 +375,36 @@ def closing_client(hosts):
     finally:
         client.stop()
         client.close()
+
+
+def test_the_assigner_repairs_an_assignment_node_changed_or_deleted_behind_its_back(zookeeper, zk, zk_root, caplog):
+    """Anyone may write the assignment folder: a node rewritten (garbage, too big, other registered teachers) or
+    deleted by hand must be written again by the assigner, not left until the next membership change."""
+    caplog.set_level(logging.WARNING, logger="discovery")
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    wanted = {"a": 1, "b": 1}
+    subscriptions = [student(zookeeper.hosts, zk_root, name, require_max_teacher=1)[0] for name in wanted]
+    try:
+        wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations), wanted), 15, "assigned")
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
+        victim = subscriptions[0]
+        path = ServicePaths(zk_root, SERVICE).assignment_of(node_of(victim))
+        other = subscriptions[1]
+        (other_teacher,) = parse_assignment(node_of(other), zk.get(
+            ServicePaths(zk_root, SERVICE).assignment_of(node_of(other)))[0]).teachers
+        forgeries = [Assignment(node_of(victim), (other_teacher,), tuple(other.endpoints)).document(),
+                     b"garbage", b"{" + b" " * 200_000 + b"}", None]
+        for forged in forgeries:
+            if forged is None:
+                zk.delete(path)
+            else:
+                zk.set(path, forged)
+            wait_for(lambda: readable(zk, path) and settled(zk, zk_root, subscriptions, list(registrations), wanted),
+                     10, f"the assignment repaired after {str(forged)[:40]}")
+        assert leader.assigner.leading.is_set() and leader.assigner._thread.is_alive()
+        assert victim._follower.is_alive()
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
