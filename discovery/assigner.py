@@ -191,7 +191,10 @@ class Assigner:
         self._wake.set()
 
     def _on_node_event(self, event: WatchedEvent) -> None:
-        """A data watch on an assignment node fired (kazoo's event thread): check that node before the next write."""
+        """A data watch on an assignment node fired (kazoo's event thread): check that node before the next write.
+        A session loss fires every watch with no path: nothing to check (the next term reads every node)."""
+        if not event.path:
+            return
         with self._suspect_lock:
             self._suspects.add(event.path.rsplit("/", 1)[-1])
         self._wake.set()

@@ -335,9 +335,11 @@ def test_a_service_folder_wiped_and_recreated_reuses_names_for_other_teachers(zo
             second.stop()
 
 
-def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_recover(private_zookeeper, zk_root):
+def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_recover(private_zookeeper, zk_root,
+                                                                                       caplog):
     """A wiped (or restored) server refuses every client that saw a later transaction id than its own, and kazoo
     would offer the same id forever: every session must start afresh, the assignment be written again."""
+    caplog.set_level(logging.WARNING)
     hosts = private_zookeeper.hosts
     registrations = teachers_up(hosts, zk_root, range(1, 4), allow_open_acl=True)
     subscriptions = [student(hosts, zk_root, name)[0] for name in ("a", "b")]
@@ -350,6 +352,7 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
                      and settled(client, zk_root, subscriptions, list(registrations)), 30,
                      "teachers registered again, students assigned again in the empty server")
             assert all(s.session.connected for s in subscriptions)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []   # no callback failed
     finally:
         for s in subscriptions:
             s.stop()
