@@ -11,9 +11,10 @@ assigner reads them first, so a change of assigner moves nobody.
 Fencing: every write is a ZooKeeper multi-op transaction that starts with a ``check`` of the assigner's own lock
 node. That node is ephemeral, so once the assigner's session is gone (expired, or the process stopped) its
 transactions fail as a whole and it can never overwrite its successor's work; it then stops leading and contends
-again. A transaction that fails for another reason (a node changed behind its back) makes it re-read the stored
-state and try again. It watches the data of every node it wrote: a node changed or deleted by someone else
-(anyone may write the folder) is written back at once.
+again. It also watches its lock node, so a lock node deleted by hand (anyone may) makes it step down at once
+rather than at its next (refused) write. A transaction that fails for another reason (a node changed behind its
+back) makes it re-read the stored state and try again. It watches the data of every node it wrote: a node changed
+or deleted by someone else (anyone may write the folder) is written back at once.
 
 Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
 not create the assignment folder (locked down by a teacher identity before this folder existed) sets
@@ -38,7 +39,7 @@ from kazoo.exceptions import (
     NoNodeError,
     RolledBackError,
 )
-from kazoo.protocol.states import KazooState, WatchedEvent
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.recipe.lock import Lock
 from kazoo.retry import ForceRetryError
 from kazoo.security import OPEN_ACL_UNSAFE
@@ -87,6 +88,7 @@ class Assigner:
         self._repair: dict[str, bool] = {}     # node name -> it exists: changed or deleted behind our back, rewrite
         self._suspects: set[str] = set()       # node names whose data watch fired: compare with what we wrote
         self._lock: Optional[Lock] = None
+        self._lock_node: Optional[str] = None    # this term's lock node (its deletion deposes this assigner)
         self._suspect_lock = threading.Lock()
         self._wake = threading.Event()
         self._deposed = threading.Event()
@@ -171,6 +173,7 @@ class Assigner:
         watcher = self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()
         retry = retry_forever(self._stopping, max_delay=2.0)
         try:
+            retry(self._watch_lock, lock_node)
             self._stored, self._repair = retry(self._read_stored), {}
             self._wake.set()
             while not (self._stopping.is_set() or self._deposed.is_set()):
@@ -183,8 +186,21 @@ class Assigner:
         finally:
             watcher.stop()
         if not self._stopping.is_set():
-            logger.warning("%s is no longer the assigner of service %s (session lost); contending again",
+            logger.warning("%s is no longer the assigner of service %s (lock lost); contending again",
                            self.identifier, self.paths.service_path)
+
+    def _watch_lock(self, lock_node: str) -> None:
+        """Watch this term's lock node: deleted (by hand: anyone may), the next contender leads, so step down now."""
+        self._lock_node = lock_node
+        if self.session.call("exists", lock_node, watch=self._on_lock_event) is None:
+            self._deposed.set()
+            raise Deposed(lock_node)
+
+    def _on_lock_event(self, event: WatchedEvent) -> None:
+        if event.type == EventType.DELETED and event.path == self._lock_node:   # not an earlier term's node
+            logger.warning("the assigner lock node %s was deleted; stepping down", event.path)
+            self._deposed.set()
+            self._wake.set()
 
     def _on_view(self, view: ServiceView) -> None:
         self._view = view

@@ -411,3 +411,26 @@ def test_the_assigner_repairs_an_assignment_node_changed_or_deleted_behind_its_b
             s.stop()
         for reg in registrations.values():
             reg.stop()
+
+
+def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zookeeper, zk, zk_root):
+    """Anyone may delete a contender node: the next contender then leads, and the old one must know it now (it
+    could not write anyway: its transactions check the node), not at its next write."""
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    subscriptions = [student(zookeeper.hosts, zk_root, name, require_max_teacher=1)[0] for name in ("a", "b")]
+    try:
+        wanted = {"a": 1, "b": 1}
+        wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations), wanted), 15, "assigned")
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
+        follower = next(s for s in subscriptions if s is not leader)
+        zk.delete(f"{leader.assigner._lock.path}/{leader.assigner._lock.node}")
+        wait_for(follower.assigner.leading.is_set, 10, "the next contender leading")
+        wait_for(lambda: not leader.assigner.leading.is_set(), 5, "the old assigner stepping down")
+        wait_for(lambda: len(contenders(zk, zk_root)) == 2, 10, "the old assigner contending again")
+        assert follower.assigner.leading.is_set()
+        assert settled(zk, zk_root, subscriptions, list(registrations), wanted)
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
