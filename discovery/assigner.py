@@ -165,6 +165,7 @@ class Assigner:
 
     # -- leading -------------------------------------------------------------------------------------------
     def _lead(self, lock_node: str) -> None:
+        self._lock_node = lock_node
         self._deposed.clear()
         self._view = None
         self.terms += 1
@@ -184,6 +185,7 @@ class Assigner:
         except (Deposed, RetryInterrupted):
             pass
         finally:
+            self._lock_node = None        # a late event about this term's node must not depose the next term
             watcher.stop()
         if not self._stopping.is_set():
             logger.warning("%s is no longer the assigner of service %s (lock lost); contending again",
@@ -191,13 +193,12 @@ class Assigner:
 
     def _watch_lock(self, lock_node: str) -> None:
         """Watch this term's lock node: deleted (by hand: anyone may), the next contender leads, so step down now."""
-        self._lock_node = lock_node
         if self.session.call("exists", lock_node, watch=self._on_lock_event) is None:
             self._deposed.set()
             raise Deposed(lock_node)
 
     def _on_lock_event(self, event: WatchedEvent) -> None:
-        if event.type == EventType.DELETED and event.path == self._lock_node:   # not an earlier term's node
+        if event.type == EventType.DELETED and event.path == self._lock_node:   # this term's node only
             logger.warning("the assigner lock node %s was deleted; stepping down", event.path)
             self._deposed.set()
             self._wake.set()
