@@ -18,7 +18,8 @@ or deleted by someone else (anyone may write the folder) is written back at once
 
 Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
 not create the assignment folder (locked down by a teacher identity before this folder existed) sets
-``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``).
+``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``); it tries
+again every ``UNAVAILABLE_RETRY`` seconds (a registrar of this version creates the folder when it next starts).
 
 Example::
 
@@ -69,10 +70,12 @@ class Assigner:
 
     Attributes:
         leading: set while this process is the assigner.
-        unavailable: set when this student may not create the assignment folder (see the module docstring).
+        unavailable: set while this student may not create the assignment folder (see the module docstring).
         terms, writes, transactions: how many times it became the assigner, nodes written, transactions committed.
         applied: the last ``ServiceView`` whose assignment is all written (None before the first).
     """
+
+    UNAVAILABLE_RETRY = 30.0   # seconds between two attempts to create a missing, forbidden assignment folder
 
     def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = ""):
         self.session = session
@@ -131,10 +134,13 @@ class Assigner:
             except (CancelledError, RetryInterrupted):
                 return
             except NoAuthError:
-                logger.warning("this student may not create %s (service locked down without it): no assigner; "
-                               "students share teachers by the stateless fair share", self.paths.assignment_path)
+                if not self.unavailable.is_set():
+                    logger.warning("this student may not create %s (service locked down without it): no assigner; "
+                                   "students share teachers by the stateless fair share; trying again every %gs",
+                                   self.paths.assignment_path, self.UNAVAILABLE_RETRY)
                 self.unavailable.set()
-                return
+                self._stopping.wait(self.UNAVAILABLE_RETRY)   # a newer registrar may create the folder later
+                continue
             except ZK_ERRORS as exc:   # not retried by KazooRetry (e.g. a refused create): try again later
                 if self._stopping.is_set():               # the session closed under a pending acquire
                     return
@@ -142,6 +148,7 @@ class Assigner:
                                self.paths.service_path, type(exc).__name__, exc)
                 self._stopping.wait(1.0)
                 continue
+            self.unavailable.clear()
             try:
                 self._lead(f"{self._lock.path}/{self._lock.node}")
             except ZK_ERRORS as exc:      # not retryable (e.g. NoAuth after an ACL change): step down, try again

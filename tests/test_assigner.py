@@ -16,7 +16,7 @@ from kazoo.recipe.lock import Lock
 from kazoo.security import Permissions, make_acl, make_digest_acl
 
 from discovery.arguments import STUDENT_PREFIX, ServicePaths
-from discovery.assigner import Deposed
+from discovery.assigner import Assigner, Deposed
 from discovery.nodes import Assignment, NodeDataError, parse_assignment
 from discovery.share import teacher_loads
 from discovery.student import TeacherSubscription
@@ -197,8 +197,10 @@ def test_students_agree_after_random_joins_and_leaves(zookeeper, zk, zk_root):
             reg.stop()
 
 
-def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog):
+def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog,
+                                                                             monkeypatch):
     caplog.set_level(logging.WARNING, logger="discovery")
+    monkeypatch.setattr(Assigner, "UNAVAILABLE_RETRY", 1.0)     # (30 s by default)
     paths = ServicePaths(zk_root, SERVICE)
     registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 5), auth="teacher:s3cret")
     subscriptions = []
@@ -235,6 +237,12 @@ def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zoo
         assert not zk.exists(paths.assignment_path)
         assert any("may not create" in r.getMessage() for r in caplog.records)
         assert any("using the stateless fair share" in r.getMessage() for r in caplog.records)
+
+        registrations["127.0.0.1:5"] = registration(zookeeper.hosts, zk_root, "127.0.0.1:5", auth="teacher:s3cret")
+        registrations["127.0.0.1:5"].wait_registered(10)         # a registrar of this version creates the folder:
+        wait_for(lambda: settled(zk, zk_root, [lone], list(registrations)), 10,   # the student leads, leaves the
+                 "the stateless fallback left once the assignment folder exists")       # fallback
+        assert lone.assigner.leading.is_set() and not lone.assigner.unavailable.is_set()
     finally:
         for s in subscriptions:
             s.stop()
