@@ -138,6 +138,11 @@ class ServiceWatcher:
                 view = retry(self._attempt)
             except RetryInterrupted:
                 return
+            except Exception:  # noqa: BLE001 - a bug in one read must not end the watch: log, read again
+                logger.exception("reading service %s failed; retrying", self.paths.service_path)
+                self._stopping.wait(1.0)
+                self._wake.set()
+                continue
             if view is not None and view != self.view:
                 self.view = view
                 try:

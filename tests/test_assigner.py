@@ -442,3 +442,52 @@ def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zooke
             s.stop()
         for reg in registrations.values():
             reg.stop()
+
+
+def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper, zk_root, monkeypatch):
+    """Discovery's background threads (the assigner's ServiceWatcher, the student's and teacher's EphemeralNode)
+    must outlive an unexpected exception, not only ZooKeeper errors."""
+    import threading
+
+    from discovery.ephemeral import EphemeralNode
+    from discovery.session import ZkSession
+    from discovery.watcher import ServiceWatcher
+
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: unhandled.append(args.exc_value))
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 2), allow_open_acl=True)
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    try:
+        assert session.wait_connected(10)
+        views = []
+        watcher = ServiceWatcher(session, ServicePaths(zk_root, SERVICE), on_view=views.append)
+        attempt, failures = watcher._attempt, []
+
+        def buggy():
+            if not failures:
+                failures.append(1)
+                raise KeyError("injected bug")
+            return attempt()
+        watcher._attempt = buggy
+        watcher.start()
+        wait_for(lambda: views and views[-1].endpoints == ["127.0.0.1:1"], 10, "the view after the bug")
+        assert watcher._thread.is_alive() and unhandled == []
+        watcher.stop()
+
+        node = EphemeralNode(session, ServicePaths(zk_root, SERVICE).students_path, STUDENT_PREFIX, {})
+        reconcile = node._reconcile
+
+        def buggy_reconcile():
+            if len(failures) == 1:
+                failures.append(2)
+                raise KeyError("injected bug")
+            return reconcile()
+        node._reconcile = buggy_reconcile
+        node.start().set_wanted(True)                  # the same for the thread that keeps a node present
+        wait_for(node.created.is_set, 10, "the node created after the bug")
+        assert node._thread.is_alive() and unhandled == [] and failures == [1, 2]
+        node.stop()
+    finally:
+        session.close()
+        for reg in registrations.values():
+            reg.stop()
