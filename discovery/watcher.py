@@ -68,7 +68,8 @@ class _Folder:
 class ServiceWatcher:
     """Watch a service's teacher and student nodes; call ``on_view(ServiceView)`` whenever the view changes.
 
-    ``on_view`` runs in the watcher's own thread; an exception in it is logged and the watch goes on.
+    ``on_view`` runs in the watcher's own thread; an exception in it, or an unexpected one while reading, is logged
+    and the watch goes on.
     """
 
     def __init__(self, session: ZkSession, paths: ServicePaths, on_view: Callable[[ServiceView], None],
