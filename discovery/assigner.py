@@ -53,7 +53,9 @@ from .watcher import ServiceView, ServiceWatcher
 
 logger = logging.getLogger(__name__)
 
-OPS_PER_TRANSACTION = 200     # ~200 B per op: far below ZooKeeper's 1 MiB request limit (jute.maxbuffer)
+OPS_PER_TRANSACTION = 200       # at most this many ops per multi-op transaction ...
+BYTES_PER_TRANSACTION = 512 * 1024   # ... and this many bytes of paths and data: ZooKeeper drops the connection of
+# a request over jute.maxbuffer (1 MiB by default); one node is ~200 B with 4 teachers, ~6 KB with 64, <= 300 KB
 
 
 class Deposed(Exception):
@@ -285,13 +287,27 @@ class Assigner:
             if self._stored.get(student) != assignment or student in self._repair:
                 changes.append((student, assignment))
         changes += [(name, None) for name in self._stored if name not in wanted]
-        for start in range(0, len(changes), OPS_PER_TRANSACTION):
-            self._commit(lock_node, changes[start:start + OPS_PER_TRANSACTION])
+        for batch in self._batches(changes):
+            self._commit(lock_node, batch)
         self.applied = view
         if changes:
             moved = sum(len(set(previous.get(s, ())) - set(e)) for s, e in share.items() if s in previous)
             logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
                         self.paths.service, len(view.endpoints), len(wanted), len(changes), moved)
+
+    def _batches(self, changes: list[tuple[str, Optional[Assignment]]]) -> list[list[tuple[str, Optional[Assignment]]]]:
+        """``changes`` cut into transactions of at most OPS_PER_TRANSACTION ops and BYTES_PER_TRANSACTION bytes."""
+        batches: list[list[tuple[str, Optional[Assignment]]]] = [[]]
+        size = 0
+        for change in changes:
+            name, assignment = change
+            cost = len(self.paths.assignment_of(name)) + 64 + (len(assignment.document()) if assignment else 0)
+            if batches[-1] and (len(batches[-1]) >= OPS_PER_TRANSACTION or size + cost > BYTES_PER_TRANSACTION):
+                batches.append([])
+                size = 0
+            batches[-1].append(change)
+            size += cost
+        return batches if batches[0] else []
 
     def _commit(self, lock_node: str, changes: list[tuple[str, Optional[Assignment]]]) -> None:
         """One transaction: check the lock node, then create/set/delete (None) the students' nodes."""

@@ -491,3 +491,34 @@ def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper,
         session.close()
         for reg in registrations.values():
             reg.stop()
+
+
+def test_large_assignments_are_written_in_transactions_within_zookeepers_request_limit(zookeeper, zk, zk_root):
+    """64 teachers each for 250 students, teachers with long host names: ~6 KB per node, so 200 nodes per
+    transaction would be over ZooKeeper's 1 MiB request limit (jute.maxbuffer) and never go through."""
+    from discovery.acls import ensure_service
+    from discovery.arguments import TEACHER_PREFIX
+    from discovery.assigner import Assigner
+    from discovery.session import ZkSession
+
+    paths = ServicePaths(zk_root, SERVICE)
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    assigner = None
+    try:
+        assert session.wait_connected(10)
+        ensure_service(session, paths, auth=None)
+        host = "teacher-" + "x" * 50 + ".cluster.example.com"
+        endpoints = [f"{host}:{9000 + i}" for i in range(64)]
+        requests = [zk.create_async(f"{paths.service_path}/{TEACHER_PREFIX}", f'{{"endpoint": "{e}"}}'.encode(),
+                                    ephemeral=True, sequence=True) for e in endpoints]
+        requests += [zk.create_async(f"{paths.students_path}/{STUDENT_PREFIX}", b'{"require_max_teacher": 64}',
+                                     ephemeral=True, sequence=True) for _ in range(250)]
+        for request in requests:
+            request.get(timeout=10)
+        assigner = Assigner(session, paths, identifier="big").start()
+        wait_for(lambda: len(stored(zk, zk_root)) == 250, 20, "250 assignment nodes written")
+        assert all(sorted(e) == sorted(endpoints) for e in stored(zk, zk_root).values())
+    finally:
+        if assigner is not None:
+            assigner.stop()
+        session.close()
