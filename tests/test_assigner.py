@@ -356,10 +356,10 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
             wait_for(lambda: settled(client, zk_root, subscriptions, list(registrations)), 15, "assigned")
         private_zookeeper.restart(wipe=True)
         with closing_client(hosts) as client:
-            wait_for(lambda: client.exists(ServicePaths(zk_root, SERVICE).assignment_path) is not None
-                     and settled(client, zk_root, subscriptions, list(registrations)), 30,
+            wait_for(lambda: all(s.session.connected and s.node.created.is_set() for s in subscriptions)
+                     and len({node_of(s) for s in subscriptions}) == len(subscriptions)   # (names start again
+                     and settled(client, zk_root, subscriptions, list(registrations)), 30,  # at 0: not an old one)
                      "teachers registered again, students assigned again in the empty server")
-            assert all(s.session.connected for s in subscriptions)
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []   # no callback failed
     finally:
         for s in subscriptions:
