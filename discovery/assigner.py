@@ -11,12 +11,15 @@ assigner reads them first, so a change of assigner moves nobody.
 Fencing: every write is a ZooKeeper multi-op transaction that starts with a ``check`` of the assigner's own lock
 node. That node is ephemeral, so once the assigner's session is gone (expired, or the process stopped) its
 transactions fail as a whole and it can never overwrite its successor's work; it then stops leading and contends
-again. A transaction that fails for another reason (a node changed behind its back) makes it re-read the stored
-state and try again.
+again. It also watches its lock node, so a lock node deleted by hand (anyone may) makes it step down at once
+rather than at its next (refused) write. A transaction that fails for another reason (a node changed behind its
+back) makes it re-read the stored state and try again. It watches the data of every node it wrote: a node changed
+or deleted by someone else (anyone may write the folder) is written back at once.
 
 Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
 not create the assignment folder (locked down by a teacher identity before this folder existed) sets
-``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``).
+``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``); it tries
+again every ``UNAVAILABLE_RETRY`` seconds (a registrar of this version creates the folder when it next starts).
 
 Example::
 
@@ -37,7 +40,7 @@ from kazoo.exceptions import (
     NoNodeError,
     RolledBackError,
 )
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.recipe.lock import Lock
 from kazoo.retry import ForceRetryError
 from kazoo.security import OPEN_ACL_UNSAFE
@@ -50,7 +53,9 @@ from .watcher import ServiceView, ServiceWatcher
 
 logger = logging.getLogger(__name__)
 
-OPS_PER_TRANSACTION = 200     # ~200 B per op: far below ZooKeeper's 1 MiB request limit (jute.maxbuffer)
+OPS_PER_TRANSACTION = 200       # at most this many ops per multi-op transaction ...
+BYTES_PER_TRANSACTION = 512 * 1024   # ... and this many bytes of paths and data: ZooKeeper drops the connection of
+# a request over jute.maxbuffer (1 MiB by default); one node is ~200 B with 4 teachers, ~6 KB with 64, <= 300 KB
 
 
 class Deposed(Exception):
@@ -67,10 +72,12 @@ class Assigner:
 
     Attributes:
         leading: set while this process is the assigner.
-        unavailable: set when this student may not create the assignment folder (see the module docstring).
+        unavailable: set while this student may not create the assignment folder (see the module docstring).
         terms, writes, transactions: how many times it became the assigner, nodes written, transactions committed.
         applied: the last ``ServiceView`` whose assignment is all written (None before the first).
     """
+
+    UNAVAILABLE_RETRY = 30.0   # seconds between two attempts to create a missing, forbidden assignment folder
 
     def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = ""):
         self.session = session
@@ -83,7 +90,11 @@ class Assigner:
         self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
         self._view: Optional[ServiceView] = None
         self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
+        self._repair: dict[str, bool] = {}     # node name -> it exists: changed or deleted behind our back, rewrite
+        self._suspects: set[str] = set()       # node names whose data watch fired: compare with what we wrote
         self._lock: Optional[Lock] = None
+        self._lock_node: Optional[str] = None    # this term's lock node (its deletion deposes this assigner)
+        self._suspect_lock = threading.Lock()
         self._wake = threading.Event()
         self._deposed = threading.Event()
         self._stopping = threading.Event()
@@ -125,10 +136,13 @@ class Assigner:
             except (CancelledError, RetryInterrupted):
                 return
             except NoAuthError:
-                logger.warning("this student may not create %s (service locked down without it): no assigner; "
-                               "students share teachers by the stateless fair share", self.paths.assignment_path)
+                if not self.unavailable.is_set():
+                    logger.warning("this student may not create %s (service locked down without it): no assigner; "
+                                   "students share teachers by the stateless fair share; trying again every %gs",
+                                   self.paths.assignment_path, self.UNAVAILABLE_RETRY)
                 self.unavailable.set()
-                return
+                self._stopping.wait(self.UNAVAILABLE_RETRY)   # a newer registrar may create the folder later
+                continue
             except ZK_ERRORS as exc:   # not retried by KazooRetry (e.g. a refused create): try again later
                 if self._stopping.is_set():               # the session closed under a pending acquire
                     return
@@ -136,6 +150,7 @@ class Assigner:
                                self.paths.service_path, type(exc).__name__, exc)
                 self._stopping.wait(1.0)
                 continue
+            self.unavailable.clear()
             try:
                 self._lead(f"{self._lock.path}/{self._lock.node}")
             except ZK_ERRORS as exc:      # not retryable (e.g. NoAuth after an ACL change): step down, try again
@@ -159,6 +174,7 @@ class Assigner:
 
     # -- leading -------------------------------------------------------------------------------------------
     def _lead(self, lock_node: str) -> None:
+        self._lock_node = lock_node
         self._deposed.clear()
         self._view = None
         self.terms += 1
@@ -167,7 +183,8 @@ class Assigner:
         watcher = self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()
         retry = retry_forever(self._stopping, max_delay=2.0)
         try:
-            self._stored = retry(self._read_stored)
+            retry(self._watch_lock, lock_node)
+            self._stored, self._repair = retry(self._read_stored), {}
             self._wake.set()
             while not (self._stopping.is_set() or self._deposed.is_set()):
                 self._wake.wait()
@@ -177,22 +194,44 @@ class Assigner:
         except (Deposed, RetryInterrupted):
             pass
         finally:
+            self._lock_node = None        # a late event about this term's node must not depose the next term
             watcher.stop()
         if not self._stopping.is_set():
-            logger.warning("%s is no longer the assigner of service %s (session lost); contending again",
+            logger.warning("%s is no longer the assigner of service %s (lock lost); contending again",
                            self.identifier, self.paths.service_path)
+
+    def _watch_lock(self, lock_node: str) -> None:
+        """Watch this term's lock node: deleted (by hand: anyone may), the next contender leads, so step down now."""
+        if self.session.call("exists", lock_node, watch=self._on_lock_event) is None:
+            self._deposed.set()
+            raise Deposed(lock_node)
+
+    def _on_lock_event(self, event: WatchedEvent) -> None:
+        if event.type == EventType.DELETED and event.path == self._lock_node:   # this term's node only
+            logger.warning("the assigner lock node %s was deleted; stepping down", event.path)
+            self._deposed.set()
+            self._wake.set()
 
     def _on_view(self, view: ServiceView) -> None:
         self._view = view
         self._wake.set()
 
+    def _on_node_event(self, event: WatchedEvent) -> None:
+        """A data watch on an assignment node fired (kazoo's event thread): check that node before the next write.
+        A session loss fires every watch with no path: nothing to check (the next term reads every node)."""
+        if not event.path:
+            return
+        with self._suspect_lock:
+            self._suspects.add(event.path.rsplit("/", 1)[-1])
+        self._wake.set()
+
     def _read_stored(self) -> dict[str, Optional[Assignment]]:
-        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite)."""
+        """The stored assignment nodes, parsed as untrusted data (None for a node to rewrite); watches each."""
         try:
             names = self.session.call("get_children", self.paths.assignment_path)
         except NoNodeError:
             return {}
-        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name)))
+        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name), watch=self._on_node_event))
                     for name in names if name.startswith(STUDENT_PREFIX)]
         stored: dict[str, Optional[Assignment]] = {}
         for name, request in requests:
@@ -206,8 +245,35 @@ class Assigner:
                 stored[name] = None
         return stored
 
+    def _check_suspects(self) -> None:
+        """Compare the nodes whose watch fired with what this assigner wrote; mark those changed or deleted by
+        someone else for rewriting (anyone may write the folder: see docs/security.md). Re-arms their watches."""
+        with self._suspect_lock:
+            names = sorted(self._suspects)
+        requests = [(name, self.session.client.get_async(self.paths.assignment_of(name), watch=self._on_node_event))
+                    for name in names if name.startswith(STUDENT_PREFIX)]
+        for name, request in requests:
+            written = self._stored.get(name)
+            try:
+                value, _ = request.get(timeout=self.session.request_timeout)
+            except NoNodeError:
+                if written is not None:
+                    self._repair[name] = False          # deleted by hand: create it again
+                else:
+                    self._stored.pop(name, None)        # a foreign or unreadable node, gone: nothing to delete
+                continue
+            if name not in self._stored:
+                self._stored[name] = None               # not ours: rewrite it, or delete it if no such student
+            elif written is not None and value != written.document():
+                logger.warning("assignment node %s was changed by someone else; writing it again",
+                               self.paths.assignment_of(name))
+                self._repair[name] = True
+        with self._suspect_lock:
+            self._suspects.difference_update(names)
+
     def _apply(self, lock_node: str) -> None:
         """Rebalance from the stored nodes to the current view and write what changed (fenced)."""
+        self._check_suspects()
         view = self._view
         wanted = {s.node: s.require_max_teacher for s in view.students}
         node_of: dict[str, str] = {}
@@ -218,16 +284,30 @@ class Assigner:
         changes: list[tuple[str, Optional[Assignment]]] = []
         for student, endpoints in share.items():
             assignment = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints))
-            if self._stored.get(student) != assignment:
+            if self._stored.get(student) != assignment or student in self._repair:
                 changes.append((student, assignment))
         changes += [(name, None) for name in self._stored if name not in wanted]
-        for start in range(0, len(changes), OPS_PER_TRANSACTION):
-            self._commit(lock_node, changes[start:start + OPS_PER_TRANSACTION])
+        for batch in self._batches(changes):
+            self._commit(lock_node, batch)
         self.applied = view
         if changes:
             moved = sum(len(set(previous.get(s, ())) - set(e)) for s, e in share.items() if s in previous)
             logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
                         self.paths.service, len(view.endpoints), len(wanted), len(changes), moved)
+
+    def _batches(self, changes: list[tuple[str, Optional[Assignment]]]) -> list[list[tuple[str, Optional[Assignment]]]]:
+        """``changes`` cut into transactions of at most OPS_PER_TRANSACTION ops and BYTES_PER_TRANSACTION bytes."""
+        batches: list[list[tuple[str, Optional[Assignment]]]] = [[]]
+        size = 0
+        for change in changes:
+            name, assignment = change
+            cost = len(self.paths.assignment_of(name)) + 64 + (len(assignment.document()) if assignment else 0)
+            if batches[-1] and (len(batches[-1]) >= OPS_PER_TRANSACTION or size + cost > BYTES_PER_TRANSACTION):
+                batches.append([])
+                size = 0
+            batches[-1].append(change)
+            size += cost
+        return batches if batches[0] else []
 
     def _commit(self, lock_node: str, changes: list[tuple[str, Optional[Assignment]]]) -> None:
         """One transaction: check the lock node, then create/set/delete (None) the students' nodes."""
@@ -237,7 +317,7 @@ class Assigner:
             path = self.paths.assignment_of(name)
             if assignment is None:
                 transaction.delete(path)
-            elif name in self._stored:
+            elif name in self._stored and self._repair.get(name, True):
                 transaction.set_data(path, assignment.document())
             else:
                 transaction.create(path, assignment.document(), acl=OPEN_ACL_UNSAFE)
@@ -249,7 +329,7 @@ class Assigner:
         if failed:
             logger.warning("assignment transaction refused (%s: %s); re-reading the stored nodes",
                            type(failed[0]).__name__, failed[0])
-            self._stored = self._read_stored()      # someone changed a node: start again from what is stored
+            self._stored, self._repair = self._read_stored(), {}   # someone changed a node: start again
             raise ForceRetryError(f"assignment transaction refused ({type(failed[0]).__name__}); re-read")
         self.transactions += 1
         self.writes += len(changes)
@@ -257,5 +337,8 @@ class Assigner:
             if assignment is None:
                 self._stored.pop(name, None)
             else:
+                if name not in self._stored or not self._repair.get(name, True):
+                    self._on_node_event(WatchedEvent(None, None, self.paths.assignment_of(name)))   # arm its watch
                 self._stored[name] = assignment
+            self._repair.pop(name, None)
 

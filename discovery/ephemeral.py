@@ -124,6 +124,10 @@ class EphemeralNode:
                 logger.error("%s", self.error)
                 self.failed.set()
                 return
+            except Exception:  # noqa: BLE001 - a bug must not leave the node missing for good: log, try again
+                logger.exception("keeping %s under %s failed; retrying", self.what, self.parent)
+                self._stopping.wait(1.0)
+                self._wake.set()
 
     def _attempt(self) -> None:
         """One reconciliation; ZooKeeper trouble becomes ForceRetryError so that KazooRetry backs off."""

@@ -21,6 +21,9 @@ from typing import Any
 from .arguments import node_sequence, validate_endpoint
 
 MAX_NODE_BYTES = 64 * 1024       # our own documents are < 1 KiB; ZooKeeper allows up to jute.maxbuffer (1 MiB)
+# An assignment lists up to MAX_REQUIRE_TEACHERS (node name, endpoint) pairs: 1024 x (21 + 262) bytes at most
+# (a 253-character host name and a 5-digit port), so its own, larger limit.
+MAX_ASSIGNMENT_BYTES = 320 * 1024
 MAX_NESTING = 16
 MAX_STUDENT_ID = 256
 MAX_REQUIRE_TEACHERS = 1024
@@ -57,10 +60,10 @@ class StudentInfo:
         return node_sequence(self.node)
 
 
-def load_document(value: bytes) -> dict[str, Any]:
-    """A JSON object from untrusted node data; NodeDataError naming the broken limit."""
-    if value is None or len(value) > MAX_NODE_BYTES:
-        raise NodeDataError(f"{len(value or b'')} bytes of data (at most {MAX_NODE_BYTES} accepted)")
+def load_document(value: bytes, max_bytes: int = MAX_NODE_BYTES) -> dict[str, Any]:
+    """A JSON object from untrusted node data of at most ``max_bytes``; NodeDataError naming the broken limit."""
+    if value is None or len(value) > max_bytes:
+        raise NodeDataError(f"{len(value or b'')} bytes of data (at most {max_bytes} accepted)")
     depth = nesting_depth(value)
     if depth > MAX_NESTING:
         raise NodeDataError(f"JSON nested {depth} deep (at most {MAX_NESTING} accepted)")
@@ -139,8 +142,8 @@ class Assignment:
 def parse_assignment(name: str, value: bytes) -> Assignment:
     """The assignment in node ``name``; NodeDataError unless ``teachers`` lists at most MAX_REQUIRE_TEACHERS
     teacher node names (``teacher-`` and 10 digits: nothing that leads out of the service folder) and
-    ``endpoints`` as many dialable endpoints."""
-    document = load_document(value)
+    ``endpoints`` as many dialable endpoints; at most MAX_ASSIGNMENT_BYTES of data."""
+    document = load_document(value, MAX_ASSIGNMENT_BYTES)
     teachers, endpoints = document.get("teachers"), document.get("endpoints")
     if not isinstance(teachers, list) or not isinstance(endpoints, list) or len(teachers) != len(endpoints):
         raise NodeDataError("'teachers' and 'endpoints' are not two lists of the same length")

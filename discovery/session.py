@@ -2,7 +2,9 @@
 
 ``ZkSession`` wraps ``kazoo.client.KazooClient``: kazoo's ``KazooRetry`` reconnects with exponential backoff and
 jitter (0.1 s doubling to 3 s) and retries commands within a deadline; every state change is logged; subscribers
-hear about it. ``retry_forever`` gives the background threads of discovery the same KazooRetry policy, stoppable.
+hear about it. Still disconnected a session timeout after a drop, it forgets the last transaction id it saw,
+so that a server whose data was wiped or restored (behind that id, it would refuse us forever) lets it in with a
+new session. ``retry_forever`` gives the background threads of discovery the same KazooRetry policy, stoppable.
 
 Example::
 
@@ -78,6 +80,7 @@ class ZkSession:
         self._connected = threading.Event()
         self._started = False
         self._last_session: Optional[int] = None
+        self._stale_timer: Optional[threading.Timer] = None
 
     def start(self) -> ZkSession:
         if not self._started:
@@ -122,14 +125,47 @@ class ZkSession:
             self.client.stop()
         except ZK_ERRORS as exc:  # already disconnected: nothing to close
             logger.debug("closing ZooKeeper session: %s", exc)
+        self._disarm_stale_timer()
         self.client.close()
+
+    # -- a server behind what we saw (wiped, restored from a backup) ---------------------------------------------
+    def _arm_stale_timer(self) -> None:
+        if self._stale_timer is None and self._started:
+            self._stale_timer = threading.Timer(self.session_timeout, self._forget_last_zxid)
+            self._stale_timer.daemon = True
+            self._stale_timer.start()
+
+    def _disarm_stale_timer(self) -> None:
+        timer, self._stale_timer = self._stale_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _forget_last_zxid(self) -> None:
+        """Still not connected a session timeout after the connection dropped: forget the last transaction id seen.
+
+        A ZooKeeper server refuses (closes at once) a client that saw a later transaction id (zxid) than its own
+        ("Refusing session request for client ... as it has seen zxid ...", ZooKeeperServer.processConnectRequest),
+        meant to send it to a more up-to-date member; kazoo offers the same id on every attempt, so after the
+        ensemble's data was wiped or restored from a backup it could never connect again. By now our session is
+        expired on any ensemble that kept running, and one that was down restores sessions whatever id we offer;
+        the only thing lost is the guard against a lagging member, for one connection.
+        """
+        self._stale_timer = None
+        if not self._started or self.connected or not self.client.last_zxid:
+            return
+        logger.warning("ZooKeeper %s: still unreachable or refusing us %.1fs after the connection dropped; "
+                       "forgetting the last transaction id seen (0x%x) in case its data was wiped or restored",
+                       self.hosts, self.session_timeout, self.client.last_zxid)
+        self.client.last_zxid = 0
 
     def _on_state(self, state: str) -> None:
         if state == KazooState.CONNECTED:
+            self._disarm_stale_timer()
             self._log_connected()
             self._connected.set()
         else:
             self._connected.clear()
+            self._arm_stale_timer()
             if self._started and state == KazooState.SUSPENDED:
                 logger.warning("ZooKeeper %s unreachable; keeping the last known state and reconnecting "
                                "with backoff", self.hosts)

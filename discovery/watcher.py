@@ -68,7 +68,8 @@ class _Folder:
 class ServiceWatcher:
     """Watch a service's teacher and student nodes; call ``on_view(ServiceView)`` whenever the view changes.
 
-    ``on_view`` runs in the watcher's own thread; an exception in it is logged and the watch goes on.
+    ``on_view`` runs in the watcher's own thread; an exception in it, or an unexpected one while reading, is logged
+    and the watch goes on.
     """
 
     def __init__(self, session: ZkSession, paths: ServicePaths, on_view: Callable[[ServiceView], None],
@@ -138,6 +139,11 @@ class ServiceWatcher:
                 view = retry(self._attempt)
             except RetryInterrupted:
                 return
+            except Exception:  # noqa: BLE001 - a bug in one read must not end the watch: log, read again
+                logger.exception("reading service %s failed; retrying", self.paths.service_path)
+                self._stopping.wait(1.0)
+                self._wake.set()
+                continue
             if view is not None and view != self.view:
                 self.view = view
                 try:

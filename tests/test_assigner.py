@@ -3,6 +3,7 @@ session loss, agreement after random joins and leaves, the ACLs of a locked-down
 
 Session timeout 2 s (the test server's minimum) so that expiries take seconds.
 """
+import contextlib
 import logging
 import random
 import signal
@@ -15,8 +16,8 @@ from kazoo.recipe.lock import Lock
 from kazoo.security import Permissions, make_acl, make_digest_acl
 
 from discovery.arguments import STUDENT_PREFIX, ServicePaths
-from discovery.assigner import Deposed
-from discovery.nodes import Assignment, parse_assignment
+from discovery.assigner import Assigner, Deposed
+from discovery.nodes import Assignment, NodeDataError, parse_assignment
 from discovery.share import teacher_loads
 from discovery.student import TeacherSubscription
 from tests.support.procs import ProcessGuard, wait_for
@@ -200,8 +201,10 @@ def test_students_agree_after_random_joins_and_leaves(zookeeper, zk, zk_root):
             reg.stop()
 
 
-def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog):
+def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog,
+                                                                             monkeypatch):
     caplog.set_level(logging.WARNING, logger="discovery")
+    monkeypatch.setattr(Assigner, "UNAVAILABLE_RETRY", 1.0)     # (30 s by default)
     paths = ServicePaths(zk_root, SERVICE)
     registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 5), auth="teacher:s3cret")
     subscriptions = []
@@ -238,6 +241,12 @@ def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zoo
         assert not zk.exists(paths.assignment_path)
         assert any("may not create" in r.getMessage() for r in caplog.records)
         assert any("using the stateless fair share" in r.getMessage() for r in caplog.records)
+
+        registrations["127.0.0.1:5"] = registration(zookeeper.hosts, zk_root, "127.0.0.1:5", auth="teacher:s3cret")
+        registrations["127.0.0.1:5"].wait_registered(10)         # a registrar of this version creates the folder:
+        wait_for(lambda: settled(zk, zk_root, [lone], list(registrations)), 10,   # the student leads, leaves the
+                 "the stateless fallback left once the assignment folder exists")       # fallback
+        assert lone.assigner.leading.is_set() and not lone.assigner.unavailable.is_set()
     finally:
         for s in subscriptions:
             s.stop()
@@ -259,10 +268,15 @@ def test_a_tampered_assignment_never_points_a_student_outside_the_registered_tea
                      b'{"teachers": ["../../x/teacher-0000000001"], "endpoints": ["10.6.6.6:1"]}': "teacher node names",
                      Assignment("x", (teacher_node,), ("10.6.6.6:1",)).document():
                          f"names teacher node {teacher_node} as 10.6.6.6:1 but it serves {used}"}
-        for forged, warning in forgeries.items():
-            zk.set(path, forged)                           # anyone may write there: see docs/architecture.md
+        check_suspects = lone.assigner._check_suspects
+        lone.assigner._check_suspects = lambda: (check_suspects(), lone.assigner._repair.clear())
+        for forged, warning in forgeries.items():          # (the assigner's repair held back: the student's
+            zk.set(path, forged)                           # parsing is under test; anyone may write there)
             wait_for(lambda w=warning: any(w in r.getMessage() for r in caplog.records), 10, warning)
         wait_for(lambda: recorder.last == [], 10, "the forged endpoint left out")
+        lone.assigner._check_suspects = check_suspects
+        zk.set(path, b"garbage")                            # wakes the assigner: it writes the node again
+        wait_for(lambda: recorder.last == [used], 10, "the assignment repaired by the assigner")
         assert all(set(call) <= {used} for call in recorder.calls)     # 10.6.6.6:1 never reported
     finally:
         lone.stop()
@@ -331,3 +345,184 @@ def test_a_service_folder_wiped_and_recreated_reuses_names_for_other_teachers(zo
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_recover(private_zookeeper, zk_root,
+                                                                                       caplog):
+    """A wiped (or restored) server refuses every client that saw a later transaction id than its own, and kazoo
+    would offer the same id forever: every session must start afresh, the assignment be written again."""
+    caplog.set_level(logging.WARNING)
+    hosts = private_zookeeper.hosts
+    registrations = teachers_up(hosts, zk_root, range(1, 4), allow_open_acl=True)
+    subscriptions = [student(hosts, zk_root, name)[0] for name in ("a", "b")]
+    try:
+        with closing_client(hosts) as client:
+            wait_for(lambda: settled(client, zk_root, subscriptions, list(registrations)), 15, "assigned")
+        private_zookeeper.restart(wipe=True)
+        with closing_client(hosts) as client:
+            wait_for(lambda: all(s.session.connected and s.node.created.is_set() for s in subscriptions)
+                     and len({node_of(s) for s in subscriptions}) == len(subscriptions)   # (names start again
+                     and settled(client, zk_root, subscriptions, list(registrations)), 30,  # at 0: not an old one)
+                     "teachers registered again, students assigned again in the empty server")
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []   # no callback failed
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def readable(client, path):
+    """The assignment node at ``path`` exists and parses."""
+    try:
+        parse_assignment("x", client.get(path)[0])
+        return True
+    except (NoNodeError, NodeDataError):
+        return False
+
+
+@contextlib.contextmanager
+def closing_client(hosts):
+    client = KazooClient(hosts=hosts, timeout=SESSION)
+    client.start(timeout=10)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+def test_the_assigner_repairs_an_assignment_node_changed_or_deleted_behind_its_back(zookeeper, zk, zk_root, caplog):
+    """Anyone may write the assignment folder: a node rewritten (garbage, too big, other registered teachers) or
+    deleted by hand must be written again by the assigner, not left until the next membership change."""
+    caplog.set_level(logging.WARNING, logger="discovery")
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    wanted = {"a": 1, "b": 1}
+    subscriptions = [student(zookeeper.hosts, zk_root, name, require_max_teacher=1)[0] for name in wanted]
+    try:
+        wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations), wanted), 15, "assigned")
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
+        victim = subscriptions[0]
+        path = ServicePaths(zk_root, SERVICE).assignment_of(node_of(victim))
+        other = subscriptions[1]
+        (other_teacher,) = parse_assignment(node_of(other), zk.get(
+            ServicePaths(zk_root, SERVICE).assignment_of(node_of(other)))[0]).teachers
+        forgeries = [Assignment(node_of(victim), (other_teacher,), tuple(other.endpoints)).document(),
+                     b"garbage", b"{" + b" " * 200_000 + b"}", None]
+        for forged in forgeries:
+            if forged is None:
+                zk.delete(path)
+            else:
+                zk.set(path, forged)
+            wait_for(lambda: readable(zk, path) and settled(zk, zk_root, subscriptions, list(registrations), wanted),
+                     10, f"the assignment repaired after {str(forged)[:40]}")
+        assert leader.assigner.leading.is_set() and leader.assigner._thread.is_alive()
+        assert victim._follower.is_alive()
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zookeeper, zk, zk_root):
+    """Anyone may delete a contender node: the next contender then leads, and the old one must know it now (it
+    could not write anyway: its transactions check the node), not at its next write."""
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    subscriptions = [student(zookeeper.hosts, zk_root, name, require_max_teacher=1)[0] for name in ("a", "b")]
+    try:
+        wanted = {"a": 1, "b": 1}
+        wait_for(lambda: settled(zk, zk_root, subscriptions, list(registrations), wanted), 15, "assigned")
+        leader = next(s for s in subscriptions if s.assigner.leading.is_set())
+        follower = next(s for s in subscriptions if s is not leader)
+        zk.delete(f"{leader.assigner._lock.path}/{leader.assigner._lock.node}")
+        wait_for(follower.assigner.leading.is_set, 10, "the next contender leading")
+        wait_for(lambda: not leader.assigner.leading.is_set(), 5, "the old assigner stepping down")
+        wait_for(lambda: len(contenders(zk, zk_root)) == 2, 10, "the old assigner contending again")
+        assert follower.assigner.leading.is_set()
+        assert settled(zk, zk_root, subscriptions, list(registrations), wanted)
+    finally:
+        for s in subscriptions:
+            s.stop()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper, zk_root, monkeypatch):
+    """Discovery's background threads (the assigner's ServiceWatcher, the student's and teacher's EphemeralNode)
+    must outlive an unexpected exception, not only ZooKeeper errors."""
+    import threading
+
+    from discovery.ephemeral import EphemeralNode
+    from discovery.session import ZkSession
+    from discovery.watcher import ServiceWatcher
+
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: unhandled.append(args.exc_value))
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 2), allow_open_acl=True)
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    try:
+        assert session.wait_connected(10)
+        views = []
+        watcher = ServiceWatcher(session, ServicePaths(zk_root, SERVICE), on_view=views.append)
+        attempt, failures = watcher._attempt, []
+
+        def buggy():
+            if not failures:
+                failures.append(1)
+                raise KeyError("injected bug")
+            return attempt()
+        watcher._attempt = buggy
+        watcher.start()
+        wait_for(lambda: views and views[-1].endpoints == ["127.0.0.1:1"], 10, "the view after the bug")
+        assert watcher._thread.is_alive() and unhandled == []
+        watcher.stop()
+
+        node = EphemeralNode(session, ServicePaths(zk_root, SERVICE).students_path, STUDENT_PREFIX, {})
+        reconcile = node._reconcile
+
+        def buggy_reconcile():
+            if len(failures) == 1:
+                failures.append(2)
+                raise KeyError("injected bug")
+            return reconcile()
+        node._reconcile = buggy_reconcile
+        node.start().set_wanted(True)                  # the same for the thread that keeps a node present
+        wait_for(node.created.is_set, 10, "the node created after the bug")
+        assert node._thread.is_alive() and unhandled == [] and failures == [1, 2]
+        node.stop()
+    finally:
+        session.close()
+        for reg in registrations.values():
+            reg.stop()
+
+
+def test_large_assignments_are_written_in_transactions_within_zookeepers_request_limit(zookeeper, zk, zk_root):
+    """64 teachers each for 250 students, teachers with long host names: ~6 KB per node, so 200 nodes per
+    transaction would be over ZooKeeper's 1 MiB request limit (jute.maxbuffer) and never go through."""
+    from discovery.acls import ensure_service
+    from discovery.arguments import TEACHER_PREFIX
+    from discovery.assigner import Assigner
+    from discovery.session import ZkSession
+
+    paths = ServicePaths(zk_root, SERVICE)
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    assigner = None
+    try:
+        assert session.wait_connected(10)
+        ensure_service(session, paths, auth=None)
+        host = "teacher-" + "x" * 50 + ".cluster.example.com"
+        endpoints = [f"{host}:{9000 + i}" for i in range(64)]
+        requests = [zk.create_async(f"{paths.service_path}/{TEACHER_PREFIX}", f'{{"endpoint": "{e}"}}'.encode(),
+                                    ephemeral=True, sequence=True) for e in endpoints]
+        requests += [zk.create_async(f"{paths.students_path}/{STUDENT_PREFIX}", b'{"require_max_teacher": 64}',
+                                     ephemeral=True, sequence=True) for _ in range(250)]
+        for request in requests:
+            request.get(timeout=10)
+        assigner = Assigner(session, paths, identifier="big").start()
+        wait_for(lambda: len(stored(zk, zk_root)) == 250, 20, "250 assignment nodes written")
+        assert all(sorted(e) == sorted(endpoints) for e in stored(zk, zk_root).values())
+    finally:
+        if assigner is not None:
+            assigner.stop()
+        session.close()

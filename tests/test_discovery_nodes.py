@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from discovery.nodes import (
+    MAX_ASSIGNMENT_BYTES,
     MAX_NESTING,
     MAX_NODE_BYTES,
     Assignment,
@@ -75,3 +76,14 @@ def test_assignments_name_only_teacher_nodes_of_the_service_and_are_bounded():
             ({"teachers": "teacher-0000000001", "endpoints": "a:1"}, "two lists")):
         with pytest.raises(NodeDataError, match=message):
             parse_assignment("student-0000000001", json.dumps(document).encode())
+
+
+def test_the_largest_assignment_the_assigner_writes_is_read():
+    """1024 teachers (the most a student may ask for) with 253-character host names must not be refused."""
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    teachers = tuple(f"teacher-{i:010d}" for i in range(1024))
+    largest = Assignment("student-0000000001", teachers, tuple(f"{host}:{60000 + i % 5000}" for i in range(1024)))
+    assert len(largest.document()) > MAX_NODE_BYTES
+    assert parse_assignment("student-0000000001", largest.document()) == largest
+    with pytest.raises(NodeDataError, match="bytes of data"):
+        parse_assignment("student-0000000001", b" " * (MAX_ASSIGNMENT_BYTES + 1))

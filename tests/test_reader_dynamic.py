@@ -210,3 +210,75 @@ def test_zookeeper_restart_during_an_epoch(private_zookeeper, zk_root, teacher_m
                 dr.close()
             for server in servers:
                 server.close()
+
+
+CHILD_STUDENT = """
+import sys, time
+from discovery.student import TeacherSubscription
+hosts, root, name = sys.argv[1:4]
+TeacherSubscription(hosts, "mnist_teacher", lambda endpoints: None, require_max_teacher=1, root=root,
+                    student_id=name, session_timeout=float(sys.argv[4])).start()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_the_assigner_stopped_then_killed_mid_epoch_the_reader_follows_its_assignment(zookeeper, zk_root,
+                                                                                      teacher_model, tmp_path):
+    """Another student process is the assigner; it is SIGSTOPped past its session (deposed), resumed, then
+    SIGKILLed while the reader iterates and students come and go: nothing lost, and the reader ends on exactly
+    the teachers its stored assignment names."""
+    from discovery.arguments import ServicePaths
+    from discovery.nodes import parse_assignment
+
+    n, list_size = 1200, 16
+    images = mnist_like_images(n, seed=34)
+    reference = reference_predict(teacher_model.server_dir, images)
+    servers, dr = [], None
+    paths = ServicePaths(zk_root, SERVICE)
+    client = KazooClient(hosts=zookeeper.hosts, timeout=SESSION)
+    client.start(timeout=10)
+    with ProcessGuard() as guard:
+        try:
+            servers = start_servers([TeacherServer(teacher_model.server_dir) for _ in range(3)])
+            for i, server in enumerate(servers):
+                start_register(guard, zookeeper.hosts, zk_root, server.endpoint, tmp_path / f"reg{i}.log")
+            wait_for(lambda: len(registered(zookeeper.hosts, zk_root)) == 3, 20, "three registrations")
+            assigner = guard.python("-c", CHILD_STUDENT, zookeeper.hosts, zk_root, "assigner", str(SESSION),
+                                    stdout=subprocess.DEVNULL)
+            wait_for(lambda: client.exists(paths.assigner_lock_path) and client.get_children(paths.assigner_lock_path),
+                     20, "the child student contending first")
+            dr = dynamic_reader(teacher_model, zookeeper.hosts, zk_root, require_max_teacher=2)
+            wait_for(lambda: len(dr.pool.endpoints) == 2, 15, "the reader using its two teachers")
+            subscription = dr._resources.subscription
+            assert not subscription.assigner.leading.is_set()
+            others, out = [], []
+            for step, batch in enumerate(dr.set_sample_list_generator(sample_lists(images, list_size))()):
+                out.extend(batch)
+                if step == 5:
+                    assigner.send_signal(signal.SIGSTOP)        # past its session: deposed
+                    others.append(guard.python("-c", CHILD_STUDENT, zookeeper.hosts, zk_root, "late", str(SESSION),
+                                               stdout=subprocess.DEVNULL))
+                if step == 25:
+                    wait_for(subscription.assigner.leading.is_set, SESSION + 10, "the reader's student taking over")
+                    assigner.send_signal(signal.SIGCONT)
+                if step == 40:
+                    others.pop().send_signal(signal.SIGKILL)
+                    assigner.send_signal(signal.SIGKILL)
+                time.sleep(0.01)
+            check_epoch(out, images, reference)
+            me = subscription.node.path.rsplit("/", 1)[-1]
+
+            def agrees():
+                names = [n for n in client.get_children(paths.assignment_path) if n.startswith("student-")]
+                value = client.get(paths.assignment_of(me))[0]
+                return names == [me] and sorted(parse_assignment(me, value).endpoints) == sorted(dr.pool.endpoints)
+            wait_for(agrees, SESSION + 15, "the reader alone, on the teachers its assignment names")
+            assert len(dr.pool.endpoints) == 2 and not subscription.fallback.is_set()
+        finally:
+            client.stop()
+            client.close()
+            if dr is not None:
+                dr.close()
+            for server in servers:
+                server.close()

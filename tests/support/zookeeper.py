@@ -4,7 +4,8 @@
   temporary data dir, stopped at the end of the session even on failure; or, when ``DISTILL_ZK_HOSTS`` is set,
   that existing ensemble (then it is neither started nor stopped).
 - ``private_zookeeper`` (function scope): always a server of the test's own, for tests that stop or restart it
-  (``restart()`` keeps the port and the data dir, so sessions and persistent nodes survive).
+  (``restart()`` keeps the port and the data dir, so sessions and persistent nodes survive;
+  ``restart(wipe=True)`` empties the data dir: a new, empty server on the same port).
 Tests should use a unique ZooKeeper root (``zk_root`` fixture) so they never see each other's nodes.
 """
 from __future__ import annotations
@@ -100,9 +101,12 @@ class ZooKeeperServer:
         _signal_group(proc.pid, signal.SIGKILL)   # anything left in its group (the JVM after a bash crash)
         wait_for(lambda: not self.ready(), 10, f"ZooKeeper on {self.hosts} to stop")
 
-    def restart(self, downtime: float = 0.0, kill: bool = False) -> None:
-        """Stop, stay down ``downtime`` seconds, start again on the same port and data dir."""
+    def restart(self, downtime: float = 0.0, kill: bool = False, wipe: bool = False) -> None:
+        """Stop, stay down ``downtime`` seconds, start again on the same port and data dir (``wipe``: emptied of
+        its snapshots and logs, so every session and node is gone and the transaction ids start again at 0)."""
         self.stop(kill=kill)
+        if wipe:
+            shutil.rmtree(os.path.join(self.data_dir, "version-2"), ignore_errors=True)
         time.sleep(downtime)
         self.start()
 
