@@ -47,7 +47,7 @@ from typing import Union
 
 import numpy as np
 
-from .share import _key, _mix, _wanted, fair_share
+from .share import _key, _mix, checked_membership, fair_share
 
 _HELD = np.uint64(np.iinfo(np.uint64).max)
 
@@ -71,10 +71,7 @@ def rebalance(previous: Mapping[str, Sequence[str]], students: Sequence[str], te
     Raises:
         ValueError: duplicate student ids, or a ``require_max`` that is not an integer >= 1 (naming the student).
     """
-    if len(set(students)) != len(students):
-        raise ValueError(f"duplicate student ids in {list(students)}")
-    wanted = [_wanted(require_max, student) for student in students]
-    ring = sorted(set(teachers))
+    wanted, ring = checked_membership(students, teachers, require_max)
     if not ring:
         return {student: [] for student in students}
     position = {teacher: index for index, teacher in enumerate(ring)}

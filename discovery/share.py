@@ -58,10 +58,7 @@ def fair_share(students: Sequence[str], teachers: Sequence[str],
     Raises:
         ValueError: duplicate student ids, or a ``require_max`` that is not an integer >= 1 (naming the student).
     """
-    if len(set(students)) != len(students):
-        raise ValueError(f"duplicate student ids in {list(students)}")
-    wanted = [_wanted(require_max, student) for student in students]
-    ring = sorted(set(teachers))
+    wanted, ring = checked_membership(students, teachers, require_max)
     if not ring:
         return {student: [] for student in students}
     teacher_keys = np.array([_key(teacher) for teacher in ring], dtype=np.uint64)
@@ -125,6 +122,15 @@ def teacher_loads(assignment: Mapping[str, Sequence[str]], teachers: Sequence[st
 def moved_assignments(before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]) -> int:
     """How many (student, teacher) pairs of students present in both assignments were taken away."""
     return sum(len(set(chosen) - set(after[student])) for student, chosen in before.items() if student in after)
+
+
+def checked_membership(students: Sequence[str], teachers: Sequence[str],
+                       require_max: Union[int, Mapping[str, int]]) -> tuple[list[int], list[str]]:
+    """(teachers wanted per student, the distinct teachers in name order); ValueError for duplicate student ids or
+    a bad ``require_max``. Shared by ``fair_share`` and ``discovery.rebalance.rebalance``."""
+    if len(set(students)) != len(students):
+        raise ValueError(f"duplicate student ids in {list(students)}")
+    return [_wanted(require_max, student) for student in students], sorted(set(teachers))
 
 
 def _wanted(require_max: Union[int, Mapping[str, int]], student: str) -> int:
