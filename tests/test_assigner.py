@@ -35,17 +35,6 @@ while True:
 """
 
 
-@pytest.fixture
-def zk(zookeeper):
-    client = KazooClient(hosts=zookeeper.hosts, timeout=SESSION)
-    client.start(timeout=10)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
-
-
 def student(hosts, root, name, require_max_teacher=2, **kwargs):
     recorder = Recorder()
     subscription = TeacherSubscription(hosts, SERVICE, recorder, require_max_teacher=require_max_teacher, root=root,
@@ -90,6 +79,13 @@ def settled(client, root, subscriptions, teachers, wanted=None):
     return set(loads) <= set(teachers) and max(loads.values()) - min(loads.values()) <= 1
 
 
+def stop_all(*groups):
+    """Stop every subscription or registration of ``groups``, in order (each ``stop`` is idempotent)."""
+    for group in groups:
+        for started in group:
+            started.stop()
+
+
 def teachers_up(hosts, root, ports, **kwargs):
     registrations = {f"127.0.0.1:{port}": registration(hosts, root, f"127.0.0.1:{port}", **kwargs)
                      for port in ports}
@@ -127,10 +123,7 @@ def test_sigkilled_assigner_is_replaced_and_the_others_keep_their_teachers(zooke
             assert [] not in late_calls.calls
             assert sorted(e for s in subscriptions for e in s.endpoints) == sorted(registrations)   # once each
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def test_a_deposed_assigner_cannot_write(zookeeper, zk, zk_root):
@@ -162,11 +155,7 @@ def test_a_deposed_assigner_cannot_write(zookeeper, zk, zk_root):
                  15, "the first student registered again and assigned by the second")
         assert not first.assigner.leading.is_set() and first.assigner.terms == 1
     finally:
-        first.stop()
-        if second is not None:
-            second.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all([first], [second] if second is not None else [], registrations.values())
 
 
 def test_students_agree_after_random_joins_and_leaves(zookeeper, zk, zk_root):
@@ -195,10 +184,7 @@ def test_students_agree_after_random_joins_and_leaves(zookeeper, zk, zk_root):
                      f"students agreeing after step {step} ({action})")
             assert sum(s.assigner.leading.is_set() for s in subscriptions) == 1
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zookeeper, zk, zk_root, caplog,
@@ -248,10 +234,7 @@ def test_locked_down_service_anonymous_students_get_assignments_or_fall_back(zoo
                  "the stateless fallback left once the assignment folder exists")       # fallback
         assert lone.assigner.leading.is_set() and not lone.assigner.unavailable.is_set()
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def test_a_tampered_assignment_never_points_a_student_outside_the_registered_teachers(zookeeper, zk, zk_root,
@@ -279,9 +262,7 @@ def test_a_tampered_assignment_never_points_a_student_outside_the_registered_tea
         wait_for(lambda: recorder.last == [used], 10, "the assignment repaired by the assigner")
         assert all(set(call) <= {used} for call in recorder.calls)     # 10.6.6.6:1 never reported
     finally:
-        lone.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all([lone], registrations.values())
 
 
 def test_background_threads_end_cleanly_when_stopped_during_a_retry(zookeeper, zk_root, monkeypatch):
@@ -366,10 +347,7 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
                      "teachers registered again, students assigned again in the empty server")
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []   # no callback failed
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def readable(client, path):
@@ -419,10 +397,7 @@ def test_the_assigner_repairs_an_assignment_node_changed_or_deleted_behind_its_b
         assert leader.assigner.leading.is_set() and leader.assigner._thread.is_alive()
         assert victim._follower.is_alive()
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zookeeper, zk, zk_root):
@@ -442,10 +417,7 @@ def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zooke
         assert follower.assigner.leading.is_set()
         assert settled(zk, zk_root, subscriptions, list(registrations), wanted)
     finally:
-        for s in subscriptions:
-            s.stop()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(subscriptions, registrations.values())
 
 
 def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper, zk_root, monkeypatch):
@@ -493,8 +465,7 @@ def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper,
         node.stop()
     finally:
         session.close()
-        for reg in registrations.values():
-            reg.stop()
+        stop_all(registrations.values())
 
 
 def test_large_assignments_are_written_in_transactions_within_zookeepers_request_limit(zookeeper, zk, zk_root):

@@ -46,17 +46,6 @@ server.wait_for_termination()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def zk(zookeeper):
-    client = KazooClient(hosts=zookeeper.hosts, timeout=SESSION)
-    client.start(timeout=10)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
-
-
 def teacher_nodes(client, root, service=SERVICE):
     """{node name: JSON document} of the service's teacher nodes (empty when the service does not exist)."""
     path = ServicePaths(root, service).service_path

@@ -176,6 +176,20 @@ def _running_zookeeper() -> Iterator[ZooKeeperServer]:
 
 
 @pytest.fixture
+def zk(zookeeper) -> Iterator[object]:
+    """A connected kazoo client of the session's ZooKeeper, to look at and tamper with nodes from outside."""
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=zookeeper.hosts, timeout=2.0)
+    client.start(timeout=10)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
 def zk_root() -> str:
     """A ZooKeeper root no other test uses."""
     return f"/distill-test-{uuid.uuid4().hex[:8]}"
