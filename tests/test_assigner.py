@@ -3,7 +3,6 @@ session loss, agreement after random joins and leaves, the ACLs of a locked-down
 
 Session timeout 2 s (the test server's minimum) so that expiries take seconds.
 """
-import contextlib
 import logging
 import random
 import signal
@@ -21,6 +20,7 @@ from discovery.nodes import Assignment, NodeDataError, parse_assignment
 from discovery.share import teacher_loads
 from discovery.student import TeacherSubscription
 from tests.support.procs import ProcessGuard, wait_for
+from tests.support.zookeeper import kazoo_client
 
 from .test_discovery import SERVICE, SESSION, Recorder, acl_set, registration
 
@@ -337,10 +337,10 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
     registrations = teachers_up(hosts, zk_root, range(1, 4), allow_open_acl=True)
     subscriptions = [student(hosts, zk_root, name)[0] for name in ("a", "b")]
     try:
-        with closing_client(hosts) as client:
+        with kazoo_client(hosts, SESSION) as client:
             wait_for(lambda: settled(client, zk_root, subscriptions, list(registrations)), 15, "assigned")
         private_zookeeper.restart(wipe=True)
-        with closing_client(hosts) as client:
+        with kazoo_client(hosts, SESSION) as client:
             wait_for(lambda: all(s.session.connected and s.node.created.is_set() for s in subscriptions)
                      and len({node_of(s) for s in subscriptions}) == len(subscriptions)   # (names start again
                      and settled(client, zk_root, subscriptions, list(registrations)), 30,  # at 0: not an old one)
@@ -357,17 +357,6 @@ def readable(client, path):
         return True
     except (NoNodeError, NodeDataError):
         return False
-
-
-@contextlib.contextmanager
-def closing_client(hosts):
-    client = KazooClient(hosts=hosts, timeout=SESSION)
-    client.start(timeout=10)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
 
 
 def test_the_assigner_repairs_an_assignment_node_changed_or_deleted_behind_its_back(zookeeper, zk, zk_root, caplog):

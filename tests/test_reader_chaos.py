@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
@@ -27,12 +26,11 @@ import time
 from typing import Callable, Optional
 
 import numpy as np  # noqa: I001  (numpy before paddle)
-from kazoo.client import KazooClient
 
-from discovery.registry import TEACHER_PREFIX
 from distill_reader import DistillReader
 from tests.support.procs import ProcessGuard, pid_alive, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
+from tests.support.zookeeper import registered_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -390,17 +388,10 @@ def test_chaos_fixed_teachers(teacher_model):
 
 def registrations(hosts: str, root: str) -> list[str]:
     """The endpoints registered under the service now, for failure messages (['?'] when ZooKeeper does not say)."""
-    client = KazooClient(hosts=hosts, timeout=2.0)
     try:
-        client.start(timeout=3)
-        path = f"{root}/{SERVICE}"
-        names = [n for n in client.get_children(path) if n.startswith(TEACHER_PREFIX)] if client.exists(path) else []
-        return sorted(json.loads(client.get(f"{path}/{n}")[0])["endpoint"] for n in names)
+        return registered_endpoints(hosts, root, SERVICE, start_timeout=3)
     except Exception as exc:  # noqa: BLE001 - a diagnostic only
         return [f"? ({exc!r})"]
-    finally:
-        client.stop()
-        client.close()
 
 
 def wait_for_teachers(dr: DistillReader, endpoints: list[str], zk_hosts: str, root: str, what: str,

@@ -4,7 +4,6 @@ teacher and its register script are SIGKILLed, ZooKeeper restarts. Every sample 
 with the teacher's prediction for it."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -13,10 +12,10 @@ import time
 import numpy as np  # noqa: I001  (numpy before paddle)
 from kazoo.client import KazooClient
 
-from discovery.registry import TEACHER_PREFIX
 from distill_reader import DistillReader
 from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
+from tests.support.zookeeper import registered_endpoints
 
 SERVICE = "mnist_teacher"
 SESSION = 2.0          # ZooKeeper session timeout of the students and register scripts in these tests
@@ -46,17 +45,10 @@ def check_epoch(out, images, reference):
 
 def registered(hosts, root):
     """Endpoints registered under the service now ([] when ZooKeeper does not answer)."""
-    client = KazooClient(hosts=hosts, timeout=SESSION)
     try:
-        client.start(timeout=5)
-        path = f"{root}/{SERVICE}"
-        names = [n for n in client.get_children(path) if n.startswith(TEACHER_PREFIX)] if client.exists(path) else []
-        return sorted(json.loads(client.get(f"{path}/{n}")[0])["endpoint"] for n in names)
+        return registered_endpoints(hosts, root, SERVICE, start_timeout=5)
     except Exception:  # noqa: BLE001 - down or a node vanished while reading: ask again
         return []
-    finally:
-        client.stop()
-        client.close()
 
 
 def start_servers(servers):

@@ -11,6 +11,7 @@ Tests should use a unique ZooKeeper root (``zk_root`` fixture) so they never see
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -175,18 +176,36 @@ def _running_zookeeper() -> Iterator[ZooKeeperServer]:
         server.close()
 
 
-@pytest.fixture
-def zk(zookeeper) -> Iterator[object]:
-    """A connected kazoo client of the session's ZooKeeper, to look at and tamper with nodes from outside."""
+@contextlib.contextmanager
+def kazoo_client(hosts: str, timeout: float = 2.0, start_timeout: float = 10.0) -> Iterator[object]:
+    """A started kazoo client of ``hosts`` (session ``timeout`` s), stopped and closed on the way out."""
     from kazoo.client import KazooClient
 
-    client = KazooClient(hosts=zookeeper.hosts, timeout=2.0)
-    client.start(timeout=10)
+    client = KazooClient(hosts=hosts, timeout=timeout)
+    client.start(timeout=start_timeout)
     try:
         yield client
     finally:
         client.stop()
         client.close()
+
+
+def registered_endpoints(hosts: str, root: str, service: str, start_timeout: float = 5.0) -> list[str]:
+    """The endpoints of the teacher nodes under ``root/service`` now, sorted; raises what kazoo raises when
+    ZooKeeper does not answer or a node vanishes while being read."""
+    from discovery.registry import TEACHER_PREFIX
+
+    with kazoo_client(hosts, start_timeout=start_timeout) as client:
+        path = f"{root}/{service}"
+        names = [n for n in client.get_children(path) if n.startswith(TEACHER_PREFIX)] if client.exists(path) else []
+        return sorted(json.loads(client.get(f"{path}/{n}")[0])["endpoint"] for n in names)
+
+
+@pytest.fixture
+def zk(zookeeper) -> Iterator[object]:
+    """A connected kazoo client of the session's ZooKeeper, to look at and tamper with nodes from outside."""
+    with kazoo_client(zookeeper.hosts) as client:
+        yield client
 
 
 @pytest.fixture
