@@ -252,11 +252,9 @@ class DistillReader:
         'serving_conf/serving_client_conf.prototxt'."""
         if self._config is None:
             offline_config = getattr(self._offline, "serving_config", None)
-            stored = offline_config() if offline_config is not None else None
-            if stored is not None and not (self._conf_file_given and os.path.exists(self.serving_conf_file)):
-                self._config = stored
-            else:
-                self._config = ServingConfig.load(self.serving_conf_file)
+            given = self._conf_file_given and os.path.exists(self.serving_conf_file)
+            stored = offline_config() if offline_config is not None and not given else None   # reads the cache
+            self._config = stored if stored is not None else ServingConfig.load(self.serving_conf_file)
         return self._config
 
     def add_stage_wrapper(self, wrap: Callable[[PredictionStage], PredictionStage]) -> None:
