@@ -206,7 +206,7 @@ class TeacherClient:
         self._check_names(variable.feeds, fetch)      # before guessing the batch size from the feeds given
         if batch_size is None:
             batch_size = variable.batch_size or _batch_size_of(variable.feeds)
-        request = self.build_request(variable.feeds, fetch, batch_size, variable.lods)
+        request = self._encode_request(variable.feeds, fetch, batch_size, variable.lods)
         response = self._call_grpc(request) if self.protocol == "grpc" else self._call_http(request)
         return self._outputs(response, fetch, batch_size, variable, lod_form)
 
@@ -214,6 +214,10 @@ class TeacherClient:
                       lods: Optional[Mapping[str, Sequence[int]]] = None) -> service_pb2.Request:
         """The Request message for ``feeds``; unknown feed or fetch names raise naming the model's names."""
         self._check_names(feeds, fetch)
+        return self._encode_request(feeds, fetch, batch_size, lods)
+
+    def _encode_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int,
+                        lods: Optional[Mapping[str, Sequence[int]]] = None) -> service_pb2.Request:
         raw = self._wire_is_raw()
         self._log_id += 1
         request = service_pb2.Request(fetch_var_names=list(fetch), log_id=self._log_id)
