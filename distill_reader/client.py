@@ -28,6 +28,7 @@ from .client_security import ClientSecurity
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
+from .status_codes import ErrNo
 from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,9 @@ class TeacherRequestRejected(TeacherAnswerError):
     shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
 
 
-# Paddle Serving's error numbers (pipeline serving's table, also used by teachers.serve): 5000 input error;
-# 3001 draining and 10000 predictor failed are transient (another teacher, or this one later, can answer);
-# any other non-zero err_no is an error answer of that teacher.
-ERR_NO_INVALID_INPUT = 5000
-TRANSIENT_ERR_NOS = (3001, 10000)
+# Paddle Serving's error numbers and what each says: distill_reader/status_codes.py (shared with teachers.serve).
+ERR_NO_INVALID_INPUT = int(ErrNo.INPUT)
+TRANSIENT_ERR_NOS = (int(ErrNo.SHUTDOWN), int(ErrNo.INTERNAL))
 _TRANSIENT_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)

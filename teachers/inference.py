@@ -25,6 +25,7 @@ import numpy as np
 
 from distill_reader.proto import general_model_service_pb2 as service_pb2
 from distill_reader.serving_config import ServingConfig, VarSpec
+from distill_reader.status_codes import ErrNo
 from distill_reader.tensor_codec import (
     ELEM_TYPES,
     TensorCodecError,
@@ -38,10 +39,11 @@ from .lod import LodError, check_lod_feed
 
 logger = logging.getLogger(__name__)
 
-ERR_INPUT = 5000       # the request does not fit the model (pipeline serving's input error code)
-ERR_SHUTDOWN = 3001    # the server is draining and takes no new work
-ERR_TIMEOUT = 6000     # the predictor did not answer within --predict_timeout (pipeline serving's timeout code)
-ERR_INTERNAL = 10000   # the predictor failed
+# err_no values and their classes: distill_reader/status_codes.py (one table for server and client)
+ERR_INPUT = int(ErrNo.INPUT)          # the request does not fit the model
+ERR_SHUTDOWN = int(ErrNo.SHUTDOWN)    # the server is draining and takes no new work
+ERR_TIMEOUT = int(ErrNo.TIMEOUT)      # the predictor did not answer within --predict_timeout
+ERR_INTERNAL = int(ErrNo.INTERNAL)    # the predictor failed
 ENGINE_NAME = "general_infer_0"
 
 RunFn = Callable[..., dict]
