@@ -10,8 +10,14 @@ Example::
     from distill_reader.dist import functional as DF
 
     student_logits = student(images)                      # Tensor, requires grad
-    loss = DF.soft_label_loss(teacher_logits_np, student_logits, teacher_temperature=2.0)
+    loss = DF.kl_div_loss(student_logits, teacher_logits_np, temperature=2.0)
     loss.backward()
+
+Two soft-label losses, not to be confused: ``kl_div_loss`` is the Kullback-Leibler divergence KL(teacher || student)
+of the temperature softmaxes, scaled by T^2 (Hinton et al. 2015): 0 when the student equals the teacher, the loss to
+reach for. ``soft_label_loss`` is PaddleSlim's soft-label *cross entropy* H(teacher, student) = KL + H(teacher):
+same gradient for the student at T=1, but its value never reaches 0 (it keeps the teacher's entropy) and it is not
+scaled by T^2; it is kept for PaddleSlim compatibility.
 """
 from __future__ import annotations
 
@@ -21,9 +27,12 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from .pir import legacy_op_errors
 from .shapes import check_fsp_shapes, check_same_shape
 
-__all__ = ["fsp_matrix", "fsp_loss", "l2_loss", "soft_label_loss", "loss"]
+__all__ = ["fsp_matrix", "fsp_loss", "l2_loss", "kl_div_loss", "soft_label_loss", "loss"]
+
+REDUCTIONS = ("batchmean", "sum", "none")
 
 
 def _as_teacher(value, like=None):
@@ -98,8 +107,69 @@ def _l2_loss(teacher_var, student_var):
     return paddle.mean(paddle.square(paddle.subtract(student_var, teacher_var)))
 
 
+def kl_div_loss(student_logits, teacher_logits, temperature: float = 1.0, reduction: str = "batchmean"):
+    """KL(teacher || student) of the temperature softmaxes over the last axis, times ``temperature ** 2``.
+
+    Per row: ``T^2 * sum_k p_k * (log p_k - log q_k)`` with ``p = softmax(teacher / T)``, ``q = softmax(student /
+    T)``. It is 0 when the student's logits equal the teacher's, and the T^2 factor keeps the gradient's size
+    independent of T (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"). Exact for any logit gap
+    (no clipped log). The teacher (a Tensor, a static variable or a NumPy array such as the predictions
+    DistillReader appends to a batch) is detached: gradients reach the student only. Works in dygraph, in
+    ``paddle.jit.to_static`` functions and on static variables (PIR, and legacy programs of paddle 2.6 and 3.x).
+    Not the same as ``soft_label_loss`` (PaddleSlim's cross entropy, which adds the teacher's entropy).
+
+    Args:
+        student_logits: the student's logits ``[..., K]`` (pre-softmax).
+        teacher_logits: the teacher's logits, same shape.
+        temperature: T > 0 for both softmaxes.
+        reduction: ``"batchmean"`` (mean over rows of the per-row divergence; for 2-D logits PyTorch's
+            ``batchmean``), ``"sum"`` (sum over rows) or ``"none"`` (per row, shape ``[...]``).
+
+    Raises:
+        ValueError: ``temperature`` is not a finite positive number, or ``reduction`` is unknown.
+        ShapeMismatchError: the teacher's and the student's shapes differ.
+
+    Example::
+
+        loss = kl_div_loss(student(images), batch_teacher_logits, temperature=4.0)
+        loss.backward()
+    """
+    temperature = _check_temperature(temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kl_div_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    student_logits = _as_student(student_logits)
+    teacher_logits = _as_teacher(teacher_logits, student_logits)
+    check_same_shape("kl_div_loss", teacher_logits, student_logits, "teacher_logits", "student_logits")
+    return _kl_div_loss(student_logits, teacher_logits, temperature, reduction)
+
+
+def _check_temperature(temperature) -> float:
+    value = float(temperature)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return value
+
+
+def _kl_div_loss(student_logits, teacher_logits, temperature: float, reduction: str):
+    teacher_scaled = teacher_logits / temperature
+    teacher_log_prob = _log_softmax(teacher_scaled)
+    student_log_prob = _log_softmax(student_logits / temperature)
+    gap = paddle.subtract(teacher_log_prob, student_log_prob)
+    # einsum, mean, reshape: ops that paddle 3's legacy static mode supports (it has no sum/multiply/exp/log there).
+    rows = paddle.einsum("...k,...k->...", F.softmax(teacher_scaled, axis=-1), gap) * (temperature * temperature)
+    if reduction == "none":
+        return rows
+    if reduction == "batchmean":
+        return paddle.mean(rows)
+    flat = paddle.reshape(rows, [-1])
+    return paddle.einsum("i,i->", flat, paddle.ones_like(flat))
+
+
 def soft_label_loss(teacher_var, student_var, teacher_temperature: float = 1.0, student_temperature: float = 1.0):
-    """Cross entropy of the student's softmax against the teacher's softmax (soft labels), mean over rows.
+    """PaddleSlim's soft-label loss: the cross entropy of the student's softmax against the teacher's, mean over rows.
+
+    A cross entropy, not a divergence: its value is ``KL(teacher || student) + H(teacher)``, which never reaches 0
+    while the teacher is uncertain. For a loss that is 0 at equality (and scaled by T^2) use ``kl_div_loss``.
 
     ``mean_rows(-sum_last_axis(softmax(t / Tt) * log_softmax(s / Ts)))``, computed stably (teacher logits
     ``[10, 0, 0]`` against student ``[0, 100, 0]`` give 99.995, not a value capped by a clipped log).
@@ -135,6 +205,10 @@ def _log_softmax(x):
 def loss(loss_func: Callable, teacher_args: tuple[str, ...] = (), **kwargs):
     """Call ``loss_func(**kwargs)``; arguments named in ``teacher_args`` are detached (NumPy -> Tensor).
 
+    Raises:
+        ValueError: a name in ``teacher_args`` is not one of the keyword arguments.
+        LegacyOpError: on legacy static variables of paddle 3, ``loss_func`` used an op legacy mode lacks.
+
     Example::
 
         def hint(t, s):
@@ -145,4 +219,5 @@ def loss(loss_func: Callable, teacher_args: tuple[str, ...] = (), **kwargs):
     if unknown:
         raise ValueError(f"teacher_args {unknown} are not keyword arguments of this call (got {sorted(kwargs)})")
     call_args = {name: (_as_teacher(value) if name in teacher_args else value) for name, value in kwargs.items()}
-    return loss_func(**call_args)
+    with legacy_op_errors("dist.functional.loss"):
+        return loss_func(**call_args)

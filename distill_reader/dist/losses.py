@@ -19,10 +19,10 @@ import paddle
 
 from . import functional
 from .names import find_var
-from .pir import require_legacy
+from .pir import legacy_op_errors, require_legacy
 from .shapes import check_fsp_shapes, check_same_shape
 
-__all__ = ["fsp_loss", "l2_loss", "soft_label_loss", "loss"]
+__all__ = ["fsp_loss", "l2_loss", "kl_div_loss", "soft_label_loss", "loss"]
 
 
 def _program(program, api: str):
@@ -69,9 +69,33 @@ def l2_loss(teacher_var_name: str, student_var_name: str, program=None):
         return functional._l2_loss(teacher_var, student_var)
 
 
+def kl_div_loss(student_var_name: str, teacher_var_name: str, program=None, temperature: float = 1.0,
+                reduction: str = "batchmean"):
+    """KL(teacher || student) of the temperature softmaxes, times T^2 (``dist.functional.kl_div_loss`` by name).
+
+    0 when the student's logits equal the teacher's; the student comes first, as in ``functional.kl_div_loss``.
+
+    Raises:
+        VarNotFoundError: a name is not a variable of ``program``.
+        ShapeMismatchError: the two variables' shapes differ.
+        ValueError: a bad ``temperature`` or ``reduction``.
+
+    Example::
+
+        distill = dist.kl_div_loss("s2.tmp_1", "teacher_t2.tmp_1", student_program, temperature=4.0)
+    """
+    program = _program(program, "kl_div_loss")
+    student_var = find_var(program, student_var_name, "student var")
+    teacher_var = find_var(program, teacher_var_name, "teacher var")
+    with paddle.static.program_guard(program):
+        return functional.kl_div_loss(student_var, teacher_var, temperature, reduction)
+
+
 def soft_label_loss(teacher_var_name: str, student_var_name: str, program=None, teacher_temperature: float = 1.0,
                     student_temperature: float = 1.0):
-    """Soft-label cross entropy: ``mean(-sum(softmax(t / Tt) * log(softmax(s / Ts)), axis=-1))``.
+    """PaddleSlim's soft-label cross entropy: ``mean(-sum(softmax(t / Tt) * log(softmax(s / Ts)), axis=-1))``.
+
+    Not 0 when student equals teacher (it keeps the teacher's entropy); ``kl_div_loss`` is the divergence.
 
     Example::
 
@@ -100,5 +124,5 @@ def loss(loss_func: Callable, program=None, **kwargs):
     program = _program(program, "loss")
     call_args = {key: (find_var(program, value, f"argument {key!r}") if isinstance(value, str) else value)
                  for key, value in kwargs.items()}
-    with paddle.static.program_guard(program):
+    with paddle.static.program_guard(program), legacy_op_errors("dist.loss"):
         return loss_func(**call_args)

@@ -13,7 +13,46 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import re
+from typing import Iterator
+
 from distill_reader.paddle_compat import LEGACY_HINT, is_pir_program
+
+
+_MISSING_OP = re.compile(r"(\w+)\(\): argument \(position \d+\) must be Value, but got Variable")
+LEGACY_OPS_HINT = ("ops that work on legacy variables in every paddle line include paddle.mean, paddle.max, "
+                   "paddle.square, paddle.subtract, paddle.add, paddle.einsum (for sums and products), "
+                   "paddle.reshape, F.softmax, F.log_softmax and the + - * / operators")
+
+
+class LegacyOpError(TypeError):
+    """A custom loss used an op that paddle 3's legacy static mode does not offer for legacy variables."""
+
+    def __init__(self, message: str, op: str):
+        super().__init__(message)
+        self.op = op
+
+
+@contextlib.contextmanager
+def legacy_op_errors(api: str) -> Iterator[None]:
+    """Turn paddle 3's raw ``abs(): argument ... must be Value, but got Variable`` into a LegacyOpError naming the op.
+
+    Raises:
+        LegacyOpError: an op inside the block has no legacy-variable form in this paddle.
+    """
+    try:
+        yield
+    except TypeError as exc:
+        found = _MISSING_OP.search(str(exc))
+        if found is None:
+            raise
+        op = found.group(1)
+        raise LegacyOpError(
+            f"{api}: paddle.{op} (used by the loss function) has no legacy static form in this paddle: paddle 3's "
+            f"legacy mode (FLAGS_enable_pir_api=0 / OldIrGuard) runs only some ops on legacy variables; "
+            f"{LEGACY_OPS_HINT}. Or leave legacy mode: build the student in dygraph or PIR and use "
+            "distill_reader.dist.functional (a paddle 3 teacher: distill_reader.dist.load_teacher)", op) from exc
 
 
 class PirProgramError(TypeError):
