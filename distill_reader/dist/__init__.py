@@ -28,9 +28,11 @@ from .merge import MergeError, merge  # noqa: E402
 from .names import VarNotFoundError, find_var  # noqa: E402
 from .pir import LegacyOpError, PirProgramError  # noqa: E402
 from .shapes import ShapeMismatchError  # noqa: E402
+from .teacher import FrozenTeacher, TeacherFormatError, load_teacher, load_teacher_program  # noqa: E402
 
 __all__ = [
     "merge", "fsp_loss", "l2_loss", "kl_div_loss", "soft_label_loss", "loss", "functional",
     "save_student_params", "load_student_params", "student_parameters",
     "MergeError", "VarNotFoundError", "ShapeMismatchError", "PirProgramError", "LegacyOpError", "find_var",
+    "load_teacher", "load_teacher_program", "FrozenTeacher", "TeacherFormatError",
 ]

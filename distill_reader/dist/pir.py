@@ -65,5 +65,7 @@ def require_legacy(api: str, **programs) -> None:
         if program is not None and is_pir_program(program):
             raise PirProgramError(
                 f"{api}: {arg} is a paddle 3 PIR program, and {api} needs a legacy static program (it addresses "
-                f"variables and ops by name, which PIR programs do not have); {LEGACY_HINT}. On PIR values, "
-                "distill_reader.dist.functional builds the same losses")
+                f"variables and ops by name, which PIR programs do not have); {LEGACY_HINT}. Or, without legacy "
+                "mode: load the teacher with distill_reader.dist.load_teacher(path) and call it inside a dygraph or "
+                "paddle.jit.to_static student, with the losses of distill_reader.dist.functional (they also build "
+                "on PIR values)")
