@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import logging
 import os
+import re
 import sys
 import tempfile
 from typing import Optional, Sequence, Union
@@ -200,7 +201,7 @@ def _export_pir(paddle, model_path: str, params_path: str, serving_server: str, 
             hint = ("; there is no *.pdiparams next to it: if the model has parameters, give its file as "
                     "params_filename" if params_name is None else "")
             raise ExportError(f"cannot load PIR inference model {model_path!r}{hint}: {exc}") from exc
-        feeds, fetches = _pir_feed_fetch_specs(program)
+        feeds, fetches = _pir_feed_fetch_specs(program, warn_unnamed=not fetch_alias_names)
     feed_aliases = _aliases(feed_alias_names, [s.name for s in feeds], "feed")
     fetch_aliases = _aliases(fetch_alias_names, [s.name for s in fetches], "fetch")
     feeds = [dataclasses.replace(s, alias_name=a) for s, a in zip(feeds, feed_aliases)]
@@ -210,7 +211,7 @@ def _export_pir(paddle, model_path: str, params_path: str, serving_server: str, 
     return _write_folders(serving_server, serving_client, files, feeds, fetches)
 
 
-def _pir_feed_fetch_specs(program) -> tuple[list[VarSpec], list[VarSpec]]:
+def _pir_feed_fetch_specs(program, warn_unnamed: bool = False) -> tuple[list[VarSpec], list[VarSpec]]:
     """Feeds (``pd_op.data``, program order) and fetches (``pd_op.fetch``, by column) of a PIR program."""
     feeds: list[VarSpec] = []
     fetches: dict[int, VarSpec] = {}
@@ -220,11 +221,36 @@ def _pir_feed_fetch_specs(program) -> tuple[list[VarSpec], list[VarSpec]]:
             feeds.append(_value_spec(op.result(0), name))
         elif op.name() == "pd_op.fetch":
             attrs = op.attrs()
-            fetches[int(attrs["col"])] = _value_spec(op.operand_source(0), attrs["name"])
+            fetches[int(attrs["col"])] = _value_spec(op.operand_source(0),
+                                                         _pir_fetch_name(op, attrs["name"], warn_unnamed))
     if not feeds or not fetches:
         raise ExportError(f"PIR program has {len(feeds)} feeds (pd_op.data) and {len(fetches)} fetches "
                           "(pd_op.fetch); an inference model needs both")
     return feeds, [fetches[i] for i in sorted(fetches)]
+
+
+_GENERATED_FETCH_NAME = re.compile(r"fetch_name_\d+")
+
+
+def _pir_fetch_name(op, name: str, warn_unnamed: bool) -> str:
+    """A PIR fetch's name: the fetch op's own unless generated (``fetch_name_N``), then the output value's if named.
+
+    PIR names only data, parameter and persistable values; a model output computed by an op has no name, so the
+    generated one stays and a warning says how to give it one.
+    """
+    if not _GENERATED_FETCH_NAME.fullmatch(name):
+        return name
+    value = op.operand_source(0)
+    if getattr(value, "has_name", False):
+        return value.name
+    if not warn_unnamed:
+        return name
+    producer = value.get_defining_op().name() if value.get_defining_op() is not None else "?"
+    logger.warning("PIR model output %r (computed by %s, shape %s) has no name in the program (PIR keeps names "
+                   "of data and parameter values only); clients must fetch it as %r unless you export with "
+                   "--fetch_alias_names NAME[,NAME...] (Python: fetch_alias_names=...), one name per output in "
+                   "fetch order", name, producer, list(value.shape), name)
+    return name
 
 
 def _value_spec(value, name: str) -> VarSpec:

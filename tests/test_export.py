@@ -1,4 +1,5 @@
 """teachers.export: Paddle Serving folder layout from every save route, configs, CLI, errors."""
+import logging
 import os
 import subprocess
 import sys
@@ -267,3 +268,36 @@ def test_model_files_are_replaced_atomically(teacher_model, tmp_path):
         assert (tmp_path / f"old_{name}").read_bytes() == data
         assert os.stat(server / name).st_ino != os.stat(tmp_path / f"old_{name}").st_ino
     assert not [n for n in os.listdir(server) if n.endswith(".tmp")]
+
+
+def test_pir_fetches_take_the_output_names_paddle_keeps_and_unnamed_ones_say_how_to_name_them(tmp_path, caplog):
+    """PIR names data and parameter values only: an output that is one keeps its name; a computed output stays
+    fetch_name_N with a warning naming its op and --fetch_alias_names (no warning when aliases are given)."""
+    import paddle
+
+    if paddle_major(paddle) < 3:
+        pytest.skip(f"paddle {paddle.__version__} cannot save PIR programs (they came with paddle 3)")
+
+    class Two(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.fc = paddle.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x  # a computed output and a data value
+
+    with keep_mode(paddle):
+        paddle.disable_static()
+        paddle.jit.save(Two(), str(tmp_path / "two" / "inference"),
+                        input_spec=[paddle.static.InputSpec([None, 4], "float32", "features")])
+    with caplog.at_level(logging.WARNING, logger="teachers.export"):
+        feeds, fetches = inference_model_to_serving(str(tmp_path / "two"), str(tmp_path / "s"), str(tmp_path / "c"))
+    assert (feeds, fetches) == (["features"], ["features", "fetch_name_0"])  # sorted by alias
+    warned = [r.getMessage() for r in caplog.records if "fetch_name_0" in r.getMessage()]
+    assert len(warned) == 1 and "pd_op." in warned[0] and "--fetch_alias_names" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="teachers.export"):
+        _, fetches = inference_model_to_serving(str(tmp_path / "two"), str(tmp_path / "s2"), str(tmp_path / "c2"),
+                                                fetch_alias_names="logits,echo")
+    assert fetches == ["echo", "logits"]
+    assert not [r for r in caplog.records if "--fetch_alias_names" in r.getMessage()]
