@@ -2,13 +2,20 @@
 
 ``dr.set_offline_cache(path, storage=...)`` puts an ``OfflineCacheStage`` in front of the teachers:
 
-- First pass (no cache, or an incomplete one): every task goes to the teachers as usual; answers are appended to
-  the cache in sample order, with a digest of what was sent per sample. A pass that ends early (break, Ctrl-C,
-  SIGKILL) leaves the committed shards; the next pass serves those from the cache (after checking that the same
-  inputs come again) and asks the teachers only for the rest. A pass that reaches the end marks the cache complete.
+- Samples are keyed by their inputs: each sample's knowledge is stored with a digest of what was sent for it
+  (``knowledge.digest``), and every pass finds each sample's knowledge by that digest, so the data may come in any
+  order (a shuffled ``paddle.io.DataLoader``), as a subset, or with repeated samples: each sample gets its own
+  knowledge, in every epoch, with no extra argument. Samples with identical inputs share one stored row.
+- First pass (no cache, or an incomplete one): a batch whose samples the cache holds is served from it; any other
+  batch goes to the teachers, and the answers for samples the cache does not hold yet are appended (in pass order,
+  with their digests). A pass that ends early (break, Ctrl-C, SIGKILL) leaves the committed shards; the next pass,
+  in any order, serves those from the cache and asks the teachers only for the rest. A pass that reaches the end
+  marks the cache complete.
 - Later passes (same process or a new one): every answer comes from the cache, nothing is sent, and no teacher
-  needs to be configured or reachable. Inputs that differ from those the cache was written for raise
-  ``InputMismatchError`` naming the sample; a generator with fewer or more samples than the cache is an error too.
+  needs to be configured or reachable. A sample whose inputs the cache does not hold (other data, preprocessing,
+  dtype) raises ``InputMismatchError`` naming the sample of the pass; nothing is asked of a teacher then.
+- ``check_inputs=False`` skips the digests of a reading pass: samples are then read by position, so the data must
+  come in the order and number it was written in (fewer or more samples is an error); this is only for speed.
 - Every pass yields the answers as stored (float16-rounded, or top-k rebuilt densely), so all epochs see the same
   soft labels. Top-k fields are rebuilt densely with the fill value of the storage (``topk:K:FILL``).
 - The cache keeps the teacher's serving config in its meta, so a later run needs no conf file either.
@@ -29,8 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .knowledge import KnowledgeError, KnowledgeReader, KnowledgeWriter
-from .knowledge.manifest import MANIFEST_NAME
+from .knowledge import InputMismatchError, KnowledgeError, KnowledgeReader, KnowledgeWriter
+from .knowledge.index import DigestIndex
+from .knowledge.manifest import DIGEST_SCHEME, MANIFEST_NAME
 from .knowledge.spec import FieldSpec, StorageArg, resolve_fields
 from .pipeline import DistillReaderError, PredictionStage, Task, TaskResult
 from .ragged import check_storable, task_digests
@@ -54,7 +62,8 @@ class OfflineCache:
         storage: ``"float32"`` (default, bit for bit), ``"float16"``, ``"topk:K"`` / ``"topk:K:FILL"``, or a dict
             per predict name (see ``distill_reader.knowledge.spec``).
         shard_samples: samples per shard (what a crash can lose at most); default from the knowledge writer.
-        check_inputs: compare a digest of what each pass sends with the one stored (default True).
+        check_inputs: find each sample's knowledge by a digest of its inputs (default True: any order, each
+            sample checked); False reads by position (same order and count as written, nothing checked).
     """
 
     def __init__(self, path: str, storage: StorageArg = "float32", shard_samples: Optional[int] = None,
@@ -135,6 +144,9 @@ class OfflineCacheStage(PredictionStage):
         self._by_id: Dict[int, _Sent] = {}
         self._seen = 0
         self._served = 0
+        self._by_key = 0
+        self._added: set = set()  # digests appended in this pass
+        self._index: Optional[DigestIndex] = None  # of the samples [0, cached) of self.reader
         self._inner_started = False
 
     # -- PredictionStage ----------------------------------------------------------------------------------------
@@ -145,6 +157,7 @@ class OfflineCacheStage(PredictionStage):
                 if self.reader is not None:
                     self.reader.close()
                 self.reader = KnowledgeReader(self.path)
+                self._index = None
             self._check_fields(self.reader.fields)
             self.cached = self.reader.num_samples
             self.mode = "read" if self.reader.complete else "write"
@@ -178,24 +191,61 @@ class OfflineCacheStage(PredictionStage):
     def submit(self, task: Task) -> None:
         start, stop = task.sample_start, task.sample_start + task.size
         self._seen = max(self._seen, stop)
-        need_digests = self.settings.check_inputs or self.mode == "write"
-        digests = task_digests(task.feeds, task.size) if need_digests and task.size else None
-        if stop <= self.cached or self.mode == "read":
-            if stop > self.cached:
-                raise KnowledgeError(f"offline cache {self.path} holds {self.cached} samples, but this pass has "
-                                     f"more (samples [{start}, {stop})): the data changed since the cache was written")
-            if self.settings.check_inputs and task.size:
-                self.reader.check_inputs(start, digests)
-            outputs = self.reader.read(start, stop)
+        if self.mode == "read" and not self.settings.check_inputs:
+            self._serve_by_position(task, start, stop)
+            return
+        digests = task_digests(task.feeds, task.size) if task.size else np.zeros((0, 16), np.uint8)
+        rows, in_place = self._cached_rows(start, digests)
+        if rows is not None and (rows >= 0).all():
+            outputs = self.reader.read(start, stop) if in_place else self.reader.take(rows)
             self._ready.append(TaskResult(task.task_id, {name: outputs[name] for name in self.predicts}))
             self._served += task.size
+            self._by_key += 0 if in_place else task.size
             return
-        if start < self.cached and self.settings.check_inputs:
-            self.reader.check_inputs(start, digests[:self.cached - start])
+        if self.mode == "read":
+            raise self._not_cached(start, rows)
         sent = _Sent(task, digests)
         self._sent.append(sent)
         self._by_id[task.task_id] = sent
         self.inner.submit(task)
+
+    def _serve_by_position(self, task: Task, start: int, stop: int) -> None:
+        """check_inputs=False: samples [start, stop) of the pass are samples [start, stop) of the cache."""
+        if stop > self.cached:
+            raise KnowledgeError(f"offline cache {self.path} holds {self.cached} samples, but this pass has "
+                                 f"more (samples [{start}, {stop})): the data changed since the cache was written")
+        outputs = self.reader.read(start, stop)
+        self._ready.append(TaskResult(task.task_id, {name: outputs[name] for name in self.predicts}))
+        self._served += task.size
+
+    def _cached_rows(self, start: int, digests: np.ndarray) -> tuple:
+        """(stored row of each sample or -1, whether they are rows [start, stop)); (None, False) with no cache."""
+        if self.reader is None or not self.cached:
+            return None, False
+        index = self._digest_index()
+        stop = start + digests.shape[0]
+        if stop <= self.cached and np.array_equal(self.reader.input_digests(start, stop), digests):
+            return np.arange(start, stop, dtype=np.int64), True  # written in this order: one contiguous read
+        return index.lookup(digests), False
+
+    def _digest_index(self) -> DigestIndex:
+        if self._index is None:
+            if not self.reader.has_input_digests or self.reader.digest_scheme != DIGEST_SCHEME:
+                raise KnowledgeError(
+                    f"offline cache {self.path} holds no input digests of scheme {DIGEST_SCHEME!r} "
+                    f"(found {self.reader.digest_scheme!r}): its samples cannot be found by their inputs; read it "
+                    "with check_inputs=False (in the order it was written), or delete it and write it again")
+            self._index = DigestIndex(self.reader.input_digests(0, self.cached))
+        return self._index
+
+    def _not_cached(self, start: int, rows: np.ndarray) -> InputMismatchError:
+        missing = np.flatnonzero(rows < 0)
+        sample = start + int(missing[0])
+        return InputMismatchError(
+            f"offline cache {self.path} holds no knowledge for sample {sample} of this pass ({missing.size} of "
+            f"samples [{start}, {start + rows.size}) are not among the {self.cached} samples it was written for): "
+            "the data, its preprocessing or its dtype changed since the cache was written; delete the cache or "
+            "use another path to write it again", sample, None)
 
     def poll(self, timeout: float) -> List[TaskResult]:
         results, self._ready = self._ready, []
@@ -214,10 +264,10 @@ class OfflineCacheStage(PredictionStage):
         if self._inner_started:
             stats.update(self.inner.end_epoch(complete))
             self._inner_started = False
-        stats.update(cache=self.mode, cache_path=self.path, cache_served=self._served)
+        stats.update(cache=self.mode, cache_path=self.path, cache_served=self._served, cache_by_key=self._by_key)
         if self.mode == "write":
             self._finish_write(complete)
-        elif complete and self._seen != self.cached:
+        elif complete and not self.settings.check_inputs and self._seen != self.cached:
             raise KnowledgeError(f"offline cache {self.path} holds {self.cached} samples but this pass had "
                                  f"{self._seen}: the data changed since the cache was written")
         return stats
@@ -238,7 +288,8 @@ class OfflineCacheStage(PredictionStage):
         self._ready.clear()
         self._sent.clear()
         self._by_id.clear()
-        self._seen = self._served = 0
+        self._seen = self._served = self._by_key = 0
+        self._added.clear()
 
     def _check_fields(self, fields: List[FieldSpec]) -> None:
         names = [f.name for f in fields]
@@ -277,9 +328,24 @@ class OfflineCacheStage(PredictionStage):
     def _append_in_order(self) -> None:
         while self._sent and self._sent[0].outputs is not None:
             sent = self._sent.popleft()
-            skip = max(0, self.cached - sent.task.sample_start)  # rows of a task that are already cached
-            self.writer.append({name: array[skip:] for name, array in sent.outputs.items()},
-                               input_digests=sent.digests[skip:])
+            keep = self._new_rows(sent.digests)
+            if keep.size == len(sent.digests):
+                self.writer.append(sent.outputs, input_digests=sent.digests)
+            elif keep.size:
+                self.writer.append({name: array[keep] for name, array in sent.outputs.items()},
+                                   input_digests=sent.digests[keep])
+
+    def _new_rows(self, digests: np.ndarray) -> np.ndarray:
+        """Positions in ``digests`` of inputs neither stored nor appended in this pass (first of equal ones)."""
+        stored = self._digest_index().lookup(digests) if self.reader is not None and self.cached else None
+        keep = []
+        for i, digest in enumerate(digests):
+            key = digest.tobytes()
+            if (stored is not None and stored[i] >= 0) or key in self._added:
+                continue
+            self._added.add(key)
+            keep.append(i)
+        return np.asarray(keep, dtype=np.int64)
 
     def _finish_write(self, complete: bool) -> None:
         if complete and (self._sent or self._by_id):
@@ -289,12 +355,8 @@ class OfflineCacheStage(PredictionStage):
             return
         if self.writer is None:
             return
-        if complete and self._seen < self.writer.num_samples:
-            self.writer.close(complete=False)
-            self.writer = None
-            raise KnowledgeError(f"offline cache {self.path} already holds {self.cached} samples but this pass had "
-                                 f"only {self._seen}: the data changed since the cache was written")
         self.writer.close(complete=complete)
         self.writer = None
         if complete:
-            logger.info("offline cache %s complete: %d samples", self.path, self._seen)
+            logger.info("offline cache %s complete: %d samples of this pass, %d new", self.path, self._seen,
+                        len(self._added))

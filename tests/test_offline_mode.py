@@ -257,17 +257,29 @@ def test_changed_inputs_and_missing_teachers_are_errors(teacher_model, teacher, 
     changed[37, 0, 5, 5] += 0.5
     no_teacher = _reader(teacher_model, None, cache)
     try:
-        with pytest.raises(InputMismatchError, match=r"sample 37 \(shard shard-000000\.bin\)"):
+        with pytest.raises(InputMismatchError, match=r"no knowledge for sample 37 of this pass \(1 of samples "
+                                                     r"\[32, 40\)") as info:
             list(no_teacher.set_batch_generator(_batches(changed))())
-        with pytest.raises(KnowledgeError, match=f"holds {N} samples but this pass had 80"):
-            list(no_teacher.set_batch_generator(_batches(images, 80))())
+        assert info.value.sample == 37
+        # keyed by inputs: a subset, and repeated samples, are served, each sample its own knowledge
+        assert _one_pass(no_teacher, "batch", images[:80])[1].tobytes() == online[:80].tobytes()
         longer = np.concatenate([images, images[:10]])
-        with pytest.raises(KnowledgeError, match=rf"holds {N} samples, but this pass has more"):
-            list(no_teacher.set_batch_generator(_batches(longer))())
+        assert _one_pass(no_teacher, "batch", longer)[1].tobytes() == np.concatenate([online, online[:10]]).tobytes()
+        with pytest.raises(InputMismatchError, match=r"no knowledge for sample 90 of this pass"):
+            list(no_teacher.set_batch_generator(_batches(np.concatenate([images, changed[37:38]])))())
         labels, preds = _one_pass(no_teacher, "sample", images)   # the right data still reads fine
         assert preds.tobytes() == online.tobytes() and no_teacher.worker_pids == []
     finally:
         no_teacher.close()
+    by_position = _reader(teacher_model, None, cache, check_inputs=False)   # unchecked: read by position
+    try:
+        with pytest.raises(KnowledgeError, match=f"holds {N} samples but this pass had 80"):
+            list(by_position.set_batch_generator(_batches(images, 80))())
+        with pytest.raises(KnowledgeError, match=rf"holds {N} samples, but this pass has more"):
+            list(by_position.set_batch_generator(_batches(longer))())
+        assert _one_pass(by_position, "batch", images)[1].tobytes() == online.tobytes()
+    finally:
+        by_position.close()
 
     partial = tmp_path / "partial"
     dr = _reader(teacher_model, teacher.endpoint, partial, shard_samples=16)
@@ -287,12 +299,17 @@ def test_changed_inputs_and_missing_teachers_are_errors(teacher_model, teacher, 
         no_teacher.close()
     resumed = _reader(teacher_model, teacher.endpoint, partial, shard_samples=16)
     try:
-        with pytest.raises(InputMismatchError, match="sample 5 "):   # resuming with other data: refused
-            other = images.copy()
-            other[5] = 0
-            list(resumed.set_batch_generator(_batches(other))())
-        assert np.array_equal(_one_pass(resumed, "batch", images)[1], online)
+        # resuming with other data: what the cache lacks (the changed sample 5 and the rest) is asked and added
+        other = images.copy()
+        other[5] = 0
+        preds = _one_pass(resumed, "batch", other)[1]
+        assert resumed.last_epoch_stats.stage["cache"] == "write"
+        np.testing.assert_allclose(preds[5:6], reference_predict(teacher_model.server_dir, other[5:6]),
+                                   rtol=1e-5, atol=1e-6)
+        assert np.array_equal(np.delete(preds, 5, axis=0), np.delete(online, 5, axis=0))
+        assert np.array_equal(_one_pass(resumed, "batch", images)[1], online)   # both inputs of sample 5 held
+        assert resumed.last_epoch_stats.stage["cache"] == "read"
     finally:
         resumed.close()
     with KnowledgeReader(partial) as r:
-        assert r.complete and r.read(0, N)["prediction"].tobytes() == online.tobytes()
+        assert r.complete and r.num_samples == N + 1

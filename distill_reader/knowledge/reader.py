@@ -182,6 +182,34 @@ class KnowledgeReader:
                 out[f.name] = self._gather(pieces, f.name, "data", f.dtype, copy)
         return out
 
+    def take(self, rows) -> Batch:
+        """Samples at ``rows`` (any order, repeats allowed) as ``{name: array (len(rows), *shape)}``, like ``read``.
+
+        Raises:
+            IndexError: a row is outside ``[0, num_samples)``.
+
+        Example::
+
+            batch = reader.take([5, 0, 5])     # rows 5, 0 and 5 again
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.num_samples):
+            bad = int(rows[(rows < 0) | (rows >= self.num_samples)][0])
+            raise IndexError(f"knowledge cache {self.path}: sample {bad} out of range [0, {self.num_samples})")
+        groups = self._row_groups(rows)
+        out: Batch = {}
+        for f in self._manifest.fields:
+            if f.storage == "topk":
+                values = self._take(groups, rows.size, f.name, "values", f.dtype)
+                indices = self._take(groups, rows.size, f.name, "indices", None)
+                if indices.size and int(indices.max()) >= f.shape[-1]:
+                    raise FormatError(f"knowledge cache {self.path}: field {f.name!r} holds a top-k index beyond "
+                                      f"{f.shape[-1]} classes")
+                out[f.name] = self._topk_result(f, values, indices)
+            else:
+                out[f.name] = self._take(groups, rows.size, f.name, "data", f.dtype)
+        return out
+
     def iter_batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None, drop_last: bool = False,
                      copy: bool = True) -> Iterator[Batch]:
         """Yield ``read`` results of ``batch_size`` samples from ``start`` to ``stop`` (default: the end)."""
@@ -309,6 +337,24 @@ class KnowledgeReader:
             out.append((self._shard(index).views, max(start, info.start) - info.start,
                         min(stop, info.stop) - info.start))
             index += 1
+        return out
+
+    def _row_groups(self, rows: np.ndarray) -> List[tuple]:
+        """(shard views, positions in ``rows``, rows relative to the shard) for every shard ``rows`` touch."""
+        if not rows.size:
+            return []
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        groups = []
+        for index in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == index)
+            groups.append((self._shard(int(index)).views, where, rows[where] - self._starts[int(index)]))
+        return groups
+
+    def _take(self, groups: List[tuple], n: int, field: str, part: str, dtype: Optional[np.dtype]) -> np.ndarray:
+        template_dtype, shape = self._segment_template(field, part)
+        out = np.empty((n,) + tuple(shape), dtype if dtype is not None else template_dtype)
+        for views, where, local in groups:
+            out[where] = views[(field, part)][local]
         return out
 
     def _gather(self, pieces: List[tuple], field: str, part: str, dtype: Optional[np.dtype],
