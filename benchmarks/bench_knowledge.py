@@ -2,11 +2,14 @@
 
 Part 1: writes 1000-class float32 logits for ``--samples`` samples as float32, float16 and top-k (k=10) caches plus
 one raw file with the same float32 bytes, warms the page cache, then reads everything in batches of
-``--batch-size``, alternating cache and baseline runs ``--repeats`` times, and prints the median throughput of each.
+``--batch-size``, alternating cache and baseline runs ``--repeats`` times, and prints the median throughput of each;
+the shuffled variants read the rows of a random permutation (``KnowledgeReader.take``, optionally found through a
+``DigestIndex``, as a shuffled epoch over the offline cache does) against fancy indexing of a plain memmap.
 
 Part 2 (DistillReader offline mode): Fashion-MNIST train images through a plain batch generator (uint8 -> float32
 / 255), against the same generator wrapped by a DistillReader whose offline cache (1000-class float32 answers of
-an in-process fake teacher, written in a first pass) is complete: cached epochs vs the generator alone.
+an in-process fake teacher, written in a first pass) is complete: cached epochs vs the generator alone; then the
+same with a generator that shuffles the samples every epoch (the cache read by input digest).
 
 Part 3 (student view of the offline mode): steps/s of a small Paddle dygraph training loop (the LeNet-like CNN of
 bench_reader's student view, and an MLP) with a distillation loss, fed by a DistillReader whose cache is complete
@@ -30,7 +33,7 @@ import time
 
 import numpy as np
 
-from distill_reader.knowledge import KnowledgeReader, KnowledgeWriter, sample_digests
+from distill_reader.knowledge import KnowledgeError, KnowledgeReader, KnowledgeWriter, sample_digests
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -96,6 +99,30 @@ def read_plain(path: str, shape: tuple, batch: int) -> float:
     return time.perf_counter() - began
 
 
+def read_plain_shuffled(path: str, shape: tuple, batch: int, order: np.ndarray) -> float:
+    began = time.perf_counter()
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=shape)
+    total = 0.0
+    for lo in range(0, shape[0], batch):
+        chunk = mapped[np.sort(order[lo:lo + batch])]   # fancy indexing copies; sorted rows: the kindest case
+        total += chunk[0, 0]
+    del mapped
+    return time.perf_counter() - began
+
+
+def take_cache(reader: KnowledgeReader, batch: int, order: np.ndarray, digests: np.ndarray = None) -> float:
+    """Seconds for one pass reading rows in ``order`` with ``take`` (after a DigestIndex lookup with ``digests``)."""
+    from distill_reader.knowledge.index import DigestIndex
+
+    began = time.perf_counter()
+    index = DigestIndex(digests) if digests is not None else None
+    total = 0.0
+    for lo in range(0, len(order), batch):
+        rows = order[lo:lo + batch] if index is None else index.lookup(digests[order[lo:lo + batch]])
+        total += reader.take(rows)["logits"][0, 0]
+    return time.perf_counter() - began
+
+
 def read_cache(path: str, batch: int, fresh: bool = True, copy: bool = True, topk_as: str = "dense",
                reader: KnowledgeReader = None, lazy_check: str = "crc32") -> float:
     """Seconds for one pass; ``fresh`` opens a new reader (so every shard checksum is verified during the pass)."""
@@ -132,6 +159,8 @@ def main() -> None:
 
         steady = KnowledgeReader(paths["float32"])
         read_cache(paths["float32"], args.batch_size, fresh=False, reader=steady)  # verify once
+        order = np.random.default_rng(1).permutation(args.samples)
+        stored_digests = rng.integers(0, 256, (args.samples, 16), dtype=np.uint8)   # stand-ins for input digests
         variants = {
             "plain np.memmap, copy per batch (baseline)": lambda: read_plain(paths["plain"], shape, args.batch_size),
             "cache float32, new reader (crc32 checked)": lambda: read_cache(paths["float32"], args.batch_size),
@@ -146,6 +175,12 @@ def main() -> None:
                                                                            args.batch_size),
             f"cache topk:{args.k} sparse, new reader": lambda: read_cache(paths[f"topk:{args.k}"], args.batch_size,
                                                                           topk_as="sparse"),
+            "plain np.memmap, shuffled rows, fancy index (baseline 2)":
+                lambda: read_plain_shuffled(paths["plain"], shape, args.batch_size, order),
+            "cache float32, verified reader, take(shuffled rows)":
+                lambda: take_cache(steady, args.batch_size, order),
+            "  same, rows found by input digest (index built in the pass)":
+                lambda: take_cache(steady, args.batch_size, order, stored_digests),
         }
         times = {name: [] for name in variants}
         for _ in range(args.repeats):
@@ -157,7 +192,7 @@ def main() -> None:
               "(GB/s of dense float32 knowledge delivered):")
         for name, values in times.items():
             seconds = statistics.median(values)
-            print(f"  {name:<46} {dense_bytes / seconds / 1e9:6.2f} GB/s  ({base / seconds:4.2f}x baseline)")
+            print(f"  {name:<62} {dense_bytes / seconds / 1e9:6.2f} GB/s  ({base / seconds:4.2f}x baseline)")
         images = rng.random((8192, 1, 28, 28), dtype=np.float32)
         digest_times = {"sample_digests (vectorised, mix64x2-v1)": [], "per-sample hashlib.sha256 loop (before)": []}
         for _ in range(args.repeats):
@@ -213,6 +248,14 @@ def bench_offline_epochs(args: argparse.Namespace, root: str) -> None:
             yield (images[lo:lo + batch].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0,
                    labels[lo:lo + batch])
 
+    shuffle_rng = np.random.RandomState(0)
+
+    def shuffled():   # a new order every epoch, as paddle.io.DataLoader(shuffle=True) gives
+        order = shuffle_rng.permutation(len(images))
+        for lo in range(0, len(images), batch):
+            rows = order[lo:lo + batch]
+            yield images[rows].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, labels[rows]
+
     conf_dir = os.path.join(root, "fake_conf")
     fake_config(classes=args.epoch_classes).save(conf_dir, "serving_client_conf.prototxt")
     with socket.socket() as probe:
@@ -221,9 +264,22 @@ def bench_offline_epochs(args: argparse.Namespace, root: str) -> None:
     servers = serve([port], latency=0.001, classes=args.epoch_classes)
     cache = os.path.join(root, "offline_cache")
     try:
-        def run(dr: DistillReader) -> float:
+        def run(dr: DistillReader, generator=plain) -> float:
             began = time.perf_counter()
-            for _ in dr.set_batch_generator(plain)():
+            for _ in dr.set_batch_generator(generator)():
+                pass
+            return time.perf_counter() - began
+
+        def run_shuffled(dr: DistillReader) -> float:
+            try:
+                return run(dr, shuffled)
+            except KnowledgeError as exc:   # a distill_reader that reads caches by position only
+                print(f"  shuffled cached epoch refused: {type(exc).__name__}")
+                return float("nan")
+
+        def generator_alone(generator) -> float:
+            began = time.perf_counter()
+            for _ in generator():
                 pass
             return time.perf_counter() - began
 
@@ -242,22 +298,24 @@ def bench_offline_epochs(args: argparse.Namespace, root: str) -> None:
               f"{args.epoch_classes}-class float32 answers ({knowledge / 1e6:.0f} MB per epoch)")
         print(f"  first pass (fake teacher, 1 ms/request, writing the cache): {first:6.2f} s")
         times = {"plain generator alone": [], "cached epoch (inputs checked)": [],
-                 "cached epoch (check_inputs=False)": []}
+                 "cached epoch (check_inputs=False)": [], "shuffled generator alone": [],
+                 "shuffled cached epoch (by input digest)": []}
         with reader(True) as checked, reader(False) as unchecked:
             run(checked)
             run(unchecked)  # first read of each reader verifies the shards; measure the steady state
             for _ in range(args.repeats):
-                began = time.perf_counter()
-                for _ in plain():
-                    pass
-                times["plain generator alone"].append(time.perf_counter() - began)
+                times["plain generator alone"].append(generator_alone(plain))
                 times["cached epoch (inputs checked)"].append(run(checked))
                 times["cached epoch (check_inputs=False)"].append(run(unchecked))
-        base = statistics.median(times["plain generator alone"])
+                times["shuffled generator alone"].append(generator_alone(shuffled))
+                times["shuffled cached epoch (by input digest)"].append(run_shuffled(checked))
         for name, values in times.items():
+            base = statistics.median(times["shuffled generator alone" if "shuffled" in name
+                                           else "plain generator alone"])
             seconds = statistics.median(values)
-            print(f"  {name:<36} {seconds:6.3f} s  {len(images) / seconds:9,.0f} samples/s  "
-                  f"({seconds / base:4.2f}x the plain generator's time)")
+            print(f"  {name:<40} {seconds:6.3f} s  {len(images) / seconds:9,.0f} samples/s  "
+                  f"({seconds / base:4.2f}x the {'shuffled' if 'shuffled' in name else 'plain'} generator's time, "
+                  f"{len(images) * args.epoch_classes * 4 / seconds / 1e9:5.2f} GB/s of knowledge)")
     finally:
         for server in servers:
             server.stop(0)
