@@ -65,7 +65,9 @@ def test_merged_conv_teacher_equals_standalone_teacher(exe):
 def test_teacher_with_cond_and_while_loop_merges_and_computes(exe, sign):
     if not legacy_control_flow_builds():
         pytest.skip(f"paddle {paddle.__version__} cannot build paddle.static.nn.cond in legacy static mode (its "
-                    "logical_not calls the PIR-only C++ API), so no legacy teacher with sub-blocks can be made")
+                    "logical_not calls the PIR-only C++ API), so no legacy teacher with sub-blocks can be made; "
+                    "the dygraph route's counterpart runs: test_dist_teacher.py::"
+                    "test_teacher_with_cond_and_while_loop_through_the_dygraph_route")
     teacher = build(control_flow_teacher, "y").init(exe, seed=5)
     student = build(fc_student, "x").init(exe, seed=6)
     # Make the fc's output mean positive or negative so both cond branches run.

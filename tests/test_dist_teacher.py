@@ -105,6 +105,67 @@ def test_to_static_student_with_the_loaded_teacher_equals_dygraph(saved_teacher)
     assert compiled[-1] < compiled[0]
 
 
+class _ControlFlowTeacher(paddle.nn.Layer):
+    """fc -> if mean > 0: x2 else: -1 -> three rounds of tanh(x) * 1.5 in a tensor-driven while loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(4, 4)
+
+    def forward(self, y):
+        hidden = self.fc(y)
+        if hidden.mean() > 0:
+            out = hidden * 2.0
+        else:
+            out = hidden - 1.0
+        i = paddle.zeros([1], "int64")
+        while i < 3:
+            out = paddle.tanh(out) * 1.5
+            i = i + 1
+        return out
+
+
+def test_teacher_with_cond_and_while_loop_through_the_dygraph_route(tmp_path):
+    """The dygraph-route counterpart of test_dist_merge's cond/while_loop teacher (which paddle 3.3's legacy mode
+    cannot build): saved once by jit.save with its control flow, loaded by load_teacher, both branches taken by
+    the one loaded model, then used in a to_static student."""
+    paddle.disable_static()
+    paddle.seed(5)
+    layer = _ControlFlowTeacher()
+    layer.fc.weight.set_value(np.eye(4, dtype="float32") + 0.1 * RNG.randn(4, 4).astype("float32"))
+    layer.fc.bias.set_value(np.zeros([4], "float32"))
+    prefix = str(tmp_path / "cf" / "inference")
+    paddle.jit.save(layer, prefix, input_spec=[paddle.static.InputSpec([None, 4], "float32", "y")])
+    w, b = layer.fc.weight.numpy(), layer.fc.bias.numpy()
+    teacher = dist.load_teacher(prefix)
+    for sign in (1.0, -1.0):   # both branches of the saved cond
+        batch = sign * (np.abs(RNG.randn(3, 4)) + 0.5).astype("float32")
+        hidden = batch @ w + b
+        assert (hidden.mean() > 0) == (sign > 0)
+        looped = hidden * 2.0 if hidden.mean() > 0 else hidden - 1.0
+        for _ in range(3):
+            looped = np.tanh(looped) * 1.5
+        np.testing.assert_allclose(teacher(paddle.to_tensor(batch)).numpy(), looped, rtol=1e-5, atol=1e-6)
+
+    paddle.seed(9)
+    student = paddle.nn.Linear(4, 4)
+    optimizer = paddle.optimizer.Adam(learning_rate=0.05, parameters=student.parameters())
+
+    @paddle.jit.to_static
+    def step(x):
+        return DF.kl_div_loss(student(x), teacher(x), temperature=2.0)
+
+    x = paddle.to_tensor(RNG.randn(8, 4).astype("float32"))
+    losses = []
+    for _ in range(20):
+        loss = step(x)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_missing_teacher_names_both_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json.*nope\.pdmodel"):
         dist.load_teacher(str(tmp_path / "nope"))
