@@ -168,7 +168,15 @@ def token_weights(words: list, seed: int = 0) -> list[np.ndarray]:
 
 
 def lod_available() -> bool:
-    """False on paddle 3: its PIR programs have no LoD tensors, so LoD models cannot be built there."""
+    """False on paddle 3: its PIR programs have no LoD tensors, so LoD models cannot be built there. Read from the
+    installed distribution's version (no paddle import at collection time)."""
+    from importlib import metadata
+
+    for dist in ("paddlepaddle", "paddlepaddle-gpu"):
+        try:
+            return int(metadata.version(dist).split(".")[0]) < 3
+        except metadata.PackageNotFoundError:
+            continue
     import paddle
 
     return int(paddle.__version__.split(".")[0]) < 3
