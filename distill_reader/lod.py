@@ -7,9 +7,9 @@ Two kinds of variable-length feed, told apart by the serving config:
   Per-sample 1-D id arrays become rows of shape ``[rows, 1]``, Paddle Serving's layout for id lists (and of
   ``data(name, [-1, 1], lod_level=1)``); samples of 2 or more dimensions are concatenated as they are.
 - **padded** (not a LoD tensor, a ``-1`` in the per-sample shape; Paddle 3 / PIR has no LoD): the samples of a
-  request are padded with ``pad_value`` to the longest one along every ``-1`` dimension. A *lengths feed*
-  (``lengths_feeds={"words": "length"}``) is filled with each sample's length (its first ``-1`` dimension)
-  unless the caller gives it.
+  request are padded with ``pad_value`` (one number, or a dict per feed: ``distill_reader.padding``) to the
+  longest one along every ``-1`` dimension. A *lengths feed* (``lengths_feeds={"words": "length"}``) is filled
+  with each sample's length (its first ``-1`` dimension) unless the caller gives it; a given one is checked.
 
 Both kinds accept, for feed ``words``:
 
