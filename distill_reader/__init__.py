@@ -24,6 +24,7 @@ _EXPORTS = {
     **dict.fromkeys(("TeacherClient", "TeacherError", "TeacherUnavailable", "TeacherAnswerError", "TeacherAuthError",
                      "TeacherTlsError", "TeacherRequestRejected", "FeedError"), "client"),
     "ClientSecurity": "client_security",
+    "PaddingOptionError": "padding",
     **dict.fromkeys(("ServingConfig", "ConfigError"), "serving_config"),
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import lod as lod_feeds
 from .client_security import ClientSecurity
+from .padding import Padding, PadValue
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
@@ -129,13 +130,16 @@ class TeacherClient:
         tls_ca / tls_cert / tls_key: PEM files: the CA that signed the teacher's certificate (turns TLS on), and
             the client certificate and key for a teacher that requires them (mutual TLS).
         token: bearer token for a teacher started with ``--token_file``.
-        pad_value: fill value for padded variable-length feeds (see ``distill_reader.lod``).
-        lengths_feeds: padded feed -> feed that gets each sample's length (when the caller leaves it out).
+        pad_value: fill value for padded variable-length feeds: one number, or a dict feed -> number (feeds left
+            out pad with 0); see ``distill_reader.padding``.
+        lengths_feeds: padded feed -> feed that gets each sample's length (when the caller leaves it out; a
+            given one must hold the lengths).
 
     Errors: ``TeacherUnavailable`` (transient: unreachable, timed out, overloaded, predictor failed, HTTP 5xx),
     ``TeacherRequestRejected`` (the request is invalid for the model), ``TeacherAnswerError`` (a wrong answer),
     ``TeacherAuthError`` (credentials refused);
-    ``FeedError`` before sending when a feed does not fit the config.
+    ``FeedError`` before sending when a feed does not fit the config; ``PaddingOptionError`` (a ValueError) at
+    construction for a ``pad_value`` / ``lengths_feeds`` that does not fit the model.
 
     Variable-length feeds and fetches (LoD or padded, see ``distill_reader.lod``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
@@ -148,7 +152,7 @@ class TeacherClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
                  keepalive_time: float = 1.0, security: Optional[ClientSecurity] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 token: Optional[str] = None, pad_value: float = 0,
+                 token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
@@ -164,8 +168,9 @@ class TeacherClient:
         self.compress = compress
         self.keepalive_time = keepalive_time
         self.security = security or ClientSecurity.create(tls_ca, tls_cert, tls_key, token)
-        self.pad_value = pad_value
-        self.lengths_feeds = dict(lengths_feeds or {})
+        padding = Padding.create(pad_value, lengths_feeds)
+        padding.check_config(self.config)
+        self.pad_value, self.lengths_feeds = padding.pad_value, dict(padding.lengths_feeds)
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
         self._log_id = 0
         self._channel: Optional[grpc.Channel] = None

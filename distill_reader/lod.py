@@ -7,9 +7,9 @@ Two kinds of variable-length feed, told apart by the serving config:
   Per-sample 1-D id arrays become rows of shape ``[rows, 1]``, Paddle Serving's layout for id lists (and of
   ``data(name, [-1, 1], lod_level=1)``); samples of 2 or more dimensions are concatenated as they are.
 - **padded** (not a LoD tensor, a ``-1`` in the per-sample shape; Paddle 3 / PIR has no LoD): the samples of a
-  request are padded with ``pad_value`` to the longest one along every ``-1`` dimension. A *lengths feed*
-  (``lengths_feeds={"words": "length"}``) is filled with each sample's length (its first ``-1`` dimension)
-  unless the caller gives it.
+  request are padded with ``pad_value`` (one number, or a dict per feed: ``distill_reader.padding``) to the
+  longest one along every ``-1`` dimension. A *lengths feed* (``lengths_feeds={"words": "length"}``) is filled
+  with each sample's length (its first ``-1`` dimension) unless the caller gives it; a given one is checked.
 
 Both kinds accept, for feed ``words``:
 
@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .padding import PadValue, pad_value_for
 from .serving_config import ConfigError, ServingConfig, VarSpec
 
 LOD_SUFFIX = ".lod"
@@ -73,14 +74,20 @@ class VariableFeeds:
     batch_size: Optional[int] = None
 
 
-def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_value: float = 0,
+def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_value: PadValue = 0,
                            lengths_feeds: Optional[Mapping[str, str]] = None) -> VariableFeeds:
     """Turn ragged and ``<name>.lod`` feeds into LoD rows + offsets or padded arrays; others pass unchanged.
 
+    ``pad_value``: one number, or a dict feed -> number (feeds left out pad with 0). ``lengths_feeds``: padded
+    feed -> the feed that gets each sample's length (filled unless given; a given one must hold the lengths).
+
     Raises VariableFeedError naming the feed (and the sample) for a ragged value of a fixed-shape feed, a bad
-    ``.lod``, or samples whose fixed dimensions do not match the config.
+    ``.lod``, samples whose fixed dimensions do not match the config, or a given lengths feed that does not
+    hold its padded feed's lengths.
     """
     out = VariableFeeds(feeds={})
+    lengths_feeds = lengths_feeds or {}
+    padded_lengths: dict[str, list[int]] = {}   # ragged padded feed -> its samples' lengths
     for name, value in feeds.items():
         if name.endswith(LOD_SUFFIX) and name[:-len(LOD_SUFFIX)] in feeds:
             continue   # consumed with its feed
@@ -108,18 +115,53 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
         if spec.is_lod_tensor:
             out.feeds[name], out.lods[name] = lod_rows(samples)
         else:
-            out.feeds[name], lengths = pad_samples(name, samples, spec, pad_value)
+            out.feeds[name], lengths = pad_samples(name, samples, spec, pad_value_for(pad_value, name))
+            padded_lengths[name] = lengths
             if out.lengths is None:
                 out.lengths, out.padded_to = lengths, int(out.feeds[name].shape[1]) if samples else 0
-            length_name = (lengths_feeds or {}).get(name)
-            if length_name and length_name not in feeds:
-                length_spec = config.feed(length_name)
-                out.feeds[length_name] = np.asarray(lengths, dtype=length_spec.dtype).reshape(
-                    (len(samples), *[d for d in length_spec.shape if d >= 0]))
     for name in feeds:
         if name.endswith(LOD_SUFFIX) and name[:-len(LOD_SUFFIX)] not in feeds:
             raise VariableFeedError(f"'{name}' given without its feed {name[:-len(LOD_SUFFIX)]!r}")
+    for name, length_name in lengths_feeds.items():
+        if name not in out.feeds or _spec(config, length_name) is None:
+            continue
+        if length_name in feeds:
+            check_given_lengths(name, length_name, feeds[length_name], padded_lengths.get(name), out.feeds[name])
+        elif name in padded_lengths:
+            length_spec = config.feed(length_name)
+            out.feeds[length_name] = np.asarray(padded_lengths[name], dtype=length_spec.dtype).reshape(
+                (len(padded_lengths[name]), *[d for d in length_spec.shape if d >= 0]))
     return out
+
+
+def check_given_lengths(name: str, length_name: str, given: Any, lengths: Optional[Sequence[int]],
+                        padded: Any) -> None:
+    """A caller's lengths feed must hold the lengths of ``name``'s samples (ragged), or lengths within the
+    padded length (an array padded by the caller). Raises VariableFeedError naming the first wrong sample."""
+    try:
+        values = np.asarray(given).reshape(-1)
+        if values.dtype == object:
+            raise ValueError("ragged")
+    except ValueError:
+        raise VariableFeedError(f"feed {length_name!r} (the lengths of {name!r}) must hold one number per "
+                                f"sample") from None
+    rule = f"lengths_feeds maps {name!r} -> {length_name!r}"
+    if lengths is not None:
+        if len(values) != len(lengths):
+            raise VariableFeedError(f"feed {length_name!r} has {len(values)} values for {len(lengths)} samples of "
+                                    f"{name!r} ({rule})")
+        for i, (got, want) in enumerate(zip(values.tolist(), lengths)):
+            if got != want:
+                raise VariableFeedError(f"feed {length_name!r}, sample {i}: length {got}, but sample {i} of "
+                                        f"{name!r} has {want} ({rule})")
+        return
+    array = np.asarray(padded)
+    if array.ndim < 2:
+        return   # the request builder names the shape problem
+    for i, got in enumerate(values.tolist()):
+        if not 0 <= got <= array.shape[1]:
+            raise VariableFeedError(f"feed {length_name!r}, sample {i}: length {got} is outside [0, "
+                                    f"{array.shape[1]}], the padded length of {name!r} ({rule})")
 
 
 def _irregular(value: Any) -> bool:

@@ -43,6 +43,7 @@ from .errors import (  # noqa: F401 - re-exported: the reader's errors were firs
     TeacherAnswerInvalid,
     TeacherRequestRefused,
 )
+from .padding import Padding
 from .remote_stage import RemoteOptions, RemoteStage  # noqa: F401 - re-exported
 from .serving_config import ConfigError, ServingConfig, VarSpec
 from .tasks import PredictionStage, Task, TaskResult, next_task_id  # noqa: F401 - re-exported
@@ -54,21 +55,36 @@ KINDS = ("sample", "sample_list", "batch")
 # Slots: which parts of a sample are sent, and how predictions are stitched back
 # ---------------------------------------------------------------------------------------------------------
 class SlotPlan:
-    """Which slots of ``ins`` are teacher feeds; checks ``predicts`` against the config's fetch vars."""
+    """Which slots of ``ins`` are teacher feeds; checks ``predicts`` against the config's fetch vars.
 
-    def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], config: ServingConfig):
+    ``padding``: the reader's ``pad_value`` / ``lengths_feeds``, checked against the config here
+    (``PaddingOptionError`` naming the option). A lengths feed need not be a slot (each worker's client fills
+    it); when it is, each sample's value must be the length of its padded feed (an error names the sample).
+    """
+
+    def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], config: ServingConfig,
+                 padding: Optional[Padding] = None):
         self.ins = list(ins)
         self.predicts = list(predicts)
         self.config = config
+        self.padding = padding or Padding()
+        self.padding.check_config(config)
         names = [n for n in self.ins if n is not None]
         self.feed_slots: list[tuple[int, VarSpec]] = []
         for index, name in enumerate(self.ins):
             if name is not None and name in config.feed_names:
                 self.feed_slots.append((index, config.feed(name)))
-        missing = [n for n in config.feed_names if n not in names]
+        slot_of = {spec.alias_name: index for index, spec in self.feed_slots}
+        filled = {config.feed(length).alias_name: config.feed(feed).alias_name
+                  for feed, length in self.padding.lengths_feeds.items()}
+        # (padded feed slot, lengths feed slot, names) of lengths given as slots: checked per task
+        self.lengths_slots = [(slot_of[feed], slot_of[length], feed, length) for length, feed in filled.items()
+                              if feed in slot_of and length in slot_of]
+        missing = [n for n in config.feed_names if n not in names and not (n in filled and filled[n] in names)]
         if missing:
             raise ConfigError(f"the teacher's feed(s) {missing} are not among ins={self.ins}; "
-                              f"every feed in {config.source or 'the serving config'} must be a slot")
+                              f"every feed in {config.source or 'the serving config'} must be a slot (a lengths "
+                              f"feed may instead be filled through lengths_feeds=)")
         for name in self.predicts:
             config.fetch(name)
         self.fetch_specs = [config.fetch(n) for n in self.predicts]
@@ -83,6 +99,7 @@ class SlotPlan:
                 raise DistillReaderError(f"a sample has no slot {index} ({spec.alias_name!r}); ins={self.ins} "
                                          f"needs {len(self.ins)} slots per sample") from None
             self._add_slot(feeds, index, spec, values, first)
+        self._check_lengths(feeds, first)
         return feeds
 
     def batch_feeds(self, batch: Sequence[Any], start: int, end: int, first: int = 0) -> dict[str, np.ndarray]:
@@ -90,7 +107,18 @@ class SlotPlan:
         feeds = {}
         for index, spec in self.feed_slots:
             self._add_slot(feeds, index, spec, ragged.batch_rows(batch[index], start, end), first)
+        self._check_lengths(feeds, first)
         return feeds
+
+    def _check_lengths(self, feeds: dict, first: int) -> None:
+        """Lengths given as slots must be their padded feed's lengths (DistillReaderError naming the sample)."""
+        for feed_slot, length_slot, feed, length in self.lengths_slots:
+            problem = ragged.lengths_problem(feeds[feed + ragged.LOD_SUFFIX], feeds[length])
+            if problem is not None:
+                k, got, want = problem
+                raise DistillReaderError(
+                    f"slot {length_slot} ({length!r}) of sample {first + k} is {got}, but the sample's slot "
+                    f"{feed_slot} ({feed!r}) has length {want} (lengths_feeds maps {feed!r} -> {length!r})")
 
     @staticmethod
     def _add_slot(feeds: dict, index: int, spec: VarSpec, values: Sequence[Any], first: int) -> None:

@@ -80,6 +80,18 @@ def slot_feeds(slot: int, spec: VarSpec, values: Sequence[Any], first_sample: in
     return {name: rows.astype(spec.dtype, copy=False), name + LOD_SUFFIX: offsets}
 
 
+def lengths_problem(offsets: np.ndarray, lengths: np.ndarray) -> tuple[int, Any, int] | None:
+    """(sample index, given value, true length) of the first sample whose lengths-feed value differs from the
+    length its offsets give, or None."""
+    true = np.diff(np.asarray(offsets))
+    given = np.asarray(lengths).reshape(len(true), -1)[:, 0] if len(true) else np.zeros(0)
+    wrong = np.flatnonzero(given != true)
+    if not len(wrong):
+        return None
+    k = int(wrong[0])
+    return k, given[k].item(), int(true[k])
+
+
 def _ragged_fixed_slot(slot: int, spec: VarSpec, arrays: Sequence[np.ndarray], first_sample: int) -> RaggedSlotError:
     """The error for samples of unequal shapes in a fixed-shape feed: names the first sample of the wrong size
     (else the first whose shape differs) and one sample with another shape."""

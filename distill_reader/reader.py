@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from . import endpoints as endpoints_module
 from .client_security import ClientSecurity
@@ -33,6 +33,7 @@ from .errors import (
     TeacherAuthRefused,
     TeacherRequestRefused,
 )
+from .padding import Padding, PaddingOptionError, PadValue
 from .pipeline import Epoch, EpochStats, Gate, SlotPlan
 from .remote_stage import RemoteOptions, RemoteStage
 from .serving_config import ServingConfig
@@ -46,7 +47,7 @@ CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iter
 _D = RemoteOptions    # the remote stage's defaults are the reader's: one place states them
 
 __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
-           "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"]
+           "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError", "PaddingOptionError"]
 
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
@@ -140,6 +141,19 @@ class DistillReader:
         tls_ca / tls_cert / tls_key: PEM files: the CA of the teachers' certificates (turns TLS on), and this
             student's certificate and key for teachers that require one (``teachers.serve --tls_client_ca``).
         token: bearer token for teachers started with ``--token_file`` (default: ``$DISTILL_TEACHER_TOKEN``).
+        pad_value: fill value of padded variable-length feeds (a ``-1`` per-sample dimension, not LoD): one
+            number for all, or a dict ``{feed: number}`` where feeds differ (feeds left out pad with 0). Default 0.
+        lengths_feeds: ``{padded feed: lengths feed}``, e.g. ``{"words": "length"}``: the workers fill the lengths
+            feed with each sample's length, so it need not be a slot; a lengths slot that is given must hold the
+            lengths (an error names the sample). See ``docs/variable-length.md``.
+
+    Example with a padded text teacher (feeds ``words`` [-1] int64 and ``length`` [1])::
+
+        dr = DistillReader(ins=["words", "label"], predicts=["logits"], pad_value=0,
+                           lengths_feeds={"words": "length"})
+
+    Raises at construction: PaddingOptionError (a ValueError naming ``pad_value`` or ``lengths_feeds``) for values
+    of the wrong type; at the first epoch, the same for names or values that do not fit the teacher's config.
 
     Raises (while iterating): AllTeachersDownError, TeacherAnswerInvalid (no teacher answers a task correctly),
     TeacherRequestRefused (every teacher refuses a task as invalid), TeacherAuthRefused (every teacher refuses
@@ -159,7 +173,9 @@ class DistillReader:
                  hedge_min_delay: float = _D.hedge_min_delay, hedge_max_delay: float = _D.hedge_max_delay,
                  stall_factor: float = _D.stall_factor, stall_min_timeout: float = _D.stall_min_timeout,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, pad_value: PadValue = 0,
+                 lengths_feeds: Optional[Mapping[str, str]] = None):
+        padding = Padding.create(pad_value, lengths_feeds)
         if not ins:
             raise ValueError("ins must name at least one slot")
         if not predicts:
@@ -177,7 +193,7 @@ class DistillReader:
             wire=wire, stop_timeout=stop_timeout, keepalive_time=keepalive_time, hedge_budget=hedge_budget,
             hedge_percentile=hedge_percentile, hedge_factor=hedge_factor, hedge_min_delay=hedge_min_delay,
             hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout,
-            security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token))
+            security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token), padding=padding)
         self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None
@@ -293,7 +309,7 @@ class DistillReader:
             raise DistillReaderError("this DistillReader is closed; create a new one")
         if not self._teachers_set and not self._stage_wrappers:
             raise DistillReaderError("no teacher: call set_fixed_teacher(...) or set_dynamic_teacher(...) first")
-        plan = SlotPlan(self.ins, self.predicts, self.config)
+        plan = SlotPlan(self.ins, self.predicts, self.config, self.options.padding)
         stage = self._stage()
         if self._active is not None:
             self._active.abandon()   # e.g. Paddle's loader starts the next epoch before the old generator is gone

@@ -53,6 +53,7 @@ from .errors import (
     TeacherRequestRefused,
 )
 from .latency_window import LatencyWindow
+from .padding import Padding
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
@@ -86,6 +87,7 @@ class RemoteOptions:
     stall_factor: float = 4.0
     stall_min_timeout: float = 2.0
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    padding: Padding = field(default_factory=Padding)   # pad_value / lengths_feeds for every worker's client
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hedge_budget <= 1.0:
@@ -277,7 +279,7 @@ class RemoteStage(PredictionStage):
                         "config_source": self.config.source, "fetch": self.fetch,
                         "timeout": self.options.request_timeout, "protocol": self.options.protocol,
                         "wire": self.options.wire, "keepalive_time": self.options.keepalive_time,
-                        "security": self.options.security.settings()}
+                        "security": self.options.security.settings(), "padding": self.options.padding.settings()}
             self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
 
     def _dispatch(self) -> None:

@@ -146,7 +146,8 @@ class WorkerPool:
     Args:
         num_workers: worker processes to run.
         settings: the ``init`` message: ``config_text`` (serving client config, text format), ``fetch`` (names),
-            ``timeout`` (seconds per request), ``protocol``, ``wire``, ``max_threads``.
+            ``timeout`` (seconds per request), ``protocol``, ``wire``, ``max_threads``, ``security``,
+            ``padding`` (``pad_value`` / ``lengths_feeds`` for each ``TeacherClient``).
         max_respawns: replacements started for workers that died, over the pool's life.
         stop_timeout: seconds to wait for a worker after ``stop`` before SIGTERM.
     """
@@ -423,6 +424,7 @@ class _Worker:
         self.wire = settings.get("wire", "auto")
         self.keepalive_time = float(settings.get("keepalive_time", 1.0))
         self.security = ClientSecurity(**settings.get("security", {}))
+        self.padding = dict(settings.get("padding", {}))   # pad_value, lengths_feeds (distill_reader.padding)
         self._client_class = TeacherClient
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
@@ -437,7 +439,7 @@ class _Worker:
             if client is None:
                 client = self._client_class(endpoint, self.config, protocol=self.protocol, wire=self.wire,
                                             timeout=self.timeout, keepalive_time=self.keepalive_time,
-                                            security=self.security)
+                                            security=self.security, **self.padding)
                 self._clients[endpoint] = client
             return client
 

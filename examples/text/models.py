@@ -1,9 +1,15 @@
-"""Teacher and student of the text example (paddle 2.6 on CPU).
+"""Teachers and student of the text example (paddle 2.6 and 3.x on CPU).
 
-- Teacher: a CNN over word ids in Paddle's static graph with a LoD input, as EDL's NLP teachers were served:
-  ``words`` int64 [rows, 1] (lod_level 1) -> embedding (64) -> ``sequence_conv`` (128 filters, width 3, tanh) ->
-  ``sequence_pool`` (max) -> fc -> ``logits`` [N, C] (and ``prediction`` = softmax). Saved with
-  ``save_inference_model`` and exported for ``teachers.serve``.
+- LoD teacher (``train_teacher``, paddle 2.x only: PIR, paddle 3's program form, has no LoD tensors): a CNN over
+  word ids in Paddle's static graph with a LoD input, as EDL's NLP teachers were served: ``words`` int64
+  [rows, 1] (lod_level 1) -> embedding (64) -> ``sequence_conv`` (128 filters, width 3, tanh) -> ``sequence_pool``
+  (max) -> fc -> ``logits`` [N, C] (and ``prediction`` = softmax). Saved with ``save_inference_model``.
+- Padded teacher (``train_padded_teacher``, paddle 2.6 and 3.x): the same CNN written in dygraph for padded
+  input, what a paddle 3 user writes: ``words`` int64 [N, L] padded with ``PAD`` (embedded as zeros, so the
+  width-3 convolution sees the zeros ``sequence_conv`` pads with) and ``length`` int64 [N, 1] (positions past it
+  masked out of the max) -> ``logits``, ``prediction``. Saved with ``paddle.jit.save`` (PIR ``.json`` on paddle 3,
+  ``.pdmodel`` on 2.6). Served, it needs ``DistillReader(pad_value=PAD, lengths_feeds={"words": "length"})``.
+  Either is exported for ``teachers.serve`` by ``run.py``.
 - Student: a bag of words in dygraph: embedding (32) -> mean over the words (padding masked) -> linear -> logits.
   Trained alone (cross entropy) or distilled: ``w * CE(labels) + (1 - w) * T^2 * KL(softmax(t / T) ||
   softmax(s / T))`` with the teacher's logits ``t`` from DistillReader (Hinton et al., 2015).
@@ -26,7 +32,7 @@ def _lod_tensor(sequences, place):
 
 def train_teacher(corpus: Corpus, out_dir: str, epochs: int, seed: int, batch_size: int = 64,
                   learning_rate: float = 0.002) -> float:
-    """Train the CNN teacher, save it as an inference model in ``out_dir``; returns its test accuracy."""
+    """Train the LoD CNN teacher, save it as an inference model in ``out_dir``; returns its test accuracy."""
     import paddle
 
     paddle.enable_static()
@@ -66,6 +72,65 @@ def train_teacher(corpus: Corpus, out_dir: str, epochs: int, seed: int, batch_si
         paddle.static.save_inference_model(os.path.join(out_dir, "model"), [words], [logits, prediction], exe,
                                            program=test_program)
     paddle.disable_static()
+    return correct / len(corpus.test_ids)
+
+
+def padded_teacher(vocab_size: int, classes: int):
+    """The padded CNN teacher (a ``paddle.nn.Layer``): ``(words [N, L], length [N, 1]) -> (logits, prediction)``."""
+    import paddle
+
+    class PaddedCnnTeacher(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.embedding = paddle.nn.Embedding(vocab_size, 64, padding_idx=PAD)
+            self.conv = paddle.nn.Conv1D(64, 128, 3, padding=1)
+            self.fc = paddle.nn.Linear(128, classes)
+
+        def forward(self, words, length):
+            conv = paddle.tanh(self.conv(self.embedding(words).transpose([0, 2, 1])))        # [N, 128, L]
+            positions = paddle.arange(paddle.shape(words)[1], dtype="int64").unsqueeze(0)  # [1, L]
+            outside = paddle.cast(positions >= length, "float32").unsqueeze(1)             # [N, 1, L]
+            logits = self.fc((conv - 1e4 * outside).max(axis=2))
+            return logits, paddle.nn.functional.softmax(logits)
+
+    return PaddedCnnTeacher()
+
+
+def train_padded_teacher(corpus: Corpus, out_dir: str, epochs: int, seed: int, batch_size: int = 64,
+                         learning_rate: float = 0.002) -> float:
+    """Train the padded CNN teacher in dygraph, save it with ``paddle.jit.save`` as ``out_dir/inference``;
+    returns its test accuracy."""
+    import paddle
+    import paddle.nn.functional as F
+
+    paddle.disable_static()
+    paddle.seed(1000 + seed)
+    model = padded_teacher(corpus.vocab_size, len(corpus.categories))
+    optimizer = paddle.optimizer.Adam(learning_rate, parameters=model.parameters())
+    rng = np.random.default_rng(seed)
+
+    def tensors(sequences):
+        lengths = np.array([[len(s)] for s in sequences], dtype=np.int64)
+        return paddle.to_tensor(pad_batch(sequences)), paddle.to_tensor(lengths)
+
+    for _ in range(epochs):
+        order = rng.permutation(len(corpus.train_ids))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            logits, _ = model(*tensors([corpus.train_ids[i] for i in idx]))
+            loss = F.cross_entropy(logits, paddle.to_tensor(corpus.train_labels[idx]))
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+    model.eval()
+    correct = 0
+    with paddle.no_grad():
+        for start in range(0, len(corpus.test_ids), 256):
+            logits, _ = model(*tensors(corpus.test_ids[start:start + 256]))
+            correct += int((logits.numpy().argmax(1) == corpus.test_labels[start:start + 256]).sum())
+    spec = [paddle.static.InputSpec([None, None], "int64", "words"),
+            paddle.static.InputSpec([None, 1], "int64", "length")]
+    paddle.jit.save(model, os.path.join(out_dir, "inference"), input_spec=spec)
     return correct / len(corpus.test_ids)
 
 

@@ -1,13 +1,16 @@
 """Text-classification distillation through DistillReader, on an offline corpus (Debian's fortunes).
 
 1. read the corpus: one class per fortune file (``data.py``), word ids of any length;
-2. train the CNN teacher over a LoD input (``models.py``), export it and serve it with ``python -m teachers.serve``
-   on a free port of 127.0.0.1;
+2. train the CNN teacher (``models.py``): over a LoD input on paddle 2.x, over padded input + a ``length`` feed on
+   paddle 3 (PIR has no LoD tensors; ``--teacher`` picks either on 2.x), export it and serve it with
+   ``python -m teachers.serve`` on a free port of 127.0.0.1;
 3. for every seed: train the bag-of-words student alone, then distilled from the served teacher through
-   ``DistillReader.set_batch_generator`` (the ``words`` slot is a list of ragged id arrays, sent as a LoD feed;
-   the teacher's ``logits`` come back per sample), same epochs, same data order;
-4. stop the server (always), write ``results.json``, ``results.md`` (mean and std over the seeds) and
-   ``results.png`` (test accuracy per epoch).
+   ``DistillReader.set_batch_generator`` (the ``words`` slot is a list of ragged id arrays: sent as a LoD feed,
+   or padded with ``pad_value`` by the reader's workers, which fill ``length`` through ``lengths_feeds``; the
+   teacher's ``logits`` come back per sample) with a KL-divergence loss, same epochs, same data order;
+4. stop the server (always), write ``results.json``, ``results.md`` (mean and std over the seeds),
+   ``results.png`` (test accuracy per epoch) and ``first_distilled_batch.npz`` (the first batch fed to a distilled
+   student: words, labels, teacher logits).
 
 Example::
 
@@ -16,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -43,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated fortune files, one class each (default: %(default)s)")
     p.add_argument("--fortunes_dir", default=data.FORTUNES_DIR, help="folder of the fortune files")
     p.add_argument("--limit_per_category", type=int, default=0, help="at most N texts per class (0 = all)")
+    p.add_argument("--teacher", choices=("auto", "lod", "padded"), default="auto",
+                   help="teacher input: 'lod' (LoD tensor, paddle 2.x only), 'padded' (padded ids + length feed, "
+                        "paddle 2.6 and 3.x) or 'auto' (lod on paddle 2.x, padded on paddle 3) (default: %(default)s)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated student seeds (teacher: the first)")
     p.add_argument("--epochs", type=int, default=8, help="student epochs (alone and distilled)")
     p.add_argument("--teacher_epochs", type=int, default=4, help="teacher epochs")
@@ -55,7 +62,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default=os.path.join(REPO_ROOT, "out", "text_example"),
                    help="folder for the teacher, the server log and the results")
     p.add_argument("--server_timeout", type=float, default=120.0, help="seconds to wait for the teacher server")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.teacher = resolve_teacher(args.teacher, p.error)
+    return args
+
+
+def paddle_major() -> int:
+    """The installed paddle's major version."""
+    import paddle
+
+    return int(paddle.__version__.split(".")[0])
+
+
+def resolve_teacher(choice: str, error) -> str:
+    """``auto`` -> ``lod`` on paddle 2.x, ``padded`` on paddle 3; ``lod`` on paddle 3 is an ``error`` (exit 2)."""
+    major = paddle_major()
+    if choice == "auto":
+        return "lod" if major < 3 else "padded"
+    if choice == "lod" and major >= 3:
+        error(f"--teacher lod needs paddle 2.x: paddle {major}'s programs (PIR) have no LoD tensors. Use "
+              f"--teacher padded (the default on paddle 3): padded ids with a length feed")
+    return choice
 
 
 def _free_port() -> int:
@@ -121,12 +148,27 @@ def epoch_batches(corpus: data.Corpus, seed: int, batch_size: int):
 def distilled_batches(corpus, seed, args, endpoint: str, client_conf: str):
     from distill_reader import DistillReader
 
-    reader = DistillReader(ins=["words", "label"], predicts=["logits"])
+    padding = {"pad_value": data.PAD, "lengths_feeds": {"words": "length"}} if args.teacher == "padded" else {}
+    reader = DistillReader(ins=["words", "label"], predicts=["logits"], **padding)
     reader.set_fixed_teacher(endpoint)
     reader.set_serving_conf_file(client_conf)
     reader.set_teacher_batch_size(args.teacher_batch_size)
     plain = epoch_batches(corpus, seed, args.batch_size)
     return reader, (lambda epoch: reader.set_batch_generator(lambda: plain(epoch))())
+
+
+def recording_first_batch(batches, path: str):
+    """``batches`` that also writes its first distilled batch to ``path`` (npz, no pickle: the words as rows +
+    offsets, the labels and the teacher's logits as fed), so the fed soft labels can be checked against a local
+    run of the exported teacher."""
+    def wrapped(epoch: int):
+        for batch in batches(epoch):
+            if not os.path.exists(path):
+                words = [np.asarray(w, np.int64) for w in batch[0]]
+                np.savez(path, rows=np.concatenate(words), offsets=np.cumsum([0] + [len(w) for w in words]),
+                         labels=np.asarray(batch[1]), logits=np.asarray(batch[2]))
+            yield batch
+    return wrapped
 
 
 def summarize(curves: list[list[float]]) -> dict:
@@ -140,7 +182,8 @@ def write_results(results: dict, workdir: str) -> None:
         json.dump(results, f, indent=1)
     alone, distilled = results["alone"], results["distilled"]
     rows = ["| model | test accuracy (mean ± std over seeds " + results["seeds"] + ") |", "|---|---|",
-            f"| teacher (CNN, LoD input, seed {results['seeds'].split(',')[0]}) | {results['teacher_accuracy']:.4f} |",
+            f"| teacher (CNN, {results['teacher']} input, paddle {results['paddle']}, seed "
+            f"{results['seeds'].split(',')[0]}) | {results['teacher_accuracy']:.4f} |",
             f"| student alone (BOW) | {alone['final_mean']:.4f} ± {alone['final_std']:.4f} |",
             f"| student distilled through DistillReader | {distilled['final_mean']:.4f} ± "
             f"{distilled['final_std']:.4f} |"]
@@ -174,17 +217,23 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")]
     os.makedirs(args.workdir, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.workdir, "first_distilled_batch.npz"))   # from an earlier run
     corpus = data.load_corpus(tuple(args.categories.split(",")), args.fortunes_dir,
                               limit_per_category=args.limit_per_category)
     print(f"[text] {len(corpus.train_ids)} training / {len(corpus.test_ids)} test texts, {len(corpus.categories)} "
           f"classes, vocabulary {corpus.vocab_size}", flush=True)
     teacher_dir = os.path.join(args.workdir, "teacher_inference")
-    teacher_accuracy = models.train_teacher(corpus, teacher_dir, args.teacher_epochs, seeds[0])
+    train = models.train_teacher if args.teacher == "lod" else models.train_padded_teacher
+    teacher_accuracy = train(corpus, teacher_dir, args.teacher_epochs, seeds[0])
     server_dir, client_dir = (os.path.join(args.workdir, d) for d in ("serving_server", "serving_client"))
     inference_model_to_serving(teacher_dir, server_dir, client_dir, fetch_alias_names="logits,prediction")
     client_conf = os.path.join(client_dir, "serving_client_conf.prototxt")
-    print(f"[text] teacher test accuracy {teacher_accuracy:.4f}", flush=True)
+    print(f"[text] {args.teacher} teacher test accuracy {teacher_accuracy:.4f}", flush=True)
+    import paddle
+
     results = {"categories": list(corpus.categories), "seeds": args.seeds, "teacher_accuracy": teacher_accuracy,
+               "teacher": args.teacher, "paddle": paddle.__version__,
                "train_texts": len(corpus.train_ids), "test_texts": len(corpus.test_ids), "args": vars(args)}
     alone, distilled = [], []
     with ServedTeacher(server_dir, os.path.join(args.workdir, "teacher_server.log")) as server:
@@ -194,6 +243,7 @@ def run(args: argparse.Namespace) -> dict:
             alone.append(models.train_student(corpus, seed, args.epochs, epoch_batches(corpus, seed, args.batch_size),
                                               args.learning_rate))
             reader, batches = distilled_batches(corpus, seed, args, server.endpoint, client_conf)
+            batches = recording_first_batch(batches, os.path.join(args.workdir, "first_distilled_batch.npz"))
             try:
                 distilled.append(models.train_student(corpus, seed, args.epochs, batches, args.learning_rate,
                                                       args.temperature, args.hard_label_weight))

@@ -7,6 +7,12 @@
 - ``save_padded_model``: feeds ``words`` int64 [N, -1] (padded) and ``length`` int64 [N, 1] (the lengths feed)
   -> embedding -> masked mean -> fc -> softmax: fetch ``prediction`` [N, 3]; per-token ``token_prediction``
   [N, L, 4] (shape ``[-1, 4]`` per sample in the config).
+- ``save_pad_sensitive_model``: the paddle 3 counterpart of the LoD model whose answers depend on how it is
+  padded: feeds ``words`` int64 [N, -1] (pad id ``WORDS_PAD`` = 7: masked out), ``weights`` float32 [N, -1]
+  (summed unmasked: pad 0) and ``length`` int64 [N, 1] -> pooled ``prediction`` [N, 3] from the masked word sum,
+  the weight sum and the length; per-token ``token_prediction`` [N, L, 4] from the words and their weights.
+  Padding ``words`` with anything but 7, ``weights`` with anything but 0, or a wrong length changes
+  ``prediction``: ``pad_sensitive_reference`` runs each sample alone, unpadded, so the right padding matches it.
 - ``export_model(src, out)``: the Paddle Serving folders (an ``ExportedTeacher``).
 - ``local_predict(server_dir, feeds, lods)``: the answers of a local Paddle Inference predictor, to compare with.
 - ``ragged_sequences(n, seed)``: deterministic token id sequences of lengths 1..9 (per-sample int64 arrays).
@@ -86,6 +92,31 @@ def save_padded_model(dirname: str, seed: int = 0) -> str:
     return _save(dirname, [words, length], [prediction, tokens], main, startup)
 
 
+WORDS_PAD = 7
+PAD_SENSITIVE = {"pad_value": {"words": WORDS_PAD, "weights": 0.0}, "lengths_feeds": {"words": "length"}}
+
+
+def save_pad_sensitive_model(dirname: str, seed: int = 0) -> str:
+    """Padded feeds whose pad values matter (see the module docstring); built on paddle 2.6 and 3.x (PIR)."""
+    import paddle
+
+    main, startup = _programs(seed)
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        words = paddle.static.data("words", [-1, -1], "int64")
+        weights = paddle.static.data("weights", [-1, -1], "float32")
+        length = paddle.static.data("length", [-1, 1], "int64")
+        emb = paddle.nn.functional.embedding(words, paddle.static.create_parameter([VOCAB, EMBED], "float32"))
+        real = paddle.cast(words != WORDS_PAD, "float32").unsqueeze(-1)             # [N, L, 1]
+        length_f = paddle.cast(length, "float32")
+        features = paddle.concat([paddle.sum(emb * real, axis=1) / length_f,
+                                  paddle.sum(weights, axis=1, keepdim=True), length_f / 4.0], axis=1)
+        prediction = paddle.nn.functional.softmax(paddle.static.nn.fc(features, CLASSES))
+        weight = paddle.static.create_parameter([EMBED, TOKEN_CLASSES], "float32")
+        scale = paddle.static.create_parameter([TOKEN_CLASSES], "float32")
+        tokens = paddle.nn.functional.softmax(paddle.matmul(emb, weight) + weights.unsqueeze(-1) * scale)
+    return _save(dirname, [words, weights, length], [prediction, tokens], main, startup)
+
+
 def export_model(src_dir: str, out_dir: str) -> ExportedTeacher:
     """Serving folders with fetch aliases ``prediction`` and ``token_prediction``."""
     from teachers.export import inference_model_to_serving
@@ -116,6 +147,41 @@ def ragged_sequences(n: int, seed: int = 0, max_len: int = 9) -> list[np.ndarray
     return [rng.integers(0, VOCAB, size=int(rng.integers(1, max_len + 1))).astype(np.int64) for _ in range(n)]
 
 
+def pad_sensitive_reference(server_dir: str, words: list,
+                            weights: list) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pooled [N, 3], per-sample token predictions) of the pad-sensitive model, each sample alone, unpadded."""
+    pooled, tokens = [], []
+    for w, x in zip(words, weights):
+        out = local_predict(server_dir, {"words": np.asarray(w, np.int64)[None],
+                                         "weights": np.asarray(x, np.float32)[None],
+                                         "length": np.array([[len(w)]], np.int64)})
+        (p, _), (t, _) = [out[k] for k in sorted(out)]
+        pooled.append(p[0])
+        tokens.append(t[0])
+    return np.stack(pooled), tokens
+
+
+def token_weights(words: list, seed: int = 0) -> list[np.ndarray]:
+    """A float32 weight per token of each sequence (the pad-sensitive model's ``weights`` feed)."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.5, 2.0, size=len(w)).astype(np.float32) for w in words]
+
+
+def lod_available() -> bool:
+    """False on paddle 3: its PIR programs have no LoD tensors, so LoD models cannot be built there. Read from the
+    installed distribution's version (no paddle import at collection time)."""
+    from importlib import metadata
+
+    for dist in ("paddlepaddle", "paddlepaddle-gpu"):
+        try:
+            return int(metadata.version(dist).split(".")[0]) < 3
+        except metadata.PackageNotFoundError:
+            continue
+    import paddle
+
+    return int(paddle.__version__.split(".")[0]) < 3
+
+
 def skip_without_lod() -> None:
     """Skip on paddle 3: its PIR programs have no LoD tensors (``lod_level``, ``sequence_pool``, ...)."""
     import paddle
@@ -131,6 +197,13 @@ def lod_teacher(tmp_path_factory) -> ExportedTeacher:
     skip_without_lod()
     root = tmp_path_factory.mktemp("lod_teacher")
     return export_model(save_lod_model(str(root / "src")), str(root))
+
+
+@pytest.fixture(scope="session")
+def pad_sensitive_teacher(tmp_path_factory) -> ExportedTeacher:
+    """The pad-sensitive model (``save_pad_sensitive_model``) exported for serving (paddle 2.6 and 3.x)."""
+    root = tmp_path_factory.mktemp("pad_sensitive_teacher")
+    return export_model(save_pad_sensitive_model(str(root / "src")), str(root))
 
 
 @pytest.fixture(scope="session")
@@ -162,5 +235,7 @@ def padded_reference(server_dir: str, samples: list, pad_value: int = 0) -> tupl
     return np.stack(pooled), tokens
 
 
-__all__ = ["export_model", "local_predict", "lod_reference", "lod_teacher", "padded_reference", "padded_teacher",
-           "ragged_sequences", "save_lod_model", "save_padded_model", "skip_without_lod"]
+__all__ = ["PAD_SENSITIVE", "WORDS_PAD", "export_model", "local_predict", "lod_available", "lod_reference",
+           "lod_teacher", "pad_sensitive_reference", "pad_sensitive_teacher", "padded_reference", "padded_teacher",
+           "ragged_sequences", "save_lod_model", "save_pad_sensitive_model", "save_padded_model", "skip_without_lod",
+           "token_weights"]
