@@ -175,6 +175,8 @@ def train_student(corpus: Corpus, seed: int, epochs: int, batches: Callable[[int
     import paddle
     import paddle.nn.functional as F
 
+    from distill_reader.dist.functional import kl_div_loss
+
     paddle.disable_static()   # (exporting the teacher leaves paddle in static mode)
     model = make_student(corpus.vocab_size, len(corpus.categories), seed)
     optimizer = paddle.optimizer.Adam(learning_rate, parameters=model.parameters())
@@ -184,10 +186,9 @@ def train_student(corpus: Corpus, seed: int, epochs: int, batches: Callable[[int
             logits = model(paddle.to_tensor(pad_batch(list(batch[0]))))
             labels = paddle.to_tensor(np.asarray(batch[1], dtype=np.int64))
             loss = F.cross_entropy(logits, labels)
-            if len(batch) > 2:   # distilled: soft targets from the served teacher
-                soft = F.softmax(paddle.to_tensor(np.asarray(batch[2], dtype=np.float32)) / temperature)
-                kl = F.kl_div(F.log_softmax(logits / temperature), soft, reduction="batchmean")
-                loss = hard_label_weight * loss + (1 - hard_label_weight) * temperature ** 2 * kl
+            if len(batch) > 2:   # distilled: the served teacher's logits; KL * T^2, 0 at equality
+                kl = kl_div_loss(logits, np.asarray(batch[2], dtype=np.float32), temperature=temperature)
+                loss = hard_label_weight * loss + (1 - hard_label_weight) * kl
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
