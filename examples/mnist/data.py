@@ -1,4 +1,5 @@
-"""MNIST data for the example: IDX files from ``--data_dir``, else MNIST (cached or downloaded once), else Fashion-MNIST.
+"""MNIST data for the example: IDX files from ``--data_dir``, else MNIST (cached or downloaded once), else
+Fashion-MNIST.
 
 Offline (``offline=True``, ``--offline`` or ``DISTILL_OFFLINE=1``) nothing is downloaded: a cached MNIST download is
 used if there is one, else Debian's Fashion-MNIST. Online, the download is tried once (one request per file, no

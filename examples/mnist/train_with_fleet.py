@@ -320,7 +320,8 @@ def train(args: argparse.Namespace) -> dict:
     exe.run(net.startup)
     history: dict = {"model": args.model, "distill": bool(args.use_distill_service), "seed": args.seed,
                      "data": dataset.source, "data_name": dataset.name, "train_images": len(dataset.train_images),
-                     "labelled_images": labelled, "val_images": n_val, "test_images": len(dataset.test_images), "rank": rank, "nranks": nranks, "epochs": [], "step_losses": [],
+                     "labelled_images": labelled, "val_images": n_val, "test_images": len(dataset.test_images),
+                     "rank": rank, "nranks": nranks, "epochs": [], "step_losses": [],
                      "step_hard_losses": []}
     try:
         for epoch in range(args.epochs):
