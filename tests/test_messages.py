@@ -22,7 +22,7 @@ MNIST_EXAMPLE = os.path.join(REPO_ROOT, "examples", "mnist")
 
 
 def _env(**extra: str) -> dict:
-    return dict(os.environ, PYTHONPATH=REPO_ROOT, GLOG_minloglevel="2", **extra)
+    return {**os.environ, "PYTHONPATH": REPO_ROOT, "GLOG_minloglevel": "2", **extra}
 
 
 def _run(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -211,3 +211,18 @@ def test_mnist_scripts_group_their_flags():
         run = _run(os.path.join(MNIST_EXAMPLE, script), "--help")
         assert groups <= {group for group, _ in help_entries(run.stdout).values()}, (script, run.stdout[-2000:])
 
+
+
+# -- a skipped test is reported under its own name ----------------------------------------------------------
+def test_skip_in_a_helper_is_reported_at_the_test(tmp_path):
+    (tmp_path / "helper.py").write_text("import pytest\n\n\ndef need():\n    pytest.skip('no such thing here')\n")
+    (tmp_path / "test_uses_helper.py").write_text(
+        "from helper import need\n\n\ndef test_first():\n    need()\n\n\ndef test_second():\n    need()\n")
+    run = _run("-m", "pytest", "-p", "tests.support.skip_location", "-rs", "-p", "no:cacheprovider",
+               "--rootdir", str(tmp_path), str(tmp_path), PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{tmp_path}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 2, run.stdout[-3000:]  # one line per test, not one folded line at the helper
+    for name, line in (("test_first", 4), ("test_second", 8)):
+        assert any(f"test_uses_helper.py:{line}: no such thing here [test_uses_helper.py::{name}; skipped in "
+                   in s and "helper.py:5]" in s for s in skipped), (name, skipped)
