@@ -117,11 +117,18 @@ def test_mem_optim_given_for_a_pir_model_warns(teacher_model_jit, teacher_model,
         os.makedirs(pir_dir)
         for name in ("model.json", "params.pdiparams"):
             open(os.path.join(pir_dir, name), "wb").close()
+    # a program-desc model (.pdmodel): paddle 2.6's own export; paddle 3 saves PIR even from static graphs
+    pdmodel_dir = teacher_model.server_dir
+    if with_pir:
+        pdmodel_dir = str(tmp_path / "pdmodel_like")
+        os.makedirs(pdmodel_dir)
+        for name in ("model.pdmodel", "params.pdiparams"):
+            open(os.path.join(pdmodel_dir, name), "wb").close()
     records = _Records()
     serve.logger.addHandler(records)
     try:
         for argv, model_dir, warned in ((["--mem_optim", "True"], pir_dir, True), ([], pir_dir, False),
-                                        (["--mem_optim", "True"], teacher_model.server_dir, False)):
+                                        (["--mem_optim", "True"], pdmodel_dir, False)):
             records.lines.clear()
             args = serve.parse_args(["--model", model_dir, *argv])
             serve._warn_mem_optim(args, args.model[0])
