@@ -255,6 +255,9 @@ def run(args: argparse.Namespace) -> dict:
                               "--inference_model_dir", os.path.join(args.workdir, "teacher_inference")],
             args.seeds[0])
 
+    if not args.data_dir and not args.offline and results["teacher"].get("data_name") != "MNIST":
+        args.offline = True  # the teacher's run found no MNIST (download failed): the students don't try again
+        print("[local_flow] no MNIST download for the students: the teacher's attempt failed", flush=True)
     port = args.port or free_port()
     server = TeacherServer(model_dir, conf_dir, port, os.path.join(args.workdir, "teacher_server.log"), args.thread)
     results["server"] = {"endpoint": server.endpoint, "cmd": server.cmd}
