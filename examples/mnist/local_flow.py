@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Optional
 
@@ -376,9 +377,8 @@ def plot_curves(results: dict, path: str) -> None:
             epochs = list(range(1, len(curves[0]) + 1))
             by_epoch = list(zip(*curves))
             mean = [statistics.mean(v) for v in by_epoch]
-            label = (f"{kind}: {run0[kind]['labelled_images']} labels / "
-                     f"{run0[kind]['train_images'] if kind == 'distilled' else run0['alone']['train_images']} "
-                     "images" if setting == "b" else kind)
+            images = run0[kind]["train_images"] if kind == "distilled" else run0[kind]["labelled_images"]
+            label = f"{kind}: {run0[kind]['labelled_images']} labels / {images} images" if setting == "b" else kind
             ax.plot(epochs, mean, "-o", color=color, ms=4, label=label)
             if len(curves) > 1:
                 ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], color=color,
@@ -387,6 +387,7 @@ def plot_curves(results: dict, path: str) -> None:
         ax.set_title(f"({setting}) {SETTINGS[setting]}: gain {_pm(gains(results, setting), sign='+')} points",
                      fontsize=10)
         ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
@@ -404,8 +405,8 @@ def plot_curves(results: dict, path: str) -> None:
     dots.set_title(f"each seed (dots), mean ± std ({len(students)} seeds)", fontsize=10)
     dots.set_ylabel("test accuracy (%), best-validation epoch")
     dots.grid(axis="y", alpha=0.3)
-    fig.text(0.01, 0.01, data_line(results)[:230], fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(data_line(results), 200)), fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
