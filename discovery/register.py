@@ -20,6 +20,7 @@ import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
+from distill_reader.cli_help import DefaultsHelpFormatter
 from distill_reader.client_security import ClientSecurity
 
 from .arguments import (
@@ -82,7 +83,7 @@ def registration_from_args(args: argparse.Namespace, endpoint: str, meta: Option
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m discovery.register",
+        prog="python -m discovery.register", formatter_class=DefaultsHelpFormatter,
         description="Register a teacher endpoint in ZooKeeper while it answers its gRPC health check "
                     "(grpc.health.v1): wait for the first good check, create an ephemeral node, remove it when "
                     "the teacher stops answering, create it again when it recovers or after a ZooKeeper session "

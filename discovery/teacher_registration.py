@@ -155,11 +155,11 @@ class TeacherRegistration:
         if self._started:
             return self
         self._started = True
+        logger.info("teacher %s: waiting for its health check before registering in %s", self.endpoint,
+                    self.paths.service_path)   # before the health thread, whose first line may follow at once
         self.session.start()
         self.node.start()
         self._thread.start()
-        logger.info("teacher %s: waiting for its health check before registering in %s", self.endpoint,
-                    self.paths.service_path)
         return self
 
     def stop(self) -> None:

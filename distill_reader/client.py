@@ -7,7 +7,7 @@ client falls back to typed fields there.
 
 Example::
 
-    client = TeacherClient("127.0.0.1:9292", "serving_conf/serving_client_conf.prototxt")
+    client = TeacherClient("127.0.0.1:9292", "serving_client/serving_client_conf.prototxt")
     out = client.predict({"img": images}, fetch=["prediction"])   # {'prediction': array (N, 10)}
 """
 from __future__ import annotations
@@ -294,11 +294,17 @@ class TeacherClient:
 
     def _tls_verdict(self, error: TeacherError) -> TeacherError:
         """A connection the teacher closed, as a TLS mismatch or a refused client certificate would: one TLS
-        handshake of our own tells (TeacherTlsError, retrying cannot help); otherwise ``error`` as it is."""
-        if not isinstance(error, TeacherUnavailable) or not _tls_hint(str(error)):
+        handshake of our own tells (TeacherTlsError, retrying cannot help); otherwise ``error`` as it is, with a
+        hint to check the TLS options only when this client speaks TLS (a plaintext client's probe already found
+        that the teacher does not serve TLS: a teacher that died or closed the connection gets no TLS hint)."""
+        if not isinstance(error, TeacherUnavailable) or not _tls_symptom(str(error)):
             return error
         reason = self.security.tls_refusal(self.endpoint, timeout=min(2.0, self.timeout))
-        return TeacherTlsError(self.endpoint, f"{reason} ({error})") if reason else error
+        if reason:
+            return TeacherTlsError(self.endpoint, f"{reason} ({error})")
+        if self.security.tls:
+            return TeacherUnavailable(self.endpoint, str(error).split(": ", 1)[-1] + _TLS_HINT)
+        return error
 
     # -- transports ----------------------------------------------------------------------------------
     def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
@@ -408,20 +414,22 @@ def _tls_refusal(details: str) -> bool:
     return any(marker in (details or "").lower() for marker in _TLS_REFUSALS)
 
 
-def _tls_hint(details: str) -> str:
-    """A hint for errors that TLS on one side only, or a refused client certificate, look like."""
-    if any(symptom in (details or "").lower() for symptom in _TLS_SYMPTOMS):
-        return (" (if this teacher serves TLS or requires a client certificate, check tls_ca / tls_cert / tls_key: "
-                "a TLS mismatch looks like this)")
-    return ""
+_TLS_HINT = (" (if this teacher serves TLS or requires a client certificate, check tls_ca / tls_cert / tls_key: "
+             "a TLS mismatch looks like this)")
+
+
+def _tls_symptom(details: str) -> bool:
+    """True for errors that TLS on one side only, or a refused client certificate, look like (and that a teacher
+    dying mid-request also gives: ``_tls_verdict`` tells them apart)."""
+    return any(symptom in (details or "").lower() for symptom in _TLS_SYMPTOMS)
 
 
 def _http_error(endpoint: str, exc: requests.RequestException, what: str) -> TeacherError:
     """A failed HTTP exchange: TeacherTlsError when TLS refused it for good, else TeacherUnavailable."""
     details = str(exc)
     if _tls_refusal(details):
-        return TeacherTlsError(endpoint, f"{what}: TLS handshake failed: {details}{_tls_hint(details)}")
-    return TeacherUnavailable(endpoint, f"{what} failed: {details}{_tls_hint(details)}")
+        return TeacherTlsError(endpoint, f"{what}: TLS handshake failed: {details}{_TLS_HINT}")
+    return TeacherUnavailable(endpoint, f"{what} failed: {details}")
 
 
 def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
@@ -430,9 +438,9 @@ def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:
     code = exc.code()
     details = exc.details()
     if _tls_refusal(details):
-        return TeacherTlsError(endpoint, f"gRPC {code.name}: TLS handshake failed: {details}{_tls_hint(details)}")
+        return TeacherTlsError(endpoint, f"gRPC {code.name}: TLS handshake failed: {details}{_TLS_HINT}")
     if code in _TRANSIENT_GRPC_CODES:
-        return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}{_tls_hint(details)}")
+        return TeacherUnavailable(endpoint, f"gRPC {code.name}: {details}")
     if code in _REJECTING_GRPC_CODES:
         return TeacherRequestRejected(endpoint, f"gRPC {code.name}: {details}")
     if code in _AUTH_GRPC_CODES:

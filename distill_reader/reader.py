@@ -42,7 +42,10 @@ from .teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
+# The client config teachers.export writes by default (Paddle Serving's folder name); the former default folder
+# is still read when only it exists.
+DEFAULT_SERVING_CONF = "serving_client/serving_client_conf.prototxt"
+FORMER_DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
 CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iterating thread to leave the reader
 _D = RemoteOptions    # the remote stage's defaults are the reader's: one place states them
 
@@ -242,7 +245,8 @@ class DistillReader:
         self.teacher_batch_size = int(teacher_batch_size)
 
     def set_serving_conf_file(self, path: str) -> None:
-        """The teacher's serving client config (file or folder). Default 'serving_conf/serving_client_conf.prototxt'."""
+        """The teacher's serving client config (file or folder). Default 'serving_client/serving_client_conf.prototxt'
+        (what ``teachers.export`` writes; 'serving_conf/...' when only that exists)."""
         self.serving_conf_file = path
         self._conf_file_given = True
         self._config = None
@@ -265,13 +269,20 @@ class DistillReader:
     def config(self) -> ServingConfig:
         """The teacher's serving config: the conf file given to ``set_serving_conf_file`` when it exists, else the
         one an offline cache stored (the config its answers were made with; no teacher needed), else the default
-        'serving_conf/serving_client_conf.prototxt'."""
+        'serving_client/serving_client_conf.prototxt' (or the former default 'serving_conf/...' when only it
+        exists)."""
         if self._config is None:
             offline_config = getattr(self._offline, "serving_config", None)
             given = self._conf_file_given and os.path.exists(self.serving_conf_file)
             stored = offline_config() if offline_config is not None and not given else None   # reads the cache
-            self._config = stored if stored is not None else ServingConfig.load(self.serving_conf_file)
+            self._config = stored if stored is not None else ServingConfig.load(self._conf_path())
         return self._config
+
+    def _conf_path(self) -> str:
+        if (not self._conf_file_given and not os.path.exists(DEFAULT_SERVING_CONF)
+                and os.path.exists(FORMER_DEFAULT_SERVING_CONF)):
+            return FORMER_DEFAULT_SERVING_CONF
+        return self.serving_conf_file
 
     def add_stage_wrapper(self, wrap: Callable[[PredictionStage], PredictionStage]) -> None:
         """Put a stage in front of the teachers (the offline cache does this); applied at the next epoch.

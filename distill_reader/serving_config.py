@@ -5,7 +5,7 @@ shape (the batch dimension is left out; ``-1`` marks a variable-length LoD input
 
 Example::
 
-    cfg = ServingConfig.load("serving_conf/serving_client_conf.prototxt")
+    cfg = ServingConfig.load("serving_client/serving_client_conf.prototxt")
     cfg.feed("img").shape        # (1, 28, 28)
     cfg.fetch_names               # ['prediction']
 """

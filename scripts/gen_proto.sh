@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Regenerate distill_reader/proto/*_pb2*.py from proto/*.proto with the pinned grpcio-tools.
-# The generated files are committed so that a fresh clone works without a build step;
-# run this after editing a .proto file (grpcio-tools must match the version pinned in setup.py).
+# Regenerate distill_reader/proto/*_pb2*.py from proto/*.proto with the LOWEST grpcio-tools setup.py admits.
+# The generated files are committed so that a fresh clone works without a build step. Generated code refuses to
+# import under an older grpcio (and older protobuf) than the tools that made it, so it must come from the floor of
+# setup.py's ranges: grpcio-tools 1.74.0 (its protoc writes protobuf 6.31.1 code). Run after editing a .proto:
+#   python3 -m venv /tmp/gen && /tmp/gen/bin/pip install grpcio-tools==1.74.0 protobuf==6.31.1
+#   PYTHON=/tmp/gen/bin/python bash scripts/gen_proto.sh
+# (scripts/smoke_lowest.sh, run by scripts/test.sh, installs the floors and imports the result.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m grpc_tools.protoc -Iproto --python_out=distill_reader/proto --grpc_python_out=distill_reader/proto \
+"${PYTHON:-python}" -m grpc_tools.protoc -Iproto --python_out=distill_reader/proto --grpc_python_out=distill_reader/proto \
   proto/general_model_service.proto proto/general_model_config.proto
 # protoc emits absolute imports; make them package-relative.
 sed -i 's/^import general_model_service_pb2 as/from . import general_model_service_pb2 as/' \

@@ -2,7 +2,8 @@
 # Set up (scripts/setup.sh), lint with ruff, and run the whole test suite with real teacher servers,
 # real worker processes and a real ZooKeeper (started by the tests on loopback unless
 # DISTILL_ZK_HOSTS points at an existing ensemble), once per supported PaddlePaddle line:
-# paddle 2.6.2 (.venv) and the newest paddle 3 (.venv-paddle3). PADDLE_LINES="2" or "3" runs one line only.
+# paddle 2.6.2 (.venv) and the newest paddle 3 (.venv-paddle3), after a smoke test of an install at the lowest
+# dependency versions setup.py admits (scripts/smoke_lowest.sh, .venv-lowest). PADDLE_LINES="2" or "3" runs one line only.
 # Extra arguments go to pytest (both runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ bash scripts/setup.sh test,examples
 echo "[test] ruff check"
 .venv/bin/ruff check .
 status=0
+echo "[test] smoke test of an install at the lowest versions setup.py admits (scripts/smoke_lowest.sh)"
+bash scripts/smoke_lowest.sh || status=$?
 for line in ${PADDLE_LINES:-2 3}; do
   venv=.venv; [ "$line" = 3 ] && venv=.venv-paddle3
   version="$("$venv/bin/python" -c 'import numpy, paddle; print(paddle.__version__)' 2>/dev/null | tail -1)"

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 import numpy as np  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
 from distill_reader.atomic_file import atomic_write
+from distill_reader.cli_help import DefaultsHelpFormatter
 from distill_reader.paddle_compat import import_paddle, is_pir_program, keep_mode, legacy_ir, paddle_major, pir_ir
 from distill_reader.serving_config import CLIENT_CONF, SERVER_CONF, ServingConfig, VarSpec
 from distill_reader.tensor_codec import elem_type_of_dtype
@@ -354,7 +355,7 @@ def _read(path: str) -> bytes:
 # -- CLI -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m teachers.export",
+        prog="python -m teachers.export", formatter_class=DefaultsHelpFormatter,
         description="Convert a Paddle inference model into a Paddle Serving server folder and client config "
                     "folder (the layout of paddle_serving_client.convert).")
     parser.add_argument("--dirname", required=True,
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import_paddle("teachers.export")  # before logging setup: importing paddle 2.6 sets the root logger to WARNING
+    logging.basicConfig(level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         feeds, fetches = inference_model_to_serving(
             args.dirname, args.serving_server, args.serving_client, args.model_filename, args.params_filename,
@@ -384,7 +386,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExportError as exc:
         logger.error("%s", exc)
         return 2
-    logger.info("feeds %s fetches %s -> %s, %s", feeds, fetches, args.serving_server, args.serving_client)
     return 0
 
 

@@ -19,9 +19,11 @@ Example::
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import logging
 import os
+import socket
 import ssl
 import stat
 import time
@@ -159,7 +161,23 @@ class TransportSecurity:
                 return server.add_insecure_port(address)
             return server.add_secure_port(address, credentials)
         except RuntimeError as exc:   # grpc.aio raises instead of returning 0 (e.g. the port is in use)
-            raise OSError(f"cannot bind gRPC port {address}: {exc}") from None
+            in_use = " (already in use by another process: stop it or pick another --port)" if _port_in_use(
+                address) else ""
+            raise OSError(f"cannot bind gRPC port {address}{in_use}: {exc}") from None
+
+
+def _port_in_use(address: str) -> bool:
+    """True when binding ``host:port`` fails with EADDRINUSE (gRPC's own error only says "No address added")."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 class _TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from discovery.register import add_zk_arguments, registration_from_args
+from distill_reader.cli_help import DefaultsHelpFormatter
 from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfig
 
 logger = logging.getLogger("teachers.serve")
@@ -110,14 +111,15 @@ def str2bool(value) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m teachers.serve", allow_abbrev=False,
+        prog="python -m teachers.serve", allow_abbrev=False, formatter_class=DefaultsHelpFormatter,
         description="Serve a Paddle Serving model folder (written by teachers.export or paddle_serving_client) "
                     "with Paddle Inference, over Paddle Serving's gRPC and HTTP protocol. Boolean flags take "
                     "an optional True/False value (--mem_optim True, or just --ir_optim).")
     flag = {"type": str2bool, "nargs": "?", "const": True}
     g = p.add_argument_group("Paddle Serving flags")
-    g.add_argument("--model", nargs="+", required=True, metavar="DIR",
-                   help="serving server folder (model files + serving_server_conf.prototxt); one model only")
+    g.add_argument("--model", required=True, metavar="DIR",
+                   help="serving server folder (model files + serving_server_conf.prototxt); one model only "
+                        "(Paddle Serving's model chaining, several DIRs, is refused)")
     g.add_argument("--port", type=port_number, default=9393, help="gRPC port (default: %(default)s)")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=at_least(1), default=4,
@@ -130,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device gpu without CUDA is an error")
     g.add_argument("--workdir", default=None,
                    help="Paddle Serving's folder for generated C++ configs; accepted, nothing is written there")
-    g.add_argument("--mem_optim", default=True, **flag,
-                   help="Paddle Inference memory reuse between ops (default: True)")
+    g.add_argument("--mem_optim", default=None, **flag,
+                   help="Paddle Inference memory reuse between ops (default: on, where Paddle Inference offers it: "
+                        "not for PIR models, model.json; asked for there, a warning says it is ignored)")
     g.add_argument("--mem_optim_off", action="store_true", help="same as --mem_optim False (0.9 spelling)")
     g.add_argument("--ir_optim", default=True, **flag,
                    help="Paddle Inference graph optimisation passes (default: True; oneDNN needs them)")
@@ -208,15 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log level (default: %(default)s)")
 
     add_zk_arguments(p, required=False)   # --zk, --service, --root/--zk_root, --zk_auth, --session_timeout, ...
-    p.add_argument("--advertise_host", default=None,
-                   help="host to register in ZooKeeper (default: --host, or this machine's address when --host "
-                        "is 0.0.0.0)")
+    zk_group = next((grp for grp in p._action_groups if any(a.dest == "zk" for a in grp._group_actions)), p)
+    zk_group.add_argument("--advertise_host", default=None,
+                          help="host to register in ZooKeeper (default: --host, or this machine's address when "
+                               "--host is 0.0.0.0)")
     return p
+
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line; an unknown (or abbreviated) flag exits with code 2 naming it."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [x for x in extra if not x.startswith("-")]
+        why = (" (--model takes one DIR: this server serves one model folder, Paddle Serving's model chaining is "
+               "not supported)" if stray and len(stray) == len(extra) else "")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{why}")
+    args.model = [args.model]   # TeacherService takes the list Paddle Serving's --model gives
     args.gpu_ids = ",".join(str(v) for v in args.gpu_ids if str(v) != "")
     return args
 
@@ -287,6 +299,21 @@ def warn_unsupported(args: argparse.Namespace, on_gpu: bool) -> str:
     return precision
 
 
+def _warn_mem_optim(args: argparse.Namespace, model_dir: str) -> None:
+    """--mem_optim True given for a PIR model (model.json): Paddle Inference cannot memory-optimize it."""
+    if not args.mem_optim or args.mem_optim_off:
+        return
+    from .predictor_pool import ModelFilesError, find_model_files
+
+    try:
+        model_file, _ = find_model_files(model_dir)
+    except ModelFilesError:
+        return  # reported when the predictors are created
+    if model_file.endswith(".json"):
+        logger.warning("--mem_optim: Paddle Inference cannot memory-optimize PIR model %s (paddle 3's model.json); "
+                       "ignored", model_file)
+
+
 def _advertise_host(args: argparse.Namespace) -> str:
     if args.advertise_host:
         return args.advertise_host
@@ -350,9 +377,11 @@ class TeacherService:
         gpu_count = paddle.device.cuda.device_count() if has_cuda else 0
         self.gpu_ids = resolve_device(args, has_cuda, gpu_count)
         precision = warn_unsupported(args, bool(self.gpu_ids))
+        _warn_mem_optim(args, self.model_dir)
         self.options = PredictorOptions(
             model_dir=self.model_dir, size=args.thread, gpu_ids=self.gpu_ids, use_mkl=args.use_mkl,
-            ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision,
+            ir_optim=args.ir_optim, mem_optim=args.mem_optim is not False and not args.mem_optim_off,
+            precision=precision,
             math_threads=args.cpu_math_thread_num, gpu_mem_mb=args.gpu_memory_mb)
         self._ModelFilesError = ModelFilesError
         try:
@@ -489,18 +518,21 @@ class TeacherService:
             self.registration = registration_from_args(args, endpoint, meta, health_check=lambda: self.serving)
         except ValueError as exc:     # e.g. no ZooKeeper identity and no --allow_open_acl
             raise ServeError(str(exc)) from None
-        self.registration.start()
         logger.info("registering %s as service %r in ZooKeeper %s%s in the background (a 'registered' line "
                     "follows once the node exists)", endpoint, args.service, args.zk, args.root)
+        self.registration.start()
 
-    async def drain(self) -> bool:
+    async def drain(self, quiet: bool = False) -> bool:
         """Deregister, refuse new requests, let in-flight ones finish, stop everything, all within
-        --drain_timeout. Returns False when a predictor run was still stuck at the end."""
+        --drain_timeout. Returns False when a predictor run was still stuck at the end. ``quiet``: after a failed
+        start, no "draining" / "stopped after" lines (nothing was served)."""
         started = time.monotonic()
         deadline = started + max(0.0, self.args.drain_timeout)
         left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
         loop = asyncio.get_running_loop()
-        logger.info("draining: no new requests, waiting up to %.0fs for in-flight ones", self.args.drain_timeout)
+        if not quiet:
+            logger.info("draining: no new requests, waiting up to %.0fs for in-flight ones",
+                        self.args.drain_timeout)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.registration is not None:
@@ -527,7 +559,9 @@ class TeacherService:
                 logger.error("a predictor run is still stuck after --drain_timeout; exiting without it")
         if self.metrics_front is not None:
             await self.metrics_front.stop(1.0)
-        if self.stats is not None:
+        if self.stats is not None and quiet:
+            self.stats.stop()
+        elif self.stats is not None:
             self.stats.stop()
             batched = (f"; {self.batcher.runs} predictor runs for {self.stats.total_requests} requests"
                        if self.batcher is not None and self.batcher.merging else "")
@@ -552,7 +586,7 @@ async def _serve(args: argparse.Namespace) -> int:
         else:
             logger.exception("cannot start the teacher server")
         if service is not None:
-            await service.drain()
+            await service.drain(quiet=True)   # nothing was served: stop what started, without drain lines
         return 2
     await stop.wait()
     return 0 if await service.drain() else 3

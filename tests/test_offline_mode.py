@@ -197,7 +197,7 @@ def test_second_process_reads_with_every_teacher_stopped(teacher_model, data, tm
     assert report["stage"]["cache"] == "read" and report["stage"]["cache_served"] == N and report["workers"] == []
     assert np.load(out, allow_pickle=False).tobytes() == online.tobytes()
     # No conf file given, and another model's config at the default path: the cache's own config is used.
-    other = tmp_path / "cwd" / "serving_conf"
+    other = tmp_path / "cwd" / "serving_client"
     other.mkdir(parents=True)
     text = open(os.path.join(teacher_model.client_dir, "serving_client_conf.prototxt")).read()
     (other / "serving_client_conf.prototxt").write_text(text.replace('"img"', '"image"'))

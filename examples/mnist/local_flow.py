@@ -1,13 +1,21 @@
-"""The whole service-distillation flow on one machine with a fixed local teacher (no ZooKeeper).
+"""The whole service-distillation flow on one machine with a fixed local teacher (no ZooKeeper), in two settings.
 
-1. train the teacher CNN and save it as a serving model (``train_with_fleet.py --save_serving_model``),
-2. serve it on a free port of 127.0.0.1 (``python -m teachers.serve``) and wait until it is healthy,
-3. for every seed: train the student MLP alone, then with distillation (same epochs, same seed),
-4. stop the server (always: also on failure, Ctrl-C or SIGTERM), print the results table and save a PNG plot.
+1. train the teacher CNN on the labelled training images and save it as a serving model
+   (``train_with_fleet.py --save_serving_model``); the last --val_samples training images are held out for
+   validation (model selection), the test set is only reported;
+2. serve it on a free port of 127.0.0.1 (``python -m teachers.serve``) and wait until it is healthy;
+3. for every seed, two settings, each a student trained alone and the same student distilled (same seed, epochs,
+   optimizer and number of steps):
+   (a) all labels: alone on the labelled images, distilled on the same images with the teacher's soft labels;
+   (b) few labels + a transfer set: only the first --labelled_samples training images keep their labels; alone
+       trains on those, distilled sees all training images with the teacher's soft labels (through DistillReader)
+       and the labels of the labelled part;
+4. stop the server (always: also on failure, Ctrl-C or SIGTERM), print the results table (also written to
+   WORKDIR/results.md) and save a PNG plot.
 
 Example::
 
-    python examples/mnist/local_flow.py --epochs 10 --teacher_epochs 4 --seeds 1,2,3
+    python examples/mnist/local_flow.py --seeds 1,2,3 --offline
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Optional
 
@@ -27,42 +36,65 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 TRAIN_SCRIPT = os.path.join(HERE, "train_with_fleet.py")
 STUDENT_HIDDEN = 128  # models.STUDENT_HIDDEN (not imported: models imports paddle)
+SETTINGS = {"a": "all labels", "b": "few labels + transfer set"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=10, help="student epochs (alone and distilled)")
-    p.add_argument("--teacher_epochs", type=int, default=6, help="teacher epochs")
-    p.add_argument("--batch_size", type=int, default=64, help="training batch size of the students")
-    p.add_argument("--teacher_train_batch_size", type=int, default=128, help="training batch size of the teacher")
-    p.add_argument("--learning_rate", type=float, default=0.002, help="students' peak Adam learning rate")
-    p.add_argument("--teacher_learning_rate", type=float, default=0.003, help="teacher's peak Adam learning rate")
-    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default="cosine",
-                   help="learning-rate schedule of teacher and students (see train_with_fleet.py)")
-    p.add_argument("--student_hidden", type=int, default=STUDENT_HIDDEN, help="hidden units of the student MLP")
-    p.add_argument("--seeds", default="1", help="comma-separated student seeds, e.g. 1,2,3 (teacher: first seed)")
-    p.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds N)")
-    p.add_argument("--data_dir", default=None, help="MNIST IDX folder (default: download, else Fashion-MNIST)")
-    p.add_argument("--train_samples", type=int, default=0, help="only the first N training samples (0 = all)")
-    p.add_argument("--test_samples", type=int, default=0, help="only the first N test samples (0 = all)")
-    p.add_argument("--workdir", default=os.path.join(REPO_ROOT, "out", "mnist_example"),
-                   help="folder for models, logs, metrics JSON and the plot")
-    p.add_argument("--reuse_teacher", action="store_true",
-                   help="serve the teacher already in --workdir instead of training a new one")
-    p.add_argument("--port", type=int, default=0, help="teacher port on 127.0.0.1 (0 = a free port)")
-    p.add_argument("--thread", type=int, default=2, help="teacher server threads (teachers.serve --thread)")
-    p.add_argument("--teacher_batch_size", type=int, default=0,
-                   help="samples per teacher request (0 = the student's batch size)")
-    p.add_argument("--distill_temperature", type=float, default=2.0,
-                   help="soft-target temperature T (see train_with_fleet.py; 1 with --hard_label_weight 0 = the "
-                        "seed's loss)")
-    p.add_argument("--hard_label_weight", type=float, default=0.5,
-                   help="weight of the hard-label loss mixed with the distillation loss (see train_with_fleet.py)")
-    p.add_argument("--server_timeout", type=float, default=120.0, help="seconds to wait for the teacher to be ready")
-    p.add_argument("--plot", default="", help="PNG path of the accuracy plot (default: WORKDIR/accuracy.png)")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars in the training runs")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    run = p.add_argument_group("what to run")
+    run.add_argument("--seeds", default="1,2,3", help="comma-separated student seeds (teacher: the first seed)")
+    run.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds N)")
+    run.add_argument("--settings", default="a,b",
+                     help="a = all labels, b = few labels + transfer set; 'a', 'b' or 'a,b'")
+    run.add_argument("--workdir", default=os.path.join(REPO_ROOT, "out", "mnist_example"),
+                     help="folder for models, logs, metrics JSON, results.md and the plot")
+    run.add_argument("--plot", default="", help="PNG path of the plot (default: WORKDIR/accuracy.png)")
+    run.add_argument("--reuse_teacher", action="store_true",
+                     help="serve the teacher already in --workdir instead of training a new one")
+    run.add_argument("--no_progress", action="store_true", help="no tqdm progress bars in the training runs")
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default=None,
+                      help="MNIST IDX folder (default: cached or downloaded MNIST, else Debian's Fashion-MNIST)")
+    data.add_argument("--offline", action="store_true",
+                      help="never download (also DISTILL_OFFLINE=1): cached MNIST, else Fashion-MNIST")
+    data.add_argument("--train_samples", type=int, default=0,
+                      help="only the first N training images, for teacher and students (0 = all)")
+    data.add_argument("--val_samples", type=int, default=5000,
+                      help="the last N of those held out as the validation set (model selection; 0 = none)")
+    data.add_argument("--test_samples", type=int, default=0, help="only the first N test images (0 = all)")
+    data.add_argument("--labelled_samples", type=int, default=2000,
+                      help="setting b: the first N training images keep their labels, the others only get the "
+                           "teacher's soft labels")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=5, help="student epochs (alone and distilled)")
+    train.add_argument("--teacher_epochs", type=int, default=5, help="teacher epochs")
+    train.add_argument("--batch_size", type=int, default=64, help="training batch size of the students")
+    train.add_argument("--teacher_train_batch_size", type=int, default=128, help="training batch size of the teacher")
+    train.add_argument("--learning_rate", type=float, default=0.002, help="students' peak Adam learning rate")
+    train.add_argument("--teacher_learning_rate", type=float, default=0.003, help="teacher's peak Adam learning rate")
+    train.add_argument("--lr_schedule", choices=["constant", "cosine"], default="cosine",
+                       help="learning-rate schedule of teacher and students (see train_with_fleet.py)")
+    train.add_argument("--student_hidden", type=int, default=STUDENT_HIDDEN, help="hidden units of the student MLP")
+    train.add_argument("--distill_temperature", type=float, default=2.0,
+                       help="soft-target temperature T (see train_with_fleet.py)")
+    train.add_argument("--hard_label_weight", type=float, default=0.5,
+                       help="weight of the hard-label loss mixed with the distillation loss (see train_with_fleet.py)")
+    serve = p.add_argument_group("teacher server")
+    serve.add_argument("--port", type=int, default=0, help="teacher port on 127.0.0.1 (0 = a free port)")
+    serve.add_argument("--thread", type=int, default=2, help="teacher server threads (teachers.serve --thread)")
+    serve.add_argument("--teacher_batch_size", type=int, default=0,
+                       help="samples per teacher request (0 = the student's batch size)")
+    serve.add_argument("--server_timeout", type=float, default=120.0,
+                       help="seconds to wait for the teacher to be ready")
     args = p.parse_args(argv)
     args.seeds = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not args.seeds or any(s not in SETTINGS for s in args.settings) or not args.settings:
+        p.error(f"--seeds needs one seed or more; --settings takes {', '.join(SETTINGS)}")
     args.workdir = os.path.abspath(args.workdir)
     args.plot = args.plot or os.path.join(args.workdir, "accuracy.png")
     return args
@@ -168,9 +200,11 @@ def run_training(args: argparse.Namespace, name: str, extra: list[str], seed: in
     """One train_with_fleet.py run in a subprocess; returns its metrics JSON."""
     metrics = os.path.join(args.workdir, f"{name}.json")
     cmd = [sys.executable, TRAIN_SCRIPT, "--seed", str(seed), "--lr_schedule", args.lr_schedule,
-           "--metrics_out", metrics, *extra]
+           "--metrics_out", metrics, "--val_samples", str(args.val_samples), *extra]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
+    if args.offline:
+        cmd.append("--offline")
     if args.train_samples:
         cmd += ["--train_samples", str(args.train_samples)]
     if args.test_samples:
@@ -187,10 +221,26 @@ def _stop_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the server
 
 
+def train_students(args: argparse.Namespace, distill: list[str], seed: int) -> dict:
+    """Both settings' students for one seed: ``{"a": {"alone": ..., "distilled": ...}, "b": {...}}``."""
+    common = ["--model", "student", "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
+              "--learning_rate", str(args.learning_rate), "--student_hidden", str(args.student_hidden)]
+    few = ["--labelled_samples", str(args.labelled_samples)]
+    runs: dict = {}
+    for setting in args.settings:
+        extra = few if setting == "b" else []
+        dump = ["--dump_soft_labels", os.path.join(args.workdir, f"soft_labels_{setting}_seed{seed}.npz")]
+        runs[setting] = {
+            "alone": run_training(args, f"student_{setting}_alone_seed{seed}", [*common, *extra], seed),
+            "distilled": run_training(args, f"student_{setting}_distilled_seed{seed}",
+                                      [*common, *extra, *distill, *dump], seed)}
+    return runs
+
+
 def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     model_dir = os.path.join(args.workdir, "mnist_model")
-    conf_dir = os.path.join(args.workdir, "serving_conf")
+    conf_dir = os.path.join(args.workdir, "serving_client")
     started = time.monotonic()
     results: dict = {"args": {k: v for k, v in vars(args).items()}, "students": []}
 
@@ -206,6 +256,9 @@ def run(args: argparse.Namespace) -> dict:
                               "--inference_model_dir", os.path.join(args.workdir, "teacher_inference")],
             args.seeds[0])
 
+    if not args.data_dir and not args.offline and results["teacher"].get("data_name") != "MNIST":
+        args.offline = True  # the teacher's run found no MNIST (download failed): the students don't try again
+        print("[local_flow] no MNIST download for the students: the teacher's attempt failed", flush=True)
     port = args.port or free_port()
     server = TeacherServer(model_dir, conf_dir, port, os.path.join(args.workdir, "teacher_server.log"), args.thread)
     results["server"] = {"endpoint": server.endpoint, "cmd": server.cmd}
@@ -221,12 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.teacher_batch_size:
                 distill += ["--teacher_batch_size", str(args.teacher_batch_size)]
             for seed in args.seeds:
-                common = ["--model", "student", "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
-                          "--learning_rate", str(args.learning_rate), "--student_hidden", str(args.student_hidden)]
-                alone = run_training(args, f"student_alone_seed{seed}", common, seed)
-                dump = ["--dump_soft_labels", os.path.join(args.workdir, f"soft_labels_seed{seed}.npz")]
-                distilled = run_training(args, f"student_distilled_seed{seed}", [*common, *distill, *dump], seed)
-                results["students"].append({"seed": seed, "alone": alone, "distilled": distilled})
+                results["students"].append({"seed": seed, **train_students(args, distill, seed)})
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.stop()
@@ -234,93 +282,131 @@ def run(args: argparse.Namespace) -> dict:
     results["wall_seconds"] = time.monotonic() - started
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print("\n" + results_table(results), flush=True)
+    table = results_table(results)
+    with open(os.path.join(args.workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table, flush=True)
     plot_curves(results, args.plot)
-    print(f"[local_flow] plot: {args.plot}\n[local_flow] metrics: {args.workdir}/results.json "
-          f"(total {results['wall_seconds']:.0f} s)", flush=True)
+    print(f"[local_flow] table: {args.workdir}/results.md\n[local_flow] plot: {args.plot}\n[local_flow] metrics: "
+          f"{args.workdir}/results.json (total {results['wall_seconds']:.0f} s)", flush=True)
     return results
 
 
-def _spread(values: list[float], digits: int = 4) -> str:
-    """``mean ± stdev (min .., max ..)`` over seeds, or the single value."""
-    def fmt(v: float) -> str:
-        return f"{v:.{digits}f}"
+def selected_acc(run: dict) -> float:
+    """The reported test accuracy: at the epoch with the best validation accuracy (the last without one)."""
+    return run.get("test_acc_at_best_val", run["test_acc"])
 
-    if len(values) == 1:
-        return fmt(values[0])
-    return (f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))} "
-            f"(min {fmt(min(values))}, max {fmt(max(values))})")
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2, sign: str = "") -> str:
+    """``mean ± sample std`` of ``values * scale``, or the single value."""
+    v = [scale * x for x in values]
+    if len(v) == 1:
+        return f"{v[0]:{sign}.{digits}f}"
+    return f"{statistics.mean(v):{sign}.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def gains(results: dict, setting: str) -> list[float]:
+    """Distilled minus alone, per seed, in accuracy (fraction)."""
+    return [selected_acc(s[setting]["distilled"]) - selected_acc(s[setting]["alone"]) for s in results["students"]]
+
+
+def data_line(results: dict) -> str:
+    """What data the runs used, from the runs themselves (name, source, image counts)."""
+    teacher = results["teacher"]
+    a = results["args"]
+    subset = f", the first {a['train_samples']} of the training set" if a.get("train_samples") else ""
+    return (f"data: {teacher['data']}. Used: {teacher.get('train_images')} "
+            f"training images{subset}; {teacher.get('val_images', 0)} validation (the last of the training set, "
+            f"for model selection); {teacher.get('test_images')} test (only reported)")
 
 
 def results_table(results: dict) -> str:
-    """A Markdown table: teacher, student alone, student distilled; accuracy and training samples/s."""
-    teacher = results["teacher"]
-    students = results["students"]
-    seeds = ",".join(str(s["seed"]) for s in students)
-    rows = [("teacher CNN", f"{len(teacher['epochs'])}", f"{teacher['test_acc']:.4f}",
-             f"{teacher['samples_per_s']:.0f}")]
-    for kind, label in (("alone", "student MLP alone (plain reader)"),
-                        ("distilled", "student MLP distilled (DistillReader)")):
-        accs = [s[kind]["test_acc"] for s in students]
-        speeds = [s[kind]["samples_per_s"] for s in students]
-        rows.append((label, f"{len(students[0][kind]['epochs'])}", _spread(accs), _spread(speeds, digits=0)))
-    gain = [s["distilled"]["test_acc"] - s["alone"]["test_acc"] for s in students]
-    ratio = [s["distilled"]["samples_per_s"] / s["alone"]["samples_per_s"] for s in students]
-    subset = results["args"].get("train_samples")
-    subset_note = f" (trained on the first {subset} training samples)" if subset else ""
-    a = results["args"]
-    recipe = (f"teacher: LeNet CNN, batch {a.get('teacher_train_batch_size')}, Adam {a.get('teacher_learning_rate')} "
-              f"{a.get('lr_schedule')}; student: MLP 784-{a.get('student_hidden')}-10, batch {a.get('batch_size')}, "
-              f"Adam {a.get('learning_rate')} {a.get('lr_schedule')}; distillation loss T = "
-              f"{a.get('distill_temperature')}, hard-label weight {a.get('hard_label_weight')}")
-    header = f"data: {teacher['data']}\n{recipe}\nstudent seeds: {seeds}{subset_note}\n\n"
-    lines = ["| model | epochs | test accuracy | training samples/s |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    footer = (f"\ndistilled - alone accuracy: {_spread(gain)}\n"
-              f"student samples/s, DistillReader / plain reader: {_spread(ratio, digits=2)}")
-    return header + "\n".join(lines) + footer
+    """The Markdown report: data, recipe, one row per setting and student, gains in points over seeds."""
+    teacher, students, a = results["teacher"], results["students"], results["args"]
+    seeds = ", ".join(str(s["seed"]) for s in students)
+    first = students[0]
+    lines = [data_line(results),
+             f"teacher: LeNet CNN, {teacher.get('labelled_images', teacher.get('train_images'))} labelled images, "
+             f"{len(teacher['epochs'])} epochs, batch {a.get('teacher_train_batch_size')}, Adam "
+             f"{a.get('teacher_learning_rate')} {a.get('lr_schedule')}: test accuracy "
+             f"{100 * teacher['test_acc']:.2f} %" + (f" (validation {100 * teacher['epochs'][-1]['val_acc']:.2f} %)"
+                                                   if "val_acc" in teacher["epochs"][-1] else ""),
+             f"students: MLP 784-{a.get('student_hidden')}-10, {a.get('epochs')} epochs, batch {a.get('batch_size')}, "
+             f"Adam {a.get('learning_rate')} {a.get('lr_schedule')}; distilled: loss = {a.get('hard_label_weight')} "
+             f"label CE + {1 - a.get('hard_label_weight'):g} T^2 soft CE, T = {a.get('distill_temperature')}; "
+             "alone and distilled take the same number of steps",
+             "test accuracy: of the epoch with the best validation accuracy; mean ± sample std over seeds "
+             f"{seeds}; gain = distilled - alone per seed, in points",
+             "",
+             "| setting | student | labels / images trained on | test accuracy (%) | gain (points) | samples/s |",
+             "|---|---|---|---|---|---|"]
+    for setting in [k for k in SETTINGS if k in first]:
+        for kind, label in (("alone", "alone (plain reader)"), ("distilled", "distilled (DistillReader)")):
+            run0 = first[setting][kind]
+            seen = run0["train_images"] if kind == "distilled" or setting == "a" else run0["labelled_images"]
+            accs = [selected_acc(s[setting][kind]) for s in students]
+            speed = statistics.mean(s[setting][kind]["samples_per_s"] for s in students)
+            gain = _pm(gains(results, setting), sign="+") if kind == "distilled" else ""
+            lines.append(f"| ({setting}) {SETTINGS[setting]} | {label} | {run0['labelled_images']} / {seen} | "
+                         f"{_pm(accs)} | {gain} | {speed:.0f} |")
+    lines.append("")
+    for setting in [k for k in SETTINGS if k in first]:
+        per_seed = ", ".join(f"seed {s['seed']}: {100 * selected_acc(s[setting]['alone']):.2f} / "
+                             f"{100 * selected_acc(s[setting]['distilled']):.2f}" for s in students)
+        lines.append(f"({setting}) alone / distilled per seed: {per_seed}")
+    return "\n".join(lines)
 
 
 def plot_curves(results: dict, path: str) -> None:
-    """Left: test accuracy per epoch of teacher, student alone and student distilled (mean over seeds, band =
-    min..max). Right: the students' training samples/s with the plain reader and with DistillReader."""
+    """One panel per setting: test accuracy per epoch of the students alone and distilled (mean over seeds, band =
+    min..max) and the teacher's; a last panel: each seed's reported accuracy, per setting and student."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 4.8), dpi=120, gridspec_kw={"width_ratios": [2.4, 1]})
-    teacher = results["teacher"]["epochs"]
-    ax.plot([e["epoch"] for e in teacher], [100 * e["test_acc"] for e in teacher], "k--o", ms=4,
-            label=f"teacher CNN ({100 * results['teacher']['test_acc']:.2f}%)")
-    kinds = (("alone", "tab:blue", "student MLP alone"), ("distilled", "tab:orange", "student MLP distilled"))
-    for kind, color, label in kinds:
-        curves = [[100 * e["test_acc"] for e in s[kind]["epochs"]] for s in results["students"]]
-        epochs = list(range(1, len(curves[0]) + 1))
-        by_epoch = list(zip(*curves))
-        mean = [statistics.mean(v) for v in by_epoch]
-        ax.plot(epochs, mean, "-o", color=color, ms=4, label=f"{label} ({mean[-1]:.2f}%)")
-        if len(curves) > 1:
-            ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], color=color, alpha=0.2)
-    n = len(results["students"])
-    ax.set_title(f"Test accuracy per epoch ({n} seed{'s, band = min..max' if n > 1 else ''})", fontsize=10)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-
-    speeds = [statistics.mean(s[kind]["samples_per_s"] for s in results["students"]) for kind, _, _ in kinds]
-    drawn = bars.bar(["plain reader", "DistillReader"], speeds, color=[c for _, c, _ in kinds], width=0.6)
-    bars.bar_label(drawn, labels=[f"{v:,.0f}" for v in speeds], fontsize=9)
-    bars.set_title("Student training speed", fontsize=10)
-    bars.set_ylabel("samples/s (teacher on the same CPU)")
-    bars.set_ylim(0, 1.15 * max(speeds))
-    bars.grid(axis="y", alpha=0.3)
-    data = results["teacher"]["data"].split(" (")[0]
-    subset = results["args"].get("train_samples")
-    note = f"; students trained on the first {subset} training samples" if subset else ""
-    fig.text(0.01, 0.01, f"data: {data}{note}", fontsize=8, color="gray")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    students = results["students"]
+    settings = [k for k in SETTINGS if k in students[0]]
+    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(5 * len(settings) + 4, 4.8), dpi=110)
+    teacher_acc = 100 * results["teacher"]["test_acc"]
+    kinds = (("alone", "tab:blue"), ("distilled", "tab:orange"))
+    for ax, setting in zip(axes, settings):
+        run0 = students[0][setting]
+        for kind, color in kinds:
+            curves = [[100 * e["test_acc"] for e in s[setting][kind]["epochs"]] for s in students]
+            epochs = list(range(1, len(curves[0]) + 1))
+            by_epoch = list(zip(*curves))
+            mean = [statistics.mean(v) for v in by_epoch]
+            images = run0[kind]["train_images"] if kind == "distilled" else run0[kind]["labelled_images"]
+            label = f"{kind}: {run0[kind]['labelled_images']} labels / {images} images" if setting == "b" else kind
+            ax.plot(epochs, mean, "-o", color=color, ms=4, label=label)
+            if len(curves) > 1:
+                ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], color=color,
+                                alpha=0.25)
+        ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher CNN ({teacher_acc:.2f}%)")
+        ax.set_title(f"({setting}) {SETTINGS[setting]}: gain {_pm(gains(results, setting), sign='+')} points",
+                     fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    dots = axes[-1]
+    ticks = []
+    for i, (setting, (kind, color)) in enumerate((s, k) for s in settings for k in kinds):
+        accs = [100 * selected_acc(s[setting][kind]) for s in students]
+        dots.scatter([i] * len(accs), accs, color=color, zorder=3, s=18)
+        if len(accs) > 1:
+            dots.errorbar([i + 0.15], [statistics.mean(accs)], yerr=[statistics.stdev(accs)], fmt="_", color="k",
+                          capsize=3)
+        ticks.append(f"({setting})\n{kind}")
+    dots.set_xticks(range(len(ticks)))
+    dots.set_xticklabels(ticks, fontsize=8)
+    dots.set_title(f"each seed (dots), mean ± std ({len(students)} seeds)", fontsize=10)
+    dots.set_ylabel("test accuracy (%), best-validation epoch")
+    dots.grid(axis="y", alpha=0.3)
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(data_line(results), 200)), fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local debugging with a fixed teacher, step by step (the seed's run.sh, made self-contained):
-#   1. train the teacher CNN and save it as a serving model (mnist_model/ + serving_conf/),
+#   1. train the teacher CNN and save it as a serving model (mnist_model/ + serving_client/),
 #   2. serve it with teachers.serve on 127.0.0.1:$PORT in the background,
 #   3. train the student MLP with the teacher's soft labels (DistillReader, fixed teacher),
 #   4. stop the server (also on error or Ctrl-C).
@@ -21,7 +21,7 @@ data_args=()
 if [ -n "${DATA_DIR:-}" ]; then data_args=(--data_dir "$DATA_DIR"); fi
 mkdir -p "$WORKDIR" && cd "$WORKDIR"
 
-# 1. teacher -> mnist_model/ (server folder) and serving_conf/ (client config)
+# 1. teacher -> mnist_model/ (server folder) and serving_client/ (client config)
 "$PYTHON" "$here/train_with_fleet.py" --save_serving_model True --epochs "$TEACHER_EPOCHS" "${data_args[@]}"
 
 # 2. serve it (the seed: python -m paddle_serving_server_gpu.serve --model mnist_model --thread 4 --port 9292
@@ -39,7 +39,7 @@ trap 'exit 130' INT TERM
 "$PYTHON" - "$PORT" <<'PY'
 import sys, time
 from distill_reader.client import TeacherClient
-client = TeacherClient(f"127.0.0.1:{sys.argv[1]}", "serving_conf")
+client = TeacherClient(f"127.0.0.1:{sys.argv[1]}", "serving_client")
 deadline = time.monotonic() + 120
 while not client.health(timeout=1.0):
     if time.monotonic() > deadline:

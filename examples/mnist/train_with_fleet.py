@@ -2,7 +2,7 @@
 
 The seed's three commands keep working:
 
-    python train_with_fleet.py --save_serving_model                # teacher CNN -> mnist_model/ + serving_conf/
+    python train_with_fleet.py --save_serving_model                # teacher CNN -> mnist_model/ + serving_client/
     python -m teachers.serve --model mnist_model --thread 4 --port 9292
     python train_with_fleet.py --use_distill_service True --distill_teachers 127.0.0.1:9292   # student MLP
 
@@ -46,64 +46,90 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+IGNORE_LABEL = -100  # the label of a sample the student has no label for (cross_entropy's ignore_index)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     flag = dict(type=str2bool, nargs="?", const=True, default=False)
-    p.add_argument("--model", choices=["auto", "teacher", "student"], default="auto",
-                   help="network to train: teacher (CNN) or student (small MLP); auto = teacher with "
-                        "--save_serving_model, else student")
-    p.add_argument("--student_hidden", type=int, default=models.STUDENT_HIDDEN,
-                   help="hidden units of the student MLP")
-    p.add_argument("--epochs", "--num_epochs", dest="epochs", type=int, default=5, help="training epochs")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per training step (per trainer)")
-    p.add_argument("--seed", type=int, default=1, help="seed of weight init and of the per-epoch shuffle")
-    p.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate (peak with cosine)")
-    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant",
-                   help="constant = the seed's fixed Adam rate; cosine = decay from --learning_rate to 0 over "
-                        "all training steps (local_flow.py uses cosine for teacher and students)")
-    p.add_argument("--data_dir", default=None,
-                   help="folder with MNIST IDX files (train-*/t10k-*, .gz or plain; only t10k-* is split 8000/2000); "
-                        "default: download MNIST with paddle, else Fashion-MNIST from /usr/share/datasets")
-    p.add_argument("--train_samples", type=int, default=0, help="use only the first N training samples (0 = all)")
-    p.add_argument("--test_samples", type=int, default=0, help="use only the first N test samples (0 = all)")
-    p.add_argument("--use_gpu", **flag, help="train on GPU FLAGS_selected_gpus (needs the paddlepaddle-gpu wheel)")
-    # Teacher side.
-    p.add_argument("--save_serving_model", **flag,
-                   help="after training, save the model for teachers.serve (--serving_model_dir) and its client "
-                        "config (--serving_conf_dir), like serving_io.save_model in the seed")
-    p.add_argument("--serving_model_dir", default="mnist_model", help="serving model folder written by the teacher")
-    p.add_argument("--inference_model_dir", default="",
-                   help="also save a Paddle inference model under this folder (model.pdmodel/.pdiparams)")
-    # Student side.
-    p.add_argument("--use_distill_service", **flag,
-                   help="train with the teachers' soft labels fetched by DistillReader")
-    p.add_argument("--distill_teachers", default="127.0.0.1:9292",
-                   help="fixed teachers, 'host:port[,host:port...]' (ignored with --discovery_servers)")
-    p.add_argument("--discovery_servers", default="",
-                   help="ZooKeeper hosts 'host:port[,...]' to find teachers in instead of --distill_teachers")
-    p.add_argument("--teacher_service_name", default="MnistDistill",
-                   help="service name the teachers registered under (with --discovery_servers)")
-    p.add_argument("--discovery_root", default="/distill",
-                   help="ZooKeeper folder holding the services (with --discovery_servers; discovery.register --root)")
-    p.add_argument("--require_max_teacher", type=int, default=4,
-                   help="use at most this many discovered teachers (with --discovery_servers)")
-    p.add_argument("--serving_conf_dir", default="serving_conf",
-                   help="client config folder: written with --save_serving_model, read by DistillReader")
-    p.add_argument("--teacher_batch_size", type=int, default=0,
-                   help="samples per teacher request (0 = --batch_size: one request per student batch)")
-    p.add_argument("--distill_temperature", type=float, default=1.0,
-                   help="softening temperature T of the distillation loss. 1 = the seed's loss, "
-                        "cross_entropy(prediction, soft_label, soft_label=True). Above 1, Hinton's soft targets: the "
-                        "served probabilities p are softened on the student side, softmax(log(p) / T) (equal to "
-                        "softmax(teacher_logits / T)), against softmax(student_logits / T), times T**2")
-    p.add_argument("--hard_label_weight", type=float, default=0.0,
-                   help="loss = w * CE(label) + (1 - w) * distill loss; 0 = the seed's pure distillation loss")
-    # Output.
-    p.add_argument("--metrics_out", default="",
-                   help="write per-epoch test accuracy, step losses and samples/s to this JSON file")
-    p.add_argument("--dump_soft_labels", default="",
-                   help="write the first training batch as fed (img, label, soft_label) to this .npz file")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    model = p.add_argument_group("model and training")
+    model.add_argument("--model", choices=["auto", "teacher", "student"], default="auto",
+                       help="network to train: teacher (CNN) or student (small MLP); auto = teacher with "
+                            "--save_serving_model, else student")
+    model.add_argument("--student_hidden", type=int, default=models.STUDENT_HIDDEN,
+                       help="hidden units of the student MLP")
+    model.add_argument("--epochs", "--num_epochs", dest="epochs", type=int, default=5, help="training epochs")
+    model.add_argument("--batch_size", type=int, default=64, help="samples per training step (per trainer)")
+    model.add_argument("--seed", type=int, default=1, help="seed of weight init and of the per-epoch shuffle")
+    model.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate (peak with cosine)")
+    model.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant",
+                       help="constant = the seed's fixed Adam rate; cosine = decay from --learning_rate to 0 over "
+                            "all training steps (local_flow.py uses cosine for teacher and students)")
+    model.add_argument("--use_gpu", **flag,
+                       help="train on GPU FLAGS_selected_gpus (needs the paddlepaddle-gpu wheel)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default=None,
+                      help="folder with MNIST IDX files (train-*/t10k-*, .gz or plain; only t10k-* is split "
+                           "8000/2000); default: MNIST cached in ~/.cache/paddle/dataset/mnist or downloaded once, "
+                           "else Fashion-MNIST from /usr/share/datasets")
+    data.add_argument("--offline", action="store_true",
+                      help="never download (also DISTILL_OFFLINE=1): cached MNIST, else Fashion-MNIST")
+    data.add_argument("--train_samples", type=int, default=0, help="use only the first N training samples (0 = all)")
+    data.add_argument("--val_samples", type=int, default=0,
+                      help="hold out the last N training samples (after --train_samples) as a validation set, "
+                           "evaluated every epoch and never trained on (0 = none)")
+    data.add_argument("--test_samples", type=int, default=0, help="use only the first N test samples (0 = all)")
+    data.add_argument("--labelled_samples", type=int, default=0,
+                      help="only the first N training samples keep their labels (0 = all). Alone, the student "
+                           "trains on those N, for as many steps per epoch as the whole training set gives; with "
+                           "--use_distill_service it sees every training sample with the teacher's soft label and "
+                           "the label only for the first N (a transfer set)")
+    teacher = p.add_argument_group("teacher side (--save_serving_model)")
+    teacher.add_argument("--save_serving_model", **flag,
+                         help="after training, save the model for teachers.serve (--serving_model_dir) and its "
+                              "client config (--serving_conf_dir), like serving_io.save_model in the seed")
+    teacher.add_argument("--serving_model_dir", default="mnist_model",
+                         help="serving model folder written by the teacher")
+    teacher.add_argument("--inference_model_dir", default="",
+                         help="also save a Paddle inference model under this folder (model.pdmodel/.pdiparams)")
+    student = p.add_argument_group("student side (--use_distill_service)")
+    student.add_argument("--use_distill_service", **flag,
+                         help="train with the teachers' soft labels fetched by DistillReader")
+    student.add_argument("--distill_teachers", default="127.0.0.1:9292",
+                         help="fixed teachers, 'host:port[,host:port...]' (ignored with --discovery_servers)")
+    student.add_argument("--discovery_servers", default="",
+                         help="ZooKeeper hosts 'host:port[,...]' to find teachers in instead of --distill_teachers")
+    student.add_argument("--teacher_service_name", default="MnistDistill",
+                         help="service name the teachers registered under (with --discovery_servers)")
+    student.add_argument("--discovery_root", default="/distill",
+                         help="ZooKeeper folder holding the services (with --discovery_servers; "
+                              "discovery.register --root)")
+    student.add_argument("--require_max_teacher", type=int, default=4,
+                         help="use at most this many discovered teachers (with --discovery_servers)")
+    student.add_argument("--serving_conf_dir", default="serving_client",
+                         help="client config folder: written with --save_serving_model, read by DistillReader "
+                              "(a folder named serving_conf, the former default, is read when this one is absent)")
+    student.add_argument("--teacher_batch_size", type=int, default=0,
+                         help="samples per teacher request (0 = --batch_size: one request per student batch)")
+    student.add_argument("--distill_temperature", type=float, default=1.0,
+                         help="softening temperature T of the distillation loss. 1 = the seed's loss, "
+                              "cross_entropy(prediction, soft_label, soft_label=True). Above 1, Hinton's soft "
+                              "targets: the served probabilities p are softened on the student side, "
+                              "softmax(log(p) / T) (equal to softmax(teacher_logits / T)), against "
+                              "softmax(student_logits / T), times T**2")
+    student.add_argument("--hard_label_weight", type=float, default=0.0,
+                         help="loss = w * CE(label) + (1 - w) * distill loss; 0 = the seed's pure distillation loss")
+    output = p.add_argument_group("output")
+    output.add_argument("--metrics_out", default="",
+                        help="write per-epoch validation and test accuracy, step losses and samples/s to this JSON "
+                             "file")
+    output.add_argument("--dump_soft_labels", default="",
+                        help="write the first training batch as fed (img, label, soft_label) to this .npz file")
+    output.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
     args = p.parse_args(argv)
     if args.model == "auto":
         args.model = "teacher" if args.save_serving_model else "student"
@@ -111,7 +137,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--hard_label_weight must be within [0, 1]")
     if args.distill_temperature <= 0:
         p.error("--distill_temperature must be > 0")
+    if args.labelled_samples < 0 or args.val_samples < 0:
+        p.error("--labelled_samples and --val_samples must be >= 0")
     return args
+
+
+def loss_label(args: argparse.Namespace) -> str:
+    """What the progress bar's ``loss`` is, e.g. ``loss = 0.5 label CE + 0.5 T^2 soft CE (T=2)``."""
+    if not args.use_distill_service:
+        return "loss = label CE"
+    w, t = args.hard_label_weight, args.distill_temperature
+    soft = f"T^2 soft CE (T={t:g})" if t != 1 else "soft CE"
+    return f"loss = {w:g} label CE + {1 - w:g} {soft}" if w else f"loss = {soft}"
 
 
 def _allreduce_sum_op() -> dict:
@@ -134,14 +171,24 @@ class Network:
         self.main = paddle.static.Program()
         self.startup = paddle.static.Program()
         self.main.random_seed = self.startup.random_seed = args.seed
-        with paddle.static.program_guard(self.main, self.startup), paddle.utils.unique_name.guard():
+        with paddle.utils.unique_name.guard():
+            self._build(args, nranks, use_gpu, total_steps)
+
+    def _build(self, args: argparse.Namespace, nranks: int, use_gpu: bool, total_steps: int) -> None:
+        with paddle.static.program_guard(self.main, self.startup):
             self.img = paddle.static.data("img", [None, 1, 28, 28], "float32")
             self.label = paddle.static.data("label", [None, 1], "int64")
             self.logits, self.prediction = models.build_model(args.model, self.img, args.student_hidden)
+            # Samples without a label (IGNORE_LABEL, --labelled_samples with distillation) add 0: the mean is over
+            # the whole batch, so a labelled sample weighs the same as in a fully labelled batch.
             self.hard_loss = paddle.mean(paddle.nn.functional.cross_entropy(
-                self.prediction, self.label, use_softmax=False, reduction="none"))
-            self.acc = paddle.static.accuracy(input=self.prediction, label=self.label)
+                self.prediction, self.label, use_softmax=False, ignore_index=IGNORE_LABEL, reduction="none"))
             self.test_program = self.main.clone(for_test=True)
+        # Accuracy only in the test program: training batches may hold samples without labels (IGNORE_LABEL).
+        with paddle.static.program_guard(self.test_program, paddle.static.Program()):
+            block = self.test_program.global_block()
+            self.acc = paddle.static.accuracy(input=block.var(self.prediction.name), label=block.var(self.label.name))
+        with paddle.static.program_guard(self.main, self.startup):
             self.inputs = [self.img, self.label]
             if args.use_distill_service:
                 # The teacher's prediction is one more input of the student (the seed's soft_label).
@@ -175,15 +222,37 @@ class Network:
                 optimizer.minimize(self.loss)
 
 
+def conf_file(conf_dir: str) -> str:
+    """The client config in ``conf_dir``; the former default folder ``serving_conf`` when ``serving_client`` (the
+    default now, as teachers.export and Paddle Serving name it) does not exist."""
+    if conf_dir == "serving_client" and not os.path.isdir(conf_dir) and os.path.isdir("serving_conf"):
+        conf_dir = "serving_conf"
+    return os.path.join(conf_dir, "serving_client_conf.prototxt")
+
+
+def training_samples(args: argparse.Namespace, dataset: mnist_data.MnistData):
+    """(images, labels, samples per epoch) the student's reader draws from, after --labelled_samples."""
+    images, labels, n = dataset.train_images, dataset.train_labels, len(dataset.train_images)
+    k = args.labelled_samples
+    if not k or k >= n:
+        return images, labels, n
+    if args.use_distill_service:  # every image, its label only for the first k: the teacher labels the rest
+        labels = labels.copy()
+        labels[k:] = IGNORE_LABEL
+        return images, labels, n
+    return images[:k], labels[:k], n  # the labelled part alone, as many steps per epoch as the whole set
+
+
 def make_train_reader(args: argparse.Namespace, dataset: mnist_data.MnistData):
     """The plain sample-list reader, wrapped in a DistillReader with --use_distill_service."""
-    reader = mnist_data.sample_list_reader(dataset.train_images, dataset.train_labels, args.batch_size, args.seed)
+    images, labels, per_epoch = training_samples(args, dataset)
+    reader = mnist_data.sample_list_reader(images, labels, args.batch_size, args.seed, samples_per_epoch=per_epoch)
     if not args.use_distill_service:
         return reader, None
     from distill_reader import DistillReader
 
     dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
-    dr.set_serving_conf_file(os.path.join(args.serving_conf_dir, "serving_client_conf.prototxt"))
+    dr.set_serving_conf_file(conf_file(args.serving_conf_dir))
     dr.set_teacher_batch_size(args.teacher_batch_size or args.batch_size)
     if args.discovery_servers:
         dr.set_dynamic_teacher(args.discovery_servers, args.teacher_service_name, args.require_max_teacher,
@@ -195,13 +264,12 @@ def make_train_reader(args: argparse.Namespace, dataset: mnist_data.MnistData):
     return dr.set_sample_list_generator(reader), dr
 
 
-def evaluate(exe, net: Network, dataset: mnist_data.MnistData, batch_size: int = 500) -> tuple[float, float]:
-    """(mean loss, accuracy) of the test program over the whole test set."""
+def evaluate(exe, net: Network, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tuple[float, float]:
+    """(mean loss, accuracy) of the test program over ``images``."""
     correct, loss_sum = 0.0, 0.0
-    n = len(dataset.test_images)
+    n = len(images)
     for start in range(0, n, batch_size):
-        img = dataset.test_images[start:start + batch_size]
-        label = dataset.test_labels[start:start + batch_size]
+        img, label = images[start:start + batch_size], labels[start:start + batch_size]
         loss, acc = exe.run(net.test_program, feed={"img": img, "label": label}, fetch_list=[net.hard_loss, net.acc])
         correct += float(acc) * len(img)
         loss_sum += float(loss) * len(img)
@@ -234,8 +302,13 @@ def train(args: argparse.Namespace) -> dict:
         dist.init_parallel_env()  # gloo process group for the CPU allreduce ops
     place = paddle.CUDAPlace(int(os.getenv("FLAGS_selected_gpus", "0"))) if use_gpu else paddle.CPUPlace()
 
-    dataset = mnist_data.load_data(args.data_dir).subset(args.train_samples, args.test_samples).shard(rank, nranks)
+    dataset = mnist_data.load_data(args.data_dir, offline=args.offline or None)
+    dataset = dataset.subset(args.train_samples, args.test_samples).hold_out(args.val_samples).shard(rank, nranks)
     print(f"[trainer {rank}/{nranks}] data: {dataset.source}", flush=True)
+    n_val = 0 if dataset.val_images is None else len(dataset.val_images)
+    labelled = min(args.labelled_samples or len(dataset.train_images), len(dataset.train_images))
+    print(f"[trainer {rank}/{nranks}] {args.model}: {len(dataset.train_images)} training images, {labelled} of them "
+          f"with labels; {n_val} validation, {len(dataset.test_images)} test", flush=True)
 
     steps_per_epoch = -(-len(dataset.train_images) // args.batch_size)
     net = Network(args, nranks, use_gpu, total_steps=steps_per_epoch * args.epochs)
@@ -246,12 +319,15 @@ def train(args: argparse.Namespace) -> dict:
     exe = paddle.static.Executor(place)
     exe.run(net.startup)
     history: dict = {"model": args.model, "distill": bool(args.use_distill_service), "seed": args.seed,
-                     "data": dataset.source, "rank": rank, "nranks": nranks, "epochs": [], "step_losses": [],
+                     "data": dataset.source, "data_name": dataset.name, "train_images": len(dataset.train_images),
+                     "labelled_images": labelled, "val_images": n_val, "test_images": len(dataset.test_images),
+                     "rank": rank, "nranks": nranks, "epochs": [], "step_losses": [],
                      "step_hard_losses": []}
     try:
         for epoch in range(args.epochs):
             start, samples = time.perf_counter(), 0
-            bar = tqdm(loader(), total=steps_per_epoch, desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
+            bar = tqdm(loader(), total=steps_per_epoch,
+                       desc=f"{args.model} epoch {epoch + 1}/{args.epochs} ({loss_label(args)})",
                        # None: tqdm stays quiet when stderr is not a terminal (logs, CI)
                        disable=True if args.no_progress or rank != 0 else None, file=sys.stderr,
                        dynamic_ncols=True)
@@ -265,14 +341,17 @@ def train(args: argparse.Namespace) -> dict:
                     net.lr_scheduler.step()
                 samples += np.array(feed[0]["img"]).shape[0]
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix({"loss": f"{float(loss):.4f}", "label CE": f"{float(hard_loss):.4f}"})
             elapsed = time.perf_counter() - start
-            test_loss, test_acc = evaluate(exe, net, dataset)
-            history["epochs"].append({"epoch": epoch + 1, "test_loss": test_loss, "test_acc": test_acc,
-                                      "train_seconds": elapsed, "samples": samples,
-                                      "samples_per_s": samples / elapsed})
-            print(f"[trainer {rank}] {args.model} epoch {epoch + 1}: test acc {test_acc:.4f}, test loss "
-                  f"{test_loss:.4f}, {samples / elapsed:.0f} samples/s", flush=True)
+            record = {"epoch": epoch + 1, "train_seconds": elapsed, "samples": samples,
+                      "samples_per_s": samples / elapsed}
+            if n_val:
+                record["val_loss"], record["val_acc"] = evaluate(exe, net, dataset.val_images, dataset.val_labels)
+            record["test_loss"], record["test_acc"] = evaluate(exe, net, dataset.test_images, dataset.test_labels)
+            history["epochs"].append(record)
+            val = f"val acc {record['val_acc']:.4f}, " if n_val else ""
+            print(f"[trainer {rank}] {args.model} epoch {epoch + 1}: {val}test acc {record['test_acc']:.4f}, test "
+                  f"loss {record['test_loss']:.4f}, {samples / elapsed:.0f} samples/s", flush=True)
     finally:
         if distill_reader is not None and hasattr(distill_reader, "close"):
             distill_reader.close()
@@ -282,6 +361,10 @@ def train(args: argparse.Namespace) -> dict:
     train_seconds = sum(e["train_seconds"] for e in history["epochs"])
     history["samples_per_s"] = train_samples / train_seconds if train_seconds else 0.0
     history["test_acc"] = history["epochs"][-1]["test_acc"] if history["epochs"] else None
+    if history["epochs"] and n_val:  # model selection on the validation set, never on the test set
+        best = max(history["epochs"], key=lambda e: (e["val_acc"], e["epoch"]))
+        history["best_val_epoch"], history["best_val_acc"] = best["epoch"], best["val_acc"]
+        history["test_acc_at_best_val"] = best["test_acc"]
     if args.metrics_out and rank == 0:
         with open(args.metrics_out, "w") as f:
             json.dump(history, f, indent=1)
