@@ -519,3 +519,25 @@ def test_large_assignments_are_written_in_transactions_within_zookeepers_request
         if assigner is not None:
             assigner.stop()
         session.close()
+
+
+def test_the_same_teachers_in_another_order_is_no_change_for_on_change(zookeeper, zk, zk_root):
+    """Issue 25: ``on_change`` fires when the set of teachers changes, not their order. The student's assignment
+    node is rewritten by hand with its teachers reversed (the assigner then writes its own order back), and the
+    student's report path is given the reversed list directly: no call either way (before the fix: one or two)."""
+    registrations = teachers_up(zookeeper.hosts, zk_root, range(1, 3), allow_open_acl=True)
+    lone, recorder = student(zookeeper.hosts, zk_root, "lone", require_max_teacher=2)
+    try:
+        wait_for(lambda: settled(zk, zk_root, [lone], list(registrations)), 15, "assigned")
+        calls = list(recorder.calls)
+        assert calls[-1] == sorted(registrations)
+        path = ServicePaths(zk_root, SERVICE).assignment_of(node_of(lone))
+        written = parse_assignment(node_of(lone), zk.get(path)[0])
+        reversed_ = Assignment(written.student, written.teachers[::-1], written.endpoints[::-1])
+        zk.set(path, reversed_.document())
+        wait_for(lambda: zk.get(path)[0] == written.document(), 15, "the assigner writing its order back")
+        lone._report(list(reversed(lone.endpoints)), teachers=None, view=None)
+        assert recorder.calls == calls
+        assert sorted(lone.endpoints) == sorted(registrations)
+    finally:
+        stop_all([lone], registrations.values())
