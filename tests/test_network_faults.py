@@ -1,8 +1,8 @@
-"""DistillReader under real network faults (issue 25): a teacher in a network namespace of the test's own behind a
-veth link that the test black-holes (no ACK, no RST: a dead host or a cut cable, which SIGSTOP cannot imitate: a
-frozen process's kernel still ACKs). Real ``teachers.serve`` servers and worker processes; each sample is checked
-once, in order, against the model's own predictions. Needs root for ``ip netns``: skipped, with the reason,
-elsewhere. The namespaces and their processes are removed even when a test fails."""
+"""DistillReader under real network faults (issue 25): a teacher (or ZooKeeper) in a network namespace of the
+test's own behind a veth link that the test black-holes (no ACK, no RST: a dead host or a cut cable, which SIGSTOP
+cannot imitate: a frozen process's kernel still ACKs). Real ``teachers.serve`` servers, worker processes and
+ZooKeeper; each sample is checked once, in order, against the model's own predictions. Needs root for ``ip netns``:
+skipped, with the reason, elsewhere. The namespaces and their processes are removed even when a test fails."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,12 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader
-from tests.support.netns import NamespacedTeacher, namespaces, unavailable
-from tests.support.teacher import grpc_health, mnist_like_images, reference_predict
+from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, namespaces, unavailable
+from tests.support.procs import wait_for
+from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
+from tests.support.zookeeper import registered_endpoints
+
+from .test_discovery import SERVICE, SESSION, registration
 
 N = 960
 BATCH = 16
@@ -35,7 +39,8 @@ def data(teacher_model):
 
 def _reader(teacher_model, endpoints, **options) -> DistillReader:
     dr = DistillReader(ins=["img", "label"], predicts=["prediction"], **options)
-    dr.set_fixed_teacher(endpoints)
+    if endpoints is not None:
+        dr.set_fixed_teacher(endpoints)
     dr.set_serving_conf_file(teacher_model.client_conf)
     dr.set_teacher_batch_size(BATCH)
     return dr
@@ -52,6 +57,13 @@ def _check(out, images, ref):
     predictions = np.concatenate([b[2] for b in out])
     for i in range(len(images)):
         np.testing.assert_allclose(predictions[i], ref[i], rtol=1e-5, atol=1e-6, err_msg=f"sample {i}")
+
+
+def _registered(hosts, root):
+    try:
+        return registered_endpoints(hosts, root, SERVICE)
+    except Exception:  # noqa: BLE001 - not answering yet, or a node vanished while read: ask again
+        return []
 
 
 def _epoch(dr, images, hook=None):
@@ -92,3 +104,52 @@ def test_a_black_holed_teacher_is_set_aside_and_every_sample_is_answered_once_in
             _check(out, images, ref)
         finally:
             dr.close()
+
+
+def test_a_zookeeper_partition_longer_than_the_session_timeout_loses_no_sample(teacher_model, teacher_server, data,
+                                                                                netns, zk_root):
+    """ZooKeeper in its own namespace, black-holed for longer than the session timeout (the student's and the
+    teachers' sessions expire on the server) while an epoch runs: the student keeps its last known teachers and
+    answers every sample once, in order; after the heal it comes back on a new session, the teachers register
+    again and the next epoch is exact too."""
+    images, ref = data
+    ns = netns()
+    zookeeper = NamespacedZooKeeper(ns).start()
+    registrations, dr = [], None
+    try:
+        with TeacherServer(teacher_model.server_dir) as other:
+            teachers = sorted([teacher_server.endpoint, other.endpoint])
+            registrations = [registration(zookeeper.hosts, zk_root, e, allow_open_acl=True) for e in teachers]
+            for reg in registrations:
+                reg.wait_registered(20)
+            dr = _reader(teacher_model, None, all_teachers_down_timeout=60.0)
+            dr.set_dynamic_teacher(zookeeper.hosts, SERVICE, require_max_teacher=2, root=zk_root,
+                                   session_timeout=SESSION)
+            subscription = dr._resources.subscription
+            wait_for(lambda: sorted(subscription.endpoints) == teachers, 20, "the student finding both teachers")
+            out, _ = _epoch(dr, images)
+            _check(out, images, ref)
+            old_session = subscription.session.session_id
+
+            ns.black_hole()
+            cut_at = time.monotonic()
+            wait_for(lambda: not subscription.connected, 15, "the student losing ZooKeeper")
+            out, _ = _epoch(dr, images)                     # partitioned: last known teachers
+            _check(out, images, ref)
+            assert all(dr.last_epoch_stats.teachers[e]["samples"] >= 1 for e in teachers)
+            assert sorted(subscription.endpoints) == teachers
+            time.sleep(max(0.0, cut_at + 2 * SESSION - time.monotonic()))   # the fault's length: > session timeout
+            ns.heal()
+
+            wait_for(lambda: subscription.connected and subscription.session.session_id != old_session
+                     and subscription.node.created.is_set(), 30, "the student back on a new session")
+            wait_for(lambda: _registered(zookeeper.hosts, zk_root) == teachers, 30, "both teachers registered again")
+            out, _ = _epoch(dr, images)
+            _check(out, images, ref)
+            assert sorted(subscription.endpoints) == teachers
+    finally:
+        if dr is not None:
+            dr.close()
+        for reg in registrations:
+            reg.stop()
+        zookeeper.close()

@@ -27,12 +27,14 @@ import itertools
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 from .procs import ProcessGuard, pid_alive
 from .teacher import TeacherServer
+from .zookeeper import ZooKeeperServer
 
 PREFIX = "drnf-"          # namespace names: drnf-<test pid>-<n>
 _count = itertools.count()
@@ -126,6 +128,11 @@ class Namespace:
 
     def close(self) -> None:
         self.guard.close()
+        for pid in _ip("netns", "pids", self.name, check=False).stdout.split():   # anything else started inside
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         _ip("netns", "del", self.name, check=False)          # the veth pair goes with it
         _ip("link", "del", self.host_link, check=False)      # (if the namespace was never given its end)
 
@@ -161,3 +168,12 @@ class NamespacedTeacher(TeacherServer):
     @property
     def endpoint(self) -> str:
         return f"{self.namespace.address}:{self.port}"
+
+
+class NamespacedZooKeeper(ZooKeeperServer):
+    """A real ZooKeeper (``scripts/zookeeper.sh run``) inside ``namespace``, on its address (``.hosts``)."""
+
+    def __init__(self, namespace: Namespace):
+        super().__init__(port=2181)
+        self.address = namespace.address
+        self.command_prefix = ("ip", "netns", "exec", namespace.name)
