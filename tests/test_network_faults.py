@@ -5,6 +5,7 @@ ZooKeeper; each sample is checked once, in order, against the model's own predic
 skipped, with the reason, elsewhere. The namespaces and their processes are removed even when a test fails."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
@@ -153,3 +154,31 @@ def test_a_zookeeper_partition_longer_than_the_session_timeout_loses_no_sample(t
         for reg in registrations:
             reg.stop()
         zookeeper.close()
+
+
+def test_a_flapping_teacher_link_loses_no_sample(teacher_model, teacher_server, data, netns):
+    """A teacher's link cut and healed every 0.7 s for a whole epoch (requests out on it are lost at every cut,
+    probes and new connections meet either state): every sample still comes out once, in order, right."""
+    images, ref = data
+    ns = netns()
+    stop = threading.Event()
+    flips = []
+
+    def flap():
+        while not stop.wait(0.7):
+            (ns.heal if ns.black_holed else ns.black_hole)()
+            flips.append(time.monotonic())
+
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        dr = _reader(teacher_model, [teacher_server.endpoint, far.endpoint], request_timeout=60.0)
+        flapper = threading.Thread(target=flap, name="flap", daemon=True)
+        try:
+            flapper.start()
+            for _ in range(2):
+                out, _ = _epoch(dr, images)
+                _check(out, images, ref)
+        finally:
+            stop.set()
+            flapper.join(5)
+            dr.close()
+        assert len(flips) >= 2, f"the link flipped {len(flips)} time(s) only"
