@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Optional
 
 from kazoo.exceptions import (
@@ -75,6 +76,8 @@ class Assigner:
         unavailable: set while this student may not create the assignment folder (see the module docstring).
         terms, writes, transactions: how many times it became the assigner, nodes written, transactions committed.
         applied: the last ``ServiceView`` whose assignment is all written (None before the first).
+        led_since: ``time.monotonic()`` when this process last became the assigner (None before the first term);
+            with the time a predecessor's lock node vanished it gives the takeover delay.
     """
 
     UNAVAILABLE_RETRY = 30.0   # seconds between two attempts to create a missing, forbidden assignment folder
@@ -87,6 +90,7 @@ class Assigner:
         self.unavailable = threading.Event()
         self.terms = self.writes = self.transactions = 0
         self.applied: Optional[ServiceView] = None
+        self.led_since: Optional[float] = None
         self.watcher: Optional[ServiceWatcher] = None   # the current term's (None before the first)
         self._view: Optional[ServiceView] = None
         self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
@@ -178,6 +182,7 @@ class Assigner:
         self._deposed.clear()
         self._view = None
         self.terms += 1
+        self.led_since = time.monotonic()
         self.leading.set()
         logger.info("%s is now the assigner of service %s", self.identifier, self.paths.service_path)
         watcher = self.watcher = ServiceWatcher(self.session, self.paths, self._on_view).start()

@@ -65,7 +65,8 @@ class TeacherSubscription:
     Args:
         zk_hosts: ``'host:port,host:port'`` or a list of them.
         service: the teachers' service name.
-        on_change: called with the list of endpoints this student should use, whenever that list changes.
+        on_change: called with the list of endpoints this student should use, whenever the set of them changes
+            (the same teachers in another order is no change).
             Called from a background thread; keep it short and do not raise.
         require_max_teacher: the most teachers this student uses at once.
         root: the ZooKeeper folder of all services.
@@ -342,8 +343,8 @@ class TeacherSubscription:
                 self._view = view
             if teachers is not None:
                 self._assigned = teachers
-            if share == self._endpoints:
-                return
+            if self._endpoints is not None and sorted(share) == sorted(self._endpoints):
+                return             # the same teachers in another order (e.g. after a new session): no change
             previous, self._endpoints = self._endpoints, share
             self._changed.notify_all()
         logger.info("service %s: this student uses %s (was %s)%s", self.paths.service, share, previous,

@@ -106,8 +106,15 @@ class RemoteOptions:
             raise ValueError(f"num_workers must be >= 1, not {self.num_workers}")
 
 
+COLD_WORKER_GRACE = 60.0   # seconds a request may wait for its worker process to start before its clock runs
+
+
 @dataclass
 class _Request:
+    """One request out. ``sent_at`` (``time.monotonic()``) starts its stall and hedge clocks: when it was handed
+    to a started worker, which sends it at once; one handed to a worker still starting (a cold worker: a fresh
+    interpreter importing gRPC, seconds on a loaded machine) gets its clock started when that worker reports
+    ready, or after ``COLD_WORKER_GRACE`` seconds if it never does, so the wait is not counted as the teacher's."""
     request_id: int
     task_id: int
     endpoint: str
@@ -183,8 +190,11 @@ class RemoteStage(PredictionStage):
         if self.workers is not None and self._busy():
             now = time.monotonic()
             wake = min([now + max(0.0, timeout)] + [t for t in self._wake_times() if t is not None])
-            for _worker, message in self.workers.receive(timeout=0.0 if self._results else max(0.0, wake - now)):
-                self._handle(message)
+            for worker, message in self.workers.receive(timeout=0.0 if self._results else max(0.0, wake - now)):
+                if message[0] == "ready":
+                    self._worker_ready(worker)
+                else:
+                    self._handle(message)
             self._check_stalls()
             self._maybe_hedge()
             self._check_down()
@@ -328,7 +338,17 @@ class RemoteStage(PredictionStage):
         self.pool.started(endpoint)
         self.counts["requests"] += 1
         self.counts["hedges"] += hedge
-        self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size)
+        worker = self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size)
+        if not getattr(worker, "ready", True):   # a cold worker: the clock starts when it is ready (_worker_ready)
+            request.sent_at += COLD_WORKER_GRACE
+
+    def _worker_ready(self, worker: Any) -> None:
+        """A worker finished starting: the requests waiting in it are sent now, their clocks start now."""
+        now = time.monotonic()
+        for request_id in worker.outstanding:
+            request = self._requests.get(request_id) or self._orphans.get(request_id)
+            if request is not None:
+                request.sent_at = min(request.sent_at, now)
 
     def _follow_membership(self) -> None:
         current = set(self.pool.endpoints)

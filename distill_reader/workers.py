@@ -93,6 +93,7 @@ class WorkerHandle:
         self.outstanding: set[int] = set()   # task ids sent and not answered
         self.probes: dict[int, str] = {}      # probe id -> endpoint
         self.alive = True
+        self.ready = False                    # its ("ready", pid) arrived: it has started and sends what it gets
         self.crash_text = ""
         self.buffers: dict[int, _SharedBuffer] = {}   # shared memory for large tasks, reused
 
@@ -298,6 +299,8 @@ class WorkerPool:
                     self._release_buffer(worker, message[1])
                 elif kind == "probe":
                     worker.probes.pop(message[1], None)
+                elif kind == "ready":
+                    worker.ready = True
                 elif kind == "crash":
                     worker.crash_text = message[1]
                 messages.append((worker, message))

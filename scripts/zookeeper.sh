@@ -9,7 +9,7 @@
 #   run     write the config and run ZooKeeper in the foreground until SIGTERM/SIGINT (for supervisors and
 #           test fixtures; with WATCH_PID=pid it also stops when that process is gone)
 # PORT defaults to $ZK_PORT or 2181, DATA_DIR to $ZK_DATA_DIR or /tmp/distill-zookeeper-PORT.
-# The server listens on 127.0.0.1 only, has no admin web server, allows the four-letter words
+# The server listens on 127.0.0.1 only (or $ZK_ADDRESS), has no admin web server, allows the four-letter words
 # ruok,srvr,stat,mntr and accepts session timeouts down to 2 s (minSessionTimeout=2000).
 # Environment: ZK_JAR (default /usr/share/java/zookeeper.jar), ZK_HEAP (default 256m), JAVA (default java),
 # ZK_LOG_LEVEL (default warn; needs /usr/share/java/slf4j-simple.jar, else the server logs nothing).
@@ -21,20 +21,21 @@ data_dir="${3:-${ZK_DATA_DIR:-/tmp/distill-zookeeper-$port}}"
 jar="${ZK_JAR:-/usr/share/java/zookeeper.jar}"
 java_bin="${JAVA:-java}"
 pid_file="$data_dir/zookeeper.pid"
+address="${ZK_ADDRESS:-127.0.0.1}"
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ruok() {
   # Send the four-letter word `ruok`; a live server answers `imok` and closes the connection.
   local answer=""
-  if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+  if { exec 3<>"/dev/tcp/$address/$port"; } 2>/dev/null; then
     printf 'ruok' >&3
     answer="$(timeout 2 cat <&3 2>/dev/null || true)"
     exec 3<&- 3>&-
   fi
   [ "$answer" = "imok" ] || return 1
   # `imok` only says the process runs; `srvr` names the mode once the server accepts sessions.
-  if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+  if { exec 3<>"/dev/tcp/$address/$port"; } 2>/dev/null; then
     printf 'srvr' >&3
     answer="$(timeout 2 cat <&3 2>/dev/null || true)"
     exec 3<&- 3>&-
@@ -50,7 +51,7 @@ initLimit=10
 syncLimit=5
 dataDir=$data_dir
 clientPort=$port
-clientPortAddress=127.0.0.1
+clientPortAddress=$address
 admin.enableServer=false
 4lw.commands.whitelist=ruok,srvr,stat,mntr
 minSessionTimeout=2000

@@ -207,6 +207,41 @@ def test_a_worker_exception_keeps_its_type_and_traceback(teacher_model, teacher_
         stage.close()
 
 
+def test_a_request_waiting_for_a_cold_worker_is_not_a_stall(teacher_model, teacher_server):
+    """Issue 25: the stall clock starts when the worker can send the request, not when the task is handed to a
+    worker still starting. The only worker is frozen (SIGSTOP) while it starts, for longer than the stall timeout
+    of unknown latencies; once it runs the task is answered by the same teacher, with no stall counted and the
+    teacher never set aside (before the fix: a stall, the teacher set aside)."""
+    pool = TeacherPool([teacher_server.endpoint])
+    options = RemoteOptions(request_timeout=3.0, stall_min_timeout=0.5, num_workers=1)
+    stage = RemoteStage(pool, ServingConfig.load(teacher_model.client_conf), ["prediction"], options)
+    images = mnist_like_images(4, seed=3)
+    try:
+        stage.begin_epoch(1)
+        task = Task(next_task_id(), 0, 0, 4, {"img": images})
+        stage.submit(task)
+        (worker,) = stage.worker_pids
+        os.kill(worker, signal.SIGSTOP)      # still importing: it has not reported ready
+        try:
+            assert stage.stall_timeout() == 3.0
+            frozen_until = time.monotonic() + 4.5     # longer than the stall timeout: the student keeps polling
+            while time.monotonic() < frozen_until:
+                assert stage.poll(0.2) == []
+            assert stage.counts["stalls"] == 0 and "set aside" not in pool.describe()
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        results, deadline = [], time.monotonic() + 60
+        while not results and time.monotonic() < deadline:
+            results = stage.poll(0.5)
+        assert [r.task_id for r in results] == [task.task_id]
+        np.testing.assert_allclose(results[0].outputs["prediction"], reference_predict(teacher_model.server_dir,
+                                                                                         images), rtol=1e-5, atol=1e-6)
+        assert stage.counts["stalls"] == 0 and stage.counts["requests"] == 1
+        assert "set aside" not in pool.describe()
+    finally:
+        stage.close()
+
+
 def test_the_pipeline_checks_answers_the_client_let_through():
     """The stage's own answer check (a second line behind the client's): rows that are not the task's samples
     set the teacher aside and re-queue the task. A stand-in message replaces the worker (not under test)."""

@@ -61,21 +61,24 @@ class ZooKeeperServer:
         self.proc: Optional[subprocess.Popen] = None
         self.owned = True
 
+    address = "127.0.0.1"       # where it listens (ZK_ADDRESS of scripts/zookeeper.sh)
+    command_prefix: tuple = ()  # e.g. ("ip", "netns", "exec", NAME): run it inside a network namespace
+
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def ready(self) -> bool:
-        return ruok("127.0.0.1", self.port)
+        return ruok(self.address, self.port)
 
     def start(self, timeout: float = 30.0) -> ZooKeeperServer:
         if not os.path.exists("/usr/share/java/zookeeper.jar") and "ZK_JAR" not in os.environ:
             raise RuntimeError("ZooKeeper jar missing: run scripts/setup.sh (Debian package libzookeeper-java) "
                                f"or set {HOSTS_ENV} to an existing ensemble")
         log = open(os.path.join(self.data_dir, "zookeeper.log"), "ab")
-        env = dict(os.environ, WATCH_PID=str(os.getpid()))
-        self.proc = subprocess.Popen(["bash", SCRIPT, "run", str(self.port), self.data_dir], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        env = dict(os.environ, WATCH_PID=str(os.getpid()), ZK_ADDRESS=self.address)
+        self.proc = subprocess.Popen([*self.command_prefix, "bash", SCRIPT, "run", str(self.port), self.data_dir],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
         log.close()
         try:
