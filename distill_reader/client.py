@@ -28,7 +28,7 @@ from .client_security import ClientSecurity
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
-from .status_codes import ErrNo
+from .status_codes import StatusClass, status_class
 from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,6 @@ class TeacherRequestRejected(TeacherAnswerError):
     shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
 
 
-# Paddle Serving's error numbers and what each says: distill_reader/status_codes.py (shared with teachers.serve).
-ERR_NO_INVALID_INPUT = int(ErrNo.INPUT)
-TRANSIENT_ERR_NOS = (int(ErrNo.SHUTDOWN), int(ErrNo.INTERNAL))
 _TRANSIENT_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)
@@ -345,12 +342,8 @@ class TeacherClient:
 
     def _outputs(self, response: service_pb2.Response, fetch: Sequence[str], batch_size: int,
                  variable: Optional[lod_feeds.VariableFeeds] = None, lod_form: str = "split") -> dict[str, Any]:
-        if response.err_no == ERR_NO_INVALID_INPUT:
-            raise TeacherRequestRejected(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
-        if response.err_no in TRANSIENT_ERR_NOS:
-            raise TeacherUnavailable(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if response.err_no != 0:
-            raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
+            raise _err_no_error(self.endpoint, response.err_no, response.err_msg)
         if not response.outputs:
             raise TeacherAnswerError(self.endpoint, "answer has no outputs")
         by_name: dict[str, np.ndarray] = {}
@@ -379,6 +372,21 @@ class TeacherClient:
                                            batch_size, lod_form)
         except ValueError as exc:
             raise TeacherAnswerError(self.endpoint, str(exc)) from None
+
+
+# What the client raises for each class of Paddle Serving's err_no (the table: distill_reader/status_codes.py).
+_ERROR_OF_CLASS: dict[StatusClass, type[TeacherError]] = {
+    StatusClass.INVALID_INPUT: TeacherRequestRejected,   # any teacher of this model refuses it
+    StatusClass.BUSY: TeacherUnavailable,                # elsewhere, and the teacher counts as slow or sick
+    StatusClass.SICK: TeacherUnavailable,
+    StatusClass.BROKEN: TeacherAnswerError,
+}
+
+
+def _err_no_error(endpoint: str, err_no: int, err_msg: str) -> TeacherError:
+    """The exception for a non-zero ``err_no``, chosen by its class (``status_codes.status_class``)."""
+    klass = status_class(err_no)
+    return _ERROR_OF_CLASS[klass](endpoint, f"err_no {err_no} ({klass.value}): {err_msg}")
 
 
 def _batch_size_of(feeds: Mapping[str, Any]) -> int:
