@@ -1,6 +1,5 @@
 """The err_no table shared by the teacher server and the student's client."""
 import numpy as np  # (before paddle: environment.md)
-
 import pytest
 
 from distill_reader import client
