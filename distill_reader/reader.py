@@ -225,19 +225,20 @@ class DistillReader:
             raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
         self.teacher_batch_size = int(teacher_batch_size)
 
-    def set_serving_conf_file(self, path: str) -> None:
+    def set_serving_conf_file(self, path: Union[str, os.PathLike]) -> None:
         """The teacher's serving client config (file or folder). Default 'serving_conf/serving_client_conf.prototxt'."""
-        self.serving_conf_file = path
+        self.serving_conf_file = os.fspath(path)
         self._conf_file_given = True
         self._config = None
 
-    def set_offline_cache(self, path: str, storage: Union[str, dict] = "float32", **options: Any) -> None:
+    def set_offline_cache(self, path: Union[str, os.PathLike], storage: Union[str, dict] = "float32",
+                          **options: Any) -> None:
         """Ask the teachers once: the first pass writes every answer to the knowledge cache ``path``; later
         passes (and runs) read it and send nothing. A complete cache needs no teacher. ``storage``: "float32",
         "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline)."""
         from .offline import OfflineCache  # lazy: the knowledge-file machinery only when used
 
-        self._offline = OfflineCache(path, storage=storage, **options)
+        self._offline = OfflineCache(os.fspath(path), storage=storage, **options)
         self._offline.install(self)
 
     @property

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -76,14 +76,15 @@ class Teacher:
         PantheonError (from ``start``): the port cannot be bound, or no student authenticated within the timeout.
     """
 
-    def __init__(self, out_path: Optional[str] = None, out_port: Optional[int] = None, out_host: str = "0.0.0.0",
+    def __init__(self, out_path: Union[str, os.PathLike, None] = None, out_port: Optional[int] = None,
+                 out_host: str = "0.0.0.0",
                  token: str | bytes | None = None, timeout: Optional[float] = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_frame_bytes: Optional[int] = None) -> None:
         if out_path and out_port:
             raise ValueError("out_path (offline mode) and out_port (online mode) cannot be set at the same time")
         if not out_path and not out_port:
             raise ValueError("one of out_path (offline mode) or out_port (online mode) must be given")
-        self._out_path = out_path
+        self._out_path = os.fspath(out_path) if out_path else None
         self._out_port = int(out_port) if out_port else None
         self._out_host = out_host
         self._token = resolve_token(token) if out_port else None
