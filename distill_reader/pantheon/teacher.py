@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
+from ..knowledge import KnowledgeError
+from ..knowledge.spec import cast_checked
 from .merge import describe
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -525,8 +527,18 @@ def _feed_batches(reader_config: Mapping[str, Any], names: List[str], dtypes: Li
 
 
 def _to_fp16(batch: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, v.astype(np.float16) if v.dtype in (np.float32, np.float64) else v)
-                       for k, v in batch.items())
+    """Float fields as float16; a finite value that float16 cannot hold (over 65504) raises PantheonError, as
+    the offline writer refuses it (never inf at the student)."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, value in batch.items():
+        if value.dtype not in (np.float32, np.float64):
+            out[key] = value
+            continue
+        try:
+            out[key] = cast_checked(value, np.dtype(np.float16), f"knowledge {key!r}")
+        except KnowledgeError as exc:
+            raise PantheonError(f"cannot send knowledge as float16 (use_fp16=True): {exc}") from None
+    return out
 
 
 _DONE = object()
