@@ -25,6 +25,7 @@ import numpy as np
 
 from ..knowledge import KnowledgeError
 from ..knowledge.spec import cast_checked
+from ..snapshot import snapshot
 from .merge import describe
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -492,7 +493,7 @@ def _feed_batches(reader_config: Mapping[str, Any], names: List[str], dtypes: Li
         def from_samples() -> Iterator[Dict[str, np.ndarray]]:
             pending: list = []
             for sample in generator():
-                pending.append(sample)
+                pending.append(snapshot(sample))   # the generator may reuse its buffer at its next step
                 if len(pending) == batch_size:
                     yield samples_to_feed(pending)
                     pending = []
@@ -519,11 +520,18 @@ def _feed_batches(reader_config: Mapping[str, Any], names: List[str], dtypes: Li
                     batch = [batch]
                 if len(batch) != len(names):
                     raise ValueError(f"a batch has {len(batch)} slots but feed_list has {len(names)} ({names})")
-                yield {name: to_array(np.asarray(value), i) for i, (name, value) in enumerate(zip(names, batch))}
+                yield {name: _owned(to_array(np.asarray(value), i), value) for i, (name, value) in
+                       enumerate(zip(names, batch))}
 
         return from_batches
     raise ValueError("reader_config has no generator: give one of 'sample_generator' (with 'batch_size'), "
                      "'sample_list_generator' or 'batch_generator'")
+
+
+def _owned(array: np.ndarray, source: Any) -> np.ndarray:
+    """``array``, copied if it still shares the user's memory: the batch is predicted and sent after the
+    generator's next steps (prefetch), and the generator may reuse its buffer."""
+    return array.copy() if isinstance(source, np.ndarray) and np.may_share_memory(array, source) else array
 
 
 def _to_fp16(batch: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
