@@ -25,12 +25,12 @@ from . import functional  # noqa: E402
 from .checkpoint import load_student_params, save_student_params, student_parameters  # noqa: E402
 from .losses import fsp_loss, l2_loss, loss, soft_label_loss  # noqa: E402
 from .merge import MergeError, merge  # noqa: E402
-from .names import VarNotFoundError, find_var  # noqa: E402
+from .names import TeacherNameError, VarNotFoundError, find_var  # noqa: E402
 from .pir import PirProgramError  # noqa: E402
 from .shapes import ShapeMismatchError  # noqa: E402
 
 __all__ = [
     "merge", "fsp_loss", "l2_loss", "soft_label_loss", "loss", "functional",
     "save_student_params", "load_student_params", "student_parameters",
-    "MergeError", "VarNotFoundError", "ShapeMismatchError", "PirProgramError", "find_var",
+    "MergeError", "VarNotFoundError", "TeacherNameError", "ShapeMismatchError", "PirProgramError", "find_var",
 ]
