@@ -84,3 +84,48 @@ def test_teacher_client_used_before_and_after_fork(teacher_model, teacher_server
         results = _collect(children)
     assert (parent_foreign, parent_errors) == (0, [])
     assert [(r["foreign"], r["errors"]) for r in results] == [(0, [])] * CHILDREN
+
+
+def test_pantheon_connection_in_a_forked_child_raises_and_leaves_the_parent_alone():
+    """A Pantheon connection (real TCP, authenticated) used in a forked child: ForkedConnectionError for send and
+    recv; the child's close() does not shut the parent's connection down, which keeps working both ways."""
+    import threading
+
+    from distill_reader.pantheon import ForkedConnectionError
+    from distill_reader.pantheon.transport import Listener, connect
+
+    token = b"fork-test-token"
+    listener = Listener("127.0.0.1", 0, token=token)
+    got: dict = {}
+    thread = threading.Thread(target=lambda: got.update(conn=listener.accept(timeout=20)))
+    thread.start()
+    student = connect(f"127.0.0.1:{listener.address[1]}", token, 10)
+    thread.join(30)
+    listener.close()
+    teacher = got["conn"]
+    try:
+        teacher.send("knowledge", np.arange(3, dtype=np.float32))
+        assert student.recv()[0] == "knowledge"
+
+        def child(_):
+            raised = []
+            for use in (lambda: student.send("message", "from the child"), student.recv):
+                try:
+                    use()
+                    raised.append(None)
+                except ForkedConnectionError as exc:
+                    raised.append(str(exc))
+            student.close()
+            return {"raised": raised}
+
+        result, = _collect(_fork_children(child, 1))
+        assert all(text and "forked child" in text for text in result["raised"]), result
+        teacher.send("knowledge", np.arange(4, dtype=np.float32))   # the parent's connection still works
+        kind, value, _ = student.recv()
+        assert kind == "knowledge"
+        np.testing.assert_array_equal(value, np.arange(4, dtype=np.float32))
+        student.send("message", "from the parent")
+        assert teacher.recv()[:2] == ("message", "from the parent")
+    finally:
+        student.close()
+        teacher.close()
