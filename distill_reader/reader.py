@@ -136,7 +136,8 @@ class DistillReader:
             hedge_max_delay)`` (defaults 2.0, 95, 0.02 s, 1.0 s); the first answer wins.
         stall_factor / stall_min_timeout: a teacher whose request has been out for ``max(stall_min_timeout,
             stall_factor x the 99th latency percentile)`` (defaults 4, 2 s; at most request_timeout) is set aside
-            and probed, and its tasks go to other teachers.
+            and probed, and its tasks go to other teachers. Until 4 latencies are known: ``max(5 s, stall_factor x
+            the longest latency seen)``.
         tls_ca / tls_cert / tls_key: PEM files: the CA of the teachers' certificates (turns TLS on), and this
             student's certificate and key for teachers that require one (``teachers.serve --tls_client_ca``).
         token: bearer token for teachers started with ``--token_file`` (default: ``$DISTILL_TEACHER_TOKEN``).

@@ -61,3 +61,30 @@ def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
     with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=0) as client:
         client.predict({"img": mnist_like_images(2)})
         assert client.keepalive_active is False
+
+
+def test_reader_defaults_a_teacher_slower_than_5s_is_stalled_once_not_every_request(teacher_model, caplog):
+    """Default stall settings: a teacher of unknown latency is called stalled after 5 s (its first request here);
+    from its first answer on the stall timeout follows the latency seen (4 x 6 s), so later epochs run at the
+    teacher's pace with no stall, no retry, and no GOAWAY."""
+    images = mnist_like_images(16, seed=3)
+    caplog.set_level(logging.INFO, logger="distill_reader")
+    with PlainGrpcServer(delay=DELAY) as server:
+        dr = DistillReader(ins=["img", "label"], predicts=["prediction"], request_timeout=60, keepalive_time=1.0)
+        dr.set_fixed_teacher([server.endpoint])
+        dr.set_serving_conf_file(teacher_model.client_conf)
+        dr.set_teacher_batch_size(16)
+        generator = dr.set_batch_generator(lambda: iter([(images, np.arange(16))]))
+        try:
+            stalls, seconds = [], []
+            for _ in range(3):
+                started = time.monotonic()
+                out = list(generator())
+                seconds.append(time.monotonic() - started)
+                np.testing.assert_allclose(out[0][2], expected_answer(images), rtol=1e-5)
+                stalls.append(dr.last_epoch_stats.stage["stalls"])
+        finally:
+            dr.close()
+    assert stalls[0] <= 1 and stalls[1:] == [0, 0], stalls
+    assert max(seconds[1:]) < DELAY + 2, seconds
+    assert "too_many_pings" not in caplog.text
