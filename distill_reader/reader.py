@@ -66,6 +66,7 @@ class _Resources:
     def __init__(self) -> None:
         self.stage: Optional[PredictionStage] = None
         self.subscription: Any = None
+        self.subscription_pid = os.getpid()   # the process whose ZooKeeper session the subscription holds
         self.lock = threading.Lock()
         self.gate = Gate()
 
@@ -102,6 +103,11 @@ class _Resources:
             if took:
                 self.gate.lock.release()
         subscription, self.subscription = self.subscription, None
+        if subscription is not None and os.getpid() != self.subscription_pid:
+            # a forked child: the session (its socket, its student node) is the parent's and its threads did not
+            # survive the fork; stopping it here would hang or end the parent's session
+            logger.debug("close() in a forked child: the parent's teacher subscription is left alone")
+            return
         if subscription is not None:
             try:
                 subscription.stop()
@@ -213,6 +219,7 @@ class DistillReader:
         subscription = TeacherSubscription(hosts, teacher_service_name, on_change=self.pool.set_endpoints,
                                            require_max_teacher=require_max_teacher, **subscription_options)
         self._resources.subscription = subscription
+        self._resources.subscription_pid = os.getpid()
         self._teachers_set = True
         self.pool.dynamic = True
         self.pool.discovery_state = lambda: (

@@ -129,3 +129,42 @@ def test_pantheon_connection_in_a_forked_child_raises_and_leaves_the_parent_alon
     finally:
         student.close()
         teacher.close()
+
+
+def test_reader_closed_in_a_forked_child_leaves_the_parents_zookeeper_session(teacher_model, zookeeper, zk_root):
+    """A DistillReader with teachers from ZooKeeper, closed in a forked child (a child that exits normally does so
+    at exit): the child returns at once and never touches the parent's ZooKeeper session, whose student node stays
+    registered and whose session stays the same."""
+    import time
+
+    from kazoo.client import KazooClient
+
+    from distill_reader import DistillReader
+    from tests.support.procs import wait_for
+
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
+    dr.set_serving_conf_file(teacher_model.client_conf)
+    dr.set_dynamic_teacher(zookeeper.hosts, "fork_service", root=zk_root, session_timeout=4.0)
+    subscription = dr._resources.subscription
+    try:
+        wait_for(lambda: subscription.connected and subscription.node.path is not None, 30, "student registered")
+        session_id, node = subscription.session.session_id, subscription.node.path
+
+        def child(_):
+            started = time.monotonic()
+            dr.close()
+            return {"seconds": time.monotonic() - started}
+
+        result, = _collect(_fork_children(child, 1))
+        assert result["seconds"] < 1.0, result
+        time.sleep(1.0)
+        assert subscription.connected and subscription.session.session_id == session_id
+        checker = KazooClient(hosts=zookeeper.hosts)
+        checker.start(timeout=15)
+        try:
+            assert checker.exists(node) is not None, f"the parent's student node {node} was removed"
+        finally:
+            checker.stop()
+            checker.close()
+    finally:
+        dr.close()
