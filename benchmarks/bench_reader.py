@@ -10,6 +10,10 @@
    alternating rounds.
 4. gray failures (parts frozen, slow, healthy; ``gray`` = all three): a teacher frozen with SIGSTOP, one teacher
    at 10x latency, all healthy with the hedged fraction (see benchmarks/gray_failures.py).
+5. copy: what copying the user's slots as they are read costs (``distill_reader.snapshot``; the reader never keeps
+   a reference to a buffer the generator may reuse), per item of each generator kind, as a fraction of the time per
+   sample of the ideal reader: K = 8 teachers of part 1 for MNIST-sized samples, part 2's 2 teachers at batch 8 for
+   3x224x224 ones.
 
 Example::
 
@@ -228,12 +232,40 @@ def bench_student(teachers: int, latency_ms: float, batch: int, steps: int, roun
             "worst paired ratio": min(paired), "best paired ratio": max(paired)}
 
 
+def bench_copy(batch: int, latency_ms: float, teachers: int = 8, repeat: int = 2000) -> list[dict]:
+    """Seconds ``snapshot`` takes per item (median of 5 runs of ``repeat``), for MNIST-sized samples, a sample
+    list and a batch of ``batch``, and a 3x224x224 batch; against the ideal time per sample of ``teachers`` at
+    ``batch`` (MNIST-sized) and of the large-input part's 2 teachers at batch 8 (3x224x224)."""
+    import timeit
+
+    from distill_reader.snapshot import snapshot
+
+    rng = np.random.default_rng(3)
+    mnist = rng.random((batch, 1, 28, 28), dtype=np.float32)
+    large = rng.random((8, 3, 224, 224), dtype=np.float32)
+    items = {"sample (1x28x28, label)": ((mnist[0], 7), 1),
+             f"sample list ({batch} samples)": ([(mnist[i], i) for i in range(batch)], batch),
+             f"batch ({batch}x1x28x28, labels)": ((mnist, np.arange(batch)), batch),
+             "batch (8x3x224x224, labels)": ((large, np.arange(8)), 8)}
+    per_sample_ideal = latency_ms / 1000.0 / (teachers * batch)
+    large_ideal = latency_ms / 1000.0 / (2 * 8)
+    rows = []
+    for name, (item, samples) in items.items():
+        ideal = large_ideal if "224" in name else per_sample_ideal
+        n = max(20, repeat // samples)
+        seconds = float(np.median(timeit.repeat(lambda item=item: snapshot(item), number=n, repeat=5))) / n
+        rows.append({"item": name, "us/item": seconds * 1e6, "us/sample": seconds * 1e6 / samples,
+                     "of ideal time": seconds / samples / ideal})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="efficiency,large,student",
                         help="comma-separated benchmarks to run: efficiency, large, student, and the gray "
-                        "failures frozen, slow, healthy (gray = those three)")
+                        "failures frozen, slow, healthy (gray = those three), copy (cost of copying the user's "
+                        "slots)")
     parser.add_argument("--ks", default="1,4,8", help="teacher counts for the efficiency benchmark")
     parser.add_argument("--latency_ms", type=float, default=20.0, help="fake teachers' latency, ms (efficiency, gray)")
     parser.add_argument("--batch", type=int, default=32, help="teacher batch size (efficiency, student, gray)")
@@ -255,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if "gray" in parts:
         parts = (parts - {"gray"}) | set(GRAY_PARTS)
-    unknown = parts - {"efficiency", "large", "student", *GRAY_PARTS}
+    unknown = parts - {"efficiency", "large", "student", "copy", *GRAY_PARTS}
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start (shared machine: "
@@ -285,6 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.student_latency_ms:g} ms; goal >= 0.95)")
             for key, value in result.items():
                 print(f"  {key:<34} {value:8.3f}")
+        if "copy" in parts:
+            rows = bench_copy(args.batch, args.latency_ms)
+            print(f"\ncopying the user's slots as read (snapshot), against the ideal time per sample (8 teachers, "
+                  f"batch {args.batch}; 3x224x224: 2 teachers, batch 8; {args.latency_ms:g} ms)")
+            print(f"{'item':<32} {'us/item':>9} {'us/sample':>10} {'of ideal time':>14}")
+            for row in rows:
+                print(f"{row['item']:<32} {row['us/item']:>9.1f} {row['us/sample']:>10.2f} "
+                      f"{row['of ideal time']:>14.4f}")
         gray = [part for part in GRAY_PARTS if part in parts]
         if gray:
             harness = Harness(free_port, wait_serving,

@@ -34,7 +34,7 @@ STUDENTS_NODE = "students"
 STUDENT_PREFIX = "student-"
 ASSIGNMENT_NODE = "assignment"
 ASSIGNER_LOCK = "assigner"
-_SERVICE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")   # fullmatch
 
 
 class DiscoveryError(RuntimeError):
@@ -93,7 +93,7 @@ class ServicePaths:
     def __post_init__(self) -> None:
         if not self.root.startswith("/") or self.root.endswith("/") and self.root != "/":
             raise ValueError(f"ZooKeeper root must be an absolute path like '/distill', not {self.root!r}")
-        if not _SERVICE_NAME.match(self.service) or self.service in (".", ".."):
+        if not _SERVICE_NAME.fullmatch(self.service) or self.service in (".", ".."):
             raise ValueError(f"service name {self.service!r} may only hold letters, digits, '_', '-' and '.'")
 
     @property

@@ -27,7 +27,7 @@ MAX_ASSIGNMENT_BYTES = 320 * 1024
 MAX_NESTING = 16
 MAX_STUDENT_ID = 256
 MAX_REQUIRE_TEACHERS = 1024
-_TEACHER_NODE = re.compile(r"^teacher-[0-9]{10}$")
+_TEACHER_NODE = re.compile(r"teacher-[0-9]{10}")   # fullmatch ("$" matches before a final newline)
 
 
 class NodeDataError(ValueError):
@@ -149,7 +149,7 @@ def parse_assignment(name: str, value: bytes) -> Assignment:
         raise NodeDataError("'teachers' and 'endpoints' are not two lists of the same length")
     if len(teachers) > MAX_REQUIRE_TEACHERS:
         raise NodeDataError(f"{len(teachers)} teachers (at most {MAX_REQUIRE_TEACHERS} accepted)")
-    if not all(isinstance(t, str) and _TEACHER_NODE.match(t) for t in teachers):
+    if not all(isinstance(t, str) and _TEACHER_NODE.fullmatch(t) for t in teachers):
         raise NodeDataError("'teachers' holds something other than teacher node names (teacher-NNNNNNNNNN)")
     if not all(isinstance(e, str) for e in endpoints):
         raise NodeDataError("'endpoints' holds something other than strings")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
+import threading
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import grpc
@@ -24,19 +26,25 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import lod as lod_feeds
+from .channel_options import (
+    DEFAULT_KEEPALIVE_TIME,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    grpc_channel_options,
+    http_timeouts,
+    is_too_many_pings,
+)
 from .client_security import ClientSecurity
 from .padding import Padding, PadValue
 from .proto import general_model_service_pb2 as service_pb2
 from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
-from .status_codes import ErrNo
+from .status_codes import StatusClass, status_class
 from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
 HTTP_PATH = "/GeneralModelService/inference"
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
 
 class TeacherError(RuntimeError):
@@ -71,9 +79,6 @@ class TeacherRequestRejected(TeacherAnswerError):
     shape or dtype for the model it serves. Another teacher of the same model would refuse it too."""
 
 
-# Paddle Serving's error numbers and what each says: distill_reader/status_codes.py (shared with teachers.serve).
-ERR_NO_INVALID_INPUT = int(ErrNo.INPUT)
-TRANSIENT_ERR_NOS = (int(ErrNo.SHUTDOWN), int(ErrNo.INTERNAL))
 _TRANSIENT_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)
@@ -124,7 +129,10 @@ class TeacherClient:
         compress: gzip HTTP request bodies over 512 bytes, as the real client does when asked.
         keepalive_time: gRPC keepalive ping interval in seconds while a request is out (0: off); a peer that
             does not answer a ping within the same time fails the request with UNAVAILABLE, so a frozen or
-            partitioned teacher is noticed in about two intervals. HTTP: the connect timeout.
+            partitioned teacher is noticed in about two intervals. Pings go only to a ``teachers.serve`` (known
+            by its health service, whose ping policy permits them), never to other servers, whose policies
+            answer them with GOAWAY ``too_many_pings`` (``distill_reader.channel_options``).
+            HTTP: the connect timeout.
         security: TLS files and bearer token (``ClientSecurity``); default: ``tls_ca``/``tls_cert``/
             ``tls_key``/``token`` below, the token also from ``DISTILL_TEACHER_TOKEN``.
         tls_ca / tls_cert / tls_key: PEM files: the CA that signed the teacher's certificate (turns TLS on), and
@@ -141,6 +149,9 @@ class TeacherClient:
     ``FeedError`` before sending when a feed does not fit the config; ``PaddingOptionError`` (a ValueError) at
     construction for a ``pad_value`` / ``lengths_feeds`` that does not fit the model.
 
+    Fork safety: a client used in a child process after ``os.fork()`` opens connections of its own there (a new
+    gRPC channel or HTTP session) and leaves the parent's alone; parent and child never share a socket.
+
     Variable-length feeds and fetches (LoD or padded, see ``distill_reader.lod``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
     lod_form="split")`` gives LoD/per-token fetches back as a list of per-sample arrays, ``"serving"`` as the
@@ -150,7 +161,7 @@ class TeacherClient:
     def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
                  wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
-                 keepalive_time: float = 1.0, security: Optional[ClientSecurity] = None,
+                 keepalive_time: float = DEFAULT_KEEPALIVE_TIME, security: Optional[ClientSecurity] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None):
@@ -171,30 +182,77 @@ class TeacherClient:
         padding = Padding.create(pad_value, lengths_feeds)
         padding.check_config(self.config)
         self.pad_value, self.lengths_feeds = padding.pad_value, dict(padding.lengths_feeds)
+        self.max_message_bytes = max_message_bytes
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
+        self._ours: Optional[bool] = None          # a teachers.serve (health service answers)? None: not asked yet
+        self._pings_refused = False                 # GOAWAY too_many_pings seen: no pings to this endpoint
         self._log_id = 0
         self._channel: Optional[grpc.Channel] = None
         self._session: Optional[requests.Session] = None
-        if protocol == "grpc":
-            options = [("grpc.max_send_message_length", max_message_bytes),
-                       ("grpc.max_receive_message_length", max_message_bytes)]
-            if keepalive_time > 0:   # pings only while a request is out
-                interval_ms = int(keepalive_time * 1000)
-                # grpc-core waits for the ping's acknowledgement for grpc.http2.ping_timeout_ms (default 1 min),
-                # not keepalive_timeout_ms: both are set, or a frozen peer is noticed only after a minute. A new
-                # connection to a frozen peer (TCP accepted, no HTTP/2 SETTINGS) waits for the connect timeout,
-                # min_reconnect_backoff_ms (default 20 s): two intervals here too.
-                options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", interval_ms),
-                            ("grpc.http2.ping_timeout_ms", interval_ms), ("grpc.keepalive_permit_without_calls", 0),
-                            ("grpc.http2.max_pings_without_data", 0),
-                            ("grpc.min_reconnect_backoff_ms", 2 * interval_ms)]
-            self._channel = self.security.grpc_channel(endpoint, options)
+        self._pid = os.getpid()
+        self._forked = False                        # this process is a fork of the one that made the client
+        self._lock = threading.Lock()               # connection changes (request threads share a client)
+        # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+        self._tls_options = self.security.requests_options() if protocol == "http" else {}
+        self._connect(keepalive=False)
+
+    @property
+    def keepalive_active(self) -> bool:
+        """True while this client's gRPC channel sends keepalive pings (to a teachers.serve only)."""
+        return self._channel_keepalive > 0
+
+    def _connect(self, keepalive: bool) -> None:
+        """Open this process's connection: a gRPC channel (with pings when ``keepalive``) or an HTTP session."""
+        forked = self._pid != os.getpid() or self._forked
+        if self.protocol == "grpc":
+            self._channel_keepalive = self.keepalive_time if keepalive else 0.0
+            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes)
+            if forked:   # grpc-core's global subchannel pool would hand back the parent's inherited connection
+                options.append(("grpc.use_local_subchannel_pool", 1))
+            self._forked = forked
+            self._channel = self.security.grpc_channel(self.endpoint, options)
             self._stub = service_grpc.GeneralModelServiceStub(self._channel)
         else:
+            self._channel_keepalive = 0.0
             self._session = requests.Session()
             self._session.headers.update(self.security.http_headers())
-            # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
-            self._tls_options = self.security.requests_options()
+        self._pid = os.getpid()   # last: other threads of a child use the new connection once they see it
+
+    def _reconnect(self, keepalive: bool) -> None:
+        """A new gRPC channel. The old one is not closed (other threads' calls may be on it): grpc closes it
+        when they are done and it is collected."""
+        self._connect(keepalive)
+
+    def _own_connection(self) -> None:
+        """In a child process after ``os.fork()``: connections of its own; the parent's are left alone.
+
+        The inherited channel or session is dropped without closing it (closing could shut the socket down for
+        the parent too); ``_INHERITED`` keeps it from being collected in the child.
+        """
+        if self._pid == os.getpid():
+            return
+        with _FORK_LOCK:   # this client's lock may have been held by a parent thread at the fork: a new one
+            if self._pid != os.getpid():
+                self._lock = threading.Lock()
+                self._reconnect_in_child()
+
+    def _reconnect_in_child(self) -> None:
+        logger.info("teacher %s: client used in a forked child (pid %d): opening its own connection",
+                    self.endpoint, os.getpid())
+        _INHERITED.append(self._channel if self.protocol == "grpc" else self._session)
+        self._connect(keepalive=False)
+        self._ours = None   # asked again on this connection (and pings turned on again for teachers.serve)
+
+    def _use_keepalive_if_ours(self) -> None:
+        """Turn keepalive pings on once the endpoint is known to be a teachers.serve (its ping policy permits
+        them); other servers never get pings (their default policies answer GOAWAY too_many_pings)."""
+        if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
+            return
+        if self._ours is None:
+            self._probe(self.timeout)
+        with self._lock:
+            if self._ours and not self._channel_keepalive and not self._pings_refused:
+                self._reconnect(keepalive=True)
 
     # -- public API ------------------------------------------------------------------------------------
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
@@ -203,6 +261,7 @@ class TeacherClient:
         (variable-length feeds: see the class doc)."""
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
         lod_feeds.check_lod_form(lod_form)
+        self._own_connection()
         try:
             variable = lod_feeds.prepare_variable_feeds(self.config, feeds, self.pad_value, self.lengths_feeds)
         except lod_feeds.VariableFeedError as exc:
@@ -211,6 +270,7 @@ class TeacherClient:
         if batch_size is None:
             batch_size = variable.batch_size or _batch_size_of(variable.feeds)
         request = self._encode_request(variable.feeds, fetch, batch_size, variable.lods)
+        self._use_keepalive_if_ours()
         response = self._call_grpc(request) if self.protocol == "grpc" else self._call_http(request)
         return self._outputs(response, fetch, batch_size, variable, lod_form)
 
@@ -242,12 +302,15 @@ class TeacherClient:
 
     def health(self, timeout: float = 1.0) -> bool:
         """True when the endpoint answers its health check with SERVING."""
+        self._own_connection()
         try:
             return self._probe(timeout) is not None
         except TeacherError:
             return False
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            return   # the parent's connection, inherited through fork: not this process's to close
         if self._channel is not None:
             self._channel.close()
         if self._session is not None:
@@ -265,6 +328,7 @@ class TeacherClient:
     # -- wire form -----------------------------------------------------------------------------------
     def _wire_is_raw(self) -> bool:
         if self._raw is None:
+            self._own_connection()
             probed = self._probe(self.timeout)
             if probed is None:  # draining or starting: not a wire-form answer, ask again next time
                 raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
@@ -280,8 +344,10 @@ class TeacherClient:
                 answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._ours = False
                     return False
                 raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
+            self._ours = True
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
         try:
             answer = self._session.get(f"{self.security.scheme}://{self.endpoint}/health", timeout=timeout,
@@ -308,6 +374,20 @@ class TeacherClient:
 
     # -- transports ----------------------------------------------------------------------------------
     def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
+        stub, pinging = self._stub, self._channel_keepalive
+        try:
+            return stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
+        except grpc.RpcError as exc:
+            if not (pinging and exc.code() == grpc.StatusCode.UNAVAILABLE and is_too_many_pings(exc.details())):
+                raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
+        # the server (or a proxy in between) refuses our pings: none to this endpoint from now on, and the
+        # request once more at once on a fresh connection; the teacher is not to blame
+        with self._lock:
+            if self._channel_keepalive:
+                logger.warning("teacher %s: GOAWAY too_many_pings (its ping policy refuses keepalive pings every "
+                               "%gs): keepalive off for it; request retried", self.endpoint, pinging)
+                self._pings_refused = True
+                self._reconnect(keepalive=False)
         try:
             return self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
@@ -351,17 +431,12 @@ class TeacherClient:
 
     def _http_timeouts(self) -> tuple[float, float]:
         """(connect, read) seconds: a host that does not accept the connection is noticed quickly."""
-        connect = min(self.timeout, self.keepalive_time) if self.keepalive_time > 0 else self.timeout
-        return connect, self.timeout
+        return http_timeouts(self.timeout, self.keepalive_time)
 
     def _outputs(self, response: service_pb2.Response, fetch: Sequence[str], batch_size: int,
                  variable: Optional[lod_feeds.VariableFeeds] = None, lod_form: str = "split") -> dict[str, Any]:
-        if response.err_no == ERR_NO_INVALID_INPUT:
-            raise TeacherRequestRejected(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
-        if response.err_no in TRANSIENT_ERR_NOS:
-            raise TeacherUnavailable(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
         if response.err_no != 0:
-            raise TeacherAnswerError(self.endpoint, f"err_no {response.err_no}: {response.err_msg}")
+            raise _err_no_error(self.endpoint, response.err_no, response.err_msg)
         if not response.outputs:
             raise TeacherAnswerError(self.endpoint, "answer has no outputs")
         by_name: dict[str, np.ndarray] = {}
@@ -390,6 +465,35 @@ class TeacherClient:
                                            batch_size, lod_form)
         except ValueError as exc:
             raise TeacherAnswerError(self.endpoint, str(exc)) from None
+
+
+# What the client raises for each class of Paddle Serving's err_no (the table: distill_reader/status_codes.py).
+_ERROR_OF_CLASS: dict[StatusClass, type[TeacherError]] = {
+    StatusClass.INVALID_INPUT: TeacherRequestRejected,   # any teacher of this model refuses it
+    StatusClass.BUSY: TeacherUnavailable,                # elsewhere, and the teacher counts as slow or sick
+    StatusClass.SICK: TeacherUnavailable,
+    StatusClass.BROKEN: TeacherAnswerError,
+}
+
+
+def _err_no_error(endpoint: str, err_no: int, err_msg: str) -> TeacherError:
+    """The exception for a non-zero ``err_no``, chosen by its class (``status_codes.status_class``)."""
+    klass = status_class(err_no)
+    return _ERROR_OF_CLASS[klass](endpoint, f"err_no {err_no} ({klass.value}): {err_msg}")
+
+
+# Connections inherited through fork and replaced in the child: kept referenced so that the child never closes
+# (or shuts down) the parent's sockets while collecting them.
+_INHERITED: list[Any] = []
+_FORK_LOCK = threading.Lock()   # serializes a child's first uses of its clients; new in every child
+
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
 
 
 def _batch_size_of(feeds: Mapping[str, Any]) -> int:

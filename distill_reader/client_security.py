@@ -50,6 +50,10 @@ class ClientSecurity:
     token: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for name in ("tls_ca", "tls_cert", "tls_key"):   # os.PathLike -> str: the settings travel to workers
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together (a client certificate needs its private key)")
         if self.tls_cert and not self.tls_ca:

@@ -118,7 +118,7 @@ def _split(item: str, default_port: Optional[int]) -> tuple[Optional[str], str]:
 
 
 def _valid_host(host: str) -> bool:
-    return host in WILDCARD_HOSTS - {""} or _is_ipv6(host) or bool(_HOSTNAME.match(host))
+    return host in WILDCARD_HOSTS - {""} or _is_ipv6(host) or bool(_HOSTNAME.fullmatch(host))
 
 
 def _is_ipv6(host: str) -> bool:

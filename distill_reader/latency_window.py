@@ -42,6 +42,10 @@ class LatencyWindow:
             self._cache[q] = float(np.percentile(np.fromiter(self._values, float), q))
         return self._cache[q]
 
+    def largest(self) -> Optional[float]:
+        """The longest latency in the window (seconds), or None before the first one; known from one latency on."""
+        return max(self._values) if self._values else None
+
     def scaled(self, q: float, factor: float, floor: float, ceiling: float, unknown: float) -> float:
         """``clamp(percentile(q) * factor, floor, ceiling)``; ``unknown`` while the window is too small."""
         value = self.percentile(q)

@@ -46,6 +46,7 @@ from .errors import (  # noqa: F401 - re-exported: the reader's errors were firs
 from .padding import Padding
 from .remote_stage import RemoteOptions, RemoteStage  # noqa: F401 - re-exported
 from .serving_config import ConfigError, ServingConfig, VarSpec
+from .snapshot import snapshot
 from .tasks import PredictionStage, Task, TaskResult, next_task_id  # noqa: F401 - re-exported
 
 KINDS = ("sample", "sample_list", "batch")
@@ -320,15 +321,17 @@ class Epoch:
             return
         {"sample": self._add_sample, "sample_list": self._add_sample_list, "batch": self._add_batch}[self.kind](item)
 
+    # Every slot is copied as it is read (``snapshot``): the generator may reuse its buffers at its next step,
+    # while this sample is still waiting to be sent, in flight, or in the reorder buffer.
     def _add_sample(self, item: Any) -> None:
-        unit = _Unit(_as_slots(item, len(self.plan.ins), "a sample"), [])
+        unit = _Unit(snapshot(_as_slots(item, len(self.plan.ins), "a sample")), [])
         self._units.append(unit)
         self._open_chunk.append((unit, unit.item))
         if len(self._open_chunk) >= self.teacher_batch_size:
             self._flush_chunk()
 
     def _add_sample_list(self, item: Any) -> None:
-        samples = [_as_slots(s, len(self.plan.ins), "a sample") for s in item]
+        samples = [snapshot(_as_slots(s, len(self.plan.ins), "a sample")) for s in item]
         unit = _Unit(samples, [])
         self._units.append(unit)
         for start in range(0, len(samples), self.teacher_batch_size):
@@ -336,7 +339,7 @@ class Epoch:
             self._submit(unit, self.plan.sample_feeds(chunk, self._sample_index), len(chunk), uses=1)
 
     def _add_batch(self, item: Any) -> None:
-        batch = _as_slots(item, len(self.plan.ins), "a batch")
+        batch = snapshot(_as_slots(item, len(self.plan.ins), "a batch"))
         size = self._batch_size(batch)
         unit = _Unit(batch, [])
         self._units.append(unit)

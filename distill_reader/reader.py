@@ -70,6 +70,7 @@ class _Resources:
     def __init__(self) -> None:
         self.stage: Optional[PredictionStage] = None
         self.subscription: Any = None
+        self.subscription_pid = os.getpid()   # the process whose ZooKeeper session the subscription holds
         self.lock = threading.Lock()
         self.gate = Gate()
 
@@ -106,6 +107,11 @@ class _Resources:
             if took:
                 self.gate.lock.release()
         subscription, self.subscription = self.subscription, None
+        if subscription is not None and os.getpid() != self.subscription_pid:
+            # a forked child: the session (its socket, its student node) is the parent's and its threads did not
+            # survive the fork; stopping it here would hang or end the parent's session
+            logger.debug("close() in a forked child: the parent's teacher subscription is left alone")
+            return
         if subscription is not None:
             try:
                 subscription.stop()
@@ -140,7 +146,8 @@ class DistillReader:
             hedge_max_delay)`` (defaults 2.0, 95, 0.02 s, 1.0 s); the first answer wins.
         stall_factor / stall_min_timeout: a teacher whose request has been out for ``max(stall_min_timeout,
             stall_factor x the 99th latency percentile)`` (defaults 4, 2 s; at most request_timeout) is set aside
-            and probed, and its tasks go to other teachers.
+            and probed, and its tasks go to other teachers. Until 4 latencies are known: ``max(5 s, stall_factor x
+            the longest latency seen)``.
         tls_ca / tls_cert / tls_key: PEM files: the CA of the teachers' certificates (turns TLS on), and this
             student's certificate and key for teachers that require one (``teachers.serve --tls_client_ca``).
         token: bearer token for teachers started with ``--token_file`` (default: ``$DISTILL_TEACHER_TOKEN``).
@@ -231,6 +238,7 @@ class DistillReader:
         subscription = TeacherSubscription(hosts, teacher_service_name, on_change=self.pool.set_endpoints,
                                            require_max_teacher=require_max_teacher, **subscription_options)
         self._resources.subscription = subscription
+        self._resources.subscription_pid = os.getpid()
         self._teachers_set = True
         self.pool.dynamic = True
         self.pool.discovery_state = lambda: (
@@ -244,20 +252,21 @@ class DistillReader:
             raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
         self.teacher_batch_size = int(teacher_batch_size)
 
-    def set_serving_conf_file(self, path: str) -> None:
+    def set_serving_conf_file(self, path: Union[str, os.PathLike]) -> None:
         """The teacher's serving client config (file or folder). Default 'serving_client/serving_client_conf.prototxt'
         (what ``teachers.export`` writes; 'serving_conf/...' when only that exists)."""
-        self.serving_conf_file = path
+        self.serving_conf_file = os.fspath(path)
         self._conf_file_given = True
         self._config = None
 
-    def set_offline_cache(self, path: str, storage: Union[str, dict] = "float32", **options: Any) -> None:
+    def set_offline_cache(self, path: Union[str, os.PathLike], storage: Union[str, dict] = "float32",
+                          **options: Any) -> None:
         """Ask the teachers once: the first pass writes every answer to the knowledge cache ``path``; later
         passes (and runs) read it and send nothing. A complete cache needs no teacher. ``storage``: "float32",
         "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline)."""
         from .offline import OfflineCache  # lazy: the knowledge-file machinery only when used
 
-        self._offline = OfflineCache(path, storage=storage, **options)
+        self._offline = OfflineCache(os.fspath(path), storage=storage, **options)
         self._offline.install(self)
 
     @property

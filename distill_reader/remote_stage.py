@@ -231,11 +231,15 @@ class RemoteStage(PredictionStage):
                                      unknown=o.hedge_max_delay)
 
     def stall_timeout(self) -> float:
-        """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``)."""
+        """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``).
+
+        Before the percentiles are known: 5 s, or ``stall_factor`` x the longest latency seen so far, so that a
+        teacher whose every answer takes longer than 5 s is not called stalled on each of its first requests."""
         o = self.options
         ceiling = max(o.stall_min_timeout, o.request_timeout)
-        return self.latencies.scaled(99, o.stall_factor, o.stall_min_timeout, ceiling,
-                                     unknown=min(ceiling, max(o.stall_min_timeout, 5.0)))
+        seen = self.latencies.largest()
+        unknown = max(o.stall_min_timeout, 5.0, o.stall_factor * seen if seen is not None else 0.0)
+        return self.latencies.scaled(99, o.stall_factor, o.stall_min_timeout, ceiling, unknown=min(ceiling, unknown))
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 from google.protobuf import text_format
 
@@ -77,8 +77,9 @@ class ServingConfig:
 
     # -- reading -------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str) -> ServingConfig:
+    def load(cls, path: Union[str, os.PathLike]) -> ServingConfig:
         """Read a config file (text format), or the config inside a serving client/server folder."""
+        path = os.fspath(path)
         if os.path.isdir(path):
             for name in (CLIENT_CONF, SERVER_CONF):
                 if os.path.exists(os.path.join(path, name)):
@@ -116,8 +117,9 @@ class ServingConfig:
                 fetch_type=spec.elem_type, shape=list(spec.shape)))
         return message
 
-    def save(self, folder: str, conf_name: str) -> str:
+    def save(self, folder: Union[str, os.PathLike], conf_name: str) -> str:
         """Write ``conf_name`` (text) and its ``.stream`` binary twin into ``folder``; returns the text path."""
+        folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         message = self.to_proto()
         text_path = os.path.join(folder, conf_name)

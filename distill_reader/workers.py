@@ -38,7 +38,10 @@ Shutdown protocol (who signals whom, what is drained, what is abandoned):
 6. Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the student, which gets the
    KeyboardInterrupt, stops them in order (step 2) instead of leaving half-written messages.
 7. A worker that dies on its own (killed, crashed): the student sees end-of-file, re-issues that worker's
-   outstanding tasks to the other workers and starts a replacement (at most ``max_respawns`` times per pool).
+   outstanding tasks to the other workers and starts a replacement. At most ``max_respawns`` replacements in a
+   row: the count goes back to 0 once the workers have answered ``healthy_answers`` requests since the last
+   replacement started (a healthy stretch), so a long run that loses a worker now and then goes on, while workers
+   that keep dying on start or under every task raise ``WorkerError``.
 8. A forked child of the student (e.g. Paddle's ``use_multiprocess=True`` loader) never talks to or stops its
    parent's workers: it notices the PID change, drops its copies of the sockets and starts workers of its own,
    which end with it (steps 2-5).
@@ -149,18 +152,24 @@ class WorkerPool:
         settings: the ``init`` message: ``config_text`` (serving client config, text format), ``fetch`` (names),
             ``timeout`` (seconds per request), ``protocol``, ``wire``, ``max_threads``, ``security``,
             ``padding`` (``pad_value`` / ``lengths_feeds`` for each ``TeacherClient``).
-        max_respawns: replacements started for workers that died, over the pool's life.
+        max_respawns: replacements started in a row for workers that died (then ``WorkerError``).
         stop_timeout: seconds to wait for a worker after ``stop`` before SIGTERM.
+        healthy_answers: answers (of any worker) since the last replacement started after which the replacements
+            in a row count from 0 again.
     """
 
-    def __init__(self, num_workers: int, settings: dict, max_respawns: int = 8, stop_timeout: float = 2.0):
+    def __init__(self, num_workers: int, settings: dict, max_respawns: int = 8, stop_timeout: float = 2.0,
+                 healthy_answers: int = 16):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, not {num_workers}")
         self.num_workers = num_workers
         self.settings = dict(settings)
         self.max_respawns = max_respawns
         self.stop_timeout = stop_timeout
-        self.respawns = 0
+        self.healthy_answers = healthy_answers
+        self.respawns = 0                 # replacements in a row (since the last healthy stretch)
+        self.total_respawns = 0           # replacements over the pool's life
+        self._answers_since_respawn = 0
         self.workers: list[WorkerHandle] = []
         self._buffer_ids = 0
         self._events: list[tuple[WorkerHandle, tuple]] = []   # worker deaths noticed while sending
@@ -297,6 +306,7 @@ class WorkerPool:
                 if kind in ("done", "fail"):
                     worker.outstanding.discard(message[1])
                     self._release_buffer(worker, message[1])
+                    self._count_answer()
                 elif kind == "probe":
                     worker.probes.pop(message[1], None)
                 elif kind == "ready":
@@ -305,6 +315,13 @@ class WorkerPool:
                     worker.crash_text = message[1]
                 messages.append((worker, message))
         return messages
+
+    def _count_answer(self) -> None:
+        """A worker answered: after ``healthy_answers`` of them the replacements in a row count from 0."""
+        self._answers_since_respawn += 1
+        if self.respawns and self._answers_since_respawn >= self.healthy_answers:
+            logger.info("workers healthy again after %d replacement(s) in a row", self.respawns)
+            self.respawns = 0
 
     def _mark_dead(self, worker: WorkerHandle) -> tuple:
         if not worker.alive:
@@ -328,10 +345,13 @@ class WorkerPool:
             raise WorkerError(f"worker process {worker.pid} crashed:\n{worker.crash_text}")
         if self.respawns >= self.max_respawns:
             raise WorkerError(f"worker processes keep dying (last: pid {worker.pid}, exit code {code}); "
-                              f"gave up after {self.respawns} replacements")
+                              f"gave up after {self.respawns} replacements in a row (fewer than "
+                              f"{self.healthy_answers} answers between deaths)")
         logger.warning("worker process %d died (exit code %s); re-issuing its %d task(s) and starting another",
                        worker.pid, code, len(tasks))
         self.respawns += 1
+        self.total_respawns += 1
+        self._answers_since_respawn = 0
         self.workers.append(self._spawn())
         return ("dead", tasks, probes)
 

@@ -42,13 +42,14 @@ PIR_MODEL_FILENAME = "model.json"  # a paddle 3 PIR program in a server folder (
 _BFLOAT16_ELEM_TYPE = 6
 
 AliasNames = Union[None, str, Sequence[str]]
+PathArg = Union[str, "os.PathLike[str]"]   # every path argument: str or os.PathLike (pathlib.Path)
 
 
 class ExportError(ValueError):
     """A model that cannot be found, read or exported; the message names the path."""
 
 
-def save_model(server_model_folder: str, client_config_folder: str, feed_var_dict: dict, fetch_var_dict: dict,
+def save_model(server_model_folder: PathArg, client_config_folder: PathArg, feed_var_dict: dict, fetch_var_dict: dict,
                main_program=None, model_filename: Optional[str] = None, params_filename: Optional[str] = None,
                feed_alias_names: AliasNames = None, fetch_alias_names: AliasNames = None,
                scope=None) -> tuple[list[str], list[str]]:
@@ -63,6 +64,7 @@ def save_model(server_model_folder: str, client_config_folder: str, feed_var_dic
 
         save_model("serving_server", "serving_client", {"img": img}, {"prediction": pred}, main_program)
     """
+    server_model_folder, client_config_folder = os.fspath(server_model_folder), os.fspath(client_config_folder)
     paddle = import_paddle("teachers.export.save_model")
 
     if main_program is None:
@@ -124,8 +126,8 @@ def _write_folders(server_model_folder: str, client_config_folder: str, files: d
     return config.feed_names, config.fetch_names
 
 
-def inference_model_to_serving(dirname: str, serving_server: str = "serving_server",
-                               serving_client: str = "serving_client", model_filename: Optional[str] = None,
+def inference_model_to_serving(dirname: PathArg, serving_server: PathArg = "serving_server",
+                               serving_client: PathArg = "serving_client", model_filename: Optional[str] = None,
                                params_filename: Optional[str] = None, feed_alias_names: AliasNames = None,
                                fetch_alias_names: AliasNames = None) -> tuple[list[str], list[str]]:
     """Convert an inference model (``paddle.static.save_inference_model``, ``paddle.jit.save`` or the old
@@ -145,6 +147,7 @@ def inference_model_to_serving(dirname: str, serving_server: str = "serving_serv
 
         inference_model_to_serving("jit_model", fetch_alias_names="prediction")
     """
+    dirname, serving_server, serving_client = os.fspath(dirname), os.fspath(serving_server), os.fspath(serving_client)
     paddle = import_paddle("teachers.export")
     prefix, kwargs = _locate_model(dirname, model_filename, params_filename)
     model_path = (os.path.join(prefix, kwargs["model_filename"]) if kwargs.get("model_filename")

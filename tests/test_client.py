@@ -126,7 +126,7 @@ def test_errors_name_the_endpoint(teacher_model, typed_grpc_teacher):
             assert client.health(timeout=0.5) is False
     teacher, endpoint = typed_grpc_teacher
     with TeacherClient(endpoint, teacher_model.client_conf, wire="raw") as client:
-        with pytest.raises(TeacherAnswerError, match=f"teacher {endpoint}: err_no -1: float32 tensor"):
+        with pytest.raises(TeacherAnswerError, match=rf"teacher {endpoint}: err_no -1 \(broken\): float32 tensor"):
             client.predict({"img": mnist_like_images(1)})
     teacher.slow_s = 1.0
     with TeacherClient(endpoint, teacher_model.client_conf, wire="typed", timeout=0.2) as client:

@@ -128,11 +128,11 @@ def test_student_checkpoint_holds_no_teacher_variables(merged, tmp_path):
     assert sorted(os.listdir(tmp_path / "each")) == sorted(expected)
     assert not [n for n in saved if n.startswith("teacher_") or n.startswith("t_")]  # ... the helper does not
 
-    dist.save_student_params(exe, str(tmp_path / "one"), student.program, filename="student.pdiparams",
+    dist.save_student_params(exe, tmp_path / "one", student.program, filename="student.pdiparams",
                              scope=student.scope)
     # Load into a student-only program in a fresh scope: the file holds exactly the student's tensors.
     fresh = build(conv_student, "img")
-    loaded = dist.load_student_params(exe, str(tmp_path / "one"), fresh.program, filename="student.pdiparams",
+    loaded = dist.load_student_params(exe, tmp_path / "one", fresh.program, filename="student.pdiparams",
                                       scope=fresh.scope)
     assert sorted(loaded) == sorted(expected)
     for name, value in expected.items():

@@ -218,3 +218,24 @@ def test_toy_scripts_explain_their_flags():
         assert result.returncode == 0, result.stderr
         for flag in flags:
             assert flag in result.stdout
+
+
+def test_fp16_overflow_online_is_refused_with_the_offline_error(tmp_path):
+    """Values above float16's 65504 sent with use_fp16 would arrive as inf: refused as the offline writer does."""
+    script = tmp_path / "float_teacher.py"
+    script.write_text(FLOAT_TEACHER.replace(" + 0.1]", " * 100.0]"))   # up to 79900: over float16's range
+    port = free_port()
+    with ProcessGuard() as guard:
+        teacher = guard.python(str(script), str(port), "1", env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        student = Student(token=TOKEN, timeout=30)
+        student.register_teacher(in_address=f"127.0.0.1:{port}")
+        student.start()
+        got = []
+        with pytest.raises(PantheonError, match=r"value \d+ does not fit float16 \(max 65504\)"):
+            for batch in student.get_knowledge_generator(batch_size=50)():
+                got.append(batch)
+        student.close()
+        output = teacher.communicate(timeout=30)[0].decode()
+        assert teacher.returncode != 0 and "does not fit float16" in output
+    assert all(np.isfinite(b["y"]).all() and np.isfinite(b["x"]).all() for b in got)   # never inf
+    assert sum(len(b["y"]) for b in got) < 200   # the batches with values over 65504 never arrived

@@ -246,3 +246,64 @@ def test_unreachable_zookeeper_is_named_when_no_teacher_comes(teacher_model):
             list(dr.set_batch_generator(lambda: iter([(mnist_like_images(4),)]))())
     finally:
         dr.close()
+
+
+def test_one_worker_killed_every_epoch_for_20_epochs(teacher_model, teacher):
+    """The replacement limit counts deaths in a row: one SIGKILL per epoch, with healthy answers between, never
+    exhausts it (it used to count every death of the reader's life: WorkerError in epoch 9)."""
+    n, epochs = 48, 20
+    images = mnist_like_images(n, seed=6)
+    ref = reference_predict(teacher_model.server_dir, images)
+    dr = _reader(teacher_model, [teacher.endpoint])
+    dr.set_teacher_batch_size(1)
+    killed = []
+    try:
+        for _ in range(epochs):
+            out = []
+            for i, sample in enumerate(dr.set_sample_generator(lambda: ((images[k], k) for k in range(n)))()):
+                out.append(sample)
+                if i == 8:
+                    victim = dr.worker_pids[0]
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+            assert [s[1] for s in out] == list(range(n))
+            np.testing.assert_allclose(np.stack([s[2] for s in out]), ref, rtol=1e-5, atol=1e-6)
+        assert len(set(killed)) == epochs and not set(killed) & set(dr.worker_pids)
+        workers = dr._resources.remote_stage().workers
+        assert workers.total_respawns == epochs and workers.respawns <= 1
+    finally:
+        dr.close()
+
+
+def test_workers_that_keep_dying_still_raise(teacher_model, teacher):
+    """Every worker killed as soon as it shows up: no healthy stretch between deaths, so WorkerError (no loop)."""
+    import threading
+
+    from distill_reader.workers import WorkerError
+
+    images = mnist_like_images(8, seed=7)
+    dr = _reader(teacher_model, [teacher.endpoint])
+    dr.set_teacher_batch_size(1)
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            for pid in list(dr.worker_pids):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    try:
+        iterator = dr.set_sample_generator(lambda: ((images[k % 8], k) for k in range(10 ** 6)))()
+        next(iterator)
+        thread.start()
+        with pytest.raises(WorkerError, match="replacements in a row"):
+            for _ in iterator:
+                pass
+    finally:
+        stop.set()
+        thread.join(5)
+        dr.close()

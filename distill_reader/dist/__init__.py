@@ -25,7 +25,7 @@ from . import functional  # noqa: E402
 from .checkpoint import load_student_params, save_student_params, student_parameters  # noqa: E402
 from .losses import fsp_loss, kl_div_loss, l2_loss, loss, soft_label_loss  # noqa: E402
 from .merge import MergeError, merge  # noqa: E402
-from .names import VarNotFoundError, find_var  # noqa: E402
+from .names import TeacherNameError, VarNotFoundError, find_var  # noqa: E402
 from .pir import LegacyOpError, PirProgramError  # noqa: E402
 from .shapes import ShapeMismatchError  # noqa: E402
 from .teacher import FrozenTeacher, TeacherFormatError, load_teacher, load_teacher_program  # noqa: E402
@@ -33,6 +33,6 @@ from .teacher import FrozenTeacher, TeacherFormatError, load_teacher, load_teach
 __all__ = [
     "merge", "fsp_loss", "l2_loss", "kl_div_loss", "soft_label_loss", "loss", "functional",
     "save_student_params", "load_student_params", "student_parameters",
-    "MergeError", "VarNotFoundError", "ShapeMismatchError", "PirProgramError", "LegacyOpError", "find_var",
-    "load_teacher", "load_teacher_program", "FrozenTeacher", "TeacherFormatError",
+    "MergeError", "VarNotFoundError", "TeacherNameError", "ShapeMismatchError", "PirProgramError", "LegacyOpError",
+    "find_var", "load_teacher", "load_teacher_program", "FrozenTeacher", "TeacherFormatError",
 ]

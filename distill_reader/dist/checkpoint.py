@@ -34,9 +34,10 @@ def student_parameters(program=None, exclude_prefix: str | None = None) -> list:
     return params
 
 
-def save_student_params(executor, dirname: str, program=None, filename: str | None = None, scope=None,
+def save_student_params(executor, dirname: str | os.PathLike, program=None, filename: str | None = None, scope=None,
                         exclude_prefix: str | None = None) -> list[str]:
     """Write the student's parameters to ``dirname`` (one file each, or all in ``filename``); returns their names."""
+    dirname = os.fspath(dirname)
     program = paddle.static.default_main_program() if program is None else program
     params = student_parameters(program, exclude_prefix)
     if not params:
@@ -50,9 +51,10 @@ def save_student_params(executor, dirname: str, program=None, filename: str | No
     return names
 
 
-def load_student_params(executor, dirname: str, program=None, filename: str | None = None, scope=None,
+def load_student_params(executor, dirname: str | os.PathLike, program=None, filename: str | None = None, scope=None,
                         exclude_prefix: str | None = None) -> list[str]:
     """Load what ``save_student_params`` wrote into ``scope`` (default global scope); returns the names loaded."""
+    dirname = os.fspath(dirname)
     program = paddle.static.default_main_program() if program is None else program
     params = student_parameters(program, exclude_prefix)
     scope = paddle.static.global_scope() if scope is None else scope

@@ -1,7 +1,10 @@
 """Distillation losses on a merged static program, addressed by variable name (PaddleSlim's ``dist`` API).
 
 The ops are added to ``program`` (default: the default main program); unknown names fail with the closest names,
-mismatched teacher/student shapes fail with both shapes.
+mismatched teacher/student shapes fail with both shapes. A teacher name that is a student variable whose merged
+teacher copy exists (``"fc_1.tmp_1"`` for ``"teacher_fc_1.tmp_1"``) raises TeacherNameError naming both. No gradient
+flows into the teacher side; a loss never sets ``stop_gradient`` on the variables it is given (a teacher side that is
+not a merged teacher copy is read through a gradient-free copy).
 
 Example::
 
@@ -18,7 +21,7 @@ from typing import Callable
 import paddle
 
 from . import functional
-from .names import find_var
+from .names import find_teacher_var, find_var
 from .pir import legacy_op_errors, require_legacy
 from .shapes import check_fsp_shapes, check_same_shape
 
@@ -29,6 +32,16 @@ def _program(program, api: str):
     program = paddle.static.default_main_program() if program is None else program
     require_legacy(f"dist.{api}", program=program)
     return program
+
+
+def _no_grad(var):
+    """``var`` itself when no gradient reaches it (merged teacher copies); else a gradient-free copy of it, so
+    the loss never changes ``stop_gradient`` of a variable the student trains through."""
+    if var.stop_gradient:
+        return var
+    copy = paddle.assign(var)
+    copy.stop_gradient = True
+    return copy
 
 
 def fsp_loss(teacher_var1_name: str, teacher_var2_name: str, student_var1_name: str, student_var2_name: str,
@@ -44,13 +57,12 @@ def fsp_loss(teacher_var1_name: str, teacher_var2_name: str, student_var1_name: 
     """
     program = _program(program, "fsp_loss")
     names = {"teacher": (teacher_var1_name, teacher_var2_name), "student": (student_var1_name, student_var2_name)}
-    pairs = {role: tuple(find_var(program, n, f"{role} var{i + 1}") for i, n in enumerate(pair))
+    pairs = {role: tuple((find_teacher_var if role == "teacher" else find_var)(program, n, f"{role} var{i + 1}")
+                         for i, n in enumerate(pair))
              for role, pair in names.items()}
     check_fsp_shapes(pairs, {role: tuple(repr(n) for n in pair) for role, pair in names.items()})
     with paddle.static.program_guard(program):
-        for var in pairs["teacher"]:
-            var.stop_gradient = True
-        return functional._fsp_loss(*pairs["teacher"], *pairs["student"])
+        return functional._fsp_loss(*(_no_grad(var) for var in pairs["teacher"]), *pairs["student"])
 
 
 def l2_loss(teacher_var_name: str, student_var_name: str, program=None):
@@ -61,12 +73,11 @@ def l2_loss(teacher_var_name: str, student_var_name: str, program=None):
         distill = dist.l2_loss("teacher_t2.tmp_1", "s2.tmp_1", student_program)
     """
     program = _program(program, "l2_loss")
-    teacher_var = find_var(program, teacher_var_name, "teacher var")
+    teacher_var = find_teacher_var(program, teacher_var_name, "teacher var")
     student_var = find_var(program, student_var_name, "student var")
     check_same_shape("l2_loss", teacher_var, student_var, repr(teacher_var_name), repr(student_var_name))
     with paddle.static.program_guard(program):
-        teacher_var.stop_gradient = True
-        return functional._l2_loss(teacher_var, student_var)
+        return functional._l2_loss(_no_grad(teacher_var), student_var)
 
 
 def kl_div_loss(student_var_name: str, teacher_var_name: str, program=None, temperature: float = 1.0,
@@ -86,9 +97,9 @@ def kl_div_loss(student_var_name: str, teacher_var_name: str, program=None, temp
     """
     program = _program(program, "kl_div_loss")
     student_var = find_var(program, student_var_name, "student var")
-    teacher_var = find_var(program, teacher_var_name, "teacher var")
+    teacher_var = find_teacher_var(program, teacher_var_name, "teacher var")
     with paddle.static.program_guard(program):
-        return functional.kl_div_loss(student_var, teacher_var, temperature, reduction)
+        return functional.kl_div_loss(student_var, _no_grad(teacher_var), temperature, reduction)
 
 
 def soft_label_loss(teacher_var_name: str, student_var_name: str, program=None, teacher_temperature: float = 1.0,
@@ -102,12 +113,11 @@ def soft_label_loss(teacher_var_name: str, student_var_name: str, program=None, 
         distill = dist.soft_label_loss("teacher_t2.tmp_1", "s2.tmp_1", student_program, 1., 1.)
     """
     program = _program(program, "soft_label_loss")
-    teacher_var = find_var(program, teacher_var_name, "teacher var")
+    teacher_var = find_teacher_var(program, teacher_var_name, "teacher var")
     student_var = find_var(program, student_var_name, "student var")
     check_same_shape("soft_label_loss", teacher_var, student_var, repr(teacher_var_name), repr(student_var_name))
     with paddle.static.program_guard(program):
-        teacher_var.stop_gradient = True
-        return functional._soft_label_loss(teacher_var, student_var, teacher_temperature, student_temperature)
+        return functional._soft_label_loss(_no_grad(teacher_var), student_var, teacher_temperature, student_temperature)
 
 
 def loss(loss_func: Callable, program=None, **kwargs):

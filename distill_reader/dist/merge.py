@@ -22,7 +22,7 @@ import paddle
 from paddle.base import core
 from paddle.base.framework import Operator
 
-from .names import closest_names
+from .names import closest_names, record_teacher_copies
 from .pir import require_legacy
 from .shapes import ShapeMismatchError, dims_compatible
 
@@ -83,6 +83,8 @@ def merge(teacher_program, student_program, data_name_map: dict[str, str], place
     block_map = _create_blocks(teacher, student_program)
     _clone_vars(teacher, student_program, block_map, rename, data_name_map)
     _append_ops(teacher, student_program, block_map, rename)
+    record_teacher_copies(student_program, {new: old for old, new in name_map.items()
+                                            if old not in data_name_map and new != old})
     logger.info("merged teacher: %d variables, %d blocks, %d ops", len(name_map), len(teacher.blocks),
                 sum(len(b.ops) for b in teacher.blocks))
     return name_map

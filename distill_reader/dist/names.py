@@ -8,9 +8,11 @@ Example::
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Optional
 
 MAX_SUGGESTIONS = 6
+DEFAULT_PREFIX = "teacher_"
+_COPIES_ATTR = "_distill_teacher_copies"   # on a student program: {teacher copy's name: teacher's own name}
 
 
 class VarNotFoundError(ValueError):
@@ -53,3 +55,50 @@ def find_var(program, name: str, what: str = "variable"):
     if block.has_var(name):
         return block.var(name)
     raise VarNotFoundError(name, closest_names(name, block.vars.keys()), where=f"the program's global block ({what})")
+
+
+class TeacherNameError(ValueError):
+    """A teacher variable given by the name of a student variable while the teacher's merged copy exists.
+
+    ``.name`` is the name given, ``.teacher_name`` the teacher's copy (e.g. ``teacher_fc_1.tmp_1``).
+    """
+
+    def __init__(self, name: str, teacher_name: str, what: str):
+        self.name, self.teacher_name = name, teacher_name
+        super().__init__(f"{what} {name!r} is a variable of the student program, not the teacher's: the teacher's "
+                         f"copy is {teacher_name!r} (teacher and student share generated names; dist.merge renamed "
+                         f"the teacher's). Use {teacher_name!r}: a loss between the student and itself is 0 and "
+                         "teaches nothing")
+
+
+def record_teacher_copies(program, copies: dict) -> None:
+    """Remember on ``program`` which of its variables are teacher copies made by ``dist.merge`` (``{copy's
+    name: the teacher's own name}``); several merges add up."""
+    recorded = dict(getattr(program, _COPIES_ATTR, None) or {})
+    recorded.update(copies)
+    setattr(program, _COPIES_ATTR, recorded)
+
+
+def teacher_copy_of(program, name: str) -> Optional[str]:
+    """The merged teacher copy of ``name`` when ``name`` is a student variable whose teacher twin exists, else
+    None. Uses the record ``dist.merge`` left on ``program``; without one (a program merged elsewhere, or cloned)
+    ``teacher_`` + ``name``."""
+    block = program.global_block()
+    copies = getattr(program, _COPIES_ATTR, None)
+    if copies is None:
+        candidate = DEFAULT_PREFIX + name
+        return candidate if block.has_var(candidate) and not name.startswith(DEFAULT_PREFIX) else None
+    if name in copies:
+        return None   # the teacher's copy itself
+    twins = sorted(copy for copy, original in copies.items() if original == name and block.has_var(copy))
+    return twins[0] if twins else None
+
+
+def find_teacher_var(program, name: str, what: str = "teacher var"):
+    """The teacher variable ``name`` of ``program``; TeacherNameError naming both when ``name`` is the student's
+    variable and the teacher's copy exists (``teacher_copy_of``), VarNotFoundError when absent."""
+    var = find_var(program, name, what)
+    twin = teacher_copy_of(program, name)
+    if twin is not None:
+        raise TeacherNameError(name, twin, what)
+    return var

@@ -29,7 +29,7 @@ DIGEST_NBYTES = 16
 # how input digests are computed (``digest.py``); a cache with digests of another scheme cannot check inputs
 DIGEST_SCHEME = "mix64x2-v1"
 LEGACY_DIGEST_SCHEME = "sha256-128"  # written before the scheme was recorded (no "input_digest_scheme" entry)
-SHARD_NAME = re.compile(r"^shard-\d{6,}\.bin$")
+SHARD_NAME = re.compile(r"shard-\d{6,}\.bin")   # use fullmatch: "$" also matches before a final newline
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists ~600 bytes per shard: room for ~400,000 shards
 MAX_SAMPLE_ELEMENTS = 1 << 48  # elements of one sample of one field (a declared shape beyond it is refused)
 
@@ -188,7 +188,7 @@ def _check_shard(path: str, entry: Any, manifest: Manifest) -> ShardInfo:
         segments_raw = entry["segments"]
     except (KeyError, TypeError):
         raise FormatError(f"{path}: malformed shard entry {entry!r}") from None
-    if not isinstance(name, str) or not SHARD_NAME.match(name):
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
         raise FormatError(f"{path}: shard file name {name!r} is not allowed")
     if not all(isinstance(v, int) for v in (start, stop, nbytes, crc)) or not 0 <= crc < 1 << 32 or not (
             isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum)):

@@ -18,11 +18,12 @@ Example::
 from .merge import KnowledgeMismatch
 from .student import Student, TeacherDisconnected
 from .teacher import StudentDisconnected, Teacher
-from .transport import AuthenticationError, ConnectionLost, PantheonError, ProtocolError
+from .transport import AuthenticationError, ConnectionLost, ForkedConnectionError, PantheonError, ProtocolError
 
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
+    "ForkedConnectionError",
     "KnowledgeMismatch",
     "PantheonError",
     "ProtocolError",

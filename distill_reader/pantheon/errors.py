@@ -16,3 +16,8 @@ class ConnectionLost(PantheonError):
 
 class ProtocolError(PantheonError):
     """The peer sent something that is not a valid Pantheon frame (malformed, too long, or failing its MAC)."""
+
+
+class ForkedConnectionError(PantheonError):
+    """A connection used in a child process after ``os.fork()``: it belongs to the parent (one socket, one frame
+    counter per direction), so the child must connect a Student or Teacher of its own."""

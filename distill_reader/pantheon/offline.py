@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 from collections import OrderedDict
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
@@ -39,8 +40,8 @@ class OfflineKnowledgeWriter:
     no ``close()``) leaves them incomplete (what was written is committed), and the student refuses them.
     """
 
-    def __init__(self, path: str, desc: Mapping[str, dict], use_fp16: bool = False) -> None:
-        self.path = path
+    def __init__(self, path: Union[str, os.PathLike], desc: Mapping[str, dict], use_fp16: bool = False) -> None:
+        self.path = os.fspath(path)
         self.desc = OrderedDict((k, dict(v)) for k, v in desc.items())
         self._storage = "float16" if use_fp16 else "raw"
         self._writer: Optional[KnowledgeWriter] = None
@@ -100,8 +101,8 @@ def _is_desc(desc: object) -> bool:
 class OfflineKnowledgeReader:
     """Reads complete knowledge files as a Pantheon teacher's description and batches."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        path = self.path = os.fspath(path)
         try:
             reader = KnowledgeReader(path)
         except (KnowledgeError, OSError) as exc:

@@ -15,10 +15,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -202,7 +203,7 @@ class Student:
 
     # ------------------------------------------------------------------ setup
 
-    def register_teacher(self, in_path: Optional[str] = None, in_address: Optional[str] = None) -> int:
+    def register_teacher(self, in_path: Union[str, os.PathLike, None] = None, in_address: Optional[str] = None) -> int:
         """Register a teacher (ids from 0 in registration order): offline knowledge at ``in_path`` or an online
         teacher at ``in_address`` ("host:port"; waits up to the timeout for it to come up). Returns its id."""
         if self._started:
@@ -211,6 +212,7 @@ class Student:
             raise ValueError("give in_path (offline teacher) or in_address (online teacher), not both")
         if not in_path and not in_address:
             raise ValueError("one of in_path (offline teacher) or in_address (online teacher) must be given")
+        in_path = os.fspath(in_path) if in_path else None
         teacher_id = len(self._teachers)
         if in_address:
             if in_address in self._in_addresses:

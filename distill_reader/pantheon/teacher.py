@@ -19,10 +19,13 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
+from ..knowledge import KnowledgeError
+from ..knowledge.spec import cast_checked
+from ..snapshot import snapshot
 from .merge import describe
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -76,14 +79,15 @@ class Teacher:
         PantheonError (from ``start``): the port cannot be bound, or no student authenticated within the timeout.
     """
 
-    def __init__(self, out_path: Optional[str] = None, out_port: Optional[int] = None, out_host: str = "0.0.0.0",
+    def __init__(self, out_path: Union[str, os.PathLike, None] = None, out_port: Optional[int] = None,
+                 out_host: str = "0.0.0.0",
                  token: str | bytes | None = None, timeout: Optional[float] = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_frame_bytes: Optional[int] = None) -> None:
         if out_path and out_port:
             raise ValueError("out_path (offline mode) and out_port (online mode) cannot be set at the same time")
         if not out_path and not out_port:
             raise ValueError("one of out_path (offline mode) or out_port (online mode) must be given")
-        self._out_path = out_path
+        self._out_path = os.fspath(out_path) if out_path else None
         self._out_port = int(out_port) if out_port else None
         self._out_host = out_host
         self._token = resolve_token(token) if out_port else None
@@ -489,7 +493,7 @@ def _feed_batches(reader_config: Mapping[str, Any], names: List[str], dtypes: Li
         def from_samples() -> Iterator[Dict[str, np.ndarray]]:
             pending: list = []
             for sample in generator():
-                pending.append(sample)
+                pending.append(snapshot(sample))   # the generator may reuse its buffer at its next step
                 if len(pending) == batch_size:
                     yield samples_to_feed(pending)
                     pending = []
@@ -516,16 +520,33 @@ def _feed_batches(reader_config: Mapping[str, Any], names: List[str], dtypes: Li
                     batch = [batch]
                 if len(batch) != len(names):
                     raise ValueError(f"a batch has {len(batch)} slots but feed_list has {len(names)} ({names})")
-                yield {name: to_array(np.asarray(value), i) for i, (name, value) in enumerate(zip(names, batch))}
+                yield {name: _owned(to_array(np.asarray(value), i), value) for i, (name, value) in
+                       enumerate(zip(names, batch))}
 
         return from_batches
     raise ValueError("reader_config has no generator: give one of 'sample_generator' (with 'batch_size'), "
                      "'sample_list_generator' or 'batch_generator'")
 
 
+def _owned(array: np.ndarray, source: Any) -> np.ndarray:
+    """``array``, copied if it still shares the user's memory: the batch is predicted and sent after the
+    generator's next steps (prefetch), and the generator may reuse its buffer."""
+    return array.copy() if isinstance(source, np.ndarray) and np.may_share_memory(array, source) else array
+
+
 def _to_fp16(batch: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, v.astype(np.float16) if v.dtype in (np.float32, np.float64) else v)
-                       for k, v in batch.items())
+    """Float fields as float16; a finite value that float16 cannot hold (over 65504) raises PantheonError, as
+    the offline writer refuses it (never inf at the student)."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, value in batch.items():
+        if value.dtype not in (np.float32, np.float64):
+            out[key] = value
+            continue
+        try:
+            out[key] = cast_checked(value, np.dtype(np.float16), f"knowledge {key!r}")
+        except KnowledgeError as exc:
+            raise PantheonError(f"cannot send knowledge as float16 (use_fp16=True): {exc}") from None
+    return out
 
 
 _DONE = object()

@@ -42,7 +42,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..endpoints import parse_endpoint
-from .errors import AuthenticationError, ConnectionLost, PantheonError, ProtocolError
+from .errors import AuthenticationError, ConnectionLost, ForkedConnectionError, PantheonError, ProtocolError
 from .frames import (
     DEFAULT_MAX_FRAME,
     FRAME_SLACK,
@@ -114,6 +114,10 @@ class Connection:
     ``recv`` raises :class:`ConnectionLost` when the peer closes, dies, or sends nothing (not even a
     heartbeat) for ``timeout`` seconds while we wait for it, and :class:`ProtocolError` (after closing the
     connection) for a frame longer than ``max_frame_bytes``, failing its MAC, or malformed.
+
+    Fork: in a child process after ``os.fork()``, ``send`` and ``recv`` raise :class:`ForkedConnectionError` (the
+    socket and frame counters are the parent's), and ``close`` closes only the child's copy of the descriptor,
+    never shutting the parent's connection down.
     """
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float, keys: Tuple[bytes, bytes],
@@ -128,6 +132,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
         self._last_sent = time.monotonic()
+        self._pid = os.getpid()
         sock.setblocking(True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,7 +159,15 @@ class Connection:
         self._send_seq += 1
         return [*frame, memoryview(mac.digest())]
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise ForkedConnectionError(
+                f"the connection to {self.peer} was opened by process {self._pid} and is used in its forked child "
+                f"{os.getpid()}: parent and child would share one socket and mix their frames; create the Student "
+                "or Teacher in the child (or start it with multiprocessing's 'spawn' method)")
+
     def _send_sealed(self, frame: List[memoryview]) -> None:
+        self._check_process()   # before the lock: a parent thread may have held it at the fork
         with self._send_lock:
             if self.closed:
                 raise ConnectionLost(f"connection to {self.peer} is closed")
@@ -167,6 +180,7 @@ class Connection:
 
     def recv(self) -> tuple[str, Any, dict]:
         """The next frame as ``(kind, value, header)``; heartbeats are skipped."""
+        self._check_process()
         while True:
             try:
                 kind, value, header = self._recv_frame()
@@ -204,6 +218,8 @@ class Connection:
     def _shutdown(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
+            if os.getpid() != self._pid:
+                return   # a forked child: shutdown() would end the parent's connection too
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
