@@ -23,6 +23,7 @@ from .tensor_codec import dtype_of_elem_type
 
 CLIENT_CONF = "serving_client_conf.prototxt"
 SERVER_CONF = "serving_server_conf.prototxt"
+MAX_CONFIG_BYTES = 16 << 20   # a config lists a model's feeds and fetches: kilobytes
 
 
 def stream_name(conf_name: str) -> str:
@@ -78,7 +79,12 @@ class ServingConfig:
     # -- reading -------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str) -> ServingConfig:
-        """Read a config file (text format), or the config inside a serving client/server folder."""
+        """Read a config file (text format), or the config inside a serving client/server folder.
+
+        Raises:
+            ConfigError: naming the file: missing, unreadable, not UTF-8, over ``MAX_CONFIG_BYTES``, or not a
+                GeneralModelConfig in text format.
+        """
         if os.path.isdir(path):
             for name in (CLIENT_CONF, SERVER_CONF):
                 if os.path.exists(os.path.join(path, name)):
@@ -88,12 +94,18 @@ class ServingConfig:
                 raise ConfigError(f"no {CLIENT_CONF} or {SERVER_CONF} in folder {path!r}")
         if not os.path.exists(path):
             raise ConfigError(f"serving config {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"serving config {path!r} is over {MAX_CONFIG_BYTES} bytes")
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"serving config {path!r} cannot be read as UTF-8 text: {exc}") from None
         message = config_pb2.GeneralModelConfig()
         try:
             text_format.Parse(text, message)
-        except text_format.ParseError as exc:
+        except (text_format.ParseError, RecursionError) as exc:
             raise ConfigError(f"serving config {path!r} is not a GeneralModelConfig in text format: {exc}") from exc
         return cls.from_proto(message, source=path)
 
