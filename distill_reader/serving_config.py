@@ -96,7 +96,8 @@ class ServingConfig:
             raise ConfigError(f"serving config {path!r} does not exist")
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_CONFIG_BYTES + 1)
+                size = os.fstat(f.fileno()).st_size   # read what is there, never reserve the maximum
+                data = f.read(min(size, MAX_CONFIG_BYTES) + 1)
             if len(data) > MAX_CONFIG_BYTES:
                 raise ConfigError(f"serving config {path!r} is over {MAX_CONFIG_BYTES} bytes")
             text = data.decode("utf-8")
