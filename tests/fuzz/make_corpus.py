@@ -1,9 +1,10 @@
 """Write the seed corpus (``tests/fuzz/corpus/<harness>/seed-*``) with the project's own encoders and writers.
 
-Seeds are valid inputs; the corpus folders also hold every input that ever found a fault (``fault-*``, kept
+Seeds are valid inputs; the corpus folders also hold every input that ever found a fault: ``fault-issue-*``
+(the inputs issue 26 lists, written here too) and ``fault-found-*`` (findings of later fuzzing runs, copied in
 by hand, never rewritten here). Run from the repository root::
 
-    python -m tests.fuzz.make_corpus            # rewrites the seed-* files only
+    python -m tests.fuzz.make_corpus            # rewrites the seed-* and fault-issue-* files
 """
 from __future__ import annotations
 
@@ -87,6 +88,11 @@ def _frame(kind: str, value=None, **fields) -> tuple:
     return header, b"".join(bytes(b) for b in buffers[1:])
 
 
+def _raw_frame(header: dict, body: bytes) -> bytes:
+    data = json.dumps(header).encode()
+    return _U4.pack(len(data)) + data + body
+
+
 def _framed(items) -> bytes:
     out = b""
     for header, body in items:
@@ -136,6 +142,59 @@ def seeds() -> Dict[str, List[bytes]]:
     }
 
 
+def issue_faults() -> Dict[str, Dict[str, bytes]]:
+    """The inputs issue 26 lists, per harness: each found a fault before it was fixed."""
+    lod_request = service_pb2.Request(fetch_var_names=["seq"])
+    lod_request.tensor.add(name="words", elem_type=0, shape=[2, 0, 1 << 29, 1 << 29], lod=[0, 1, 2])
+    encode_tensor(np.ones((2, 2), "float32"), "w", out=lod_request.tensor.add())
+    odd_complex = service_pb2.Tensor(name="c", elem_type=10, shape=[3], complex64_data=[1.0, 2.0, 3.0])
+    empty_overflow = service_pb2.Tensor(name="e", elem_type=1, shape=[0, 1 << 30, 1 << 30, 1 << 30])
+    empty_strings = service_pb2.Tensor(name="s", elem_type=20, shape=[0, 1 << 30, 1 << 30, 1 << 30])
+    answer = _response(True)
+    answer.outputs[0].tensor[0].CopyFrom(odd_complex)
+    overflow_request = _dense_request(True)
+    overflow_request.tensor[1].ClearField("tensor_content")
+    overflow_request.tensor[1].ClearField("shape")
+    overflow_request.tensor[1].shape.extend([2, 0, 1 << 30, 1 << 30, 1 << 30])
+
+    def frame(kind, value, **fields):
+        header, body = _frame(kind, value, **fields)
+        return _U4.pack(len(header)) + header + body
+
+    batch = {"logits": np.ones((1, 3), "float32"), "label": np.arange(1)}
+    desc = dict(describe(batch))
+    early = [_frame("batch", batch)] * 33 + [_frame("desc", desc, times=1), _frame("end", served=1)]
+    manifest = json.loads(seeds()["knowledge_manifest"][1])   # the top-k cache's manifest
+
+    def changed(**entry):
+        doc = json.loads(json.dumps(manifest))
+        doc["fields"][0].update(entry)
+        return json.dumps(doc).encode()
+
+    return {
+        "lod_merge": {"fault-issue-merge-too-big": lod_request.SerializeToString()},
+        "tensor_codec": {"fault-issue-odd-complex": odd_complex.SerializeToString(),
+                         "fault-issue-empty-overflow": empty_overflow.SerializeToString(),
+                         "fault-issue-empty-strings-overflow": empty_strings.SerializeToString()},
+        "client_answer": {"fault-issue-odd-complex-answer": answer.SerializeToString()},
+        "grpc_request": {"fault-issue-shape-overflow": overflow_request.SerializeToString()},
+        "pantheon_frame": {"fault-issue-dtype-literal": frame("desc", {"x": {"shape": [-1, 2], "dtype": ",f4"}}),
+                           "fault-issue-desc-no-shape": frame("desc", {"x": {"dtype": "float32"}}),
+                           "fault-issue-desc-bad-dim": frame("desc", {"x": {"shape": [-1, "t"], "dtype": "f4"}}),
+                           "fault-issue-batch-dtype-literal": _raw_frame(
+                               {"k": "batch", "v": {"__dict__": [["x", {"__nd__": [0, ",f4", [1]]}]]}, "b": [4]},
+                               b"\0" * 4)},
+        "pantheon_transport": {"fault-issue-33-batches-before-desc": _framed(early)},
+        "knowledge_manifest": {"fault-issue-dtype-literal": changed(dtype=",f2"),
+                               "fault-issue-k-infinity": changed(k=float("inf")),
+                               "fault-issue-fill-401-digits": changed(fill=int("9" * 401))},
+        "endpoints": {"fault-issue-newline-host": b"1\n:2", "fault-issue-scope-colon": b"::%:",
+                      "fault-issue-scope-newline": b"[fe80::1%\n]:1",
+                      "fault-issue-arabic-digits": "h:\u0661\u0662".encode()},
+        "serving_config": {"fault-issue-not-utf8": b"feed_var { name: \"\xff\xfe\" }"},
+    }
+
+
 def _config_text(config) -> bytes:
     from google.protobuf import text_format
 
@@ -143,8 +202,9 @@ def _config_text(config) -> bytes:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Rewrite the seed-* files of tests/fuzz/corpus/<harness>/ from the "
-                                                 "project's encoders and writers (fault-* files are kept).")
+    parser = argparse.ArgumentParser(description="Rewrite the seed-* and fault-issue-* files of "
+                                                 "tests/fuzz/corpus/<harness>/ from the project's encoders and "
+                                                 "writers (fault-found-* files are kept).")
     parser.parse_args(argv)
     made = seeds()
     assert set(made) == set(HARNESSES), sorted(set(HARNESSES) ^ set(made))
@@ -156,6 +216,10 @@ def main(argv=None) -> int:
                 os.unlink(os.path.join(folder, entry))
         for index, data in enumerate(inputs):
             with open(os.path.join(folder, f"seed-{index:02d}"), "wb") as f:
+                f.write(data)
+    for name, inputs in issue_faults().items():
+        for file_name, data in inputs.items():
+            with open(os.path.join(CORPUS, name, file_name), "wb") as f:
                 f.write(data)
     return 0
 
