@@ -112,6 +112,9 @@ def decode_tensor(tensor: service_pb2.Tensor, what: str = "") -> np.ndarray:
             raise TensorCodecError(f"{label}: tensor_content has {nbytes} bytes, not a multiple of "
                                    f"{dtype} ({dtype.itemsize} bytes)")
         flat = np.frombuffer(tensor.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        if dtype.kind == "b" and flat.size and flat.view(np.uint8).max() > 1:
+            # numpy would keep such a byte as a "True" that compares unequal to True
+            raise TensorCodecError(f"{label}: bool tensor_content holds bytes other than 0 and 1")
     else:
         field = _TYPED_FIELD.get(tensor.elem_type)
         if field is None:
