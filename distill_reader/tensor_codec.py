@@ -106,12 +106,13 @@ def decode_tensor(tensor: service_pb2.Tensor, what: str = "") -> np.ndarray:
     shape_given = tuple(tensor.shape)
     if len(shape_given) > MAX_DIMS:
         raise TensorCodecError(f"{label}: shape has {len(shape_given)} dimensions, at most {MAX_DIMS} are accepted")
-    if tensor.tensor_content:
-        nbytes = len(tensor.tensor_content)
+    content = tensor.tensor_content   # read once: every read of a bytes field makes a new copy
+    if content:
+        nbytes = len(content)
         if nbytes % dtype.itemsize:
             raise TensorCodecError(f"{label}: tensor_content has {nbytes} bytes, not a multiple of "
                                    f"{dtype} ({dtype.itemsize} bytes)")
-        flat = np.frombuffer(tensor.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        flat = np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
         if dtype.kind == "b" and flat.size and flat.view(np.uint8).max() > 1:
             # numpy would keep such a byte as a "True" that compares unequal to True
             raise TensorCodecError(f"{label}: bool tensor_content holds bytes other than 0 and 1")
@@ -155,4 +156,10 @@ def _shape(tensor: service_pb2.Tensor, count: int, label: str) -> tuple[int, ...
 
 def is_raw(tensor: service_pb2.Tensor) -> bool:
     """True when the tensor uses ``tensor_content`` although a typed field exists for its type."""
-    return bool(tensor.tensor_content) and tensor.elem_type in _TYPED_FIELD
+    field = _TYPED_FIELD.get(tensor.elem_type)
+    if field is None or len(getattr(tensor, field)):
+        return False
+    if tensor.shape and all(d > 0 for d in tensor.shape):
+        # elements and no typed values: they travel in tensor_content (reading it would copy every byte)
+        return True
+    return bool(tensor.tensor_content)
