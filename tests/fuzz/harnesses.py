@@ -276,12 +276,12 @@ _KEYS = (b"k" * 32, b"k" * 32)
 def pantheon_transport(data: bytes) -> None:
     """A teacher's frames as the student's reader thread receives them: ``data`` is a run of
     ``<u4 header length | header | <u4 body length | body`` items, each sealed with the session key and sent
-    over a socket pair; the teacher closes ``_TEACHER_CLOSES_S`` later. The student asks for the description and
-    reads one pass: it must end (an answer or a PantheonError) within the time limit, whatever was sent."""
+    over a socket pair, then the teacher shuts its sending side (it still reads). The student asks for the
+    description and reads one pass: it must end (an answer or a PantheonError) within the time limit, whatever
+    was sent."""
     teacher_sock, student_sock = socket.socketpair()
     teacher = Connection(teacher_sock, "student", 5.0, _KEYS)
     student = _OnlineTeacher(0, "fuzz", Connection(student_sock, "teacher", 1.0, _KEYS), None)
-    closer = threading.Timer(_TEACHER_CLOSES_S, teacher.close)
     outcome: list = []
     try:
         teacher_sock.settimeout(0.5)
@@ -290,22 +290,18 @@ def pantheon_transport(data: bytes) -> None:
                 teacher._send_frame(header, [memoryview(body)] if body else [])
             except (PantheonError, OSError):
                 break
-        closer.start()
+        teacher_sock.shutdown(socket.SHUT_WR)
         reader = threading.Thread(target=_student_pass, args=(student, outcome), daemon=True)
         reader.start()
         reader.join(MAX_SECONDS)
         if reader.is_alive():
             raise Finding(f"the student still waits {MAX_SECONDS}s after asking for the description "
-                          f"(the teacher closed after {_TEACHER_CLOSES_S}s)")
+                          f"(the teacher stopped sending)")
     finally:
-        closer.cancel()
         teacher.close()
         student.conn.close()
     if outcome and not isinstance(outcome[0], PantheonError):
         raise outcome[0]
-
-
-_TEACHER_CLOSES_S = 0.05
 
 
 def _items(data: bytes):
