@@ -19,7 +19,7 @@ from google.protobuf import text_format
 
 from .atomic_file import atomic_write
 from .proto import general_model_config_pb2 as config_pb2
-from .tensor_codec import dtype_of_elem_type
+from .tensor_codec import ELEM_TYPES, dtype_of_elem_type
 
 CLIENT_CONF = "serving_client_conf.prototxt"
 SERVER_CONF = "serving_server_conf.prototxt"
@@ -82,8 +82,8 @@ class ServingConfig:
         """Read a config file (text format), or the config inside a serving client/server folder.
 
         Raises:
-            ConfigError: naming the file: missing, unreadable, not UTF-8, over ``MAX_CONFIG_BYTES``, or not a
-                GeneralModelConfig in text format.
+            ConfigError: naming the file: missing, unreadable, not UTF-8, over ``MAX_CONFIG_BYTES``, not a
+                GeneralModelConfig in text format, or a variable whose elem_type has no numpy dtype here.
         """
         if os.path.isdir(path):
             for name in (CLIENT_CONF, SERVER_CONF):
@@ -112,8 +112,9 @@ class ServingConfig:
 
     @classmethod
     def from_proto(cls, message: config_pb2.GeneralModelConfig, source: str = "") -> ServingConfig:
-        feeds = tuple(_spec(v, v.feed_type) for v in message.feed_var)
-        fetches = tuple(_spec(v, v.fetch_type) for v in message.fetch_var)
+        """Raises ConfigError naming the variable for an elem_type without a numpy dtype here."""
+        feeds = tuple(_spec(v, v.feed_type, "feed", source) for v in message.feed_var)
+        fetches = tuple(_spec(v, v.fetch_type, "fetch", source) for v in message.fetch_var)
         return cls(feeds=feeds, fetches=fetches, source=source)
 
     # -- writing -------------------------------------------------------------------------------------
@@ -139,7 +140,11 @@ class ServingConfig:
         return text_path
 
 
-def _spec(var, elem_type: int) -> VarSpec:
+def _spec(var, elem_type: int, kind: str, source: str) -> VarSpec:
+    if int(elem_type) not in ELEM_TYPES:   # checked once here, not at the first request that uses it
+        where = f" in {source!r}" if source else ""
+        raise ConfigError(f"{kind} {var.alias_name or var.name!r}{where}: elem_type {elem_type} is not a numeric "
+                          f"type this project supports (supported: {sorted(ELEM_TYPES)})")
     return VarSpec(name=var.name, alias_name=var.alias_name or var.name, elem_type=int(elem_type),
                    shape=tuple(int(d) for d in var.shape), is_lod_tensor=bool(var.is_lod_tensor))
 
