@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.fuzz.harnesses import HARNESSES, check_input
+from tests.fuzz.harnesses import HARNESSES, MAX_SECONDS, Finding, Harness, check_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "tests", "fuzz", "corpus")
@@ -42,6 +42,23 @@ def test_every_entry_point_has_a_harness_and_a_seeded_corpus():
     for name in HARNESSES:
         files = [os.path.basename(path) for path in _corpus(name)]
         assert any(f.startswith("seed-") for f in files), name
+
+
+def test_an_input_slow_twice_is_a_finding_a_single_stall_is_not():
+    """The hang check (MAX_SECONDS) runs a slow input again: a machine too loaded for one run is not a hang."""
+    import time
+
+    calls = []
+
+    def stalls_once(data: bytes) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            time.sleep(MAX_SECONDS + 0.2)
+
+    check_input(Harness("stall", stalls_once, ()), b"x")
+    assert len(calls) == 2
+    with pytest.raises(Finding, match=r"hang: 1-byte input took .*s twice"):
+        check_input(Harness("hang", lambda data: time.sleep(MAX_SECONDS + 0.2), ()), b"x")
 
 
 @pytest.mark.parametrize("name", sorted(HARNESSES))

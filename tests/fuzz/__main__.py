@@ -7,8 +7,9 @@
 Inputs that add coverage go to ``--scratch`` (a temporary folder by default), never into the repository's
 corpus; an input that finds a fault is written as ``<scratch>/finding-<sha1>`` and the run exits non-zero.
 Copy a finding into ``tests/fuzz/corpus/<harness>/fault-<what>`` once it is fixed. libFuzzer flags after the
-harness name pass through (``-runs``, ``-max_total_time``, ``-jobs``, ``-max_len``, ...); ``-timeout=2`` and
-``-rss_limit_mb=2048`` are set unless given.
+harness name pass through (``-runs``, ``-max_total_time``, ``-jobs``, ``-max_len``, ...); ``-timeout=10`` (libFuzzer's
+watchdog for a run that never returns; each harness checks 2 s itself, twice) and ``-rss_limit_mb=2048`` are set
+unless given.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import traceback
 import atheris
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
-DEFAULTS = {"-timeout": "2", "-rss_limit_mb": "2048", "-max_len": "8192", "-print_final_stats": "1"}
+DEFAULTS = {"-timeout": "10", "-rss_limit_mb": "2048", "-max_len": "8192", "-print_final_stats": "1"}
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,8 @@
 A harness takes any bytes, drives one entry point with them as a hostile peer or file would, and returns
 quietly when the entry point answered or refused them with its documented error. Anything else (another
 exception, an answer that breaks the entry point's own promises) escapes and is a finding.
-``check_input`` adds what every harness asserts: an input is handled within ``MAX_SECONDS`` and allocates
+``check_input`` adds what every harness asserts: an input is handled within ``MAX_SECONDS`` (twice in a row, so a
+stall of a loaded machine is not a finding) and allocates
 (Python heap, traced by ``tracemalloc``) at most ``memory_factor`` x its size plus ``MEMORY_SLACK``.
 
 Example::
@@ -71,6 +72,18 @@ def check_input(harness: Harness, data: bytes) -> None:
         Finding: the input took over MAX_SECONDS or allocated more than allowed.
         Exception: any exception the entry point does not document (the finding itself).
     """
+    elapsed, peak = _timed_run(harness, data)
+    if elapsed > MAX_SECONDS:   # once more: a hang repeats, a stall of a loaded machine does not
+        elapsed = min(elapsed, _timed_run(harness, data)[0])
+    if elapsed > MAX_SECONDS:
+        raise Finding(f"{harness.name}: {len(data)}-byte input took {elapsed:.2f}s twice (limit {MAX_SECONDS}s)")
+    allowed = harness.memory_factor * len(data) + MEMORY_SLACK
+    if peak > allowed:
+        raise Finding(f"{harness.name}: {len(data)}-byte input allocated {peak} bytes (limit {allowed:.0f})")
+
+
+def _timed_run(harness: Harness, data: bytes) -> Tuple[float, int]:
+    """(seconds, peak bytes traced) of one run; documented errors are swallowed, others propagate."""
     tracing = tracemalloc.is_tracing()
     if not tracing:
         tracemalloc.start()
@@ -86,11 +99,7 @@ def check_input(harness: Harness, data: bytes) -> None:
         peak = tracemalloc.get_traced_memory()[1] - base
         if not tracing:
             tracemalloc.stop()
-    if elapsed > MAX_SECONDS:
-        raise Finding(f"{harness.name}: {len(data)}-byte input took {elapsed:.2f}s (limit {MAX_SECONDS}s)")
-    allowed = harness.memory_factor * len(data) + MEMORY_SLACK
-    if peak > allowed:
-        raise Finding(f"{harness.name}: {len(data)}-byte input allocated {peak} bytes (limit {allowed:.0f})")
+    return elapsed, peak
 
 
 # ---------------------------------------------------------------- teacher server: gRPC / HTTP requests, LoD
