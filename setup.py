@@ -41,6 +41,7 @@ setup(
         "examples": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff>=0.5", "matplotlib>=3.5", "cryptography>=41",
                  "hypothesis>=6.100",
+                 "atheris>=2.3",            # coverage-guided fuzzing in the suite (tests/fuzz, issue 26)
                  "grpcio-tools>=1.74,<1.79"],
     },
     entry_points={

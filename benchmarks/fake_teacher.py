@@ -85,6 +85,10 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
         for name in request.fetch_var_names:
             if self.bad == "missing":
                 continue
+            if self.bad == "undecodable":   # 0 elements, other dimensions past int64 (issue 26)
+                output.tensor.add(name="save_infer_model/scale_0.tmp_0", alias_name=name, elem_type=1,
+                                  shape=[0, 1 << 30, 1 << 30, 1 << 30])
+                continue
             output.tensor.append(encode_tensor(prediction, name="save_infer_model/scale_0.tmp_0",
                                                alias_name=name, raw=True))
         return service_pb2.Response(outputs=[output], log_id=request.log_id)
@@ -128,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10, help="length of each sample's 'prediction'")
     parser.add_argument("--feed_shape", default="1,28,28", help="per-sample shape of feed 'img' (for --write_conf)")
     parser.add_argument("--write_conf", default="", help="folder to write serving_client_conf.prototxt into")
-    parser.add_argument("--bad", choices=["", "missing", "batch", *FAILURES], default="",
-                        help="answer wrongly on purpose (for tests): 'missing' fetch or wrong 'batch' length; or fail "
+    parser.add_argument("--bad", choices=["", "missing", "batch", "undecodable", *FAILURES], default="",
+                        help="answer wrongly on purpose (for tests): 'missing' fetch, wrong 'batch' length or an "
+                             "'undecodable' tensor (0 elements, dimensions past int64); or fail "
                              "every request: 'predictor_failed' (err_no 10000), 'refuse' (err_no 5000, invalid "
                              "request), 'resource_exhausted' (gRPC RESOURCE_EXHAUSTED)")
     args = parser.parse_args(argv)

@@ -21,9 +21,12 @@ from typing import Optional, Sequence, Union
 
 __all__ = ["Endpoint", "parse_endpoint", "parse_endpoints", "format_endpoints", "WILDCARD_HOSTS"]
 
-# Host names per RFC 1123 (letters, digits, '-', dots; '_' tolerated as many private DNS setups use it).
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+# Host names per RFC 1123 (letters, digits, '-', dots; '_' tolerated as many private DNS setups use it); used with
+# fullmatch (a '$' would match before a trailing newline).
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")   # ASCII digits only (str.isdigit also takes other scripts' digits)
+_SCOPE_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")   # an IPv6 zone: an interface name or number
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -62,7 +65,7 @@ def parse_endpoint(text: str, what: str = "endpoint", default_port: Optional[int
     host, port_text = _split(item, default_port)
     if host is None:
         raise ValueError(f"{what} {text!r} is not 'host:port' or '[ipv6]:port'")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{what} {text!r}: port {port_text!r} is not a number in 1-65535")
     if item.startswith("[") and not _is_ipv6(host):
         raise ValueError(f"{what} {text!r}: only an IPv6 address goes in brackets, not {host!r}")
@@ -122,7 +125,10 @@ def _valid_host(host: str) -> bool:
 
 
 def _is_ipv6(host: str) -> bool:
+    address, percent, scope = host.partition("%")
+    if percent and not _SCOPE_ID.fullmatch(scope):   # ipaddress accepts any zone text, blanks and ':' too
+        return False
     try:
-        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        return isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address)
     except ValueError:
         return False

@@ -19,10 +19,11 @@ from google.protobuf import text_format
 
 from .atomic_file import atomic_write
 from .proto import general_model_config_pb2 as config_pb2
-from .tensor_codec import dtype_of_elem_type
+from .tensor_codec import ELEM_TYPES, dtype_of_elem_type
 
 CLIENT_CONF = "serving_client_conf.prototxt"
 SERVER_CONF = "serving_server_conf.prototxt"
+MAX_CONFIG_BYTES = 16 << 20   # a config lists a model's feeds and fetches: kilobytes
 
 
 def stream_name(conf_name: str) -> str:
@@ -78,7 +79,12 @@ class ServingConfig:
     # -- reading -------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> ServingConfig:
-        """Read a config file (text format), or the config inside a serving client/server folder."""
+        """Read a config file (text format), or the config inside a serving client/server folder.
+
+        Raises:
+            ConfigError: naming the file: missing, unreadable, not UTF-8, over ``MAX_CONFIG_BYTES``, not a
+                GeneralModelConfig in text format, or a variable whose elem_type has no numpy dtype here.
+        """
         path = os.fspath(path)
         if os.path.isdir(path):
             for name in (CLIENT_CONF, SERVER_CONF):
@@ -89,19 +95,27 @@ class ServingConfig:
                 raise ConfigError(f"no {CLIENT_CONF} or {SERVER_CONF} in folder {path!r}")
         if not os.path.exists(path):
             raise ConfigError(f"serving config {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size   # read what is there, never reserve the maximum
+                data = f.read(min(size, MAX_CONFIG_BYTES) + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"serving config {path!r} is over {MAX_CONFIG_BYTES} bytes")
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"serving config {path!r} cannot be read as UTF-8 text: {exc}") from None
         message = config_pb2.GeneralModelConfig()
         try:
             text_format.Parse(text, message)
-        except text_format.ParseError as exc:
+        except (text_format.ParseError, RecursionError) as exc:
             raise ConfigError(f"serving config {path!r} is not a GeneralModelConfig in text format: {exc}") from exc
         return cls.from_proto(message, source=path)
 
     @classmethod
     def from_proto(cls, message: config_pb2.GeneralModelConfig, source: str = "") -> ServingConfig:
-        feeds = tuple(_spec(v, v.feed_type) for v in message.feed_var)
-        fetches = tuple(_spec(v, v.fetch_type) for v in message.fetch_var)
+        """Raises ConfigError naming the variable for an elem_type without a numpy dtype here."""
+        feeds = tuple(_spec(v, v.feed_type, "feed", source) for v in message.feed_var)
+        fetches = tuple(_spec(v, v.fetch_type, "fetch", source) for v in message.fetch_var)
         return cls(feeds=feeds, fetches=fetches, source=source)
 
     # -- writing -------------------------------------------------------------------------------------
@@ -128,7 +142,11 @@ class ServingConfig:
         return text_path
 
 
-def _spec(var, elem_type: int) -> VarSpec:
+def _spec(var, elem_type: int, kind: str, source: str) -> VarSpec:
+    if int(elem_type) not in ELEM_TYPES:   # checked once here, not at the first request that uses it
+        where = f" in {source!r}" if source else ""
+        raise ConfigError(f"{kind} {var.alias_name or var.name!r}{where}: elem_type {elem_type} is not a numeric "
+                          f"type this project supports (supported: {sorted(ELEM_TYPES)})")
     return VarSpec(name=var.name, alias_name=var.alias_name or var.name, elem_type=int(elem_type),
                    shape=tuple(int(d) for d in var.shape), is_lod_tensor=bool(var.is_lod_tensor))
 

@@ -37,6 +37,10 @@ _TYPED_FIELD: dict[int, str] = {
 }
 
 
+MAX_DIMS = 32                # numpy allows 64; no model input has more than a handful
+MAX_ELEMENTS = 1 << 48       # per tensor, counting the non-zero dimensions of an empty one too
+
+
 class TensorCodecError(ValueError):
     """A tensor that cannot be encoded or decoded; the message names the tensor."""
 
@@ -89,27 +93,48 @@ def encode_tensor(array: np.ndarray, name: str, alias_name: str = "", raw: bool 
 def decode_tensor(tensor: service_pb2.Tensor, what: str = "") -> np.ndarray:
     """Decode a Tensor message into a numpy array of its declared shape.
 
-    Raises TensorCodecError naming the tensor when the element count does not match the shape.
+    Raises:
+        TensorCodecError: naming the tensor, for an unsupported elem_type, data that is not whole elements,
+            an element count that does not match the shape, or a shape numpy cannot hold (over ``MAX_DIMS``
+            dimensions, or non-zero dimensions multiplying past ``MAX_ELEMENTS``, even when one is 0).
     """
     label = what or f"tensor {tensor.alias_name or tensor.name!r}"
     if tensor.elem_type == STRING_ELEM_TYPE:
-        return np.array(list(tensor.data), dtype=object).reshape(_shape(tensor, len(tensor.data), label))
+        shape = _shape(tensor, len(tensor.data), label)
+        return np.array(list(tensor.data), dtype=object).reshape(shape)
     dtype = dtype_of_elem_type(tensor.elem_type, what=label)
-    if tensor.tensor_content:
-        nbytes = len(tensor.tensor_content)
+    shape_given = tuple(tensor.shape)
+    if len(shape_given) > MAX_DIMS:
+        raise TensorCodecError(f"{label}: shape has {len(shape_given)} dimensions, at most {MAX_DIMS} are accepted")
+    content = tensor.tensor_content   # read once: every read of a bytes field makes a new copy
+    if content:
+        nbytes = len(content)
         if nbytes % dtype.itemsize:
             raise TensorCodecError(f"{label}: tensor_content has {nbytes} bytes, not a multiple of "
                                    f"{dtype} ({dtype.itemsize} bytes)")
-        flat = np.frombuffer(tensor.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        flat = np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        if dtype.kind == "b" and flat.size and flat.view(np.uint8).max() > 1:
+            # numpy would keep such a byte as a "True" that compares unequal to True
+            raise TensorCodecError(f"{label}: bool tensor_content holds bytes other than 0 and 1")
     else:
         field = _TYPED_FIELD.get(tensor.elem_type)
         if field is None:
             flat = np.zeros(0, dtype=dtype)
         elif tensor.elem_type in (10, 11):
-            flat = np.asarray(getattr(tensor, field), dtype=np.finfo(dtype).dtype).view(dtype)
+            values = getattr(tensor, field)
+            if len(values) % 2:
+                raise TensorCodecError(f"{label}: {field} holds {len(values)} numbers; complex values travel as "
+                                       f"(real, imaginary) pairs")
+            flat = _from_repeated(values, np.finfo(dtype).dtype).view(dtype)
         else:
-            flat = np.asarray(getattr(tensor, field), dtype=dtype)
+            flat = _from_repeated(getattr(tensor, field), dtype)
     return flat.reshape(_shape(tensor, flat.size, label))
+
+
+def _from_repeated(values, dtype: np.dtype) -> np.ndarray:
+    """A typed repeated field as an array, element by element: no list of Python objects in between (that costs
+    up to 8x the field's wire size on top of the array)."""
+    return np.fromiter(values, dtype=dtype, count=len(values))
 
 
 def _shape(tensor: service_pb2.Tensor, count: int, label: str) -> tuple[int, ...]:
@@ -122,9 +147,19 @@ def _shape(tensor: service_pb2.Tensor, count: int, label: str) -> tuple[int, ...
     expected = math.prod(shape)  # Python ints: a product past int64 cannot wrap around
     if expected != count:
         raise TensorCodecError(f"{label}: shape {list(shape)} needs {expected} elements, the message carries {count}")
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        # a 0-element shape whose other dimensions multiply past what numpy can index
+        raise TensorCodecError(f"{label}: shape {list(shape)} has more than {MAX_DIMS} dimensions or its non-zero "
+                               f"dimensions multiply past {MAX_ELEMENTS} elements")
     return shape
 
 
 def is_raw(tensor: service_pb2.Tensor) -> bool:
     """True when the tensor uses ``tensor_content`` although a typed field exists for its type."""
-    return bool(tensor.tensor_content) and tensor.elem_type in _TYPED_FIELD
+    field = _TYPED_FIELD.get(tensor.elem_type)
+    if field is None or len(getattr(tensor, field)):
+        return False
+    if tensor.shape and all(d > 0 for d in tensor.shape):
+        # elements and no typed values: they travel in tensor_content (reading it would copy every byte)
+        return True
+    return bool(tensor.tensor_content)

@@ -325,7 +325,13 @@ class DynamicBatcher:
                 self._on_run(batch, time.perf_counter() - start, time.thread_time() - cpu)
 
     def _run_merged(self, group: list) -> None:
-        merged, lods = lod.merge_jobs([(j.feeds, j.lods) for j in group])
+        try:
+            merged, lods = lod.merge_jobs([(j.feeds, j.lods) for j in group])
+        except Exception as exc:  # noqa: BLE001 - jobs that cannot be one batch run one by one; the runner lives
+            logger.warning("%d jobs could not be merged, running them one by one: %s", len(group), exc)
+            for job in group:
+                self._settle(job)
+            return
         try:
             outputs = self._timed_run(merged, group[0].fetch, lods or None)
         except Exception as exc:  # noqa: BLE001 - every job of the group gets the error

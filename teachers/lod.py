@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -103,17 +104,47 @@ def lod_key(lods: Optional[Mapping[str, Sequence[int]]]) -> tuple:
 
 def merge_jobs(jobs: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, Sequence[int]]]]
                ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
-    """(feeds, lods) of several requests run as one: rows concatenated, each LoD shifted by the rows before it."""
+    """(feeds, lods) of several requests run as one: rows concatenated, each LoD shifted by the rows before it.
+
+    Raises:
+        LodError: the jobs cannot be one batch (other feeds, dtypes or per-row shapes, a LoD that does not end at
+            its rows, or merged rows whose non-zero dimensions multiply past ``MAX_MERGED_ELEMENTS``), checked
+            before anything is allocated; the caller runs such jobs one by one.
+    """
     names = list(jobs[0][0])
+    key = lod_key(jobs[0][1])
+    for name in names:
+        _check_mergeable(name, [f.get(name) for f, _ in jobs])
     feeds = {n: np.concatenate([f[n] for f, _ in jobs], axis=0) for n in names}
     lods: dict[str, list[int]] = {}
-    for name in lod_key(jobs[0][1]):
+    for name in key:
         merged, base = [0], 0
-        for _, job_lods in jobs:
-            merged.extend(base + int(x) for x in job_lods[name][1:])
-            base += int(job_lods[name][-1])
+        for (feeds_of_job, job_lods) in jobs:
+            offsets = (job_lods or {}).get(name)
+            if lod_key(job_lods) != key or not offsets or int(offsets[0]) != 0 or \
+                    int(offsets[-1]) != feeds_of_job[name].shape[0]:
+                raise LodError(f"feed {name!r}: the jobs' LoDs cannot be merged (each must start at 0 and end at "
+                               f"its rows)")
+            merged.extend(base + int(x) for x in offsets[1:])
+            base += int(offsets[-1])
         lods[name] = merged
     return feeds, lods
+
+
+MAX_MERGED_ELEMENTS = 1 << 48   # non-zero dimensions of a merged feed (a 0-element feed may declare any others)
+
+
+def _check_mergeable(name: str, arrays: Sequence[Optional[np.ndarray]]) -> None:
+    if any(a is None or not isinstance(a, np.ndarray) or a.ndim == 0 for a in arrays):
+        raise LodError(f"feed {name!r}: not every job carries it with rows")
+    first = arrays[0]
+    if any(a.dtype != first.dtype or a.shape[1:] != first.shape[1:] for a in arrays):
+        raise LodError(f"feed {name!r}: the jobs' dtypes or per-row shapes differ "
+                       f"({sorted({(str(a.dtype), a.shape[1:]) for a in arrays})})")
+    shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
+    if math.prod(d for d in shape if d) > MAX_MERGED_ELEMENTS:
+        raise LodError(f"feed {name!r}: merged shape {list(shape)} is too large for one batch "
+                       f"(its non-zero dimensions multiply past {MAX_MERGED_ELEMENTS})")
 
 
 def split_outputs(outputs: Mapping[str, tuple[np.ndarray, list]], counts: Sequence[int]) -> Optional[list[dict]]:

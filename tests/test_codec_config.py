@@ -100,6 +100,15 @@ def test_config_errors_name_the_problem(tmp_path):
         _config().fetch("logits")
 
 
+def test_config_with_an_elem_type_without_dtype_is_a_config_error_naming_the_var(tmp_path):
+    """Found by fuzzing (issue 26): elem_type 6 (bfloat16) loaded, then TensorCodecError at the first use."""
+    conf = tmp_path / "serving_client_conf.prototxt"
+    conf.write_text('feed_var { name: "x" alias_name: "x" feed_type: 1 shape: 3 }\n'
+                    'fetch_var { name: "y" alias_name: "prob" fetch_type: 6 shape: 1 }\n')
+    with pytest.raises(ConfigError, match=r"fetch 'prob' in .*serving_client_conf.prototxt.*: elem_type 6 is not"):
+        ServingConfig.load(str(conf))
+
+
 def test_prepare_feed_reshapes_and_casts():
     spec = _config().feed("img")
     flat = np.arange(2 * 784, dtype="float64").reshape(2, 784)

@@ -133,10 +133,11 @@ def test_frozen_teacher_is_noticed_by_grpc_keepalive(teacher_model, data, caplog
             dr.close()
 
 
-@pytest.mark.parametrize("bad", ["predictor_failed", "resource_exhausted", "missing", "batch"])
+@pytest.mark.parametrize("bad", ["predictor_failed", "resource_exhausted", "missing", "batch", "undecodable"])
 def test_a_sick_teacher_is_set_aside_and_its_tasks_retried_elsewhere(teacher_model, data, fake_teacher, bad):
-    """Transient errors (err_no 10000, RESOURCE_EXHAUSTED) and wrong answers (missing fetch, wrong rows) of one
-    teacher do not end the epoch: that teacher is set aside, the others answer every task."""
+    """Transient errors (err_no 10000, RESOURCE_EXHAUSTED) and wrong answers (missing fetch, wrong rows, a tensor
+    numpy cannot shape: issue 26, once a bare ValueError in the training loop) of one teacher do not end the
+    epoch: that teacher is set aside, the others answer every task."""
     images, ref = data
     sick = fake_teacher(bad)
     with TeacherServer(teacher_model.server_dir) as good:

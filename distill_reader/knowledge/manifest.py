@@ -123,9 +123,9 @@ def _load_json(directory: str, path: str) -> Any:
     with os.fdopen(fd, "rb") as f:
         if size > MAX_MANIFEST_BYTES:
             raise FormatError(f"{path}: {size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{path}: more than a manifest may hold ({MAX_MANIFEST_BYTES} bytes)")
+        data = f.read(size + 1)   # what fstat says (a file growing meanwhile shows as one byte more), not the maximum
+    if len(data) > size:
+        raise FormatError(f"{path}: grew while it was read (more than its {size} bytes)")
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

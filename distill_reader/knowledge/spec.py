@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 
+from ..dtypes import parse_dtype
 from .errors import FormatError, KnowledgeError
 
 ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, floating: never object, string, void or structured dtypes.
@@ -54,6 +55,8 @@ class Part(NamedTuple):
 
 def check_dtype(value: Any, what: str) -> np.dtype:
     """Parse ``value`` as a plain numeric dtype (bool, int, uint, float); anything else is a ``KnowledgeError``."""
+    if isinstance(value, str):   # a name from a file or a user: never parsed by numpy as a literal
+        return parse_dtype(value, ALLOWED_KINDS, what, FormatError)
     try:
         dtype = np.dtype(value)
     except (TypeError, ValueError) as exc:
@@ -163,8 +166,10 @@ class FieldSpec:
         storage = entry.get("storage")
         if storage == "topk":
             try:
-                k, fill = int(entry["k"]), float(entry["fill"])
-            except (KeyError, TypeError, ValueError):
+                k, fill = entry["k"], float(entry["fill"])
+                if isinstance(k, bool) or not isinstance(k, int) or math.isnan(fill):
+                    raise ValueError(k)
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise FormatError(f"field {name!r}: top-k storage needs an integer k and a fill value") from None
             return _make(name, shape, dtype, "topk", k, fill)
         if storage not in STORAGES:

@@ -20,11 +20,13 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ..dtypes import parse_dtype
 from .errors import ProtocolError
 
 DEFAULT_MAX_FRAME = 64 << 20  # bytes (header + body) of one frame, before and below the description's size
 MAX_BATCH_SAMPLES = 4096  # samples per knowledge batch the description-sized limit allows for
 FRAME_SLACK = 1 << 20  # room for the JSON header on top of the arrays
+MAX_FRAME = 1 << 40  # what a description can raise the limit to (memory still grows only with bytes received)
 PREFIX = struct.Struct("!IQ")
 _ALLOWED_KINDS = set("biufc")  # bool, signed, unsigned, float, complex
 
@@ -35,7 +37,8 @@ def frame_limit(desc: Optional[Mapping[str, Any]] = None, max_frame_bytes: Optio
     ``max_frame_bytes`` when given (the option to raise or lower it); else, from the knowledge description
     (key -> ``{"shape": [-1, ...], "dtype": ...}``), room for ``MAX_BATCH_SAMPLES`` samples of every key plus
     ``FRAME_SLACK`` for the header, and never below ``DEFAULT_MAX_FRAME`` (64 MiB). A description with an
-    unknown (negative) per-sample dimension, or none, gives ``DEFAULT_MAX_FRAME``.
+    unknown (negative) per-sample dimension, a malformed one, or none, gives ``DEFAULT_MAX_FRAME``; no
+    description raises it past ``MAX_FRAME``.
 
     Raises:
         ValueError: ``max_frame_bytes`` is not a positive integer.
@@ -45,15 +48,18 @@ def frame_limit(desc: Optional[Mapping[str, Any]] = None, max_frame_bytes: Optio
             raise ValueError(f"max_frame_bytes must be a positive number of bytes, got {max_frame_bytes!r}")
         return max_frame_bytes
     per_sample = 0
-    try:
-        for entry in (desc or {}).values():
-            dims = [int(d) for d in list(entry["shape"])[1:]]
-            if any(d < 0 for d in dims):
-                return DEFAULT_MAX_FRAME
-            per_sample += math.prod(dims) * np.dtype(entry["dtype"]).itemsize
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return DEFAULT_MAX_FRAME
-    return max(DEFAULT_MAX_FRAME, per_sample * MAX_BATCH_SAMPLES + FRAME_SLACK)
+    for entry in (desc.values() if isinstance(desc, Mapping) else ()):
+        shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            return DEFAULT_MAX_FRAME
+        if any(d < 0 for d in shape[1:]):
+            return DEFAULT_MAX_FRAME
+        try:
+            itemsize = parse_dtype(entry.get("dtype"), _ALLOWED_KINDS, "description").itemsize
+        except ValueError:
+            return DEFAULT_MAX_FRAME
+        per_sample += math.prod(shape[1:]) * itemsize
+    return min(MAX_FRAME, max(DEFAULT_MAX_FRAME, per_sample * MAX_BATCH_SAMPLES + FRAME_SLACK))
 
 
 # ---------------------------------------------------------------- value encoding
@@ -177,9 +183,7 @@ def _arrays_from_body(header: dict, body: bytearray) -> list:
         if spec is None:
             arrays.append(bytes(body[offset:offset + length]))
         else:
-            dtype = np.dtype(spec[1])
-            if dtype.kind not in _ALLOWED_KINDS or dtype.names is not None or dtype.subdtype is not None:
-                raise ProtocolError(f"refusing an array of dtype {dtype}")
+            dtype = parse_dtype(spec[1], _ALLOWED_KINDS, "array", ProtocolError)
             if not isinstance(spec[2], list) or not all(isinstance(d, int) and d >= 0 for d in spec[2]):
                 raise ProtocolError(f"malformed array shape {spec[2]!r}")
             shape = tuple(spec[2])

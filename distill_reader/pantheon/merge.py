@@ -12,10 +12,12 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import numpy as np
 
+from ..dtypes import parse_dtype
+from .errors import ProtocolError
 from .transport import PantheonError
 
 STRATEGIES = ("sum", "mean")
@@ -37,6 +39,35 @@ def check_strategy(merge_strategy: Optional[Mapping[str, str]]) -> Dict[str, str
     return dict(merge_strategy)
 
 
+MAX_DESC_KEYS = 4096
+MAX_DIMS = 32
+
+
+def check_desc(desc: Any, name: str) -> OrderedDict[str, dict]:
+    """A knowledge description from a peer or a file, checked: key -> ``{"shape": [-1, d1, ...], "dtype": name,
+    "lod_level": int}`` with string keys, integer dimensions (-1 for unknown ones), an allowed dtype name
+    (``distill_reader.dtypes``) and at most ``MAX_DESC_KEYS`` keys.
+
+    Raises:
+        ProtocolError: naming ``name`` and the key that is malformed.
+    """
+    if not isinstance(desc, Mapping) or len(desc) > MAX_DESC_KEYS:
+        raise ProtocolError(f"{name} sent a knowledge description that is not a dict of at most {MAX_DESC_KEYS} keys: "
+                            f"{type(desc).__name__}")
+    checked: OrderedDict[str, dict] = OrderedDict()
+    for key, item in desc.items():
+        shape = item.get("shape") if isinstance(item, Mapping) else None
+        lod_level = item.get("lod_level", 0) if isinstance(item, Mapping) else None
+        if not isinstance(key, str) or not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS or not all(
+                isinstance(d, int) and not isinstance(d, bool) and -1 <= d < 1 << 40 for d in shape) or \
+                isinstance(lod_level, bool) or not isinstance(lod_level, int):
+            raise ProtocolError(f"{name} described knowledge key {key!r} as {item!r}: expected "
+                                f"{{'shape': [-1, ...], 'dtype': ..., 'lod_level': 0}}")
+        dtype = parse_dtype(item.get("dtype"), "biufc", f"{name}: knowledge key {key!r}", ProtocolError)
+        checked[key] = {**item, "shape": list(shape), "dtype": str(dtype), "lod_level": lod_level}
+    return checked
+
+
 def describe(knowledge: Mapping[str, np.ndarray]) -> OrderedDict[str, dict]:
     """The description of one batch of knowledge (batch dimension as -1)."""
     desc = OrderedDict()
@@ -52,6 +83,7 @@ def merge_descs(descs: List[Mapping[str, dict]], merge_strategy: Mapping[str, st
                 names: Optional[List[str]] = None) -> OrderedDict[str, dict]:
     """One description for all teachers, in teacher order; shared keys need a strategy and equal shapes/dtypes."""
     names = names or [f"teacher {i}" for i in range(len(descs))]
+    descs = [check_desc(desc, names[i]) for i, desc in enumerate(descs)]
     merged: OrderedDict[str, dict] = OrderedDict()
     owners: Dict[str, List[int]] = {}
     for index, desc in enumerate(descs):
@@ -82,7 +114,16 @@ def conform(batch: Mapping[str, np.ndarray], desc: Mapping[str, dict], name: str
     """Check one teacher batch against its description and cast each array back to the described dtype.
 
     This is where float16 transport (``use_fp16``) is undone.
+
+    Raises:
+        ProtocolError: the batch is not a dict of numeric arrays, or the description is malformed.
+        KnowledgeMismatch: keys, shapes or row counts differ from the description.
     """
+    desc = check_desc(desc, name)
+    if not isinstance(batch, Mapping) or not all(
+            isinstance(v, np.ndarray) and v.dtype.kind in "biufc" for v in batch.values()):
+        raise ProtocolError(f"{name} sent a knowledge batch that is not a dict of numeric arrays: "
+                            f"{type(batch).__name__}")
     if set(batch) != set(desc):
         raise KnowledgeMismatch(f"{name} sent keys {sorted(batch)} but described {sorted(desc)}")
     out: Dict[str, np.ndarray] = {}

@@ -18,12 +18,13 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
-from .merge import check_strategy, conform, merge_descs, merged_stream
+from .merge import check_desc, check_strategy, conform, merge_descs, merged_stream
 from .transport import (
     Connection,
     ConnectionLost,
@@ -41,6 +42,7 @@ __all__ = ["Student", "TeacherDisconnected"]
 
 _QUEUE_CAPACITY = 100  # merged batches ready for the training loop, as in Pantheon
 _TEACHER_BUFFER = 32  # batches received from one online teacher and not yet merged
+_POLL_S = 0.25  # how often a wait on a teacher re-checks that its connection still lives
 
 
 class TeacherDisconnected(PantheonError):
@@ -70,6 +72,7 @@ class _OnlineTeacher:
         self.in_pass = False
         self.batches_in_pass = 0
         self.finished = False
+        self.failure: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._read_loop, name=f"pantheon-{self.name}", daemon=True)
         self._thread.start()
 
@@ -80,18 +83,20 @@ class _OnlineTeacher:
                 if kind == "data":
                     self.t2s.put(value)
                 elif kind == "desc":
-                    self.times = int(header.get("times", 1))
+                    value = check_desc(value, self.name)
+                    self.times = _count(header, "times", 1, self.name)
                     # knowledge frames may now be as large as the description says (or as the user allows)
-                    self.conn.max_frame_bytes = frame_limit(value if isinstance(value, dict) else None,
-                                                            self.max_frame_bytes)
+                    self.conn.max_frame_bytes = frame_limit(value, self.max_frame_bytes)
                     self.descs.put(value)
                 elif kind == "batch":
+                    if not self.in_pass:   # the queue below fills only while a pass reads it
+                        raise ProtocolError(f"{self.name} sent a knowledge batch outside a pass")
                     self.batches_in_pass += 1
-                    self.knowledge.put(value)
+                    self._put(self.knowledge, value)
                 elif kind == "end":
-                    self.served = int(header.get("served", self.served + 1))
+                    self.served = _count(header, "served", self.served + 1, self.name)
                     self.in_pass = False
-                    self.knowledge.put(_END)
+                    self._put(self.knowledge, _END)
                 elif kind == "error":
                     raise TeacherDisconnected(f"{self.name} failed: {value}")
                 elif kind == "bye":
@@ -116,13 +121,40 @@ class _OnlineTeacher:
                                           f"(after {self.batches_in_pass} batches): {exc}; did the teacher die?")
             elif isinstance(exc, ConnectionLost):
                 exc = TeacherDisconnected(f"{self.name}: {exc}")
+            self.failure = exc
             failure = _Failure(exc)
             for target in (self.t2s, self.descs, self.knowledge):
-                target.put(failure)
+                try:
+                    target.put_nowait(failure)
+                except queue.Full:   # take() raises self.failure once the batches before it are read
+                    pass
 
-    @staticmethod
-    def take(source: queue.Queue[Any]) -> Any:
-        item = source.get()
+    def _put(self, target: queue.Queue[Any], item: Any) -> None:
+        """Queue ``item`` for the training loop, waiting while it is full, as long as the connection lives."""
+        while True:
+            try:
+                target.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                if self.conn.closed:
+                    raise ConnectionLost(f"{self.name}: connection closed") from None
+
+    def take(self, source: queue.Queue[Any], timeout: Optional[float] = None) -> Any:
+        """The next item of ``source``; the reader thread's failure if it ended, TeacherDisconnected if nothing
+        came within ``timeout`` seconds (None: as long as the reader thread lives)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                item = source.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if self.failure is not None and source.empty():
+                    raise self.failure from None
+                if not self._thread.is_alive() and source.empty():
+                    raise TeacherDisconnected(f"{self.name}: the connection's reader has stopped") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TeacherDisconnected(f"{self.name} sent no knowledge description within {timeout:g}s "
+                                              f"of being asked") from None
         if isinstance(item, _Failure):
             source.put(item)  # every later call fails the same way
             raise item.error
@@ -132,7 +164,7 @@ class _OnlineTeacher:
         if self.finished or (self.times is not None and self.served >= self.times):
             raise PantheonError(f"{self.name} was started with times={self.times} and has served all its passes")
         self._send("desc?")
-        return self.take(self.descs)
+        return self.take(self.descs, timeout=self.conn.timeout)
 
     def start_pass(self) -> None:
         self.in_pass = True
@@ -151,6 +183,13 @@ class _OnlineTeacher:
             self.conn.send(kind, value)
         except ConnectionLost as exc:
             raise TeacherDisconnected(f"{self.name}: {exc}") from exc
+
+
+def _count(header: dict, key: str, default: int, name: str) -> int:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise ProtocolError(f"{name} sent {key}={value!r}, not a count")
+    return value
 
 
 class _OfflineTeacher:

@@ -1,0 +1,104 @@
+"""Memory while the teacher parses one request, per wire form, as a multiple of the body (issue 26).
+
+For each form (raw ``tensor_content``; Paddle Serving's typed fields for int64 with small and large values,
+int32, float32, float64, bool) a body of ``--elements`` values is written to a file; a fresh process reads it,
+then parses it as the server does (``Request.ParseFromString`` and ``InferenceHandler.parse``), and reports its
+peak resident memory (``VmHWM``, reset just before) over the resident memory before parsing, divided by the body
+size (Linux only). ``--compare DIR`` runs the
+same measurement with another checkout's code (e.g. the code before a change) side by side.
+
+Example::
+
+    python benchmarks/bench_parse_memory.py --elements 8000000
+    python benchmarks/bench_parse_memory.py --compare /tmp/old-checkout
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+FORMS = {  # name: (dtype, raw?, value)
+    "raw float32": ("float32", True, 0), "typed int64 (values < 128)": ("int64", False, 0),
+    "typed int64 (values 2^40)": ("int64", False, 1 << 40), "typed int32 (values < 128)": ("int32", False, 0),
+    "typed float32": ("float32", False, 0), "typed float64": ("float64", False, 0), "typed bool": ("bool", False, 0)}
+ELEM_TYPES = {"int64": 0, "float32": 1, "int32": 2, "float64": 3, "bool": 9}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_body(path: str, dtype: str, raw: bool, value: int, elements: int) -> None:
+    import numpy as np
+
+    from distill_reader.proto import general_model_service_pb2 as service_pb2
+    from distill_reader.tensor_codec import encode_tensor
+
+    request = service_pb2.Request()
+    encode_tensor(np.full((elements, 1), value, dtype), "x", raw=raw, out=request.tensor.add())
+    with open(path, "wb") as f:
+        f.write(request.SerializeToString())
+
+
+def measure(path: str, dtype: str) -> float:
+    """Run in a fresh process: peak RSS growth while parsing / body bytes."""
+    import gc
+
+    import numpy as np  # noqa: F401 - loaded before the measurement starts
+
+    from distill_reader.proto import general_model_service_pb2 as service_pb2
+    from distill_reader.serving_config import ServingConfig, VarSpec
+    from teachers.inference import InferenceHandler
+
+    config = ServingConfig(feeds=(VarSpec("x", "x", ELEM_TYPES[dtype], (1,)),), fetches=(VarSpec("y", "y", 1, (1,)),))
+    handler = InferenceHandler(config)
+    with open(path, "rb") as f:
+        body = f.read()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:   # resets the peak (VmHWM): ru_maxrss would keep the parent's
+        f.write("5")
+    resident = _status_kib("VmRSS")
+    request = service_pb2.Request()
+    request.ParseFromString(body)
+    handler.parse(request)
+    return (_status_kib("VmHWM") - resident) * 1024 / len(body)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, default=8_000_000, help="values per request (default 8000000)")
+    parser.add_argument("--compare", default=None, metavar="DIR",
+                        help="another checkout whose code is measured side by side (default: none)")
+    parser.add_argument("--measure", nargs=2, metavar=("BODY", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(f"{measure(*args.measure):.2f}")
+        return 0
+    trees = [("this checkout", ROOT)] + ([("--compare", os.path.abspath(args.compare))] if args.compare else [])
+    print(f"| form ({args.elements} values) | body bytes | " + " | ".join(f"peak / body, {n}" for n, _ in trees) + " |")
+    print("|---|---|" + "---|" * len(trees))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (dtype, raw, value) in FORMS.items():
+            body = os.path.join(tmp, "body")
+            make_body(body, dtype, raw, value, args.elements)
+            ratios = []
+            for _, tree in trees:
+                env = dict(os.environ, PYTHONPATH=tree)
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", body, dtype], env=env,
+                                     cwd=tree, capture_output=True, text=True, check=True)
+                ratios.append(out.stdout.strip() + "x")
+            print(f"| {name} | {os.path.getsize(body)} | " + " | ".join(ratios) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.environ.get("PYTHONPATH", ROOT).split(os.pathsep)[0])
+    raise SystemExit(main())
