@@ -6,7 +6,8 @@ Command line of ``python -m paddle_serving_server(_gpu).serve``::
 
 gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given;
 Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
-asyncio event loop (grpc.aio + aiohttp); predictors run on the batcher's threads.
+asyncio event loop (grpc.aio + aiohttp); predictors run in ``--thread`` worker processes (``teachers.worker_pool``),
+fed by the batcher's threads.
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
 ``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
 on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
@@ -36,6 +37,7 @@ from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfi
 logger = logging.getLogger("teachers.serve")
 
 DEFAULT_MAX_BODY_SIZE = 128 * 1024 * 1024
+_WATCH_S = 0.1     # how often health follows the predictor workers
 
 # Flags of Paddle Serving 0.9's ``serve`` that have no meaning here: accepted (any number of values) and ignored.
 IGNORED_SERVING_FLAGS = (
@@ -121,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=port_number, default=9393, help="gRPC port (default: %(default)s)")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=at_least(1), default=4,
-                   help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
+                   help="number of predictor worker processes run in parallel, each a separate process loading its "
+                        "own Paddle Inference predictor: a model's memory is paid once per worker "
+                        "(default: %(default)s)")
     g.add_argument("--gpu_ids", default=[""], nargs="+", metavar="IDS",
-                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictors are spread over them. Needs "
+                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictor workers are spread over them, "
+                        "each seeing only its own GPU (CUDA_VISIBLE_DEVICES). Needs "
                         "the GPU wheel: with the CPU wheel a warning says they are ignored and the server runs on CPU")
     g.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="cpu or gpu (default: gpu when --gpu_ids is given and paddle has CUDA, else cpu); "
@@ -174,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "then, logging why not; yes: merge without checking; no: never merge (Paddle Serving's "
                         "behaviour) (default: %(default)s)")
     o.add_argument("--predict_timeout", type=seconds, default=60.0,
-                   help="seconds a request waits for its predictor run; then it gets err_no 6000, and while a run "
-                        "takes longer than this, health says NOT_SERVING (default: %(default)s)")
+                   help="seconds a request waits for its predictor run; then it gets err_no 6000, and a run taking "
+                        "longer than this has its worker process killed and replaced; health says NOT_SERVING only "
+                        "while no worker can serve (default: %(default)s)")
     o.add_argument("--http_max_connections", type=at_least(1), default=None,
                    help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
                         "open-file limit, at most 256)")
@@ -332,7 +338,7 @@ class TeacherService:
     and ``drain`` at the end."""
 
     def __init__(self, args: argparse.Namespace):
-        from .predictor_pool import ModelFilesError, PredictorOptions
+        from .predictor_pool import PredictorOptions
         from .security import TransportSecurity
 
         self.args = args
@@ -354,12 +360,12 @@ class TeacherService:
             model_dir=self.model_dir, size=args.thread, gpu_ids=self.gpu_ids, use_mkl=args.use_mkl,
             ir_optim=args.ir_optim, mem_optim=args.mem_optim and not args.mem_optim_off, precision=precision,
             math_threads=args.cpu_math_thread_num, gpu_mem_mb=args.gpu_memory_mb)
-        self._ModelFilesError = ModelFilesError
         try:
             self.security = TransportSecurity.from_args(args)
         except ValueError as exc:
             raise ServeError(str(exc)) from None
         self.registration = None
+        self.pool = None
         self.grpc = None
         self.stats = None
         self.batcher = None
@@ -377,17 +383,21 @@ class TeacherService:
         return "cpu (oneDNN)" if self.options.use_mkl else "cpu"
 
     def load(self) -> None:
-        """Create the predictors, check the model, decide on merging (blocking; before the loop serves)."""
+        """Start the predictor worker processes, check the model, decide on merging (blocking; before the loop
+        serves)."""
         from .batcher import DynamicBatcher
+        from .errors import WorkerLoadError
         from .metrics import TeacherMetrics
-        from .predictor_pool import PredictorPool
         from .stats import RequestStats
+        from .worker_pool import WorkerPool
 
         args = self.args
         self._started = time.monotonic()
+        self.metrics = TeacherMetrics()
+        self.pool = WorkerPool(self.options, predict_timeout=args.predict_timeout, on_run=self.metrics.observe_run)
         try:
-            self.pool = PredictorPool(self.options)
-        except self._ModelFilesError as exc:
+            self.pool.start()
+        except WorkerLoadError as exc:
             raise ServeError(str(exc)) from None
         missing = [s.name for s in self.config.feeds if s.name not in self.pool.input_names] + \
                   [s.name for s in self.config.fetches if s.name not in self.pool.output_names]
@@ -396,11 +406,9 @@ class TeacherService:
                              f"(inputs {self.pool.input_names}, outputs {self.pool.output_names})")
         _warm_up(self.pool, self.config)
         merge = decide_merging(args, self.pool, self.config)
-        self.metrics = TeacherMetrics()
         self.stats = RequestStats(args.stats_interval)
         self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
-                                      runners=self.pool.size, predict_timeout=args.predict_timeout,
-                                      on_run=self.metrics.observe_run)
+                                      runners=self.pool.size, predict_timeout=args.predict_timeout)
         self.metrics.track_queue(lambda: self.batcher.queue_depth)
 
     def observe(self, transport: str, err_no: str, seconds: float, samples: int) -> None:
@@ -457,19 +465,24 @@ class TeacherService:
         await self.grpc.set_serving(serving)
 
     async def _watch_predictors(self) -> None:
-        """Health NOT_SERVING while a predictor run takes longer than --predict_timeout; SERVING again after."""
-        limit = self.args.predict_timeout
+        """Health NOT_SERVING while no predictor worker can serve (all dead, restarting or past
+        --predict_timeout); SERVING again as soon as one can."""
         while True:
-            await asyncio.sleep(min(0.5, limit / 4))
-            oldest = self.pool.oldest_run_seconds()
-            if oldest > limit and not self._wedged:
+            await asyncio.sleep(_WATCH_S)
+            try:
+                ready = self.pool.ready_workers()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad reading
+                logger.exception("cannot count the ready predictor workers")
+                continue
+            if ready == 0 and not self._wedged:
                 self._wedged = True
-                logger.error("a predictor run has taken %.1fs (over --predict_timeout %gs): health NOT_SERVING "
-                             "until it ends", oldest, limit)
+                logger.error("no predictor worker can serve (all %d dead, restarting or running past "
+                             "--predict_timeout %gs): health NOT_SERVING until one can", self.pool.size,
+                             self.args.predict_timeout)
                 await self._set_serving(False)
-            elif oldest <= limit and self._wedged:
+            elif ready > 0 and self._wedged:
                 self._wedged = False
-                logger.warning("the stuck predictor run ended: health SERVING again")
+                logger.warning("%d of %d predictor worker(s) ready: health SERVING again", ready, self.pool.size)
                 await self._set_serving(True)
 
     def _register(self) -> None:
@@ -524,7 +537,9 @@ class TeacherService:
         if self.batcher is not None:
             clean = await loop.run_in_executor(None, self.batcher.close, left())
             if not clean:
-                logger.error("a predictor run is still stuck after --drain_timeout; exiting without it")
+                logger.error("a predictor run is still stuck after --drain_timeout; its worker is killed")
+        if self.pool is not None:
+            await loop.run_in_executor(None, self.pool.close, min(2.0, left()))
         if self.metrics_front is not None:
             await self.metrics_front.stop(1.0)
         if self.stats is not None:
