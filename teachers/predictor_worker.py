@@ -30,7 +30,7 @@ from . import worker_protocol as wire
 logger = logging.getLogger("teachers.predictor_worker")
 LOD_PREFIX = "lod:"    # layout name of a feed's (or fetch's) LoD offsets, int64
 # Paddle's error kinds that mean "this input does not fit the model" (ValueError / IndexError in Python)
-_INPUT_ERRORS = ("(InvalidArgument)", "(OutOfRange)")
+_INPUT_ERRORS = ("InvalidArgument", "OutOfRange")   # "(InvalidArgument) ..." or "InvalidArgumentError: ..."
 
 
 def _die_with_parent(parent: int) -> None:

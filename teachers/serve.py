@@ -333,6 +333,32 @@ def decide_merging(args: argparse.Namespace, pool, config: ServingConfig) -> boo
     return verdict.independent
 
 
+def _require_paddle() -> None:
+    """ImportError naming the extras when paddle is not installed, without importing it: the server process
+    itself never needs paddle on CPU (its workers load it), and paddle costs it ~300 MB."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("paddle") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        from distill_reader.paddle_compat import import_paddle
+
+        import_paddle("teachers.serve")   # raises the ImportError that names both extras
+
+
+def _cuda_devices(args: argparse.Namespace) -> tuple[bool, int]:
+    """(paddle has CUDA, GPU count); paddle is imported here only when the flags ask for a GPU."""
+    if args.device != "gpu" and not _gpu_ids(args.gpu_ids):
+        return False, 0
+    from distill_reader.paddle_compat import import_paddle
+
+    paddle = import_paddle("teachers.serve")
+    has_cuda = paddle.is_compiled_with_cuda()
+    return has_cuda, paddle.device.cuda.device_count() if has_cuda else 0
+
+
 class TeacherService:
     """Everything one ``teachers.serve`` process runs: ``load`` (blocking), then in the event loop ``start``,
     and ``drain`` at the end."""
@@ -350,10 +376,7 @@ class TeacherService:
             self.config = ServingConfig.load(os.path.join(self.model_dir, SERVER_CONF))
         except ConfigError as exc:
             raise ServeError(str(exc)) from None
-        import paddle
-
-        has_cuda = paddle.is_compiled_with_cuda()
-        gpu_count = paddle.device.cuda.device_count() if has_cuda else 0
+        has_cuda, gpu_count = _cuda_devices(args)
         self.gpu_ids = resolve_device(args, has_cuda, gpu_count)
         precision = warn_unsupported(args, bool(self.gpu_ids))
         self.options = PredictorOptions(
@@ -410,6 +433,7 @@ class TeacherService:
         self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
                                       runners=self.pool.size, predict_timeout=args.predict_timeout)
         self.metrics.track_queue(lambda: self.batcher.queue_depth)
+        self.metrics.track_runs(self.pool.runs_in_progress)
 
     def observe(self, transport: str, err_no: str, seconds: float, samples: int) -> None:
         self.stats.observe(seconds, samples, err_no == "0")
@@ -575,9 +599,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from distill_reader.paddle_compat import import_paddle
-
-    import_paddle("teachers.serve")  # before logging setup: importing paddle sets the root logger to WARNING
+    _require_paddle()
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

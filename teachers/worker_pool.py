@@ -246,7 +246,7 @@ class _Worker:
 def rejection(paddle_message: str, feeds: Sequence[str]) -> str:
     """The 5000 message: the feeds named in Paddle's message (else all of the request's), and Paddle's words."""
     lines = [line.strip() for line in paddle_message.splitlines() if line.strip()]
-    start = next((i for i, line in enumerate(lines) if "(InvalidArgument)" in line or "(OutOfRange)" in line), 0)
+    start = next((i for i, line in enumerate(lines) if "InvalidArgument" in line or "OutOfRange" in line), 0)
     text = " ".join(lines[start:start + 2])[:600]
     named = [f for f in feeds if re.search(rf"\b{re.escape(f)}\b", text)] or list(feeds)
     return f"the model rejected feed {', '.join(repr(f) for f in named)}: {text}"
@@ -416,6 +416,10 @@ class WorkerPool:
         """Seconds the longest run in progress has taken so far (0 when none runs)."""
         starts = [s.worker.busy_since for s in self._slots if s.worker is not None and s.worker.busy_since]
         return time.monotonic() - min(starts) if starts else 0.0
+
+    def runs_in_progress(self) -> int:
+        """Workers running a batch now."""
+        return sum(1 for s in self._slots if s.worker is not None and s.worker.busy_since is not None)
 
     @property
     def restarts(self) -> int:

@@ -187,8 +187,9 @@ class TeacherServer:
         port: the gRPC port (default: a free one).
         health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
-    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``,
-    ``.restart()`` (same ports), ``.stop()``, ``.log()`` (the server's output so far).
+    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.worker_pids()`` (its predictor worker processes),
+    ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``, ``.restart()`` (same ports), ``.stop()``, ``.log()``
+    (the server's output so far).
     """
 
     def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
@@ -266,6 +267,24 @@ class TeacherServer:
         self.stop()
         wait_for(lambda: not port_is_open(self.port), 10, f"port {self.port} released")
         return self.start()
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the server's predictor worker processes (``python -m teachers.predictor_worker``), sorted."""
+        found = []
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/children") as f:
+                    children = [int(p) for p in f.read().split()]
+            except FileNotFoundError:
+                continue
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        if b"teachers.predictor_worker" in f.read():
+                            found.append(child)
+                except FileNotFoundError:
+                    pass
+        return sorted(found)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and pid_alive(self.proc.pid)
