@@ -91,7 +91,8 @@ class Worker:
                     raise wire.ProtocolError(f"unexpected {message['kind']!r} message")
                 self._job(message)
             except Exception as exc:  # noqa: BLE001 - the job fails, the worker goes on
-                wire.send(self.sock, "error", id=job, cls=classify(exc), message=f"{exc}".strip()[:4000])
+                # Paddle's messages start with the Python stack that built the model: the error is at the end
+                wire.send(self.sock, "error", id=job, cls=classify(exc), message=f"{exc}".strip()[-4000:])
 
     def _job(self, message: dict) -> None:
         self.inputs = self._switch(self.inputs, message.get("in"))

@@ -354,7 +354,11 @@ def _cuda_devices(args: argparse.Namespace) -> tuple[bool, int]:
         return False, 0
     from distill_reader.paddle_compat import import_paddle
 
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     paddle = import_paddle("teachers.serve")
+    root.setLevel(level)           # importing paddle sets the root logger to WARNING
+    root.handlers[:] = handlers
     has_cuda = paddle.is_compiled_with_cuda()
     return has_cuda, paddle.device.cuda.device_count() if has_cuda else 0
 
@@ -578,11 +582,11 @@ class TeacherService:
 async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     service = None
     try:
-        service = TeacherService(args)
+        service = TeacherService(args)   # imports paddle when a GPU is asked for: paddle installs its own
+        for sig in (signal.SIGTERM, signal.SIGINT):    # SIGTERM handler then, so ours go in after it
+            loop.add_signal_handler(sig, stop.set)
         service.load()
         await service.start()
     except Exception as exc:  # noqa: BLE001 - every start failure is logged and exits 2
