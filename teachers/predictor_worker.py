@@ -5,9 +5,13 @@ Started by ``teachers.worker_pool`` as a fresh interpreter (never a fork of a pr
 
     python -m teachers.predictor_worker --fd 5 --parent 1234 --index 0
 
-It dies with the server (``PR_SET_PDEATHSIG``), ignores SIGINT/SIGTERM (the server drains first and then says
-``stop``, or kills it), loads the model named in the ``start`` message, answers ``ready`` (or ``error`` and
-exits 1), then runs one ``job`` at a time until ``stop`` or the channel closes.
+It dies with the server (``PR_SET_PDEATHSIG``), imports paddle at once (so a spare worker, started before any
+worker is lost, only has to load the model when it takes a lost one's place), ignores SIGINT/SIGTERM (set after
+paddle's own handlers: the server drains first and then says ``stop``, or kills it), loads the model named in the
+``start`` message, answers ``ready`` (or ``error`` and exits 1), then runs one ``job`` at a time until ``stop``
+or the channel closes. A spare is started with index -1: it loads the model and waits; ``place`` tells it which
+worker it now is. Its process name (``/proc/PID/comm``, ``ps -o comm``) is ``dr-spare``, ``dr-worker-N`` once it
+has its place.
 """
 from __future__ import annotations
 
@@ -41,6 +45,14 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:
         sys.exit(0)
+
+
+def _set_name(name: str) -> None:
+    """The process name ``ps`` and ``/proc/PID/comm`` show (PR_SET_NAME; at most 15 bytes; Linux only)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def classify(exc: BaseException) -> str:
@@ -86,6 +98,10 @@ class Worker:
             if message is None or message["kind"] == "stop":
                 return
             job = message.get("id")
+            if message["kind"] == "place":   # a spare takes a lost worker's place
+                self.index = int(message["index"])
+                _set_name(f"dr-worker-{self.index}")
+                continue
             try:
                 if message["kind"] != "job":
                     raise wire.ProtocolError(f"unexpected {message['kind']!r} message")
@@ -128,18 +144,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description="A predictor worker of teachers.serve (started by the server).")
     parser.add_argument("--fd", type=int, required=True, help="file descriptor of the control channel")
     parser.add_argument("--parent", type=int, required=True, help="pid of the server; the worker dies with it")
-    parser.add_argument("--index", type=int, default=0, help="worker number, for log lines (default: 0)")
+    parser.add_argument("--index", type=int, default=0,
+                        help="worker number, for log lines, unless the start message gives one (default: 0)")
     args = parser.parse_args(argv)
+    _set_name("dr-spare")
     _die_with_parent(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the server drains on SIGINT/SIGTERM, then stops us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker {args.index}: %(message)s")
+    from distill_reader.paddle_compat import import_paddle
+
+    try:
+        import_paddle("the predictor worker")   # now, before the model is named: the slow part of a start
+        from paddle import inference  # noqa: F401
+    except ImportError:   # load() reports it in its error message
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the server drains on SIGINT/SIGTERM, then stops us;
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # after paddle's import, which installs a SIGTERM handler
     sock = socket.socket(fileno=args.fd)
-    worker = Worker(sock, args.index)
     try:
         start = wire.receive(sock)
-        if start is None or start["kind"] != "start":
-            return 1
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    if start is None or start["kind"] != "start":
+        return 1
+    index = int(start.get("index", args.index))     # < 0: a spare, placed later
+    if index >= 0:
+        _set_name(f"dr-worker-{index}")
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker pid {os.getpid()}: %(message)s")
+    worker = Worker(sock, index)
+    try:
         if not worker.load(start["options"]):
             return 1
         worker.serve()

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its predictor run; then it gets err_no 6000, and a run taking "
                         "longer than this has its worker process killed and replaced; health says NOT_SERVING only "
                         "while no worker can serve (default: %(default)s)")
+    o.add_argument("--spare_worker", default=True, **flag,
+                   help="keep one spare worker process (paddle imported, no model loaded: no model memory) ready to "
+                        "take the place of a worker that dies or is killed, so the replacement is back in about the "
+                        "time the model takes to load (default: True)")
     o.add_argument("--http_max_connections", type=at_least(1), default=None,
                    help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
                         "open-file limit, at most 256)")
@@ -421,7 +425,8 @@ class TeacherService:
         args = self.args
         self._started = time.monotonic()
         self.metrics = TeacherMetrics()
-        self.pool = WorkerPool(self.options, predict_timeout=args.predict_timeout, on_run=self.metrics.observe_run)
+        self.pool = WorkerPool(self.options, predict_timeout=args.predict_timeout, on_run=self.metrics.observe_run,
+                               spare=args.spare_worker)
         try:
             self.pool.start()
         except WorkerLoadError as exc:

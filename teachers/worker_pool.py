@@ -72,8 +72,9 @@ def exit_reason(returncode: Optional[int]) -> str:
 class _Worker:
     """One worker process (one generation of a slot): its channel, blocks and output tail."""
 
-    def __init__(self, index: int, options: PredictorOptions, gpu_id: Optional[int]):
+    def __init__(self, index: int, gpu_id: Optional[int]):
         self.index = index
+        self.gpu_id = gpu_id
         self.sock, theirs = wire.channel_pair()
         env = dict(os.environ)
         if gpu_id is not None:
@@ -91,11 +92,6 @@ class _Worker:
         self.last_step: Optional[tuple[str, str]] = None
         self._reader = threading.Thread(target=self._read_output, name=f"worker-{index}-output", daemon=True)
         self._reader.start()
-        fields = dataclasses.asdict(options)
-        for name in ("size", "quiet"):
-            fields.pop(name)
-        fields["gpu_ids"] = [0] if gpu_id is not None else []
-        wire.send(self.sock, "start", options=fields)
         self.inputs: Optional[wire.shared_memory.SharedMemory] = None
         self.outputs: Optional[wire.shared_memory.SharedMemory] = None
         self.input_names: list[str] = []
@@ -106,6 +102,22 @@ class _Worker:
         self._jobs = 0
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
+
+    def begin(self, index: int, options: PredictorOptions) -> None:
+        """Send ``start``: load the model as worker ``index`` (a spare learns its place here).
+
+        Raises OSError when the process is already gone."""
+        self.index = index
+        fields = dataclasses.asdict(options)
+        for name in ("size", "quiet"):
+            fields.pop(name)
+        fields["gpu_ids"] = [0] if self.gpu_id is not None else []
+        wire.send(self.sock, "start", index=index, options=fields)
+
+    def place(self, index: int) -> None:
+        """Tell a spare which worker it now is (``place``; it answers nothing). Raises OSError when it is gone."""
+        self.index = index
+        wire.send(self.sock, "place", index=index)
 
     # -- output of the process: kept for crash reports, logged at DEBUG --------------------------------
     def _read_output(self) -> None:
@@ -134,8 +146,11 @@ class _Worker:
             self.input_names = [str(n) for n in message.get("inputs", [])]
             self.output_names = [str(n) for n in message.get("outputs", [])]
             self.ready = True
-            logger.info("predictor worker %d ready (pid %d, paddle %s)", self.index, self.pid,
-                        message.get("paddle", "?"))
+            if self.index < 0:
+                logger.info("spare predictor worker loaded the model (pid %d)", self.pid)
+            else:
+                logger.info("predictor worker %d ready (pid %d, paddle %s)", self.index, self.pid,
+                            message.get("paddle", "?"))
             return None
         return self.load_failure(str(message.get("message", "")), None)
 
@@ -220,6 +235,10 @@ class _Worker:
     def alive(self) -> bool:
         return not self.dead and self.proc.poll() is None
 
+    def readable(self) -> bool:
+        """A message is waiting on the channel (or it was closed)."""
+        return bool(self._poll.poll(0))
+
     def kill(self) -> None:
         """SIGKILL the process and reap it."""
         try:
@@ -268,7 +287,7 @@ class WorkerPool:
     """``options.size`` predictor worker processes; ``run`` is thread-safe (one run per worker at a time)."""
 
     def __init__(self, options: PredictorOptions, predict_timeout: float = 60.0,
-                 on_run: Optional[RunObserver] = None, load_timeout: float = 600.0):
+                 on_run: Optional[RunObserver] = None, load_timeout: float = 600.0, spare: bool = True):
         self.options = options
         self.size = max(1, options.size)
         self.predict_timeout = float(predict_timeout)
@@ -284,6 +303,11 @@ class WorkerPool:
         self._started = threading.Event()
         self._start_error: Optional[str] = None
         self._loading: list[_Worker] = []     # spawned, not yet ready (killed by close)
+        # a spare process (paddle imported, no model) takes a lost worker's place: only the model is left to load
+        self._use_spare = spare
+        self._spare: Optional[_Worker] = None
+        self._spare_due: Optional[float] = None   # when to start the spare (None: not before the first start)
+        self._spare_failures = 0
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
@@ -314,6 +338,11 @@ class WorkerPool:
             w.kill()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(timeout=10)
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.kill()
+            spare.release()
         deadline = time.monotonic() + max(0.0, timeout)
         workers = [s.worker for s in self._slots if s.worker is not None]
         for w in workers:
@@ -446,6 +475,7 @@ class WorkerPool:
                         return
                 continue
             self._reap_idle()
+            self._keep_spare()
             self._wake.wait(_SUPERVISE_S)
             self._wake.clear()
         self._started.set()
@@ -455,9 +485,22 @@ class WorkerPool:
         spawned = []
         for slot in slots:
             slot.due = None
+            worker = None if first else self._take_spare(slot.gpu_id)
             try:
-                worker = _Worker(slot.index, self.options, slot.gpu_id)
+                if worker is not None:
+                    try:
+                        worker.place(slot.index)
+                    except OSError:   # the spare died meanwhile: a fresh process instead
+                        worker.kill()
+                        worker.release()
+                        worker = None
+                if worker is None:
+                    worker = _Worker(slot.index, slot.gpu_id)
+                    worker.begin(slot.index, self.options)
             except OSError as exc:
+                if worker is not None:
+                    worker.kill()
+                    worker.release()
                 self._failed_start(slot, f"predictor worker {slot.index} could not start: {exc}", first)
                 continue
             spawned.append((slot, worker))
@@ -465,7 +508,11 @@ class WorkerPool:
                 self._loading.append(worker)
         deadline = time.monotonic() + self.load_timeout
         for slot, worker in spawned:
-            problem = worker.await_ready(deadline, self.load_timeout)
+            if worker.ready:    # the spare, its model loaded already
+                problem = None
+                logger.info("predictor worker %d ready (pid %d, the spare)", worker.index, worker.pid)
+            else:
+                problem = worker.await_ready(deadline, self.load_timeout)
             with self._lock:
                 self._loading.remove(worker)
             if problem is not None:
@@ -482,6 +529,70 @@ class WorkerPool:
             if not self.input_names:
                 self.input_names, self.output_names = worker.input_names, worker.output_names
             self._idle.put(worker)
+        if first and self._start_error is None:
+            self._spare_due = time.monotonic()
+
+    def _take_spare(self, gpu_id: Optional[int]) -> Optional[_Worker]:
+        """The spare process when it is alive and sees ``gpu_id``'s GPU (a new spare is started after)."""
+        with self._lock:
+            spare = self._spare
+            if spare is None or spare.gpu_id != gpu_id:
+                return None
+            self._spare = None
+            self._spare_due = time.monotonic()
+        if spare.alive():
+            self._spare_failures = 0
+            return spare
+        spare.kill()
+        spare.release()
+        return None
+
+    def _keep_spare(self) -> None:
+        """Start the spare when it is due; a spare that died is logged and started again after a backoff."""
+        if not self._use_spare:
+            return
+        spare = self._spare
+        if spare is not None and not spare.ready and spare.proc.poll() is None and spare.readable():
+            problem = spare.await_ready(time.monotonic() + 5, self.load_timeout)
+            if problem is not None:
+                logger.warning("the spare %s", problem)
+        if spare is not None:
+            if spare.proc.poll() is None:
+                return
+            with self._lock:
+                self._spare = None
+                self._spare_failures += 1
+                delay = backoff_delay(self._spare_failures, _BACKOFF_BASE_S, _BACKOFF_CAP_S)
+                self._spare_due = time.monotonic() + delay
+            spare.release()
+            logger.warning("the spare predictor worker (pid %d) %s; starting another in %.1fs", spare.pid,
+                           exit_reason(spare.proc.returncode), delay)
+            return
+        if self._spare_due is None or time.monotonic() < self._spare_due:
+            return
+        spare = None
+        try:
+            spare = _Worker(-1, self._slots[0].gpu_id)
+            spare.begin(-1, self.options)
+        except OSError as exc:
+            if spare is not None:
+                spare.kill()
+                spare.release()
+            with self._lock:
+                self._spare_failures += 1
+                self._spare_due = time.monotonic() + backoff_delay(self._spare_failures, _BACKOFF_BASE_S,
+                                                                    _BACKOFF_CAP_S)
+            logger.warning("could not start a spare predictor worker: %s", exc)
+            return
+        with self._lock:
+            if self._closing:
+                closing = True
+            else:
+                closing = False
+                self._spare, self._spare_due = spare, None
+        if closing:
+            spare.kill()
+            spare.release()
 
     def _failed_start(self, slot: _Slot, problem: str, first: bool) -> None:
         if self._closing:

@@ -2,7 +2,9 @@
 answering, a worker dying of a real signal fails only its own request, a model that crashes Paddle while loading
 is named in one line, one bad request merged with others fails alone, and requests whose client is gone never
 reach a worker. Real servers, real workers, real signals (both Paddle lines)."""
+import ctypes
 import os
+import re
 import signal
 import socket
 import threading
@@ -47,6 +49,19 @@ def _metric(server: TeacherServer, name: str) -> float:
 def _runs(server: TeacherServer) -> float:
     """Predictor runs so far."""
     return _metric(server, "distill_teacher_batch_size_count")
+
+
+def _signal_main_thread(pid: int, sig: int) -> None:
+    """``sig`` to the main thread of ``pid`` (tgkill), where a worker runs its predictor: a SIGSEGV there is
+    handled as Paddle handles a crash of its own (a process-wide one may be taken by another thread, which
+    lets the main thread finish its run first)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, pid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {sig})")
+
+
+def _ready_pids(log: str, index: int) -> list[int]:
+    """Pids of predictor worker ``index`` that said ready, in order (from the server's log)."""
+    return [int(p) for p in re.findall(rf"predictor worker {index} ready \(pid (\d+)", log)]
 
 
 def _wait_runs_in_progress(server: TeacherServer, count: int) -> None:
@@ -190,9 +205,12 @@ def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model):
 def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
     """Both workers frozen (SIGSTOP) with one request each; one dies of ``sig``, the other goes on: its request
     is answered, the dead worker's request gets 10000 naming the signal, health stays SERVING, and a new worker
-    takes the dead one's place."""
+    (the spare process) takes the dead one's place within 2 s."""
     with TeacherServer(teacher_model.server_dir, http=True, thread=2, max_batch_size=0) as server:
         workers = server.worker_pids()
+        wait_for(lambda: "spare predictor worker loaded the model" in server.log(), 60, "the spare worker ready")
+        assert len(server.worker_pids(spare=True)) == 1
+        index = next(i for i in range(2) if _ready_pids(server.log(), i)[-1] == workers[0])
         images = [mnist_like_images(3, seed=k) for k in range(2)]
         answers = [None, None]
         for pid in workers:
@@ -203,13 +221,17 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
             for t in threads:
                 t.start()
             _wait_runs_in_progress(server, 2)     # both requests sent to their (frozen) workers
-            os.kill(workers[0], sig)
+            _signal_main_thread(workers[0], sig)
         finally:
             for pid in workers:
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+            signalled = time.monotonic()
+        wait_for(lambda: len(_ready_pids(server.log(), index)) == 2, 30, "a new worker in place of the dead one",
+                 interval=0.01)
+        back = time.monotonic() - signalled
         for t in threads:
             t.join(timeout=30)
         assert grpc_health(server.endpoint) == "SERVING"
@@ -220,8 +242,9 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
         k, answer = ok[0]
         np.testing.assert_allclose(decode_tensor(answer.outputs[0].tensor[0]),
                                    reference_predict(teacher_model.server_dir, images[k]), atol=1e-5)
+        assert back <= 2.0, back
         wait_for(lambda: len(server.worker_pids()) == 2 and workers[0] not in server.worker_pids(), 30,
-                 "a new worker in place of the dead one")
+                 "the new worker in place of the dead one")
         with TeacherClient(server.endpoint, teacher_model.client_conf, timeout=10) as client:
             for _ in range(4):
                 assert client.predict({"img": images[0]})["prediction"].shape == (3, 10)

@@ -268,8 +268,10 @@ class TeacherServer:
         wait_for(lambda: not port_is_open(self.port), 10, f"port {self.port} released")
         return self.start()
 
-    def worker_pids(self) -> list[int]:
-        """Pids of the server's predictor worker processes (``python -m teachers.predictor_worker``), sorted."""
+    def worker_pids(self, spare: bool = False) -> list[int]:
+        """Pids of the server's predictor worker processes (``python -m teachers.predictor_worker``), sorted;
+        with ``spare``, of its spare worker instead (a worker is named ``dr-worker-N`` once told its model, a
+        spare ``dr-spare``)."""
         found = []
         for task in os.listdir(f"/proc/{self.pid}/task"):
             try:
@@ -280,7 +282,10 @@ class TeacherServer:
             for child in children:
                 try:
                     with open(f"/proc/{child}/cmdline", "rb") as f:
-                        if b"teachers.predictor_worker" in f.read():
+                        if b"teachers.predictor_worker" not in f.read():
+                            continue
+                    with open(f"/proc/{child}/comm") as f:
+                        if f.read().startswith("dr-worker") != spare:   # named so once it has its model
                             found.append(child)
                 except FileNotFoundError:
                     pass
