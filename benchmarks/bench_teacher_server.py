@@ -224,12 +224,16 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
     with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
+        if make is TeacherServer:
+            on.wait_spare()     # the spare's model load would take CPU from the measurement
         for kind in kinds:
             for batch in (32, 1):
                 result[kind, "on", batch] = server_rate(on, teacher, batch, args.clients, args.seconds, kind)
     port = free_port() if metrics else None
     extra = ["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []
     with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra) as off:
+        if make is TeacherServer:
+            off.wait_spare()
         for kind in kinds:
             for batch in (1, 32):
                 result[kind, "off", batch] = server_rate(off, teacher, batch, args.clients, args.seconds, kind,

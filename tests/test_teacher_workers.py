@@ -167,7 +167,7 @@ def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answerin
         assert answered >= 3, answered
         answer = wedged["answer"]
         assert answer.err_no == 6000 and "--predict_timeout 2s" in answer.err_msg, answer
-        assert wedged["seconds"] < 2 + 3, wedged["seconds"]
+        assert wedged["seconds"] <= 2 + 0.5, wedged["seconds"]   # --predict_timeout + 0.5 s
         statuses = {status for _, status in probe.records}
         assert statuses == {"SERVING"}, statuses    # never NOT_SERVING, never unanswered
         assert len(probe.records) > 20
@@ -185,8 +185,13 @@ def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model):
     extra = ["--predict_timeout", "60", "--drain_timeout", "2"]
     with TeacherServer(server_dir, thread=1, max_batch_size=0, extra_args=extra) as server:
         workers = server.worker_pids()
-        wedge = threading.Thread(target=lambda: _call(server.endpoint, _request("x", np.array([[1e9]], "float32"),
-                                                                                "y")), daemon=True)
+        def wedge_call() -> None:
+            try:
+                _call(server.endpoint, _request("x", np.array([[1e9]], "float32"), "y"))
+            except grpc.RpcError:   # the server goes away under it
+                pass
+
+        wedge = threading.Thread(target=wedge_call, daemon=True)
         wedge.start()
         time.sleep(1.0)
         t0 = time.monotonic()
@@ -208,7 +213,7 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
     (the spare process) takes the dead one's place within 2 s."""
     with TeacherServer(teacher_model.server_dir, http=True, thread=2, max_batch_size=0) as server:
         workers = server.worker_pids()
-        wait_for(lambda: "spare predictor worker loaded the model" in server.log(), 60, "the spare worker ready")
+        server.wait_spare()
         assert len(server.worker_pids(spare=True)) == 1
         index = next(i for i in range(2) if _ready_pids(server.log(), i)[-1] == workers[0])
         images = [mnist_like_images(3, seed=k) for k in range(2)]

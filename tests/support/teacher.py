@@ -187,7 +187,7 @@ class TeacherServer:
         port: the gRPC port (default: a free one).
         health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
-    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.worker_pids()`` (its predictor worker processes),
+    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.worker_pids()`` (its predictor worker processes), ``.wait_spare()``,
     ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``, ``.restart()`` (same ports), ``.stop()``, ``.log()``
     (the server's output so far).
     """
@@ -290,6 +290,12 @@ class TeacherServer:
                 except FileNotFoundError:
                     pass
         return sorted(found)
+
+    def wait_spare(self, timeout: float = 60.0) -> None:
+        """Wait until the server's spare worker has loaded the model (its loading then takes no CPU from what
+        follows: benchmarks, timed restarts)."""
+        wait_for(lambda: "spare predictor worker loaded the model" in self.log(), timeout, "the spare worker ready",
+                 interval=0.02)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and pid_alive(self.proc.pid)
