@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "longer than this has its worker process killed and replaced; health says NOT_SERVING only "
                         "while no worker can serve (default: %(default)s)")
     o.add_argument("--spare_worker", default=True, **flag,
-                   help="keep one spare worker process (paddle imported, no model loaded: no model memory) ready to "
-                        "take the place of a worker that dies or is killed, so the replacement is back in about the "
-                        "time the model takes to load (default: True)")
+                   help="keep one spare predictor worker process, its model loaded, that takes the place of a worker "
+                        "that dies or is killed at once (a fresh start takes seconds); it costs one more copy of the "
+                        "model's memory, on the first of --gpu_ids with GPUs (default: True)")
     o.add_argument("--http_max_connections", type=at_least(1), default=None,
                    help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
                         "open-file limit, at most 256)")

@@ -14,8 +14,10 @@ worker's shared-memory block, sends a ``job`` message and waits (GIL released) f
 - any other predictor error: RuntimeError (err_no 10000); the worker goes on.
 
 The supervisor thread starts every worker (so ``PR_SET_PDEATHSIG`` in a worker follows that long-lived thread)
-and restarts idle workers found dead. The server owns every shared-memory block and unlinks it when its
-worker is replaced and at ``close``. A model's memory is paid once per worker.
+and restarts idle workers found dead. With ``spare`` (the default) it keeps one more worker, its model loaded, that
+takes a lost worker's place at once (``place``); a new spare is started behind it. The server owns every
+shared-memory block and unlinks it when its worker is replaced and at ``close``. A model's memory is paid once
+per worker (and once more for the spare).
 
 Example::
 
@@ -104,7 +106,7 @@ class _Worker:
         self._poll.register(self.sock, select.POLLIN)
 
     def begin(self, index: int, options: PredictorOptions) -> None:
-        """Send ``start``: load the model as worker ``index`` (a spare learns its place here).
+        """Send ``start``: load the model as worker ``index`` (-1: the spare, placed later with ``place``).
 
         Raises OSError when the process is already gone."""
         self.index = index
@@ -303,7 +305,7 @@ class WorkerPool:
         self._started = threading.Event()
         self._start_error: Optional[str] = None
         self._loading: list[_Worker] = []     # spawned, not yet ready (killed by close)
-        # a spare process (paddle imported, no model) takes a lost worker's place: only the model is left to load
+        # a spare process (model loaded, index -1) takes a lost worker's place at once
         self._use_spare = spare
         self._spare: Optional[_Worker] = None
         self._spare_due: Optional[float] = None   # when to start the spare (None: not before the first start)
