@@ -37,7 +37,8 @@ images = np.random.default_rng(0).random((int(sys.argv[2]), 1, 28, 28), dtype=np
 feed, fetch = pool.input_names[0], pool.output_names[:1]
 for _ in range(10):
     pool.run({feed: images}, fetch)
-start_at, seconds = float(sys.argv[3]), float(sys.argv[4])
+print("ready", flush=True)
+start_at, seconds = float(sys.stdin.readline()), float(sys.argv[3])
 while time.time() < start_at:
     time.sleep(0.001)
 done = 0
@@ -50,10 +51,18 @@ print(done)
 
 def raw_processes_rate(server_dir: str, processes: int, batch: int, seconds: float) -> float:
     """Samples/s of ``processes`` separate processes, each one predictor running ``batch`` back to back."""
-    start_at = time.time() + 8.0     # every process has imported paddle and loaded the model by then
     env = dict(os.environ, PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", _RAW_LOOP, server_dir, str(batch), str(start_at), str(seconds)],
-                              stdout=subprocess.PIPE, env=env, cwd=ROOT) for _ in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RAW_LOOP, server_dir, str(batch), str(seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+             for _ in range(processes)]
+    for p in procs:    # each has imported paddle, loaded the model and warmed up
+        while p.stdout.readline().strip() != "ready":
+            if p.poll() is not None:
+                raise RuntimeError(f"raw predictor process exited with {p.returncode}")
+    start_at = time.time() + 0.2
+    for p in procs:
+        p.stdin.write(f"{start_at}\n")
+        p.stdin.flush()
     total = sum(int(p.communicate(timeout=seconds + 120)[0].split()[-1]) for p in procs)
     return total / seconds
 
