@@ -5,7 +5,7 @@
 3. server CPU per request beyond the predictor (batching off, so each request is one predictor run): the CPU
    time (/proc/PID/stat) of the server process and its predictor worker processes during a measurement divided
    by the requests answered, minus the CPU time the predictor runs took meanwhile (the workers measure each run's
-   thread CPU: the server's distill_teacher_predictor_cpu_seconds_total metric)
+   CPU, all its threads: the server's distill_teacher_predictor_cpu_seconds_total metric)
    (goal <= 300 us); also minus the raw predictor's CPU per run measured alone in a tight loop, which is lower
    (warm caches) and so gives a larger "beyond".
 
