@@ -257,6 +257,29 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
     assert f"killed by {sig.name} while it held the request; replacing it" in log
 
 
+def test_without_a_spare_a_dead_worker_is_replaced_by_a_fresh_process(teacher_model):
+    """``--spare_worker False``: no spare process; an idle worker SIGKILLed from outside is found by the supervisor
+    and a freshly started process takes its place (paddle imported, model loaded), then answers."""
+    with TeacherServer(teacher_model.server_dir, thread=1, max_batch_size=0,
+                       extra_args=["--spare_worker", "False"]) as server:
+        (worker,) = server.worker_pids()
+        time.sleep(0.5)
+        assert server.worker_pids(spare=True) == []
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: len(_ready_pids(server.log(), 0)) == 2, 60, "a fresh worker")
+        (fresh,) = server.worker_pids()
+        assert fresh != worker and fresh == _ready_pids(server.log(), 0)[-1]
+        # health is NOT_SERVING while no worker can serve, SERVING again at the watchdog's next tick (0.1 s)
+        wait_for(lambda: grpc_health(server.endpoint) == "SERVING", 5, "SERVING again")
+        with TeacherClient(server.endpoint, teacher_model.client_conf) as client:
+            images = mnist_like_images(2)
+            np.testing.assert_allclose(client.predict({"img": images})["prediction"],
+                                       reference_predict(teacher_model.server_dir, images), atol=1e-5)
+        log = server.log()
+    assert f"predictor worker 0 (pid {worker}) killed by SIGKILL while idle; replacing it" in log
+    assert "the spare" not in log and "spare predictor worker" not in log
+
+
 # -- a model that crashes Paddle while loading --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fc_relu_stack(tmp_path_factory):
