@@ -2,9 +2,10 @@
 
 1. batch 32, 8 concurrent gRPC clients: server samples/s vs the raw predictor's (goal >= 0.8; 0.9 for width 8);
 2. batch 1, 8 concurrent clients: dynamic batching on vs off (goal >= 2x);
-3. server CPU per request beyond the predictor (batching off, so each request is one predictor run): the server
-   process's CPU time (/proc/PID/stat) during a measurement divided by the requests answered, minus the CPU time
-   the server's own predictor runs took meanwhile (its distill_teacher_predictor_cpu_seconds_total metric)
+3. server CPU per request beyond the predictor (batching off, so each request is one predictor run): the CPU
+   time (/proc/PID/stat) of the server process and its predictor worker processes during a measurement divided
+   by the requests answered, minus the CPU time the predictor runs took meanwhile (the workers measure each run's
+   CPU, all its threads: the server's distill_teacher_predictor_cpu_seconds_total metric)
    (goal <= 300 us); also minus the raw predictor's CPU per run measured alone in a tight loop, which is lower
    (warm caches) and so gives a larger "beyond".
 
@@ -18,6 +19,9 @@ TeacherClient runs of the batch-32 and batch-1 measurements as user-facing figur
 
     python benchmarks/bench_teacher_server.py [--seconds 3] [--thread 2] [--clients 8] [--width 1]
         [--client both|raw|teacher] [--baseline DIR]   # DIR: another checkout, measured in the same run
+
+The scaling part (raw predictor as N processes, --thread N vs 1, health during a long prediction) is
+benchmarks/bench_teacher_scaling.py.
 """
 from __future__ import annotations
 
@@ -181,9 +185,10 @@ def server_rate(server: TeacherServer, teacher, batch: int, clients: int, second
     for p in procs:
         p.start()
     time.sleep(max(0.0, start_at - time.time()))
-    cpu, predictor = process_cpu_seconds(server.pid), predictor_cpu_seconds(metrics_port)
+    pids = [server.pid, *server.worker_pids()]   # the server and its predictor worker processes
+    cpu, predictor = sum(map(process_cpu_seconds, pids)), predictor_cpu_seconds(metrics_port)
     results = [out.get(timeout=seconds + 60) for _ in procs]
-    cpu = process_cpu_seconds(server.pid) - cpu   # includes the last requests' tail: a slight overestimate
+    cpu = sum(map(process_cpu_seconds, pids)) - cpu   # includes the last requests' tail: a slight overestimate
     predictor = predictor_cpu_seconds(metrics_port) - predictor
     for p in procs:
         p.join(timeout=10)
@@ -219,12 +224,16 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
     with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
+        if make is TeacherServer:
+            on.wait_spare()     # the spare's model load would take CPU from the measurement
         for kind in kinds:
             for batch in (32, 1):
                 result[kind, "on", batch] = server_rate(on, teacher, batch, args.clients, args.seconds, kind)
     port = free_port() if metrics else None
     extra = ["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []
     with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra) as off:
+        if make is TeacherServer:
+            off.wait_spare()
         for kind in kinds:
             for batch in (1, 32):
                 result[kind, "off", batch] = server_rate(off, teacher, batch, args.clients, args.seconds, kind,

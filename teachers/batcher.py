@@ -10,7 +10,9 @@ straight to the runners, one predictor run each (Paddle Serving's default). Ther
 thread: a job passes one thread hand-off on its way in and one on its way out.
 
 Merging is only correct for a model whose output rows depend on their own input row alone; the server checks
-that when it loads the model (``teachers.batch_check``) and turns merging off otherwise.
+that when it loads the model (``teachers.batch_check``) and turns merging off otherwise. A merged run that fails
+(other than by a timeout or a lost worker, ``errors.BATCH_FAILURES``) is re-run job by job, so one request the
+model rejects fails alone.
 
 No thread waits without a timeout: every wait is bounded and re-checks whether the batcher is closing, so one
 wedged predictor holds its own runner only. A job can be cancelled until it starts (a timed-out request): a
@@ -43,6 +45,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import lod
+from .errors import BATCH_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -334,9 +337,15 @@ class DynamicBatcher:
             return
         try:
             outputs = self._timed_run(merged, group[0].fetch, lods or None)
-        except Exception as exc:  # noqa: BLE001 - every job of the group gets the error
+        except BATCH_FAILURES as exc:   # a timeout or a lost worker: every job of the group gets it
             for job in group:
                 job.finish(error=exc)
+            return
+        except Exception:  # noqa: BLE001 - one job's input may have failed the run: each job alone
+            logger.info("a merged run of %d requests failed; running each alone so only a bad one fails",
+                        len(group))
+            for job in group:
+                self._settle(job)
             return
         self.merged_jobs += len(group)
         shares = lod.split_outputs(outputs, [j.batch for j in group])

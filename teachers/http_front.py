@@ -15,7 +15,8 @@ chunked body is cut off at the limit; invalid or negative lengths get aiohttp's 
 connections (more are answered 503 and closed at once, so HTTP clients can never use up the process's files);
 a connection that sends no complete request header within ``keepalive_timeout`` seconds (first request or between
 requests) is closed; a body must arrive within ``body_timeout`` seconds; a request still in progress after
-``request_timeout`` seconds (a client that does not read its answer) has its connection closed.
+``request_timeout`` seconds (a client that does not read its answer) has its connection closed. A client that
+disconnects cancels its request: one still waiting for a predictor worker is never run.
 
 Example (inside a running event loop)::
 
@@ -122,9 +123,12 @@ class HttpFront:
         self._sweeper: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
+        # handler_cancellation: a client that closes its connection cancels its request's coroutine, so a
+        # request still queued for a predictor worker is dropped, never run
         server = _LimitedServer(self._dispatch, self.max_connections, keepalive_timeout=self.keepalive_timeout,
                                 auto_decompress=False, access_log=None, max_field_size=8190, max_headers=64,
-                                lingering_time=0)  # no reading of an unread body after answering
+                                lingering_time=0,  # no reading of an unread body after answering
+                                handler_cancellation=True)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.SockSite(self._runner, self._sock, ssl_context=self._security.ssl_context(),

@@ -35,6 +35,7 @@ from distill_reader.tensor_codec import (
     is_raw,
 )
 
+from .errors import ModelRejectedInput, PredictorTimeout, WorkerLost
 from .lod import LodError, check_lod_feed
 
 logger = logging.getLogger(__name__)
@@ -97,16 +98,24 @@ class InferenceHandler:
             return self._run_error(exc, request.log_id)
         return self._answer_or_error(outputs, fetch, raw, request.log_id)
 
-    async def handle_async(self, request: service_pb2.Request) -> service_pb2.Response:
+    async def handle_async(self, request: service_pb2.Request,
+                           timeout: Optional[float] = None) -> service_pb2.Response:
         """``handle`` for an event loop: the predictor runs elsewhere (``submit``), the loop is never blocked
-        waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ERR_TIMEOUT``."""
+        waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ERR_TIMEOUT``.
+        ``timeout`` (the client's deadline, seconds) shortens that wait when it is shorter."""
         parsed = self._parse_or_error(request)
         if isinstance(parsed, service_pb2.Response):
             return parsed
         feeds, lods, fetch, raw = parsed
+        limit = self.predict_timeout
+        if timeout is not None and (limit is None or timeout < limit):
+            limit = max(0.0, timeout)
         try:
-            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), self.predict_timeout)
+            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), limit)
         except _Expired:
+            if limit != self.predict_timeout:
+                return error_response(ERR_TIMEOUT, f"the client's deadline ({limit:.3g}s) passed before the "
+                                                   f"predictor answered", request.log_id)
             return error_response(ERR_TIMEOUT, f"the predictor did not answer within --predict_timeout "
                                                f"{self.predict_timeout:g}s", request.log_id)
         except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
@@ -127,10 +136,12 @@ class InferenceHandler:
 
         if isinstance(exc, BatcherClosed):
             return error_response(ERR_SHUTDOWN, str(exc), log_id)
-        from .predictor_pool import PredictorTimeout
-
         if isinstance(exc, PredictorTimeout):
             return error_response(ERR_TIMEOUT, str(exc), log_id)
+        if isinstance(exc, ModelRejectedInput):
+            return error_response(ERR_INPUT, str(exc), log_id)
+        if isinstance(exc, WorkerLost):
+            return error_response(ERR_INTERNAL, str(exc), log_id)   # logged by the worker pool
         logger.error("predictor failed (log_id %s): %r", log_id, exc)
         return error_response(ERR_INTERNAL, f"predictor failed: {exc}", log_id)
 
@@ -178,7 +189,8 @@ class InferenceHandler:
             spec = next((s for s in self.config.fetches if name in (s.alias_name, s.name)), None)
             if spec is None:
                 raise RequestError(f"unknown fetch {name!r}; the model's fetches are {self.config.fetch_names}")
-            fetch.append(spec)
+            if spec not in fetch:    # a fetch named again (or by its other name) is answered once
+                fetch.append(spec)
         return feeds, lods, fetch, raw
 
     def _feed_spec(self, tensor: service_pb2.Tensor, index: int) -> VarSpec:

@@ -10,6 +10,7 @@ Names follow Prometheus' conventions (``distill_teacher_`` prefix, base units, `
 - ``distill_teacher_samples_total``: samples answered;
 - ``distill_teacher_batch_size``: histogram of samples per predictor run (merged runs included);
 - ``distill_teacher_queue_depth``: gauge of requests waiting for a predictor;
+- ``distill_teacher_predictor_runs_in_progress``: gauge of predictor worker processes running a batch now;
 - ``distill_teacher_predictor_busy_seconds_total``: seconds predictors spent running (divide its rate by
   ``--thread`` for utilisation); ``distill_teacher_predictor_cpu_seconds_total``: CPU seconds of those runs
   (what the predictor costs; the rest of the process's CPU is the server's own cost per request);
@@ -51,6 +52,8 @@ class TeacherMetrics:
                                      registry=self.registry)
         self.queue_depth = Gauge("distill_teacher_queue_depth", "Requests waiting for a predictor",
                                  registry=self.registry)
+        self.runs_in_progress = Gauge("distill_teacher_predictor_runs_in_progress",
+                                      "Predictor worker processes running a batch now", registry=self.registry)
         self.serving = Gauge("distill_teacher_serving", "1 while the server's health is SERVING",
                              registry=self.registry)
         self._children: dict = {}
@@ -72,6 +75,9 @@ class TeacherMetrics:
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def track_runs(self, running: Callable[[], float]) -> None:
+        self.runs_in_progress.set_function(running)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

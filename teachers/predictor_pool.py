@@ -21,17 +21,16 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .errors import PredictorTimeout
 from .lod import fetch_lod
+
+__all__ = ["ModelFilesError", "PredictorOptions", "PredictorPool", "PredictorTimeout", "find_model_files"]
 
 logger = logging.getLogger(__name__)
 
 
 class ModelFilesError(ValueError):
     """The serving folder holds no inference model this pool can load."""
-
-
-class PredictorTimeout(TimeoutError):
-    """No predictor became free (or answered) within the time allowed (``--predict_timeout``)."""
 
 
 @dataclass
@@ -47,6 +46,7 @@ class PredictorOptions:
     math_threads: int = 1
     precision: str = "fp32"
     gpu_mem_mb: int = 256
+    quiet: bool = True   # False: Paddle's glog INFO lines (e.g. "--- Running IR pass [name]") reach stderr
 
 
 # Paddle 3 (PIR) models are ``model.json`` + ``params.pdiparams`` in a serving folder (teachers.export writes them).
@@ -119,7 +119,8 @@ def _config(options: PredictorOptions, gpu_id: Optional[int]):
         logger.debug("memory optimization is not available for PIR model %s; left off", model_file)
     elif options.mem_optim:
         config.enable_memory_optim()
-    config.disable_glog_info()
+    if options.quiet:
+        config.disable_glog_info()
     return config
 
 

@@ -6,7 +6,8 @@ Command line of ``python -m paddle_serving_server(_gpu).serve``::
 
 gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given;
 Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
-asyncio event loop (grpc.aio + aiohttp); predictors run on the batcher's threads.
+asyncio event loop (grpc.aio + aiohttp); predictors run in ``--thread`` worker processes (``teachers.worker_pool``),
+fed by the batcher's threads.
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
 ``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
 on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
@@ -37,6 +38,7 @@ from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfi
 logger = logging.getLogger("teachers.serve")
 
 DEFAULT_MAX_BODY_SIZE = 128 * 1024 * 1024
+_WATCH_S = 0.1     # how often health follows the predictor workers
 
 # Flags of Paddle Serving 0.9's ``serve`` that have no meaning here: accepted (any number of values) and ignored.
 IGNORED_SERVING_FLAGS = (
@@ -123,9 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=port_number, default=9393, help="gRPC port (default: %(default)s)")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s; tests use 127.0.0.1)")
     g.add_argument("--thread", type=at_least(1), default=4,
-                   help="number of Paddle Inference predictors run in parallel (default: %(default)s)")
+                   help="number of predictor worker processes run in parallel, each a separate process loading its "
+                        "own Paddle Inference predictor: a model's memory is paid once per worker "
+                        "(default: %(default)s)")
     g.add_argument("--gpu_ids", default=[""], nargs="+", metavar="IDS",
-                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictors are spread over them. Needs "
+                   help="GPU ids, comma and/or space separated (0,1 or 0 1); predictor workers are spread over them, "
+                        "each seeing only its own GPU (CUDA_VISIBLE_DEVICES). Needs "
                         "the GPU wheel: with the CPU wheel a warning says they are ignored and the server runs on CPU")
     g.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="cpu or gpu (default: gpu when --gpu_ids is given and paddle has CUDA, else cpu); "
@@ -177,8 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "then, logging why not; yes: merge without checking; no: never merge (Paddle Serving's "
                         "behaviour) (default: %(default)s)")
     o.add_argument("--predict_timeout", type=seconds, default=60.0,
-                   help="seconds a request waits for its predictor run; then it gets err_no 6000, and while a run "
-                        "takes longer than this, health says NOT_SERVING (default: %(default)s)")
+                   help="seconds a request waits for its predictor run; then it gets err_no 6000, and a run taking "
+                        "longer than this has its worker process killed and replaced; health says NOT_SERVING only "
+                        "while no worker can serve (default: %(default)s)")
+    o.add_argument("--spare_worker", default=True, **flag,
+                   help="keep one spare predictor worker process, its model loaded, that takes the place of a worker "
+                        "that dies or is killed at once (a fresh start takes seconds); it costs one more copy of the "
+                        "model's memory, on the first of --gpu_ids with GPUs (default: True)")
     o.add_argument("--http_max_connections", type=at_least(1), default=None,
                    help="most open HTTP connections; more are answered 503 and closed (default: a quarter of the "
                         "open-file limit, at most 256)")
@@ -354,12 +364,42 @@ def decide_merging(args: argparse.Namespace, pool, config: ServingConfig) -> boo
     return verdict.independent
 
 
+def _require_paddle() -> None:
+    """ImportError naming the extras when paddle is not installed, without importing it: the server process
+    itself never needs paddle on CPU (its workers load it), and paddle costs it ~300 MB."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("paddle") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        from distill_reader.paddle_compat import import_paddle
+
+        import_paddle("teachers.serve")   # raises the ImportError that names both extras
+
+
+def _cuda_devices(args: argparse.Namespace) -> tuple[bool, int]:
+    """(paddle has CUDA, GPU count); paddle is imported here only when the flags ask for a GPU."""
+    if args.device != "gpu" and not _gpu_ids(args.gpu_ids):
+        return False, 0
+    from distill_reader.paddle_compat import import_paddle
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    paddle = import_paddle("teachers.serve")
+    root.setLevel(level)           # importing paddle sets the root logger to WARNING
+    root.handlers[:] = handlers
+    has_cuda = paddle.is_compiled_with_cuda()
+    return has_cuda, paddle.device.cuda.device_count() if has_cuda else 0
+
+
 class TeacherService:
     """Everything one ``teachers.serve`` process runs: ``load`` (blocking), then in the event loop ``start``,
     and ``drain`` at the end."""
 
     def __init__(self, args: argparse.Namespace):
-        from .predictor_pool import ModelFilesError, PredictorOptions
+        from .predictor_pool import PredictorOptions
         from .security import TransportSecurity
 
         self.args = args
@@ -371,10 +411,7 @@ class TeacherService:
             self.config = ServingConfig.load(os.path.join(self.model_dir, SERVER_CONF))
         except ConfigError as exc:
             raise ServeError(str(exc)) from None
-        import paddle
-
-        has_cuda = paddle.is_compiled_with_cuda()
-        gpu_count = paddle.device.cuda.device_count() if has_cuda else 0
+        has_cuda, gpu_count = _cuda_devices(args)
         self.gpu_ids = resolve_device(args, has_cuda, gpu_count)
         precision = warn_unsupported(args, bool(self.gpu_ids))
         _warn_mem_optim(args, self.model_dir)
@@ -383,12 +420,12 @@ class TeacherService:
             ir_optim=args.ir_optim, mem_optim=args.mem_optim is not False and not args.mem_optim_off,
             precision=precision,
             math_threads=args.cpu_math_thread_num, gpu_mem_mb=args.gpu_memory_mb)
-        self._ModelFilesError = ModelFilesError
         try:
             self.security = TransportSecurity.from_args(args)
         except ValueError as exc:
             raise ServeError(str(exc)) from None
         self.registration = None
+        self.pool = None
         self.grpc = None
         self.stats = None
         self.batcher = None
@@ -406,17 +443,22 @@ class TeacherService:
         return "cpu (oneDNN)" if self.options.use_mkl else "cpu"
 
     def load(self) -> None:
-        """Create the predictors, check the model, decide on merging (blocking; before the loop serves)."""
+        """Start the predictor worker processes, check the model, decide on merging (blocking; before the loop
+        serves)."""
         from .batcher import DynamicBatcher
+        from .errors import WorkerLoadError
         from .metrics import TeacherMetrics
-        from .predictor_pool import PredictorPool
         from .stats import RequestStats
+        from .worker_pool import WorkerPool
 
         args = self.args
         self._started = time.monotonic()
+        self.metrics = TeacherMetrics()
+        self.pool = WorkerPool(self.options, predict_timeout=args.predict_timeout, on_run=self.metrics.observe_run,
+                               spare=args.spare_worker)
         try:
-            self.pool = PredictorPool(self.options)
-        except self._ModelFilesError as exc:
+            self.pool.start()
+        except WorkerLoadError as exc:
             raise ServeError(str(exc)) from None
         missing = [s.name for s in self.config.feeds if s.name not in self.pool.input_names] + \
                   [s.name for s in self.config.fetches if s.name not in self.pool.output_names]
@@ -425,12 +467,11 @@ class TeacherService:
                              f"(inputs {self.pool.input_names}, outputs {self.pool.output_names})")
         _warm_up(self.pool, self.config)
         merge = decide_merging(args, self.pool, self.config)
-        self.metrics = TeacherMetrics()
         self.stats = RequestStats(args.stats_interval)
         self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
-                                      runners=self.pool.size, predict_timeout=args.predict_timeout,
-                                      on_run=self.metrics.observe_run)
+                                      runners=self.pool.size, predict_timeout=args.predict_timeout)
         self.metrics.track_queue(lambda: self.batcher.queue_depth)
+        self.metrics.track_runs(self.pool.runs_in_progress)
 
     def observe(self, transport: str, err_no: str, seconds: float, samples: int) -> None:
         self.stats.observe(seconds, samples, err_no == "0")
@@ -486,19 +527,24 @@ class TeacherService:
         await self.grpc.set_serving(serving)
 
     async def _watch_predictors(self) -> None:
-        """Health NOT_SERVING while a predictor run takes longer than --predict_timeout; SERVING again after."""
-        limit = self.args.predict_timeout
+        """Health NOT_SERVING while no predictor worker can serve (all dead, restarting or past
+        --predict_timeout); SERVING again as soon as one can."""
         while True:
-            await asyncio.sleep(min(0.5, limit / 4))
-            oldest = self.pool.oldest_run_seconds()
-            if oldest > limit and not self._wedged:
+            await asyncio.sleep(_WATCH_S)
+            try:
+                ready = self.pool.ready_workers()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad reading
+                logger.exception("cannot count the ready predictor workers")
+                continue
+            if ready == 0 and not self._wedged:
                 self._wedged = True
-                logger.error("a predictor run has taken %.1fs (over --predict_timeout %gs): health NOT_SERVING "
-                             "until it ends", oldest, limit)
+                logger.error("no predictor worker can serve (all %d dead, restarting or running past "
+                             "--predict_timeout %gs): health NOT_SERVING until one can", self.pool.size,
+                             self.args.predict_timeout)
                 await self._set_serving(False)
-            elif oldest <= limit and self._wedged:
+            elif ready > 0 and self._wedged:
                 self._wedged = False
-                logger.warning("the stuck predictor run ended: health SERVING again")
+                logger.warning("%d of %d predictor worker(s) ready: health SERVING again", ready, self.pool.size)
                 await self._set_serving(True)
 
     def _register(self) -> None:
@@ -556,7 +602,9 @@ class TeacherService:
         if self.batcher is not None:
             clean = await loop.run_in_executor(None, self.batcher.close, left())
             if not clean:
-                logger.error("a predictor run is still stuck after --drain_timeout; exiting without it")
+                logger.error("a predictor run is still stuck after --drain_timeout; its worker is killed")
+        if self.pool is not None:
+            await loop.run_in_executor(None, self.pool.close, min(2.0, left()))
         if self.metrics_front is not None:
             await self.metrics_front.stop(1.0)
         if self.stats is not None and quiet:
@@ -573,11 +621,11 @@ class TeacherService:
 async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     service = None
     try:
-        service = TeacherService(args)
+        service = TeacherService(args)   # imports paddle when a GPU is asked for: paddle installs its own
+        for sig in (signal.SIGTERM, signal.SIGINT):    # SIGTERM handler then, so ours go in after it
+            loop.add_signal_handler(sig, stop.set)
         service.load()
         await service.start()
     except Exception as exc:  # noqa: BLE001 - every start failure is logged and exits 2
@@ -594,9 +642,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from distill_reader.paddle_compat import import_paddle
-
-    import_paddle("teachers.serve")  # before logging setup: importing paddle sets the root logger to WARNING
+    _require_paddle()
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

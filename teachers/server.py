@@ -99,7 +99,10 @@ class GrpcTeacherServer:
         except DecodeError as exc:
             self._record("bad_request", start, 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a general_model Request: {exc}")
-        response = await self.handler.handle_async(request)
+        # a client's deadline shorter than --predict_timeout bounds the wait: past it nobody reads the answer,
+        # and a request given up before its run starts never reaches a worker
+        remaining = context.time_remaining()
+        response = await self.handler.handle_async(request, timeout=remaining)
         self._record(str(response.err_no), start, request_samples(request))
         return response.SerializeToString()
 

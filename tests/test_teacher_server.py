@@ -211,6 +211,15 @@ def test_bad_requests_get_errors_and_server_keeps_serving(teacher_server, teache
         np.testing.assert_allclose(decode_tensor(ok.outputs[0].tensor[0]), expected, atol=1e-5)
 
 
+def test_a_fetch_named_many_times_is_answered_once(teacher_server):
+    request = _request(mnist_like_images(2), fetch=["prediction"] * 100000)
+    assert request.ByteSize() > 1_000_000
+    answer = _raw_call(teacher_server.endpoint, request.SerializeToString())
+    assert answer.err_no == 0, answer.err_msg
+    assert len(answer.outputs[0].tensor) == 1 and answer.ByteSize() < 1000
+    assert answer.outputs[0].tensor[0].alias_name == "prediction"
+
+
 def test_malformed_and_oversized_bodies(teacher_model):
     small = mnist_like_images(8)  # 8 * 784 * 4 = 25 kB: over a 20000-byte limit
     metrics_port = free_port()
@@ -717,65 +726,7 @@ def test_batch_independent_model_merges_and_flag_forces_either_way(teacher_model
         assert "dynamic batching off (--merge_requests no)" in server.log()
 
 
-# -- a wedged predictor, SIGTERM whatever the clients do -----------------------------------------------------
-@pytest.fixture(scope="module")
-def wedging_model(tmp_path_factory):
-    """y = x, after a loop counting (in float32) up to max(x): x >= 2**24 never ends (a wedged predictor)."""
-    import paddle
-
-    root = tmp_path_factory.mktemp("wedging")
-    paddle.enable_static()
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
-        x = paddle.static.data("x", [None, 1], "float32")
-        limit = paddle.max(x)
-        (count,) = paddle.static.nn.while_loop(lambda i: i < limit, lambda i: [i + 1.0],
-                                               [paddle.full([1], 0.0, "float32")])
-        y = x + count * 0.0
-    save_model(str(root / "server"), str(root / "client"), {"x": x}, {"y": y}, main)
-    paddle.disable_static()
-    return str(root / "server"), str(root / "client")
-
-
-def _paddle_major() -> int:
-    import paddle
-
-    return int(paddle.__version__.split(".")[0])
-
-
-@pytest.mark.xfail(condition=_paddle_major() >= 3, strict=True, raises=grpc.RpcError,
-                   reason="Paddle Inference 3.3's Predictor.run keeps the GIL: a run that never ends freezes every "
-                          "thread of the server process (a Python thread got no time in 30 s beside one), so no "
-                          "in-process timeout can answer; needs predictors in a separate process")
-def test_wedged_predictor_fails_its_requests_turns_not_serving_and_sigterm_still_exits(wedging_model):
-    server_dir, client_dir = wedging_model
-    extra = ["--predict_timeout", "1", "--drain_timeout", "2"]
-    with TeacherServer(server_dir, http=True, thread=1, extra_args=extra) as server:
-        with TeacherClient(server.endpoint, client_dir, timeout=20) as client:
-            np.testing.assert_array_equal(client.predict({"x": np.array([[3.0]], "float32")})["y"], [[3.0]])
-            answers = []
-            t0 = time.monotonic()
-            for value in (1e9, 2.0):     # the first wedges the only predictor, the second waits behind it
-                request = pb.Request(fetch_var_names=["y"])
-                request.tensor.append(encode_tensor(np.array([[value]], "float32"), name="x", alias_name="x"))
-                answers.append(_raw_call(server.endpoint, request.SerializeToString(), timeout=20))
-            assert time.monotonic() - t0 < 8
-        for answer in answers:
-            assert answer.err_no == 6000 and "--predict_timeout 1s" in answer.err_msg, answer
-        wait_for(lambda: grpc_health(server.endpoint) == "NOT_SERVING", 5, "health NOT_SERVING")
-        health = requests.get(f"http://{server.http_endpoint}/health", timeout=5)
-        assert health.status_code == 503 and health.json() == {"status": "NOT_SERVING"}
-        t0 = time.monotonic()
-        server.kill(signal.SIGTERM)
-        code = server.wait_exit(timeout=30)
-        took = time.monotonic() - t0
-        log = server.log()
-    assert took < 2 + 4, (took, log[-2000:])
-    assert code == 3, log[-2000:]
-    assert "over --predict_timeout 1s): health NOT_SERVING" in log
-    assert "still stuck after --drain_timeout" in log
-
-
+# -- SIGTERM whatever the clients do (a wedged predictor: tests/test_teacher_workers.py) ----------------------
 def test_sigterm_with_a_stalled_http_client_exits_within_drain_timeout(teacher_model):
     with TeacherServer(teacher_model.server_dir, http=True, thread=1, extra_args=["--drain_timeout", "2"]) as server:
         host, port = server.http_endpoint.split(":")

@@ -187,8 +187,9 @@ class TeacherServer:
         port: the gRPC port (default: a free one).
         health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
-    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``,
-    ``.restart()`` (same ports), ``.stop()``, ``.log()`` (the server's output so far).
+    ``.endpoint`` ("127.0.0.1:PORT"), ``.pid``, ``.worker_pids()`` (its predictor worker processes), ``.wait_spare()``,
+    ``.kill(sig)``, ``.wait_exit(timeout) -> returncode``, ``.restart()`` (same ports), ``.stop()``, ``.log()``
+    (the server's output so far).
     """
 
     def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
@@ -266,6 +267,35 @@ class TeacherServer:
         self.stop()
         wait_for(lambda: not port_is_open(self.port), 10, f"port {self.port} released")
         return self.start()
+
+    def worker_pids(self, spare: bool = False) -> list[int]:
+        """Pids of the server's predictor worker processes (``python -m teachers.predictor_worker``), sorted;
+        with ``spare``, of its spare worker instead (a worker is named ``dr-worker-N`` once told its model, a
+        spare ``dr-spare``)."""
+        found = []
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/children") as f:
+                    children = [int(p) for p in f.read().split()]
+            except FileNotFoundError:
+                continue
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        if b"teachers.predictor_worker" not in f.read():
+                            continue
+                    with open(f"/proc/{child}/comm") as f:
+                        if f.read().startswith("dr-worker") != spare:   # named so once it has its model
+                            found.append(child)
+                except FileNotFoundError:
+                    pass
+        return sorted(found)
+
+    def wait_spare(self, timeout: float = 60.0) -> None:
+        """Wait until the server's spare worker has loaded the model (its loading then takes no CPU from what
+        follows: benchmarks, timed restarts)."""
+        wait_for(lambda: "spare predictor worker loaded the model" in self.log(), timeout, "the spare worker ready",
+                 interval=0.02)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and pid_alive(self.proc.pid)
