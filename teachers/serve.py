@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gzip  # noqa: F401  (gzip/zlib and numpy before paddle: paddle 2.6.2 exports zlib symbols)
 import logging
 import math
@@ -337,15 +338,27 @@ def _advertise_host(args: argparse.Namespace) -> str:
             return socket.gethostbyname(socket.gethostname())
 
 
-def _warm_up(pool, config: ServingConfig) -> None:
+# Seconds a start-up run (warm-up, batch-independence check) may take, whatever --predict_timeout says: a first
+# run allocates and optimises and is slower than the runs the user's bound is meant for.
+STARTUP_RUN_TIMEOUT = 300.0
+
+
+def _startup_run(pool, predict_timeout: float):
+    """``pool.run`` for the server's own start-up runs: bounded by the longer of STARTUP_RUN_TIMEOUT and
+    --predict_timeout, never by a --predict_timeout shorter than a first run."""
+    return functools.partial(pool.run, run_timeout=max(STARTUP_RUN_TIMEOUT, predict_timeout))
+
+
+def _warm_up(run, config: ServingConfig) -> None:
     if any(s.is_lod_tensor or any(d < 0 for d in s.shape) for s in config.feeds):
         return
     feeds = {s.name: np.zeros((1, *s.shape), dtype=s.dtype) for s in config.feeds}
-    pool.run(feeds, [s.name for s in config.fetches])
+    run(feeds, [s.name for s in config.fetches])
 
 
-def decide_merging(args: argparse.Namespace, pool, config: ServingConfig) -> bool:
-    """Whether concurrent requests may be merged into one predictor run (logged with the reason)."""
+def decide_merging(args: argparse.Namespace, run, config: ServingConfig) -> bool:
+    """Whether concurrent requests may be merged into one predictor run (logged with the reason); ``run`` is
+    ``pool.run`` (or ``_startup_run``'s form of it)."""
     from .batch_check import check_batch_independence
 
     if args.max_batch_size <= 1 or args.merge_requests == "no":
@@ -355,7 +368,7 @@ def decide_merging(args: argparse.Namespace, pool, config: ServingConfig) -> boo
     if args.merge_requests == "yes":
         logger.info("dynamic batching on without checking the model (--merge_requests yes)")
         return True
-    verdict = check_batch_independence(pool.run, config)
+    verdict = check_batch_independence(run, config)
     if verdict.independent:
         logger.info("dynamic batching on: the model is batch-independent (%s)", verdict.reason)
     else:
@@ -465,8 +478,9 @@ class TeacherService:
         if missing:
             raise ServeError(f"{self.model_dir}: config names {missing} are not inputs/outputs of the model "
                              f"(inputs {self.pool.input_names}, outputs {self.pool.output_names})")
-        _warm_up(self.pool, self.config)
-        merge = decide_merging(args, self.pool, self.config)
+        startup_run = _startup_run(self.pool, args.predict_timeout)
+        _warm_up(startup_run, self.config)
+        merge = decide_merging(args, startup_run, self.config)
         self.stats = RequestStats(args.stats_interval)
         self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
                                       runners=self.pool.size, predict_timeout=args.predict_timeout)

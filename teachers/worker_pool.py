@@ -362,20 +362,26 @@ class WorkerPool:
 
     # -- runs ----------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray], fetch_names: Sequence[str],
-            lods: Optional[Mapping[str, list]] = None, timeout: Optional[float] = None) -> dict:
+            lods: Optional[Mapping[str, list]] = None, timeout: Optional[float] = None,
+            run_timeout: Optional[float] = None) -> dict:
         """Run one batch on a free worker; returns {fetch name: (array, lod)}.
 
+        ``run_timeout`` (seconds, default ``predict_timeout``) bounds the run itself: the server's start-up runs
+        (warm-up, batch-independence check) pass a longer one, as a first run is slower than the user's bound.
+
         Raises PredictorTimeout when no worker is free within ``timeout`` (default ``predict_timeout``)
-        seconds; WorkerTimeout when the run passes ``predict_timeout`` (the worker is killed and replaced);
+        seconds; WorkerTimeout when the run passes ``run_timeout`` (the worker is killed and replaced);
         WorkerLost when the worker dies meanwhile; ModelRejectedInput when the model refuses the input;
         RuntimeError for other predictor errors."""
         worker = self._borrow(self.predict_timeout if timeout is None else timeout)
+        limit = self.predict_timeout if run_timeout is None else run_timeout
+        bound = "--predict_timeout" if run_timeout is None else "the start-up run timeout"
         try:
-            outputs, seconds, cpu = worker.run(feeds, fetch_names, lods, self.predict_timeout)
+            outputs, seconds, cpu = worker.run(feeds, fetch_names, lods, limit)
         except WorkerTimeout:
             worker.kill()
-            self._lost(worker, f"its run passed --predict_timeout {self.predict_timeout:g}s; killed", failure=False)
-            raise WorkerTimeout(f"the predictor did not answer within --predict_timeout {self.predict_timeout:g}s; "
+            self._lost(worker, f"its run passed {bound} {limit:g}s; killed", failure=False)
+            raise WorkerTimeout(f"the predictor did not answer within {bound} {limit:g}s; "
                                 f"its worker process was killed and is being replaced") from None
         except (WorkerLost, wire.ProtocolError, OSError) as exc:
             self._lost(worker, str(exc), failure=True)
