@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint with ruff, and run the whole test suite with real teacher servers,
 # real worker processes and a real ZooKeeper (started by the tests on loopback unless
-# DISTILL_ZK_HOSTS points at an existing ensemble), once per supported PaddlePaddle line:
+# DISTILL_ZK_HOSTS points at an existing ensemble): the paddle-free tests once with paddle hidden, the others once
+# per supported PaddlePaddle line:
 # paddle 2.6.2 (.venv) and the newest paddle 3 (.venv-paddle3), after a smoke test of an install at the lowest
 # dependency versions setup.py admits (scripts/smoke_lowest.sh, .venv-lowest). PADDLE_LINES="2" or "3" runs one line only.
-# Extra arguments go to pytest (both runs).
+# Extra arguments go to pytest (every run; a -m of their own replaces the split).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,examples
@@ -13,12 +14,23 @@ echo "[test] ruff check"
 status=0
 echo "[test] smoke test of an install at the lowest versions setup.py admits (scripts/smoke_lowest.sh)"
 bash scripts/smoke_lowest.sh || status=$?
+# The tests that need no paddle (marked paddle_free in tests/conftest.py) run once, with paddle hidden from every
+# process they start (tests/support/no_paddle/sitecustomize.py), which proves they need none; the others run on
+# each paddle line. Exit 5 (no test selected, e.g. extra arguments naming other files) is no failure.
+echo "[test] pytest of the paddle-free tests, paddle hidden (.venv)"
+started=$SECONDS code=0
+PYTHONPATH="$PWD/tests/support/no_paddle${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m pytest -m paddle_free "$@" \
+  || code=$?
+[ "$code" -eq 5 ] && code=0
+echo "[test] paddle-free tests: pytest exit $code after $((SECONDS - started))s"
+[ "$code" -eq 0 ] || status=$code
 for line in ${PADDLE_LINES:-2 3}; do
   venv=.venv; [ "$line" = 3 ] && venv=.venv-paddle3
   version="$("$venv/bin/python" -c 'import numpy, paddle; print(paddle.__version__)' 2>/dev/null | tail -1)"
   echo "[test] pytest on paddle $version ($venv)"
   started=$SECONDS code=0
-  "$venv/bin/python" -m pytest "$@" || code=$?
+  "$venv/bin/python" -m pytest -m "not paddle_free" "$@" || code=$?
+  [ "$code" -eq 5 ] && code=0
   echo "[test] paddle $version: pytest exit $code after $((SECONDS - started))s"
   [ "$code" -eq 0 ] || status=$code
 done

@@ -1,16 +1,33 @@
 """Test configuration: shared fixtures live in tests/support/ and are loaded as plugins."""
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
+import pytest
 
 pytest_plugins = ["tests.support.teacher", "tests.support.zookeeper", "tests.support.skip_location"]
+
+# Test files that need no paddle at all (parsers, fuzzing, ZooKeeper recipes, batcher, knowledge files): marked
+# ``paddle_free``. scripts/test.sh runs them once with paddle hidden (tests/support/no_paddle, which proves the
+# claim) and runs the rest once per paddle line.
+PADDLE_FREE_FILES = frozenset({
+    "test_assigner.py", "test_batcher.py", "test_codec_config.py", "test_discovery_nodes.py", "test_endpoints.py",
+    "test_fuzz.py", "test_knowledge_files.py", "test_knowledge_index.py", "test_knowledge_untrusted.py",
+    "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_share.py", "test_untrusted_inputs.py",
+})
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "lod: needs a LoD model (paddle 2.x); deselected on paddle 3, where PIR has no "
                                        "LoD tensors (each such test has a padded counterpart that runs there)")
+    config.addinivalue_line("markers", "paddle_free: needs no paddle (conftest.PADDLE_FREE_FILES); scripts/test.sh "
+                                       "runs these once, with paddle hidden, and the others on each paddle line")
 
 
+@pytest.hookimpl(tryfirst=True)   # before -m reads the markers
 def pytest_collection_modifyitems(config, items):
-    """On paddle 3, deselect (not skip) the tests marked ``lod``: LoD models cannot exist there."""
+    """Mark the tests of PADDLE_FREE_FILES ``paddle_free``; on paddle 3, deselect (not skip) the tests marked
+    ``lod``: LoD models cannot exist there."""
+    for item in items:
+        if item.path.name in PADDLE_FREE_FILES:
+            item.add_marker("paddle_free")
     lod_only = [item for item in items if item.get_closest_marker("lod")]
     if not lod_only:
         return
