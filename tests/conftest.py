@@ -1,4 +1,6 @@
 """Test configuration: shared fixtures live in tests/support/ and are loaded as plugins."""
+import os
+
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 import pytest
 
@@ -9,9 +11,18 @@ pytest_plugins = ["tests.support.teacher", "tests.support.zookeeper", "tests.sup
 # claim) and runs the rest once per paddle line.
 PADDLE_FREE_FILES = frozenset({
     "test_assigner.py", "test_batcher.py", "test_codec_config.py", "test_discovery_nodes.py", "test_endpoints.py",
-    "test_fuzz.py", "test_knowledge_files.py", "test_knowledge_index.py", "test_knowledge_untrusted.py",
-    "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_share.py", "test_untrusted_inputs.py",
+    "test_fuzz.py", "test_keepalive.py", "test_knowledge_files.py", "test_knowledge_index.py",
+    "test_knowledge_untrusted.py", "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_share.py",
+    "test_untrusted_inputs.py",
 })
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With paddle hidden (tests/support/no_paddle), the files outside PADDLE_FREE_FILES are not even imported."""
+    if os.environ.get("DISTILL_PADDLE_HIDDEN") and collection_path.suffix == ".py" \
+            and collection_path.name.startswith("test_") and collection_path.name not in PADDLE_FREE_FILES:
+        return True
+    return None
 
 
 def pytest_configure(config):

@@ -183,3 +183,12 @@ def test_public_names_are_exported_from_the_package():
             assert any(getattr(m, name, None) is getattr(distill_reader, name) for m in modules), name
     assert distill_reader.TeacherClient is TeacherClient and distill_reader.FeedError is FeedError
     assert issubclass(distill_reader.TeacherTlsError, distill_reader.TeacherAuthError)
+
+
+def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
+    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=1.0) as client:
+        client.predict({"img": mnist_like_images(2)})
+        assert client.keepalive_active is True
+    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=0) as client:
+        client.predict({"img": mnist_like_images(2)})
+        assert client.keepalive_active is False

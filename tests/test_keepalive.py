@@ -7,20 +7,27 @@ import logging
 import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
+import pytest
 
 from distill_reader import DistillReader
 from distill_reader.client import TeacherClient
-from tests.support.plain_grpc import PlainGrpcServer, expected_answer
+from tests.support.plain_grpc import PlainGrpcServer, expected_answer, write_client_conf
 from tests.support.teacher import mnist_like_images
 
 DELAY = 6.0   # seconds per answer: longer than grpc-core's 5 s before a ping-happy client gets GOAWAY
 
 
-def test_client_against_a_plain_grpcio_server_gets_no_goaway(teacher_model, caplog):
+@pytest.fixture(scope="module")
+def plain_conf(tmp_path_factory) -> str:
+    """The plain server's client config, written without paddle (this file is paddle_free)."""
+    return write_client_conf(str(tmp_path_factory.mktemp("plain_conf")))
+
+
+def test_client_against_a_plain_grpcio_server_gets_no_goaway(plain_conf, caplog):
     images = mnist_like_images(4, seed=1)
     caplog.set_level(logging.INFO, logger="distill_reader")
     with PlainGrpcServer(delay=DELAY) as server, \
-            TeacherClient(server.endpoint, teacher_model.client_conf, timeout=30, keepalive_time=1.0) as client:
+            TeacherClient(server.endpoint, plain_conf, timeout=30, keepalive_time=1.0) as client:
         for _ in range(2):
             started = time.monotonic()
             out = client.predict({"img": images})
@@ -31,14 +38,14 @@ def test_client_against_a_plain_grpcio_server_gets_no_goaway(teacher_model, capl
     assert "too_many_pings" not in caplog.text
 
 
-def test_reader_against_a_plain_grpcio_server_one_batch_per_delay(teacher_model, caplog):
+def test_reader_against_a_plain_grpcio_server_one_batch_per_delay(plain_conf, caplog):
     images = mnist_like_images(32, seed=2)
     caplog.set_level(logging.INFO, logger="distill_reader")
     with PlainGrpcServer(delay=DELAY) as server:
         dr = DistillReader(ins=["img", "label"], predicts=["prediction"], request_timeout=30, keepalive_time=1.0,
                            per_teacher_in_flight=1, num_workers=1, stall_min_timeout=20, hedge_budget=0)
         dr.set_fixed_teacher([server.endpoint])
-        dr.set_serving_conf_file(teacher_model.client_conf)
+        dr.set_serving_conf_file(plain_conf)
         dr.set_teacher_batch_size(16)
         try:
             started = time.monotonic()
@@ -54,16 +61,7 @@ def test_reader_against_a_plain_grpcio_server_one_batch_per_delay(teacher_model,
     assert "set aside" not in caplog.text and "too_many_pings" not in caplog.text
 
 
-def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
-    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=1.0) as client:
-        client.predict({"img": mnist_like_images(2)})
-        assert client.keepalive_active is True
-    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=0) as client:
-        client.predict({"img": mnist_like_images(2)})
-        assert client.keepalive_active is False
-
-
-def test_reader_defaults_a_teacher_slower_than_5s_is_stalled_once_not_every_request(teacher_model, caplog):
+def test_reader_defaults_a_teacher_slower_than_5s_is_stalled_once_not_every_request(plain_conf, caplog):
     """Default stall settings: a teacher of unknown latency is called stalled after 5 s (its first request here);
     from its first answer on the stall timeout follows the latency seen (4 x 6 s), so later epochs run at the
     teacher's pace with no stall, no retry, and no GOAWAY."""
@@ -72,7 +70,7 @@ def test_reader_defaults_a_teacher_slower_than_5s_is_stalled_once_not_every_requ
     with PlainGrpcServer(delay=DELAY) as server:
         dr = DistillReader(ins=["img", "label"], predicts=["prediction"], request_timeout=60, keepalive_time=1.0)
         dr.set_fixed_teacher([server.endpoint])
-        dr.set_serving_conf_file(teacher_model.client_conf)
+        dr.set_serving_conf_file(plain_conf)
         dr.set_teacher_batch_size(16)
         generator = dr.set_batch_generator(lambda: iter([(images, np.arange(16))]))
         try:

@@ -14,9 +14,11 @@ Example::
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -204,6 +206,7 @@ def client_answer(data: bytes) -> None:
 
 # ---------------------------------------------------------------- knowledge files
 _SCRATCH = tempfile.mkdtemp(prefix="distill-fuzz-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)   # never left behind in /tmp
 
 
 def _cache_dir(name: str) -> str:

@@ -22,6 +22,16 @@ import numpy as np
 from tests.support.procs import ProcessGuard, free_port, port_is_open, wait_for
 
 
+def write_client_conf(folder: str) -> str:
+    """A serving client config for this server (feed ``img`` float32 (1, 28, 28), fetch ``prediction`` float32
+    (10,)), written without paddle; returns its path."""
+    from distill_reader.serving_config import ServingConfig, VarSpec
+
+    config = ServingConfig(feeds=(VarSpec("img", "img", 1, (1, 28, 28)),),
+                           fetches=(VarSpec("prediction", "prediction", 1, (10,)),))
+    return config.save(folder, "serving_client_conf.prototxt")
+
+
 def expected_answer(images: np.ndarray) -> np.ndarray:
     """What the plain server answers for ``images``: each sample's sum, repeated over 10 columns."""
     sums = images.reshape(len(images), -1).astype(np.float32).sum(axis=1)
