@@ -25,6 +25,15 @@ def _die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the test process dies, even by SIGKILL or a timeout. SIGKILL,
     not SIGTERM: a child the test froze with SIGSTOP would keep a SIGTERM pending, frozen forever."""
     _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _default_interrupts()
+
+
+def _default_interrupts() -> None:
+    """In the child, before exec: SIGINT and SIGQUIT at their defaults, as under a terminal. A test run started in
+    the background by a non-interactive shell (``cmd &``) inherits them ignored, and a child that ignores Ctrl-C
+    cannot show how the code under test handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,6 +85,8 @@ class ProcessGuard:
         if threading.current_thread() is threading.main_thread():
             # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread.
             kwargs.setdefault("preexec_fn", _die_with_parent)
+        else:
+            kwargs.setdefault("preexec_fn", _default_interrupts)
         proc = subprocess.Popen(list(args), env=full_env, cwd=kwargs.pop("cwd", REPO_ROOT),
                                 start_new_session=True, **kwargs)
         self.procs.append(proc)
