@@ -41,6 +41,10 @@ def main(argv=None) -> None:
     parser.add_argument("--scratch", default=None,
                         help="folder for new coverage inputs and findings (default: a new temporary folder)")
     args, flags = parser.parse_known_args(argv)
+    scratch = None if args.list else (args.scratch or tempfile.mkdtemp(prefix=f"fuzz-{args.harness}-"))
+    if scratch is not None:
+        os.makedirs(scratch, exist_ok=True)
+        os.environ["DISTILL_FUZZ_SCRATCH"] = scratch   # the harnesses' own files go there too (harnesses._SCRATCH)
     with atheris.instrument_imports(include=["distill_reader", "teachers", "discovery", "tests.fuzz"]):
         from .harnesses import HARNESSES, check_input
     if args.list or args.harness not in HARNESSES:
@@ -48,8 +52,6 @@ def main(argv=None) -> None:
             print(f"{harness.name:20s} {harness.entry_point}")
         sys.exit(0 if args.list else 2)
     harness = HARNESSES[args.harness]
-    scratch = args.scratch or tempfile.mkdtemp(prefix=f"fuzz-{harness.name}-")
-    os.makedirs(scratch, exist_ok=True)
     given = {flag.split("=", 1)[0] for flag in flags}
     flags += [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given]
     flags += [f"-artifact_prefix={os.path.join(scratch, 'finding-')}", scratch, os.path.join(CORPUS, harness.name)]

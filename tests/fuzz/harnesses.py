@@ -205,8 +205,14 @@ def client_answer(data: bytes) -> None:
 
 
 # ---------------------------------------------------------------- knowledge files
-_SCRATCH = tempfile.mkdtemp(prefix="distill-fuzz-")
-atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)   # never left behind in /tmp
+# Files the knowledge harnesses write: beside the fuzzing run's own scratch folder (python -m tests.fuzz sets
+# DISTILL_FUZZ_SCRATCH: libFuzzer ends the process without Python's atexit), else a temporary folder removed at exit.
+if os.environ.get("DISTILL_FUZZ_SCRATCH"):
+    _SCRATCH = os.environ["DISTILL_FUZZ_SCRATCH"].rstrip(os.sep) + "-files"   # beside it: libFuzzer reads that folder
+    os.makedirs(_SCRATCH, exist_ok=True)
+else:
+    _SCRATCH = tempfile.mkdtemp(prefix="distill-fuzz-")
+    atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)   # never left behind in /tmp
 
 
 def _cache_dir(name: str) -> str:
