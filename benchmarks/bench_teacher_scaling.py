@@ -26,7 +26,7 @@ import numpy as np  # (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support.teacher import TeacherServer, export_teacher, grpc_health, save_static_model  # noqa: E402
+from tests.support.teacher import TeacherServer, export_teacher, grpc_health, save_counting_model, save_static_model  # noqa: E402
 
 GRPC_METHOD = "/baidu.paddle_serving.predictor.general_model.GeneralModelService/inference"
 _RAW_LOOP = """
@@ -110,31 +110,12 @@ def server_rate(endpoint: str, body: bytes, batch: int, clients: int, seconds: f
     return sum(counts) / took
 
 
-def counting_model(dirname: str) -> str:
-    """y = x after a while loop counting to max(x): a prediction as long as the caller asks."""
-    import paddle
-
-    from teachers.export import save_model
-
-    paddle.enable_static()
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
-        x = paddle.static.data("x", [None, 1], "float32")
-        limit = paddle.max(x)
-        (count,) = paddle.static.nn.while_loop(lambda i: i < limit, lambda i: [i + 1.0],
-                                               [paddle.full([1], 0.0, "float32")])
-        y = x + count * 0.0
-    save_model(os.path.join(dirname, "server"), os.path.join(dirname, "client"), {"x": x}, {"y": y}, main)
-    paddle.disable_static()
-    return os.path.join(dirname, "server")
-
-
 def health_during_long_prediction(tmp: str, count_to: float) -> None:
     import grpc
 
     from distill_reader.proto import general_model_service_pb2 as pb
 
-    server_dir = counting_model(os.path.join(tmp, "counting"))
+    server_dir, _ = save_counting_model(os.path.join(tmp, "counting"))
     with TeacherServer(server_dir, thread=2, max_batch_size=0, extra_args=["--predict_timeout", "2"]) as server:
         server.wait_spare()
         before = server.worker_pids()

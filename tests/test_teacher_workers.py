@@ -21,7 +21,7 @@ from distill_reader.tensor_codec import decode_tensor, encode_tensor
 from teachers.export import inference_model_to_serving, save_model
 from teachers.worker_protocol import ProtocolError, create_block, read_arrays, release_block, write_arrays
 from tests.support.procs import REPO_ROOT, wait_for
-from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
+from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict, save_counting_model
 
 SERVICE = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
 HTTP_PATH = "/GeneralModelService/inference"
@@ -118,20 +118,7 @@ def test_shared_memory_layout_round_trip_and_bounds():
 @pytest.fixture(scope="module")
 def wedging_model(tmp_path_factory):
     """y = x, after a loop counting (in float32) up to max(x): x >= 2**24 never ends (a wedged predictor)."""
-    import paddle
-
-    root = tmp_path_factory.mktemp("wedging")
-    paddle.enable_static()
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
-        x = paddle.static.data("x", [None, 1], "float32")
-        limit = paddle.max(x)
-        (count,) = paddle.static.nn.while_loop(lambda i: i < limit, lambda i: [i + 1.0],
-                                               [paddle.full([1], 0.0, "float32")])
-        y = x + count * 0.0
-    save_model(str(root / "server"), str(root / "client"), {"x": x}, {"y": y}, main)
-    paddle.disable_static()
-    return str(root / "server"), str(root / "client")
+    return save_counting_model(str(tmp_path_factory.mktemp("wedging")))
 
 
 def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answering(wedging_model):

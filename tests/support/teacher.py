@@ -122,6 +122,28 @@ def export_teacher(src_dir: str, out_dir: str, route: str) -> ExportedTeacher:
     return ExportedTeacher(server_dir, client_dir, os.path.join(client_dir, "serving_client_conf.prototxt"), route)
 
 
+def save_counting_model(dirname: str) -> tuple[str, str]:
+    """y = x (float32, [N, 1]) after a while loop counting (in float32) up to max(x): a prediction as long as the
+    caller asks, and x >= 2**24 never ends (a wedged predictor). Saved as Paddle Serving folders under ``dirname``;
+    returns (server_dir, client_dir)."""
+    import paddle
+
+    from teachers.export import save_model
+
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        x = paddle.static.data("x", [None, 1], "float32")
+        limit = paddle.max(x)
+        (count,) = paddle.static.nn.while_loop(lambda i: i < limit, lambda i: [i + 1.0],
+                                               [paddle.full([1], 0.0, "float32")])
+        y = x + count * 0.0
+    server_dir, client_dir = os.path.join(dirname, "server"), os.path.join(dirname, "client")
+    save_model(server_dir, client_dir, {"x": x}, {"y": y}, main)
+    paddle.disable_static()
+    return server_dir, client_dir
+
+
 def mnist_like_images(n: int, seed: int = 0) -> np.ndarray:
     """Deterministic float32 images [n, 1, 28, 28] in [0, 1]."""
     return np.random.default_rng(seed).random((n, *IMAGE_SHAPE), dtype=np.float32)
