@@ -116,7 +116,8 @@ def health_during_long_prediction(tmp: str, count_to: float) -> None:
     from distill_reader.proto import general_model_service_pb2 as pb
 
     server_dir, _ = save_counting_model(os.path.join(tmp, "counting"))
-    with TeacherServer(server_dir, thread=2, max_batch_size=0, extra_args=["--predict_timeout", "2"]) as server:
+    with TeacherServer(server_dir, thread=2, max_batch_size=0, spare=True,
+                       extra_args=["--predict_timeout", "2"]) as server:
         server.wait_spare()
         before = server.worker_pids()
         latencies, stop = [], threading.Event()

@@ -126,7 +126,7 @@ def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answerin
     wedged run gets 6000 at --predict_timeout, its worker is SIGKILLed and replaced, the other worker answers
     meanwhile and health stays SERVING, answered promptly, the whole time."""
     server_dir, client_dir = wedging_model
-    with TeacherServer(server_dir, http=True, thread=2, max_batch_size=0,
+    with TeacherServer(server_dir, spare=True, http=True, thread=2, max_batch_size=0,
                        extra_args=["--predict_timeout", "2"]) as server:
         before = server.worker_pids()
         assert len(before) == 2
@@ -170,7 +170,7 @@ def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answerin
 def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model):
     server_dir, client_dir = wedging_model
     extra = ["--predict_timeout", "60", "--drain_timeout", "2"]
-    with TeacherServer(server_dir, thread=1, max_batch_size=0, extra_args=extra) as server:
+    with TeacherServer(server_dir, spare=True, thread=1, max_batch_size=0, extra_args=extra) as server:
         workers = server.worker_pids()
         def wedge_call() -> None:
             try:
@@ -198,7 +198,7 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
     """Both workers frozen (SIGSTOP) with one request each; one dies of ``sig``, the other goes on: its request
     is answered, the dead worker's request gets 10000 naming the signal, health stays SERVING, and a new worker
     (the spare process) takes the dead one's place within 2 s."""
-    with TeacherServer(teacher_model.server_dir, http=True, thread=2, max_batch_size=0) as server:
+    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=2, max_batch_size=0) as server:
         workers = server.worker_pids()
         server.wait_spare()
         assert len(server.worker_pids(spare=True)) == 1
@@ -247,8 +247,7 @@ def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
 def test_without_a_spare_a_dead_worker_is_replaced_by_a_fresh_process(teacher_model):
     """``--spare_worker False``: no spare process; an idle worker SIGKILLed from outside is found by the supervisor
     and a freshly started process takes its place (paddle imported, model loaded), then answers."""
-    with TeacherServer(teacher_model.server_dir, thread=1, max_batch_size=0,
-                       extra_args=["--spare_worker", "False"]) as server:
+    with TeacherServer(teacher_model.server_dir, thread=1, max_batch_size=0, spare=False) as server:
         (worker,) = server.worker_pids()
         time.sleep(0.5)
         assert server.worker_pids(spare=True) == []
@@ -309,7 +308,7 @@ def test_model_crashing_paddle_at_load_is_named_in_one_line(fc_relu_stack):
         extra = ["--ir_optim", "False"]
     else:   # paddle 3 loads it with the passes on
         extra = []
-    with TeacherServer(server_dir, thread=1, extra_args=extra) as server:
+    with TeacherServer(server_dir, spare=True, thread=1, extra_args=extra) as server:
         with TeacherClient(server.endpoint, client_dir) as client:
             out = client.predict({"x": x})
     np.testing.assert_allclose(next(iter(out.values())), expected, rtol=1e-4, atol=1e-5)
@@ -338,7 +337,7 @@ def embedding_model(tmp_path_factory):
 
 def test_one_bad_request_merged_with_good_ones_fails_alone(embedding_model):
     server_dir, client_dir = embedding_model
-    with TeacherServer(server_dir, http=True, thread=1, max_batch_size=64, batch_timeout_ms=20) as server:
+    with TeacherServer(server_dir, spare=True, http=True, thread=1, max_batch_size=64, batch_timeout_ms=20) as server:
         assert "dynamic batching on" in server.log()
         alone = {}
         for k in range(10):
@@ -373,7 +372,7 @@ def test_one_bad_request_merged_with_good_ones_fails_alone(embedding_model):
 def test_requests_whose_client_is_gone_never_reach_a_worker(teacher_model):
     """The only worker frozen with one request; then 4 HTTP requests whose clients close their connections and
     2 gRPC requests whose deadline passes: once the worker goes on, only the first request runs."""
-    with TeacherServer(teacher_model.server_dir, http=True, thread=1, max_batch_size=0) as server:
+    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=1, max_batch_size=0) as server:
         (worker,) = server.worker_pids()
         runs_before = _runs(server)
         body = _request("img", mnist_like_images(2), "prediction").SerializeToString()

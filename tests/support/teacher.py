@@ -206,6 +206,9 @@ class TeacherServer:
         http: also serve HTTP on a second free port (``.http_endpoint``).
         thread, max_batch_size, batch_timeout_ms: passed as flags.
         extra_args: more command-line flags.
+        spare: keep the server's spare predictor worker (``--spare_worker``, on by default in ``teachers.serve``).
+            Off here unless a test replaces workers: each spare loads the model once more, a third of the suite's
+            model loads on this machine's two cores.
         port: the gRPC port (default: a free one).
         health_security: ``ClientSecurity`` for the readiness check of a server started with ``--tls_cert``.
 
@@ -216,14 +219,14 @@ class TeacherServer:
 
     def __init__(self, model_dir: str, http: bool = False, thread: int = 2, max_batch_size: int = 64,
                  batch_timeout_ms: float = 2.0, extra_args: Sequence[str] = (), port: Optional[int] = None,
-                 start_timeout: float = SERVER_START_TIMEOUT, health_security=None):
+                 spare: bool = False, start_timeout: float = SERVER_START_TIMEOUT, health_security=None):
         self.model_dir = model_dir
         self.health_security = health_security
         self.port = port or free_port()
         self.http_port = free_port() if http else None
         self.args = ["-m", "teachers.serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
                      "--thread", str(thread), "--max_batch_size", str(max_batch_size),
-                     "--batch_timeout_ms", str(batch_timeout_ms), *extra_args]
+                     "--batch_timeout_ms", str(batch_timeout_ms), "--spare_worker", str(spare), *extra_args]
         if self.http_port:
             self.args += ["--http_port", str(self.http_port)]
         self.start_timeout = start_timeout
