@@ -22,12 +22,6 @@ BATCH = 16
 
 
 @pytest.fixture(scope="module")
-def teacher(teacher_model):
-    with TeacherServer(teacher_model.server_dir) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def data(teacher_model, teacher):
     """Images and the online answers of a plain DistillReader pass (what a cache must reproduce bit for bit)."""
     images = mnist_like_images(N, seed=11)

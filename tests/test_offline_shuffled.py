@@ -8,16 +8,10 @@ import pytest
 
 from distill_reader import DistillReader
 from distill_reader.knowledge import InputMismatchError, KnowledgeReader
-from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
+from tests.support.teacher import mnist_like_images, reference_predict
 
 N = 100
 DUPLICATES = {50: 3, 77: 3, 99: 10}   # sample -> the earlier sample whose inputs it repeats
-
-
-@pytest.fixture(scope="module")
-def teacher(teacher_model):
-    with TeacherServer(teacher_model.server_dir) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,9 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader
-from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
+from tests.support.teacher import mnist_like_images, reference_predict
 
 N, BATCH = 64, 16
-
-
-@pytest.fixture(scope="module")
-def teacher(teacher_model):
-    with TeacherServer(teacher_model.server_dir) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,6 @@ def _assert_gone(pids, within=5.0):
     wait_for(lambda: not any(pid_alive(p) for p in pids), within, f"worker processes {pids} to exit")
 
 
-@pytest.fixture(scope="module")
-def teacher(teacher_model):
-    with TeacherServer(teacher_model.server_dir) as server:
-        yield server
-
-
 def test_teacher_sigkilled_mid_epoch_and_restarted(teacher_model):
     """Three teachers, one SIGKILLed mid-epoch and restarted later: every sample once, in order, correct;
     the restarted teacher is probed back into service."""

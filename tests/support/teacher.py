@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np  # (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 import pytest
@@ -356,3 +356,14 @@ def teacher_server(teacher_model):
 
 __all__ = ["FEED", "FETCH", "ExportedTeacher", "TeacherServer", "build_mnist_cnn", "export_teacher", "grpc_health",
            "mnist_like_images", "reference_predict", "save_jit_model", "save_static_model"]
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_model) -> Iterator[TeacherServer]:
+    """One real teacher server of ``teacher_model``, shared by the test files that only send it requests.
+
+    A test that stops, freezes, restarts or cuts off its teacher starts its own ``TeacherServer`` instead.
+    """
+    with TeacherServer(teacher_model.server_dir) as server:
+        yield server
+
