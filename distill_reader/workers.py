@@ -13,13 +13,14 @@ Shutdown protocol (who signals whom, what is drained, what is abandoned):
 1. Normal end of an epoch: nothing happens; workers persist and wait for the next epoch's tasks.
 2. ``WorkerPool.close()`` (the reader's ``close()``, a ``break`` out of the epoch, an exception in the student's
    loop or in the user's generator, Ctrl-C (KeyboardInterrupt in the student), garbage collection of the reader
-   or interpreter exit via ``weakref.finalize``): the student sends ``("stop",)`` to every worker and closes its
+   or interpreter exit via ``weakref.finalize``): the student sends ``Stop()`` to every worker and closes its
    end of the socket. Nothing is drained: requests in flight are abandoned (their answers are never read), the
    student forgets the epoch's outstanding tasks.
-3. A worker that reads ``stop``, or end-of-file on its socket, leaves at once with ``os._exit(0)``; request
+3. A worker that reads ``Stop``, or end-of-file on its socket, leaves at once with ``os._exit(0)``; request
    threads are not joined (a blocked gRPC call cannot delay the exit).
 4. The student waits up to ``stop_timeout`` (default 2 s) for all workers together, then SIGTERMs the ones left,
-   waits 1 s, then SIGKILLs and reaps them: every worker is gone within ``stop_timeout + 1 s`` of ``close()``.
+   waits 1 s, then SIGKILLs and reaps them (``stop_processes``, the one ladder, also for a single dead worker):
+   every worker is gone within ``stop_timeout + 1 s`` of ``close()``.
 5. The student dies without ``close()`` (SIGKILL, crash): the kernel closes its socket end, the worker's blocking
    read gets end-of-file and the worker exits (step 3). A watchdog thread also exits the worker when its parent
    process changes (the student is gone but a forked child of it still holds the socket).
