@@ -38,7 +38,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,7 +54,7 @@ from .latency_window import LatencyWindow
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
-from .worker_messages import Done, Failed, FailureKind, ProbeResult, Ready, WorkerDied, WorkerSettings
+from .worker_messages import Done, Failed, FailureKind, FromWorker, ProbeResult, Ready, WorkerDied, WorkerSettings
 from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ class RemoteStage(PredictionStage):
         return times
 
     # -- answers and failures -------------------------------------------------------------------------------
-    def _handle(self, message: Any) -> None:
+    def _handle(self, message: Union[FromWorker, WorkerDied]) -> None:
         """One message of the pool: ``Done`` / ``Failed`` / ``ProbeResult`` / ``WorkerDied`` (others: ignored)."""
         if isinstance(message, (Done, Failed)):
             request = self._requests.pop(message.request_id, None) or self._orphans.pop(message.request_id, None)
