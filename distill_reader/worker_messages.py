@@ -54,6 +54,10 @@ from .channel_options import DEFAULT_KEEPALIVE_TIME, DEFAULT_REQUEST_TIMEOUT
 from .client_security import ClientSecurity
 from .padding import Padding
 
+# Messages are frozen and slotted (no per-instance dict: a few named fields); slots on Python >= 3.11 only, where
+# frozen slotted dataclasses pickle reliably (setup.py allows 3.9).
+_message = dataclass(frozen=True, slots=True) if sys.version_info >= (3, 11) else dataclass(frozen=True)
+
 
 # -- settings ------------------------------------------------------------------------------------------------
 def _client(name: str) -> dict:
@@ -128,7 +132,7 @@ class WorkerSettings:
 
 
 # -- exceptions across the boundary ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@_message
 class WorkerException:
     """An exception raised in a worker process, as the student re-raises it (cf. PyTorch's ExceptionWrapper).
 
@@ -173,7 +177,7 @@ class WorkerException:
 
 
 # -- student -> worker -------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@_message
 class SharedArray:
     """A feed array held in a shared memory block the worker has mapped (``MapBuffer``): a view, no copy."""
 
@@ -183,7 +187,7 @@ class SharedArray:
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Init:
     settings: WorkerSettings
     config_text: str      # the serving client config, protobuf text format
@@ -191,7 +195,7 @@ class Init:
     fetch: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Task:
     request_id: int
     endpoint: str
@@ -199,30 +203,30 @@ class Task:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Probe:
     probe_id: int
     endpoint: str
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Forget:
     endpoint: str
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class MapBuffer:
     buffer_id: int
     size: int             # bytes
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class UnmapBuffer:
     buffer_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Stop:
     pass
 
@@ -241,12 +245,12 @@ class FailureKind(enum.Enum):
     ERROR = "error"               # an exception in the worker: re-raised in the student with its type
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Ready:
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Done:
     request_id: int
     endpoint: str
@@ -254,7 +258,7 @@ class Done:
     latency: float            # seconds from the worker taking the request to the answer
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Failed:
     request_id: int
     endpoint: str
@@ -263,7 +267,7 @@ class Failed:
     error: Optional[WorkerException] = None   # for FailureKind.ERROR
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class ProbeResult:
     probe_id: int
     endpoint: str
@@ -271,7 +275,7 @@ class ProbeResult:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class Crashed:
     error: WorkerException
 
@@ -279,7 +283,7 @@ class Crashed:
 FromWorker = Union[Ready, Done, Failed, ProbeResult, Crashed]
 
 
-@dataclass(frozen=True, slots=True)
+@_message
 class WorkerDied:
     """Made by the student's pool (never sent): a worker's socket ended; what it held is to be re-issued."""
 

@@ -64,7 +64,7 @@ def test_every_message_survives_the_socket_and_stays_small():
     for message in messages:
         back = pickle.loads(pickle.dumps(message))
         assert type(back) is type(message) and repr(back) == repr(message)
-        if not isinstance(message, Init):   # the settings may grow; the messages stay a few named fields
+        if sys.version_info >= (3, 11):     # slotted there (worker_messages._message): a few named fields only
             assert not hasattr(message, "__dict__"), f"{type(message).__name__} is not slotted"
         names = [f.name for f in dataclasses.fields(message)]
         if names:
