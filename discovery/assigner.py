@@ -49,6 +49,7 @@ from kazoo.security import OPEN_ACL_UNSAFE
 from .arguments import STUDENT_PREFIX, ServicePaths
 from .nodes import Assignment, NodeDataError, parse_assignment
 from .rebalance import rebalance
+from .reconciler import Reconciler, StopReconciling
 from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
 from .watcher import ServiceView, ServiceWatcher
 
@@ -99,28 +100,27 @@ class Assigner:
         self._lock: Optional[Lock] = None
         self._lock_node: Optional[str] = None    # this term's lock node (its deletion deposes this assigner)
         self._suspect_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()        # the leading term's: something to apply
         self._deposed = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"zk-assigner-{paths.service}", daemon=True)
+        self._thread = Reconciler(f"zk-assigner-{paths.service}", self._term)
+        self._stopping = self._thread.stopping
         session.subscribe(self._on_state)
 
     def start(self) -> Assigner:
-        self._thread.start()
+        self._thread.start(at_once=True)
         return self
 
     def stop(self) -> None:
         """Stop contending or leading; returns at once (a pending acquire ends when the session closes, and
         the lock node goes with the session). ``join`` waits for the thread."""
-        self._stopping.set()
+        self._thread.stop()
         self._wake.set()
         lock = self._lock
         if lock is not None:
             lock.cancel()
 
     def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     # -- election ------------------------------------------------------------------------------------------
     def _on_state(self, state: str) -> None:
@@ -128,45 +128,42 @@ class Assigner:
             self._deposed.set()
         self._wake.set()
 
-    def _run(self) -> None:
+    def _term(self) -> float:
+        """The reconciler's round: contend for the lock, lead until deposed or stopped, step down. Returns the
+        seconds before contending again. A bug while leading steps down and is retried by the reconciler with
+        backoff: the service is never left without an assigner for good."""
+        if not self.session.connected:                    # kazoo's Lock would retry unstoppably meanwhile
+            return 0.2
         retry = retry_forever(self._stopping)
-        while not self._stopping.is_set():
-            if not self.session.connected:                # kazoo's Lock would retry unstoppably meanwhile
-                self._stopping.wait(0.2)
-                continue
-            self._lock = Lock(self.session.client, self.paths.assigner_lock_path, self.identifier)
-            try:
-                retry(self._lock.acquire)
-            except (CancelledError, RetryInterrupted):
-                return
-            except NoAuthError:
-                if not self.unavailable.is_set():
-                    logger.warning("this student may not create %s (service locked down without it): no assigner; "
-                                   "students share teachers by the stateless fair share; trying again every %gs",
-                                   self.paths.assignment_path, self.UNAVAILABLE_RETRY)
-                self.unavailable.set()
-                self._stopping.wait(self.UNAVAILABLE_RETRY)   # a newer registrar may create the folder later
-                continue
-            except ZK_ERRORS as exc:   # not retried by KazooRetry (e.g. a refused create): try again later
-                if self._stopping.is_set():               # the session closed under a pending acquire
-                    return
-                logger.warning("contending for the assigner of %s failed (%s: %s); retrying",
-                               self.paths.service_path, type(exc).__name__, exc)
-                self._stopping.wait(1.0)
-                continue
-            self.unavailable.clear()
-            try:
-                self._lead(f"{self._lock.path}/{self._lock.node}")
-            except ZK_ERRORS as exc:      # not retryable (e.g. NoAuth after an ACL change): step down, try again
-                logger.warning("assigner of %s stepping down after %s: %s", self.paths.service_path,
-                               type(exc).__name__, exc)
-                self._stopping.wait(1.0)
-            except Exception:  # noqa: BLE001 - a bug must not leave the service without an assigner for good
-                logger.exception("assigner of %s failed; stepping down", self.paths.service_path)
-                self._stopping.wait(1.0)
-            finally:
-                self.leading.clear()
-                self._release()
+        self._lock = Lock(self.session.client, self.paths.assigner_lock_path, self.identifier)
+        try:
+            retry(self._lock.acquire)
+        except CancelledError as exc:
+            raise StopReconciling from exc
+        except NoAuthError:
+            if not self.unavailable.is_set():
+                logger.warning("this student may not create %s (service locked down without it): no assigner; "
+                               "students share teachers by the stateless fair share; trying again every %gs",
+                               self.paths.assignment_path, self.UNAVAILABLE_RETRY)
+            self.unavailable.set()
+            return self.UNAVAILABLE_RETRY                 # a newer registrar may create the folder later
+        except ZK_ERRORS as exc:   # not retried by KazooRetry (e.g. a refused create): try again later
+            if self._stopping.is_set():                   # the session closed under a pending acquire
+                raise StopReconciling from exc
+            logger.warning("contending for the assigner of %s failed (%s: %s); retrying",
+                           self.paths.service_path, type(exc).__name__, exc)
+            return 1.0
+        self.unavailable.clear()
+        try:
+            self._lead(f"{self._lock.path}/{self._lock.node}")
+        except ZK_ERRORS as exc:          # not retryable (e.g. NoAuth after an ACL change): step down, try again
+            logger.warning("assigner of %s stepping down after %s: %s", self.paths.service_path,
+                           type(exc).__name__, exc)
+            return 1.0
+        finally:
+            self.leading.clear()
+            self._release()
+        return 0.0
 
     def _release(self) -> None:
         try:

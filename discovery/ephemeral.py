@@ -21,7 +21,8 @@ from kazoo.protocol.states import KazooState
 from kazoo.retry import ForceRetryError
 
 from .arguments import AUTH_ENV, RegistryAuthError
-from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
+from .reconciler import Reconciler, StopReconciling
+from .session import ZK_ERRORS, ZkSession, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,10 @@ class EphemeralNode:
         self._wanted = False
         self._uncertain = False
         self._parent_ready = False
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"zk-{prefix.rstrip('-')}", daemon=True)
+        self._thread = Reconciler(f"zk-{prefix.rstrip('-')}", self._round, interval=check_interval)
+        self._stopping = self._thread.stopping
+        self._retry = retry_forever(self._stopping)
         session.subscribe(self._on_state)
 
     def start(self) -> EphemeralNode:
@@ -84,15 +85,12 @@ class EphemeralNode:
 
     def set_wanted(self, wanted: bool) -> None:
         self._wanted = wanted
-        self._wake.set()
+        self._thread.wake()
 
     def stop(self, remove: bool = True, timeout: float = 3.0) -> None:
         """Stop reconciling; with ``remove`` delete the node (bounded by ``timeout`` if ZooKeeper is away)."""
         self._wanted = False
-        self._stopping.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout + 2)
+        self._thread.stop(join=timeout + 2)
         if remove:
             with self._lock:
                 self._delete(timeout, final=True)
@@ -100,34 +98,24 @@ class EphemeralNode:
     def _on_state(self, state: str) -> None:
         if state == KazooState.LOST:
             self.created.clear()
-        self._wake.set()
+        self._thread.wake()
 
     def _on_node_event(self, event: object) -> None:
-        self._wake.set()          # our node was deleted or changed: check it now
+        self._thread.wake()       # our node was deleted or changed: check it now
 
-    def _run(self) -> None:
-        retry = retry_forever(self._stopping)
-        while not self._stopping.is_set():
-            self._wake.wait(self.check_interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                retry(self._attempt)
-            except RetryInterrupted:
-                return
-            except (NoAuthError, RegistryAuthError) as exc:
-                self.error = exc if isinstance(exc, RegistryAuthError) else RegistryAuthError(
-                    f"ZooKeeper refused to create the {self.what} under {self.parent}: not authorized as "
-                    f"{self.session.auth_user or 'an anonymous client'}; only the service's identity may write "
-                    f"there (check --zk_auth or {AUTH_ENV})")
-                logger.error("%s", self.error)
-                self.failed.set()
-                return
-            except Exception:  # noqa: BLE001 - a bug must not leave the node missing for good: log, try again
-                logger.exception("keeping %s under %s failed; retrying", self.what, self.parent)
-                self._stopping.wait(1.0)
-                self._wake.set()
+    def _round(self) -> None:
+        """The reconciler's round (when woken, or every ``check_interval``); a bug in it is logged and retried
+        with backoff by the reconciler, so the node is never left missing for good."""
+        try:
+            self._retry(self._attempt)
+        except (NoAuthError, RegistryAuthError) as exc:
+            self.error = exc if isinstance(exc, RegistryAuthError) else RegistryAuthError(
+                f"ZooKeeper refused to create the {self.what} under {self.parent}: not authorized as "
+                f"{self.session.auth_user or 'an anonymous client'}; only the service's identity may write "
+                f"there (check --zk_auth or {AUTH_ENV})")
+            logger.error("%s", self.error)
+            self.failed.set()
+            raise StopReconciling from exc
 
     def _attempt(self) -> None:
         """One reconciliation; ZooKeeper trouble becomes ForceRetryError so that KazooRetry backs off."""
@@ -179,7 +167,7 @@ class EphemeralNode:
             self._parent_ready = False
             if self.ensure_parent is None:
                 raise
-            self._wake.set()
+            self._thread.wake()
             return
         self._uncertain = False
         self._created(path)
@@ -207,7 +195,7 @@ class EphemeralNode:
     def _created(self, path: str) -> None:
         self.path = path
         self.created.set()
-        self._wake.set()          # check it once more at once: that sets the watch on it
+        self._thread.wake()       # check it once more at once: that sets the watch on it
         logger.info("registered %s %s", self.what, path)
         if self.on_created is not None:
             self.on_created(path)

@@ -52,6 +52,7 @@ from .arguments import (
 from .assigner import Assigner
 from .ephemeral import EphemeralNode
 from .nodes import NodeDataError, TeacherInfo, parse_assignment, parse_teacher
+from .reconciler import Reconciler
 from .session import ZK_ERRORS, ZkSession
 from .share import fair_share
 from .watcher import ServiceView, ServiceWatcher
@@ -108,7 +109,7 @@ class TeacherSubscription:
         self.node = EphemeralNode(self.session, self.paths.students_path, STUDENT_PREFIX, data,
                                   ensure_parent=self._ensure_students_path, what=f"student {self.student_id}",
                                   auth_errors_fatal=False)
-        self.node.on_created = lambda path: self._wake.set()
+        self.node.on_created = lambda path: self._follower.wake()
         self.assigner = Assigner(self.session, self.paths, identifier=self.student_id)
         self.assignment_wait = assignment_wait
         self.watcher: Optional[ServiceWatcher] = None   # the fallback's, while it runs
@@ -121,10 +122,10 @@ class TeacherSubscription:
         self._assigned: Optional[list[TeacherInfo]] = None
         self._changed = threading.Condition(self._lock)
         self._started = False
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
         self._data: Optional[tuple[str, Optional[bytes]]] = None   # (student node, assignment data) last reported
-        self._follower = threading.Thread(target=self._follow, name=f"zk-assignment-{service}", daemon=True)
+        self._followed: dict = {"watched": None, "registered_at": 0.0}   # the node whose assignment is watched
+        self._follower = Reconciler(f"zk-assignment-{service}", self._follow_round, interval=0.5)
+        self._stopping = self._follower.stopping
 
     # -- public API ------------------------------------------------------------------------------------
     def start(self) -> TeacherSubscription:
@@ -143,11 +144,9 @@ class TeacherSubscription:
         if not self._started:
             return
         self._started = False
-        self._stopping.set()
-        self._wake.set()
+        self._follower.stop()
         self.assigner.stop()
-        if self._follower.is_alive():
-            self._follower.join(5)
+        self._follower.join(5)
         self._stop_fallback()
         self.node.stop(remove=True)
         self.session.close()
@@ -213,22 +212,11 @@ class TeacherSubscription:
         return usable
 
     # -- following the assignment (the follower thread) ----------------------------------------------------------
-    def _follow(self) -> None:
-        state = {"watched": None, "registered_at": 0.0}
-        while not self._stopping.is_set():
-            self._wake.wait(0.5)
-            self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                self._follow_once(state)
-            except Exception:  # noqa: BLE001 - ZooKeeper trouble or a bug: log, keep the last teachers, go on
-                logger.exception("following the assignment of service %s failed; retrying", self.paths.service)
-                self._stopping.wait(1.0)
-                self._wake.set()
-
-    def _follow_once(self, state: dict) -> None:
-        """One round: watch the current node's assignment, use a new assignment, or fall back when overdue."""
+    def _follow_round(self) -> None:
+        """The follower's round (when woken, or every 0.5 s): watch the current node's assignment, use a new
+        assignment, or fall back when overdue. ZooKeeper trouble or a bug: the reconciler logs it and retries
+        with backoff; the last teachers stay in use meanwhile."""
+        state = self._followed
         path = self.node.path
         me = path.rsplit("/", 1)[-1] if path else None
         if me is not None and me != state["watched"]:        # (re-)registered: follow the new node's assignment
@@ -250,7 +238,7 @@ class TeacherSubscription:
             return False                              # stopped, or an older registration: end this watch
         with self._lock:
             self._data = (name, data)
-        self._wake.set()
+        self._follower.wake()
         return None
 
     def _use_assignment(self, me: str, data: bytes) -> None:
@@ -267,8 +255,8 @@ class TeacherSubscription:
         except ZK_ERRORS as exc:
             logger.warning("reading the teachers of %s failed (%s: %s); retrying", self.paths.assignment_of(me),
                            type(exc).__name__, exc)
-            self._stopping.wait(0.5)
-            self._wake.set()
+            self._follower.wait(0.5)
+            self._follower.wake()
             return
         with self._lock:
             if self._data is not None and self._data[1] == data:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -40,6 +39,7 @@ from distill_reader.client_security import ClientSecurity
 from .acls import ensure_service, teacher_node_acl
 from .arguments import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, TEACHER_PREFIX, ServicePaths, validate_endpoint
 from .ephemeral import EphemeralNode
+from .reconciler import Reconciler
 from .session import ZkSession
 
 logger = logging.getLogger(__name__)
@@ -145,8 +145,11 @@ class TeacherRegistration:
                                   ensure_parent=lambda: ensure_service(self.session, self.paths, auth),
                                   what=f"teacher {self.endpoint}")
         self.healthy = False
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._health_loop, name=f"health-{self.endpoint}", daemon=True)
+        self._failures = 0                       # health checks failed in a row
+        self._flaps = 0                          # removals without a stable stretch of good health since
+        self._not_before = 0.0                   # monotonic time before which the node is not re-registered
+        self._healthy_since: Optional[float] = None
+        self._thread = Reconciler(f"health-{self.endpoint}", self._health_round, interval=health_interval)
         self._started = False
 
     # -- public API ------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class TeacherRegistration:
                     self.paths.service_path)   # before the health thread, whose first line may follow at once
         self.session.start()
         self.node.start()
-        self._thread.start()
+        self._thread.start(at_once=True)
         return self
 
     def stop(self) -> None:
@@ -167,8 +170,7 @@ class TeacherRegistration:
         if not self._started:
             return
         self._started = False
-        self._stopping.set()
-        self._thread.join(5)
+        self._thread.stop(join=5)
         self.node.stop(remove=True)
         self.session.close()
         if isinstance(self._probe, GrpcHealthProbe):
@@ -208,39 +210,33 @@ class TeacherRegistration:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- health loop --------------------------------------------------------------------------------------
-    def _health_loop(self) -> None:
-        failures = 0
-        flaps = 0
-        not_before = 0.0
-        healthy_since: Optional[float] = None
-        first = True
-        while first or not self._stopping.wait(self.health_interval):
-            first = False
-            try:
-                ok = bool(self._probe())
-            except Exception as exc:  # noqa: BLE001 - a broken probe means "not healthy", not a dead thread
-                logger.warning("teacher %s: health check raised %s", self.endpoint, exc)
-                ok = False
-            now = time.monotonic()
-            self.healthy = ok
-            if ok:
-                failures = 0
-                healthy_since = healthy_since or now
-                if self.node.wanted and flaps and now - healthy_since >= self.stable_after:
-                    flaps = 0
-                if not self.node.wanted and now >= not_before:
-                    logger.info("teacher %s answers its health check: registering", self.endpoint)
-                    self.node.set_wanted(True)
-                continue
-            healthy_since = None
-            failures += 1
-            if self.node.wanted and failures >= self.unhealthy_after:
-                flaps += 1
-                # the project's one backoff rule (jittered: teachers flapping together come back apart)
-                delay = 0.0 if flaps == 1 else backoff_delay(flaps, self.health_interval, self.max_recover_delay)
-                not_before = now + delay
-                logger.warning("teacher %s failed %d health checks (%s): removing its node%s", self.endpoint,
-                               failures, getattr(self._probe, "last_error", ""),
-                               f"; it may return after {delay:.0f}s of good health" if delay else "")
-                self.node.set_wanted(False)
+    # -- health checks (the reconciler's round: at start, then every health_interval) ----------------------------
+    def _health_round(self) -> None:
+        try:
+            ok = bool(self._probe())
+        except Exception as exc:  # noqa: BLE001 - a broken probe means "not healthy", not a failed round
+            logger.warning("teacher %s: health check raised %s", self.endpoint, exc)
+            ok = False
+        now = time.monotonic()
+        self.healthy = ok
+        if ok:
+            self._failures = 0
+            self._healthy_since = self._healthy_since or now
+            if self.node.wanted and self._flaps and now - self._healthy_since >= self.stable_after:
+                self._flaps = 0
+            if not self.node.wanted and now >= self._not_before:
+                logger.info("teacher %s answers its health check: registering", self.endpoint)
+                self.node.set_wanted(True)
+            return
+        self._healthy_since = None
+        self._failures += 1
+        if self.node.wanted and self._failures >= self.unhealthy_after:
+            self._flaps += 1
+            # the project's one backoff rule (jittered: teachers flapping together come back apart)
+            delay = 0.0 if self._flaps == 1 else backoff_delay(self._flaps, self.health_interval,
+                                                                self.max_recover_delay)
+            self._not_before = now + delay
+            logger.warning("teacher %s failed %d health checks (%s): removing its node%s", self.endpoint,
+                           self._failures, getattr(self._probe, "last_error", ""),
+                           f"; it may return after {delay:.0f}s of good health" if delay else "")
+            self.node.set_wanted(False)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -31,7 +30,8 @@ from kazoo.retry import ForceRetryError
 
 from .arguments import STUDENT_PREFIX, TEACHER_PREFIX, ServicePaths, node_sequence
 from .nodes import NodeDataError, StudentInfo, TeacherInfo, parse_student, parse_teacher
-from .session import ZK_ERRORS, RetryInterrupted, ZkSession, retry_forever
+from .reconciler import Reconciler
+from .session import ZK_ERRORS, ZkSession, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +83,21 @@ class ServiceWatcher:
         self.students = _Folder(paths.students_path, STUDENT_PREFIX, parse_student, "student")
         self._lock = threading.Lock()
         self._armed = False
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"zk-watch-{paths.service}", daemon=True)
-        session.subscribe(lambda state: self._wake.set())
+        self._thread = Reconciler(f"zk-watch-{paths.service}", self._round, settle=settle)
+        self._stopping = self._thread.stopping
+        self._retry = retry_forever(self._stopping)
+        session.subscribe(lambda state: self._thread.wake())
 
     def start(self) -> ServiceWatcher:
-        self._wake.set()
-        self._thread.start()
+        self._thread.start(at_once=True)
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
+        self._thread.stop(join=5)
 
     def refresh(self) -> None:
         """Recompute the view now (from what the watches last reported)."""
-        self._wake.set()
+        self._thread.wake()
 
     # -- kazoo recipe callbacks (kazoo's event thread: record and wake, never block) -------------------------
     def _on_folder(self, folder: _Folder, data: Optional[bytes], stat: Any) -> Optional[bool]:
@@ -113,7 +109,7 @@ class ServiceWatcher:
             if czxid == folder.czxid:
                 return None
             folder.czxid, folder.names, folder.cache = czxid, [], {}
-        self._wake.set()            # the worker starts a ChildrenWatch for the new incarnation
+        self._thread.wake()         # the round starts a ChildrenWatch for the new incarnation
         return None
 
     def _on_children(self, folder: _Folder, czxid: int, names: list[str]) -> Optional[bool]:
@@ -121,30 +117,15 @@ class ServiceWatcher:
             return False            # stopped, or an older incarnation of the folder: end this watch
         with self._lock:
             folder.names = list(names)
-        self._wake.set()
+        self._thread.wake()
         return None
 
-    # -- worker -------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        retry = retry_forever(self._stopping)
-        while not self._stopping.is_set():
-            self._wake.wait()
-            if self._stopping.is_set():
-                return
-            time.sleep(self.settle)   # let a burst of events settle into one read
-            self._wake.clear()
-            if not self.session.connected:
-                continue
-            try:
-                view = retry(self._attempt)
-            except RetryInterrupted:
-                return
-            except Exception:  # noqa: BLE001 - a bug in one read must not end the watch: log, read again
-                logger.exception("reading service %s failed; retrying", self.paths.service_path)
-                self._stopping.wait(1.0)
-                self._wake.set()
-                continue
-            if view is not None and view != self.view:
+    # -- the reconciler's round (a burst of events settles into one read; a bug in it is retried) ---------------
+    def _round(self) -> None:
+        if not self.session.connected:
+            return
+        view = self._retry(self._attempt)
+        if view is not None and view != self.view:
                 self.view = view
                 try:
                     self.on_view(view)

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 DEFAULT_KEEPALIVE_TIME = 1.0          # s between pings while a request is out (0: off); also the ping timeout
+DEFAULT_REQUEST_TIMEOUT = 30.0        # s a teacher has to answer one request (TeacherClient, the reader's workers)
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 RECONNECT_BACKOFF_INTERVALS = 2       # first reconnect backoff (the connect timeout) in keepalive intervals
 TOO_MANY_PINGS = "too many pings"     # how grpc-core reports a GOAWAY too_many_pings, lower case ...

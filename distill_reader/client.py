@@ -29,6 +29,7 @@ from . import lod as lod_feeds
 from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT,
     grpc_channel_options,
     http_timeouts,
     is_too_many_pings,
@@ -159,7 +160,7 @@ class TeacherClient:
     """
 
     def __init__(self, endpoint: str, config: Union[ServingConfig, str], protocol: str = "grpc",
-                 wire: str = "auto", http_format: str = "proto", timeout: float = 30.0,
+                 wire: str = "auto", http_format: str = "proto", timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, compress: bool = False,
                  keepalive_time: float = DEFAULT_KEEPALIVE_TIME, security: Optional[ClientSecurity] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,

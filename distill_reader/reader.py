@@ -13,7 +13,8 @@ Example::
     loader.set_sample_list_generator(train_reader)    # the static-graph way, as in the seed example
 
 The generator runs in the student's process; worker processes (``distill_reader.workers``) do the teacher
-I/O. See ``distill_reader.pipeline`` for the data path and ``distill_reader.workers`` for the shutdown protocol.
+I/O (``distill_reader.worker_process``). See ``distill_reader.pipeline`` for the data path and
+``distill_reader.workers`` for the shutdown protocol.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from .remote_stage import RemoteOptions, RemoteStage
 from .serving_config import ServingConfig
 from .tasks import PredictionStage
 from .teacher_pool import TeacherPool
+from .worker_messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SERVING_CONF = "serving_client/serving_client_conf.prototxt"
 FORMER_DEFAULT_SERVING_CONF = "serving_conf/serving_client_conf.prototxt"
 CLOSE_WAIT_S = 10.0   # close() from another thread waits this long for the iterating thread to leave the reader
-_D = RemoteOptions    # the remote stage's defaults are the reader's: one place states them
+_D = RemoteOptions    # the remote stage's defaults are the reader's (the workers' in WorkerSettings): one place each
 
 __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
            "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError", "PaddingOptionError"]
@@ -156,6 +158,8 @@ class DistillReader:
         lengths_feeds: ``{padded feed: lengths feed}``, e.g. ``{"words": "length"}``: the workers fill the lengths
             feed with each sample's length, so it need not be a slot; a lengths slot that is given must hold the
             lengths (an error names the sample). See ``docs/variable-length.md``.
+        **worker_options: any other setting of the worker processes, by its name in
+            ``distill_reader.worker_messages.WorkerSettings`` (e.g. ``max_threads=16`` request threads per worker).
 
     Example with a padded text teacher (feeds ``words`` [-1] int64 and ``length`` [1])::
 
@@ -163,7 +167,8 @@ class DistillReader:
                            lengths_feeds={"words": "length"})
 
     Raises at construction: PaddingOptionError (a ValueError naming ``pad_value`` or ``lengths_feeds``) for values
-    of the wrong type; at the first epoch, the same for names or values that do not fit the teacher's config.
+    of the wrong type; TypeError naming a keyword that is no option; ValueError naming an option out of range; at
+    the first epoch, the same for names or values that do not fit the teacher's config.
 
     Raises (while iterating): AllTeachersDownError, TeacherAnswerInvalid (no teacher answers a task correctly),
     TeacherRequestRefused (every teacher refuses a task as invalid), TeacherAuthRefused (every teacher refuses
@@ -184,7 +189,10 @@ class DistillReader:
                  stall_factor: float = _D.stall_factor, stall_min_timeout: float = _D.stall_min_timeout,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
-                 lengths_feeds: Optional[Mapping[str, str]] = None):
+                 lengths_feeds: Optional[Mapping[str, str]] = None, **worker_options: Any):
+        unknown = sorted(set(worker_options) - (set(WorkerSettings.names()) - {"security", "padding"}))
+        if unknown:
+            raise TypeError(f"DistillReader() got an unexpected keyword argument {unknown[0]!r}")
         padding = Padding.create(pad_value, lengths_feeds)
         if not ins:
             raise ValueError("ins must name at least one slot")
@@ -203,7 +211,7 @@ class DistillReader:
             wire=wire, stop_timeout=stop_timeout, keepalive_time=keepalive_time, hedge_budget=hedge_budget,
             hedge_percentile=hedge_percentile, hedge_factor=hedge_factor, hedge_min_delay=hedge_min_delay,
             hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout,
-            security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token), padding=padding)
+            security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token), padding=padding, **worker_options)
         self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None

@@ -33,18 +33,16 @@ Example (``DistillReader`` builds this)::
 from __future__ import annotations
 
 import heapq
-import importlib
 import itertools
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .backoff import backoff_delay
-from .client_security import ClientSecurity
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -53,10 +51,10 @@ from .errors import (
     TeacherRequestRefused,
 )
 from .latency_window import LatencyWindow
-from .padding import Padding
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
+from .worker_messages import Done, Failed, FailureKind, FromWorker, ProbeResult, Ready, WorkerDied, WorkerSettings
 from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -64,21 +62,19 @@ logger = logging.getLogger(__name__)
 HEDGE_BURST = 2   # hedges allowed beyond the budget's share, so the first stalls of an epoch can be hedged
 
 
-@dataclass
-class RemoteOptions:
-    """Settings of the remote stage; ``DistillReader``'s keyword options of the same names (seconds)."""
+@dataclass(frozen=True)
+class RemoteOptions(WorkerSettings):
+    """Settings of the remote stage; ``DistillReader``'s keyword options of the same names (seconds).
 
-    request_timeout: float = 30.0
+    The workers' settings (``request_timeout``, ``keepalive_time``, ``protocol``, ``num_workers``, ...) are
+    ``WorkerSettings``' fields, inherited with their one default; the fields below are the stage's own.
+    """
+
     max_retries: int = 10
     retry_backoff: float = 0.05
     max_retry_backoff: float = 2.0
     probe_timeout: float = 2.0
     all_teachers_down_timeout: float = 60.0
-    num_workers: int = 2
-    protocol: str = "grpc"
-    wire: str = "auto"
-    stop_timeout: float = 2.0
-    keepalive_time: float = 1.0
     hedge_budget: float = 0.05
     hedge_percentile: float = 95.0
     hedge_factor: float = 2.0
@@ -86,24 +82,17 @@ class RemoteOptions:
     hedge_max_delay: float = 1.0
     stall_factor: float = 4.0
     stall_min_timeout: float = 2.0
-    security: ClientSecurity = field(default_factory=ClientSecurity)
-    padding: Padding = field(default_factory=Padding)   # pad_value / lengths_feeds for every worker's client
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.hedge_budget <= 1.0:
             raise ValueError(f"hedge_budget must be in [0, 1], not {self.hedge_budget}")
         if not 0 < self.hedge_percentile <= 100:
             raise ValueError(f"hedge_percentile must be in (0, 100], not {self.hedge_percentile}")
         if self.hedge_min_delay > self.hedge_max_delay:
             raise ValueError(f"hedge_min_delay {self.hedge_min_delay} exceeds hedge_max_delay {self.hedge_max_delay}")
-        if self.request_timeout <= 0 or self.stall_min_timeout <= 0:
-            raise ValueError("request_timeout and stall_min_timeout must be > 0")
-        if self.protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be 'grpc' or 'http', not {self.protocol!r}")
-        if self.wire not in ("auto", "raw", "typed"):
-            raise ValueError(f"wire must be 'auto', 'raw' or 'typed', not {self.wire!r}")
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, not {self.num_workers}")
+        if self.stall_min_timeout <= 0:
+            raise ValueError(f"stall_min_timeout must be > 0, not {self.stall_min_timeout}")
 
 
 COLD_WORKER_GRACE = 60.0   # seconds a request may wait for its worker process to start before its clock runs
@@ -191,7 +180,7 @@ class RemoteStage(PredictionStage):
             now = time.monotonic()
             wake = min([now + max(0.0, timeout)] + [t for t in self._wake_times() if t is not None])
             for worker, message in self.workers.receive(timeout=0.0 if self._results else max(0.0, wake - now)):
-                if message[0] == "ready":
+                if isinstance(message, Ready):
                     self._worker_ready(worker)
                 else:
                     self._handle(message)
@@ -289,12 +278,8 @@ class RemoteStage(PredictionStage):
         if self.workers is None or self.workers.closed:
             from google.protobuf import text_format
 
-            settings = {"config_text": text_format.MessageToString(self.config.to_proto()),
-                        "config_source": self.config.source, "fetch": self.fetch,
-                        "timeout": self.options.request_timeout, "protocol": self.options.protocol,
-                        "wire": self.options.wire, "keepalive_time": self.options.keepalive_time,
-                        "security": self.options.security.settings(), "padding": self.options.padding.settings()}
-            self.workers = WorkerPool(self.options.num_workers, settings, stop_timeout=self.options.stop_timeout)
+            config_text = text_format.MessageToString(self.config.to_proto())
+            self.workers = WorkerPool(WorkerSettings.pick(self.options), config_text, self.config.source, self.fetch)
 
     def _dispatch(self) -> None:
         if self.workers is None:
@@ -372,28 +357,27 @@ class RemoteStage(PredictionStage):
         return times
 
     # -- answers and failures -------------------------------------------------------------------------------
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind in ("done", "fail"):
-            request = self._requests.pop(message[1], None) or self._orphans.pop(message[1], None)
+    def _handle(self, message: Union[FromWorker, WorkerDied]) -> None:
+        """One message of the pool: ``Done`` / ``Failed`` / ``ProbeResult`` / ``WorkerDied`` (others: ignored)."""
+        if isinstance(message, (Done, Failed)):
+            request = self._requests.pop(message.request_id, None) or self._orphans.pop(message.request_id, None)
             if request is None:
                 return   # a request of an abandoned epoch
             state = self._tasks.get(request.task_id)
             if state is not None:
                 state.live.discard(request.request_id)
-            if kind == "done":
-                self._answered(request, state, outputs=message[3], latency=message[4])
+            if isinstance(message, Done):
+                self._answered(request, state, outputs=message.outputs, latency=message.latency)
             else:
-                self._failed(request, state, failure=message[3], text=message[4], extra=message[6:])
-        elif kind == "probe":
-            _, probe_id, endpoint, healthy, text = message
-            self._probing.pop(probe_id, None)
-            self.pool.probe_result(endpoint, healthy, text)
-            if healthy:
-                logger.info("teacher %s is healthy again; back in service", endpoint)
-        elif kind == "dead":
-            _, request_ids, probes = message
-            for request_id in request_ids:
+                self._failed(request, state, message)
+        elif isinstance(message, ProbeResult):
+            self._probing.pop(message.probe_id, None)
+            self.pool.probe_result(message.endpoint, message.healthy, message.message)
+            if message.healthy:
+                logger.info("teacher %s is healthy again; back in service", message.endpoint)
+        elif isinstance(message, WorkerDied):
+            probes = message.probes
+            for request_id in message.request_ids:
                 request = self._requests.pop(request_id, None) or self._orphans.pop(request_id, None)
                 if request is None:
                     continue
@@ -424,27 +408,28 @@ class RemoteStage(PredictionStage):
         self.counts["hedge_wins"] += request.hedge   # requests still out: discarded when their answers come
         self._results.append(TaskResult(request.task_id, outputs))
 
-    def _failed(self, request: _Request, state: Optional[_TaskState], failure: str, text: str,
-                extra: tuple) -> None:
-        endpoint = request.endpoint
-        if failure == "unavailable":
+    def _failed(self, request: _Request, state: Optional[_TaskState], failure: Failed) -> None:
+        endpoint, kind, text = request.endpoint, failure.kind, failure.message
+        if kind is FailureKind.UNAVAILABLE:
             self.pool.failed(endpoint, text)
             if state is not None and not state.live and not state.queued:
                 self.counts["retries"] += 1
                 self._retry_later(state, text)
             return
-        if failure in ("answer", "auth"):
+        if kind in (FailureKind.ANSWER, FailureKind.AUTH):
             self.pool.failed(endpoint, text)
             if state is not None:
-                self._wrong_answer(state, endpoint, text, auth=failure == "auth")
+                self._wrong_answer(state, endpoint, text, auth=kind is FailureKind.AUTH)
             return
         self.pool.released(endpoint)
         if state is None:
             return   # the task was answered by another request, or its epoch ended
-        if failure == "rejected":
+        if kind is FailureKind.REJECTED:
             self._refused(state, endpoint, text)
+        elif failure.error is not None:   # FailureKind.ERROR: re-raised with its type and the worker's traceback
+            raise failure.error.rebuild(DistillReaderError)
         else:
-            raise _rebuild_worker_error(text, extra[0] if extra else "")
+            raise DistillReaderError(f"in a DistillReader worker process: {text}")
 
     def _wrong_answer(self, state: _TaskState, endpoint: str, text: str, auth: bool = False) -> None:
         """The teacher is already set aside (and logged by the pool); retry elsewhere unless every one was wrong."""
@@ -542,23 +527,3 @@ def _answer_problem(fetch: Sequence[str], outputs: dict, endpoint: str, size: Op
             shape = f"{len(value)} per-sample arrays" if per_sample else f"shape {list(np.shape(value))}"
             return f"teacher {endpoint}: fetch {name!r} has {shape} for a request of {size}"
     return None
-
-
-def _rebuild_worker_error(text: str, type_path: str) -> BaseException:
-    """The worker's exception as an exception of the same type, its message holding the worker's traceback.
-
-    As PyTorch's DataLoader does for its workers: the type is kept (so ``except FeedError`` still works) and
-    the original traceback is in the message. A type that cannot be rebuilt from one message becomes a
-    DistillReaderError.
-    """
-    message = f"in a DistillReader worker process:\n{text}"
-    module_name, _, qualname = type_path.partition(":")
-    try:
-        cls: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-        if isinstance(cls, type) and issubclass(cls, Exception):
-            return cls(message)
-    except Exception:  # noqa: BLE001 - fall back to the generic error below
-        pass
-    return DistillReaderError(message)

@@ -250,12 +250,13 @@ def test_the_pipeline_checks_answers_the_client_let_through():
     stage = RemoteStage(pool, ServingConfig(feeds=[], fetches=[]), ["prediction"], RemoteOptions())
     task = Task(next_task_id(), 0, 0, 4, {"img": np.zeros((4, 3), np.float32)})
     from distill_reader.remote_stage import _Request, _TaskState
+    from distill_reader.worker_messages import Done
 
     state = stage._tasks[task.task_id] = _TaskState(task)
     stage._requests[7] = _Request(7, task.task_id, "a:1", time.monotonic())
     state.live.add(7)
     pool.started("a:1")
-    stage._handle(("done", 7, "a:1", {"prediction": np.zeros((3, 10), np.float32)}, 0.01))
+    stage._handle(Done(7, "a:1", {"prediction": np.zeros((3, 10), np.float32)}, 0.01))
     assert "a:1 (set aside: teacher a:1: fetch 'prediction' has shape [3, 10] for a request of 4)" in pool.describe()
     assert state.wrong and state.queued and task.task_id in stage._tasks and not stage._results
     assert pool.route() == ("b:2", None), "the slot was released and the other teacher takes the task"
