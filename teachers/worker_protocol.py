@@ -26,6 +26,7 @@ import json
 import socket
 import struct
 import sys
+import threading
 from contextlib import contextmanager
 from multiprocessing import shared_memory
 from typing import Iterator, Mapping, Optional, Sequence
@@ -45,6 +46,7 @@ _JOB = struct.Struct("<cQHHHH")      # b"J", id, len(in name), len(out name), ar
 _ANSWER = struct.Struct("<cQddH")    # b"A", id, seconds, cpu seconds, arrays
 _ENTRY = struct.Struct("<QBBH")      # offset, dtype code (_DTYPE_LIST), ndim, len(name)
 _NAME = struct.Struct("<H")          # len(fetch name)
+_receiving = threading.local()
 
 
 class ProtocolError(RuntimeError):
@@ -160,12 +162,16 @@ def receive(sock: socket.socket) -> Optional[dict]:
 
     Raises ProtocolError for a malformed binary message, or one that is not a JSON object with a string ``kind``.
     """
+    buffer = getattr(_receiving, "buffer", None)
+    if buffer is None:   # one per thread, reused: recv(MAX_MESSAGE + 1) would allocate and free 1 MiB each time
+        buffer = _receiving.buffer = bytearray(MAX_MESSAGE + 1)
     try:
-        data = sock.recv(MAX_MESSAGE + 1)
+        size = sock.recv_into(buffer)
     except ConnectionResetError:
         return None
-    if not data:
+    if not size:
         return None
+    data = bytes(memoryview(buffer)[:size])
     if data[:1] in (b"J", b"A"):
         return _decode_binary(data)
     try:
