@@ -224,16 +224,14 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
     with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
-        if make is TeacherServer:
-            on.wait_spare()     # the spare's model load would take CPU from the measurement
+        on.wait_spare()     # the spare's model load would take CPU from the measurement
         for kind in kinds:
             for batch in (32, 1):
                 result[kind, "on", batch] = server_rate(on, teacher, batch, args.clients, args.seconds, kind)
     port = free_port() if metrics else None
     extra = ["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []
     with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra) as off:
-        if make is TeacherServer:
-            off.wait_spare()
+        off.wait_spare()
         for kind in kinds:
             for batch in (1, 32):
                 result[kind, "off", batch] = server_rate(off, teacher, batch, args.clients, args.seconds, kind,
@@ -278,7 +276,9 @@ def main() -> int:
                         help="raw: a load generator sending pre-encoded requests; teacher: TeacherClient.predict; "
                              "both (default): the load generator, then TeacherClient runs")
     parser.add_argument("--baseline", default=None, metavar="DIR",
-                        help="another checkout of this project whose teacher server is measured in the same run")
+                        help="another checkout of this project (with predictor worker processes and the "
+                             "--enable_prometheus metrics) whose teacher server is measured in the same run, "
+                             "right after this checkout's")
     parser.add_argument("--exported", default=None,
                         help="folder holding serving_server/ and serving_client/ of an exported model to measure "
                              "instead of building one (benchmarks/bench_paddle_lines.py passes one model to each "
@@ -298,14 +298,14 @@ def main() -> int:
         results = {"this checkout": measure(TeacherServer, teacher, args, metrics=True)}
         if args.baseline:
             results[f"baseline {args.baseline}"] = measure(
-                lambda *a, **kw: CheckoutServer(os.path.abspath(args.baseline), *a, **kw), teacher, args, False)
+                lambda *a, **kw: CheckoutServer(os.path.abspath(args.baseline), *a, **kw), teacher, args, True)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end "
           f"({load_start:.2f} at the start); server --thread {args.thread}, "
           f"{args.clients} client processes, {args.seconds}s per measurement, teacher CNN width {args.width}")
     print(f"raw predictor, batch 32:             {raw32:10.0f} samples/s, {cpu32 * 1e6:.0f} us CPU per run")
     print(f"raw predictor, batch 1:              {raw1:10.0f} samples/s, {cpu1 * 1e6:.0f} us CPU per run")
     for name, result in results.items():
-        report(name, result, raw32, raw_cpu, metrics=name == "this checkout")
+        report(name, result, raw32, raw_cpu, metrics=True)
     return 0
 
 

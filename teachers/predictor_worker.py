@@ -121,7 +121,7 @@ class Worker:
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         out = {}
         for name, (array, lod) in outputs.items():
-            out[name] = np.ascontiguousarray(array)
+            out[name] = array     # write_arrays copies it into the block whatever its strides
             if lod:
                 out[LOD_PREFIX + name] = np.asarray(lod, dtype=np.int64)
         need = wire.layout_size(out)
@@ -132,7 +132,7 @@ class Worker:
                 raise wire.ProtocolError(f"expected 'grown', got {grown and grown['kind']!r}")
             self.outputs = self._switch(self.outputs, grown["out"])
         layout = wire.write_arrays(self.outputs, out)
-        wire.send(self.sock, "answer", id=message.get("id"), outputs=layout, seconds=seconds, cpu=cpu)
+        wire.send_answer(self.sock, message["id"], layout, seconds, cpu)
 
     def close(self) -> None:
         wire.release_block(self.inputs, unlink=False)

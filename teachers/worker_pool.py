@@ -176,7 +176,7 @@ class _Worker:
     def run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods: Optional[Mapping[str, list]],
             timeout: float) -> tuple[dict, float, float]:
         """({fetch: (array, lod)}, seconds, predictor CPU seconds) of one run on this worker."""
-        arrays = {name: np.ascontiguousarray(a) for name, a in feeds.items()}
+        arrays = dict(feeds)     # write_arrays copies any layout into the block: no contiguous copy first
         for name, lod in (lods or {}).items():
             if lod:
                 arrays[LOD_PREFIX + name] = np.asarray(lod, dtype=np.int64)
@@ -189,8 +189,7 @@ class _Worker:
         layout = wire.write_arrays(self.inputs, arrays)
         self._jobs += 1
         try:
-            wire.send(self.sock, "job", id=self._jobs, feeds=layout, fetch=list(fetch), **{
-                "in": self.inputs.name, "out": self.outputs.name})
+            wire.send_job(self.sock, self._jobs, self.inputs.name, self.outputs.name, layout, fetch)
         except OSError:
             raise WorkerLost(self.lost_message("before it took the request")) from None
         deadline = self.busy_since + timeout

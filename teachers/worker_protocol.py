@@ -2,10 +2,13 @@
 
 Two parts, each with one job:
 
-- **Control messages**: small JSON documents, one per datagram, on an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair
-  (message boundaries kept, reliable, ordered; unnamed, so no other process can reach it). Every message is a
-  JSON object with a ``kind``: ``start``, ``ready``, ``job``, ``need``, ``grown``, ``answer``, ``error``, ``stop``
-  (docs/architecture.md has the whole protocol). No pickle, no array data: at most ``MAX_MESSAGE`` bytes.
+- **Control messages**: one per datagram on an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair (message boundaries
+  kept, reliable, ordered; unnamed, so no other process can reach it), at most ``MAX_MESSAGE`` bytes, no pickle,
+  no array data. The two messages of every run, ``job`` and ``answer``, are a fixed little-endian ``struct``
+  header (first byte ``J`` / ``A``) followed by their layout entries and names (``send_job``, ``send_answer``);
+  the rare ones (``start``, ``ready``, ``place``, ``need``, ``grown``, ``error``, ``stop``) are JSON objects
+  (first byte ``{``) with a ``kind``. ``receive`` gives both as the same dict (docs/architecture.md has the whole
+  protocol).
 - **Tensors**: ``multiprocessing.shared_memory`` blocks created by the server (mode 0600, random names), one for
   a worker's inputs and one for its outputs, reused from job to job and replaced by a bigger one when a batch
   does not fit; a job message carries the layout: ``[name, dtype, shape, offset]`` per array. A worker attaches
@@ -21,18 +24,29 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
+import threading
 from contextlib import contextmanager
 from multiprocessing import shared_memory
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 MAX_MESSAGE = 1 << 20        # a control message never carries tensor data: 1 MiB is far more than any needs
 ALIGN = 64                   # arrays start on cache-line boundaries in a block
 MIN_BLOCK = 1 << 20          # smallest block: 1 MiB
-_DTYPES = frozenset(np.dtype(t).str for t in ("bool", "int8", "uint8", "int16", "int32", "int64", "float16",
-                                              "float32", "float64", "complex64", "complex128"))
+_DTYPE_LIST = tuple(np.dtype(t).str for t in ("bool", "int8", "uint8", "int16", "int32", "int64", "float16",
+                                               "float32", "float64", "complex64", "complex128"))
+_DTYPES = frozenset(_DTYPE_LIST)
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPE_LIST)}
+MAX_NDIM = 64
+# binary job / answer messages: header, then per array an entry + its dims (int64) + its name (UTF-8)
+_JOB = struct.Struct("<cQHHHH")      # b"J", id, len(in name), len(out name), arrays, fetch names
+_ANSWER = struct.Struct("<cQddH")    # b"A", id, seconds, cpu seconds, arrays
+_ENTRY = struct.Struct("<QBBH")      # offset, dtype code (_DTYPE_LIST), ndim, len(name)
+_NAME = struct.Struct("<H")          # len(fetch name)
+_receiving = threading.local()
 
 
 class ProtocolError(RuntimeError):
@@ -58,17 +72,108 @@ def send(sock: socket.socket, kind: str, **fields) -> None:
     sock.send(data)
 
 
-def receive(sock: socket.socket) -> Optional[dict]:
-    """The next message, or None when the peer closed the channel (it exited or died).
+def _pack_layout(parts: list, layout: list) -> int:
+    for name, dtype, shape, offset in layout:
+        raw = name.encode()
+        code = _DTYPE_CODE.get(dtype)
+        if code is None or len(shape) > MAX_NDIM:
+            raise ProtocolError(f"array {name!r} of dtype {dtype}, {len(shape)} dimensions: not an array this "
+                                f"protocol carries")
+        parts.append(_ENTRY.pack(offset, code, len(shape), len(raw)))
+        parts.append(struct.pack(f"<{len(shape)}q", *shape))
+        parts.append(raw)
+    return len(layout)
 
-    Raises ProtocolError for a message that is not a JSON object with a string ``kind``.
-    """
+
+def _send_parts(sock: socket.socket, kind: str, parts: list) -> None:
+    data = b"".join(parts)
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"{kind} message of {len(data)} bytes is over the limit of {MAX_MESSAGE}")
+    sock.send(data)
+
+
+def send_job(sock: socket.socket, job: int, inputs: str, outputs: str, layout: list, fetch: Sequence[str]) -> None:
+    """Send ``job {id, in, out, feeds: layout, fetch}`` in the binary form (``layout`` from ``write_arrays``).
+
+    Raises ProtocolError when it would be over MAX_MESSAGE; OSError when the peer is gone."""
+    raw_in, raw_out = inputs.encode(), outputs.encode()
+    parts = [b"", raw_in, raw_out]
+    _pack_layout(parts, layout)
+    for name in fetch:
+        raw = name.encode()
+        parts += (_NAME.pack(len(raw)), raw)
+    parts[0] = _JOB.pack(b"J", job, len(raw_in), len(raw_out), len(layout), len(fetch))
+    _send_parts(sock, "job", parts)
+
+
+def send_answer(sock: socket.socket, job: int, layout: list, seconds: float, cpu: float) -> None:
+    """Send ``answer {id, outputs: layout, seconds, cpu}`` in the binary form.
+
+    Raises ProtocolError when it would be over MAX_MESSAGE; OSError when the peer is gone."""
+    parts = [_ANSWER.pack(b"A", job, seconds, cpu, len(layout))]
+    _pack_layout(parts, layout)
+    _send_parts(sock, "answer", parts)
+
+
+def _unpack_layout(data: bytes, pos: int, count: int) -> tuple[list, int]:
+    layout = []
+    for _ in range(count):
+        offset, code, ndim, size = _ENTRY.unpack_from(data, pos)
+        pos += _ENTRY.size
+        if code >= len(_DTYPE_LIST) or ndim > MAX_NDIM:
+            raise ProtocolError(f"layout entry with dtype code {code}, {ndim} dimensions")
+        shape = struct.unpack_from(f"<{ndim}q", data, pos)
+        pos += 8 * ndim
+        name = data[pos:pos + size].decode()
+        pos += size
+        layout.append([name, _DTYPE_LIST[code], shape, offset])
+    return layout, pos
+
+
+def _decode_binary(data: bytes) -> dict:
+    """The dict of a binary ``job`` / ``answer`` message; ProtocolError when it is malformed or truncated."""
     try:
-        data = sock.recv(MAX_MESSAGE + 1)
+        if data[:1] == b"J":
+            _, job, n_in, n_out, arrays, fetches = _JOB.unpack_from(data)
+            pos = _JOB.size
+            inputs = data[pos:pos + n_in].decode()
+            outputs = data[pos + n_in:pos + n_in + n_out].decode()
+            layout, pos = _unpack_layout(data, pos + n_in + n_out, arrays)
+            fetch = []
+            for _ in range(fetches):
+                (size,) = _NAME.unpack_from(data, pos)
+                fetch.append(data[pos + 2:pos + 2 + size].decode())
+                pos += 2 + size
+            message = {"kind": "job", "id": job, "in": inputs, "out": outputs, "feeds": layout, "fetch": fetch}
+        else:
+            _, job, seconds, cpu, arrays = _ANSWER.unpack_from(data)
+            layout, pos = _unpack_layout(data, _ANSWER.size, arrays)
+            message = {"kind": "answer", "id": job, "outputs": layout, "seconds": seconds, "cpu": cpu}
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed {data[:1]!r} message of {len(data)} bytes: {exc}") from None
+    if pos != len(data):   # a name slice past the end comes back short: the lengths do not add up
+        raise ProtocolError(f"malformed {data[:1]!r} message: {len(data)} bytes, its fields say {pos}")
+    return message
+
+
+def receive(sock: socket.socket) -> Optional[dict]:
+    """The next message (binary ``job`` / ``answer`` or JSON), or None when the peer closed the channel (it
+    exited or died).
+
+    Raises ProtocolError for a malformed binary message, or one that is not a JSON object with a string ``kind``.
+    """
+    buffer = getattr(_receiving, "buffer", None)
+    if buffer is None:   # one per thread, reused: recv(MAX_MESSAGE + 1) would allocate and free 1 MiB each time
+        buffer = _receiving.buffer = bytearray(MAX_MESSAGE + 1)
+    try:
+        size = sock.recv_into(buffer)
     except ConnectionResetError:
         return None
-    if not data:
+    if not size:
         return None
+    data = bytes(memoryview(buffer)[:size])
+    if data[:1] in (b"J", b"A"):
+        return _decode_binary(data)
     try:
         message = json.loads(data)
     except ValueError as exc:

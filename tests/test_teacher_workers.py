@@ -18,6 +18,7 @@ import requests
 from distill_reader.client import TeacherClient
 from distill_reader.proto import general_model_service_pb2 as pb
 from distill_reader.tensor_codec import decode_tensor, encode_tensor
+from teachers import worker_protocol as wire
 from teachers.export import inference_model_to_serving, save_model
 from teachers.worker_protocol import ProtocolError, create_block, read_arrays, release_block, write_arrays
 from tests.support.procs import REPO_ROOT, wait_for
@@ -112,6 +113,40 @@ def test_shared_memory_layout_round_trip_and_bounds():
             write_arrays(block, {"big": np.zeros(block.size + 1, "uint8")})
     finally:
         release_block(block)
+
+
+def test_binary_job_and_answer_messages_round_trip_and_refuse_malformed_ones():
+    server, worker = wire.channel_pair()
+    try:
+        layout = [["img", "<f4", [32, 1, 28, 28], 0], ["lod:ids", "<i8", [3], 401408], ["é", "|b1", [], 64]]
+        wire.send_job(server, 7, "psm_in", "psm_out", layout, ["prediction", "fc_0.tmp_1"])
+        assert wire.receive(worker) == {"kind": "job", "id": 7, "in": "psm_in", "out": "psm_out",
+                                        "feeds": [["img", "<f4", (32, 1, 28, 28), 0], ["lod:ids", "<i8", (3,), 401408],
+                                                  ["é", "|b1", (), 64]],
+                                        "fetch": ["prediction", "fc_0.tmp_1"]}
+        wire.send_answer(worker, 7, [["prediction", "<f4", [32, 10], 0]], 0.25, 0.5)
+        assert wire.receive(server) == {"kind": "answer", "id": 7, "outputs": [["prediction", "<f4", (32, 10), 0]],
+                                        "seconds": 0.25, "cpu": 0.5}
+        wire.send(server, "stop")   # the rare messages stay JSON on the same channel
+        assert wire.receive(worker) == {"kind": "stop"}
+        with pytest.raises(ProtocolError, match="not an array this protocol carries"):
+            wire.send_answer(worker, 1, [["s", "<U4", [2], 0]], 0.0, 0.0)
+        wire.send_job(server, 1, "a", "b", layout, ["p"])
+        good = worker.recv(wire.MAX_MESSAGE)
+        # truncated, one byte too many, a name length past the end, a dtype code past the table, 65 dimensions
+        entry = wire._ENTRY.size
+        head = wire._ANSWER.pack(b"A", 1, 0.0, 0.0, 1)
+        for bad in (good[:-1], good + b"x", good[:5],
+                    wire._JOB.pack(b"J", 1, 200, 0, 0, 0) + b"ab",
+                    head + wire._ENTRY.pack(0, 250, 0, 1) + b"x",
+                    head + wire._ENTRY.pack(0, 0, 65, 1) + bytes(65 * 8) + b"x",
+                    head + wire._ENTRY.pack(0, 0, 1, 1)[:entry - 1]):
+            server.send(bad)
+            with pytest.raises(ProtocolError, match="malformed|dtype code"):
+                wire.receive(worker)
+    finally:
+        server.close()
+        worker.close()
 
 
 # -- a wedged predictor ----------------------------------------------------------------------------------
