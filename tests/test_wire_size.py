@@ -1,0 +1,128 @@
+"""distill_reader.wire_size (issue 26): the decoded size of a request read from its wire bytes, before protobuf
+parses it, matches what protobuf parses; a request whose typed values would take more than
+max(body + 64 KiB, 16 MiB) once decoded is refused with err_no 5000 naming the feed, on gRPC and HTTP, by a real
+teacher server; valid MNIST requests pass."""
+import grpc
+import numpy as np
+import pytest
+import requests
+from google.protobuf.message import DecodeError
+
+from distill_reader.proto import general_model_service_pb2 as pb
+from distill_reader.tensor_codec import encode_tensor
+from distill_reader.wire_size import (
+    DEFAULT_ALLOWANCE,
+    MAX_FIELDS,
+    STRING_OVERHEAD,
+    TENSOR_OVERHEAD,
+    DecodedSizeError,
+    WireFormatError,
+    check_decoded_size,
+    decoded_sizes,
+)
+from teachers.server import read_request
+from tests.support.teacher import TeacherServer, mnist_like_images
+
+SERVICE = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
+HTTP_PATH = "/GeneralModelService/inference"
+
+
+def _request(array, name="img", raw=False, fetch=("prediction",)) -> pb.Request:
+    request = pb.Request(fetch_var_names=list(fetch))
+    encode_tensor(np.asarray(array), name, alias_name=name, raw=raw, out=request.tensor.add())
+    return request
+
+
+def _fetch_bytes(fetch=("prediction",)) -> int:
+    return sum(len(name) + STRING_OVERHEAD for name in fetch)
+
+
+@pytest.mark.parametrize("array,width", [
+    (np.zeros((3, 5), np.int64), 8), (np.full((2, 7), 1 << 40, np.int64), 8), (np.arange(-4, 4, dtype=np.int32), 4),
+    (np.ones((4, 3), bool), 1), (np.ones((2, 3), np.float32), 4), (np.ones(5, np.float64), 8),
+    (np.ones(3, np.complex64), 8), (np.ones(2, np.complex128), 16)])
+def test_decoded_size_is_what_protobuf_decodes(array, width):
+    request = _request(array, name="feed_a")
+    [tensor, fetch] = decoded_sizes(request.SerializeToString(), "request")
+    shape_values = array.ndim
+    per_value = 2 if array.dtype.kind == "c" else 1
+    assert tensor.name == "feed_a" and tensor.values == array.size * per_value + shape_values
+    assert tensor.decoded == TENSOR_OVERHEAD + array.size * width + 4 * shape_values
+    assert (fetch.name, fetch.decoded) == ("fetch_var_names", _fetch_bytes())
+
+
+def test_unpacked_values_strings_and_responses_are_counted():
+    tensor = pb.Tensor(name="s", data=[b"ab", b""], shape=[2])
+    # int64_data unpacked: tag 0x08 + one varint per value (proto3 parsers accept both forms)
+    body = pb.Request(tensor=[tensor]).SerializeToString()
+    unpacked = b"".join(b"\x08" + bytes([v]) for v in range(5))
+    body = b"\x0a" + bytes([len(tensor.SerializeToString()) + len(unpacked)]) + tensor.SerializeToString() + unpacked
+    parsed = pb.Request.FromString(body)
+    assert list(parsed.tensor[0].int64_data) == [0, 1, 2, 3, 4]
+    [sizes] = decoded_sizes(body, "request")
+    assert sizes.values == 2 + 1 + 5
+    assert sizes.decoded == TENSOR_OVERHEAD + (2 + STRING_OVERHEAD) + STRING_OVERHEAD + 4 + 5 * 8
+    response = pb.Response(err_no=0)
+    response.outputs.add().tensor.append(encode_tensor(np.zeros((2, 3), np.int64), "prob", raw=False))
+    [answer] = decoded_sizes(response.SerializeToString(), "response")
+    assert (answer.name, answer.values, answer.decoded) == ("prob", 8, TENSOR_OVERHEAD + 6 * 8 + 2 * 4)
+
+
+def test_a_long_unpacked_run_is_bounded_not_walked():
+    body = b"".join(b"\x08\x01" for _ in range(MAX_FIELDS + 1000))
+    body = b"\x0a" + _varint(len(body)) + body
+    [sizes] = decoded_sizes(body, "request")
+    actual = TENSOR_OVERHEAD + (MAX_FIELDS + 1000) * 8
+    assert sizes.decoded >= actual and len(pb.Request.FromString(body).tensor[0].int64_data) == MAX_FIELDS + 1000
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def test_small_int_request_over_the_bound_is_refused_naming_the_feed_mnist_passes():
+    over = _request(np.zeros((DEFAULT_ALLOWANCE // 8 + 1000, 1), np.int64), name="ids").SerializeToString()
+    with pytest.raises(DecodedSizeError, match=r"feed 'ids': 2098154 values take \d+ bytes once decoded .* over "
+                                               r"the bound of 16777216 bytes for a body of \d+ bytes"):
+        read_request(over)
+    for raw in (True, False):   # MNIST: batch 32 of 784 floats, both wire forms; small bodies are not walked
+        body = _request(mnist_like_images(32), raw=raw).SerializeToString()
+        assert check_decoded_size(body) == -1 and len(read_request(body).tensor) == 1
+        assert check_decoded_size(body, allowance=1) > 0
+    # large float bodies pass at any size: they decode to their own size
+    big = _request(np.zeros((5_000_000,), np.float32)).SerializeToString()
+    assert check_decoded_size(big) > DEFAULT_ALLOWANCE
+
+
+def test_malformed_wire_is_a_wire_format_error():
+    for body in (b"\x0a\x05\x08", b"\x0f", b"\x0a\x02\x0b\x00", b"\x0a\x01\xff"):
+        with pytest.raises(WireFormatError):
+            decoded_sizes(body * 1, "request")
+        with pytest.raises(DecodeError):
+            pb.Request.FromString(body)
+
+
+def test_real_server_refuses_on_grpc_and_http_with_err_no_5000(teacher_model):
+    """A real teacher server (subprocess, Paddle Inference): grpc and HTTP clients get the documented error for a
+    2.1 MB body of 1-byte int64 varints (16.8 MB once decoded); MNIST requests pass on both."""
+    over = _request(np.zeros((DEFAULT_ALLOWANCE // 8 + 1000, 1), np.int64)).SerializeToString()
+    good = _request(mnist_like_images(32), raw=False).SerializeToString()
+    with TeacherServer(teacher_model.server_dir, http=True, thread=1) as server:
+        with grpc.insecure_channel(server.endpoint, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/inference", request_serializer=None,
+                                       response_deserializer=pb.Response.FromString)
+            refused = call(over, timeout=60)
+            assert refused.err_no == 5000 and "feed 'img'" in refused.err_msg, refused.err_msg
+            assert "once decoded" in refused.err_msg and "over the bound of 16777216 bytes" in refused.err_msg
+            assert call(good, timeout=60).err_no == 0
+        url = f"http://{server.http_endpoint}{HTTP_PATH}"
+        answer = requests.post(url, data=over, headers={"Content-Type": "application/proto"}, timeout=60)
+        assert answer.status_code == 400
+        response = pb.Response.FromString(answer.content)
+        assert response.err_no == 5000 and "feed 'img'" in response.err_msg and "once decoded" in response.err_msg
+        ok = requests.post(url, data=good, headers={"Content-Type": "application/proto"}, timeout=60)
+        assert ok.status_code == 200 and pb.Response.FromString(ok.content).err_no == 0
