@@ -36,6 +36,7 @@ TENSOR_OVERHEAD = 256         # bytes a Tensor message costs however empty (upb 
 SLACK = 64 << 10              # decoded bytes over the body's size any body may take (per-tensor overheads)
 MAX_RATIO = TENSOR_OVERHEAD // 2   # decoded bytes per wire byte at most (an empty tensor: 2 bytes on the wire)
 MAX_FIELDS = 4096             # wire fields walked one by one per tensor; the rest of it is bounded, not walked
+CHUNK = 256 << 10             # bytes of a packed run counted at once
 DEFAULT_ALLOWANCE = 16 << 20  # decoded bytes any request may take whatever its body size (peak about 3x this)
 # Where the tensors are: Request.tensor = 1; Response.outputs = 1 -> ModelOutput.tensor = 1
 PATHS = {"request": (1,), "response": (1, 1)}
@@ -75,8 +76,9 @@ def check_decoded_size(body: bytes, kind: str = "request", allowance: int = DEFA
     bound = max(size + slack, allowance)
     if total > bound:
         worst = max(tensors, key=lambda t: t.decoded)
+        what = "feed" if kind == "request" else "fetch"
         raise DecodedSizeError(
-            f"feed {worst.name!r}: {worst.values} values take {worst.decoded} bytes once decoded "
+            f"{what} {worst.name!r}: {worst.values} values take {worst.decoded} bytes once decoded "
             f"({total} bytes for all {len(tensors)} tensor(s)), over the bound of {bound} bytes for a body of "
             f"{size} bytes (max(body + {slack}, {allowance})): send large tensors in raw tensor_content or as "
             f"fewer values per request")
@@ -161,6 +163,16 @@ def _walk(data, pos: int, end: int, path: tuple, found: list, depth: int, names=
             pos = _skip(data, pos, end, wire, number, depth)
 
 
+def _count_varints(data, pos: int, length: int) -> int:
+    """Varints in data[pos:pos + length] (bytes under 0x80), counted by numpy in chunks of ``CHUNK`` bytes so the
+    comparison never holds more than that."""
+    count = 0
+    for start in range(pos, pos + length, CHUNK):
+        size = min(CHUNK, pos + length - start)
+        count += int(np.count_nonzero(np.frombuffer(data, np.uint8, size, start) < 0x80))
+    return count
+
+
 def _tensor(data, pos: int, end: int) -> TensorSize:
     name = alias = ""
     values = fields = 0
@@ -179,7 +191,7 @@ def _tensor(data, pos: int, end: int) -> TensorSize:
             if stop > end:
                 raise WireFormatError(f"field {number} runs past the end of its tensor")
             if number in VARINT_WIDTH:   # packed varints: one ends at each byte under 0x80
-                count = int(np.count_nonzero(np.frombuffer(data, np.uint8, length, pos) < 0x80))
+                count = _count_varints(data, pos, length)
                 values += count
                 decoded += count * VARINT_WIDTH[number]
             elif number in FIXED_WIDTH:

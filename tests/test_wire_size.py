@@ -126,3 +126,70 @@ def test_real_server_refuses_on_grpc_and_http_with_err_no_5000(teacher_model):
         assert response.err_no == 5000 and "feed 'img'" in response.err_msg and "once decoded" in response.err_msg
         ok = requests.post(url, data=good, headers={"Content-Type": "application/proto"}, timeout=60)
         assert ok.status_code == 200 and pb.Response.FromString(ok.content).err_no == 0
+
+
+class _AnsweringTeacher:
+    """A gRPC server (grpcio, in process) and an HTTP server (http.server, a thread) that answer every inference
+    request with the same serialized Response bytes: a teacher as hostile as it likes."""
+
+    def __init__(self, answer: bytes):
+        import http.server
+        import threading
+        from concurrent import futures
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", 1 << 30)])
+        handler = grpc.unary_unary_rpc_method_handler(lambda body, context: answer)
+        self._grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"inference": handler}),))
+        self.grpc_endpoint = f"127.0.0.1:{self._grpc.add_insecure_port('127.0.0.1:0')}"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):   # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/proto")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http_endpoint = f"127.0.0.1:{self._http.server_address[1]}"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._grpc.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._grpc.stop(0)
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join(10)
+
+
+def test_client_refuses_an_answer_over_the_bound_before_parsing_it():
+    """A teacher's answer of 2.1 MB of 1-byte int64 varints (16.8 MB once decoded): TeacherAnswerError naming the
+    fetch, on gRPC and HTTP, before protobuf parses it; a normal answer still decodes."""
+    from distill_reader.client import TeacherAnswerError, TeacherClient
+    from distill_reader.serving_config import ServingConfig, VarSpec
+
+    config = ServingConfig(feeds=(VarSpec("x", "x", 1, (3,)),), fetches=(VarSpec("ids", "ids", 0, (-1,)),))
+    big = pb.Response(err_no=0)
+    big.outputs.add().tensor.append(encode_tensor(np.zeros((2, DEFAULT_ALLOWANCE // 16 + 1000), np.int64), "ids",
+                                                  raw=False))
+    small = pb.Response(err_no=0)
+    small.outputs.add().tensor.append(encode_tensor(np.arange(6, dtype=np.int64).reshape(2, 3), "ids", raw=False))
+    for answer, refused in ((big.SerializeToString(), True), (small.SerializeToString(), False)):
+        with _AnsweringTeacher(answer) as teacher:
+            for protocol, endpoint in (("grpc", teacher.grpc_endpoint), ("http", teacher.http_endpoint)):
+                with TeacherClient(endpoint, config, protocol=protocol, wire="raw", timeout=30) as client:
+                    if refused:
+                        with pytest.raises(TeacherAnswerError, match=r"answer of \d+ bytes refused: fetch 'ids': "
+                                                                     r"\d+ values take \d+ bytes once decoded"):
+                            client.predict({"x": np.zeros((2, 3), np.float32)})
+                    else:
+                        out = client.predict({"x": np.zeros((2, 3), np.float32)})
+                        np.testing.assert_array_equal(out["ids"], np.arange(6).reshape(2, 3))

@@ -238,12 +238,13 @@ def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 _CLIENT = TeacherClient("127.0.0.1:1", DENSE_CONFIG, protocol="http")
+_CLIENT.max_decoded_allowance = _FUZZ_ALLOWANCE
 
 
 def client_answer(data: bytes) -> None:
-    """A teacher's ``Response`` as the client decodes it for a batch of 2 (``TeacherClient._outputs``)."""
-    response = service_pb2.Response()
-    response.ParseFromString(data)
+    """A teacher's ``Response`` as the client reads it (``TeacherClient._read_answer``: the decoded-size bound,
+    then protobuf) and decodes it for a batch of 2 (``TeacherClient._outputs``)."""
+    response = _CLIENT._read_answer(data, "fuzzed")
     out = _CLIENT._outputs(response, ["prob", "emb"], batch_size=2)
     if set(out) != {"prob", "emb"}:
         raise Finding(f"answer decoded to {sorted(out)}")
