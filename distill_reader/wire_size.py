@@ -12,9 +12,9 @@ body (varint fields: the array, its growth, the numpy copy), or at most about 3x
 Decoded width per value: ``int64_data`` 8, ``int_data`` / ``uint32_data`` / ``shape`` / ``lod`` 4, ``bool_data`` 1,
 ``float_data`` / ``complex64_data`` 4, ``float64_data`` / ``complex128_data`` 8 (fixed-width fields decode to
 their wire size); each ``data`` string (and each ``fetch_var_names`` string of a request) counts its length
-plus ``STRING_OVERHEAD``, each tensor ``TENSOR_OVERHEAD``. A tensor with more than
-``MAX_FIELDS`` wire fields (an unpacked or string run) counts the rest of its bytes at ``STRING_OVERHEAD / 2``
-each instead of being walked (a bound, not a count: no Python loop over a long run).
+plus ``STRING_OVERHEAD``, each tensor ``TENSOR_OVERHEAD``; a response's ``profile_time`` 8 per value. A tensor
+with more than ``MAX_FIELDS`` wire fields (an unpacked or string run) counts the rest of its bytes at
+``STRING_OVERHEAD / 2`` each instead of being walked (a bound, not a count: no Python loop over a long run).
 
 Example::
 
@@ -90,10 +90,10 @@ def decoded_sizes(body: bytes, kind: str = "request") -> list[TensorSize]:
     module doc). Raises ``WireFormatError`` for a wire format that cannot be walked."""
     data = memoryview(body).cast("B") if not isinstance(body, bytes) else body
     found: list[TensorSize] = []
-    names = [0, 0]   # a request's fetch_var_names: count, decoded bytes
-    _walk(data, 0, len(data), PATHS[kind], found, 0, names if kind == "request" else None)
-    if names[0]:
-        found.append(TensorSize("fetch_var_names", names[0], names[1]))
+    top = [0, 0]   # field 2 of the message: a request's fetch_var_names, a response's profile_time: count, bytes
+    _walk(data, 0, len(data), PATHS[kind], found, 0, top, kind == "request")
+    if top[0]:
+        found.append(TensorSize("fetch_var_names" if kind == "request" else "profile_time", top[0], top[1]))
     return found
 
 
@@ -138,7 +138,7 @@ def _skip(data, pos: int, end: int, wire: int, number: int, depth: int) -> int:
     return pos
 
 
-def _walk(data, pos: int, end: int, path: tuple, found: list, depth: int, names=None) -> None:
+def _walk(data, pos: int, end: int, path: tuple, found: list, depth: int, top=None, strings=True) -> None:
     """Walk the message in data[pos:end]: descend into field path[0] while path is not empty, else it is a Tensor."""
     if not path:
         found.append(_tensor(data, pos, end))
@@ -152,13 +152,22 @@ def _walk(data, pos: int, end: int, path: tuple, found: list, depth: int, names=
                 raise WireFormatError(f"field {number} runs past the end of its message")
             _walk(data, pos, pos + length, path[1:], found, depth + 1)
             pos += length
-        elif names is not None and number == 2 and wire == 2:   # Request.fetch_var_names
+        elif top is not None and number == 2 and wire == 2:   # Request.fetch_var_names, Response.profile_time
             length, pos = _varint(data, pos, end)
-            names[0] += 1
-            names[1] += length + STRING_OVERHEAD
-            pos += length
-            if pos > end:
+            if pos + length > end:
                 raise WireFormatError(f"field {number} runs past the end of its message")
+            if strings:
+                top[0] += 1
+                top[1] += length + STRING_OVERHEAD
+            else:   # packed int64
+                count = _count_varints(data, pos, length)
+                top[0] += count
+                top[1] += 8 * count
+            pos += length
+        elif top is not None and not strings and number == 2 and wire == 0:   # profile_time, unpacked
+            top[0] += 1
+            top[1] += 8
+            pos = _varint(data, pos, end)[1]
         else:
             pos = _skip(data, pos, end, wire, number, depth)
 

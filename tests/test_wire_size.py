@@ -62,10 +62,11 @@ def test_unpacked_values_strings_and_responses_are_counted():
     [sizes] = decoded_sizes(body, "request")
     assert sizes.values == 2 + 1 + 5
     assert sizes.decoded == TENSOR_OVERHEAD + (2 + STRING_OVERHEAD) + STRING_OVERHEAD + 4 + 5 * 8
-    response = pb.Response(err_no=0)
+    response = pb.Response(err_no=0, profile_time=[1, 2, 3])
     response.outputs.add().tensor.append(encode_tensor(np.zeros((2, 3), np.int64), "prob", raw=False))
-    [answer] = decoded_sizes(response.SerializeToString(), "response")
+    [answer, profile] = decoded_sizes(response.SerializeToString(), "response")
     assert (answer.name, answer.values, answer.decoded) == ("prob", 8, TENSOR_OVERHEAD + 6 * 8 + 2 * 4)
+    assert (profile.name, profile.values, profile.decoded) == ("profile_time", 3, 24)
 
 
 def test_a_long_unpacked_run_is_bounded_not_walked():
