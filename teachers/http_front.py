@@ -45,7 +45,7 @@ from distill_reader.wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, WireFo
 from .inference import ERR_INPUT, ERR_SHUTDOWN, InferenceHandler, error_response
 from .metrics import TeacherMetrics
 from .security import TransportSecurity
-from .server import request_samples
+from .server import decoded_allowance, request_samples
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,6 @@ class _LimitedServer(web.Server):
 class HttpFront:
     """One HTTP port: inference + health (``handler`` given) and/or metrics (``metrics`` given)."""
 
-    max_decoded_allowance = DEFAULT_ALLOWANCE   # protobuf bodies: distill_reader.wire_size.check_decoded_size
 
     def __init__(self, handler: Optional[InferenceHandler], host: str, port: int, max_body_size: int,
                  metrics: Optional[TeacherMetrics] = None, observe: Optional[Observer] = None,
@@ -103,6 +102,7 @@ class HttpFront:
                  keepalive_timeout: float = 15.0, body_timeout: float = 30.0, request_timeout: float = 120.0):
         self.handler = handler
         self.max_body_size = int(max_body_size)
+        self.max_decoded_allowance = decoded_allowance(self.max_body_size)   # protobuf bodies: read_request
         self.metrics = metrics
         self._observe = observe
         self._security = security or TransportSecurity()

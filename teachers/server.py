@@ -41,10 +41,10 @@ class GrpcTeacherServer:
 
     def __init__(self, handler: InferenceHandler, host: str, port: int, max_body_size: int,
                  observe: Optional[Observer] = None, security: Optional[TransportSecurity] = None,
-                 max_concurrent_rpcs: int = 1024, max_decoded_allowance: int = DEFAULT_ALLOWANCE):
+                 max_concurrent_rpcs: int = 1024, max_decoded_allowance: Optional[int] = None):
         self.handler = handler
         self.max_body_size = int(max_body_size)
-        self.max_decoded_allowance = int(max_decoded_allowance)   # see read_request
+        self.max_decoded_allowance = decoded_allowance(self.max_body_size, max_decoded_allowance)  # read_request
         self._observe = observe
         security = security or TransportSecurity()
         # grpc receives a whole message before the handler sees it: its limit is the real bound. A little slack
@@ -113,6 +113,12 @@ class GrpcTeacherServer:
     def _record(self, err_no: str, start: float, samples: int) -> None:
         if self._observe is not None:
             self._observe("grpc", err_no, time.perf_counter() - start, samples)
+
+
+def decoded_allowance(max_body_size: int, allowance: Optional[int] = None) -> int:
+    """Decoded bytes any request may take whatever its body (``read_request``): ``allowance`` if given, else
+    16 MiB or 3x ``max_body_size`` when that is less."""
+    return int(allowance) if allowance is not None else min(DEFAULT_ALLOWANCE, 3 * int(max_body_size))
 
 
 def read_request(body: bytes, allowance: int = DEFAULT_ALLOWANCE, slack: int = SLACK) -> service_pb2.Request:

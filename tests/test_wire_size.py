@@ -194,3 +194,15 @@ def test_client_refuses_an_answer_over_the_bound_before_parsing_it():
                     else:
                         out = client.predict({"x": np.zeros((2, 3), np.float32)})
                         np.testing.assert_array_equal(out["ids"], np.arange(6).reshape(2, 3))
+
+
+def test_allowance_follows_a_small_body_limit():
+    """16 MiB, or 3x --max_body_size when that is less: a server with small bodies refuses amplifying ones early."""
+    from teachers.server import decoded_allowance
+
+    assert decoded_allowance(128 << 20) == DEFAULT_ALLOWANCE and decoded_allowance(20000) == 60000
+    assert decoded_allowance(20000, 5) == 5
+    body = _request(np.zeros((10000, 1), np.int64), name="ids").SerializeToString()   # 10 kB, 80 kB decoded
+    assert len(read_request(body, decoded_allowance(128 << 20)).tensor[0].int64_data) == 10000
+    with pytest.raises(DecodedSizeError, match="feed 'ids'"):
+        read_request(body, decoded_allowance(20000))
