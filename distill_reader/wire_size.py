@@ -12,9 +12,10 @@ body (varint fields: the array, its growth, the numpy copy), or at most about 3x
 Decoded width per value: ``int64_data`` 8, ``int_data`` / ``uint32_data`` / ``shape`` / ``lod`` 4, ``bool_data`` 1,
 ``float_data`` / ``complex64_data`` 4, ``float64_data`` / ``complex128_data`` 8 (fixed-width fields decode to
 their wire size); each ``data`` string (and each ``fetch_var_names`` string of a request) counts its length
-plus ``STRING_OVERHEAD``, each tensor ``TENSOR_OVERHEAD``; a response's ``profile_time`` 8 per value. A tensor
-with more than ``MAX_FIELDS`` wire fields (an unpacked or string run) counts the rest of its bytes at
-``STRING_OVERHEAD / 2`` each instead of being walked (a bound, not a count: no Python loop over a long run).
+plus ``STRING_OVERHEAD``, each tensor (and each ``ModelOutput`` of a response) ``TENSOR_OVERHEAD``; a response's
+``profile_time`` 8 per value. At most ``MAX_FIELDS`` wire fields of a body are walked one by one (a request's
+``fetch_var_names`` aside): past that, the rest of a tensor counts ``STRING_OVERHEAD / 2`` per byte and the rest of
+the body ``MAX_RATIO`` per byte, bounds rather than counts, so no Python loop runs over a long run of tiny fields.
 
 Example::
 
@@ -35,7 +36,8 @@ STRING_OVERHEAD = 64          # bytes a `data` string costs beyond its length (u
 TENSOR_OVERHEAD = 256         # bytes a Tensor message costs however empty (upb message, the handler's work)
 SLACK = 64 << 10              # decoded bytes over the body's size any body may take (per-tensor overheads)
 MAX_RATIO = TENSOR_OVERHEAD // 2   # decoded bytes per wire byte at most (an empty tensor: 2 bytes on the wire)
-MAX_FIELDS = 4096             # wire fields walked one by one per tensor; the rest of it is bounded, not walked
+MAX_FIELDS = 16384            # wire fields walked one by one per body (fetch names aside); the rest is bounded
+MAX_DEPTH = 100               # nested groups (protobuf's own recursion limit)
 CHUNK = 256 << 10             # bytes of a packed run counted at once
 DEFAULT_ALLOWANCE = 16 << 20  # decoded bytes any request may take whatever its body size (peak about 3x this)
 # Where the tensors are: Request.tensor = 1; Response.outputs = 1 -> ModelOutput.tensor = 1
@@ -58,6 +60,7 @@ class TensorSize:
     name: str
     values: int
     decoded: int
+    bounded: bool = False   # past the field budget: ``decoded`` is a bound on the rest, not a count
 
 
 def check_decoded_size(body: bytes, kind: str = "request", allowance: int = DEFAULT_ALLOWANCE,
@@ -87,14 +90,19 @@ def check_decoded_size(body: bytes, kind: str = "request", allowance: int = DEFA
 
 def decoded_sizes(body: bytes, kind: str = "request") -> list[TensorSize]:
     """Per tensor of a serialized ``kind`` ("request" or "response"), its values and decoded bytes (see the
-    module doc). Raises ``WireFormatError`` for a wire format that cannot be walked."""
+    module doc); then entries for ``fetch_var_names`` / ``profile_time``, a response's ``outputs`` and the
+    ``(rest of the body)`` when the field budget ran out (``bounded``). Raises ``WireFormatError`` for a wire
+    format that cannot be walked."""
     data = memoryview(body).cast("B") if not isinstance(body, bytes) else body
-    found: list[TensorSize] = []
-    top = [0, 0]   # field 2 of the message: a request's fetch_var_names, a response's profile_time: count, bytes
-    _walk(data, 0, len(data), PATHS[kind], found, 0, top, kind == "request")
-    if top[0]:
-        found.append(TensorSize("fetch_var_names" if kind == "request" else "profile_time", top[0], top[1]))
-    return found
+    walk = _Walk(data, kind == "request")
+    walk.message(0, len(data), PATHS[kind], 0)
+    if walk.top[0]:
+        walk.found.append(TensorSize("fetch_var_names" if kind == "request" else "profile_time", *walk.top))
+    if walk.holders:
+        walk.found.append(TensorSize("outputs", walk.holders, walk.holders * TENSOR_OVERHEAD))
+    if walk.rest:
+        walk.found.append(TensorSize("(rest of the body)", walk.rest, walk.rest * MAX_RATIO, bounded=True))
+    return walk.found
 
 
 def _varint(data, pos: int, end: int) -> tuple[int, int]:
@@ -122,8 +130,8 @@ def _skip(data, pos: int, end: int, wire: int, number: int, depth: int) -> int:
         length, pos = _varint(data, pos, end)
         pos += length
     elif wire == 3:   # a group: fields up to its end tag
-        if depth > 64:
-            raise WireFormatError("groups nested over 64 deep")
+        if depth > MAX_DEPTH:
+            raise WireFormatError(f"groups nested over {MAX_DEPTH} deep")
         while True:
             tag, pos = _varint(data, pos, end)
             if tag & 7 == 4:
@@ -138,40 +146,6 @@ def _skip(data, pos: int, end: int, wire: int, number: int, depth: int) -> int:
     return pos
 
 
-def _walk(data, pos: int, end: int, path: tuple, found: list, depth: int, top=None, strings=True) -> None:
-    """Walk the message in data[pos:end]: descend into field path[0] while path is not empty, else it is a Tensor."""
-    if not path:
-        found.append(_tensor(data, pos, end))
-        return
-    while pos < end:
-        tag, pos = _varint(data, pos, end)
-        number, wire = tag >> 3, tag & 7
-        if number == path[0] and wire == 2:
-            length, pos = _varint(data, pos, end)
-            if pos + length > end:
-                raise WireFormatError(f"field {number} runs past the end of its message")
-            _walk(data, pos, pos + length, path[1:], found, depth + 1)
-            pos += length
-        elif top is not None and number == 2 and wire == 2:   # Request.fetch_var_names, Response.profile_time
-            length, pos = _varint(data, pos, end)
-            if pos + length > end:
-                raise WireFormatError(f"field {number} runs past the end of its message")
-            if strings:
-                top[0] += 1
-                top[1] += length + STRING_OVERHEAD
-            else:   # packed int64
-                count = _count_varints(data, pos, length)
-                top[0] += count
-                top[1] += 8 * count
-            pos += length
-        elif top is not None and not strings and number == 2 and wire == 0:   # profile_time, unpacked
-            top[0] += 1
-            top[1] += 8
-            pos = _varint(data, pos, end)[1]
-        else:
-            pos = _skip(data, pos, end, wire, number, depth)
-
-
 def _count_varints(data, pos: int, length: int) -> int:
     """Varints in data[pos:pos + length] (bytes under 0x80), counted by numpy in chunks of ``CHUNK`` bytes so the
     comparison never holds more than that."""
@@ -182,44 +156,103 @@ def _count_varints(data, pos: int, length: int) -> int:
     return count
 
 
-def _tensor(data, pos: int, end: int) -> TensorSize:
-    name = alias = ""
-    values = fields = 0
-    decoded = TENSOR_OVERHEAD
-    while pos < end:
-        fields += 1
-        if fields > MAX_FIELDS:   # a long unpacked or string run: bound the rest instead of walking it
-            decoded += (end - pos) * (STRING_OVERHEAD // 2)
-            values += end - pos
-            break
-        tag, pos = _varint(data, pos, end)
-        number, wire = tag >> 3, tag & 7
-        if wire == 2:
-            length, pos = _varint(data, pos, end)
-            stop = pos + length
-            if stop > end:
-                raise WireFormatError(f"field {number} runs past the end of its tensor")
-            if number in VARINT_WIDTH:   # packed varints: one ends at each byte under 0x80
+class _Walk:
+    """One walk: the tensors found, field 2 of the top message, and a budget of ``MAX_FIELDS`` wire fields walked
+    one by one (a request's fetch_var_names aside: the handler loops over them itself); past it the rest of a
+    tensor counts ``STRING_OVERHEAD // 2`` per byte, the rest of any other message ``MAX_RATIO`` (bounds)."""
+
+    def __init__(self, data, strings: bool):
+        self.data, self.strings = data, strings
+        self.found: list[TensorSize] = []
+        self.top = [0, 0]
+        self.budget = MAX_FIELDS
+        self.rest = 0
+        self.holders = 0
+
+    def message(self, pos: int, end: int, path: tuple, depth: int) -> None:
+        """The message in data[pos:end]: descend into field path[0] while path is not empty, else a Tensor."""
+        if not path:
+            self.found.append(self.tensor(pos, end))
+            return
+        data, top = self.data, depth == 0
+        while pos < end:
+            start = pos
+            tag, pos = _varint(data, pos, end)
+            number, wire = tag >> 3, tag & 7
+            if top and number == 2 and wire == 2 and self.strings:   # Request.fetch_var_names: not budgeted
+                length, pos = _varint(data, pos, end)
+                self.top[0] += 1
+                self.top[1] += length + STRING_OVERHEAD
+                pos += length
+                if pos > end:
+                    raise WireFormatError(f"field {number} runs past the end of its message")
+                continue
+            self.budget -= 1
+            if self.budget < 0:
+                self.rest += end - start
+                return
+            if number == path[0] and wire == 2:
+                length, pos = _varint(data, pos, end)
+                if pos + length > end:
+                    raise WireFormatError(f"field {number} runs past the end of its message")
+                if len(path) > 1:   # a message holding tensors (ModelOutput) costs as one
+                    self.holders += 1
+                self.message(pos, pos + length, path[1:], depth + 1)
+                pos += length
+            elif top and number == 2 and wire == 2:   # Response.profile_time, packed int64
+                length, pos = _varint(data, pos, end)
+                if pos + length > end:
+                    raise WireFormatError(f"field {number} runs past the end of its message")
                 count = _count_varints(data, pos, length)
-                values += count
-                decoded += count * VARINT_WIDTH[number]
-            elif number in FIXED_WIDTH:
-                values += length // FIXED_WIDTH[number]
-                decoded += length
-            elif number == STRING_FIELD:
+                self.top[0] += count
+                self.top[1] += 8 * count
+                pos += length
+            elif top and not self.strings and number == 2 and wire == 0:   # profile_time, unpacked
+                self.top[0] += 1
+                self.top[1] += 8
+                pos = _varint(data, pos, end)[1]
+            else:
+                pos = _skip(data, pos, end, wire, number, depth)
+
+    def tensor(self, pos: int, end: int) -> TensorSize:
+        data = self.data
+        name = alias = ""
+        values = 0
+        decoded = TENSOR_OVERHEAD
+        while pos < end:
+            self.budget -= 1
+            if self.budget < 0:   # a long unpacked or string run: bound the rest instead of walking it
+                decoded += (end - pos) * (STRING_OVERHEAD // 2)
+                values += end - pos
+                return TensorSize(alias or name or "?", values, decoded, bounded=True)
+            tag, pos = _varint(data, pos, end)
+            number, wire = tag >> 3, tag & 7
+            if wire == 2:
+                length, pos = _varint(data, pos, end)
+                stop = pos + length
+                if stop > end:
+                    raise WireFormatError(f"field {number} runs past the end of its tensor")
+                if number in VARINT_WIDTH:   # packed varints: one ends at each byte under 0x80
+                    count = _count_varints(data, pos, length)
+                    values += count
+                    decoded += count * VARINT_WIDTH[number]
+                elif number in FIXED_WIDTH:
+                    values += length // FIXED_WIDTH[number]
+                    decoded += length
+                elif number == STRING_FIELD:
+                    values += 1
+                    decoded += length + STRING_OVERHEAD
+                elif number == NAME_FIELD:
+                    name = bytes(data[pos:stop]).decode("utf-8", "replace")
+                elif number == ALIAS_FIELD:
+                    alias = bytes(data[pos:stop]).decode("utf-8", "replace")
+                pos = stop
+                continue
+            if number in VARINT_WIDTH and wire == 0:   # unpacked values, one field each
                 values += 1
-                decoded += length + STRING_OVERHEAD
-            elif number == NAME_FIELD:
-                name = bytes(data[pos:stop]).decode("utf-8", "replace")
-            elif number == ALIAS_FIELD:
-                alias = bytes(data[pos:stop]).decode("utf-8", "replace")
-            pos = stop
-            continue
-        if number in VARINT_WIDTH and wire == 0:   # unpacked values, one field each
-            values += 1
-            decoded += VARINT_WIDTH[number]
-        elif number in FIXED_WIDTH and wire == (5 if FIXED_WIDTH[number] == 4 else 1):
-            values += 1
-            decoded += FIXED_WIDTH[number]
-        pos = _skip(data, pos, end, wire, number, 1)
-    return TensorSize(alias or name or "?", values, decoded)
+                decoded += VARINT_WIDTH[number]
+            elif number in FIXED_WIDTH and wire == (5 if FIXED_WIDTH[number] == 4 else 1):
+                values += 1
+                decoded += FIXED_WIDTH[number]
+            pos = _skip(data, pos, end, wire, number, 1)
+        return TensorSize(alias or name or "?", values, decoded)

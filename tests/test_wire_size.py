@@ -64,9 +64,10 @@ def test_unpacked_values_strings_and_responses_are_counted():
     assert sizes.decoded == TENSOR_OVERHEAD + (2 + STRING_OVERHEAD) + STRING_OVERHEAD + 4 + 5 * 8
     response = pb.Response(err_no=0, profile_time=[1, 2, 3])
     response.outputs.add().tensor.append(encode_tensor(np.zeros((2, 3), np.int64), "prob", raw=False))
-    [answer, profile] = decoded_sizes(response.SerializeToString(), "response")
+    [answer, profile, outputs] = decoded_sizes(response.SerializeToString(), "response")
     assert (answer.name, answer.values, answer.decoded) == ("prob", 8, TENSOR_OVERHEAD + 6 * 8 + 2 * 4)
     assert (profile.name, profile.values, profile.decoded) == ("profile_time", 3, 24)
+    assert (outputs.name, outputs.values, outputs.decoded) == ("outputs", 1, TENSOR_OVERHEAD)
 
 
 def test_a_long_unpacked_run_is_bounded_not_walked():
@@ -74,7 +75,25 @@ def test_a_long_unpacked_run_is_bounded_not_walked():
     body = b"\x0a" + _varint(len(body)) + body
     [sizes] = decoded_sizes(body, "request")
     actual = TENSOR_OVERHEAD + (MAX_FIELDS + 1000) * 8
-    assert sizes.decoded >= actual and len(pb.Request.FromString(body).tensor[0].int64_data) == MAX_FIELDS + 1000
+    assert sizes.bounded and sizes.decoded >= actual
+    assert len(pb.Request.FromString(body).tensor[0].int64_data) == MAX_FIELDS + 1000
+
+
+def test_many_tiny_tensors_or_unknown_fields_are_bounded_quickly_and_refused():
+    """Half a million empty tensors (1 MB; 128 MB for protobuf's messages) or unknown fields: the walk stops after
+    MAX_FIELDS fields and bounds the rest (the whole walk used to take seconds); fetch names are walked (the
+    handler loops over them itself), so a request naming one fetch 100000 times still passes."""
+    import time
+
+    for body in (b"\x0a\x00" * 500_000, b"\x28\x01" * 500_000):
+        start = time.perf_counter()
+        sizes = decoded_sizes(body, "request")
+        assert time.perf_counter() - start < 1.0
+        assert sizes[-1].bounded and sum(t.decoded for t in sizes) > DEFAULT_ALLOWANCE
+        with pytest.raises(DecodedSizeError):
+            check_decoded_size(body)
+    names = pb.Request(fetch_var_names=["prediction"] * 100_000).SerializeToString()
+    assert check_decoded_size(names) == 100_000 * (len("prediction") + STRING_OVERHEAD)
 
 
 def _varint(value: int) -> bytes:

@@ -138,7 +138,7 @@ _FUZZ_ALLOWANCE, _FUZZ_SLACK = 2048, 64   # small bounds: bodies of a few KiB ar
 def _wire_decoded(message) -> int:
     """Decoded bytes of a parsed Request or Response (``wire_size``'s accounting, from protobuf's own fields)."""
     if isinstance(message, service_pb2.Response):
-        total = 8 * len(message.profile_time)
+        total = 8 * len(message.profile_time) + wire_size.TENSOR_OVERHEAD * len(message.outputs)
         tensors = [tensor for output in message.outputs for tensor in output.tensor]
     else:
         total = sum(len(name) + wire_size.STRING_OVERHEAD for name in message.fetch_var_names)
@@ -159,7 +159,7 @@ def _check_wire_size(data: bytes, message) -> None:
     except wire_size.WireFormatError as exc:
         raise Finding(f"protobuf parses a body that wire_size cannot walk: {exc}") from None
     walked, parsed = sum(t.decoded for t in sizes), _wire_decoded(message)
-    bounded = any(t.values > wire_size.MAX_FIELDS for t in sizes)
+    bounded = any(t.bounded for t in sizes)
     if walked < parsed or (walked != parsed and not bounded):
         raise Finding(f"wire_size counts {walked} decoded bytes, protobuf parsed {parsed}: {sizes}")
 
