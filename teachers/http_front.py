@@ -95,7 +95,6 @@ class _LimitedServer(web.Server):
 class HttpFront:
     """One HTTP port: inference + health (``handler`` given) and/or metrics (``metrics`` given)."""
 
-
     def __init__(self, handler: Optional[InferenceHandler], host: str, port: int, max_body_size: int,
                  metrics: Optional[TeacherMetrics] = None, observe: Optional[Observer] = None,
                  security: Optional[TransportSecurity] = None, max_connections: int = 256,
