@@ -141,7 +141,7 @@ def _wire_decoded(message) -> int:
         total = 8 * len(message.profile_time) + wire_size.TENSOR_OVERHEAD * len(message.outputs)
         tensors = [tensor for output in message.outputs for tensor in output.tensor]
     else:
-        total = sum(len(name) + wire_size.STRING_OVERHEAD for name in message.fetch_var_names)
+        total = sum(len(name.encode()) + wire_size.STRING_OVERHEAD for name in message.fetch_var_names)
         tensors = message.tensor
     for tensor in tensors:
         total += wire_size.TENSOR_OVERHEAD + sum(len(s) + wire_size.STRING_OVERHEAD for s in tensor.data)
