@@ -38,7 +38,7 @@ SLACK = 64 << 10              # decoded bytes over the body's size any body may 
 MAX_RATIO = TENSOR_OVERHEAD // 2   # decoded bytes per wire byte at most (an empty tensor: 2 bytes on the wire)
 MAX_FIELDS = 16384            # wire fields walked one by one per body (fetch names aside); the rest is bounded
 MAX_DEPTH = 100               # nested groups (protobuf's own recursion limit)
-CHUNK = 256 << 10             # bytes of a packed run counted at once
+CHUNK = 64 << 10              # bytes of a packed run counted at once (its comparison array: 64 KiB at most)
 DEFAULT_ALLOWANCE = 16 << 20  # decoded bytes any request may take whatever its body size (peak about 3x this)
 # Where the tensors are: Request.tensor = 1; Response.outputs = 1 -> ModelOutput.tensor = 1
 PATHS = {"request": (1,), "response": (1, 1)}
