@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import requests
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import lod as lod_feeds
@@ -37,10 +38,10 @@ from .channel_options import (
 from .client_security import ClientSecurity
 from .padding import Padding, PadValue
 from .proto import general_model_service_pb2 as service_pb2
-from .proto import general_model_service_pb2_grpc as service_grpc
 from .serving_config import ServingConfig, VarSpec
 from .status_codes import StatusClass, status_class
 from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
+from .wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, check_decoded_size
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class TeacherClient:
         padding.check_config(self.config)
         self.pad_value, self.lengths_feeds = padding.pad_value, dict(padding.lengths_feeds)
         self.max_message_bytes = max_message_bytes
+        self.max_decoded_allowance = DEFAULT_ALLOWANCE   # answers: see _read_answer
         self._raw: Optional[bool] = {"auto": None, "raw": True, "typed": False}[wire]
         self._ours: Optional[bool] = None          # a teachers.serve (health service answers)? None: not asked yet
         self._pings_refused = False                 # GOAWAY too_many_pings seen: no pings to this endpoint
@@ -212,7 +214,7 @@ class TeacherClient:
                 options.append(("grpc.use_local_subchannel_pool", 1))
             self._forked = forked
             self._channel = self.security.grpc_channel(self.endpoint, options)
-            self._stub = service_grpc.GeneralModelServiceStub(self._channel)
+            self._stub = _RawAnswerStub(self._channel)
         else:
             self._channel_keepalive = 0.0
             self._session = requests.Session()
@@ -377,10 +379,12 @@ class TeacherClient:
     def _call_grpc(self, request: service_pb2.Request) -> service_pb2.Response:
         stub, pinging = self._stub, self._channel_keepalive
         try:
-            return stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
+            answer = stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
             if not (pinging and exc.code() == grpc.StatusCode.UNAVAILABLE and is_too_many_pings(exc.details())):
                 raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
+        else:
+            return self._read_answer(answer, "gRPC")
         # the server (or a proxy in between) refuses our pings: none to this endpoint from now on, and the
         # request once more at once on a fresh connection; the teacher is not to blame
         with self._lock:
@@ -390,9 +394,21 @@ class TeacherClient:
                 self._pings_refused = True
                 self._reconnect(keepalive=False)
         try:
-            return self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
+            answer = self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
             raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
+        return self._read_answer(answer, "gRPC")
+
+    def _read_answer(self, body: bytes, how: str) -> service_pb2.Response:
+        """A teacher's serialized Response, after bounding what parsing it costs (``distill_reader.wire_size``:
+        typed values over max(body + 64 KiB, ``max_decoded_allowance``) once decoded); TeacherAnswerError else."""
+        try:
+            check_decoded_size(body, "response", self.max_decoded_allowance)
+            response = service_pb2.Response()
+            response.ParseFromString(body)
+        except (DecodedSizeError, DecodeError) as exc:
+            raise TeacherAnswerError(self.endpoint, f"{how} answer of {len(body)} bytes refused: {exc}") from None
+        return response
 
     def _call_http(self, request: service_pb2.Request) -> service_pb2.Response:
         if self.http_format == "json":
@@ -419,12 +435,11 @@ class TeacherClient:
             raise TeacherAuthError(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if answer.status_code >= 400:
             raise TeacherRequestRejected(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
+        if not answer.headers.get("Content-Type", "").startswith("application/json"):
+            return self._read_answer(answer.content, f"HTTP {answer.status_code}")
         response = service_pb2.Response()
         try:
-            if answer.headers.get("Content-Type", "").startswith("application/json"):
-                json_format.Parse(answer.content, response, ignore_unknown_fields=True)
-            else:
-                response.ParseFromString(answer.content)
+            json_format.Parse(answer.content, response, ignore_unknown_fields=True)
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad answer
             raise TeacherAnswerError(self.endpoint, f"HTTP {answer.status_code}, unreadable body: "
                                                     f"{answer.content[:200]!r} ({exc})") from exc
@@ -535,6 +550,16 @@ def _http_error(endpoint: str, exc: requests.RequestException, what: str) -> Tea
     if _tls_refusal(details):
         return TeacherTlsError(endpoint, f"{what}: TLS handshake failed: {details}{_TLS_HINT}")
     return TeacherUnavailable(endpoint, f"{what} failed: {details}")
+
+
+class _RawAnswerStub:
+    """GeneralModelService's inference rpc with the answer kept as bytes: ``TeacherClient._read_answer`` bounds
+    what parsing it costs before protobuf parses it."""
+
+    def __init__(self, channel: grpc.Channel):
+        self.inference = channel.unary_unary(f"/{SERVICE_NAME}/inference",
+                                             request_serializer=service_pb2.Request.SerializeToString,
+                                             response_deserializer=None)
 
 
 def _grpc_error(endpoint: str, exc: grpc.RpcError) -> TeacherError:

@@ -40,11 +40,12 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from distill_reader.proto import general_model_service_pb2 as service_pb2
+from distill_reader.wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, WireFormatError, check_decoded_size
 
 from .inference import ERR_INPUT, ERR_SHUTDOWN, InferenceHandler, error_response
 from .metrics import TeacherMetrics
 from .security import TransportSecurity
-from .server import request_samples
+from .server import decoded_allowance, request_samples
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class HttpFront:
                  keepalive_timeout: float = 15.0, body_timeout: float = 30.0, request_timeout: float = 120.0):
         self.handler = handler
         self.max_body_size = int(max_body_size)
+        self.max_decoded_allowance = decoded_allowance(self.max_body_size)   # protobuf bodies: read_request
         self.metrics = metrics
         self._observe = observe
         self._security = security or TransportSecurity()
@@ -198,7 +200,7 @@ class HttpFront:
         start = time.perf_counter()
         as_json = request.content_type != PROTO_TYPE
         try:
-            message = self._parse(await self._read_body(request), request, as_json)
+            message = self._parse(await self._read_body(request), request, as_json, self.max_decoded_allowance)
         except BadBody as exc:
             self._record("bad_request", start, 0)
             answer = self._answer(request, exc.status, error_response(ERR_INPUT, str(exc)), as_json)
@@ -240,13 +242,18 @@ class HttpFront:
         return body
 
     @staticmethod
-    def _parse(body: bytes, request: web.BaseRequest, as_json: bool) -> service_pb2.Request:
+    def _parse(body: bytes, request: web.BaseRequest, as_json: bool,
+               allowance: int = DEFAULT_ALLOWANCE) -> service_pb2.Request:
         message = service_pb2.Request()
         try:
             if as_json:
                 json_format.Parse(body, message)
             else:
+                check_decoded_size(body, "request", allowance)   # before protobuf allocates the typed values
                 message.ParseFromString(body)
+        except DecodedSizeError as exc:
+            what = "protobuf" if isinstance(exc, WireFormatError) else "protobuf: too large once decoded"
+            raise BadBody(400, f"body is not a general_model Request in {what}: {exc}") from None
         except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
             kind = f"JSON (Content-Type {request.content_type!r} is not {PROTO_TYPE})" if as_json else "protobuf"
             raise BadBody(400, f"body is not a general_model Request in {kind}: {exc}") from None

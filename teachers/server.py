@@ -24,8 +24,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from distill_reader.proto import general_model_service_pb2 as service_pb2
+from distill_reader.wire_size import DEFAULT_ALLOWANCE, SLACK, DecodedSizeError, WireFormatError, check_decoded_size
 
-from .inference import InferenceHandler
+from .inference import ERR_INPUT, InferenceHandler, error_response
 from .security import TransportSecurity
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ class GrpcTeacherServer:
 
     def __init__(self, handler: InferenceHandler, host: str, port: int, max_body_size: int,
                  observe: Optional[Observer] = None, security: Optional[TransportSecurity] = None,
-                 max_concurrent_rpcs: int = 1024):
+                 max_concurrent_rpcs: int = 1024, max_decoded_allowance: Optional[int] = None):
         self.handler = handler
         self.max_body_size = int(max_body_size)
+        self.max_decoded_allowance = decoded_allowance(self.max_body_size, max_decoded_allowance)  # read_request
         self._observe = observe
         security = security or TransportSecurity()
         # grpc receives a whole message before the handler sees it: its limit is the real bound. A little slack
@@ -93,12 +95,14 @@ class GrpcTeacherServer:
             self._record("bad_request", start, 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request of {len(body)} bytes is over --max_body_size {self.max_body_size}")
-        request = service_pb2.Request()
         try:
-            request.ParseFromString(body)
-        except DecodeError as exc:
+            request = read_request(body, self.max_decoded_allowance)
+        except (DecodeError, WireFormatError) as exc:
             self._record("bad_request", start, 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a general_model Request: {exc}")
+        except DecodedSizeError as exc:
+            self._record(str(ERR_INPUT), start, 0)
+            return error_response(ERR_INPUT, str(exc)).SerializeToString()
         # a client's deadline shorter than --predict_timeout bounds the wait: past it nobody reads the answer,
         # and a request given up before its run starts never reaches a worker
         remaining = context.time_remaining()
@@ -109,6 +113,23 @@ class GrpcTeacherServer:
     def _record(self, err_no: str, start: float, samples: int) -> None:
         if self._observe is not None:
             self._observe("grpc", err_no, time.perf_counter() - start, samples)
+
+
+def decoded_allowance(max_body_size: int, allowance: Optional[int] = None) -> int:
+    """Decoded bytes any request may take whatever its body (``read_request``): ``allowance`` if given, else
+    16 MiB or 3x ``max_body_size`` when that is less."""
+    return int(allowance) if allowance is not None else min(DEFAULT_ALLOWANCE, 3 * int(max_body_size))
+
+
+def read_request(body: bytes, allowance: int = DEFAULT_ALLOWANCE, slack: int = SLACK) -> service_pb2.Request:
+    """Parse a ``Request`` body after bounding what parsing it costs (``distill_reader.wire_size``): a body whose
+    typed values take more than ``max(len(body) + 64 KiB, allowance)`` bytes once decoded raises ``DecodedSizeError``
+    (err_no 5000, naming the feed) before protobuf allocates them; a malformed one raises ``WireFormatError`` or
+    ``DecodeError``."""
+    check_decoded_size(body, "request", allowance, slack)
+    request = service_pb2.Request()
+    request.ParseFromString(body)
+    return request
 
 
 def request_samples(request: service_pb2.Request) -> int:

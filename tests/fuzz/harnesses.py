@@ -33,6 +33,7 @@ import numpy as np  # noqa: I001 - numpy before anything that may import paddle 
 from google.protobuf.message import DecodeError
 
 from discovery import nodes
+from distill_reader import wire_size
 from distill_reader.client import TeacherClient, TeacherError
 from distill_reader.endpoints import parse_endpoint, parse_endpoints
 from distill_reader.knowledge import KnowledgeError, KnowledgeReader
@@ -47,6 +48,7 @@ from distill_reader.tensor_codec import TensorCodecError, decode_tensor, encode_
 from teachers import lod
 from teachers.http_front import BadBody, HttpFront, _gunzip
 from teachers.inference import InferenceHandler, RequestError
+from teachers.server import read_request
 
 MAX_SECONDS = 2.0
 MEMORY_SLACK = 4 << 20   # bytes every input may use whatever its size (interpreter caches, small arrays)
@@ -130,9 +132,57 @@ def _check_feeds(feeds: dict, config: ServingConfig) -> None:
             raise Finding(f"feed {spec.name} passed with shape {array.shape} for {spec}")
 
 
+_FUZZ_ALLOWANCE, _FUZZ_SLACK = 2048, 64   # small bounds: bodies of a few KiB are walked, seeds pass, some refused
+
+
+def _wire_decoded(message) -> int:
+    """Decoded bytes of a parsed Request or Response (``wire_size``'s accounting, from protobuf's own fields)."""
+    if isinstance(message, service_pb2.Response):
+        total = 8 * len(message.profile_time) + wire_size.TENSOR_OVERHEAD * len(message.outputs)
+        tensors = [tensor for output in message.outputs for tensor in output.tensor]
+    else:
+        total = sum(len(name.encode()) + wire_size.STRING_OVERHEAD for name in message.fetch_var_names)
+        tensors = message.tensor
+    for tensor in tensors:
+        total += wire_size.TENSOR_OVERHEAD + sum(len(s) + wire_size.STRING_OVERHEAD for s in tensor.data)
+        for field in tensor.DESCRIPTOR.fields:
+            width = wire_size.VARINT_WIDTH.get(field.number) or wire_size.FIXED_WIDTH.get(field.number)
+            if width:
+                total += width * len(getattr(tensor, field.name))
+    return total
+
+
+def _check_wire_size(data: bytes, message) -> None:
+    """What ``wire_size`` read from the bytes matches what protobuf parsed from them (a bound past MAX_FIELDS)."""
+    try:
+        sizes = wire_size.decoded_sizes(data, "response" if isinstance(message, service_pb2.Response) else "request")
+    except wire_size.WireFormatError as exc:
+        raise Finding(f"protobuf parses a body that wire_size cannot walk: {exc}") from None
+    walked, parsed = sum(t.decoded for t in sizes), _wire_decoded(message)
+    bounded = any(t.bounded for t in sizes)
+    if walked < parsed or (walked != parsed and not bounded):
+        raise Finding(f"wire_size counts {walked} decoded bytes, protobuf parsed {parsed}: {sizes}")
+
+
 def grpc_request(data: bytes) -> None:
-    """A gRPC ``Request`` body through the handler's parse and validation (``teachers/inference.py``)."""
-    feeds, lods, fetch, _ = _DENSE.parse(_request(data))
+    """A gRPC ``Request`` body as the server reads it (``teachers/server.read_request``: the decoded-size bound of
+    ``distill_reader/wire_size.py``, then protobuf), checked against protobuf's own parse, then the handler's parse
+    and validation (``teachers/inference.py``)."""
+    try:
+        parsed = _request(data)
+    except DecodeError:
+        parsed = None
+    if parsed is not None:
+        _check_wire_size(data, parsed)
+    try:
+        request = read_request(data, _FUZZ_ALLOWANCE, _FUZZ_SLACK)
+    except wire_size.WireFormatError:
+        if parsed is not None:
+            raise
+        return
+    if parsed is None:
+        raise Finding("read_request accepted a body protobuf cannot parse")
+    feeds, lods, fetch, _ = _DENSE.parse(request)
     _check_feeds(feeds, DENSE_CONFIG)
     if not fetch:
         raise Finding("a request passed with no fetch")
@@ -149,7 +199,7 @@ def http_body(data: bytes) -> None:
     mode, body = (data[0], data[1:]) if data else (0, b"")
     if mode & 2:
         body = _gunzip(body, 1 << 20)
-    message = HttpFront._parse(body, _HttpRequestStub(), as_json=not mode & 1)
+    message = HttpFront._parse(body, _HttpRequestStub(), as_json=not mode & 1, allowance=_FUZZ_ALLOWANCE)
     feeds, _, _, _ = _DENSE.parse(message)
     _check_feeds(feeds, DENSE_CONFIG)
 
@@ -193,12 +243,17 @@ def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 _CLIENT = TeacherClient("127.0.0.1:1", DENSE_CONFIG, protocol="http")
+_CLIENT.max_decoded_allowance = _FUZZ_ALLOWANCE
 
 
 def client_answer(data: bytes) -> None:
-    """A teacher's ``Response`` as the client decodes it for a batch of 2 (``TeacherClient._outputs``)."""
-    response = service_pb2.Response()
-    response.ParseFromString(data)
+    """A teacher's ``Response`` as the client reads it (``TeacherClient._read_answer``: the decoded-size bound,
+    then protobuf) and decodes it for a batch of 2 (``TeacherClient._outputs``)."""
+    try:
+        _check_wire_size(data, service_pb2.Response.FromString(data))
+    except DecodeError:
+        pass
+    response = _CLIENT._read_answer(data, "fuzzed")
     out = _CLIENT._outputs(response, ["prob", "emb"], batch_size=2)
     if set(out) != {"prob", "emb"}:
         raise Finding(f"answer decoded to {sorted(out)}")
@@ -395,7 +450,8 @@ def serving_config(data: bytes) -> None:
 
 
 _ALL = (
-    Harness("grpc_request", grpc_request, (RequestError, DecodeError), 24.0, "teachers/inference.py"),
+    Harness("grpc_request", grpc_request, (RequestError, DecodeError, wire_size.DecodedSizeError), 24.0,
+            "teachers/server.py read_request, distill_reader/wire_size.py, teachers/inference.py"),
     Harness("http_body", http_body, (BadBody, RequestError), 24.0, "teachers/http_front.py"),
     Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod.py"),
     Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_reader/tensor_codec.py"),

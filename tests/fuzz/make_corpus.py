@@ -104,6 +104,11 @@ def seeds() -> Dict[str, List[bytes]]:
     """Valid inputs for every harness, made by the project's encoders and writers."""
     requests = [_dense_request(raw).SerializeToString() for raw in (True, False)] + [
         _dense_request(True, batch=1).SerializeToString()]
+    # over the harnesses' decoded-size bound (distill_reader/wire_size.py): 400 one-byte int64 varints
+    small_ints = service_pb2.Request(fetch_var_names=["prob"])
+    encode_tensor(np.zeros((2, 200), "int64"), "ids", raw=False, out=small_ints.tensor.add())
+    big_answer = service_pb2.Response()
+    big_answer.outputs.add().tensor.append(encode_tensor(np.zeros((2, 200), "int64"), "emb", raw=False))
     json_bodies = [json.dumps(json_format.MessageToDict(_dense_request(raw), preserving_proto_field_name=True)).encode()
                    for raw in (True, False)]
     http = ([bytes([1]) + r for r in requests] + [bytes([0]) + j for j in json_bodies]
@@ -120,13 +125,14 @@ def seeds() -> Dict[str, List[bytes]]:
         ]
     manifests = [s[4:4 + _U4.unpack_from(s)[0]] for s in shards]
     return {
-        "grpc_request": requests,
+        "grpc_request": requests + [small_ints.SerializeToString()],
         "http_body": http,
         "lod_merge": [_lod_request(raw, lengths).SerializeToString()
                       for raw, lengths in ((True, [2, 3]), (False, [1, 0, 4]), (True, [1]))],
         "tensor_codec": _tensors(),
         "client_answer": [_response(raw).SerializeToString() for raw in (True, False)] + [
-            service_pb2.Response(err_no=5000, err_msg="bad feed").SerializeToString()],
+            service_pb2.Response(err_no=5000, err_msg="bad feed").SerializeToString(),
+            big_answer.SerializeToString()],
         "knowledge_manifest": manifests,
         "knowledge_shard": shards,
         "pantheon_frame": [_U4.pack(len(h)) + h + b for h, b in pantheon],
