@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_body(path: str, dtype: str, raw: bool, value: int, elements: int) -> None:
     import numpy as np
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.tensor_codec import encode_tensor
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.tensor_codec import encode_tensor
 
     request = service_pb2.Request()
     encode_tensor(np.full((elements, 1), value, dtype), "x", raw=raw, out=request.tensor.add())
@@ -46,8 +46,8 @@ def measure(path: str, dtype: str) -> float:
 
     import numpy as np  # noqa: F401 - loaded before the measurement starts
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.serving_config import ServingConfig, VarSpec
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.serving_config import ServingConfig, VarSpec
     from teachers.inference import InferenceHandler
 
     config = ServingConfig(feeds=(VarSpec("x", "x", ELEM_TYPES[dtype], (1,)),), fetches=(VarSpec("y", "y", 1, (1,)),))

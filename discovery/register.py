@@ -20,8 +20,8 @@ import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
-from distill_reader.cli_help import DefaultsHelpFormatter
-from distill_reader.client_security import ClientSecurity
+from distill_base.cli_help import DefaultsHelpFormatter
+from distill_base.client_security import ClientSecurity
 
 from .arguments import (
     AUTH_ENV,

@@ -34,8 +34,8 @@ from typing import Callable, Optional, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distill_reader.backoff import backoff_delay
-from distill_reader.client_security import ClientSecurity
+from distill_base.backoff import backoff_delay
+from distill_base.client_security import ClientSecurity
 
 from .acls import ensure_service, teacher_node_acl
 from .arguments import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, TEACHER_PREFIX, ServicePaths, validate_endpoint

@@ -22,8 +22,15 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import grpc
 import numpy as np
 import requests
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from distill_base.client_security import ClientSecurity
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.proto import general_model_service_pb2_grpc as service_grpc
+from distill_base.serving_config import ServingConfig, VarSpec
+from distill_base.serving_json import parse_response, request_to_json
+from distill_base.status_codes import StatusClass, status_class
+from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
 from . import lod as lod_feeds
 from .channel_options import (
@@ -33,13 +40,7 @@ from .channel_options import (
     http_timeouts,
     is_too_many_pings,
 )
-from .client_security import ClientSecurity
 from .padding import Padding, PadValue
-from .proto import general_model_service_pb2 as service_pb2
-from .proto import general_model_service_pb2_grpc as service_grpc
-from .serving_config import ServingConfig, VarSpec
-from .status_codes import StatusClass, status_class
-from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ class TeacherClient:
 
     def _call_http(self, request: service_pb2.Request) -> service_pb2.Response:
         if self.http_format == "json":
-            body = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
+            body = json.dumps(request_to_json(request)).encode()
             headers = {"Content-Type": "application/json"}
         else:
             body = request.SerializeToString()
@@ -418,12 +419,11 @@ class TeacherClient:
             raise TeacherAuthError(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if answer.status_code >= 400:
             raise TeacherRequestRejected(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
-        response = service_pb2.Response()
         try:
             if answer.headers.get("Content-Type", "").startswith("application/json"):
-                json_format.Parse(answer.content, response, ignore_unknown_fields=True)
+                response = parse_response(answer.content)
             else:
-                response.ParseFromString(answer.content)
+                response = service_pb2.Response.FromString(answer.content)
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad answer
             raise TeacherAnswerError(self.endpoint, f"HTTP {answer.status_code}, unreadable body: "
                                                     f"{answer.content[:200]!r} ({exc})") from exc
@@ -467,7 +467,7 @@ class TeacherClient:
             raise TeacherAnswerError(self.endpoint, str(exc)) from None
 
 
-# What the client raises for each class of Paddle Serving's err_no (the table: distill_reader/status_codes.py).
+# What the client raises for each class of Paddle Serving's err_no (the table: distill_base/status_codes.py).
 _ERROR_OF_CLASS: dict[StatusClass, type[TeacherError]] = {
     StatusClass.INVALID_INPUT: TeacherRequestRejected,   # any teacher of this model refuses it
     StatusClass.BUSY: TeacherUnavailable,                # elsewhere, and the teacher counts as slow or sick

@@ -35,8 +35,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+
 from .padding import PadValue, pad_value_for
-from .serving_config import ConfigError, ServingConfig, VarSpec
 
 LOD_SUFFIX = ".lod"
 LOD_FORMS = ("split", "serving")

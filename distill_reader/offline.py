@@ -97,8 +97,8 @@ class OfflineCache:
             return None
         from google.protobuf import text_format
 
-        from .proto import general_model_config_pb2
-        from .serving_config import ServingConfig
+        from distill_base.proto import general_model_config_pb2
+        from distill_base.serving_config import ServingConfig
 
         with KnowledgeReader(self.path, verify_threads=0) as cache:
             text = cache.meta.get("serving_config")

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+
 from . import ragged
 from .client import prepare_feed
 from .errors import (  # noqa: F401 - re-exported: the reader's errors were first defined here
@@ -45,7 +47,6 @@ from .errors import (  # noqa: F401 - re-exported: the reader's errors were firs
 )
 from .padding import Padding
 from .remote_stage import RemoteOptions, RemoteStage  # noqa: F401 - re-exported
-from .serving_config import ConfigError, ServingConfig, VarSpec
 from .snapshot import snapshot
 from .tasks import PredictionStage, Task, TaskResult, next_task_id  # noqa: F401 - re-exported
 

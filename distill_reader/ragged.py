@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from distill_base.serving_config import ServingConfig, VarSpec
+
 from .lod import LOD_SUFFIX, is_ragged, is_variable
-from .serving_config import ServingConfig, VarSpec
 
 
 class RaggedSlotError(ValueError):

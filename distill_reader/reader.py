@@ -23,8 +23,10 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import endpoints as endpoints_module
-from .client_security import ClientSecurity
+from distill_base import endpoints as endpoints_module
+from distill_base.client_security import ClientSecurity
+from distill_base.serving_config import ServingConfig
+
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -36,7 +38,6 @@ from .errors import (
 from .padding import Padding, PaddingOptionError, PadValue
 from .pipeline import Epoch, EpochStats, Gate, SlotPlan
 from .remote_stage import RemoteOptions, RemoteStage
-from .serving_config import ServingConfig
 from .tasks import PredictionStage
 from .teacher_pool import TeacherPool
 
@@ -55,7 +56,7 @@ __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "Teach
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
     """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; the project's one endpoint parser
-    (``distill_reader.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
+    (``distill_base.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
     if not isinstance(teachers, (str, list, tuple)):
         raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
     endpoints = endpoints_module.parse_endpoints(teachers, what="teacher endpoint", allow_wildcard=False)

@@ -43,8 +43,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .backoff import backoff_delay
-from .client_security import ClientSecurity
+from distill_base.backoff import backoff_delay
+from distill_base.client_security import ClientSecurity
+from distill_base.serving_config import ServingConfig
+
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -54,7 +56,6 @@ from .errors import (
 )
 from .latency_window import LatencyWindow
 from .padding import Padding
-from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
 from .workers import WorkerPool

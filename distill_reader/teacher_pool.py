@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
-from .backoff import backoff_delay
+from distill_base.backoff import backoff_delay
 
 __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
 

@@ -432,10 +432,11 @@ class _Worker:
     def __init__(self, conn: Connection, settings: dict):
         from google.protobuf import text_format
 
+        from distill_base.client_security import ClientSecurity
+        from distill_base.proto import general_model_config_pb2 as config_pb2
+        from distill_base.serving_config import ServingConfig
+
         from .client import TeacherClient
-        from .client_security import ClientSecurity
-        from .proto import general_model_config_pb2 as config_pb2
-        from .serving_config import ServingConfig
 
         message = config_pb2.GeneralModelConfig()
         text_format.Parse(settings["config_text"], message)

@@ -91,7 +91,7 @@ def _cpu_options(config, options: PredictorOptions) -> None:
 
 
 def _config(options: PredictorOptions, gpu_id: Optional[int]):
-    from distill_reader.paddle_compat import import_paddle, paddle_major
+    from distill_base.paddle_compat import import_paddle, paddle_major
 
     paddle = import_paddle("the teacher server's predictors")
     from paddle import inference
@@ -129,7 +129,7 @@ class PredictorPool:
     are busy. ``oldest_run_seconds()`` tells a watchdog how long the longest run in progress has taken."""
 
     def __init__(self, options: PredictorOptions):
-        from distill_reader.paddle_compat import import_paddle
+        from distill_base.paddle_compat import import_paddle
 
         import_paddle("teachers.predictor_pool")
         from paddle import inference

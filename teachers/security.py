@@ -32,7 +32,7 @@ from typing import Optional
 
 import grpc
 
-from distill_reader.client_security import read_file
+from distill_base.client_security import read_file
 
 logger = logging.getLogger(__name__)
 

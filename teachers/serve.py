@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from discovery.register import add_zk_arguments, registration_from_args
-from distill_reader.cli_help import DefaultsHelpFormatter
-from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfig
+from distill_base.cli_help import DefaultsHelpFormatter
+from distill_base.serving_config import SERVER_CONF, ConfigError, ServingConfig
 
 logger = logging.getLogger("teachers.serve")
 
@@ -387,7 +387,7 @@ def _require_paddle() -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        from distill_reader.paddle_compat import import_paddle
+        from distill_base.paddle_compat import import_paddle
 
         import_paddle("teachers.serve")   # raises the ImportError that names both extras
 
@@ -396,7 +396,7 @@ def _cuda_devices(args: argparse.Namespace) -> tuple[bool, int]:
     """(paddle has CUDA, GPU count); paddle is imported here only when the flags ask for a GPU."""
     if args.device != "gpu" and not _gpu_ids(args.gpu_ids):
         return False, 0
-    from distill_reader.paddle_compat import import_paddle
+    from distill_base.paddle_compat import import_paddle
 
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from distill_reader.proto import general_model_service_pb2 as service_pb2
+from distill_base.proto import general_model_service_pb2 as service_pb2
 
 from .inference import InferenceHandler
 from .security import TransportSecurity

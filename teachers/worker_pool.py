@@ -9,7 +9,7 @@ worker's shared-memory block, sends a ``job`` message and waits (GIL released) f
 
 - over time: the worker is SIGKILLed and replaced, the run raises ``WorkerTimeout`` (err_no 6000);
 - the worker died (any signal or exit): ``WorkerLost`` (err_no 10000, transient), the server logs why and a
-  supervisor thread starts a new worker after an exponential backoff (``distill_reader.backoff``);
+  supervisor thread starts a new worker after an exponential backoff (``distill_base.backoff``);
 - the model refused the input (Paddle's InvalidArgument / OutOfRange): ``ModelRejectedInput`` (err_no 5000);
 - any other predictor error: RuntimeError (err_no 10000); the worker goes on.
 
@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from distill_reader.backoff import backoff_delay
+from distill_base.backoff import backoff_delay
 
 from . import worker_protocol as wire
 from .errors import ModelRejectedInput, PredictorTimeout, WorkerLoadError, WorkerLost, WorkerTimeout

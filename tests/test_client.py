@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 import pytest
 
+from distill_base.proto import general_model_service_pb2 as pb
+from distill_base.proto import general_model_service_pb2_grpc as pb_grpc
+from distill_base.serving_config import ConfigError
+from distill_base.tensor_codec import decode_tensor, encode_tensor, is_raw
 from distill_reader.client import FeedError, TeacherAnswerError, TeacherClient, TeacherUnavailable
-from distill_reader.proto import general_model_service_pb2 as pb
-from distill_reader.proto import general_model_service_pb2_grpc as pb_grpc
-from distill_reader.serving_config import ConfigError
-from distill_reader.tensor_codec import decode_tensor, encode_tensor, is_raw
 from tests.support.procs import free_port
 from tests.support.teacher import mnist_like_images, reference_predict
 

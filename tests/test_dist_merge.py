@@ -5,8 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
+from distill_base.paddle_compat import paddle_major
 from distill_reader import dist
-from distill_reader.paddle_compat import paddle_major
 from tests.dist_support import (
     Built,
     build,

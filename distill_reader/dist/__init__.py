@@ -17,7 +17,7 @@ Example::
 """
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
-from distill_reader.paddle_compat import import_paddle
+from distill_base.paddle_compat import import_paddle
 
 import_paddle("distill_reader.dist")  # one clear ImportError (naming the cpu/gpu extras) without paddle
 

@@ -17,7 +17,7 @@ import contextlib
 import re
 from typing import Iterator
 
-from distill_reader.paddle_compat import LEGACY_HINT, is_pir_program
+from distill_base.paddle_compat import LEGACY_HINT, is_pir_program
 
 
 _MISSING_OP = re.compile(r"(\w+)\(\): argument \(position \d+\) must be Value, but got Variable")

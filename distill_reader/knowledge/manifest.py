@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..atomic_file import atomic_write
+from distill_base.atomic_file import atomic_write
+
 from .errors import FormatError, KnowledgeError, UnsafeFileError
 from .safe_io import open_regular
 from .spec import FieldSpec, check_dtype

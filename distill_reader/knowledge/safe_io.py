@@ -17,7 +17,7 @@ import os
 import stat
 from typing import Callable, Tuple
 
-from ..atomic_file import create_exclusive
+from distill_base.atomic_file import create_exclusive
 
 __all__ = ["create_exclusive", "kind_of", "lstat_problem", "open_regular", "remove_entry"]
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..atomic_file import create_exclusive, fsync_dir
+from distill_base.atomic_file import create_exclusive, fsync_dir
+
 from .errors import KnowledgeError, UnsafeFileError
 from .manifest import (
     DIGEST_NBYTES,

@@ -347,7 +347,7 @@ class _PredictionPlan:
 
     def __init__(self, feed_list: list, schema: Mapping[str, Any], program: Any,
                  reader_config: Mapping[str, Any], exe: Any) -> None:
-        from distill_reader.paddle_compat import import_paddle, is_pir_program
+        from distill_base.paddle_compat import import_paddle, is_pir_program
 
         paddle = import_paddle("the Pantheon teacher's knowledge service")
         from paddle.base.data_feeder import convert_dtype

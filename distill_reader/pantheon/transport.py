@@ -41,7 +41,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..endpoints import parse_endpoint
+from distill_base.endpoints import parse_endpoint
+
 from .errors import AuthenticationError, ConnectionLost, ForkedConnectionError, PantheonError, ProtocolError
 from .frames import (
     DEFAULT_MAX_FRAME,
@@ -98,7 +99,7 @@ def resolve_timeout(timeout: Optional[float]) -> float:
 
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` (or ``"[v6 address]:port"``) -> ``(host, port)``; ValueError naming the address otherwise
-    (the project's one endpoint parser, ``distill_reader.endpoints``)."""
+    (the project's one endpoint parser, ``distill_base.endpoints``)."""
     endpoint = parse_endpoint(str(address), what="teacher address", allow_wildcard=False)
     return endpoint.host, endpoint.port
 

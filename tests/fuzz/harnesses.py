@@ -33,17 +33,17 @@ import numpy as np  # noqa: I001 - numpy before anything that may import paddle 
 from google.protobuf.message import DecodeError
 
 from discovery import nodes
+from distill_base.endpoints import parse_endpoint, parse_endpoints
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 from distill_reader.client import TeacherClient, TeacherError
-from distill_reader.endpoints import parse_endpoint, parse_endpoints
 from distill_reader.knowledge import KnowledgeError, KnowledgeReader
 from distill_reader.knowledge.manifest import MANIFEST_NAME, read_manifest
 from distill_reader.pantheon import frames, merge
 from distill_reader.pantheon.errors import PantheonError
 from distill_reader.pantheon.student import _OnlineTeacher
 from distill_reader.pantheon.transport import Connection
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.serving_config import ConfigError, ServingConfig, VarSpec
-from distill_reader.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 from teachers import lod
 from teachers.http_front import BadBody, HttpFront, _gunzip
 from teachers.inference import InferenceHandler, RequestError
@@ -359,7 +359,7 @@ _SEPARATORS = " \t\r\n\x0b\x0c"
 
 
 def endpoints(data: bytes) -> None:
-    """Endpoint text (``distill_reader/endpoints.py``): whatever is accepted has a clean host and survives its
+    """Endpoint text (``distill_base/endpoints.py``): whatever is accepted has a clean host and survives its
     own formatting."""
     text = data.decode("utf-8", "replace")
     accepted = []
@@ -398,7 +398,7 @@ _ALL = (
     Harness("grpc_request", grpc_request, (RequestError, DecodeError), 24.0, "teachers/inference.py"),
     Harness("http_body", http_body, (BadBody, RequestError), 24.0, "teachers/http_front.py"),
     Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod.py"),
-    Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_reader/tensor_codec.py"),
+    Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_base/tensor_codec.py"),
     Harness("client_answer", client_answer, (TeacherError, DecodeError), 24.0, "distill_reader/client.py"),
     Harness("knowledge_manifest", knowledge_manifest, (KnowledgeError,), 16.0, "distill_reader/knowledge/manifest.py"),
     Harness("knowledge_shard", knowledge_shard, (KnowledgeError,), 16.0, "distill_reader/knowledge/reader.py"),
@@ -406,7 +406,7 @@ _ALL = (
     Harness("pantheon_transport", pantheon_transport, (PantheonError,), 8.0,
             "distill_reader/pantheon/transport.py, student.py"),
     Harness("zk_nodes", zk_nodes, (), 8.0, "discovery/nodes.py"),
-    Harness("endpoints", endpoints, (), 8.0, "distill_reader/endpoints.py"),
-    Harness("serving_config", serving_config, (ConfigError,), 16.0, "distill_reader/serving_config.py"),
+    Harness("endpoints", endpoints, (), 8.0, "distill_base/endpoints.py"),
+    Harness("serving_config", serving_config, (ConfigError,), 16.0, "distill_base/serving_config.py"),
 )
 HARNESSES = {h.name: h for h in _ALL}

@@ -19,12 +19,12 @@ from typing import Dict, List
 import numpy as np  # noqa: I001 - numpy before anything that may import paddle
 from google.protobuf import json_format
 
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.tensor_codec import encode_tensor
 from distill_reader.knowledge import KnowledgeWriter
 from distill_reader.knowledge.manifest import MANIFEST_NAME
 from distill_reader.pantheon.frames import encode_frame
 from distill_reader.pantheon.merge import describe
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.tensor_codec import encode_tensor
 
 from .harnesses import DENSE_CONFIG, HARNESSES, LOD_CONFIG
 

@@ -6,7 +6,7 @@ before paddle is imported; paddle 2.6 only has the legacy ``paddle.static.Progra
 
 Example::
 
-    from distill_reader.paddle_compat import import_paddle, pir_enabled
+    from distill_base.paddle_compat import import_paddle, pir_enabled
     paddle = import_paddle("teachers.export")      # ImportError naming the extras when paddle is missing
     if pir_enabled(paddle):
         ...
