@@ -10,7 +10,7 @@ Rules:
 - ``unhealthy_after`` failed checks in a row remove the node; the next good check registers it again. A teacher
   that keeps flapping waits longer each time before it comes back (doubling up to ``max_recover_delay``, with
   jitter), and is forgiven after ``stable_after`` seconds of good health;
-- a ZooKeeper session loss is followed by a new session and a new node (see ``registry.EphemeralNode``);
+- a ZooKeeper session loss is followed by a new session and a new node (see ``discovery.ephemeral.EphemeralNode``);
 - ``stop()`` removes the node and closes the session.
 
 Example::
@@ -103,7 +103,7 @@ class TeacherRegistration:
         health_interval: seconds between health checks.
         health_timeout: seconds one health check may take.
         unhealthy_after: failed checks in a row before the node is removed.
-        session_timeout: ZooKeeper session timeout in seconds (see registry.DEFAULT_SESSION_TIMEOUT).
+        session_timeout: ZooKeeper session timeout in seconds (see discovery.arguments.DEFAULT_SESSION_TIMEOUT).
         health_check: replaces the gRPC health probe (a callable returning True when healthy).
         health_security: TLS files for the health probe of a teacher that serves TLS (``ClientSecurity``);
             with TLS the node says ``"tls": true``, so that students connect the right way.

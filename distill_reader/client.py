@@ -27,12 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from distill_base.client_security import ClientSecurity
 from distill_base.proto import general_model_service_pb2 as service_pb2
 from distill_base.proto import general_model_service_pb2_grpc as service_grpc
-from distill_base.serving_config import ServingConfig, VarSpec
+from distill_base.serving_config import ServingConfig
 from distill_base.serving_json import parse_response, request_to_json
 from distill_base.status_codes import StatusClass, status_class
 from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 
-from . import lod as lod_feeds
+from . import feeds as lod_feeds
 from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -40,6 +40,7 @@ from .channel_options import (
     http_timeouts,
     is_too_many_pings,
 )
+from .feeds import FeedError, prepare_feed
 from .padding import Padding, PadValue
 
 logger = logging.getLogger(__name__)
@@ -87,36 +88,6 @@ _REJECTING_GRPC_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_O
 _AUTH_GRPC_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
-class FeedError(ValueError):
-    """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
-
-
-def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
-    """Cast ``value`` to the feed's dtype and reshape it to ``(batch_size, *spec.shape)``.
-
-    Variable-length (LoD) feeds are only cast. Raises FeedError naming the feed when the element count
-    does not match the config's per-sample shape.
-    """
-    array = np.asarray(value)
-    try:
-        array = array.astype(spec.dtype, copy=False)
-    except (TypeError, ValueError) as exc:
-        raise FeedError(f"feed {spec.alias_name!r}: cannot convert {array.dtype} to {spec.dtype}: {exc}") from exc
-    if spec.is_lod_tensor or any(d < 0 for d in spec.shape):
-        return array
-    target = (batch_size, *spec.shape)
-    if array.shape == target:
-        return array
-    if array.size != int(np.prod(target)):
-        per_sample = int(np.prod(spec.shape))
-        hint = (f"; this looks like one sample without its batch dimension: give it shape {[1, *spec.shape]}"
-                if array.size == per_sample else "")
-        raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
-                        f"batch of {batch_size} (the first dimension of the feeds, or batch_size=); the model "
-                        f"expects {list(spec.shape)} per sample ({per_sample} elements){hint}")
-    return array.reshape(target)
-
-
 class TeacherClient:
     """Send batched feeds to one teacher endpoint and get the fetch vars back as numpy arrays.
 
@@ -153,7 +124,7 @@ class TeacherClient:
     Fork safety: a client used in a child process after ``os.fork()`` opens connections of its own there (a new
     gRPC channel or HTTP session) and leaves the parent's alone; parent and child never share a socket.
 
-    Variable-length feeds and fetches (LoD or padded, see ``distill_reader.lod``): a feed takes a list of
+    Variable-length feeds and fetches (LoD or padded, see ``distill_reader.feeds``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
     lod_form="split")`` gives LoD/per-token fetches back as a list of per-sample arrays, ``"serving"`` as the
     rows plus ``"<name>.lod"``.

@@ -56,7 +56,7 @@ from .errors import (
 )
 from .latency_window import LatencyWindow
 from .padding import Padding
-from .tasks import PredictionStage, Task, TaskResult
+from .prediction_stage import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
 from .workers import WorkerPool
 
@@ -538,7 +538,7 @@ def _answer_problem(fetch: Sequence[str], outputs: dict, endpoint: str, size: Op
         value = outputs.get(name)
         if value is None:
             return f"teacher {endpoint}: answer lacks fetch {name!r}"
-        per_sample = isinstance(value, list)   # a variable-length fetch: one array per sample (distill_reader.lod)
+        per_sample = isinstance(value, list)   # a variable-length fetch: one array per sample (distill_reader.feeds)
         if (not per_sample and np.ndim(value) == 0) or (size is not None and len(value) != size):
             shape = f"{len(value)} per-sample arrays" if per_sample else f"shape {list(np.shape(value))}"
             return f"teacher {endpoint}: fetch {name!r} has {shape} for a request of {size}"

@@ -41,10 +41,10 @@ from distill_base.proto import general_model_service_pb2 as service_pb2
 from distill_base.serving_json import ParseError, parse_request, response_to_json
 from distill_base.status_codes import ErrNo
 
+from .grpc_front import request_samples
 from .inference import InferenceHandler, error_response
 from .metrics import TeacherMetrics
 from .security import TransportSecurity
-from .server import request_samples
 
 logger = logging.getLogger(__name__)
 

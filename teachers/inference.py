@@ -36,7 +36,7 @@ from distill_base.tensor_codec import (
 )
 
 from .errors import ModelRejectedInput, PredictorTimeout, WorkerLost
-from .lod import LodError, check_lod_feed
+from .lod_checks import LodError, check_lod_feed
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class InferenceHandler:
             array = self._decode(tensor, spec)
             raw = raw or is_raw(tensor)
             samples = int(array.shape[0])
-            if spec.is_lod_tensor:   # bad offsets must never reach Paddle Inference (see teachers/lod.py)
+            if spec.is_lod_tensor:   # bad offsets must never reach Paddle Inference (see teachers/lod_checks.py)
                 try:
                     array, lods[spec.name], samples = check_lod_feed(spec.alias_name, array, tensor.lod)
                 except LodError as exc:

@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import PredictorTimeout
-from .lod import fetch_lod
+from .lod_checks import fetch_lod
 
 __all__ = ["ModelFilesError", "PredictorOptions", "PredictorPool", "PredictorTimeout", "find_model_files"]
 

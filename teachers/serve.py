@@ -492,9 +492,9 @@ class TeacherService:
         self.metrics.observe_request(transport, err_no, seconds, samples)
 
     async def start(self) -> None:
+        from .grpc_front import GrpcTeacherServer
         from .http_front import HttpFront
         from .inference import InferenceHandler
-        from .server import GrpcTeacherServer
 
         args = self.args
         handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_to_loop,

@@ -176,7 +176,7 @@ def test_prefix_collision_is_an_error(exe):
 def test_uninitialized_teacher_is_reported(exe, caplog):
     teacher = build(fc_student, "x")  # never initialized
     student = build(fc_student, "x")
-    with caplog.at_level(logging.WARNING, logger="distill_reader.dist.merge"):
+    with caplog.at_level(logging.WARNING, logger="distill_reader.inprocess.program_merge"):
         dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=student.scope,
                    teacher_scope=teacher.scope)
     assert "not initialized" in caplog.text and "s_fc.w_0" in caplog.text

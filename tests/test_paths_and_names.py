@@ -66,7 +66,7 @@ def test_knowledge_files_take_paths(tmp_path: pathlib.Path):
 
 
 def test_pantheon_offline_knowledge_takes_paths(tmp_path: pathlib.Path):
-    from distill_reader.pantheon.offline import OfflineKnowledgeReader, OfflineKnowledgeWriter
+    from distill_reader.pantheon.knowledge_files import OfflineKnowledgeReader, OfflineKnowledgeWriter
 
     batch = {"y": np.arange(6, dtype="float32").reshape(3, 2)}
     writer = OfflineKnowledgeWriter(tmp_path / "knowledge", {"y": {"shape": [-1, 2], "dtype": "float32"}})

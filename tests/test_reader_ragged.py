@@ -19,9 +19,9 @@ import pytest
 
 from distill_base.serving_config import ConfigError
 from distill_reader import DistillReader, PaddingOptionError
+from distill_reader.errors import DistillReaderError
 from distill_reader.knowledge.errors import InputMismatchError
-from distill_reader.offline import OfflineCacheError
-from distill_reader.pipeline import DistillReaderError
+from distill_reader.offline_cache import OfflineCacheError
 from tests.support import lod_models
 from tests.support.lod_models import lod_teacher, pad_sensitive_teacher, padded_teacher  # noqa: F401  (fixtures)
 from tests.support.teacher import ExportedTeacher, TeacherServer

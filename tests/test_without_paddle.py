@@ -22,11 +22,11 @@ BLOCKER = textwrap.dedent("""
     sys.meta_path.insert(0, NoPaddle())
 """)
 
-PADDLE_FREE = ["distill_reader", "distill_reader.reader", "distill_reader.client", "distill_reader.pipeline",
-               "distill_reader.teacher_pool", "distill_reader.workers", "distill_reader.offline",
+PADDLE_FREE = ["distill_reader", "distill_reader.distill_reader", "distill_reader.client", "distill_reader.pipeline",
+               "distill_reader.teacher_pool", "distill_reader.workers", "distill_reader.offline_cache",
                "distill_reader.knowledge", "distill_base.serving_config", "distill_base.tensor_codec",
-               "distill_reader.pantheon", "distill_reader.pantheon.student", "distill_reader.pantheon.offline",
-               "discovery", "discovery.registry", "discovery.student", "discovery.share", "discovery.register",
+               "distill_reader.pantheon", "distill_reader.pantheon.student", "distill_reader.pantheon.knowledge_files",
+               "discovery", "discovery.arguments", "discovery.student", "discovery.share", "discovery.register",
                "discovery.teacher_registration", "teachers.export", "teachers.predictor_pool", "teachers.serve"]
 
 

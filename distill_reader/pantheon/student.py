@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
-from .merge import check_desc, check_strategy, conform, merge_descs, merged_stream
+from .knowledge_merge import check_desc, check_strategy, conform, merge_descs, merged_stream
 from .transport import (
     Connection,
     ConnectionLost,
@@ -196,7 +196,7 @@ class _OfflineTeacher:
     """Knowledge files written by an offline teacher; every pass reads them from the start."""
 
     def __init__(self, teacher_id: int, path: str) -> None:
-        from .offline import OfflineKnowledgeReader
+        from .knowledge_files import OfflineKnowledgeReader
 
         self.name = f"teacher {teacher_id} (offline, {path})"
         self.reader = OfflineKnowledgeReader(path)

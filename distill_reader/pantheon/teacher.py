@@ -26,7 +26,7 @@ import numpy as np
 from ..knowledge import KnowledgeError
 from ..knowledge.spec import cast_checked
 from ..snapshot import snapshot
-from .merge import describe
+from .knowledge_merge import describe
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
@@ -593,6 +593,6 @@ def _prefetch(make: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
 
 
 def _open_offline_writer(path: str, desc: Mapping[str, dict], use_fp16: bool):
-    from .offline import OfflineKnowledgeWriter
+    from .knowledge_files import OfflineKnowledgeWriter
 
     return OfflineKnowledgeWriter(path, desc, use_fp16=use_fp16)

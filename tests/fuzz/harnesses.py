@@ -44,7 +44,7 @@ from distill_reader.pantheon import frames, merge
 from distill_reader.pantheon.errors import PantheonError
 from distill_reader.pantheon.student import _OnlineTeacher
 from distill_reader.pantheon.transport import Connection
-from teachers import lod
+from teachers import lod_checks as lod
 from teachers.http_front import BadBody, HttpFront, _gunzip
 from teachers.inference import InferenceHandler, RequestError
 
@@ -397,12 +397,13 @@ def serving_config(data: bytes) -> None:
 _ALL = (
     Harness("grpc_request", grpc_request, (RequestError, DecodeError), 24.0, "teachers/inference.py"),
     Harness("http_body", http_body, (BadBody, RequestError), 24.0, "teachers/http_front.py"),
-    Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod.py"),
+    Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod_checks.py"),
     Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_base/tensor_codec.py"),
     Harness("client_answer", client_answer, (TeacherError, DecodeError), 24.0, "distill_reader/client.py"),
     Harness("knowledge_manifest", knowledge_manifest, (KnowledgeError,), 16.0, "distill_reader/knowledge/manifest.py"),
     Harness("knowledge_shard", knowledge_shard, (KnowledgeError,), 16.0, "distill_reader/knowledge/reader.py"),
-    Harness("pantheon_frame", pantheon_frame, (PantheonError,), 8.0, "distill_reader/pantheon/frames.py, merge.py"),
+    Harness("pantheon_frame", pantheon_frame, (PantheonError,), 8.0,
+            "distill_reader/pantheon/frames.py, knowledge_merge.py"),
     Harness("pantheon_transport", pantheon_transport, (PantheonError,), 8.0,
             "distill_reader/pantheon/transport.py, student.py"),
     Harness("zk_nodes", zk_nodes, (), 8.0, "discovery/nodes.py"),

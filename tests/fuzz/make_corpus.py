@@ -24,7 +24,7 @@ from distill_base.tensor_codec import encode_tensor
 from distill_reader.knowledge import KnowledgeWriter
 from distill_reader.knowledge.manifest import MANIFEST_NAME
 from distill_reader.pantheon.frames import encode_frame
-from distill_reader.pantheon.merge import describe
+from distill_reader.pantheon.knowledge_merge import describe
 
 from .harnesses import DENSE_CONFIG, HARNESSES, LOD_CONFIG
 

@@ -19,7 +19,6 @@ from typing import Iterator
 
 from distill_base.paddle_compat import LEGACY_HINT, is_pir_program
 
-
 _MISSING_OP = re.compile(r"(\w+)\(\): argument \(position \d+\) must be Value, but got Variable")
 LEGACY_OPS_HINT = ("ops that work on legacy variables in every paddle line include paddle.mean, paddle.max, "
                    "paddle.square, paddle.subtract, paddle.add, paddle.einsum (for sums and products), "

@@ -4,7 +4,7 @@ A teacher feed is *variable-length* when the serving config marks it ``is_lod_te
 has a ``-1`` (padded sequences). For such a feed, the samples of one task travel in Paddle Serving's client
 form: the rows concatenated along their first dimension as ``feeds[name]`` plus ``feeds[name + ".lod"]``
 (int64 offsets, ``[0, len_0, len_0 + len_1, ...]``). The worker's ``TeacherClient`` sends LoD feeds with those
-offsets and pads padded feeds per request (``distill_reader.lod``), and gives LoD / per-token fetches back as
+offsets and pads padded feeds per request (``distill_reader.feeds``), and gives LoD / per-token fetches back as
 one array per sample, so the i-th sample of a task gets its own rows.
 
 - sample and sample-list generators: each sample's slot value is an array (or list) of any length;
@@ -30,7 +30,7 @@ import numpy as np
 
 from distill_base.serving_config import ServingConfig, VarSpec
 
-from .lod import LOD_SUFFIX, is_ragged, is_variable
+from .feeds import LOD_SUFFIX, is_ragged, is_variable
 
 
 class RaggedSlotError(ValueError):

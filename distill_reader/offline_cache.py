@@ -36,12 +36,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .errors import DistillReaderError
 from .knowledge import InputMismatchError, KnowledgeError, KnowledgeReader, KnowledgeWriter
 from .knowledge.index import DigestIndex
 from .knowledge.manifest import DIGEST_SCHEME, MANIFEST_NAME
 from .knowledge.spec import FieldSpec, StorageArg, resolve_fields
-from .pipeline import DistillReaderError, PredictionStage, Task, TaskResult
-from .ragged import check_storable, task_digests
+from .prediction_stage import PredictionStage, Task, TaskResult
+from .ragged_slots import check_storable, task_digests
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class OfflineCacheStage(PredictionStage):
         return wanted != fields
 
     def _open_writer(self, fields: Dict[str, tuple]) -> None:
-        meta = {"written_by": "distill_reader.offline", "predicts": self.predicts}
+        meta = {"written_by": "distill_reader.offline_cache", "predicts": self.predicts}
         if self.config_text is not None:
             meta["serving_config"] = self.config_text()
         self.writer = KnowledgeWriter(self.path, fields, storage=self.settings.storage,

@@ -2,7 +2,7 @@
 
 Example::
 
-    from distill_reader.dist.names import find_var
+    from distill_reader.inprocess.names import find_var
     var = find_var(program, "teacher_fc_0.tmp_1")   # VarNotFoundError lists near names if absent
 """
 from __future__ import annotations

@@ -37,8 +37,8 @@ from .errors import (
 )
 from .padding import Padding, PaddingOptionError, PadValue
 from .pipeline import Epoch, EpochStats, Gate, SlotPlan
+from .prediction_stage import PredictionStage
 from .remote_stage import RemoteOptions, RemoteStage
-from .tasks import PredictionStage
 from .teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class DistillReader:
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None
         self._stage_wrappers: list[Callable[[PredictionStage], PredictionStage]] = []
-        self._offline: Any = None   # distill_reader.offline.OfflineCache after set_offline_cache
+        self._offline: Any = None   # distill_reader.offline_cache.OfflineCache after set_offline_cache
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close)
         self._epoch = 0
@@ -264,8 +264,8 @@ class DistillReader:
                           **options: Any) -> None:
         """Ask the teachers once: the first pass writes every answer to the knowledge cache ``path``; later
         passes (and runs) read it and send nothing. A complete cache needs no teacher. ``storage``: "float32",
-        "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline)."""
-        from .offline import OfflineCache  # lazy: the knowledge-file machinery only when used
+        "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline_cache)."""
+        from .offline_cache import OfflineCache  # lazy: the knowledge-file machinery only when used
 
         self._offline = OfflineCache(os.fspath(path), storage=storage, **options)
         self._offline.install(self)

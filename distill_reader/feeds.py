@@ -1,4 +1,5 @@
-"""Variable-length feeds and fetches on the client side: LoD tensors and padded sequences.
+"""The student's feeds, ready to send: fixed-shape feeds (``prepare_feed``: cast + reshape to the config's
+shape) and variable-length feeds and fetches: LoD tensors and padded sequences.
 
 Two kinds of variable-length feed, told apart by the serving config:
 
@@ -41,6 +42,39 @@ from .padding import PadValue, pad_value_for
 
 LOD_SUFFIX = ".lod"
 LOD_FORMS = ("split", "serving")
+
+
+class FeedError(ValueError):
+    """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
+
+
+def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
+    """Cast ``value`` to the feed's dtype and reshape it to ``(batch_size, *spec.shape)``.
+
+    Variable-length (LoD, padded) feeds are only cast (``prepare_variable_feeds`` shapes them first).
+
+    Raises:
+        FeedError: naming the feed, when ``value`` cannot be cast to the feed's dtype or its element count does
+            not match ``batch_size`` samples of the config's per-sample shape.
+    """
+    array = np.asarray(value)
+    try:
+        array = array.astype(spec.dtype, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise FeedError(f"feed {spec.alias_name!r}: cannot convert {array.dtype} to {spec.dtype}: {exc}") from exc
+    if spec.is_lod_tensor or any(d < 0 for d in spec.shape):
+        return array
+    target = (batch_size, *spec.shape)
+    if array.shape == target:
+        return array
+    if array.size != int(np.prod(target)):
+        per_sample = int(np.prod(spec.shape))
+        hint = (f"; this looks like one sample without its batch dimension: give it shape {[1, *spec.shape]}"
+                if array.size == per_sample else "")
+        raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
+                        f"batch of {batch_size} (the first dimension of the feeds, or batch_size=); the model "
+                        f"expects {list(spec.shape)} per sample ({per_sample} elements){hint}")
+    return array.reshape(target)
 
 
 class VariableFeedError(ValueError):
