@@ -68,7 +68,11 @@ def validate_endpoint(endpoint: str) -> str:
 
 
 def parse_auth(auth: Optional[str]) -> Optional[tuple[str, str]]:
-    """``'user:password'`` -> ``('user', 'password')``; None stays None; ValueError on any other form."""
+    """``'user:password'`` -> ``('user', 'password')``; None stays None; ValueError on any other form.
+
+    Raises:
+        ValueError: ``auth`` is not ``'user:password'`` with both parts non-empty.
+    """
     if auth is None or auth == "":
         return None
     user, sep, password = auth.partition(":")

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """``--meta KEY=VALUE`` items as a dict.
+
+    Raises:
+        ValueError: an item is not ``KEY=VALUE`` with a non-empty key.
+    """
     meta: dict[str, Any] = {}
     for item in args.meta:
         key, sep, value = item.partition("=")

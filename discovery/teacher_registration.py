@@ -116,6 +116,12 @@ class TeacherRegistration:
                  stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None,
                  health_security: Optional[ClientSecurity] = None,
                  allow_open_acl: bool = False):
+        """Check the arguments.
+
+        Raises:
+            ValueError: no ZooKeeper identity and no ``allow_open_acl``; ``health_interval``/``health_timeout`` not > 0
+                or ``unhealthy_after`` < 1.
+        """
         if not auth and not allow_open_acl:
             raise ValueError(f"no ZooKeeper identity: set {AUTH_ENV}=user:password (or --zk_auth) so that only this "
                              "identity may register teachers, or pass --allow_open_acl to register with an open ACL "
@@ -190,7 +196,13 @@ class TeacherRegistration:
 
     def wait_registered(self, timeout: float) -> str:
         """Block until the node exists; returns its path. Raises the registration's final error, or
-        TimeoutError naming the endpoint and what is missing."""
+        TimeoutError naming the endpoint and what is missing.
+
+        Raises:
+            TimeoutError: the node does not exist after ``timeout`` seconds (names the endpoint and what is missing).
+            DiscoveryError: the registration failed for good (its final error, e.g. ServiceSquattedError,
+                RegistryAuthError).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.node.failed.is_set() and self.node.error is not None:

@@ -29,7 +29,11 @@ LEGACY_HINT = ("set the environment variable FLAGS_enable_pir_api=0 before paddl
 
 
 def import_paddle(what: str) -> Any:
-    """``import paddle``; without it an ImportError that names ``what`` (the part needing paddle) and both extras."""
+    """``import paddle``; without it an ImportError that names ``what`` (the part needing paddle) and both extras.
+
+    Raises:
+        ImportError: paddle is not installed; names ``what`` and the ``[cpu]``/``[gpu]`` extras.
+    """
     try:
         return importlib.import_module("paddle")
     except ImportError as exc:

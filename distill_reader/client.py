@@ -137,6 +137,13 @@ class TeacherClient:
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``protocol``, ``wire`` or ``http_format`` is not one of its values.
+            ConfigError: ``config`` is a path that is not a valid serving config.
+            PaddingOptionError: ``pad_value``/``lengths_feeds`` do not fit the config.
+        """
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
         if wire not in ("auto", "raw", "typed"):
@@ -230,7 +237,15 @@ class TeacherClient:
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split") -> dict[str, Any]:
         """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch
-        (variable-length feeds: see the class doc)."""
+        (variable-length feeds: see the class doc).
+
+        Raises:
+            FeedError: a feed is missing or does not fit the config (dtype, shape, a bad variable-length feed); nothing
+                is sent.
+            TeacherError: the teacher's failure, by class: TeacherUnavailable (down, slow, busy, sick),
+                TeacherRequestRejected (it refused the request as invalid), TeacherAnswerError (an unusable answer),
+                TeacherAuthError / TeacherTlsError (refused credentials, TLS mismatch).
+        """
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
         lod_feeds.check_lod_form(lod_form)
         self._own_connection()

@@ -56,7 +56,12 @@ __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "Teach
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
     """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; the project's one endpoint parser
-    (``distill_base.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
+    (``distill_base.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type.
+
+    Raises:
+        TypeError: ``teachers`` is not a string, list or tuple.
+        ValueError: no endpoint, or an item that is malformed or a wildcard address.
+    """
     if not isinstance(teachers, (str, list, tuple)):
         raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
     endpoints = endpoints_module.parse_endpoints(teachers, what="teacher endpoint", allow_wildcard=False)
@@ -186,6 +191,12 @@ class DistillReader:
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``ins`` or ``predicts`` is empty, or an option is out of range.
+            PaddingOptionError: ``pad_value``/``lengths_feeds`` of a wrong type.
+        """
         padding = Padding.create(pad_value, lengths_feeds)
         if not ins:
             raise ValueError("ins must name at least one slot")
@@ -248,7 +259,11 @@ class DistillReader:
         subscription.start()
 
     def set_teacher_batch_size(self, teacher_batch_size: int) -> None:
-        """Samples per teacher request (a request never crosses a student batch). Default 32."""
+        """Samples per teacher request (a request never crosses a student batch). Default 32.
+
+        Raises:
+            ValueError: ``teacher_batch_size`` < 1.
+        """
         if int(teacher_batch_size) < 1:
             raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
         self.teacher_batch_size = int(teacher_batch_size)

@@ -119,6 +119,11 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
     Raises VariableFeedError naming the feed (and the sample) for a ragged value of a fixed-shape feed, a bad
     ``.lod``, samples whose fixed dimensions do not match the config, or a given lengths feed that does not
     hold its padded feed's lengths.
+
+    Raises:
+        VariableFeedError: ragged values for a fixed-shape feed, ``<name>.lod`` without its feed, a LoD feed given as
+            one array without offsets, bad offsets, a sample of the wrong shape or dtype, or a lengths feed that does
+            not match its feed (names the feed and the sample).
     """
     out = VariableFeeds(feeds={})
     lengths_feeds = lengths_feeds or {}
@@ -172,7 +177,12 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
 def check_given_lengths(name: str, length_name: str, given: Any, lengths: Optional[Sequence[int]],
                         padded: Any) -> None:
     """A caller's lengths feed must hold the lengths of ``name``'s samples (ragged), or lengths within the
-    padded length (an array padded by the caller). Raises VariableFeedError naming the first wrong sample."""
+    padded length (an array padded by the caller). Raises VariableFeedError naming the first wrong sample.
+
+    Raises:
+        VariableFeedError: the lengths feed is not one number per sample, or a length differs from its sample's (ragged)
+            or lies outside the padded length.
+    """
     try:
         values = np.asarray(given).reshape(-1)
         if values.dtype == object:
@@ -240,7 +250,11 @@ def _cast(name: str, index: int, sample: np.ndarray, spec: VarSpec) -> np.ndarra
 
 
 def split_rows(name: str, rows: np.ndarray, offsets: Any) -> list[np.ndarray]:
-    """Per-sample views of ``rows`` cut at ``offsets``; VariableFeedError names the rule a bad LoD breaks."""
+    """Per-sample views of ``rows`` cut at ``offsets``; VariableFeedError names the rule a bad LoD breaks.
+
+    Raises:
+        VariableFeedError: the offsets do not start at 0, decrease, or do not end at the row count.
+    """
     lod = [int(x) for x in np.asarray(offsets).reshape(-1)]
     total = rows.shape[0] if rows.ndim else 0
     if len(lod) < 2 or lod[0] != 0:
@@ -301,7 +315,11 @@ def shape_fetches(config: ServingConfig, outputs: Mapping[str, np.ndarray], lods
 
 
 def check_lod_form(lod_form: str) -> None:
-    """ValueError unless ``lod_form`` is ``split`` or ``serving``."""
+    """ValueError unless ``lod_form`` is ``split`` or ``serving``.
+
+    Raises:
+        ValueError: ``lod_form`` is not ``split`` or ``serving``.
+    """
     if lod_form not in LOD_FORMS:
         raise ValueError(f"lod_form must be one of {LOD_FORMS}, not {lod_form!r}")
 

@@ -93,7 +93,11 @@ class OfflineCache:
         reader.add_stage_wrapper(wrap)
 
     def serving_config(self) -> Optional[Any]:
-        """The serving config stored in the cache (a ``ServingConfig``), or None when there is none."""
+        """The serving config stored in the cache (a ``ServingConfig``), or None when there is none.
+
+        Raises:
+            OfflineCacheError: the stored serving config is not valid.
+        """
         if not os.path.exists(os.path.join(self.path, MANIFEST_NAME)):
             return None
         from google.protobuf import text_format
@@ -152,6 +156,11 @@ class OfflineCacheStage(PredictionStage):
 
     # -- PredictionStage ----------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
+        """Start a pass: read the cache, or write it (asking the teachers) when it is not complete.
+
+        Raises:
+            OfflineCacheError: the cache is empty or incomplete and no teacher is set to fill it.
+        """
         self._reset_epoch()
         if os.path.exists(os.path.join(self.path, MANIFEST_NAME)):
             if self.reader is None or not self.reader.complete:
@@ -190,6 +199,11 @@ class OfflineCacheStage(PredictionStage):
         return self.inner.in_flight_limit() if self.mode == "write" else READ_IN_FLIGHT
 
     def submit(self, task: Task) -> None:
+        """Answer ``task`` from the cache, or pass it to the teachers' stage and store their answer.
+
+        Raises:
+            InputMismatchError: in read mode, a sample whose inputs are not in the cache (names it).
+        """
         start, stop = task.sample_start, task.sample_start + task.size
         self._seen = max(self._seen, stop)
         if self.mode == "read" and not self.settings.check_inputs:
@@ -261,6 +275,11 @@ class OfflineCacheStage(PredictionStage):
         return results
 
     def end_epoch(self, complete: bool) -> Dict[str, Any]:
+        """End the pass: commit what was written (a complete pass completes the cache); returns the stats.
+
+        Raises:
+            KnowledgeError: a complete pass saw another number of samples than the cache holds (the data changed).
+        """
         stats: Dict[str, Any] = {}
         if self._inner_started:
             stats.update(self.inner.end_epoch(complete))

@@ -62,6 +62,11 @@ class SlotPlan:
 
     def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], config: ServingConfig,
                  padding: Optional[Padding] = None):
+        """Check the arguments.
+
+        Raises:
+            ConfigError: a teacher feed is not among ``ins``, or a predict is not a fetch var of the config.
+        """
         self.ins = list(ins)
         self.predicts = list(predicts)
         self.config = config
@@ -88,7 +93,13 @@ class SlotPlan:
         self.fetch_specs = [config.fetch(n) for n in self.predicts]
 
     def sample_feeds(self, samples: Sequence[Sequence[Any]], first: int = 0) -> dict[str, np.ndarray]:
-        """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first)."""
+        """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first).
+
+        Raises:
+            DistillReaderError: a sample has fewer slots than ``ins`` names.
+            FeedError: a slot value does not fit its feed (dtype, shape).
+            RaggedSlotError: a ragged slot whose samples do not fit the feed.
+        """
         feeds = {}
         for index, spec in self.feed_slots:
             try:
@@ -164,6 +175,11 @@ class Gate:
         self.check()
 
     def check(self) -> None:
+        """Return when the reader is open.
+
+        Raises:
+            ReaderClosedError: the reader was closed while the epoch ran.
+        """
         if self.closed.is_set():
             raise ReaderClosedError("the DistillReader was closed (close() was called) while this epoch ran")
 
@@ -218,6 +234,11 @@ class Epoch:
     def __init__(self, kind: str, source: Iterable[Any], plan: SlotPlan, stage: PredictionStage,
                  teacher_batch_size: int, max_pending_tasks: Optional[int] = None, epoch: int = 0,
                  on_end: Optional[Callable[[EpochStats], None]] = None, gate: Optional[Gate] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``kind`` is not one of KINDS, or ``teacher_batch_size`` < 1.
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         if teacher_batch_size < 1:

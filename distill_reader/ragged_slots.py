@@ -56,6 +56,10 @@ def slot_feeds(slot: int, spec: VarSpec, values: Sequence[Any], first_sample: in
 
     Fixed-shape feeds: the samples stacked (``[N, *sample shape]``). Variable-length feeds: rows plus
     ``<name>.lod`` offsets. Raises RaggedSlotError naming the slot and sample for a ragged fixed-shape feed.
+
+    Raises:
+        RaggedSlotError: samples of a fixed-shape feed with different shapes, or a sample whose shape does not fit the
+            feed (names the slot and the sample).
     """
     name = spec.alias_name
     if isinstance(values, np.ndarray) and values.dtype != object and not is_variable(spec):
@@ -137,7 +141,11 @@ def task_digests(feeds: Mapping[str, np.ndarray], size: int) -> np.ndarray:
 
 
 def check_storable(config: ServingConfig, predicts: Sequence[str], path: str) -> None:
-    """Refuse (ValueError naming the predict) predicts of variable length in a knowledge cache at ``path``."""
+    """Refuse (ValueError naming the predict) predicts of variable length in a knowledge cache at ``path``.
+
+    Raises:
+        ValueError: a predict has variable length (a knowledge cache stores fixed shapes).
+    """
     for name in predicts:
         spec = config.fetch(name)
         if is_variable(spec):

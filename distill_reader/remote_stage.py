@@ -176,6 +176,11 @@ class RemoteStage(PredictionStage):
         return self.in_flight_limit() - len(self._tasks)
 
     def submit(self, task: Task) -> None:
+        """Queue ``task`` for a worker process and a teacher.
+
+        Raises:
+            DistillReaderError: no teacher is configured.
+        """
         if not self.pool.dynamic and not self.pool.endpoints:
             raise DistillReaderError("no teacher configured: call set_fixed_teacher(...) or set_dynamic_teacher(...)")
         self._ensure_workers()
@@ -185,6 +190,13 @@ class RemoteStage(PredictionStage):
         self._dispatch()
 
     def poll(self, timeout: float) -> list[TaskResult]:
+        """The tasks answered within ``timeout`` seconds; retries, hedges and failures are handled here.
+
+        Raises:
+            DistillReaderError: the worker processes were stopped during the epoch, or a task failed for good
+                (AllTeachersDownError, TeacherAnswerInvalid, TeacherRequestRefused, TeacherAuthRefused).
+            FeedError: a worker found a feed that does not fit (re-raised with its type).
+        """
         if self._stopped_mid_epoch:
             raise DistillReaderError("the reader's worker processes were stopped (close()) during this epoch")
         self._dispatch()

@@ -160,6 +160,11 @@ class WorkerPool:
 
     def __init__(self, num_workers: int, settings: dict, max_respawns: int = 8, stop_timeout: float = 2.0,
                  healthy_answers: int = 16):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``num_workers`` < 1.
+        """
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, not {num_workers}")
         self.num_workers = num_workers

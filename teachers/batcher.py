@@ -203,7 +203,13 @@ class DynamicBatcher:
 
     def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
                lods: Optional[Mapping[str, list]] = None) -> dict:
-        """``submit_async`` and wait up to ``predict_timeout`` seconds (then PredictorTimeout)."""
+        """``submit_async`` and wait up to ``predict_timeout`` seconds (then PredictorTimeout).
+
+        Raises:
+            PredictorTimeout: no answer within ``predict_timeout`` seconds.
+            BatcherClosed: the batcher is closed.
+            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
+        """
         from .predictor_pool import PredictorTimeout
 
         future = self.submit_async(feeds, fetch, lods)

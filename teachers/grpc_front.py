@@ -41,6 +41,11 @@ class GrpcTeacherServer:
     def __init__(self, handler: InferenceHandler, host: str, port: int, max_body_size: int,
                  observe: Optional[Observer] = None, security: Optional[TransportSecurity] = None,
                  max_concurrent_rpcs: int = 1024):
+        """Check the arguments.
+
+        Raises:
+            OSError: the gRPC port cannot be bound.
+        """
         self.handler = handler
         self.max_body_size = int(max_body_size)
         self._observe = observe

@@ -98,6 +98,11 @@ class HttpFront:
                  metrics: Optional[TeacherMetrics] = None, observe: Optional[Observer] = None,
                  security: Optional[TransportSecurity] = None, max_connections: int = 256,
                  keepalive_timeout: float = 15.0, body_timeout: float = 30.0, request_timeout: float = 120.0):
+        """Check the arguments.
+
+        Raises:
+            OSError: the HTTP port cannot be bound.
+        """
         self.handler = handler
         self.max_body_size = int(max_body_size)
         self.metrics = metrics

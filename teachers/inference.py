@@ -149,7 +149,12 @@ class InferenceHandler:
 
     # -- request -> arrays ----------------------------------------------------------------------------
     def parse(self, request: service_pb2.Request):
-        """(feeds by real name, lods by real name, fetch specs, raw answer?) or RequestError."""
+        """(feeds by real name, lods by real name, fetch specs, raw answer?) or RequestError.
+
+        Raises:
+            RequestError: more tensors than feeds, a missing or doubled feed, feeds of different batch sizes, an unknown
+                fetch, a bad LoD or a tensor that does not fit its feed.
+        """
         feeds: dict[str, np.ndarray] = {}
         lods: dict[str, list] = {}
         raw = False

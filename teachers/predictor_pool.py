@@ -60,6 +60,9 @@ def find_model_files(model_dir: str) -> tuple[str, Optional[str]]:
     Looked for in this order: ``model.pdmodel`` (legacy program) or ``model.json`` (paddle 3 PIR program) with
     ``params.pdiparams``; ``__model__`` (+ ``__params__``); one ``*.pdmodel`` or one ``*.json`` with its
     ``*.pdiparams``. Raises ModelFilesError naming the folder when none is there.
+
+    Raises:
+        ModelFilesError: no inference model in ``model_dir``.
     """
     for model, params in _KNOWN_LAYOUTS:
         if os.path.exists(os.path.join(model_dir, model)):
@@ -166,7 +169,11 @@ class PredictorPool:
             ) -> dict[str, tuple[np.ndarray, list]]:
         """Run one batch; returns {fetch name: (array, lod)} (lod empty when the output has none).
 
-        Raises PredictorTimeout when no predictor is free within ``timeout`` seconds (None: wait forever)."""
+        Raises PredictorTimeout when no predictor is free within ``timeout`` seconds (None: wait forever).
+
+        Raises:
+            PredictorTimeout: no predictor free within ``timeout`` seconds.
+        """
         try:
             predictor = self._idle.get(timeout=timeout)
         except queue.Empty:

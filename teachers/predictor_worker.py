@@ -93,6 +93,11 @@ class Worker:
         return wire.attach_block(name)
 
     def serve(self) -> None:
+        """Run jobs from the server until the channel closes.
+
+        Raises:
+            ProtocolError: the server sent a message that is not a job.
+        """
         while True:
             message = wire.receive(self.sock)
             if message is None or message["kind"] == "stop":

@@ -59,7 +59,11 @@ def _fd_limit() -> int:
 
 
 def port_number(value: str) -> int:
-    """argparse type: a TCP port 0-65535 (0: any free port)."""
+    """argparse type: a TCP port 0-65535 (0: any free port).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer in 0-65535.
+    """
     try:
         port = int(value)
     except ValueError:
@@ -84,7 +88,11 @@ def at_least(minimum: int):
 
 
 def seconds(value: str, allow_zero: bool = False) -> float:
-    """argparse type: a finite number of seconds (or milliseconds, where the flag says so), > 0."""
+    """argparse type: a finite number of seconds (or milliseconds, where the flag says so), > 0.
+
+    Raises:
+        argparse.ArgumentTypeError: not a finite number > 0 (>= 0 with ``allow_zero``).
+    """
     try:
         number = float(value)
     except ValueError:
@@ -101,7 +109,11 @@ def wait_ms(value: str) -> float:
 
 
 def str2bool(value) -> bool:
-    """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``)."""
+    """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``).
+
+    Raises:
+        argparse.ArgumentTypeError: not one of the accepted spellings.
+    """
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -263,7 +275,11 @@ def _gpu_ids(text: str) -> list[int]:
 
 
 def resolve_device(args: argparse.Namespace, has_cuda: bool, gpu_count: int) -> list[int]:
-    """GPU ids to use ([] = CPU), warning about every flag that cannot be honoured."""
+    """GPU ids to use ([] = CPU), warning about every flag that cannot be honoured.
+
+    Raises:
+        ServeError: ``--device gpu`` on a CPU build of paddle, or a ``--gpu_ids`` entry this machine does not have.
+    """
     ids = _gpu_ids(args.gpu_ids)
     if args.device == "gpu" and not has_cuda:
         raise ServeError("--device gpu: paddle is compiled without CUDA (CPU wheel); install paddlepaddle-gpu "
@@ -412,6 +428,11 @@ class TeacherService:
     and ``drain`` at the end."""
 
     def __init__(self, args: argparse.Namespace):
+        """Check the arguments.
+
+        Raises:
+            ServeError: more than one ``--model``, a bad serving config, or a bad option (the ValueError's message).
+        """
         from .predictor_pool import PredictorOptions
         from .security import TransportSecurity
 
@@ -457,7 +478,11 @@ class TeacherService:
 
     def load(self) -> None:
         """Start the predictor worker processes, check the model, decide on merging (blocking; before the loop
-        serves)."""
+        serves).
+
+        Raises:
+            ServeError: a worker cannot load the model, or the config names inputs/outputs the model does not have.
+        """
         from .batcher import DynamicBatcher
         from .errors import WorkerLoadError
         from .metrics import TeacherMetrics

@@ -318,7 +318,11 @@ class WorkerPool:
         """Start every worker and wait until all are ready.
 
         Raises WorkerLoadError (one line: the worker, the signal or error, the Paddle pass) when one cannot load
-        the model; no worker is left running then."""
+        the model; no worker is left running then.
+
+        Raises:
+            WorkerLoadError: a worker cannot load the model (one line; no worker is left running).
+        """
         now = time.monotonic()
         for slot in self._slots:
             slot.due = now
@@ -372,7 +376,15 @@ class WorkerPool:
         Raises PredictorTimeout when no worker is free within ``timeout`` (default ``predict_timeout``)
         seconds; WorkerTimeout when the run passes ``run_timeout`` (the worker is killed and replaced);
         WorkerLost when the worker dies meanwhile; ModelRejectedInput when the model refuses the input;
-        RuntimeError for other predictor errors."""
+        RuntimeError for other predictor errors.
+
+        Raises:
+            PredictorTimeout: no worker free in time.
+            WorkerTimeout: the run took longer than its bound (the worker is killed and replaced).
+            WorkerLost: the worker died or broke the protocol while it held the run.
+            ModelRejectedInput: the model refused the input.
+            RuntimeError: any other predictor error.
+        """
         worker = self._borrow(self.predict_timeout if timeout is None else timeout)
         limit = self.predict_timeout if run_timeout is None else run_timeout
         bound = "--predict_timeout" if run_timeout is None else "the start-up run timeout"

@@ -51,6 +51,10 @@ def send(sock: socket.socket, kind: str, **fields) -> None:
     """Send one message ``{"kind": kind, **fields}``.
 
     Raises ProtocolError when it would be over MAX_MESSAGE; OSError (BrokenPipeError, ...) when the peer is gone.
+
+    Raises:
+        ProtocolError: the message would be over MAX_MESSAGE.
+        OSError: the peer is gone (BrokenPipeError, ...).
     """
     data = json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
@@ -62,6 +66,9 @@ def receive(sock: socket.socket) -> Optional[dict]:
     """The next message, or None when the peer closed the channel (it exited or died).
 
     Raises ProtocolError for a message that is not a JSON object with a string ``kind``.
+
+    Raises:
+        ProtocolError: a message that is not JSON, or not an object with a string ``kind``.
     """
     try:
         data = sock.recv(MAX_MESSAGE + 1)
@@ -132,7 +139,11 @@ def layout_size(arrays: Mapping[str, np.ndarray]) -> int:
 def write_arrays(block: shared_memory.SharedMemory, arrays: Mapping[str, np.ndarray]) -> list:
     """Copy ``arrays`` into ``block`` back to back (aligned); returns their layout for a message.
 
-    Raises ProtocolError when they do not fit (check ``layout_size`` first)."""
+    Raises ProtocolError when they do not fit (check ``layout_size`` first).
+
+    Raises:
+        ProtocolError: the arrays do not fit ``block``.
+    """
     if layout_size(arrays) > block.size:
         raise ProtocolError(f"{layout_size(arrays)} bytes of arrays do not fit a block of {block.size}")
     layout, offset = [], 0
@@ -147,7 +158,11 @@ def write_arrays(block: shared_memory.SharedMemory, arrays: Mapping[str, np.ndar
 def read_arrays(block: shared_memory.SharedMemory, layout: list, copy: bool = False) -> dict[str, np.ndarray]:
     """The arrays of ``layout`` in ``block``: views on the block, or private copies with ``copy``.
 
-    Raises ProtocolError for a layout entry that is malformed or reaches past the block."""
+    Raises ProtocolError for a layout entry that is malformed or reaches past the block.
+
+    Raises:
+        ProtocolError: a layout entry is malformed or reaches past the block.
+    """
     arrays = {}
     for entry in layout:
         try:

@@ -59,7 +59,11 @@ class PirProgramError(TypeError):
 
 
 def require_legacy(api: str, **programs) -> None:
-    """Raise PirProgramError naming ``api`` and the argument when one of ``programs`` is a PIR program."""
+    """Raise PirProgramError naming ``api`` and the argument when one of ``programs`` is a PIR program.
+
+    Raises:
+        PirProgramError: one of ``programs`` is a PIR program (names ``api`` and the argument).
+    """
     for arg, program in programs.items():
         if program is not None and is_pir_program(program):
             raise PirProgramError(
