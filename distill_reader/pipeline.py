@@ -96,9 +96,9 @@ class SlotPlan:
         """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first).
 
         Raises:
-            DistillReaderError: a sample has fewer slots than ``ins`` names.
+            DistillReaderError: a sample has fewer slots than ``ins`` names, a ragged slot whose samples do not fit
+                the feed, or a lengths slot that is not its padded slot's lengths (names the sample).
             FeedError: a slot value does not fit its feed (dtype, shape).
-            RaggedSlotError: a ragged slot whose samples do not fit the feed.
         """
         feeds = {}
         for index, spec in self.feed_slots:
