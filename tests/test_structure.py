@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,60 @@ def test_package_arrows_point_down_only():
 def test_no_two_packages_import_each_other():
     edges = package_graph()
     assert [pair for pair in edges if pair[::-1] in edges] == []
+
+
+def _module_file(module: str) -> str | None:
+    """The file of first-party ``module`` in this checkout, or None."""
+    path = os.path.join(ROOT, *module.split("."))
+    for candidate in (path + ".py", os.path.join(path, "__init__.py")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _binds(path: str, name: str) -> bool:
+    """True when the module at ``path`` binds ``name`` at its top level (a def, class, assignment or import), or
+    may (a star import; a module ``__getattr__`` that serves the name as a string)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    bound: set[str] = set()
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+    lazy = "__getattr__" in bound and re.search(rf"[\"']{name}[\"']", text) is not None
+    return name in bound or "*" in bound or lazy
+
+
+def test_every_first_party_import_names_a_module_of_this_checkout():
+    """After a rename no import may name the old path: an editable install of another checkout would otherwise
+    serve the old module silently. ``from X import y`` needs ``y`` to be a submodule or a name in X's source."""
+    first_party = (*PACKAGES, "tests", "benchmarks")
+    broken = []
+    for folder in (*PACKAGES, "tests", "benchmarks", "examples", "scripts"):
+        for module, path, tree in _modules(folder):
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    wanted = [(alias.name, None) for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    name = next(iter(_imported(module, path, ast.Module([node], []))))[0]
+                    wanted = [(name, alias.name) for alias in node.names]
+                else:
+                    continue
+                for name, attribute in wanted:
+                    if name.split(".")[0] not in first_party:
+                        continue
+                    source = _module_file(name)
+                    if source is None:
+                        broken.append(f"{module}:{node.lineno} {name}")
+                    elif attribute not in (None, "*") and _module_file(f"{name}.{attribute}") is None:
+                        if not _binds(source, attribute):
+                            broken.append(f"{module}:{node.lineno} {name}.{attribute}")
+    assert broken == []
 
 
 def test_the_checker_sees_lazy_and_relative_imports():

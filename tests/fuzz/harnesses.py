@@ -40,7 +40,7 @@ from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_te
 from distill_reader.client import TeacherClient, TeacherError
 from distill_reader.knowledge import KnowledgeError, KnowledgeReader
 from distill_reader.knowledge.manifest import MANIFEST_NAME, read_manifest
-from distill_reader.pantheon import frames, merge
+from distill_reader.pantheon import frames, knowledge_merge
 from distill_reader.pantheon.errors import PantheonError
 from distill_reader.pantheon.student import _OnlineTeacher
 from distill_reader.pantheon.transport import Connection
@@ -282,10 +282,11 @@ def pantheon_frame(data: bytes) -> None:
     kind, value, _ = frames.decode_frame(header, body)
     if kind == "desc":
         frames.frame_limit(value)
-        merged = merge.merge_descs([value, value], {key: "mean" for key in value} if isinstance(value, dict) else {})
+        strategy = {key: "mean" for key in value} if isinstance(value, dict) else {}
+        merged = knowledge_merge.merge_descs([value, value], strategy)
         frames.frame_limit(merged)
     elif kind == "batch":
-        merge.conform(value, PANTHEON_DESC, "the teacher")
+        knowledge_merge.conform(value, PANTHEON_DESC, "the teacher")
 
 
 _KEYS = (b"k" * 32, b"k" * 32)
@@ -339,7 +340,7 @@ def _student_pass(student: _OnlineTeacher, outcome: list) -> None:
         desc = student.request_desc()
         student.start_pass()
         for batch in student.stream():
-            merge.conform(batch, desc, student.name)
+            knowledge_merge.conform(batch, desc, student.name)
     except Exception as exc:  # noqa: BLE001 - handed to the harness, which tells documented from not
         outcome.append(exc)
 
