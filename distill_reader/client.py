@@ -242,6 +242,7 @@ class TeacherClient:
         Raises:
             FeedError: a feed is missing or does not fit the config (dtype, shape, a bad variable-length feed); nothing
                 is sent.
+            ValueError: ``lod_form`` is not ``split`` or ``serving``.
             TeacherError: the teacher's failure, by class: TeacherUnavailable (down, slow, busy, sick),
                 TeacherRequestRejected (it refused the request as invalid), TeacherAnswerError (an unusable answer),
                 TeacherAuthError / TeacherTlsError (refused credentials, TLS mismatch).
