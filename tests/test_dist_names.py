@@ -110,3 +110,9 @@ def test_dist_is_paddleslims_name_for_the_inprocess_package():
     assert all(getattr(distill_reader.dist, name) is getattr(inprocess, name) for name in inprocess.__all__)
     assert merge is inprocess.merge and soft_label_loss is inprocess.soft_label_loss
     assert dist.functional.kl_div_loss is inprocess.functional.kl_div_loss
+    # the submodule spellings of earlier releases
+    from distill_reader.dist.functional import kl_div_loss
+    from distill_reader.dist.merge import MergeError
+
+    assert kl_div_loss is inprocess.functional.kl_div_loss and MergeError is inprocess.MergeError
+    assert dist.merge is inprocess.merge   # the function, not the module of the same old name

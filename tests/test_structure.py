@@ -80,8 +80,17 @@ def test_no_two_packages_import_each_other():
     assert [pair for pair in edges if pair[::-1] in edges] == []
 
 
+# Submodule names that distill_reader/dist.py (PaddleSlim's name, an alias module) registers in sys.modules.
+ALIASES = {"distill_reader.dist.merge": "distill_reader.inprocess.program_merge",
+           "distill_reader.dist.": "distill_reader.inprocess."}
+
+
 def _module_file(module: str) -> str | None:
     """The file of first-party ``module`` in this checkout, or None."""
+    for old, new in ALIASES.items():
+        if module == old or (old.endswith(".") and module.startswith(old)):
+            module = new + module[len(old):] if old.endswith(".") else new
+            break
     path = os.path.join(ROOT, *module.split("."))
     for candidate in (path + ".py", os.path.join(path, "__init__.py")):
         if os.path.isfile(candidate):

@@ -18,7 +18,7 @@ os.environ.setdefault("FLAGS_enable_pir_api", "0")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-import distill_reader.inprocess as dist  # noqa: E402
+import distill_reader.dist as dist  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--as-written", action="store_true",

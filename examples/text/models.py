@@ -175,7 +175,7 @@ def train_student(corpus: Corpus, seed: int, epochs: int, batches: Callable[[int
     import paddle
     import paddle.nn.functional as F
 
-    from distill_reader.inprocess.functional import kl_div_loss
+    from distill_reader.dist.functional import kl_div_loss
 
     paddle.disable_static()   # (exporting the teacher leaves paddle in static mode)
     model = make_student(corpus.vocab_size, len(corpus.categories), seed)
