@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 
 from fake_teacher import fake_config  # noqa: E402
 
-from discovery.registry import TEACHER_PREFIX  # noqa: E402
+from discovery.arguments import TEACHER_PREFIX  # noqa: E402
 from discovery.teacher_registration import TeacherRegistration  # noqa: E402
 from distill_reader import DistillReader  # noqa: E402
 from tests.support.procs import free_port, wait_for  # noqa: E402

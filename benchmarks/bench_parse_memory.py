@@ -2,8 +2,8 @@
 
 For each form (raw ``tensor_content``; Paddle Serving's typed fields for int64 with small and large values,
 int32, float32, float64, bool) a body of ``--elements`` values is written to a file; a fresh process reads it,
-then parses it as the server does (``teachers.server.read_request``: the decoded-size bound of
-``distill_reader/wire_size.py``, then ``Request.ParseFromString``; then ``InferenceHandler.parse``), and reports its
+then parses it as the server does (``teachers.grpc_front.read_request``: the decoded-size bound of
+``distill_base/wire_size.py``, then ``Request.ParseFromString``; then ``InferenceHandler.parse``), and reports its
 peak resident memory (``VmHWM``, reset just before) over the resident memory before parsing, divided by the body
 size (Linux only); "refused" marks a body the bound refused before protobuf parsed it (err_no 5000).
 ``--compare DIR`` runs the same measurement with another checkout's code (e.g. the code before a change, which
@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -31,11 +32,20 @@ ELEM_TYPES = {"int64": 0, "float32": 1, "int32": 2, "float64": 3, "bool": 9}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ground(name: str):
+    """A module shared by both sides of the wire, in this checkout (``distill_base``) or in one from before the
+    ground package (``distill_reader``), so that ``--compare`` can run an older checkout."""
+    try:
+        return importlib.import_module(f"distill_base.{name}")
+    except ImportError:
+        return importlib.import_module(f"distill_reader.{name}")
+
+
 def make_body(path: str, dtype: str, raw: bool, value: int, elements: int) -> None:
     import numpy as np
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.tensor_codec import encode_tensor
+    service_pb2 = _ground("proto.general_model_service_pb2")
+    encode_tensor = _ground("tensor_codec").encode_tensor
 
     request = service_pb2.Request()
     encode_tensor(np.full((elements, 1), value, dtype), "x", raw=raw, out=request.tensor.add())
@@ -49,16 +59,20 @@ def measure(path: str, dtype: str) -> str:
 
     import numpy as np  # noqa: F401 - loaded before the measurement starts
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.serving_config import ServingConfig, VarSpec
     from teachers.inference import InferenceHandler
+
+    service_pb2 = _ground("proto.general_model_service_pb2")
+    ServingConfig, VarSpec = _ground("serving_config").ServingConfig, _ground("serving_config").VarSpec
 
     config = ServingConfig(feeds=(VarSpec("x", "x", ELEM_TYPES[dtype], (1,)),), fetches=(VarSpec("y", "y", 1, (1,)),))
     handler = InferenceHandler(config)
-    try:
-        from teachers.server import read_request
-    except ImportError:   # a checkout from before the bound
-        read_request = None
+    read_request = None   # a checkout from before the bound parses every body
+    for front in ("teachers.grpc_front", "teachers.server"):   # the gRPC front's module, then its older name
+        try:
+            read_request = importlib.import_module(front).read_request
+            break
+        except (ImportError, AttributeError):
+            continue
     with open(path, "rb") as f:
         body = f.read()
     gc.collect()
@@ -71,7 +85,7 @@ def measure(path: str, dtype: str) -> str:
         request.ParseFromString(body)
         handler.parse(request)
     else:
-        from distill_reader.wire_size import DecodedSizeError
+        DecodedSizeError = _ground("wire_size").DecodedSizeError
         try:
             handler.parse(read_request(body))
         except DecodedSizeError:
@@ -85,9 +99,9 @@ def scan_cost(dtype: str, raw: bool, value: int, elements: int, repeat: int) -> 
 
     import numpy as np
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.tensor_codec import encode_tensor
-    from distill_reader.wire_size import DecodedSizeError, check_decoded_size
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.tensor_codec import encode_tensor
+    from distill_base.wire_size import DecodedSizeError, check_decoded_size
 
     request = service_pb2.Request(fetch_var_names=["y"])
     encode_tensor(np.full((elements, 1), value, dtype), "x", raw=raw, out=request.tensor.add())

@@ -68,8 +68,8 @@ def raw_processes_rate(server_dir: str, processes: int, batch: int, seconds: flo
 
 
 def encoded(feed: str, array: np.ndarray, fetch: str) -> bytes:
-    from distill_reader.proto import general_model_service_pb2 as pb
-    from distill_reader.tensor_codec import encode_tensor
+    from distill_base.proto import general_model_service_pb2 as pb
+    from distill_base.tensor_codec import encode_tensor
 
     request = pb.Request(fetch_var_names=[fetch])
     encode_tensor(array, name=feed, alias_name=feed, raw=True, out=request.tensor.add())
@@ -80,7 +80,7 @@ def server_rate(endpoint: str, body: bytes, batch: int, clients: int, seconds: f
     """Samples/s that ``clients`` threads of this one process get sending ``body`` back to back."""
     import grpc
 
-    from distill_reader.proto import general_model_service_pb2 as pb
+    from distill_base.proto import general_model_service_pb2 as pb
 
     counts = [0] * clients
     errors: list = []
@@ -113,7 +113,7 @@ def server_rate(endpoint: str, body: bytes, batch: int, clients: int, seconds: f
 def health_during_long_prediction(tmp: str, count_to: float) -> None:
     import grpc
 
-    from distill_reader.proto import general_model_service_pb2 as pb
+    from distill_base.proto import general_model_service_pb2 as pb
 
     server_dir, _ = save_counting_model(os.path.join(tmp, "counting"))
     with TeacherServer(server_dir, thread=2, max_batch_size=0, spare=True,

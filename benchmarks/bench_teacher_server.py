@@ -108,8 +108,8 @@ def _teacher_client(endpoint: str, conf: str, batch: int, seconds: float, start_
 
 def encoded_request(batch: int) -> bytes:
     """The serialized Request for ``batch`` test images (raw tensor_content), built once per client."""
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.tensor_codec import encode_tensor
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.tensor_codec import encode_tensor
 
     request = service_pb2.Request(fetch_var_names=["prediction"], log_id=1)
     encode_tensor(mnist_like_images(batch), name="img", alias_name="img", raw=True, out=request.tensor.add())
@@ -122,8 +122,8 @@ def _raw_client(endpoint: str, expected, batch: int, seconds: float, start_at: f
     import grpc
     import numpy as np
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.tensor_codec import decode_tensor
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.tensor_codec import decode_tensor
 
     body = encoded_request(batch)
     limit = 64 * 1024 * 1024

@@ -29,10 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill_reader.proto import general_model_service_pb2 as service_pb2  # noqa: E402
-from distill_reader.proto import general_model_service_pb2_grpc as service_grpc  # noqa: E402
-from distill_reader.serving_config import CLIENT_CONF, ServingConfig, VarSpec  # noqa: E402
-from distill_reader.tensor_codec import decode_tensor, encode_tensor  # noqa: E402
+from distill_base.proto import general_model_service_pb2 as service_pb2  # noqa: E402
+from distill_base.proto import general_model_service_pb2_grpc as service_grpc  # noqa: E402
+from distill_base.serving_config import CLIENT_CONF, ServingConfig, VarSpec  # noqa: E402
+from distill_base.tensor_codec import decode_tensor, encode_tensor  # noqa: E402
 
 logger = logging.getLogger("fake_teacher")
 

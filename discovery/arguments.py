@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from distill_reader.endpoints import parse_endpoint, parse_endpoints
+from distill_base.endpoints import parse_endpoint, parse_endpoints
 
 DEFAULT_ROOT = "/distill"
 # Why 6 s: a dead machine's teachers leave every student's list within 6-8 s, while a process stalled for up to
@@ -68,7 +68,11 @@ def validate_endpoint(endpoint: str) -> str:
 
 
 def parse_auth(auth: Optional[str]) -> Optional[tuple[str, str]]:
-    """``'user:password'`` -> ``('user', 'password')``; None stays None; ValueError on any other form."""
+    """``'user:password'`` -> ``('user', 'password')``; None stays None; ValueError on any other form.
+
+    Raises:
+        ValueError: ``auth`` is not ``'user:password'`` with both parts non-empty.
+    """
     if auth is None or auth == "":
         return None
     user, sep, password = auth.partition(":")

@@ -61,7 +61,11 @@ class StudentInfo:
 
 
 def load_document(value: bytes, max_bytes: int = MAX_NODE_BYTES) -> dict[str, Any]:
-    """A JSON object from untrusted node data of at most ``max_bytes``; NodeDataError naming the broken limit."""
+    """A JSON object from untrusted node data of at most ``max_bytes``; NodeDataError naming the broken limit.
+
+    Raises:
+        NodeDataError: the data is missing or over ``max_bytes``, not UTF-8 JSON, nested too deep, or not an object.
+    """
     if value is None or len(value) > max_bytes:
         raise NodeDataError(f"{len(value or b'')} bytes of data (at most {max_bytes} accepted)")
     depth = nesting_depth(value)
@@ -102,7 +106,11 @@ def nesting_depth(value: bytes) -> int:
 
 
 def parse_teacher(name: str, value: bytes) -> TeacherInfo:
-    """The teacher in node ``name``; NodeDataError unless its data is a document with a dialable ``endpoint``."""
+    """The teacher in node ``name``; NodeDataError unless its data is a document with a dialable ``endpoint``.
+
+    Raises:
+        NodeDataError: the data is not a bounded JSON object with a dialable ``endpoint``.
+    """
     document = load_document(value)
     try:
         endpoint = validate_endpoint(document["endpoint"])
@@ -114,7 +122,12 @@ def parse_teacher(name: str, value: bytes) -> TeacherInfo:
 
 
 def parse_student(name: str, value: bytes) -> StudentInfo:
-    """The student in node ``name``; NodeDataError for data out of bounds (an id too long, a bad maximum)."""
+    """The student in node ``name``; NodeDataError for data out of bounds (an id too long, a bad maximum).
+
+    Raises:
+        NodeDataError: the data is out of bounds (a ``student_id`` too long, a ``require_max_teacher`` outside
+            1-MAX_REQUIRE_TEACHERS) or not a bounded JSON object.
+    """
     document = load_document(value)
     student_id = document.get("student_id", name)
     wanted = document.get("require_max_teacher", 1)
@@ -142,7 +155,12 @@ class Assignment:
 def parse_assignment(name: str, value: bytes) -> Assignment:
     """The assignment in node ``name``; NodeDataError unless ``teachers`` lists at most MAX_REQUIRE_TEACHERS
     teacher node names (``teacher-`` and 10 digits: nothing that leads out of the service folder) and
-    ``endpoints`` as many dialable endpoints; at most MAX_ASSIGNMENT_BYTES of data."""
+    ``endpoints`` as many dialable endpoints; at most MAX_ASSIGNMENT_BYTES of data.
+
+    Raises:
+        NodeDataError: ``teachers`` and ``endpoints`` are not two lists of the same length, hold too many entries, a
+            name that is not a teacher node name or an endpoint that cannot be dialled.
+    """
     document = load_document(value, MAX_ASSIGNMENT_BYTES)
     teachers, endpoints = document.get("teachers"), document.get("endpoints")
     if not isinstance(teachers, list) or not isinstance(endpoints, list) or len(teachers) != len(endpoints):

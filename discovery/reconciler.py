@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from distill_reader.backoff import backoff_delay
+from distill_base.backoff import backoff_delay
 
 from .session import RetryInterrupted
 
@@ -63,6 +63,11 @@ class Reconciler:
     def __init__(self, name: str, reconcile: Callable[[], Optional[float]], *, interval: Optional[float] = None,
                  settle: float = 0.0, retry_base: float = 1.0, retry_cap: float = 5.0,
                  deadline: Optional[float] = None, on_give_up: Optional[Callable[[BaseException], None]] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``interval`` <= 0, or not 0 < ``retry_base`` <= ``retry_cap``.
+        """
         if interval is not None and interval <= 0:
             raise ValueError(f"interval must be > 0 seconds or None, not {interval}")
         if retry_base <= 0 or retry_cap < retry_base:

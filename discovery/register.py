@@ -20,8 +20,8 @@ import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
-from distill_reader.cli_help import DefaultsHelpFormatter
-from distill_reader.client_security import ClientSecurity
+from distill_base.cli_help import DefaultsHelpFormatter
+from distill_base.client_security import ClientSecurity
 
 from .arguments import (
     AUTH_ENV,
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """``--meta KEY=VALUE`` items as a dict.
+
+    Raises:
+        ValueError: an item is not ``KEY=VALUE`` with a non-empty key.
+    """
     meta: dict[str, Any] = {}
     for item in args.meta:
         key, sep, value = item.partition("=")

@@ -127,7 +127,11 @@ def moved_assignments(before: Mapping[str, Sequence[str]], after: Mapping[str, S
 def checked_membership(students: Sequence[str], teachers: Sequence[str],
                        require_max: Union[int, Mapping[str, int]]) -> tuple[list[int], list[str]]:
     """(teachers wanted per student, the distinct teachers in name order); ValueError for duplicate student ids or
-    a bad ``require_max``. Shared by ``fair_share`` and ``discovery.rebalance.rebalance``."""
+    a bad ``require_max``. Shared by ``fair_share`` and ``discovery.rebalance.rebalance``.
+
+    Raises:
+        ValueError: duplicate student ids, or a ``require_max`` that is not an integer >= 1.
+    """
     if len(set(students)) != len(students):
         raise ValueError(f"duplicate student ids in {list(students)}")
     return [_wanted(require_max, student) for student in students], sorted(set(teachers))

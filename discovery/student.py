@@ -91,6 +91,12 @@ class TeacherSubscription:
                  auth: Optional[str] = None, student_id: Optional[str] = None,
                  session_timeout: float = DEFAULT_SESSION_TIMEOUT, tls: Optional[bool] = None,
                  assignment_wait: float = 5.0):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``require_max_teacher`` is not an integer >= 1, or ``assignment_wait`` not a positive number of
+                seconds.
+        """
         if isinstance(require_max_teacher, bool) or not isinstance(require_max_teacher, int) \
                 or require_max_teacher < 1:
             raise ValueError(f"require_max_teacher must be an integer >= 1, not {require_max_teacher!r}")
@@ -172,7 +178,12 @@ class TeacherSubscription:
         return self.session.connected
 
     def wait_for_teachers(self, timeout: float) -> list[str]:
-        """Block until this student's share is not empty; returns it. NoTeachersError after ``timeout``."""
+        """Block until this student's share is not empty; returns it. NoTeachersError after ``timeout``.
+
+        Raises:
+            NoTeachersError: no teacher was assigned to this student within ``timeout`` seconds (names the service,
+                ZooKeeper and the connection state).
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             while not self._endpoints:

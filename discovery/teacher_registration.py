@@ -10,7 +10,7 @@ Rules:
 - ``unhealthy_after`` failed checks in a row remove the node; the next good check registers it again. A teacher
   that keeps flapping waits longer each time before it comes back (doubling up to ``max_recover_delay``, with
   jitter), and is forgiven after ``stable_after`` seconds of good health;
-- a ZooKeeper session loss is followed by a new session and a new node (see ``registry.EphemeralNode``);
+- a ZooKeeper session loss is followed by a new session and a new node (see ``discovery.ephemeral.EphemeralNode``);
 - ``stop()`` removes the node and closes the session.
 
 Example::
@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distill_reader.backoff import backoff_delay
-from distill_reader.client_security import ClientSecurity
+from distill_base.backoff import backoff_delay
+from distill_base.client_security import ClientSecurity
 
 from .acls import ensure_service, teacher_node_acl
 from .arguments import AUTH_ENV, DEFAULT_ROOT, DEFAULT_SESSION_TIMEOUT, TEACHER_PREFIX, ServicePaths, validate_endpoint
@@ -103,7 +103,7 @@ class TeacherRegistration:
         health_interval: seconds between health checks.
         health_timeout: seconds one health check may take.
         unhealthy_after: failed checks in a row before the node is removed.
-        session_timeout: ZooKeeper session timeout in seconds (see registry.DEFAULT_SESSION_TIMEOUT).
+        session_timeout: ZooKeeper session timeout in seconds (see discovery.arguments.DEFAULT_SESSION_TIMEOUT).
         health_check: replaces the gRPC health probe (a callable returning True when healthy).
         health_security: TLS files for the health probe of a teacher that serves TLS (``ClientSecurity``);
             with TLS the node says ``"tls": true``, so that students connect the right way.
@@ -116,6 +116,12 @@ class TeacherRegistration:
                  stable_after: float = 60.0, health_check: Optional[Callable[[], bool]] = None,
                  health_security: Optional[ClientSecurity] = None,
                  allow_open_acl: bool = False):
+        """Check the arguments.
+
+        Raises:
+            ValueError: no ZooKeeper identity and no ``allow_open_acl``; ``health_interval``/``health_timeout`` not > 0
+                or ``unhealthy_after`` < 1.
+        """
         if not auth and not allow_open_acl:
             raise ValueError(f"no ZooKeeper identity: set {AUTH_ENV}=user:password (or --zk_auth) so that only this "
                              "identity may register teachers, or pass --allow_open_acl to register with an open ACL "
@@ -192,7 +198,13 @@ class TeacherRegistration:
 
     def wait_registered(self, timeout: float) -> str:
         """Block until the node exists; returns its path. Raises the registration's final error, or
-        TimeoutError naming the endpoint and what is missing."""
+        TimeoutError naming the endpoint and what is missing.
+
+        Raises:
+            TimeoutError: the node does not exist after ``timeout`` seconds (names the endpoint and what is missing).
+            DiscoveryError: the registration failed for good (its final error, e.g. ServiceSquattedError,
+                RegistryAuthError).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.node.failed.is_set() and self.node.error is not None:

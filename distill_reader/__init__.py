@@ -1,8 +1,8 @@
 """distill-reader: service-based knowledge distillation for PaddlePaddle.
 
 ``DistillReader`` wraps a student's data generator and appends the predictions of remote teachers
-(Paddle Serving endpoints) to every sample. ``distill_reader.dist`` holds in-process distillation
-(program merge and distillation losses).
+(Paddle Serving endpoints) to every sample. ``distill_reader.inprocess`` holds in-process distillation
+(program merge and distillation losses), also importable under PaddleSlim's name ``distill_reader.dist``.
 
 Example::
 
@@ -16,16 +16,19 @@ import numpy  # noqa: F401
 
 __version__ = "0.1.0"
 
-# Public names -> the module that holds them; imported lazily, so that `import distill_reader.client` does not
+# Public names -> the module that holds them (relative: in this package; dotted: in distill_base, the ground the
+# teacher server shares, re-exported here so that `from distill_reader import ServingConfig` goes on working);
+# imported lazily, so that `import distill_reader.client` does not
 # import the reader's machinery (nor the reader the client's gRPC stack before it is needed).
 _EXPORTS = {
     **dict.fromkeys(("DistillReader", "DistillReaderError", "AllTeachersDownError", "TeacherAnswerInvalid",
-                     "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"), "reader"),
+                     "TeacherRequestRefused", "TeacherAuthRefused", "ReaderClosedError"), "distill_reader"),
     **dict.fromkeys(("TeacherClient", "TeacherError", "TeacherUnavailable", "TeacherAnswerError", "TeacherAuthError",
-                     "TeacherTlsError", "TeacherRequestRejected", "FeedError"), "client"),
-    "ClientSecurity": "client_security",
+                     "TeacherTlsError", "TeacherRequestRejected"), "client"),
+    "FeedError": "feeds",
+    "ClientSecurity": "distill_base.client_security",
     "PaddingOptionError": "padding",
-    **dict.fromkeys(("ServingConfig", "ConfigError"), "serving_config"),
+    **dict.fromkeys(("ServingConfig", "ConfigError"), "distill_base.serving_config"),
 }
 __all__ = [*_EXPORTS, "__version__"]
 
@@ -34,7 +37,8 @@ def __getattr__(name):
     import importlib
 
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name == "dist":
-        return importlib.import_module(".dist", __name__)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f".{module}", __name__), name)
+    if name in ("dist", "inprocess"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'distill_reader' has no attribute {name!r}")

@@ -8,7 +8,7 @@ Keepalive pings and servers' ping policies: gRPC servers refuse pings more often
 (grpc-core's default: one every 5 minutes without data, two strikes, then GOAWAY ``too_many_pings``, which fails
 every call on the connection); Paddle Serving's brpc server and gRPC proxies have policies of their own. So the
 client pings only a server known to permit it: ``teachers.serve`` (it answers the standard health service, and
-its ping policy in teachers/server.py allows one ping every 500 ms, no strikes); against any other server pings
+its ping policy in teachers/grpc_front.py allows one ping every 500 ms, no strikes); against any other server pings
 are off. A GOAWAY
 ``too_many_pings`` all the same (a proxy in between) turns them off for that endpoint and the call is retried
 once at once on a fresh connection: the teacher is not set aside.

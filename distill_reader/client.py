@@ -22,11 +22,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import grpc
 import numpy as np
 import requests
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import lod as lod_feeds
+from distill_base.client_security import ClientSecurity
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_config import ServingConfig
+from distill_base.serving_json import parse_response, request_to_json
+from distill_base.status_codes import StatusClass, status_class
+from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
+from distill_base.wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, check_decoded_size
+
+from . import feeds as lod_feeds
 from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -35,13 +42,8 @@ from .channel_options import (
     http_timeouts,
     is_too_many_pings,
 )
-from .client_security import ClientSecurity
+from .feeds import FeedError, prepare_feed
 from .padding import Padding, PadValue
-from .proto import general_model_service_pb2 as service_pb2
-from .serving_config import ServingConfig, VarSpec
-from .status_codes import StatusClass, status_class
-from .tensor_codec import TensorCodecError, decode_tensor, encode_tensor
-from .wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, check_decoded_size
 
 logger = logging.getLogger(__name__)
 
@@ -88,36 +90,6 @@ _REJECTING_GRPC_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_O
 _AUTH_GRPC_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
-class FeedError(ValueError):
-    """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
-
-
-def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
-    """Cast ``value`` to the feed's dtype and reshape it to ``(batch_size, *spec.shape)``.
-
-    Variable-length (LoD) feeds are only cast. Raises FeedError naming the feed when the element count
-    does not match the config's per-sample shape.
-    """
-    array = np.asarray(value)
-    try:
-        array = array.astype(spec.dtype, copy=False)
-    except (TypeError, ValueError) as exc:
-        raise FeedError(f"feed {spec.alias_name!r}: cannot convert {array.dtype} to {spec.dtype}: {exc}") from exc
-    if spec.is_lod_tensor or any(d < 0 for d in spec.shape):
-        return array
-    target = (batch_size, *spec.shape)
-    if array.shape == target:
-        return array
-    if array.size != int(np.prod(target)):
-        per_sample = int(np.prod(spec.shape))
-        hint = (f"; this looks like one sample without its batch dimension: give it shape {[1, *spec.shape]}"
-                if array.size == per_sample else "")
-        raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
-                        f"batch of {batch_size} (the first dimension of the feeds, or batch_size=); the model "
-                        f"expects {list(spec.shape)} per sample ({per_sample} elements){hint}")
-    return array.reshape(target)
-
-
 class TeacherClient:
     """Send batched feeds to one teacher endpoint and get the fetch vars back as numpy arrays.
 
@@ -154,7 +126,7 @@ class TeacherClient:
     Fork safety: a client used in a child process after ``os.fork()`` opens connections of its own there (a new
     gRPC channel or HTTP session) and leaves the parent's alone; parent and child never share a socket.
 
-    Variable-length feeds and fetches (LoD or padded, see ``distill_reader.lod``): a feed takes a list of
+    Variable-length feeds and fetches (LoD or padded, see ``distill_reader.feeds``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
     lod_form="split")`` gives LoD/per-token fetches back as a list of per-sample arrays, ``"serving"`` as the
     rows plus ``"<name>.lod"``.
@@ -167,6 +139,13 @@ class TeacherClient:
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``protocol``, ``wire`` or ``http_format`` is not one of its values.
+            ConfigError: ``config`` is a path that is not a valid serving config.
+            PaddingOptionError: ``pad_value``/``lengths_feeds`` do not fit the config.
+        """
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
         if wire not in ("auto", "raw", "typed"):
@@ -261,7 +240,16 @@ class TeacherClient:
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split") -> dict[str, Any]:
         """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch
-        (variable-length feeds: see the class doc)."""
+        (variable-length feeds: see the class doc).
+
+        Raises:
+            FeedError: a feed is missing or does not fit the config (dtype, shape, a bad variable-length feed); nothing
+                is sent.
+            ValueError: ``lod_form`` is not ``split`` or ``serving``.
+            TeacherError: the teacher's failure, by class: TeacherUnavailable (down, slow, busy, sick),
+                TeacherRequestRejected (it refused the request as invalid), TeacherAnswerError (an unusable answer),
+                TeacherAuthError / TeacherTlsError (refused credentials, TLS mismatch).
+        """
         fetch = list(fetch) if fetch is not None else self.config.fetch_names
         lod_feeds.check_lod_form(lod_form)
         self._own_connection()
@@ -400,7 +388,7 @@ class TeacherClient:
         return self._read_answer(answer, "gRPC")
 
     def _read_answer(self, body: bytes, how: str) -> service_pb2.Response:
-        """A teacher's serialized Response, after bounding what parsing it costs (``distill_reader.wire_size``:
+        """A teacher's serialized Response, after bounding what parsing it costs (``distill_base.wire_size``:
         typed values over max(body + 64 KiB, ``max_decoded_allowance``) once decoded); TeacherAnswerError else."""
         try:
             check_decoded_size(body, "response", self.max_decoded_allowance)
@@ -412,7 +400,7 @@ class TeacherClient:
 
     def _call_http(self, request: service_pb2.Request) -> service_pb2.Response:
         if self.http_format == "json":
-            body = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
+            body = json.dumps(request_to_json(request)).encode()
             headers = {"Content-Type": "application/json"}
         else:
             body = request.SerializeToString()
@@ -437,9 +425,8 @@ class TeacherClient:
             raise TeacherRequestRejected(self.endpoint, f"HTTP {answer.status_code}: {answer.text[:200]}")
         if not answer.headers.get("Content-Type", "").startswith("application/json"):
             return self._read_answer(answer.content, f"HTTP {answer.status_code}")
-        response = service_pb2.Response()
         try:
-            json_format.Parse(answer.content, response, ignore_unknown_fields=True)
+            response = parse_response(answer.content)
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad answer
             raise TeacherAnswerError(self.endpoint, f"HTTP {answer.status_code}, unreadable body: "
                                                     f"{answer.content[:200]!r} ({exc})") from exc
@@ -483,7 +470,7 @@ class TeacherClient:
             raise TeacherAnswerError(self.endpoint, str(exc)) from None
 
 
-# What the client raises for each class of Paddle Serving's err_no (the table: distill_reader/status_codes.py).
+# What the client raises for each class of Paddle Serving's err_no (the table: distill_base/status_codes.py).
 _ERROR_OF_CLASS: dict[StatusClass, type[TeacherError]] = {
     StatusClass.INVALID_INPUT: TeacherRequestRejected,   # any teacher of this model refuses it
     StatusClass.BUSY: TeacherUnavailable,                # elsewhere, and the teacher counts as slow or sick

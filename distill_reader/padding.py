@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from .serving_config import ConfigError, ServingConfig, VarSpec
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
 
 PadValue = Union[int, float, Mapping[str, Union[int, float]]]
 

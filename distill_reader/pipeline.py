@@ -6,10 +6,10 @@ One epoch, top to bottom (all in the student process, which owns order and count
         --reorder buffer (yield strictly in input order)--> input item + predictions, in the input's kind
 
 - ``SlotPlan`` says which slots of a sample are teacher feeds (sent) and which pass through, and turns slot
-  values into feed arrays with ``client.prepare_feed`` (cast + reshape to the config's feed shape).
-- A ``Task`` (``tasks.py``) is at most ``teacher_batch_size`` samples of one student batch (a task never crosses
-  a student batch; samples from a sample generator are grouped). ``seq`` numbers tasks within the epoch and
-  ``sample_start`` is the epoch index of its first sample, so a cache stage can key answers by them.
+  values into feed arrays with ``feeds.prepare_feed`` (cast + reshape to the config's feed shape).
+- A ``Task`` (``prediction_stage.py``) is at most ``teacher_batch_size`` samples of one student batch (a task
+  never crosses a student batch; samples from a sample generator are grouped). ``seq`` numbers tasks within the
+  epoch and ``sample_start`` is the epoch index of its first sample, so a cache stage can key answers by them.
 - A ``PredictionStage`` turns submitted tasks into results, in any order, each exactly once. ``RemoteStage``
   (``remote_stage.py``) does it with worker processes and a ``TeacherPool``. A cache stage (offline mode) wraps
   another stage with the same interface.
@@ -34,20 +34,17 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import ragged
-from .client import prepare_feed
-from .errors import (  # noqa: F401 - re-exported: the reader's errors were first defined here
-    AllTeachersDownError,
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+
+from . import ragged_slots
+from .errors import (
     DistillReaderError,
     ReaderClosedError,
-    TeacherAnswerInvalid,
-    TeacherRequestRefused,
 )
+from .feeds import prepare_feed
 from .padding import Padding
-from .remote_stage import RemoteOptions, RemoteStage  # noqa: F401 - re-exported
-from .serving_config import ConfigError, ServingConfig, VarSpec
+from .prediction_stage import PredictionStage, Task, next_task_id
 from .snapshot import snapshot
-from .tasks import PredictionStage, Task, TaskResult, next_task_id  # noqa: F401 - re-exported
 
 KINDS = ("sample", "sample_list", "batch")
 
@@ -65,6 +62,11 @@ class SlotPlan:
 
     def __init__(self, ins: Sequence[Optional[str]], predicts: Sequence[str], config: ServingConfig,
                  padding: Optional[Padding] = None):
+        """Check the arguments.
+
+        Raises:
+            ConfigError: a teacher feed is not among ``ins``, or a predict is not a fetch var of the config.
+        """
         self.ins = list(ins)
         self.predicts = list(predicts)
         self.config = config
@@ -91,7 +93,13 @@ class SlotPlan:
         self.fetch_specs = [config.fetch(n) for n in self.predicts]
 
     def sample_feeds(self, samples: Sequence[Sequence[Any]], first: int = 0) -> dict[str, np.ndarray]:
-        """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first)."""
+        """Feed arrays for a list of samples (each a tuple of slot values; ``first``: epoch index of the first).
+
+        Raises:
+            DistillReaderError: a sample has fewer slots than ``ins`` names, a ragged slot whose samples do not fit
+                the feed, or a lengths slot that is not its padded slot's lengths (names the sample).
+            FeedError: a slot value does not fit its feed (dtype, shape).
+        """
         feeds = {}
         for index, spec in self.feed_slots:
             try:
@@ -107,14 +115,14 @@ class SlotPlan:
         """Feed arrays for rows ``start:end`` of a batch (a tuple of slots: arrays, or lists of ragged samples)."""
         feeds = {}
         for index, spec in self.feed_slots:
-            self._add_slot(feeds, index, spec, ragged.batch_rows(batch[index], start, end), first)
+            self._add_slot(feeds, index, spec, ragged_slots.batch_rows(batch[index], start, end), first)
         self._check_lengths(feeds, first)
         return feeds
 
     def _check_lengths(self, feeds: dict, first: int) -> None:
         """Lengths given as slots must be their padded feed's lengths (DistillReaderError naming the sample)."""
         for feed_slot, length_slot, feed, length in self.lengths_slots:
-            problem = ragged.lengths_problem(feeds[feed + ragged.LOD_SUFFIX], feeds[length])
+            problem = ragged_slots.lengths_problem(feeds[feed + ragged_slots.LOD_SUFFIX], feeds[length])
             if problem is not None:
                 k, got, want = problem
                 raise DistillReaderError(
@@ -123,15 +131,15 @@ class SlotPlan:
 
     @staticmethod
     def _add_slot(feeds: dict, index: int, spec: VarSpec, values: Sequence[Any], first: int) -> None:
-        try:   # variable-length feeds travel as rows + "<name>.lod" (distill_reader.ragged)
-            arrays = ragged.slot_feeds(index, spec, values, first)
-        except ragged.RaggedSlotError as exc:
+        try:   # variable-length feeds travel as rows + "<name>.lod" (distill_reader.ragged_slots)
+            arrays = ragged_slots.slot_feeds(index, spec, values, first)
+        except ragged_slots.RaggedSlotError as exc:
             raise DistillReaderError(str(exc)) from None
         arrays[spec.alias_name] = prepare_feed(spec, arrays[spec.alias_name], len(values))
         feeds.update(arrays)
 
     def empty_predictions(self) -> list[Any]:
-        return [ragged.empty_prediction(spec) for spec in self.fetch_specs]
+        return [ragged_slots.empty_prediction(spec) for spec in self.fetch_specs]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,6 +175,11 @@ class Gate:
         self.check()
 
     def check(self) -> None:
+        """Return when the reader is open.
+
+        Raises:
+            ReaderClosedError: the reader was closed while the epoch ran.
+        """
         if self.closed.is_set():
             raise ReaderClosedError("the DistillReader was closed (close() was called) while this epoch ran")
 
@@ -221,6 +234,11 @@ class Epoch:
     def __init__(self, kind: str, source: Iterable[Any], plan: SlotPlan, stage: PredictionStage,
                  teacher_batch_size: int, max_pending_tasks: Optional[int] = None, epoch: int = 0,
                  on_end: Optional[Callable[[EpochStats], None]] = None, gate: Optional[Gate] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``kind`` is not one of KINDS, or ``teacher_batch_size`` < 1.
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         if teacher_batch_size < 1:
@@ -349,7 +367,7 @@ class Epoch:
 
     def _batch_size(self, batch: Sequence[Any]) -> int:
         """The rows of a batch; every slot that has rows must have as many (else labels and predictions part)."""
-        lengths = {index: ragged.slot_len(value) for index, value in enumerate(batch)
+        lengths = {index: ragged_slots.slot_len(value) for index, value in enumerate(batch)
                    if isinstance(value, (list, tuple)) or (value is not None and np.ndim(value) > 0)}
         if len(set(lengths.values())) > 1:
             first = next(iter(lengths))
@@ -418,7 +436,7 @@ class Epoch:
     def _stacked(self, unit: _Unit) -> list[Any]:
         if not unit.parts:
             return self.plan.empty_predictions()
-        return [ragged.concat_predictions([self._results[t][name] for t, _, _ in unit.parts])   # lists: ragged
+        return [ragged_slots.concat_predictions([self._results[t][name] for t, _, _ in unit.parts])   # lists: ragged
                 for name in self.plan.predicts]
 
     def _release(self, unit: _Unit) -> None:

@@ -42,7 +42,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backoff import backoff_delay
+from distill_base.backoff import backoff_delay
+from distill_base.serving_config import ServingConfig
+
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -51,8 +53,7 @@ from .errors import (
     TeacherRequestRefused,
 )
 from .latency_window import LatencyWindow
-from .serving_config import ServingConfig
-from .tasks import PredictionStage, Task, TaskResult
+from .prediction_stage import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
 from .worker_messages import Done, Failed, FailureKind, FromWorker, ProbeResult, Ready, WorkerDied, WorkerSettings
 from .workers import WorkerPool
@@ -164,6 +165,11 @@ class RemoteStage(PredictionStage):
         return self.in_flight_limit() - len(self._tasks)
 
     def submit(self, task: Task) -> None:
+        """Queue ``task`` for a worker process and a teacher.
+
+        Raises:
+            DistillReaderError: no teacher is configured.
+        """
         if not self.pool.dynamic and not self.pool.endpoints:
             raise DistillReaderError("no teacher configured: call set_fixed_teacher(...) or set_dynamic_teacher(...)")
         self._ensure_workers()
@@ -173,6 +179,13 @@ class RemoteStage(PredictionStage):
         self._dispatch()
 
     def poll(self, timeout: float) -> list[TaskResult]:
+        """The tasks answered within ``timeout`` seconds; retries, hedges and failures are handled here.
+
+        Raises:
+            DistillReaderError: the worker processes were stopped during the epoch, or a task failed for good
+                (AllTeachersDownError, TeacherAnswerInvalid, TeacherRequestRefused, TeacherAuthRefused).
+            FeedError: a worker found a feed that does not fit (re-raised with its type).
+        """
         if self._stopped_mid_epoch:
             raise DistillReaderError("the reader's worker processes were stopped (close()) during this epoch")
         self._dispatch()
@@ -522,7 +535,7 @@ def _answer_problem(fetch: Sequence[str], outputs: dict, endpoint: str, size: Op
         value = outputs.get(name)
         if value is None:
             return f"teacher {endpoint}: answer lacks fetch {name!r}"
-        per_sample = isinstance(value, list)   # a variable-length fetch: one array per sample (distill_reader.lod)
+        per_sample = isinstance(value, list)   # a variable-length fetch: one array per sample (distill_reader.feeds)
         if (not per_sample and np.ndim(value) == 0) or (size is not None and len(value) != size):
             shape = f"{len(value)} per-sample arrays" if per_sample else f"shape {list(np.shape(value))}"
             return f"teacher {endpoint}: fetch {name!r} has {shape} for a request of {size}"

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
-from .backoff import backoff_delay
+from distill_base.backoff import backoff_delay
 
 __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
 
@@ -84,6 +84,11 @@ class TeacherPool:
 
     def __init__(self, endpoints: Iterable[str] = (), per_teacher_in_flight: int = 2,
                  probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, seed: Optional[int] = None):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``per_teacher_in_flight`` < 1.
+        """
         if per_teacher_in_flight < 1:
             raise ValueError(f"per_teacher_in_flight must be >= 1, not {per_teacher_in_flight}")
         self.per_teacher_in_flight = per_teacher_in_flight

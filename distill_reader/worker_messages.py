@@ -50,8 +50,9 @@ import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
+from distill_base.client_security import ClientSecurity
+
 from .channel_options import DEFAULT_KEEPALIVE_TIME, DEFAULT_REQUEST_TIMEOUT
-from .client_security import ClientSecurity
 from .padding import Padding
 
 # Messages are frozen and slotted (no per-instance dict: a few named fields); slots on Python >= 3.11 only, where

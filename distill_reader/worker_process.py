@@ -54,6 +54,9 @@ class Worker:
     def __init__(self, conn: Connection, init: Init):
         from google.protobuf import text_format
 
+        from distill_base.proto import general_model_config_pb2 as config_pb2
+        from distill_base.serving_config import ServingConfig
+
         from .client import (
             TeacherAnswerError,
             TeacherAuthError,
@@ -61,8 +64,6 @@ class Worker:
             TeacherRequestRejected,
             TeacherUnavailable,
         )
-        from .proto import general_model_config_pb2 as config_pb2
-        from .serving_config import ServingConfig
 
         message = config_pb2.GeneralModelConfig()
         text_format.Parse(init.config_text, message)
@@ -177,7 +178,12 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one worker: read ``Init``, answer ``Ready`` (or ``Crashed``), serve until ``Stop``; never returns."""
+    """Run one worker: read ``Init``, answer ``Ready`` (or ``Crashed``), serve until ``Stop``; never returns.
+
+    Raises:
+        SystemExit: bad command-line arguments (argparse); a first message that is not ``Init`` is reported to
+            the student as ``Crashed``, not raised.
+    """
     parser = argparse.ArgumentParser(description="DistillReader worker process (started by the reader, not by hand).")
     parser.add_argument("--fd", type=int, required=True, help="file descriptor of the socket to the student")
     parser.add_argument("--parent", type=int, required=True, help="PID of the student; exit when it is gone")

@@ -31,12 +31,14 @@ def main() -> int:
     import google.protobuf
     import grpc
 
+    import distill_base
     import distill_reader
     from distill_reader import DistillReader
     from distill_reader.client import TeacherClient
 
-    here = os.path.join(REPO, "distill_reader") + os.sep
-    assert not distill_reader.__file__.startswith(here), f"not the installed package: {distill_reader.__file__}"
+    for package in (distill_reader, distill_base):   # setup.py's packages include the ground package
+        here = os.path.join(REPO, package.__name__) + os.sep
+        assert not package.__file__.startswith(here), f"not the installed package: {package.__file__}"
     port, conf = free_port(), tempfile.mkdtemp(prefix="smoke_conf_")
     teacher = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "fake_teacher.py"), "--port",
                                 str(port), "--latency_ms", "1", "--write_conf", conf])

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from distill_reader.serving_config import ServingConfig
+from distill_base.serving_config import ServingConfig
 
 RunFn = Callable[..., dict]
 

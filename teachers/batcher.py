@@ -3,7 +3,7 @@
 ``runners`` threads (one per predictor) run the work. With ``max_batch_size`` > 1 the runners collect the
 batches themselves, one at a time (whichever runner is free leads): it takes the first waiting job, keeps
 collecting compatible jobs (same fetch names, same per-sample shapes and dtypes, same LoD feeds: merged with
-shifted offsets, see ``teachers/lod.py``) until ``max_batch_size`` samples or ``timeout_ms`` after the first
+shifted offsets, see ``teachers/lod_checks.py``) until ``max_batch_size`` samples or ``timeout_ms`` after the first
 job arrived (a job that already waited that long for a free runner takes only what is queued), then runs the
 merged batch. A job of ``max_batch_size`` samples or more runs alone. With ``max_batch_size`` <= 1 jobs go
 straight to the runners, one predictor run each (Paddle Serving's default). There is no separate collector
@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import lod
+from . import lod_checks as lod
 from .errors import BATCH_FAILURES
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,13 @@ class DynamicBatcher:
 
     def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
                lods: Optional[Mapping[str, list]] = None) -> dict:
-        """``submit_async`` and wait up to ``predict_timeout`` seconds (then PredictorTimeout)."""
+        """``submit_async`` and wait up to ``predict_timeout`` seconds (then PredictorTimeout).
+
+        Raises:
+            PredictorTimeout: no answer within ``predict_timeout`` seconds.
+            BatcherClosed: the batcher is closed.
+            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
+        """
         from .predictor_pool import PredictorTimeout
 
         future = self.submit_async(feeds, fetch, lods)

@@ -28,11 +28,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
-from distill_reader.atomic_file import atomic_write
-from distill_reader.cli_help import DefaultsHelpFormatter
-from distill_reader.paddle_compat import import_paddle, is_pir_program, keep_mode, legacy_ir, paddle_major, pir_ir
-from distill_reader.serving_config import CLIENT_CONF, SERVER_CONF, ServingConfig, VarSpec
-from distill_reader.tensor_codec import elem_type_of_dtype
+from distill_base.atomic_file import atomic_write
+from distill_base.cli_help import DefaultsHelpFormatter
+from distill_base.paddle_compat import import_paddle, is_pir_program, keep_mode, legacy_ir, paddle_major, pir_ir
+from distill_base.serving_config import CLIENT_CONF, SERVER_CONF, ServingConfig, VarSpec
+from distill_base.tensor_codec import elem_type_of_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ Example (inside a running event loop)::
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
 import json
 import logging
@@ -36,16 +35,17 @@ import zlib
 from typing import Callable, Optional
 
 from aiohttp import web
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, WireFormatError, check_decoded_size
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_json import ParseError, parse_request, response_to_json
+from distill_base.status_codes import ErrNo
+from distill_base.wire_size import DEFAULT_ALLOWANCE, DecodedSizeError, WireFormatError, check_decoded_size
 
-from .inference import ERR_INPUT, ERR_SHUTDOWN, InferenceHandler, error_response
+from .grpc_front import decoded_allowance, request_samples
+from .inference import InferenceHandler, error_response
 from .metrics import TeacherMetrics
 from .security import TransportSecurity
-from .server import decoded_allowance, request_samples
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,11 @@ class HttpFront:
                  metrics: Optional[TeacherMetrics] = None, observe: Optional[Observer] = None,
                  security: Optional[TransportSecurity] = None, max_connections: int = 256,
                  keepalive_timeout: float = 15.0, body_timeout: float = 30.0, request_timeout: float = 120.0):
+        """Check the arguments.
+
+        Raises:
+            OSError: the HTTP port cannot be bound.
+        """
         self.handler = handler
         self.max_body_size = int(max_body_size)
         self.max_decoded_allowance = decoded_allowance(self.max_body_size)   # protobuf bodies: read_request
@@ -203,12 +208,12 @@ class HttpFront:
             message = self._parse(await self._read_body(request), request, as_json, self.max_decoded_allowance)
         except BadBody as exc:
             self._record("bad_request", start, 0)
-            answer = self._answer(request, exc.status, error_response(ERR_INPUT, str(exc)), as_json)
+            answer = self._answer(request, exc.status, error_response(ErrNo.INPUT, str(exc)), as_json)
             if exc.status != 400:
                 answer.force_close()   # the rest of the body was not read: the connection cannot go on
             return answer
         if not self.serving:
-            response, status = error_response(ERR_SHUTDOWN, "server is shutting down", message.log_id), 503
+            response, status = error_response(ErrNo.SHUTDOWN, "server is shutting down", message.log_id), 503
         else:
             response, status = await self.handler.handle_async(message), 200
         self._record(str(response.err_no), start, request_samples(message))
@@ -244,17 +249,16 @@ class HttpFront:
     @staticmethod
     def _parse(body: bytes, request: web.BaseRequest, as_json: bool,
                allowance: int = DEFAULT_ALLOWANCE) -> service_pb2.Request:
-        message = service_pb2.Request()
         try:
             if as_json:
-                json_format.Parse(body, message)
+                message = parse_request(body)
             else:
                 check_decoded_size(body, "request", allowance)   # before protobuf allocates the typed values
-                message.ParseFromString(body)
+                message = service_pb2.Request.FromString(body)
         except DecodedSizeError as exc:
             what = "protobuf" if isinstance(exc, WireFormatError) else "protobuf: too large once decoded"
             raise BadBody(400, f"body is not a general_model Request in {what}: {exc}") from None
-        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        except (ParseError, DecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
             kind = f"JSON (Content-Type {request.content_type!r} is not {PROTO_TYPE})" if as_json else "protobuf"
             raise BadBody(400, f"body is not a general_model Request in {kind}: {exc}") from None
         return message
@@ -295,38 +299,3 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     if not inflater.eof:
         raise BadBody(400, "body is not valid gzip: truncated stream")
     return data
-
-
-_REPEATED = ("int64_data", "float_data", "int_data", "float64_data", "uint32_data", "bool_data",
-             "complex64_data", "complex128_data", "data")
-
-
-def tensor_to_json(tensor: service_pb2.Tensor) -> dict:
-    """A Tensor as Paddle Serving's brpc json2pb writes it: numbers for every integer (64-bit too), lists for
-    repeated fields, ``tensor_content`` in base64."""
-    doc: dict = {}
-    for field in _REPEATED:
-        values = getattr(tensor, field)
-        if values:
-            doc[field] = list(values)
-    doc["elem_type"] = tensor.elem_type
-    doc["shape"] = list(tensor.shape)
-    if tensor.lod:
-        doc["lod"] = list(tensor.lod)
-    doc["name"] = tensor.name
-    doc["alias_name"] = tensor.alias_name
-    if tensor.tensor_content:
-        doc["tensor_content"] = base64.b64encode(tensor.tensor_content).decode("ascii")
-    return doc
-
-
-def response_to_json(response: service_pb2.Response) -> dict:
-    """A Response as Paddle Serving writes it in JSON (``err_no``, ``err_msg``, ``log_id`` always present)."""
-    doc: dict = {}
-    if response.outputs:
-        doc["outputs"] = [{"tensor": [tensor_to_json(t) for t in output.tensor], "engine_name": output.engine_name}
-                          for output in response.outputs]
-    doc["log_id"] = response.log_id
-    doc["err_no"] = response.err_no
-    doc["err_msg"] = response.err_msg
-    return doc

@@ -1,8 +1,8 @@
 """One inference request, transport-independent: validate a ``Request`` against the serving config, run it,
 and build the ``Response`` in the wire form the request used (raw ``tensor_content`` in -> raw out).
 
-Bad requests get ``err_no`` ``ERR_INPUT`` with a message naming the feed and what the model expects; no
-request, however malformed, makes ``handle``/``handle_async`` raise.
+Bad requests get ``err_no`` ``ErrNo.INPUT`` (the one table: ``distill_base.status_codes``) with a message naming
+the feed and what the model expects; no request, however malformed, makes ``handle``/``handle_async`` raise.
 
 Tensors are matched to feeds by ``name`` (the real variable name, as Paddle Serving does), then by ``alias_name``;
 a tensor with neither is the feed at its position (Paddle Serving 0.9's JSON examples send unnamed tensors).
@@ -23,10 +23,10 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.serving_config import ServingConfig, VarSpec
-from distill_reader.status_codes import ErrNo
-from distill_reader.tensor_codec import (
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_config import ServingConfig, VarSpec
+from distill_base.status_codes import ErrNo
+from distill_base.tensor_codec import (
     ELEM_TYPES,
     TensorCodecError,
     decode_tensor,
@@ -36,15 +36,10 @@ from distill_reader.tensor_codec import (
 )
 
 from .errors import ModelRejectedInput, PredictorTimeout, WorkerLost
-from .lod import LodError, check_lod_feed
+from .lod_checks import LodError, check_lod_feed
 
 logger = logging.getLogger(__name__)
 
-# err_no values and their classes: distill_reader/status_codes.py (one table for server and client)
-ERR_INPUT = int(ErrNo.INPUT)          # the request does not fit the model
-ERR_SHUTDOWN = int(ErrNo.SHUTDOWN)    # the server is draining and takes no new work
-ERR_TIMEOUT = int(ErrNo.TIMEOUT)      # the predictor did not answer within --predict_timeout
-ERR_INTERNAL = int(ErrNo.INTERNAL)    # the predictor failed
 ENGINE_NAME = "general_infer_0"
 
 RunFn = Callable[..., dict]
@@ -101,7 +96,7 @@ class InferenceHandler:
     async def handle_async(self, request: service_pb2.Request,
                            timeout: Optional[float] = None) -> service_pb2.Response:
         """``handle`` for an event loop: the predictor runs elsewhere (``submit``), the loop is never blocked
-        waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ERR_TIMEOUT``.
+        waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ErrNo.TIMEOUT``.
         ``timeout`` (the client's deadline, seconds) shortens that wait when it is shorter."""
         parsed = self._parse_or_error(request)
         if isinstance(parsed, service_pb2.Response):
@@ -114,9 +109,9 @@ class InferenceHandler:
             outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), limit)
         except _Expired:
             if limit != self.predict_timeout:
-                return error_response(ERR_TIMEOUT, f"the client's deadline ({limit:.3g}s) passed before the "
+                return error_response(ErrNo.TIMEOUT, f"the client's deadline ({limit:.3g}s) passed before the "
                                                    f"predictor answered", request.log_id)
-            return error_response(ERR_TIMEOUT, f"the predictor did not answer within --predict_timeout "
+            return error_response(ErrNo.TIMEOUT, f"the predictor did not answer within --predict_timeout "
                                                f"{self.predict_timeout:g}s", request.log_id)
         except Exception as exc:  # noqa: BLE001 - a failed run is an answer, not a crash
             return self._run_error(exc, request.log_id)
@@ -126,35 +121,40 @@ class InferenceHandler:
         try:
             return self.parse(request)
         except RequestError as exc:
-            return error_response(ERR_INPUT, str(exc), request.log_id)
+            return error_response(ErrNo.INPUT, str(exc), request.log_id)
         except Exception as exc:  # noqa: BLE001 - whatever a malformed request trips, it is the request's fault
             logger.warning("request (log_id %s) rejected by an unexpected check: %r", request.log_id, exc)
-            return error_response(ERR_INPUT, f"malformed request: {exc}", request.log_id)
+            return error_response(ErrNo.INPUT, f"malformed request: {exc}", request.log_id)
 
     def _run_error(self, exc: Exception, log_id: int) -> service_pb2.Response:
         from .batcher import BatcherClosed
 
         if isinstance(exc, BatcherClosed):
-            return error_response(ERR_SHUTDOWN, str(exc), log_id)
+            return error_response(ErrNo.SHUTDOWN, str(exc), log_id)
         if isinstance(exc, PredictorTimeout):
-            return error_response(ERR_TIMEOUT, str(exc), log_id)
+            return error_response(ErrNo.TIMEOUT, str(exc), log_id)
         if isinstance(exc, ModelRejectedInput):
-            return error_response(ERR_INPUT, str(exc), log_id)
+            return error_response(ErrNo.INPUT, str(exc), log_id)
         if isinstance(exc, WorkerLost):
-            return error_response(ERR_INTERNAL, str(exc), log_id)   # logged by the worker pool
+            return error_response(ErrNo.INTERNAL, str(exc), log_id)   # logged by the worker pool
         logger.error("predictor failed (log_id %s): %r", log_id, exc)
-        return error_response(ERR_INTERNAL, f"predictor failed: {exc}", log_id)
+        return error_response(ErrNo.INTERNAL, f"predictor failed: {exc}", log_id)
 
     def _answer_or_error(self, outputs: dict, fetch: list, raw: bool, log_id: int) -> service_pb2.Response:
         try:
             return self.answer(outputs, fetch, raw, log_id)
         except Exception as exc:  # noqa: BLE001 - e.g. an output dtype the protocol cannot carry
             logger.error("cannot encode the answer (log_id %s): %r", log_id, exc)
-            return error_response(ERR_INTERNAL, f"cannot encode the answer: {exc}", log_id)
+            return error_response(ErrNo.INTERNAL, f"cannot encode the answer: {exc}", log_id)
 
     # -- request -> arrays ----------------------------------------------------------------------------
     def parse(self, request: service_pb2.Request):
-        """(feeds by real name, lods by real name, fetch specs, raw answer?) or RequestError."""
+        """(feeds by real name, lods by real name, fetch specs, raw answer?) or RequestError.
+
+        Raises:
+            RequestError: more tensors than feeds, a missing or doubled feed, feeds of different batch sizes, an unknown
+                fetch, a bad LoD or a tensor that does not fit its feed.
+        """
         feeds: dict[str, np.ndarray] = {}
         lods: dict[str, list] = {}
         raw = False
@@ -169,7 +169,7 @@ class InferenceHandler:
             array = self._decode(tensor, spec)
             raw = raw or is_raw(tensor)
             samples = int(array.shape[0])
-            if spec.is_lod_tensor:   # bad offsets must never reach Paddle Inference (see teachers/lod.py)
+            if spec.is_lod_tensor:   # bad offsets must never reach Paddle Inference (see teachers/lod_checks.py)
                 try:
                     array, lods[spec.name], samples = check_lod_feed(spec.alias_name, array, tensor.lod)
                 except LodError as exc:
@@ -272,5 +272,5 @@ async def _wait(pending: PendingRun, timeout: Optional[float]):
 
 
 def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:
-    """An error answer, as Paddle Serving sends it: ``err_no`` != 0 and ``err_msg``."""
-    return service_pb2.Response(err_no=err_no, err_msg=message, log_id=log_id)
+    """An error answer, as Paddle Serving sends it: ``err_no`` != 0 (an ``ErrNo``) and ``err_msg``."""
+    return service_pb2.Response(err_no=int(err_no), err_msg=message, log_id=log_id)

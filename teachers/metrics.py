@@ -4,8 +4,8 @@
 Names follow Prometheus' conventions (``distill_teacher_`` prefix, base units, ``_total`` counters):
 
 - ``distill_teacher_requests_total{transport, err_no}``: answered requests by transport (grpc, http) and
-  Paddle Serving ``err_no`` (0 ok, 5000 bad input, 3001 shutting down, 6000 predictor timeout, 10000 predictor
-  failure; ``bad_request`` for an HTTP/gRPC body that is not a Request at all);
+  Paddle Serving ``err_no`` (the codes and their meaning: ``distill_base.status_codes``; ``bad_request`` for an
+  HTTP/gRPC body that is not a Request at all);
 - ``distill_teacher_request_duration_seconds{transport}``: histogram of request latency, receipt to answer;
 - ``distill_teacher_samples_total``: samples answered;
 - ``distill_teacher_batch_size``: histogram of samples per predictor run (merged runs included);

@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import PredictorTimeout
-from .lod import fetch_lod
+from .lod_checks import fetch_lod
 
 __all__ = ["ModelFilesError", "PredictorOptions", "PredictorPool", "PredictorTimeout", "find_model_files"]
 
@@ -60,6 +60,9 @@ def find_model_files(model_dir: str) -> tuple[str, Optional[str]]:
     Looked for in this order: ``model.pdmodel`` (legacy program) or ``model.json`` (paddle 3 PIR program) with
     ``params.pdiparams``; ``__model__`` (+ ``__params__``); one ``*.pdmodel`` or one ``*.json`` with its
     ``*.pdiparams``. Raises ModelFilesError naming the folder when none is there.
+
+    Raises:
+        ModelFilesError: no inference model in ``model_dir``.
     """
     for model, params in _KNOWN_LAYOUTS:
         if os.path.exists(os.path.join(model_dir, model)):
@@ -91,7 +94,7 @@ def _cpu_options(config, options: PredictorOptions) -> None:
 
 
 def _config(options: PredictorOptions, gpu_id: Optional[int]):
-    from distill_reader.paddle_compat import import_paddle, paddle_major
+    from distill_base.paddle_compat import import_paddle, paddle_major
 
     paddle = import_paddle("the teacher server's predictors")
     from paddle import inference
@@ -129,7 +132,7 @@ class PredictorPool:
     are busy. ``oldest_run_seconds()`` tells a watchdog how long the longest run in progress has taken."""
 
     def __init__(self, options: PredictorOptions):
-        from distill_reader.paddle_compat import import_paddle
+        from distill_base.paddle_compat import import_paddle
 
         import_paddle("teachers.predictor_pool")
         from paddle import inference
@@ -166,7 +169,11 @@ class PredictorPool:
             ) -> dict[str, tuple[np.ndarray, list]]:
         """Run one batch; returns {fetch name: (array, lod)} (lod empty when the output has none).
 
-        Raises PredictorTimeout when no predictor is free within ``timeout`` seconds (None: wait forever)."""
+        Raises PredictorTimeout when no predictor is free within ``timeout`` seconds (None: wait forever).
+
+        Raises:
+            PredictorTimeout: no predictor free within ``timeout`` seconds.
+        """
         try:
             predictor = self._idle.get(timeout=timeout)
         except queue.Empty:

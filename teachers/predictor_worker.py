@@ -93,6 +93,11 @@ class Worker:
         return wire.attach_block(name)
 
     def serve(self) -> None:
+        """Run jobs from the server until the channel closes.
+
+        Raises:
+            ProtocolError: the server sent a message that is not a job.
+        """
         while True:
             message = wire.receive(self.sock)
             if message is None or message["kind"] == "stop":
@@ -149,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _set_name("dr-spare")
     _die_with_parent(args.parent)
-    from distill_reader.paddle_compat import import_paddle
+    from distill_base.paddle_compat import import_paddle
 
     try:
         import_paddle("the predictor worker")   # now, before the model is named: the slow part of a start

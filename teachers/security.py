@@ -32,7 +32,7 @@ from typing import Optional
 
 import grpc
 
-from distill_reader.client_security import read_file
+from distill_base.client_security import read_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,11 @@ def _read(path: str, what: str) -> bytes:
 
 
 def read_token_file(path: str) -> str:
-    """The bearer token in ``path`` (one line; surrounding whitespace dropped). Warns when others may read it."""
+    """The bearer token in ``path`` (one line; surrounding whitespace dropped). Warns when others may read it.
+
+    Raises:
+        SecurityConfigError: the file cannot be read, is over MAX_TOKEN_BYTES, or is not one non-empty line.
+    """
     data = _read(path, "token file")
     if len(data) > MAX_TOKEN_BYTES:
         raise SecurityConfigError(f"token file {path!r} holds {len(data)} bytes; a token is one short line")
@@ -154,7 +158,11 @@ class TransportSecurity:
         return [check_token]
 
     def bind_grpc(self, server: grpc.aio.Server, address: str) -> int:
-        """Bind ``server`` to ``address`` with these credentials; returns the port (0 when binding failed)."""
+        """Bind ``server`` to ``address`` with these credentials; returns the port (0 when binding failed).
+
+        Raises:
+            OSError: grpc refused the port (e.g. in use).
+        """
         credentials = self.grpc_credentials()
         try:
             if credentials is None:

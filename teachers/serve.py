@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from discovery.register import add_zk_arguments, registration_from_args
-from distill_reader.cli_help import DefaultsHelpFormatter
-from distill_reader.serving_config import SERVER_CONF, ConfigError, ServingConfig
+from distill_base.cli_help import DefaultsHelpFormatter
+from distill_base.serving_config import SERVER_CONF, ConfigError, ServingConfig
 
 logger = logging.getLogger("teachers.serve")
 
@@ -59,7 +59,11 @@ def _fd_limit() -> int:
 
 
 def port_number(value: str) -> int:
-    """argparse type: a TCP port 0-65535 (0: any free port)."""
+    """argparse type: a TCP port 0-65535 (0: any free port).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer in 0-65535.
+    """
     try:
         port = int(value)
     except ValueError:
@@ -84,7 +88,11 @@ def at_least(minimum: int):
 
 
 def seconds(value: str, allow_zero: bool = False) -> float:
-    """argparse type: a finite number of seconds (or milliseconds, where the flag says so), > 0."""
+    """argparse type: a finite number of seconds (or milliseconds, where the flag says so), > 0.
+
+    Raises:
+        argparse.ArgumentTypeError: not a finite number > 0 (>= 0 with ``allow_zero``).
+    """
     try:
         number = float(value)
     except ValueError:
@@ -101,7 +109,11 @@ def wait_ms(value: str) -> float:
 
 
 def str2bool(value) -> bool:
-    """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``)."""
+    """``True/False/1/0/yes/no`` as Paddle Serving's flags take them (``--mem_optim True``).
+
+    Raises:
+        argparse.ArgumentTypeError: not one of the accepted spellings.
+    """
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -263,7 +275,11 @@ def _gpu_ids(text: str) -> list[int]:
 
 
 def resolve_device(args: argparse.Namespace, has_cuda: bool, gpu_count: int) -> list[int]:
-    """GPU ids to use ([] = CPU), warning about every flag that cannot be honoured."""
+    """GPU ids to use ([] = CPU), warning about every flag that cannot be honoured.
+
+    Raises:
+        ServeError: ``--device gpu`` on a CPU build of paddle, or a ``--gpu_ids`` entry this machine does not have.
+    """
     ids = _gpu_ids(args.gpu_ids)
     if args.device == "gpu" and not has_cuda:
         raise ServeError("--device gpu: paddle is compiled without CUDA (CPU wheel); install paddlepaddle-gpu "
@@ -387,7 +403,7 @@ def _require_paddle() -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        from distill_reader.paddle_compat import import_paddle
+        from distill_base.paddle_compat import import_paddle
 
         import_paddle("teachers.serve")   # raises the ImportError that names both extras
 
@@ -396,7 +412,7 @@ def _cuda_devices(args: argparse.Namespace) -> tuple[bool, int]:
     """(paddle has CUDA, GPU count); paddle is imported here only when the flags ask for a GPU."""
     if args.device != "gpu" and not _gpu_ids(args.gpu_ids):
         return False, 0
-    from distill_reader.paddle_compat import import_paddle
+    from distill_base.paddle_compat import import_paddle
 
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
@@ -412,6 +428,11 @@ class TeacherService:
     and ``drain`` at the end."""
 
     def __init__(self, args: argparse.Namespace):
+        """Check the arguments.
+
+        Raises:
+            ServeError: more than one ``--model``, a bad serving config, or a bad option (the ValueError's message).
+        """
         from .predictor_pool import PredictorOptions
         from .security import TransportSecurity
 
@@ -457,7 +478,11 @@ class TeacherService:
 
     def load(self) -> None:
         """Start the predictor worker processes, check the model, decide on merging (blocking; before the loop
-        serves)."""
+        serves).
+
+        Raises:
+            ServeError: a worker cannot load the model, or the config names inputs/outputs the model does not have.
+        """
         from .batcher import DynamicBatcher
         from .errors import WorkerLoadError
         from .metrics import TeacherMetrics
@@ -492,9 +517,9 @@ class TeacherService:
         self.metrics.observe_request(transport, err_no, seconds, samples)
 
     async def start(self) -> None:
+        from .grpc_front import GrpcTeacherServer
         from .http_front import HttpFront
         from .inference import InferenceHandler
-        from .server import GrpcTeacherServer
 
         args = self.args
         handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_to_loop,

@@ -9,7 +9,7 @@ worker's shared-memory block, sends a ``job`` message and waits (GIL released) f
 
 - over time: the worker is SIGKILLed and replaced, the run raises ``WorkerTimeout`` (err_no 6000);
 - the worker died (any signal or exit): ``WorkerLost`` (err_no 10000, transient), the server logs why and a
-  supervisor thread starts a new worker after an exponential backoff (``distill_reader.backoff``);
+  supervisor thread starts a new worker after an exponential backoff (``distill_base.backoff``);
 - the model refused the input (Paddle's InvalidArgument / OutOfRange): ``ModelRejectedInput`` (err_no 5000);
 - any other predictor error: RuntimeError (err_no 10000); the worker goes on.
 
@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from distill_reader.backoff import backoff_delay
+from distill_base.backoff import backoff_delay
 
 from . import worker_protocol as wire
 from .errors import ModelRejectedInput, PredictorTimeout, WorkerLoadError, WorkerLost, WorkerTimeout
@@ -317,7 +317,11 @@ class WorkerPool:
         """Start every worker and wait until all are ready.
 
         Raises WorkerLoadError (one line: the worker, the signal or error, the Paddle pass) when one cannot load
-        the model; no worker is left running then."""
+        the model; no worker is left running then.
+
+        Raises:
+            WorkerLoadError: a worker cannot load the model (one line; no worker is left running).
+        """
         now = time.monotonic()
         for slot in self._slots:
             slot.due = now
@@ -371,7 +375,15 @@ class WorkerPool:
         Raises PredictorTimeout when no worker is free within ``timeout`` (default ``predict_timeout``)
         seconds; WorkerTimeout when the run passes ``run_timeout`` (the worker is killed and replaced);
         WorkerLost when the worker dies meanwhile; ModelRejectedInput when the model refuses the input;
-        RuntimeError for other predictor errors."""
+        RuntimeError for other predictor errors.
+
+        Raises:
+            PredictorTimeout: no worker free in time.
+            WorkerTimeout: the run took longer than its bound (the worker is killed and replaced).
+            WorkerLost: the worker died or broke the protocol while it held the run.
+            ModelRejectedInput: the model refused the input.
+            RuntimeError: any other predictor error.
+        """
         worker = self._borrow(self.predict_timeout if timeout is None else timeout)
         limit = self.predict_timeout if run_timeout is None else run_timeout
         bound = "--predict_timeout" if run_timeout is None else "the start-up run timeout"

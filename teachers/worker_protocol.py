@@ -64,7 +64,9 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 def send(sock: socket.socket, kind: str, **fields) -> None:
     """Send one message ``{"kind": kind, **fields}``.
 
-    Raises ProtocolError when it would be over MAX_MESSAGE; OSError (BrokenPipeError, ...) when the peer is gone.
+    Raises:
+        ProtocolError: the message would be over MAX_MESSAGE.
+        OSError: the peer is gone (BrokenPipeError, ...).
     """
     data = json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
@@ -95,7 +97,10 @@ def _send_parts(sock: socket.socket, kind: str, parts: list) -> None:
 def send_job(sock: socket.socket, job: int, inputs: str, outputs: str, layout: list, fetch: Sequence[str]) -> None:
     """Send ``job {id, in, out, feeds: layout, fetch}`` in the binary form (``layout`` from ``write_arrays``).
 
-    Raises ProtocolError when it would be over MAX_MESSAGE; OSError when the peer is gone."""
+    Raises:
+        ProtocolError: the message would be over MAX_MESSAGE, or an array this protocol cannot carry.
+        OSError: the peer is gone.
+    """
     raw_in, raw_out = inputs.encode(), outputs.encode()
     parts = [b"", raw_in, raw_out]
     _pack_layout(parts, layout)
@@ -109,7 +114,10 @@ def send_job(sock: socket.socket, job: int, inputs: str, outputs: str, layout: l
 def send_answer(sock: socket.socket, job: int, layout: list, seconds: float, cpu: float) -> None:
     """Send ``answer {id, outputs: layout, seconds, cpu}`` in the binary form.
 
-    Raises ProtocolError when it would be over MAX_MESSAGE; OSError when the peer is gone."""
+    Raises:
+        ProtocolError: the message would be over MAX_MESSAGE, or an array this protocol cannot carry.
+        OSError: the peer is gone.
+    """
     parts = [_ANSWER.pack(b"A", job, seconds, cpu, len(layout))]
     _pack_layout(parts, layout)
     _send_parts(sock, "answer", parts)
@@ -160,7 +168,8 @@ def receive(sock: socket.socket) -> Optional[dict]:
     """The next message (binary ``job`` / ``answer`` or JSON), or None when the peer closed the channel (it
     exited or died).
 
-    Raises ProtocolError for a malformed binary message, or one that is not a JSON object with a string ``kind``.
+    Raises:
+        ProtocolError: a malformed binary message, or one that is not a JSON object with a string ``kind``.
     """
     buffer = getattr(_receiving, "buffer", None)
     if buffer is None:   # one per thread, reused: recv(MAX_MESSAGE + 1) would allocate and free 1 MiB each time
@@ -237,7 +246,11 @@ def layout_size(arrays: Mapping[str, np.ndarray]) -> int:
 def write_arrays(block: shared_memory.SharedMemory, arrays: Mapping[str, np.ndarray]) -> list:
     """Copy ``arrays`` into ``block`` back to back (aligned); returns their layout for a message.
 
-    Raises ProtocolError when they do not fit (check ``layout_size`` first)."""
+    Raises ProtocolError when they do not fit (check ``layout_size`` first).
+
+    Raises:
+        ProtocolError: the arrays do not fit ``block``.
+    """
     if layout_size(arrays) > block.size:
         raise ProtocolError(f"{layout_size(arrays)} bytes of arrays do not fit a block of {block.size}")
     layout, offset = [], 0
@@ -252,7 +265,11 @@ def write_arrays(block: shared_memory.SharedMemory, arrays: Mapping[str, np.ndar
 def read_arrays(block: shared_memory.SharedMemory, layout: list, copy: bool = False) -> dict[str, np.ndarray]:
     """The arrays of ``layout`` in ``block``: views on the block, or private copies with ``copy``.
 
-    Raises ProtocolError for a layout entry that is malformed or reaches past the block."""
+    Raises ProtocolError for a layout entry that is malformed or reaches past the block.
+
+    Raises:
+        ProtocolError: a layout entry is malformed or reaches past the block.
+    """
     arrays = {}
     for entry in layout:
         try:

@@ -11,7 +11,7 @@ import contextlib
 import numpy as np
 import paddle
 
-from distill_reader.paddle_compat import keep_mode, legacy_ir, pir_ir
+from distill_base.paddle_compat import keep_mode, legacy_ir, pir_ir
 
 
 @contextlib.contextmanager

@@ -231,10 +231,11 @@ def test_loop_jobs_are_settled_by_the_runner_and_cancelled_ones_never_run(max_ba
 def test_requests_given_up_by_the_handler_never_run():
     """InferenceHandler.handle_async on the batcher: a wedged run answers err_no 6000 after predict_timeout; a
     request queued behind it that times out, or whose coroutine is cancelled (a client gone), never runs."""
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.serving_config import ServingConfig, VarSpec
-    from distill_reader.tensor_codec import encode_tensor
-    from teachers.inference import ERR_TIMEOUT, InferenceHandler
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.serving_config import ServingConfig, VarSpec
+    from distill_base.status_codes import ErrNo
+    from distill_base.tensor_codec import encode_tensor
+    from teachers.inference import InferenceHandler
 
     config = ServingConfig(feeds=(VarSpec("x", "x", 1, (3,)),), fetches=(VarSpec("y", "y", 1, (3,)),))
     release, started = threading.Event(), []
@@ -265,8 +266,8 @@ def test_requests_given_up_by_the_handler_never_run():
     finally:
         release.set()
         batcher.close()
-    assert wedged.err_no == ERR_TIMEOUT and "0.3s" in wedged.err_msg and 0.25 < waited < 5
-    assert queued.err_no == ERR_TIMEOUT
+    assert wedged.err_no == ErrNo.TIMEOUT and "0.3s" in wedged.err_msg and 0.25 < waited < 5
+    assert queued.err_no == ErrNo.TIMEOUT
     assert ok.err_no == 0
     np.testing.assert_array_equal(np.frombuffer(ok.outputs[0].tensor[0].tensor_content, "<f4"), [5.0] * 15)
     assert started == [1, 5], "requests given up (timed out or cancelled) must never reach the predictor"
@@ -308,7 +309,7 @@ def test_runners_collect_batches_themselves():
 
 def test_batch_independence_check():
     """Rows that depend on the batch (minus the batch mean) are found; row-wise models pass."""
-    from distill_reader.serving_config import ServingConfig, VarSpec
+    from distill_base.serving_config import ServingConfig, VarSpec
 
     config = ServingConfig(feeds=(VarSpec("x", "x", 1, (4,)), VarSpec("ids", "ids", 0, (2,))),
                            fetches=(VarSpec("y", "y", 1, (4,)),))

@@ -9,11 +9,12 @@ import grpc
 import numpy as np
 import pytest
 
-from distill_reader.client import FeedError, TeacherAnswerError, TeacherClient, TeacherUnavailable
-from distill_reader.proto import general_model_service_pb2 as pb
-from distill_reader.proto import general_model_service_pb2_grpc as pb_grpc
-from distill_reader.serving_config import ConfigError
-from distill_reader.tensor_codec import decode_tensor, encode_tensor, is_raw
+from distill_base.proto import general_model_service_pb2 as pb
+from distill_base.proto import general_model_service_pb2_grpc as pb_grpc
+from distill_base.serving_config import ConfigError
+from distill_base.tensor_codec import decode_tensor, encode_tensor, is_raw
+from distill_reader.client import TeacherAnswerError, TeacherClient, TeacherUnavailable
+from distill_reader.feeds import FeedError
 from tests.support.procs import free_port
 from tests.support.teacher import mnist_like_images, reference_predict
 
@@ -175,9 +176,11 @@ def test_not_serving_at_first_contact_is_unavailable_then_probed_again(teacher_m
 
 def test_public_names_are_exported_from_the_package():
     import distill_reader
-    from distill_reader import client, client_security, reader, serving_config
+    from distill_base import client_security, serving_config
+    from distill_reader import client, feeds
+    from distill_reader import distill_reader as reader_module
 
-    modules = (reader, client, client_security, serving_config)
+    modules = (reader_module, client, feeds, client_security, serving_config)
     for name in distill_reader.__all__:
         if name != "__version__":
             assert any(getattr(m, name, None) is getattr(distill_reader, name) for m in modules), name

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
 
-from distill_reader.client import FeedError, prepare_feed
-from distill_reader.proto import general_model_config_pb2 as config_pb2
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.serving_config import ConfigError, ServingConfig, VarSpec, stream_name
-from distill_reader.tensor_codec import TensorCodecError, decode_tensor, encode_tensor, is_raw
+from distill_base.proto import general_model_config_pb2 as config_pb2
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec, stream_name
+from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor, is_raw
+from distill_reader.feeds import FeedError, prepare_feed
 
 NUMERIC = ["float32", "float64", "int64", "int32", "int16", "int8", "uint8", "float16", "bool",
            "complex64", "complex128"]

@@ -16,8 +16,8 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.security import OPEN_ACL_UNSAFE, Permissions, make_acl, make_digest_acl
 
+from discovery.arguments import TEACHER_PREFIX, NoTeachersError, ServicePaths
 from discovery.register import main as register_main
-from discovery.registry import TEACHER_PREFIX, NoTeachersError, ServicePaths
 from discovery.student import TeacherSubscription
 from discovery.teacher_registration import TeacherRegistration
 from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, port_is_open, wait_for

@@ -5,9 +5,9 @@ import numpy as np
 import paddle
 import pytest
 
+from distill_base.paddle_compat import paddle_major
 from distill_reader import dist
-from distill_reader.dist import functional as DF
-from distill_reader.paddle_compat import paddle_major
+from distill_reader.inprocess import functional as DF
 from tests.dist_support import build, conv_student, conv_teacher, pir_static_mode, static_mode
 
 PLACE = paddle.CPUPlace()

@@ -5,8 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
+from distill_base.paddle_compat import paddle_major
 from distill_reader import dist
-from distill_reader.paddle_compat import paddle_major
 from tests.dist_support import (
     Built,
     build,
@@ -176,7 +176,7 @@ def test_prefix_collision_is_an_error(exe):
 def test_uninitialized_teacher_is_reported(exe, caplog):
     teacher = build(fc_student, "x")  # never initialized
     student = build(fc_student, "x")
-    with caplog.at_level(logging.WARNING, logger="distill_reader.dist.merge"):
+    with caplog.at_level(logging.WARNING, logger="distill_reader.inprocess.program_merge"):
         dist.merge(teacher.program, student.program, {"x": "x"}, PLACE, scope=student.scope,
                    teacher_scope=teacher.scope)
     assert "not initialized" in caplog.text and "s_fc.w_0" in caplog.text

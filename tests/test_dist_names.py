@@ -97,3 +97,22 @@ def test_merged_pair_trains_the_student_not_the_teacher():
         assert loss_after < loss_before / 2
         assert all(not np.allclose(before[n], student.tensor(n)) for n in student_params)
         np.testing.assert_array_equal(student.tensor("teacher_fc_0.w_0"), teacher_before)
+
+
+def test_dist_is_paddleslims_name_for_the_inprocess_package():
+    """``distill_reader.dist`` (PaddleSlim's name) re-exports ``distill_reader.inprocess``: every public name is the
+    same object, and the PaddleSlim spellings import."""
+    import distill_reader
+    from distill_reader import inprocess
+    from distill_reader.dist import merge, soft_label_loss
+
+    assert distill_reader.dist.__all__ == inprocess.__all__ and len(inprocess.__all__) == 21
+    assert all(getattr(distill_reader.dist, name) is getattr(inprocess, name) for name in inprocess.__all__)
+    assert merge is inprocess.merge and soft_label_loss is inprocess.soft_label_loss
+    assert dist.functional.kl_div_loss is inprocess.functional.kl_div_loss
+    # the submodule spellings of earlier releases
+    from distill_reader.dist.functional import kl_div_loss
+    from distill_reader.dist.merge import MergeError
+
+    assert kl_div_loss is inprocess.functional.kl_div_loss and MergeError is inprocess.MergeError
+    assert dist.merge is inprocess.merge   # the function, not the module of the same old name

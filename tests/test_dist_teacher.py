@@ -7,9 +7,9 @@ import numpy as np
 import paddle
 import pytest
 
+from distill_base.paddle_compat import legacy_ir, paddle_major, pir_enabled
 from distill_reader import dist
-from distill_reader.dist import functional as DF
-from distill_reader.paddle_compat import legacy_ir, paddle_major, pir_enabled
+from distill_reader.inprocess import functional as DF
 from tests.dist_support import build, conv_teacher, static_mode
 
 RNG = np.random.RandomState(11)

@@ -40,7 +40,7 @@ def _runs(results) -> dict:
 def test_the_teacher_is_saved_the_default_way_of_the_line(results):
     import paddle
 
-    from distill_reader.paddle_compat import paddle_major
+    from distill_base.paddle_compat import paddle_major
 
     assert results["paddle"] == paddle.__version__
     extension = ".json" if paddle_major(paddle) >= 3 else ".pdmodel"

@@ -1,7 +1,7 @@
-"""distill_reader.endpoints: one parser for host:port, [v6]:port, lists and comma separated strings."""
+"""distill_base.endpoints: one parser for host:port, [v6]:port, lists and comma separated strings."""
 import pytest
 
-from distill_reader.endpoints import Endpoint, format_endpoints, parse_endpoint, parse_endpoints
+from distill_base.endpoints import Endpoint, format_endpoints, parse_endpoint, parse_endpoints
 
 
 @pytest.mark.parametrize("text,host,port,canonical", [

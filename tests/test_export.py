@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from distill_reader.paddle_compat import keep_mode, legacy_ir, paddle_major, pir_enabled
-from distill_reader.proto import general_model_config_pb2 as config_pb2
-from distill_reader.serving_config import ServingConfig
+from distill_base.paddle_compat import keep_mode, legacy_ir, paddle_major, pir_enabled
+from distill_base.proto import general_model_config_pb2 as config_pb2
+from distill_base.serving_config import ServingConfig
 from teachers.export import ExportError, inference_model_to_serving, main, save_model
 from teachers.predictor_pool import PredictorOptions, PredictorPool
 from tests.support.procs import REPO_ROOT
@@ -224,7 +224,7 @@ def test_pir_model_exports_as_model_json(tmp_path):
 
     if paddle_major(paddle) < 3:
         pytest.skip(f"paddle {paddle.__version__} cannot build PIR programs (they came with paddle 3)")
-    from distill_reader.paddle_compat import pir_ir
+    from distill_base.paddle_compat import pir_ir
 
     with keep_mode(paddle), pir_ir(paddle):
         src = save_jit_model(str(tmp_path / "jit"), seed=3)

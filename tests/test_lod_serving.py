@@ -19,11 +19,12 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 import requests
 
-from distill_reader.client import FeedError, TeacherClient
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.tensor_codec import encode_tensor
+from distill_reader.client import TeacherClient
+from distill_reader.feeds import FeedError
 from distill_reader.padding import PaddingOptionError
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.tensor_codec import encode_tensor
-from teachers.lod import LodError, check_lod_feed, fetch_lod
+from teachers.lod_checks import LodError, check_lod_feed, fetch_lod
 from tests.support import lod_models
 from tests.support.lod_models import PAD_SENSITIVE, lod_teacher, pad_sensitive_teacher, padded_teacher  # noqa: F401
 from tests.support.teacher import TeacherServer, grpc_health
@@ -271,8 +272,8 @@ def test_batcher_merges_lod_requests_with_shifted_offsets(lod_teacher):  # noqa:
 
 
 def test_fixed_feeds_still_take_nested_lists():
-    from distill_reader.lod import VariableFeedError, prepare_variable_feeds
-    from distill_reader.serving_config import ServingConfig, VarSpec
+    from distill_base.serving_config import ServingConfig, VarSpec
+    from distill_reader.feeds import VariableFeedError, prepare_variable_feeds
 
     config = ServingConfig(feeds=(VarSpec("x", "x", 1, (2,)), VarSpec("w", "w", 0, (-1,), is_lod_tensor=True)),
                            fetches=())

@@ -13,7 +13,7 @@ import pytest
 
 from distill_reader import DistillReader
 from distill_reader.knowledge import InputMismatchError, KnowledgeError, KnowledgeReader
-from distill_reader.offline import OfflineCacheError
+from distill_reader.offline_cache import OfflineCacheError
 from tests.support.procs import REPO_ROOT, ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
 from distill_reader import DistillReader, PaddingOptionError
-from distill_reader.lod import VariableFeedError, prepare_variable_feeds
+from distill_reader.errors import DistillReaderError
+from distill_reader.feeds import VariableFeedError, prepare_variable_feeds
 from distill_reader.padding import Padding
-from distill_reader.pipeline import DistillReaderError, SlotPlan
-from distill_reader.serving_config import ConfigError, ServingConfig, VarSpec
+from distill_reader.pipeline import SlotPlan
 
 CONFIG = ServingConfig(feeds=(VarSpec("words", "words", 0, (-1,)), VarSpec("chars", "chars", 0, (-1, 4)),
                               VarSpec("weights", "weights", 1, (-1,)), VarSpec("length", "length", 0, (1,)),

@@ -18,8 +18,8 @@ from distill_reader.pantheon import (
     Teacher,
     TeacherDisconnected,
 )
-from distill_reader.pantheon.merge import merge_descs, merged_stream
-from distill_reader.pantheon.offline import OfflineKnowledgeWriter
+from distill_reader.pantheon.knowledge_files import OfflineKnowledgeWriter
+from distill_reader.pantheon.knowledge_merge import merge_descs, merged_stream
 from distill_reader.pantheon.transport import Connection, encode_frame
 from tests.support.procs import ProcessGuard, free_port, pid_alive, wait_for
 

@@ -7,8 +7,8 @@ import pathlib
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
+from distill_base.serving_config import ServingConfig
 from distill_reader.knowledge import KnowledgeReader, KnowledgeWriter
-from distill_reader.serving_config import ServingConfig
 
 
 def test_export_and_serving_config_take_paths(tmp_path: pathlib.Path):
@@ -66,7 +66,7 @@ def test_knowledge_files_take_paths(tmp_path: pathlib.Path):
 
 
 def test_pantheon_offline_knowledge_takes_paths(tmp_path: pathlib.Path):
-    from distill_reader.pantheon.offline import OfflineKnowledgeReader, OfflineKnowledgeWriter
+    from distill_reader.pantheon.knowledge_files import OfflineKnowledgeReader, OfflineKnowledgeWriter
 
     batch = {"y": np.arange(6, dtype="float32").reshape(3, 2)}
     writer = OfflineKnowledgeWriter(tmp_path / "knowledge", {"y": {"shape": [-1, 2], "dtype": "float32"}})
@@ -80,8 +80,8 @@ def test_pantheon_offline_knowledge_takes_paths(tmp_path: pathlib.Path):
 
 
 def test_client_security_files_take_paths(tmp_path: pathlib.Path, teacher_model):
+    from distill_base.client_security import ClientSecurity
     from distill_reader.client import TeacherClient
-    from distill_reader.client_security import ClientSecurity
     from tests.support.tls import make_pki
 
     pki = make_pki(tmp_path)
@@ -118,7 +118,7 @@ def test_names_checked_by_pattern_match_in_full():
 
     from discovery.arguments import ServicePaths
     from discovery.nodes import NodeDataError, parse_assignment
-    from distill_reader.endpoints import parse_endpoint
+    from distill_base.endpoints import parse_endpoint
 
     good = {"teachers": ["teacher-0000000001"], "endpoints": ["127.0.0.1:9292"]}
     assert parse_assignment("s", json.dumps(good).encode()).teachers == ("teacher-0000000001",)

@@ -87,7 +87,7 @@ def _student(folder: str, script: str, guard: ProcessGuard, env: dict) -> str:
 
 def _check_student_output(out: str) -> None:
     # The reader's per-epoch line, shown by the script's one logging line, and the script's own lines.
-    lines = re.findall(r"distill_reader\.reader:epoch (\d): 10000 samples in [\d.]+s .* 313 requests", out)
+    lines = re.findall(r"distill_reader\.distill_reader:epoch (\d): 10000 samples in [\d.]+s .* 313 requests", out)
     assert lines == ["1", "2"], out[-3000:]
     printed = re.findall(r"^epoch (\d): loss ([\d.]+), 10000 samples, 313 requests$", out, flags=re.M)
     assert [e for e, _ in printed] == ["1", "2"], out[-3000:]

@@ -11,10 +11,10 @@ import subprocess
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
+from distill_base.serving_config import ConfigError
 from distill_reader import DistillReader
-from distill_reader.client import FeedError
-from distill_reader.pipeline import TeacherAnswerInvalid
-from distill_reader.serving_config import ConfigError
+from distill_reader.errors import TeacherAnswerInvalid
+from distill_reader.feeds import FeedError
 from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 

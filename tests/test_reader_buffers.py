@@ -119,7 +119,7 @@ def test_reused_buffer_through_the_pantheon_offline_teacher(tmp_path, kind):
     import paddle
 
     from distill_reader.pantheon import Teacher
-    from distill_reader.pantheon.offline import OfflineKnowledgeReader
+    from distill_reader.pantheon.knowledge_files import OfflineKnowledgeReader
 
     xs = np.arange(64 * 4, dtype="float32").reshape(64, 4)
     paddle.enable_static()

@@ -16,7 +16,7 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader
-from distill_reader.pipeline import AllTeachersDownError
+from distill_reader.errors import AllTeachersDownError
 from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 

@@ -16,18 +16,18 @@ import time
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
+from distill_base.serving_config import ServingConfig
 from distill_reader import DistillReader
-from distill_reader.client import FeedError
 from distill_reader.errors import (
     AllTeachersDownError,
     ReaderClosedError,
     TeacherAnswerInvalid,
     TeacherRequestRefused,
 )
+from distill_reader.feeds import FeedError
 from distill_reader.knowledge import KnowledgeReader
+from distill_reader.prediction_stage import Task, next_task_id
 from distill_reader.remote_stage import RemoteOptions, RemoteStage
-from distill_reader.serving_config import ServingConfig
-from distill_reader.tasks import Task, next_task_id
 from distill_reader.teacher_pool import TeacherPool
 from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from distill_reader.reader import parse_endpoints
+from distill_reader.distill_reader import parse_endpoints
 from distill_reader.teacher_pool import TeacherPool, backoff_delay
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
+from distill_base.serving_config import ConfigError
 from distill_reader import DistillReader, PaddingOptionError
+from distill_reader.errors import DistillReaderError
 from distill_reader.knowledge.errors import InputMismatchError
-from distill_reader.offline import OfflineCacheError
-from distill_reader.pipeline import DistillReaderError
-from distill_reader.serving_config import ConfigError
+from distill_reader.offline_cache import OfflineCacheError
 from tests.support import lod_models
 from tests.support.lod_models import lod_teacher, pad_sensitive_teacher, padded_teacher  # noqa: F401  (fixtures)
 from tests.support.teacher import ExportedTeacher, TeacherServer

@@ -2,8 +2,8 @@
 import numpy as np  # (before paddle: environment.md)
 import pytest
 
+from distill_base.status_codes import ErrNo, StatusClass, is_transient, status_class
 from distill_reader import client
-from distill_reader.status_codes import ErrNo, StatusClass, is_transient, status_class
 
 
 def test_every_code_has_its_class_and_unknown_codes_are_broken():
@@ -17,10 +17,11 @@ def test_every_code_has_its_class_and_unknown_codes_are_broken():
 def test_server_and_client_read_the_same_table():
     from teachers import inference
 
-    assert (inference.ERR_INPUT, inference.ERR_SHUTDOWN, inference.ERR_TIMEOUT, inference.ERR_INTERNAL) == (
-        5000, 3001, 6000, 10000)
-    assert client._err_no_error("t", inference.ERR_INPUT, "x").__class__ is client.TeacherRequestRejected
-    assert type(inference.ERR_INPUT) is int   # protobuf fields take plain ints
+    answers = [inference.error_response(code, "x") for code in (ErrNo.INPUT, ErrNo.SHUTDOWN, ErrNo.TIMEOUT,
+                                                                 ErrNo.INTERNAL)]
+    assert [answer.err_no for answer in answers] == [5000, 3001, 6000, 10000]
+    assert all(type(answer.err_no) is int for answer in answers)   # protobuf fields hold plain ints
+    assert client._err_no_error("t", answers[0].err_no, "x").__class__ is client.TeacherRequestRejected
 
 
 # -- the student acts on the class: a busy teacher (err_no 6000) is retried elsewhere, never "answer invalid" -----

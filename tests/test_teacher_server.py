@@ -17,10 +17,10 @@ import pytest
 import requests
 from google.protobuf import json_format
 
+from distill_base.proto import general_model_service_pb2 as pb
+from distill_base.serving_config import ServingConfig
+from distill_base.tensor_codec import decode_tensor, encode_tensor
 from distill_reader.client import TeacherClient, TeacherUnavailable
-from distill_reader.proto import general_model_service_pb2 as pb
-from distill_reader.serving_config import ServingConfig
-from distill_reader.tensor_codec import decode_tensor, encode_tensor
 from teachers.export import save_model
 from teachers.serve import IGNORED_SERVING_FLAGS, parse_args
 from tests.support.procs import REPO_ROOT, free_port, port_is_open, wait_for

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import requests
 
+from distill_base.proto import general_model_service_pb2 as pb
+from distill_base.tensor_codec import decode_tensor, encode_tensor
 from distill_reader.client import TeacherClient
-from distill_reader.proto import general_model_service_pb2 as pb
-from distill_reader.tensor_codec import decode_tensor, encode_tensor
 from teachers import worker_protocol as wire
 from teachers.export import inference_model_to_serving, save_model
 from teachers.worker_protocol import ProtocolError, create_block, read_arrays, release_block, write_arrays

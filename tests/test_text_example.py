@@ -15,7 +15,7 @@ import sys
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
-from distill_reader.serving_config import ServingConfig
+from distill_base.serving_config import ServingConfig
 from tests.support.lod_models import local_predict, lod_available
 from tests.support.procs import REPO_ROOT, ProcessGuard, pid_alive
 

@@ -13,9 +13,9 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 import requests
 
+from distill_base.client_security import ClientSecurity
 from distill_reader import DistillReader
 from distill_reader.client import TeacherAuthError, TeacherClient, TeacherTlsError
-from distill_reader.client_security import ClientSecurity
 from distill_reader.errors import TeacherAuthRefused
 from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict

@@ -15,11 +15,12 @@ import sys
 import numpy as np
 import pytest
 
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.status_codes import ErrNo
+from distill_base.tensor_codec import encode_tensor
 from distill_reader.knowledge import KnowledgeWriter
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.tensor_codec import encode_tensor
 from teachers.batcher import DynamicBatcher
-from teachers.inference import ERR_INPUT, InferenceHandler
+from teachers.inference import InferenceHandler
 from tests.fuzz.harnesses import DENSE_CONFIG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def test_a_shape_past_what_numpy_holds_is_refused_naming_the_feed():
     request.tensor.add(name="ids", elem_type=0, shape=[2, 0, 1 << 30, 1 << 30, 1 << 30])
     encode_tensor(np.ones((2, 4), bool), "mask", out=request.tensor.add())
     answer = InferenceHandler(DENSE_CONFIG, run=_run).handle(request)
-    assert answer.err_no == ERR_INPUT
+    assert answer.err_no == ErrNo.INPUT
     assert "feed 'ids'" in answer.err_msg and "shape [2, 0, 1073741824" in answer.err_msg
     assert "malformed request" not in answer.err_msg
 

@@ -1,4 +1,4 @@
-"""distill_reader.wire_size (issue 26): the decoded size of a request read from its wire bytes, before protobuf
+"""distill_base.wire_size (issue 26): the decoded size of a request read from its wire bytes, before protobuf
 parses it, matches what protobuf parses; a request whose typed values would take more than
 max(body + 64 KiB, 16 MiB) once decoded is refused with err_no 5000 naming the feed, on gRPC and HTTP, by a real
 teacher server; valid MNIST requests pass."""
@@ -8,9 +8,9 @@ import pytest
 import requests
 from google.protobuf.message import DecodeError
 
-from distill_reader.proto import general_model_service_pb2 as pb
-from distill_reader.tensor_codec import encode_tensor
-from distill_reader.wire_size import (
+from distill_base.proto import general_model_service_pb2 as pb
+from distill_base.tensor_codec import encode_tensor
+from distill_base.wire_size import (
     DEFAULT_ALLOWANCE,
     MAX_FIELDS,
     STRING_OVERHEAD,
@@ -20,7 +20,7 @@ from distill_reader.wire_size import (
     check_decoded_size,
     decoded_sizes,
 )
-from teachers.server import read_request
+from teachers.grpc_front import read_request
 from tests.support.teacher import TeacherServer, mnist_like_images
 
 SERVICE = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
@@ -193,8 +193,8 @@ class _AnsweringTeacher:
 def test_client_refuses_an_answer_over_the_bound_before_parsing_it():
     """A teacher's answer of 2.1 MB of 1-byte int64 varints (16.8 MB once decoded): TeacherAnswerError naming the
     fetch, on gRPC and HTTP, before protobuf parses it; a normal answer still decodes."""
+    from distill_base.serving_config import ServingConfig, VarSpec
     from distill_reader.client import TeacherAnswerError, TeacherClient
-    from distill_reader.serving_config import ServingConfig, VarSpec
 
     config = ServingConfig(feeds=(VarSpec("x", "x", 1, (3,)),), fetches=(VarSpec("ids", "ids", 0, (-1,)),))
     big = pb.Response(err_no=0)
@@ -217,7 +217,7 @@ def test_client_refuses_an_answer_over_the_bound_before_parsing_it():
 
 def test_allowance_follows_a_small_body_limit():
     """16 MiB, or 3x --max_body_size when that is less: a server with small bodies refuses amplifying ones early."""
-    from teachers.server import decoded_allowance
+    from teachers.grpc_front import decoded_allowance
 
     assert decoded_allowance(128 << 20) == DEFAULT_ALLOWANCE and decoded_allowance(20000) == 60000
     assert decoded_allowance(20000, 5) == 5

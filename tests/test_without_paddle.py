@@ -22,12 +22,12 @@ BLOCKER = textwrap.dedent("""
     sys.meta_path.insert(0, NoPaddle())
 """)
 
-PADDLE_FREE = ["distill_reader", "distill_reader.reader", "distill_reader.client", "distill_reader.pipeline",
+PADDLE_FREE = ["distill_reader", "distill_reader.distill_reader", "distill_reader.client", "distill_reader.pipeline",
                "distill_reader.teacher_pool", "distill_reader.workers", "distill_reader.worker_process",
-               "distill_reader.worker_messages", "distill_reader.memfd", "distill_reader.offline",
-               "distill_reader.knowledge", "distill_reader.serving_config", "distill_reader.tensor_codec",
-               "distill_reader.pantheon", "distill_reader.pantheon.student", "distill_reader.pantheon.offline",
-               "discovery", "discovery.registry", "discovery.reconciler", "discovery.student", "discovery.share",
+               "distill_reader.worker_messages", "distill_reader.memfd", "distill_reader.offline_cache",
+               "distill_reader.knowledge", "distill_base.serving_config", "distill_base.tensor_codec",
+               "distill_reader.pantheon", "distill_reader.pantheon.student", "distill_reader.pantheon.knowledge_files",
+               "discovery", "discovery.arguments", "discovery.reconciler", "discovery.student", "discovery.share",
                "discovery.register",
                "discovery.teacher_registration", "teachers.export", "teachers.predictor_pool", "teachers.serve"]
 

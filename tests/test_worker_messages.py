@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from distill_reader.client_security import ClientSecurity
+from distill_base.client_security import ClientSecurity
+from distill_base.serving_config import ConfigError
 from distill_reader.errors import DistillReaderError
 from distill_reader.padding import Padding
-from distill_reader.serving_config import ConfigError
 from distill_reader.worker_messages import (
     Crashed,
     Done,

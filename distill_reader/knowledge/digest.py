@@ -129,6 +129,9 @@ def sample_digests(inputs: InputsArg) -> np.ndarray:
 
         d = sample_digests({"img": np.zeros((4, 1, 28, 28), "float32")})
         d.shape    # (4, 16)
+
+    Raises:
+        ValueError: no input, an input whose first dimension is not the sample count, or a non-numeric dtype.
     """
     if isinstance(inputs, Mapping):
         items = [(str(name), inputs[name]) for name in sorted(inputs)]

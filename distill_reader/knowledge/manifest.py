@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..atomic_file import atomic_write
+from distill_base.atomic_file import atomic_write
+
 from .errors import FormatError, KnowledgeError, UnsafeFileError
 from .safe_io import open_regular
 from .spec import FieldSpec, check_dtype
@@ -104,7 +105,11 @@ def expected_segments(fields: List[FieldSpec], input_digests: bool, n: int) -> L
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
-    """Atomically replace ``directory/manifest.json`` (temporary created exclusively, links never followed)."""
+    """Atomically replace ``directory/manifest.json`` (temporary created exclusively, links never followed).
+
+    Raises:
+        KnowledgeError: the manifest cannot be written (the OSError's reason).
+    """
     path = os.path.join(directory, MANIFEST_NAME)
     try:
         atomic_write(path, json.dumps(manifest.to_json(), indent=1).encode("utf-8"))

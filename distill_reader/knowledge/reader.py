@@ -85,6 +85,12 @@ class KnowledgeReader:
     def __init__(self, path: str, topk_as: str = "dense", topk_fill: Optional[float] = None,
                  verify_threads: int = 2, lazy_check: str = "crc32",
                  max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES) -> None:
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``topk_as``, ``lazy_check`` or ``max_dense_bytes`` is not one of its values.
+            KnowledgeError: the folder is not a readable knowledge cache (missing or malformed manifest, unsafe file).
+        """
         if topk_as not in ("dense", "sparse"):
             raise ValueError(f"topk_as must be 'dense' or 'sparse', not {topk_as!r}")
         if lazy_check not in ("crc32", "sha256"):
@@ -108,7 +114,12 @@ class KnowledgeReader:
         self._starts = [s.start for s in manifest.shards]
 
     def refresh(self) -> None:
-        """Re-read the manifest (to see shards a writer committed since this reader opened)."""
+        """Re-read the manifest (to see shards a writer committed since this reader opened).
+
+        Raises:
+            FormatError: the cache was rewritten with another description.
+            KnowledgeError: the new manifest cannot be read or is malformed.
+        """
         manifest = read_manifest(self.path)
         if manifest.fields != self._manifest.fields:
             raise FormatError(f"knowledge cache {self.path} was rewritten with another description")
@@ -163,6 +174,11 @@ class KnowledgeReader:
 
         With ``copy=False`` a field stored exactly and lying in one shard comes back as a read-only view of the
         memory map (no copy); otherwise arrays are fresh and writable.
+
+        Raises:
+            IndexError: ``[start, stop)`` is not within the stored samples.
+            FormatError: a top-k field holds an index beyond its classes.
+            CorruptShardError: a shard's checksum does not match on first use.
         """
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.num_samples:
@@ -212,7 +228,12 @@ class KnowledgeReader:
 
     def iter_batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None, drop_last: bool = False,
                      copy: bool = True) -> Iterator[Batch]:
-        """Yield ``read`` results of ``batch_size`` samples from ``start`` to ``stop`` (default: the end)."""
+        """Yield ``read`` results of ``batch_size`` samples from ``start`` to ``stop`` (default: the end).
+
+        Raises:
+            ValueError: ``batch_size`` < 1.
+            IndexError, FormatError, CorruptShardError: as ``read``.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         stop = self.num_samples if stop is None else stop
@@ -223,7 +244,12 @@ class KnowledgeReader:
             yield self.read(lo, hi, copy=copy)
 
     def input_digests(self, start: int, stop: int) -> np.ndarray:
-        """The stored ``(n, 16)`` input digests of samples ``[start, stop)``."""
+        """The stored ``(n, 16)`` input digests of samples ``[start, stop)``.
+
+        Raises:
+            KnowledgeError: the cache was written without input digests.
+            IndexError: ``[start, stop)`` is not within the stored samples.
+        """
         if not self.has_input_digests:
             raise KnowledgeError(f"knowledge cache {self.path} was written without input digests")
         if not 0 <= start <= stop <= self.num_samples:
@@ -236,6 +262,11 @@ class KnowledgeReader:
 
         The error names the first differing sample and its shard. Asking beyond the stored samples is a
         ``KnowledgeError`` (the inputs hold more samples than the cache).
+
+        Raises:
+            ValueError: ``digests`` is not of shape ``(n, 16)``.
+            KnowledgeError: the cache holds digests of another scheme, or fewer samples than asked for.
+            InputMismatchError: a digest differs (names the first such sample and its shard).
         """
         digests = np.asarray(digests)
         if digests.ndim != 2 or digests.shape[1] != DIGEST_NBYTES:
@@ -264,6 +295,9 @@ class KnowledgeReader:
         """Check every shard's size and sha256 now; return the bytes checked.
 
         Raises ``CorruptShardError`` naming every bad shard (``.shard`` is the first, ``.shards`` all of them).
+
+        Raises:
+            CorruptShardError: a shard has the wrong size or sha256 (``.shards`` names all of them).
         """
         from tqdm import tqdm
 

@@ -17,7 +17,7 @@ import os
 import stat
 from typing import Callable, Tuple
 
-from ..atomic_file import create_exclusive
+from distill_base.atomic_file import create_exclusive
 
 __all__ = ["create_exclusive", "kind_of", "lstat_problem", "open_regular", "remove_entry"]
 
@@ -39,6 +39,10 @@ def open_regular(path: str, unsafe: Callable[[str, str], Exception], name: str) 
 
     Raises ``unsafe(message, name)`` for a link, FIFO, directory or device; ``FileNotFoundError`` and other
     ``OSError`` as they come.
+
+    Raises:
+        unsafe (an UnsafeFileError class): ``path`` is a link, FIFO, directory or device.
+        OSError: as ``os.open`` raises it (``FileNotFoundError`` for a missing file).
     """
     try:
         fd = os.open(path, READ_FLAGS)

@@ -54,7 +54,11 @@ class Part(NamedTuple):
 
 
 def check_dtype(value: Any, what: str) -> np.dtype:
-    """Parse ``value`` as a plain numeric dtype (bool, int, uint, float); anything else is a ``KnowledgeError``."""
+    """Parse ``value`` as a plain numeric dtype (bool, int, uint, float); anything else is a ``KnowledgeError``.
+
+    Raises:
+        FormatError: ``value`` is not a dtype, or not a plain bool/integer/floating one.
+    """
     if isinstance(value, str):   # a name from a file or a user: never parsed by numpy as a literal
         return parse_dtype(value, ALLOWED_KINDS, what, FormatError)
     try:
@@ -80,7 +84,11 @@ def _check_shape(shape: Any, what: str) -> Tuple[int, ...]:
 
 
 def cast_checked(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """Cast to ``dtype`` (same kind or safe), refusing finite values that would become inf in a narrower float."""
+    """Cast to ``dtype`` (same kind or safe), refusing finite values that would become inf in a narrower float.
+
+    Raises:
+        KnowledgeError: the array's dtype cannot be stored as ``dtype``, or a finite value would overflow it.
+    """
     if array.dtype != dtype and not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise KnowledgeError(f"{what}: cannot store dtype {array.dtype} as {dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -158,6 +166,11 @@ class FieldSpec:
 
     @classmethod
     def from_json(cls, entry: Any) -> FieldSpec:
+        """A field from its manifest entry (untrusted: every part is checked).
+
+        Raises:
+            FormatError: the entry has no name, an unknown storage, a bad top-k ``k``/fill, or a bad shape or dtype.
+        """
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise FormatError(f"field entry {entry!r} has no name")
         name = entry["name"]
@@ -196,7 +209,11 @@ def _make(name: str, shape: Tuple[int, ...], dtype: np.dtype, storage: str, k: O
 
 
 def parse_storage(text: str, where: str) -> Tuple[str, Optional[int], Optional[float]]:
-    """``"float16"`` -> ("float16", None, None); ``"topk:10:-inf"`` -> ("topk", 10, -inf)."""
+    """``"float16"`` -> ("float16", None, None); ``"topk:10:-inf"`` -> ("topk", 10, -inf).
+
+    Raises:
+        KnowledgeError: ``text`` is not a string or not a known storage.
+    """
     if not isinstance(text, str):
         raise KnowledgeError(f"{where}: storage must be a string, not {text!r}")
     if text in ("float32", "float16", "raw"):
@@ -214,7 +231,12 @@ def parse_storage(text: str, where: str) -> Tuple[str, Optional[int], Optional[f
 
 
 def resolve_fields(fields: FieldsArg, storage: StorageArg = "float32") -> List[FieldSpec]:
-    """Build the field specs from ``{name: (per_sample_shape, dtype)}`` and a storage (one, or a dict per field)."""
+    """Build the field specs from ``{name: (per_sample_shape, dtype)}`` and a storage (one, or a dict per field).
+
+    Raises:
+        KnowledgeError: no field, a storage for an unknown field, a bad field name, or a value that is not
+            ``(per_sample_shape, dtype)``.
+    """
     if not fields:
         raise KnowledgeError("a knowledge description needs at least one field")
     if isinstance(storage, Mapping):

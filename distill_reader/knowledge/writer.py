@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..atomic_file import create_exclusive, fsync_dir
+from distill_base.atomic_file import create_exclusive, fsync_dir
+
 from .errors import KnowledgeError, UnsafeFileError
 from .manifest import (
     DIGEST_NBYTES,
@@ -64,6 +65,11 @@ class KnowledgeWriter:
     def __init__(self, path: str, fields: FieldsArg, storage: StorageArg = "float32",
                  shard_samples: Optional[int] = None, meta: Optional[Mapping[str, Any]] = None,
                  overwrite: bool = False) -> None:
+        """Check the arguments.
+
+        Raises:
+            KnowledgeError: ``shard_samples`` < 1, a bad description, or the folder cannot be created.
+        """
         self.path = os.fspath(path)
         specs = resolve_fields(fields, storage)
         meta_dict = dict(meta or {})
@@ -143,6 +149,11 @@ class KnowledgeWriter:
 
         ``input_digests`` (``(n, 16)`` uint8 from ``sample_digests``) fingerprints what produced them; give it for
         every append or for none.
+
+        Raises:
+            KnowledgeError: a missing or unknown field, a wrong per-sample shape, fields of different sample counts, or
+                ``input_digests`` given for some appends only or of the wrong shape/dtype; or the shard cannot be
+                written.
         """
         self._check_open()
         missing = [f.name for f in self.fields if f.name not in arrays]

@@ -15,7 +15,7 @@ Example::
     for batch in student.get_knowledge_generator(batch_size=32)():
         ...
 """
-from .merge import KnowledgeMismatch
+from .knowledge_merge import KnowledgeMismatch
 from .student import Student, TeacherDisconnected
 from .teacher import StudentDisconnected, Teacher
 from .transport import AuthenticationError, ConnectionLost, ForkedConnectionError, PantheonError, ProtocolError

@@ -141,7 +141,11 @@ def raw_frame(header_bytes: bytes, buffers: List[memoryview]) -> list[memoryview
 
 
 def decode_frame(header_bytes: bytes | bytearray, body: bytearray) -> Tuple[str, Any, dict]:
-    """``(kind, value, header)`` of a received frame; ``ProtocolError`` for anything malformed."""
+    """``(kind, value, header)`` of a received frame; ``ProtocolError`` for anything malformed.
+
+    Raises:
+        ProtocolError: the frame is malformed (a header without a message kind, a bad length, dtype or shape).
+    """
     try:
         header = json.loads(bytes(header_bytes))
         if not isinstance(header, dict) or not isinstance(header.get("k"), str):

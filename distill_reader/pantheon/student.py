@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
-from .merge import check_desc, check_strategy, conform, merge_descs, merged_stream
+from .knowledge_merge import check_desc, check_strategy, conform, merge_descs, merged_stream
 from .transport import (
     Connection,
     ConnectionLost,
@@ -196,7 +196,7 @@ class _OfflineTeacher:
     """Knowledge files written by an offline teacher; every pass reads them from the start."""
 
     def __init__(self, teacher_id: int, path: str) -> None:
-        from .offline import OfflineKnowledgeReader
+        from .knowledge_files import OfflineKnowledgeReader
 
         self.name = f"teacher {teacher_id} (offline, {path})"
         self.reader = OfflineKnowledgeReader(path)
@@ -244,7 +244,14 @@ class Student:
 
     def register_teacher(self, in_path: Union[str, os.PathLike, None] = None, in_address: Optional[str] = None) -> int:
         """Register a teacher (ids from 0 in registration order): offline knowledge at ``in_path`` or an online
-        teacher at ``in_address`` ("host:port"; waits up to the timeout for it to come up). Returns its id."""
+        teacher at ``in_address`` ("host:port"; waits up to the timeout for it to come up). Returns its id.
+
+        Raises:
+            ValueError: the student was started, both or neither of ``in_path``/``in_address`` given, or the teacher is
+                already registered.
+            PantheonError: the offline knowledge cannot be opened, or the online teacher is not reachable within the
+                timeout.
+        """
         if self._started:
             raise ValueError("the student has been started: register every teacher before start()")
         if in_path and in_address:
@@ -273,7 +280,11 @@ class Student:
         return teacher_id
 
     def start(self) -> None:
-        """End the registration of teachers."""
+        """End the registration of teachers.
+
+        Raises:
+            ValueError: started before, or no teacher registered.
+        """
         if self._started:
             raise ValueError("the student cannot be started more than once")
         if not self._teachers:
@@ -310,7 +321,12 @@ class Student:
                 logger.warning("not sent to %s: it is offline", teacher.name)
 
     def recv(self, teacher_id: int) -> Any:
-        """Receive one value that online teacher ``teacher_id`` sent with ``Teacher.send``."""
+        """Receive one value that online teacher ``teacher_id`` sent with ``Teacher.send``.
+
+        Raises:
+            ValueError: the student is not started, or the teacher is offline.
+            PantheonError: the connection to the teacher failed (its error).
+        """
         self._check_started("recv")
         teacher = self._teacher(teacher_id)
         if not isinstance(teacher, _OnlineTeacher):
@@ -340,6 +356,11 @@ class Student:
 
         Each batch is a dict key -> array of ``batch_size`` rows (the last one smaller unless ``drop_last``).
         Online teachers serve ``times`` passes, one per call; offline knowledge can be read any number of times.
+
+        Raises:
+            ValueError: ``batch_size`` <= 0.
+            PantheonError: (from the generator) the previous pass was not read to its end, this generator was read
+                already, or a teacher failed (its error).
         """
         self._check_started("get_knowledge_generator")
         if batch_size <= 0:

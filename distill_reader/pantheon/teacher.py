@@ -26,7 +26,7 @@ import numpy as np
 from ..knowledge import KnowledgeError
 from ..knowledge.spec import cast_checked
 from ..snapshot import snapshot
-from .merge import describe
+from .knowledge_merge import describe
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
@@ -83,6 +83,11 @@ class Teacher:
                  out_host: str = "0.0.0.0",
                  token: str | bytes | None = None, timeout: Optional[float] = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, max_frame_bytes: Optional[int] = None) -> None:
+        """Check the arguments.
+
+        Raises:
+            ValueError: both or neither of ``out_path``/``out_port`` given.
+        """
         if out_path and out_port:
             raise ValueError("out_path (offline mode) and out_port (online mode) cannot be set at the same time")
         if not out_path and not out_port:
@@ -107,7 +112,12 @@ class Teacher:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Online: listen and wait (up to the timeout) for the student to connect. Offline: open the output."""
+        """Online: listen and wait (up to the timeout) for the student to connect. Offline: open the output.
+
+        Raises:
+            ValueError: started before.
+            PantheonError: (online) no student connected within the timeout, or the port cannot be bound.
+        """
         if self._started:
             raise ValueError("the teacher cannot be started more than once")
         self._started = True
@@ -152,7 +162,11 @@ class Teacher:
     # ------------------------------------------------------------------ messages
 
     def send(self, data: Any) -> None:
-        """Send one JSON-like value or numpy array to the student (online mode)."""
+        """Send one JSON-like value or numpy array to the student (online mode).
+
+        Raises:
+            StudentDisconnected: the student is gone.
+        """
         conn = self._online("send data to the student")
         try:
             conn.send("data", data)
@@ -168,6 +182,10 @@ class Teacher:
         """Write one batch of knowledge (dict name -> array, batch first) to the offline knowledge file.
 
         The knowledge is complete (readable by the student) once ``close()`` is called after the last batch.
+
+        Raises:
+            ValueError: not started, an online teacher, ``knowledge`` not a mapping, or a description that differs from
+                the earlier batches'.
         """
         if not self._started:
             raise ValueError("call start() before dump()")
@@ -206,6 +224,10 @@ class Teacher:
             use_fp16: send/store float32/float64 knowledge as float16; the student casts it back.
             times: passes to serve (online); one per ``Student.get_knowledge_generator`` call. Offline
                 knowledge is written once and may be read any number of times.
+
+        Raises:
+            ValueError: not started, ``buf_size`` or ``times`` <= 0, or (offline) a description that differs from the
+                earlier one.
         """
         if not self._started:
             raise ValueError("call start() before start_knowledge_service()")
@@ -347,7 +369,7 @@ class _PredictionPlan:
 
     def __init__(self, feed_list: list, schema: Mapping[str, Any], program: Any,
                  reader_config: Mapping[str, Any], exe: Any) -> None:
-        from distill_reader.paddle_compat import import_paddle, is_pir_program
+        from distill_base.paddle_compat import import_paddle, is_pir_program
 
         paddle = import_paddle("the Pantheon teacher's knowledge service")
         from paddle.base.data_feeder import convert_dtype
@@ -593,6 +615,6 @@ def _prefetch(make: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
 
 
 def _open_offline_writer(path: str, desc: Mapping[str, dict], use_fp16: bool):
-    from .offline import OfflineKnowledgeWriter
+    from .knowledge_files import OfflineKnowledgeWriter
 
     return OfflineKnowledgeWriter(path, desc, use_fp16=use_fp16)

@@ -41,7 +41,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..endpoints import parse_endpoint
+from distill_base.endpoints import parse_endpoint
+
 from .errors import AuthenticationError, ConnectionLost, ForkedConnectionError, PantheonError, ProtocolError
 from .frames import (
     DEFAULT_MAX_FRAME,
@@ -78,7 +79,11 @@ _FIRST_CHUNK = 1 << 20  # a frame's buffer starts at most this big and doubles a
 
 
 def resolve_token(token: str | bytes | None) -> bytes:
-    """The shared token from the argument, else from ``$DISTILL_PANTHEON_TOKEN``; error when neither is set."""
+    """The shared token from the argument, else from ``$DISTILL_PANTHEON_TOKEN``; error when neither is set.
+
+    Raises:
+        ValueError: no token given and ``$DISTILL_PANTHEON_TOKEN`` not set.
+    """
     if token is None:
         token = os.environ.get(TOKEN_ENV)
     if not token:
@@ -88,7 +93,11 @@ def resolve_token(token: str | bytes | None) -> bytes:
 
 
 def resolve_timeout(timeout: Optional[float]) -> float:
-    """The timeout from the argument, else ``$DISTILL_PANTHEON_TIMEOUT``, else 60 seconds."""
+    """The timeout from the argument, else ``$DISTILL_PANTHEON_TIMEOUT``, else 60 seconds.
+
+    Raises:
+        ValueError: the timeout is not positive.
+    """
     if timeout is None:
         timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
     if timeout <= 0:
@@ -98,7 +107,7 @@ def resolve_timeout(timeout: Optional[float]) -> float:
 
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` (or ``"[v6 address]:port"``) -> ``(host, port)``; ValueError naming the address otherwise
-    (the project's one endpoint parser, ``distill_reader.endpoints``)."""
+    (the project's one endpoint parser, ``distill_base.endpoints``)."""
     endpoint = parse_endpoint(str(address), what="teacher address", allow_wildcard=False)
     return endpoint.host, endpoint.port
 
@@ -348,6 +357,12 @@ class Listener:
 
     def __init__(self, host: str, port: int, token: bytes, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME) -> None:
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``handshake_timeout`` <= 0.
+            PantheonError: the port cannot be bound.
+        """
         if handshake_timeout <= 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout}")
         self._token = token
@@ -364,7 +379,11 @@ class Listener:
         self.timed_out = 0
 
     def accept(self, timeout: float) -> Connection:
-        """Wait up to ``timeout`` seconds for an authenticated student; wrong tokens are refused and logged."""
+        """Wait up to ``timeout`` seconds for an authenticated student; wrong tokens are refused and logged.
+
+        Raises:
+            PantheonError: no authenticated student connected within ``timeout`` seconds.
+        """
         deadline = time.monotonic() + timeout
         selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, None)
@@ -485,6 +504,10 @@ def connect(address: str, token: bytes, timeout: float, retry_until: Optional[fl
 
     Raises AuthenticationError at once when the teacher refuses the token (no retry), PantheonError when
     the teacher is not reachable in time.
+
+    Raises:
+        AuthenticationError: the teacher refused the token (at once, no retry).
+        PantheonError: the teacher was not reachable within the time allowed.
     """
     host, port = parse_address(address)
     deadline = time.monotonic() + (timeout if retry_until is None else retry_until)

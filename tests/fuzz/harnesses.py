@@ -33,22 +33,22 @@ import numpy as np  # noqa: I001 - numpy before anything that may import paddle 
 from google.protobuf.message import DecodeError
 
 from discovery import nodes
-from distill_reader import wire_size
+from distill_base import wire_size
+from distill_base.endpoints import parse_endpoint, parse_endpoints
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+from distill_base.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
 from distill_reader.client import TeacherClient, TeacherError
-from distill_reader.endpoints import parse_endpoint, parse_endpoints
 from distill_reader.knowledge import KnowledgeError, KnowledgeReader
 from distill_reader.knowledge.manifest import MANIFEST_NAME, read_manifest
-from distill_reader.pantheon import frames, merge
+from distill_reader.pantheon import frames, knowledge_merge
 from distill_reader.pantheon.errors import PantheonError
 from distill_reader.pantheon.student import _OnlineTeacher
 from distill_reader.pantheon.transport import Connection
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.serving_config import ConfigError, ServingConfig, VarSpec
-from distill_reader.tensor_codec import TensorCodecError, decode_tensor, encode_tensor
-from teachers import lod
+from teachers import lod_checks as lod
+from teachers.grpc_front import read_request
 from teachers.http_front import BadBody, HttpFront, _gunzip
 from teachers.inference import InferenceHandler, RequestError
-from teachers.server import read_request
 
 MAX_SECONDS = 2.0
 MEMORY_SLACK = 4 << 20   # bytes every input may use whatever its size (interpreter caches, small arrays)
@@ -165,8 +165,8 @@ def _check_wire_size(data: bytes, message) -> None:
 
 
 def grpc_request(data: bytes) -> None:
-    """A gRPC ``Request`` body as the server reads it (``teachers/server.read_request``: the decoded-size bound of
-    ``distill_reader/wire_size.py``, then protobuf), checked against protobuf's own parse, then the handler's parse
+    """A gRPC ``Request`` body as the server reads it (``teachers/grpc_front.read_request``: the decoded-size bound of
+    ``distill_base/wire_size.py``, then protobuf), checked against protobuf's own parse, then the handler's parse
     and validation (``teachers/inference.py``)."""
     try:
         parsed = _request(data)
@@ -337,10 +337,11 @@ def pantheon_frame(data: bytes) -> None:
     kind, value, _ = frames.decode_frame(header, body)
     if kind == "desc":
         frames.frame_limit(value)
-        merged = merge.merge_descs([value, value], {key: "mean" for key in value} if isinstance(value, dict) else {})
+        strategy = {key: "mean" for key in value} if isinstance(value, dict) else {}
+        merged = knowledge_merge.merge_descs([value, value], strategy)
         frames.frame_limit(merged)
     elif kind == "batch":
-        merge.conform(value, PANTHEON_DESC, "the teacher")
+        knowledge_merge.conform(value, PANTHEON_DESC, "the teacher")
 
 
 _KEYS = (b"k" * 32, b"k" * 32)
@@ -394,7 +395,7 @@ def _student_pass(student: _OnlineTeacher, outcome: list) -> None:
         desc = student.request_desc()
         student.start_pass()
         for batch in student.stream():
-            merge.conform(batch, desc, student.name)
+            knowledge_merge.conform(batch, desc, student.name)
     except Exception as exc:  # noqa: BLE001 - handed to the harness, which tells documented from not
         outcome.append(exc)
 
@@ -414,7 +415,7 @@ _SEPARATORS = " \t\r\n\x0b\x0c"
 
 
 def endpoints(data: bytes) -> None:
-    """Endpoint text (``distill_reader/endpoints.py``): whatever is accepted has a clean host and survives its
+    """Endpoint text (``distill_base/endpoints.py``): whatever is accepted has a clean host and survives its
     own formatting."""
     text = data.decode("utf-8", "replace")
     accepted = []
@@ -451,18 +452,19 @@ def serving_config(data: bytes) -> None:
 
 _ALL = (
     Harness("grpc_request", grpc_request, (RequestError, DecodeError, wire_size.DecodedSizeError), 24.0,
-            "teachers/server.py read_request, distill_reader/wire_size.py, teachers/inference.py"),
+            "teachers/grpc_front.py read_request, distill_base/wire_size.py, teachers/inference.py"),
     Harness("http_body", http_body, (BadBody, RequestError), 24.0, "teachers/http_front.py"),
-    Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod.py"),
-    Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_reader/tensor_codec.py"),
+    Harness("lod_merge", lod_merge, (RequestError, DecodeError, lod.LodError), 24.0, "teachers/lod_checks.py"),
+    Harness("tensor_codec", tensor_codec, (TensorCodecError, DecodeError), 24.0, "distill_base/tensor_codec.py"),
     Harness("client_answer", client_answer, (TeacherError, DecodeError), 24.0, "distill_reader/client.py"),
     Harness("knowledge_manifest", knowledge_manifest, (KnowledgeError,), 16.0, "distill_reader/knowledge/manifest.py"),
     Harness("knowledge_shard", knowledge_shard, (KnowledgeError,), 16.0, "distill_reader/knowledge/reader.py"),
-    Harness("pantheon_frame", pantheon_frame, (PantheonError,), 8.0, "distill_reader/pantheon/frames.py, merge.py"),
+    Harness("pantheon_frame", pantheon_frame, (PantheonError,), 8.0,
+            "distill_reader/pantheon/frames.py, knowledge_merge.py"),
     Harness("pantheon_transport", pantheon_transport, (PantheonError,), 8.0,
             "distill_reader/pantheon/transport.py, student.py"),
     Harness("zk_nodes", zk_nodes, (), 8.0, "discovery/nodes.py"),
-    Harness("endpoints", endpoints, (), 8.0, "distill_reader/endpoints.py"),
-    Harness("serving_config", serving_config, (ConfigError,), 16.0, "distill_reader/serving_config.py"),
+    Harness("endpoints", endpoints, (), 8.0, "distill_base/endpoints.py"),
+    Harness("serving_config", serving_config, (ConfigError,), 16.0, "distill_base/serving_config.py"),
 )
 HARNESSES = {h.name: h for h in _ALL}

@@ -19,12 +19,12 @@ from typing import Dict, List
 import numpy as np  # noqa: I001 - numpy before anything that may import paddle
 from google.protobuf import json_format
 
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.tensor_codec import encode_tensor
 from distill_reader.knowledge import KnowledgeWriter
 from distill_reader.knowledge.manifest import MANIFEST_NAME
 from distill_reader.pantheon.frames import encode_frame
-from distill_reader.pantheon.merge import describe
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.tensor_codec import encode_tensor
+from distill_reader.pantheon.knowledge_merge import describe
 
 from .harnesses import DENSE_CONFIG, HARNESSES, LOD_CONFIG
 
@@ -104,7 +104,7 @@ def seeds() -> Dict[str, List[bytes]]:
     """Valid inputs for every harness, made by the project's encoders and writers."""
     requests = [_dense_request(raw).SerializeToString() for raw in (True, False)] + [
         _dense_request(True, batch=1).SerializeToString()]
-    # over the harnesses' decoded-size bound (distill_reader/wire_size.py): 400 one-byte int64 varints
+    # over the harnesses' decoded-size bound (distill_base/wire_size.py): 400 one-byte int64 varints
     small_ints = service_pb2.Request(fetch_var_names=["prob"])
     encode_tensor(np.zeros((2, 200), "int64"), "ids", raw=False, out=small_ints.tensor.add())
     big_answer = service_pb2.Response()

@@ -25,7 +25,7 @@ from tests.support.procs import ProcessGuard, free_port, port_is_open, wait_for
 def write_client_conf(folder: str) -> str:
     """A serving client config for this server (feed ``img`` float32 (1, 28, 28), fetch ``prediction`` float32
     (10,)), written without paddle; returns its path."""
-    from distill_reader.serving_config import ServingConfig, VarSpec
+    from distill_base.serving_config import ServingConfig, VarSpec
 
     config = ServingConfig(feeds=(VarSpec("img", "img", 1, (1, 28, 28)),),
                            fetches=(VarSpec("prediction", "prediction", 1, (10,)),))
@@ -41,9 +41,9 @@ def expected_answer(images: np.ndarray) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import grpc
 
-    from distill_reader.proto import general_model_service_pb2 as service_pb2
-    from distill_reader.proto import general_model_service_pb2_grpc as service_grpc
-    from distill_reader.tensor_codec import decode_tensor, encode_tensor
+    from distill_base.proto import general_model_service_pb2 as service_pb2
+    from distill_base.proto import general_model_service_pb2_grpc as service_grpc
+    from distill_base.tensor_codec import decode_tensor, encode_tensor
 
     parser = argparse.ArgumentParser(description="plain grpcio GeneralModelService (default server options)")
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")

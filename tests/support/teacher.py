@@ -187,7 +187,7 @@ def grpc_health(endpoint: str, timeout: float = 0.5, security=None) -> Optional[
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from distill_reader.client_security import ClientSecurity
+    from distill_base.client_security import ClientSecurity
 
     with (security or ClientSecurity()).grpc_channel(endpoint, []) as channel:
         try:

@@ -196,7 +196,7 @@ def kazoo_client(hosts: str, timeout: float = 2.0, start_timeout: float = 10.0) 
 def registered_endpoints(hosts: str, root: str, service: str, start_timeout: float = 5.0) -> list[str]:
     """The endpoints of the teacher nodes under ``root/service`` now, sorted; raises what kazoo raises when
     ZooKeeper does not answer or a node vanishes while being read."""
-    from discovery.registry import TEACHER_PREFIX
+    from discovery.arguments import TEACHER_PREFIX
 
     with kazoo_client(hosts, start_timeout=start_timeout) as client:
         path = f"{root}/{service}"

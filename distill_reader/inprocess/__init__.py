@@ -1,5 +1,7 @@
 """In-process distillation on static graphs: merge a teacher program into a student program, add losses.
 
+Imported by PaddleSlim users under its name there, ``distill_reader.dist`` (an alias module).
+
 The API of PaddleSlim's ``dist`` module (``merge``, ``fsp_loss``, ``l2_loss``, ``soft_label_loss``, ``loss``) on
 legacy static graphs (paddle 2.6, or paddle 3 with ``FLAGS_enable_pir_api=0`` set before paddle is imported: PIR
 programs raise PirProgramError), plus multi-block teachers, name suggestions, shape checks, student-only checkpoints and
@@ -17,16 +19,16 @@ Example::
 """
 import numpy  # noqa: F401  (numpy before paddle: paddle 2.6.2 exports zlib symbols)
 
-from distill_reader.paddle_compat import import_paddle
+from distill_base.paddle_compat import import_paddle
 
-import_paddle("distill_reader.dist")  # one clear ImportError (naming the cpu/gpu extras) without paddle
+import_paddle("distill_reader.inprocess")  # one clear ImportError (naming the cpu/gpu extras) without paddle
 
 from . import functional  # noqa: E402
 from .checkpoint import load_student_params, save_student_params, student_parameters  # noqa: E402
 from .losses import fsp_loss, kl_div_loss, l2_loss, loss, soft_label_loss  # noqa: E402
-from .merge import MergeError, merge  # noqa: E402
 from .names import TeacherNameError, VarNotFoundError, find_var  # noqa: E402
 from .pir import LegacyOpError, PirProgramError  # noqa: E402
+from .program_merge import MergeError, merge  # noqa: E402
 from .shapes import ShapeMismatchError  # noqa: E402
 from .teacher import FrozenTeacher, TeacherFormatError, load_teacher, load_teacher_program  # noqa: E402
 

@@ -28,7 +28,11 @@ class KnowledgeMismatch(PantheonError):
 
 
 def check_strategy(merge_strategy: Optional[Mapping[str, str]]) -> Dict[str, str]:
-    """Validate ``merge_strategy`` (key -> "sum" | "mean") and return it as a plain dict."""
+    """Validate ``merge_strategy`` (key -> "sum" | "mean") and return it as a plain dict.
+
+    Raises:
+        ValueError: ``merge_strategy`` is not a mapping, or a strategy is not ``sum``/``mean``.
+    """
     if merge_strategy is None:
         return {}
     if not isinstance(merge_strategy, Mapping):
@@ -69,7 +73,11 @@ def check_desc(desc: Any, name: str) -> OrderedDict[str, dict]:
 
 
 def describe(knowledge: Mapping[str, np.ndarray]) -> OrderedDict[str, dict]:
-    """The description of one batch of knowledge (batch dimension as -1)."""
+    """The description of one batch of knowledge (batch dimension as -1).
+
+    Raises:
+        ValueError: a value is a scalar (no batch dimension).
+    """
     desc = OrderedDict()
     for name, value in knowledge.items():
         value = np.asarray(value)
@@ -81,7 +89,11 @@ def describe(knowledge: Mapping[str, np.ndarray]) -> OrderedDict[str, dict]:
 
 def merge_descs(descs: List[Mapping[str, dict]], merge_strategy: Mapping[str, str],
                 names: Optional[List[str]] = None) -> OrderedDict[str, dict]:
-    """One description for all teachers, in teacher order; shared keys need a strategy and equal shapes/dtypes."""
+    """One description for all teachers, in teacher order; shared keys need a strategy and equal shapes/dtypes.
+
+    Raises:
+        KnowledgeMismatch: a shared key without a merge strategy, or with other shapes or dtypes in another teacher.
+    """
     names = names or [f"teacher {i}" for i in range(len(descs))]
     descs = [check_desc(desc, names[i]) for i, desc in enumerate(descs)]
     merged: OrderedDict[str, dict] = OrderedDict()
@@ -166,7 +178,11 @@ def merge_batches(batches: List[Mapping[str, np.ndarray]], desc: Mapping[str, di
 
 
 def rebatch(batches: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
-    """Cut a stream of batches of any sizes into batches of ``batch_size`` rows (the last one may be smaller)."""
+    """Cut a stream of batches of any sizes into batches of ``batch_size`` rows (the last one may be smaller).
+
+    Raises:
+        ValueError: ``batch_size`` <= 0.
+    """
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     pending: List[Dict[str, np.ndarray]] = []
@@ -201,6 +217,9 @@ def merged_stream(streams: List[Iterable[Mapping[str, np.ndarray]]], desc: Mappi
     """Re-batch every teacher's stream to ``batch_size`` and merge them batch by batch.
 
     Teachers must read the same data in the same order: a teacher that ends early or late is an error.
+
+    Raises:
+        KnowledgeMismatch: the teachers sent different numbers of samples.
     """
     names = names or [f"teacher {i}" for i in range(len(streams))]
     iterators = [rebatch(stream, batch_size) for stream in streams]

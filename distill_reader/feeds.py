@@ -1,4 +1,5 @@
-"""Variable-length feeds and fetches on the client side: LoD tensors and padded sequences.
+"""The student's feeds, ready to send: fixed-shape feeds (``prepare_feed``: cast + reshape to the config's
+shape) and variable-length feeds and fetches: LoD tensors and padded sequences.
 
 Two kinds of variable-length feed, told apart by the serving config:
 
@@ -35,11 +36,45 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from distill_base.serving_config import ConfigError, ServingConfig, VarSpec
+
 from .padding import PadValue, pad_value_for
-from .serving_config import ConfigError, ServingConfig, VarSpec
 
 LOD_SUFFIX = ".lod"
 LOD_FORMS = ("split", "serving")
+
+
+class FeedError(ValueError):
+    """An input that cannot be sent as the named feed (wrong element count, dtype or shape)."""
+
+
+def prepare_feed(spec: VarSpec, value: Any, batch_size: int) -> np.ndarray:
+    """Cast ``value`` to the feed's dtype and reshape it to ``(batch_size, *spec.shape)``.
+
+    Variable-length (LoD, padded) feeds are only cast (``prepare_variable_feeds`` shapes them first).
+
+    Raises:
+        FeedError: naming the feed, when ``value`` cannot be cast to the feed's dtype or its element count does
+            not match ``batch_size`` samples of the config's per-sample shape.
+    """
+    array = np.asarray(value)
+    try:
+        array = array.astype(spec.dtype, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise FeedError(f"feed {spec.alias_name!r}: cannot convert {array.dtype} to {spec.dtype}: {exc}") from exc
+    if spec.is_lod_tensor or any(d < 0 for d in spec.shape):
+        return array
+    target = (batch_size, *spec.shape)
+    if array.shape == target:
+        return array
+    if array.size != int(np.prod(target)):
+        per_sample = int(np.prod(spec.shape))
+        hint = (f"; this looks like one sample without its batch dimension: give it shape {[1, *spec.shape]}"
+                if array.size == per_sample else "")
+        raise FeedError(f"feed {spec.alias_name!r}: got shape {list(array.shape)} ({array.size} elements) for a "
+                        f"batch of {batch_size} (the first dimension of the feeds, or batch_size=); the model "
+                        f"expects {list(spec.shape)} per sample ({per_sample} elements){hint}")
+    return array.reshape(target)
 
 
 class VariableFeedError(ValueError):
@@ -84,6 +119,11 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
     Raises VariableFeedError naming the feed (and the sample) for a ragged value of a fixed-shape feed, a bad
     ``.lod``, samples whose fixed dimensions do not match the config, or a given lengths feed that does not
     hold its padded feed's lengths.
+
+    Raises:
+        VariableFeedError: ragged values for a fixed-shape feed, ``<name>.lod`` without its feed, a LoD feed given as
+            one array without offsets, bad offsets, a sample of the wrong shape or dtype, or a lengths feed that does
+            not match its feed (names the feed and the sample).
     """
     out = VariableFeeds(feeds={})
     lengths_feeds = lengths_feeds or {}
@@ -137,7 +177,12 @@ def prepare_variable_feeds(config: ServingConfig, feeds: Mapping[str, Any], pad_
 def check_given_lengths(name: str, length_name: str, given: Any, lengths: Optional[Sequence[int]],
                         padded: Any) -> None:
     """A caller's lengths feed must hold the lengths of ``name``'s samples (ragged), or lengths within the
-    padded length (an array padded by the caller). Raises VariableFeedError naming the first wrong sample."""
+    padded length (an array padded by the caller). Raises VariableFeedError naming the first wrong sample.
+
+    Raises:
+        VariableFeedError: the lengths feed is not one number per sample, or a length differs from its sample's (ragged)
+            or lies outside the padded length.
+    """
     try:
         values = np.asarray(given).reshape(-1)
         if values.dtype == object:
@@ -205,7 +250,11 @@ def _cast(name: str, index: int, sample: np.ndarray, spec: VarSpec) -> np.ndarra
 
 
 def split_rows(name: str, rows: np.ndarray, offsets: Any) -> list[np.ndarray]:
-    """Per-sample views of ``rows`` cut at ``offsets``; VariableFeedError names the rule a bad LoD breaks."""
+    """Per-sample views of ``rows`` cut at ``offsets``; VariableFeedError names the rule a bad LoD breaks.
+
+    Raises:
+        VariableFeedError: the offsets do not start at 0, decrease, or do not end at the row count.
+    """
     lod = [int(x) for x in np.asarray(offsets).reshape(-1)]
     total = rows.shape[0] if rows.ndim else 0
     if len(lod) < 2 or lod[0] != 0:
@@ -266,7 +315,11 @@ def shape_fetches(config: ServingConfig, outputs: Mapping[str, np.ndarray], lods
 
 
 def check_lod_form(lod_form: str) -> None:
-    """ValueError unless ``lod_form`` is ``split`` or ``serving``."""
+    """ValueError unless ``lod_form`` is ``split`` or ``serving``.
+
+    Raises:
+        ValueError: ``lod_form`` is not ``split`` or ``serving``.
+    """
     if lod_form not in LOD_FORMS:
         raise ValueError(f"lod_form must be one of {LOD_FORMS}, not {lod_form!r}")
 

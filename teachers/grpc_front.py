@@ -23,10 +23,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from distill_reader.proto import general_model_service_pb2 as service_pb2
-from distill_reader.wire_size import DEFAULT_ALLOWANCE, SLACK, DecodedSizeError, WireFormatError, check_decoded_size
+from distill_base.proto import general_model_service_pb2 as service_pb2
+from distill_base.status_codes import ErrNo
+from distill_base.wire_size import DEFAULT_ALLOWANCE, SLACK, DecodedSizeError, WireFormatError, check_decoded_size
 
-from .inference import ERR_INPUT, InferenceHandler, error_response
+from .inference import InferenceHandler, error_response
 from .security import TransportSecurity
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class GrpcTeacherServer:
     def __init__(self, handler: InferenceHandler, host: str, port: int, max_body_size: int,
                  observe: Optional[Observer] = None, security: Optional[TransportSecurity] = None,
                  max_concurrent_rpcs: int = 1024, max_decoded_allowance: Optional[int] = None):
+        """Check the arguments.
+
+        Raises:
+            OSError: the gRPC port cannot be bound.
+        """
         self.handler = handler
         self.max_body_size = int(max_body_size)
         self.max_decoded_allowance = decoded_allowance(self.max_body_size, max_decoded_allowance)  # read_request
@@ -101,8 +107,8 @@ class GrpcTeacherServer:
             self._record("bad_request", start, 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a general_model Request: {exc}")
         except DecodedSizeError as exc:
-            self._record(str(ERR_INPUT), start, 0)
-            return error_response(ERR_INPUT, str(exc)).SerializeToString()
+            self._record(str(int(ErrNo.INPUT)), start, 0)
+            return error_response(ErrNo.INPUT, str(exc)).SerializeToString()
         # a client's deadline shorter than --predict_timeout bounds the wait: past it nobody reads the answer,
         # and a request given up before its run starts never reaches a worker
         remaining = context.time_remaining()
@@ -122,7 +128,7 @@ def decoded_allowance(max_body_size: int, allowance: Optional[int] = None) -> in
 
 
 def read_request(body: bytes, allowance: int = DEFAULT_ALLOWANCE, slack: int = SLACK) -> service_pb2.Request:
-    """Parse a ``Request`` body after bounding what parsing it costs (``distill_reader.wire_size``): a body whose
+    """Parse a ``Request`` body after bounding what parsing it costs (``distill_base.wire_size``): a body whose
     typed values take more than ``max(len(body) + 64 KiB, allowance)`` bytes once decoded raises ``DecodedSizeError``
     (err_no 5000, naming the feed) before protobuf allocates them; a malformed one raises ``WireFormatError`` or
     ``DecodeError``."""

@@ -49,7 +49,12 @@ class OfflineKnowledgeWriter:
         atexit.register(self._close_at_exit)
 
     def write(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Append one batch (dict key -> array, batch first, keys as described)."""
+        """Append one batch (dict key -> array, batch first, keys as described).
+
+        Raises:
+            ValueError: the batch's keys differ from the description.
+            PantheonError: the knowledge cannot be written.
+        """
         if set(batch) != set(self.desc):
             raise ValueError(f"knowledge keys {sorted(batch)} differ from the described {sorted(self.desc)}")
         arrays = {k: np.asarray(batch[k]) for k in self.desc}
@@ -102,6 +107,12 @@ class OfflineKnowledgeReader:
     """Reads complete knowledge files as a Pantheon teacher's description and batches."""
 
     def __init__(self, path: Union[str, os.PathLike]) -> None:
+        """Check the arguments.
+
+        Raises:
+            PantheonError: the knowledge cannot be opened, is incomplete (its teacher did not close it), or its
+                description does not match what it stores.
+        """
         path = self.path = os.fspath(path)
         try:
             reader = KnowledgeReader(path)
@@ -132,7 +143,11 @@ class OfflineKnowledgeReader:
         return self._reader.num_samples
 
     def batches(self) -> Iterator[Dict[str, np.ndarray]]:
-        """Every sample, in order, in chunks (checksums verified as the shards are first used)."""
+        """Every sample, in order, in chunks (checksums verified as the shards are first used).
+
+        Raises:
+            PantheonError: a shard cannot be read or fails its checksum.
+        """
         try:
             for chunk in self._reader.iter_batches(_READ_CHUNK):
                 yield OrderedDict((k, chunk[k]) for k in self.desc)

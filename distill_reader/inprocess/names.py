@@ -2,7 +2,7 @@
 
 Example::
 
-    from distill_reader.dist.names import find_var
+    from distill_reader.inprocess.names import find_var
     var = find_var(program, "teacher_fc_0.tmp_1")   # VarNotFoundError lists near names if absent
 """
 from __future__ import annotations
@@ -48,7 +48,12 @@ def all_var_names(program) -> list[str]:
 
 
 def find_var(program, name: str, what: str = "variable"):
-    """The variable ``name`` of ``program``'s global block; VarNotFoundError with near names if absent."""
+    """The variable ``name`` of ``program``'s global block; VarNotFoundError with near names if absent.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        VarNotFoundError: no such variable (the message lists near names).
+    """
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a variable name (str), got {type(name).__name__}")
     block = program.global_block()
@@ -96,7 +101,12 @@ def teacher_copy_of(program, name: str) -> Optional[str]:
 
 def find_teacher_var(program, name: str, what: str = "teacher var"):
     """The teacher variable ``name`` of ``program``; TeacherNameError naming both when ``name`` is the student's
-    variable and the teacher's copy exists (``teacher_copy_of``), VarNotFoundError when absent."""
+    variable and the teacher's copy exists (``teacher_copy_of``), VarNotFoundError when absent.
+
+    Raises:
+        TeacherNameError: ``name`` is the student's variable and the teacher's copy exists.
+        VarNotFoundError: no such variable.
+    """
     var = find_var(program, name, what)
     twin = teacher_copy_of(program, name)
     if twin is not None:

@@ -22,7 +22,11 @@ def dims_compatible(a: Sequence[int], b: Sequence[int]) -> bool:
 
 
 def check_same_shape(loss_name: str, teacher, student, teacher_label: str, student_label: str) -> None:
-    """Raise ShapeMismatchError unless ``teacher`` and ``student`` have compatible shapes."""
+    """Raise ShapeMismatchError unless ``teacher`` and ``student`` have compatible shapes.
+
+    Raises:
+        ShapeMismatchError: the shapes are not compatible (names the loss and both variables).
+    """
     if not dims_compatible(teacher.shape, student.shape):
         raise ShapeMismatchError(
             f"{loss_name}: teacher {teacher_label} has shape {_dims(teacher.shape)} but student {student_label} has "
@@ -34,6 +38,10 @@ def check_fsp_shapes(pairs: dict[str, tuple[object, object]], labels: dict[str, 
 
     ``pairs`` maps "teacher"/"student" to (var1, var2). Each var is 4-D [N, C, H, W]; var1 and var2 of one model
     share N, H and W; the teacher's and student's channel counts match (so their FSP matrices have one shape).
+
+    Raises:
+        ShapeMismatchError: a variable is not 4-D, a model's pair differs in N/H/W, or teacher and student channel
+            counts differ.
     """
     for role, (v1, v2) in pairs.items():
         l1, l2 = labels[role]

@@ -7,7 +7,7 @@ Example::
 
     import numpy as np
     import paddle
-    from distill_reader.dist import functional as DF
+    from distill_reader.inprocess import functional as DF
 
     student_logits = student(images)                      # Tensor, requires grad
     loss = DF.kl_div_loss(student_logits, teacher_logits_np, temperature=2.0)

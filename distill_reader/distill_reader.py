@@ -24,8 +24,10 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import endpoints as endpoints_module
-from .client_security import ClientSecurity
+from distill_base import endpoints as endpoints_module
+from distill_base.client_security import ClientSecurity
+from distill_base.serving_config import ServingConfig
+
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -36,9 +38,8 @@ from .errors import (
 )
 from .padding import Padding, PaddingOptionError, PadValue
 from .pipeline import Epoch, EpochStats, Gate, SlotPlan
+from .prediction_stage import PredictionStage
 from .remote_stage import RemoteOptions, RemoteStage
-from .serving_config import ServingConfig
-from .tasks import PredictionStage
 from .teacher_pool import TeacherPool
 from .worker_messages import WorkerSettings
 
@@ -57,7 +58,12 @@ __all__ = ["DistillReader", "DistillReaderError", "AllTeachersDownError", "Teach
 
 def parse_endpoints(teachers: Union[str, Sequence[str]]) -> list[str]:
     """``'a:1,b:2'`` / ``['a:1', 'b:2']`` / ``('a:1',)`` -> ``['a:1', 'b:2']``; the project's one endpoint parser
-    (``distill_reader.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type."""
+    (``distill_base.endpoints``): ValueError naming a malformed or wildcard item, TypeError for another type.
+
+    Raises:
+        TypeError: ``teachers`` is not a string, list or tuple.
+        ValueError: no endpoint, or an item that is malformed or a wildcard address.
+    """
     if not isinstance(teachers, (str, list, tuple)):
         raise TypeError(f"teachers must be a 'host:port' string, a list or a tuple, not {type(teachers).__name__}")
     endpoints = endpoints_module.parse_endpoints(teachers, what="teacher endpoint", allow_wildcard=False)
@@ -190,6 +196,13 @@ class DistillReader:
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None, **worker_options: Any):
+        """Check the arguments.
+
+        Raises:
+            TypeError: a keyword that is no reader option nor a ``WorkerSettings`` field.
+            ValueError: ``ins`` or ``predicts`` is empty, or an option is out of range.
+            PaddingOptionError: ``pad_value``/``lengths_feeds`` of a wrong type.
+        """
         unknown = sorted(set(worker_options) - (set(WorkerSettings.names()) - {"security", "padding"}))
         if unknown:
             raise TypeError(f"DistillReader() got an unexpected keyword argument {unknown[0]!r}")
@@ -216,7 +229,7 @@ class DistillReader:
                                 max_probe_backoff=max_probe_backoff)
         self._config: Optional[ServingConfig] = None
         self._stage_wrappers: list[Callable[[PredictionStage], PredictionStage]] = []
-        self._offline: Any = None   # distill_reader.offline.OfflineCache after set_offline_cache
+        self._offline: Any = None   # distill_reader.offline_cache.OfflineCache after set_offline_cache
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close)
         self._epoch = 0
@@ -255,7 +268,11 @@ class DistillReader:
         subscription.start()
 
     def set_teacher_batch_size(self, teacher_batch_size: int) -> None:
-        """Samples per teacher request (a request never crosses a student batch). Default 32."""
+        """Samples per teacher request (a request never crosses a student batch). Default 32.
+
+        Raises:
+            ValueError: ``teacher_batch_size`` < 1.
+        """
         if int(teacher_batch_size) < 1:
             raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
         self.teacher_batch_size = int(teacher_batch_size)
@@ -271,8 +288,8 @@ class DistillReader:
                           **options: Any) -> None:
         """Ask the teachers once: the first pass writes every answer to the knowledge cache ``path``; later
         passes (and runs) read it and send nothing. A complete cache needs no teacher. ``storage``: "float32",
-        "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline)."""
-        from .offline import OfflineCache  # lazy: the knowledge-file machinery only when used
+        "float16", "topk:K[:FILL]" or a dict per predict name (see distill_reader.offline_cache)."""
+        from .offline_cache import OfflineCache  # lazy: the knowledge-file machinery only when used
 
         self._offline = OfflineCache(os.fspath(path), storage=storage, **options)
         self._offline.install(self)

@@ -17,8 +17,7 @@ import contextlib
 import re
 from typing import Iterator
 
-from distill_reader.paddle_compat import LEGACY_HINT, is_pir_program
-
+from distill_base.paddle_compat import LEGACY_HINT, is_pir_program
 
 _MISSING_OP = re.compile(r"(\w+)\(\): argument \(position \d+\) must be Value, but got Variable")
 LEGACY_OPS_HINT = ("ops that work on legacy variables in every paddle line include paddle.mean, paddle.max, "
@@ -60,7 +59,11 @@ class PirProgramError(TypeError):
 
 
 def require_legacy(api: str, **programs) -> None:
-    """Raise PirProgramError naming ``api`` and the argument when one of ``programs`` is a PIR program."""
+    """Raise PirProgramError naming ``api`` and the argument when one of ``programs`` is a PIR program.
+
+    Raises:
+        PirProgramError: one of ``programs`` is a PIR program (names ``api`` and the argument).
+    """
     for arg, program in programs.items():
         if program is not None and is_pir_program(program):
             raise PirProgramError(

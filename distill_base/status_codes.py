@@ -23,7 +23,7 @@ timeouts). A new code is one row here.
 
 Example::
 
-    from distill_reader.status_codes import ErrNo, StatusClass, status_class
+    from distill_base.status_codes import ErrNo, StatusClass, status_class
 
     assert status_class(6000) is StatusClass.BUSY
     assert ErrNo.INPUT == 5000

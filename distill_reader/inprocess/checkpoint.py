@@ -36,7 +36,11 @@ def student_parameters(program=None, exclude_prefix: str | None = None) -> list:
 
 def save_student_params(executor, dirname: str | os.PathLike, program=None, filename: str | None = None, scope=None,
                         exclude_prefix: str | None = None) -> list[str]:
-    """Write the student's parameters to ``dirname`` (one file each, or all in ``filename``); returns their names."""
+    """Write the student's parameters to ``dirname`` (one file each, or all in ``filename``); returns their names.
+
+    Raises:
+        ValueError: the program has no student parameters.
+    """
     dirname = os.fspath(dirname)
     program = paddle.static.default_main_program() if program is None else program
     params = student_parameters(program, exclude_prefix)

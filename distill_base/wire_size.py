@@ -70,7 +70,12 @@ def check_decoded_size(body: bytes, kind: str = "request", allowance: int = DEFA
     ``max(len(body) + slack, allowance)``,
     ``WireFormatError`` (a subclass) when the wire cannot be walked. A body of at most
     ``allowance // MAX_RATIO`` bytes (128 KiB by default) is not walked (nothing in it can decode past
-    ``allowance``): returns -1 for it."""
+    ``allowance``): returns -1 for it.
+
+    Raises:
+        DecodedSizeError: the decoded size is over the bound (names the largest tensor and the sizes).
+        WireFormatError: the wire cannot be walked (a subclass of ``DecodedSizeError``).
+    """
     size = len(body)
     if size * MAX_RATIO <= allowance:
         return -1

@@ -36,12 +36,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .errors import DistillReaderError
 from .knowledge import InputMismatchError, KnowledgeError, KnowledgeReader, KnowledgeWriter
 from .knowledge.index import DigestIndex
 from .knowledge.manifest import DIGEST_SCHEME, MANIFEST_NAME
 from .knowledge.spec import FieldSpec, StorageArg, resolve_fields
-from .pipeline import DistillReaderError, PredictionStage, Task, TaskResult
-from .ragged import check_storable, task_digests
+from .prediction_stage import PredictionStage, Task, TaskResult
+from .ragged_slots import check_storable, task_digests
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +93,17 @@ class OfflineCache:
         reader.add_stage_wrapper(wrap)
 
     def serving_config(self) -> Optional[Any]:
-        """The serving config stored in the cache (a ``ServingConfig``), or None when there is none."""
+        """The serving config stored in the cache (a ``ServingConfig``), or None when there is none.
+
+        Raises:
+            OfflineCacheError: the stored serving config is not valid.
+        """
         if not os.path.exists(os.path.join(self.path, MANIFEST_NAME)):
             return None
         from google.protobuf import text_format
 
-        from .proto import general_model_config_pb2
-        from .serving_config import ServingConfig
+        from distill_base.proto import general_model_config_pb2
+        from distill_base.serving_config import ServingConfig
 
         with KnowledgeReader(self.path, verify_threads=0) as cache:
             text = cache.meta.get("serving_config")
@@ -151,6 +156,11 @@ class OfflineCacheStage(PredictionStage):
 
     # -- PredictionStage ----------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
+        """Start a pass: read the cache, or write it (asking the teachers) when it is not complete.
+
+        Raises:
+            OfflineCacheError: the cache is empty or incomplete and no teacher is set to fill it.
+        """
         self._reset_epoch()
         if os.path.exists(os.path.join(self.path, MANIFEST_NAME)):
             if self.reader is None or not self.reader.complete:
@@ -189,6 +199,11 @@ class OfflineCacheStage(PredictionStage):
         return self.inner.in_flight_limit() if self.mode == "write" else READ_IN_FLIGHT
 
     def submit(self, task: Task) -> None:
+        """Answer ``task`` from the cache, or pass it to the teachers' stage and store their answer.
+
+        Raises:
+            InputMismatchError: in read mode, a sample whose inputs are not in the cache (names it).
+        """
         start, stop = task.sample_start, task.sample_start + task.size
         self._seen = max(self._seen, stop)
         if self.mode == "read" and not self.settings.check_inputs:
@@ -260,6 +275,11 @@ class OfflineCacheStage(PredictionStage):
         return results
 
     def end_epoch(self, complete: bool) -> Dict[str, Any]:
+        """End the pass: commit what was written (a complete pass completes the cache); returns the stats.
+
+        Raises:
+            KnowledgeError: a complete pass saw another number of samples than the cache holds (the data changed).
+        """
         stats: Dict[str, Any] = {}
         if self._inner_started:
             stats.update(self.inner.end_epoch(complete))
@@ -306,7 +326,7 @@ class OfflineCacheStage(PredictionStage):
         return wanted != fields
 
     def _open_writer(self, fields: Dict[str, tuple]) -> None:
-        meta = {"written_by": "distill_reader.offline", "predicts": self.predicts}
+        meta = {"written_by": "distill_reader.offline_cache", "predicts": self.predicts}
         if self.config_text is not None:
             meta["serving_config"] = self.config_text()
         self.writer = KnowledgeWriter(self.path, fields, storage=self.settings.storage,

@@ -21,7 +21,7 @@ from typing import Any
 
 import paddle
 
-from distill_reader.paddle_compat import LEGACY_HINT, paddle_major, pir_enabled
+from distill_base.paddle_compat import LEGACY_HINT, paddle_major, pir_enabled
 
 from .pir import PirProgramError
 

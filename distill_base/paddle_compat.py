@@ -6,7 +6,7 @@ before paddle is imported; paddle 2.6 only has the legacy ``paddle.static.Progra
 
 Example::
 
-    from distill_reader.paddle_compat import import_paddle, pir_enabled
+    from distill_base.paddle_compat import import_paddle, pir_enabled
     paddle = import_paddle("teachers.export")      # ImportError naming the extras when paddle is missing
     if pir_enabled(paddle):
         ...
@@ -29,7 +29,11 @@ LEGACY_HINT = ("set the environment variable FLAGS_enable_pir_api=0 before paddl
 
 
 def import_paddle(what: str) -> Any:
-    """``import paddle``; without it an ImportError that names ``what`` (the part needing paddle) and both extras."""
+    """``import paddle``; without it an ImportError that names ``what`` (the part needing paddle) and both extras.
+
+    Raises:
+        ImportError: paddle is not installed; names ``what`` and the ``[cpu]``/``[gpu]`` extras.
+    """
     try:
         return importlib.import_module("paddle")
     except ImportError as exc:

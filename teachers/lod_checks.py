@@ -45,6 +45,10 @@ def check_lod_feed(name: str, array: np.ndarray, lod: Sequence[int]) -> tuple[np
     """Check the LoD of feed ``name``; returns (rows to feed, offsets, number of samples).
 
     Raises LodError naming the feed and the rule broken.
+
+    Raises:
+        LodError: a scalar, missing offsets, too many sequences, or offsets that do not start at 0, decrease or do not
+            end at the row count (names the feed and the rule).
     """
     label = f"feed {name!r} (a LoD tensor)"
     if array.ndim == 0:
@@ -74,6 +78,9 @@ def fetch_lod(levels: Sequence[Sequence[int]], rows: int, name: str = "fetch") -
     """One level of row offsets per sample from Paddle's LoD ``levels`` (empty when there is none).
 
     Raises LodError when the result does not end at ``rows`` (a LoD this server must not send).
+
+    Raises:
+        LodError: the levels do not fit each other or the offsets do not describe ``rows`` rows.
     """
     levels = [list(level) for level in levels if len(level)]
     if not levels:

@@ -46,7 +46,11 @@ class TensorCodecError(ValueError):
 
 
 def dtype_of_elem_type(elem_type: int, what: str = "tensor") -> np.dtype:
-    """numpy dtype for a Paddle Serving elem_type code."""
+    """numpy dtype for a Paddle Serving elem_type code.
+
+    Raises:
+        TensorCodecError: ``elem_type`` is not a numeric type this project supports.
+    """
     try:
         return ELEM_TYPES[int(elem_type)]
     except KeyError:
@@ -55,7 +59,11 @@ def dtype_of_elem_type(elem_type: int, what: str = "tensor") -> np.dtype:
 
 
 def elem_type_of_dtype(dtype, what: str = "tensor") -> int:
-    """Paddle Serving elem_type code for a numpy dtype."""
+    """Paddle Serving elem_type code for a numpy dtype.
+
+    Raises:
+        TensorCodecError: the dtype has no Paddle Serving elem_type.
+    """
     dt = np.dtype(dtype)
     try:
         return _ELEM_TYPE_OF[dt.newbyteorder("=") if dt.byteorder == ">" else dt]

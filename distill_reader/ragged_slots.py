@@ -4,7 +4,7 @@ A teacher feed is *variable-length* when the serving config marks it ``is_lod_te
 has a ``-1`` (padded sequences). For such a feed, the samples of one task travel in Paddle Serving's client
 form: the rows concatenated along their first dimension as ``feeds[name]`` plus ``feeds[name + ".lod"]``
 (int64 offsets, ``[0, len_0, len_0 + len_1, ...]``). The worker's ``TeacherClient`` sends LoD feeds with those
-offsets and pads padded feeds per request (``distill_reader.lod``), and gives LoD / per-token fetches back as
+offsets and pads padded feeds per request (``distill_reader.feeds``), and gives LoD / per-token fetches back as
 one array per sample, so the i-th sample of a task gets its own rows.
 
 - sample and sample-list generators: each sample's slot value is an array (or list) of any length;
@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .lod import LOD_SUFFIX, is_ragged, is_variable
-from .serving_config import ServingConfig, VarSpec
+from distill_base.serving_config import ServingConfig, VarSpec
+
+from .feeds import LOD_SUFFIX, is_ragged, is_variable
 
 
 class RaggedSlotError(ValueError):
@@ -55,6 +56,10 @@ def slot_feeds(slot: int, spec: VarSpec, values: Sequence[Any], first_sample: in
 
     Fixed-shape feeds: the samples stacked (``[N, *sample shape]``). Variable-length feeds: rows plus
     ``<name>.lod`` offsets. Raises RaggedSlotError naming the slot and sample for a ragged fixed-shape feed.
+
+    Raises:
+        RaggedSlotError: samples of a fixed-shape feed with different shapes, or a sample whose shape does not fit the
+            feed (names the slot and the sample).
     """
     name = spec.alias_name
     if isinstance(values, np.ndarray) and values.dtype != object and not is_variable(spec):
@@ -136,7 +141,11 @@ def task_digests(feeds: Mapping[str, np.ndarray], size: int) -> np.ndarray:
 
 
 def check_storable(config: ServingConfig, predicts: Sequence[str], path: str) -> None:
-    """Refuse (ValueError naming the predict) predicts of variable length in a knowledge cache at ``path``."""
+    """Refuse (ValueError naming the predict) predicts of variable length in a knowledge cache at ``path``.
+
+    Raises:
+        ValueError: a predict has variable length (a knowledge cache stores fixed shapes).
+    """
     for name in predicts:
         spec = config.fetch(name)
         if is_variable(spec):

@@ -62,15 +62,35 @@ class PredictionStage:
         pass
 
     def submit(self, task: Task) -> None:
+        """Take ``task``; its result comes back from a later ``poll``.
+
+        Raises:
+            NotImplementedError: a stage must implement it.
+        """
         raise NotImplementedError
 
     def capacity(self) -> int:
+        """How many more tasks ``submit`` takes now.
+
+        Raises:
+            NotImplementedError: a stage must implement it.
+        """
         raise NotImplementedError
 
     def in_flight_limit(self) -> int:
+        """The most tasks this stage holds at once (sizes the reorder buffer).
+
+        Raises:
+            NotImplementedError: a stage must implement it.
+        """
         raise NotImplementedError
 
     def poll(self, timeout: float) -> list[TaskResult]:
+        """The results ready within ``timeout`` seconds (possibly none), each task's once.
+
+        Raises:
+            NotImplementedError: a stage must implement it.
+        """
         raise NotImplementedError
 
     def end_epoch(self, complete: bool) -> dict[str, Any]:

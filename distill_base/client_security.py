@@ -29,7 +29,11 @@ TOKEN_ENV = "DISTILL_TEACHER_TOKEN"
 
 
 def read_file(path: str, what: str, error: type = ValueError) -> bytes:
-    """The bytes of a PEM or token file; ``error`` naming ``what`` and the path when it cannot be read."""
+    """The bytes of a PEM or token file; ``error`` naming ``what`` and the path when it cannot be read.
+
+    Raises:
+        error (default ValueError): the file cannot be read; the message names ``what`` and the path.
+    """
     try:
         with open(path, "rb") as f:
             return f.read()
