@@ -9,7 +9,7 @@ round in progress finishes). The node keeper (``discovery.ephemeral``), the serv
 (``discovery.student``) and the teacher's health loop (``discovery.teacher_registration``) all run on it.
 
 An exception in a round never kills the thread: it is logged with its traceback and the round is run again after
-``backoff_delay(failures, retry_base, retry_cap)`` (exponential, jittered: ``distill_reader.backoff``, so students
+``backoff_delay(failures, retry_base, retry_cap)`` (exponential, jittered: ``distill_base.backoff``, so students
 that fail together retry apart); a round that succeeds resets the count. With ``deadline`` the thread gives up
 after failing that many seconds in a row (``error`` then holds the last exception, ``on_give_up`` is called);
 without one (the default) it retries for as long as it runs. A round ends the thread on purpose by raising

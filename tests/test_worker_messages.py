@@ -77,7 +77,7 @@ def test_every_message_survives_the_socket_and_stays_small():
 
 def test_a_worker_exception_is_rebuilt_with_its_type_where_that_is_safe():
     error = _raised(ConfigError("missing feed(s) ['img']"))
-    assert error.type_path == "distill_reader.serving_config:ConfigError"
+    assert error.type_path == "distill_base.serving_config:ConfigError"
     assert error.message == "missing feed(s) ['img']" and "Traceback (most recent call last)" in error.traceback_text
     rebuilt = pickle.loads(pickle.dumps(error)).rebuild(DistillReaderError)
     assert type(rebuilt) is ConfigError
