@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import grpc
@@ -29,9 +30,14 @@ from . import lod as lod_feeds
 from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
+    far,
     grpc_channel_options,
     http_timeouts,
     is_too_many_pings,
+    measure_tcp_round_trip,
+    note_round_trip,
+    probe_timeout_for,
+    round_trip_of,
 )
 from .client_security import ClientSecurity
 from .padding import Padding, PadValue
@@ -206,7 +212,9 @@ class TeacherClient:
         forked = self._pid != os.getpid() or self._forked
         if self.protocol == "grpc":
             self._channel_keepalive = self.keepalive_time if keepalive else 0.0
-            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes)
+            self._channel_round_trip = far(round_trip_of(self.endpoint))   # its keepalive timeout follows it
+            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes,
+                                           round_trip=self._channel_round_trip)
             if forked:   # grpc-core's global subchannel pool would hand back the parent's inherited connection
                 options.append(("grpc.use_local_subchannel_pool", 1))
             self._forked = forked
@@ -249,7 +257,10 @@ class TeacherClient:
         if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
             return
         if self._ours is None:
+            start = time.monotonic()
             self._probe(self.timeout)
+            if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
+                note_round_trip(self.endpoint, time.monotonic() - start)
         with self._lock:
             if self._ours and not self._channel_keepalive and not self._pings_refused:
                 self._reconnect(keepalive=True)
@@ -301,12 +312,36 @@ class TeacherClient:
                             f"the model's feeds are {self.config.feed_names}")
 
     def health(self, timeout: float = 1.0) -> bool:
-        """True when the endpoint answers its health check with SERVING."""
+        """True when the endpoint answers its health check with SERVING.
+
+        The timeout grows to cover a new connection at the endpoint's measured round trip (a TCP handshake
+        timed first when none is known); the check's round trip is noted, and a keepalive channel whose
+        timeouts no longer fit the round trip is replaced (distill_reader.channel_options).
+        """
         self._own_connection()
+        if round_trip_of(self.endpoint) is None:
+            measure_tcp_round_trip(self.endpoint, timeout)
+        timeout = probe_timeout_for(timeout, round_trip_of(self.endpoint))
+        start = time.monotonic()
         try:
-            return self._probe(timeout) is not None
+            healthy = self._probe(timeout) is not None
         except TeacherError:
             return False
+        note_round_trip(self.endpoint, time.monotonic() - start)
+        self._follow_round_trip()
+        return healthy
+
+    def _follow_round_trip(self) -> None:
+        """A new keepalive channel when the measured round trip moved far from the one its timeouts were set for."""
+        if self.protocol != "grpc" or not self._channel_keepalive:
+            return
+        now, then = far(round_trip_of(self.endpoint)), self._channel_round_trip
+        if abs(now - then) > max(0.05, 0.5 * max(now, then)):
+            with self._lock:
+                if self._channel_keepalive and self._channel_round_trip == then:
+                    logger.info("teacher %s: round trip %.3fs (was %.3fs): new connection with keepalive timeout "
+                                "to match", self.endpoint, now, then)
+                    self._reconnect(keepalive=True)
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -431,7 +466,7 @@ class TeacherClient:
 
     def _http_timeouts(self) -> tuple[float, float]:
         """(connect, read) seconds: a host that does not accept the connection is noticed quickly."""
-        return http_timeouts(self.timeout, self.keepalive_time)
+        return http_timeouts(self.timeout, self.keepalive_time, round_trip_of(self.endpoint))
 
     def _outputs(self, response: service_pb2.Response, fetch: Sequence[str], batch_size: int,
                  variable: Optional[lod_feeds.VariableFeeds] = None, lod_form: str = "split") -> dict[str, Any]:

@@ -23,6 +23,10 @@ error in the worker    re-raised in the student with its type and the worker's t
 Hedging: when the task the reorder buffer waits on (the lowest unanswered ``seq``) has been out longer than
 ``hedge_delay`` (a percentile of recent latencies times a factor, clamped), it is sent once more to another
 teacher, within a budget of ``hedge_budget`` x requests (+2). Dean and Barroso, "The Tail at Scale" (2013).
+The numbers and verdicts (hedge delay and budget, stall timeout, outage deadline, probe timeout) come from the
+rule objects of ``distill_reader.routing.stage_rules``; where a request goes, from the pool's routing policy.
+While tasks are out, each usable teacher gets a health probe every ``RTT_PROBE_INTERVAL`` whose round trip
+(its network part) sizes that teacher's in-flight window (``routing.window``).
 
 Example (``DistillReader`` builds this)::
 
@@ -54,6 +58,8 @@ from .errors import (
 )
 from .latency_window import LatencyWindow
 from .padding import Padding
+from .routing.stage_rules import HEDGE_BURST, HedgeRule, OutageRule, ProbeRule, StallRule
+from .routing.window import RTT_PROBE_INTERVAL
 from .serving_config import ServingConfig
 from .tasks import PredictionStage, Task, TaskResult
 from .teacher_pool import TeacherPool
@@ -61,7 +67,7 @@ from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
-HEDGE_BURST = 2   # hedges allowed beyond the budget's share, so the first stalls of an epoch can be hedged
+__all__ = ["RemoteStage", "RemoteOptions", "HEDGE_BURST"]
 
 
 @dataclass
@@ -158,9 +164,17 @@ class RemoteStage(PredictionStage):
         self._probing: dict[int, str] = {}
         self._known_endpoints: set[str] = set()
         self._results: list[TaskResult] = []
+        self._rtt_probes: dict[int, tuple[str, Optional[float]]] = {}   # probe id -> (endpoint, sent at or None)
+        self._rtt_probed: dict[str, float] = {}              # endpoint -> when its last round-trip probe went
         self.latencies = LatencyWindow()
         self.counts = self._zero_counts()
         self._stopped_mid_epoch = False
+        o = options
+        self.hedge_rule = HedgeRule(o.hedge_budget, o.hedge_percentile, o.hedge_factor, o.hedge_min_delay,
+                                    o.hedge_max_delay)
+        self.stall_rule = StallRule(o.stall_factor, o.stall_min_timeout, o.request_timeout)
+        self.outage_rule = OutageRule(o.all_teachers_down_timeout)
+        self.probe_rule = ProbeRule(o.probe_timeout)
 
     # -- PredictionStage ----------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
@@ -169,7 +183,8 @@ class RemoteStage(PredictionStage):
         self.pool.restart_down_timer()
 
     def in_flight_limit(self) -> int:
-        return self.pool.per_teacher_in_flight * max(1, len(self.pool.endpoints))
+        """Tasks the stage takes at once: the sum of the teachers' in-flight windows."""
+        return self.pool.total_window()
 
     def capacity(self) -> int:
         return self.in_flight_limit() - len(self._tasks)
@@ -219,6 +234,7 @@ class RemoteStage(PredictionStage):
         for endpoint in self._probing.values():   # lost with the workers: probe again after the backoff
             self.pool.probe_result(endpoint, False)
         self._probing.clear()
+        self._rtt_probes.clear()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -226,20 +242,11 @@ class RemoteStage(PredictionStage):
 
     def hedge_delay(self) -> float:
         """Seconds the head task may be out before it is hedged (``hedge_max_delay`` until latencies are known)."""
-        o = self.options
-        return self.latencies.scaled(o.hedge_percentile, o.hedge_factor, o.hedge_min_delay, o.hedge_max_delay,
-                                     unknown=o.hedge_max_delay)
+        return self.hedge_rule.delay(self.latencies)
 
     def stall_timeout(self) -> float:
-        """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``).
-
-        Before the percentiles are known: 5 s, or ``stall_factor`` x the longest latency seen so far, so that a
-        teacher whose every answer takes longer than 5 s is not called stalled on each of its first requests."""
-        o = self.options
-        ceiling = max(o.stall_min_timeout, o.request_timeout)
-        seen = self.latencies.largest()
-        unknown = max(o.stall_min_timeout, 5.0, o.stall_factor * seen if seen is not None else 0.0)
-        return self.latencies.scaled(99, o.stall_factor, o.stall_min_timeout, ceiling, unknown=min(ceiling, unknown))
+        """Seconds without an answer after which a teacher counts as stalled (``StallRule``)."""
+        return self.stall_rule.timeout(self.latencies)
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod
@@ -250,6 +257,8 @@ class RemoteStage(PredictionStage):
         """Forget the epoch's tasks. Requests still out become orphans: they keep their teacher's slot until
         they end, and how they end still counts for the teacher's health and speed, not for any task."""
         self._orphans.update(self._requests)
+        for probe_id, (endpoint, _) in self._rtt_probes.items():   # read late, after the epoch: not timed
+            self._rtt_probes[probe_id] = (endpoint, None)
         self._tasks.clear()
         self._requests.clear()
         self._waiting.clear()
@@ -309,7 +318,8 @@ class RemoteStage(PredictionStage):
         for endpoint in self.pool.probes_due(now):
             probe_id = next(self._ids)
             self._probing[probe_id] = endpoint
-            self.workers.send_probe(probe_id, endpoint, self.options.probe_timeout)
+            self.workers.send_probe(probe_id, endpoint, self.probe_rule.probe_timeout(self.pool.round_trip(endpoint)))
+        self._probe_round_trips(now)
         queued: dict[str, int] = {}
         held = []
         while self._waiting:
@@ -354,6 +364,20 @@ class RemoteStage(PredictionStage):
             if request is not None:
                 request.sent_at = min(request.sent_at, now)
 
+    def _probe_round_trips(self, now: float) -> None:
+        """While tasks are out: a health probe to each usable teacher every ``RTT_PROBE_INTERVAL`` (one at a time
+        per teacher); its round trip, timed here, is the teacher's network part (routing.window)."""
+        if not self._tasks:
+            return
+        out = {endpoint for endpoint, sent in self._rtt_probes.values()}
+        for endpoint in self.pool.usable_endpoints():
+            if endpoint in out or now - self._rtt_probed.get(endpoint, -1e9) < RTT_PROBE_INTERVAL:
+                continue
+            probe_id = next(self._ids)
+            self._rtt_probes[probe_id] = (endpoint, now)
+            self._rtt_probed[endpoint] = now
+            self.workers.send_probe(probe_id, endpoint, self.probe_rule.probe_timeout(self.pool.round_trip(endpoint)))
+
     def _follow_membership(self) -> None:
         current = set(self.pool.endpoints)
         for gone in self._known_endpoints - current:
@@ -387,6 +411,11 @@ class RemoteStage(PredictionStage):
                 self._failed(request, state, failure=message[3], text=message[4], extra=message[6:])
         elif kind == "probe":
             _, probe_id, endpoint, healthy, text = message
+            round_trip = self._rtt_probes.pop(probe_id, None)
+            if round_trip is not None:   # a usable teacher's round trip; a failed one says nothing (requests do)
+                if healthy and round_trip[1] is not None:
+                    self.pool.round_trip_measured(endpoint, time.monotonic() - round_trip[1])
+                return
             self._probing.pop(probe_id, None)
             self.pool.probe_result(endpoint, healthy, text)
             if healthy:
@@ -404,6 +433,8 @@ class RemoteStage(PredictionStage):
                     if not state.live and not state.queued:
                         self._queue(state)
             for probe_id, endpoint in probes.items():
+                if self._rtt_probes.pop(probe_id, None) is not None:
+                    continue
                 self._probing.pop(probe_id, None)
                 self.pool.probe_result(endpoint, False, "probe lost with a dead worker")
 
@@ -484,12 +515,12 @@ class RemoteStage(PredictionStage):
 
     def _maybe_hedge(self) -> None:
         head = self._head()
-        if head is None or not head.live or head.hedges or self.options.hedge_budget <= 0:
+        if head is None or not head.live or head.hedges or self.hedge_rule.budget <= 0:
             return
         sent = min(self._requests[r].sent_at for r in head.live)
         if time.monotonic() - sent < self.hedge_delay():
             return
-        if self.counts["hedges"] >= self.options.hedge_budget * self.counts["requests"] + HEDGE_BURST:
+        if not self.hedge_rule.allowed(self.counts["hedges"], self.counts["requests"]):
             return
         if len(self.pool.usable_endpoints()) < 2:
             return   # nowhere else to send it
@@ -519,15 +550,14 @@ class RemoteStage(PredictionStage):
         since = self.pool.down_since()
         stuck = min((s.unroutable_since for s in self._tasks.values() if s.unroutable_since is not None),
                     default=None)
-        starts = [t for t in (since, stuck) if t is not None]
-        return min(starts) + self.options.all_teachers_down_timeout if starts else None
+        return self.outage_rule.deadline(since, stuck)
 
     def _check_down(self) -> None:
         deadline = self._down_deadline()
         if deadline is None or not self._tasks or time.monotonic() < deadline:
             return
         raise AllTeachersDownError(
-            f"no teacher was usable for {self.options.all_teachers_down_timeout:g}s; teachers: "
+            f"no teacher was usable for {self.outage_rule.timeout:g}s; teachers: "
             f"{self.pool.describe()}; last error: {self.pool.last_error or 'none'}")
 
 
