@@ -257,8 +257,13 @@ class TeacherClient:
         if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
             return
         if self._ours is None:
+            # bounded as a health probe is (not by request_timeout: a frozen teacher would hold the request that
+            # long on this fresh channel without pings), grown for a far teacher's new connection
+            base = 2 * self.keepalive_time
+            if round_trip_of(self.endpoint) is None:
+                measure_tcp_round_trip(self.endpoint, base)
             start = time.monotonic()
-            self._probe(self.timeout)
+            self._probe(min(self.timeout, probe_timeout_for(base, round_trip_of(self.endpoint))))
             if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
                 note_round_trip(self.endpoint, time.monotonic() - start)
         with self._lock:

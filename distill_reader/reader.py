@@ -135,7 +135,7 @@ class DistillReader:
         per_teacher_in_flight: requests outstanding at one near teacher (default 2: one computing, one queued);
             a teacher whose measured network round trip holds more requests at its throughput gets that many
             more (its bandwidth-delay product, distill_reader.routing.window), up to ``max_per_teacher_in_flight``.
-        max_per_teacher_in_flight: the cap of that window (default 16, or ``per_teacher_in_flight`` if larger);
+        max_per_teacher_in_flight: the cap of that window (default 32, or ``per_teacher_in_flight`` if larger);
             set it to ``per_teacher_in_flight`` for a fixed window.
         routing_policy: an object with ``choose(candidates, now)`` ranking the usable teachers for the next
             request (distill_reader.routing); default ``PeakEwmaPolicy()``, earliest expected finish.

@@ -43,6 +43,7 @@ __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
 logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
+LATENCY_SAMPLES = 8        # a round trip is at most the least latency of this many latest answers
 
 
 @dataclass
@@ -62,11 +63,21 @@ class TeacherState:
     started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
     round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))   # latest probe round trips, s
     window: int = 0                        # its in-flight window (0: the floor); moves one step per answer
+    link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     # per-epoch statistics
     requests: int = 0
     samples: int = 0
     latency_total: float = 0.0
     errors: int = 0
+
+
+def _link_changed(before: float, after: float) -> bool:
+    """True when a round trip moved between near and far (``NEGLIGIBLE_ROUND_TRIP``) or by more than 2x."""
+    far_before, far_after = before >= NEGLIGIBLE_ROUND_TRIP, after >= NEGLIGIBLE_ROUND_TRIP
+    if far_before != far_after:
+        return True
+    return far_before and max(before, after) > 2 * min(before, after)
 
 
 @dataclass
@@ -183,11 +194,13 @@ class TeacherPool:
             state = self._state_locked(endpoint)
             if state is None:
                 return
-            per_request = self._per_request_locked(state, latency)
-            state.service_time = per_request if state.service_time is None else (
-                (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
-            state.refreshed_at = now
-            self._step_window_locked(state, latency)
+            state.latencies.append(latency)
+            if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
+                per_request = self._per_request_locked(state, latency)
+                state.service_time = per_request if state.service_time is None else (
+                    (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
+                state.refreshed_at = now
+                self._step_window_locked(state, latency)
             self._finish_locked(state)
             state.requests += 1
             state.samples += samples
@@ -216,8 +229,19 @@ class TeacherPool:
         latest ``RTT_SAMPLES``), which sizes its in-flight window."""
         with self._lock:
             state = self._state_locked(endpoint)
-            if state is not None and seconds >= 0:
+            if state is None or seconds < 0:
+                return
+            before = self._round_trip_locked(state)
+            state.round_trips.append(float(seconds))
+            if before is not None and _link_changed(before, self._round_trip_locked(state)):
+                # the link changed (a fault began or healed): what was learnt over the old one is dropped, so
+                # the estimate is re-learnt from the next answers instead of decaying for seconds
+                state.round_trips.clear()
                 state.round_trips.append(float(seconds))
+                state.latencies.clear()
+                state.service_time = None
+                state.window = 0
+                state.link_changed_at = time.monotonic()
 
     def round_trip(self, endpoint: str) -> Optional[float]:
         """The measured network round trip of ``endpoint`` in seconds (None before its first probe)."""
@@ -366,7 +390,11 @@ class TeacherPool:
 
     @staticmethod
     def _round_trip_locked(state: TeacherState) -> Optional[float]:
-        return min(state.round_trips) if state.round_trips else None
+        """The least of the latest probe round trips, and no more than the least latency of the latest answers
+        (a probe timed in the student also holds a cold worker's start and the student's own delays)."""
+        if not state.round_trips:
+            return None
+        return min(min(state.round_trips), min(state.latencies, default=float("inf")))
 
     def _per_request_locked(self, state: TeacherState, latency: float) -> float:
         """Seconds per request at the teacher's throughput, from one answer: latency / requests out (this one

@@ -2,7 +2,8 @@
 test's own behind a veth link that the test black-holes (no ACK, no RST: a dead host or a cut cable, which SIGSTOP
 cannot imitate: a frozen process's kernel still ACKs). Real ``teachers.serve`` servers, worker processes and
 ZooKeeper; each sample is checked once, in order, against the model's own predictions. Needs root for ``ip netns``:
-skipped, with the reason, elsewhere. The namespaces and their processes are removed even when a test fails."""
+skipped, with the reason, elsewhere. The namespaces and their processes are removed even when a test fails.
+Latency (an NFQUEUE delay inside the namespace) and loss (iptables' statistic match) need iptables as well."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +13,7 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader
-from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, namespaces, unavailable
+from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, iptables_unavailable, namespaces, unavailable
 from tests.support.procs import wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
@@ -26,6 +27,16 @@ BATCH = 16
 @pytest.fixture
 def netns():
     reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with namespaces() as make:
+        yield make
+
+
+@pytest.fixture
+def slow_netns():
+    """Namespaces whose links can be delayed and made lossy (``Namespace.delay`` / ``lose``)."""
+    reason = iptables_unavailable()
     if reason:
         pytest.skip(reason)
     with namespaces() as make:
@@ -190,4 +201,76 @@ def test_a_flapping_teacher_link_loses_no_sample(teacher_model, teacher_server, 
         finally:
             stop.set()
             flapper.join(5)
+            dr.close()
+
+
+def test_a_teacher_300ms_away_gets_a_share_and_every_sample_comes_once_in_order(teacher_model, teacher_server, data,
+                                                                               slow_netns):
+    """A teacher behind +300 ms of round trip: its in-flight window grows with its measured round trip, so it
+    answers a real share of the requests (with the old fixed window of 2 it got a few per cent: 2 requests per
+    300 ms against a near teacher's dozens); after the link heals its window is back to 2 and the epoch exact."""
+    images, ref = data
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        dr = _reader(teacher_model, [teacher_server.endpoint, far.endpoint], request_timeout=60.0)
+        try:
+            ns.delay(300)
+            shares = []
+            for _ in range(3):
+                out, _ = _epoch(dr, images)
+                _check(out, images, ref)
+                teachers = dr.last_epoch_stats.teachers
+                shares.append(teachers[far.endpoint]["requests"] / sum(t["requests"] for t in teachers.values()))
+            assert dr.pool.round_trip(far.endpoint) >= 0.3
+            assert dr.pool.window_of(far.endpoint) > dr.pool.per_teacher_in_flight, dr.pool.window_of(far.endpoint)
+            assert max(shares[1:]) >= 0.15, shares
+            far_window = dr.pool.window_of(far.endpoint)
+            ns.delay(0)
+            healed_at = time.monotonic()
+            while dr.pool.round_trip(far.endpoint) >= 0.1:   # the heal is measured within an epoch or two
+                assert time.monotonic() - healed_at < 60, dr.pool.round_trip(far.endpoint)
+                out, _ = _epoch(dr, images)
+                _check(out, images, ref)
+            assert dr.pool.window_of(far.endpoint) < far_window
+        finally:
+            dr.close()
+
+
+def test_a_lossy_teacher_link_loses_no_sample(teacher_model, teacher_server, data, slow_netns):
+    """30 % of what the teacher sends (answers, ACKs) dropped at random: TCP retransmits, so the reader sees a
+    slow teacher; every sample still comes out once, in order, right, and the teacher still answers some."""
+    images, ref = data
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        dr = _reader(teacher_model, [teacher_server.endpoint, far.endpoint], request_timeout=60.0)
+        try:
+            ns.lose(0.3)
+            answered = 0
+            for _ in range(2):
+                out, _ = _epoch(dr, images)
+                _check(out, images, ref)
+                answered += dr.last_epoch_stats.teachers[far.endpoint]["samples"]
+            assert answered >= 1
+            ns.lose(0)
+            out, _ = _epoch(dr, images)
+            _check(out, images, ref)
+        finally:
+            dr.close()
+
+
+def test_a_teacher_1_5s_away_is_used_with_the_default_keepalive(teacher_model, data, slow_netns):
+    """The only teacher is 1.5 s away. grpc-core sets TCP_USER_TIMEOUT to the keepalive timeout, which was a fixed
+    1 s, and the 2 s probe could not finish a new connection's handshakes: no request ever reached it. The
+    keepalive, connect and probe timeouts now follow the measured round trip: the epoch completes, exact."""
+    images, ref = data
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        ns.delay(1500)
+        dr = _reader(teacher_model, [far.endpoint], request_timeout=60.0)
+        try:
+            out, seconds = _epoch(dr, images[:320])
+            _check(out, images[:320], ref[:320])
+            assert dr.last_epoch_stats.teachers[far.endpoint]["samples"] == 320
+            assert seconds < 60, seconds
+        finally:
             dr.close()

@@ -154,3 +154,10 @@ def test_keepalive_and_connect_timeouts_follow_the_round_trip():
     channel_options.note_round_trip("x:1", 2.0)
     channel_options.note_round_trip("x:1", 1.5)
     assert channel_options.round_trip_of("x:1") == 1.5 and channel_options.round_trip_of("y:1") is None
+
+
+def test_a_healed_link_is_back_to_its_share_within_two_seconds(monkeypatch):
+    delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "d:4": 0.15}
+    _, after = _simulate(monkeypatch, delays, seconds=12.0, heal_at=10.0)
+    rate = {e: n / 2.0 for e, n in after.items()}
+    assert min(rate.values()) >= 0.9 * max(rate.values()), rate
