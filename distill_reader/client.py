@@ -30,6 +30,7 @@ from . import lod as lod_feeds
 from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
+    FIRST_PROBE_TIMEOUT,
     far,
     grpc_channel_options,
     http_timeouts,
@@ -256,16 +257,8 @@ class TeacherClient:
         them); other servers never get pings (their default policies answer GOAWAY too_many_pings)."""
         if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
             return
-        if self._ours is None:
-            # bounded as a health probe is (not by request_timeout: a frozen teacher would hold the request that
-            # long on this fresh channel without pings), grown for a far teacher's new connection
-            base = 2 * self.keepalive_time
-            if round_trip_of(self.endpoint) is None:
-                measure_tcp_round_trip(self.endpoint, base)
-            start = time.monotonic()
-            self._probe(min(self.timeout, probe_timeout_for(base, round_trip_of(self.endpoint))))
-            if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
-                note_round_trip(self.endpoint, time.monotonic() - start)
+        if self._ours is None or round_trip_of(self.endpoint) is None:
+            self._first_probe()
         with self._lock:
             if self._ours and not self._channel_keepalive and not self._pings_refused:
                 self._reconnect(keepalive=True)
@@ -369,12 +362,24 @@ class TeacherClient:
     def _wire_is_raw(self) -> bool:
         if self._raw is None:
             self._own_connection()
-            probed = self._probe(self.timeout)
+            probed = self._first_probe()
             if probed is None:  # draining or starting: not a wire-form answer, ask again next time
                 raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
             self._raw = probed
             logger.debug("teacher %s: %s wire form", self.endpoint, "raw" if self._raw else "typed")
         return self._raw
+
+    def _first_probe(self) -> Optional[bool]:
+        """``_probe`` on a fresh connection, before its first request: the round trip measured first when unknown
+        (one TCP handshake), the check bounded by ``FIRST_PROBE_TIMEOUT`` grown for that round trip (not by
+        ``request_timeout``: a frozen teacher would hold the request that long on a channel without pings)."""
+        if round_trip_of(self.endpoint) is None:
+            measure_tcp_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT))
+        start = time.monotonic()
+        probed = self._probe(min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint))))
+        if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
+            note_round_trip(self.endpoint, time.monotonic() - start)
+        return probed
 
     def _probe(self, timeout: float) -> Optional[bool]:
         """True: our server (raw ok); False: a server without our health service (typed); None: not serving."""

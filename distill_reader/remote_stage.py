@@ -257,8 +257,6 @@ class RemoteStage(PredictionStage):
         """Forget the epoch's tasks. Requests still out become orphans: they keep their teacher's slot until
         they end, and how they end still counts for the teacher's health and speed, not for any task."""
         self._orphans.update(self._requests)
-        for probe_id, (endpoint, _) in self._rtt_probes.items():   # read late, after the epoch: not timed
-            self._rtt_probes[probe_id] = (endpoint, None)
         self._tasks.clear()
         self._requests.clear()
         self._waiting.clear()
