@@ -11,7 +11,8 @@ teacher batch 32. The faults are made on teacher 4's link only, inside its names
 Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): fault-free; +300 ms on teacher
 4 (``during``); the ``--seconds`` right after the heal (``after heal``); 30 % loss on teacher 4; teacher 4 at
 1.5 s round trip, where the figure is its requests over its ideal share (the ideal reader keeps every teacher
-busy: each answers ``seconds / latency`` requests). Also printed: teacher 4's share of the requests per phase.
+busy: each answers ``seconds / latency`` requests). Also printed: teacher 4's share of the requests per phase,
+and its window, measured round trip and seconds-per-request estimate at the phase's end.
 Needs root, ``ip`` and ``iptables`` (scripts/setup.sh installs both).
 
 Example::
@@ -80,7 +81,7 @@ def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> tuple[float
         samples += len(img)
     elapsed = time.monotonic() - start
     stats = dr.last_epoch_stats
-    return samples / elapsed, {t: s.requests for t, s in stats.teachers.items()} if stats else {}
+    return samples / elapsed, {t: s["requests"] for t, s in stats.teachers.items()} if stats else {}
 
 
 def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str, float, float]]:
@@ -118,10 +119,12 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
                     f.write(str(delay_ms))
                 rate, requests = _epoch(dr, images, seconds)
                 share = requests.get(endpoints[3], 0) / max(1, sum(requests.values()))
-                rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal))
+                rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal,
+                             dr.pool.window_of(endpoints[3]), dr.pool.round_trip(endpoints[3]) or 0.0,
+                             dr.pool.service_time(endpoints[3]) or 0.0))
                 return rate, requests
 
-            rows.append(("fault-free", "-", 1.0, np.nan, np.nan))
+            rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
             phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
             phase("same, the epoch after the heal", ">= 0.95", 0)
             _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
@@ -146,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
         rows = run(args.seconds, args.latency_ms, workdir)
     print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "
-          f"{'t4 reqs / ideal':>16}")
-    for name, goal, ratio, share, of_ideal in rows:
-        print(f"{name:<34} {goal:<22} {ratio:>24.3f} {share:>16.3f} {of_ideal:>16.3f}")
+          f"{'t4 reqs / ideal':>16} {'t4 window, rtt, s/req at end':>30}")
+    for name, goal, ratio, share, of_ideal, window, rtt, per_request in rows:
+        print(f"{name:<34} {goal:<22} {ratio:>24.3f} {share:>16.3f} {of_ideal:>16.3f} "
+              f"{window:>10d} {rtt:>8.3f} {per_request:>9.3f}")
     return 0
 
 

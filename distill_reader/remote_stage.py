@@ -240,13 +240,13 @@ class RemoteStage(PredictionStage):
     def worker_pids(self) -> list[int]:
         return self.workers.pids if self.workers is not None else []
 
-    def hedge_delay(self) -> float:
-        """Seconds the head task may be out before it is hedged (``hedge_max_delay`` until latencies are known)."""
-        return self.hedge_rule.delay(self.latencies)
+    def hedge_delay(self, endpoint: Optional[str] = None) -> float:
+        """Seconds the head task may be out (at ``endpoint``) before it is hedged (``HedgeRule``)."""
+        return self.hedge_rule.delay(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
-    def stall_timeout(self) -> float:
-        """Seconds without an answer after which a teacher counts as stalled (``StallRule``)."""
-        return self.stall_rule.timeout(self.latencies)
+    def stall_timeout(self, endpoint: Optional[str] = None) -> float:
+        """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``)."""
+        return self.stall_rule.timeout(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod
@@ -385,12 +385,15 @@ class RemoteStage(PredictionStage):
     def _wake_times(self) -> list[Optional[float]]:
         """When ``poll`` must look again even without a message: retry, probe, outage, hedge, stall."""
         times = [self._delayed[0][0] if self._delayed else None, self.pool.next_probe_time(), self._down_deadline()]
-        oldest = min((r.sent_at for r in self._requests.values() if not r.stalled), default=None)
-        if oldest is not None:
-            times.append(oldest + self.stall_timeout())
+        oldest: dict[str, float] = {}
+        for r in self._requests.values():
+            if not r.stalled:
+                oldest[r.endpoint] = min(r.sent_at, oldest.get(r.endpoint, r.sent_at))
+        times += [sent + self.stall_timeout(endpoint) for endpoint, sent in oldest.items()]
         head = self._head()
         if head is not None and head.live and not head.hedges:
-            times.append(min(self._requests[r].sent_at for r in head.live) + self.hedge_delay())
+            first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
+            times.append(first.sent_at + self.hedge_delay(first.endpoint))
         return times
 
     # -- answers and failures -------------------------------------------------------------------------------
@@ -515,8 +518,8 @@ class RemoteStage(PredictionStage):
         head = self._head()
         if head is None or not head.live or head.hedges or self.hedge_rule.budget <= 0:
             return
-        sent = min(self._requests[r].sent_at for r in head.live)
-        if time.monotonic() - sent < self.hedge_delay():
+        first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
+        if time.monotonic() - first.sent_at < self.hedge_delay(first.endpoint):
             return
         if not self.hedge_rule.allowed(self.counts["hedges"], self.counts["requests"]):
             return
@@ -528,9 +531,11 @@ class RemoteStage(PredictionStage):
     def _check_stalls(self) -> None:
         """A teacher with a request out longer than ``stall_timeout``: set aside, all its tasks re-issued."""
         now = time.monotonic()
-        limit = self.stall_timeout()
-        stalled = {r.endpoint for r in self._requests.values() if not r.stalled and now - r.sent_at > limit}
+        limits = {e: self.stall_timeout(e) for e in {r.endpoint for r in self._requests.values()}}
+        stalled = {r.endpoint for r in self._requests.values()
+                   if not r.stalled and now - r.sent_at > limits[r.endpoint]}
         for endpoint in stalled:
+            limit = limits[endpoint]
             requests = [r for r in self._requests.values() if r.endpoint == endpoint and not r.stalled]
             age = now - min(r.sent_at for r in requests)
             self.counts["stalls"] += 1

@@ -231,9 +231,9 @@ class TeacherPool:
             state = self._state_locked(endpoint)
             if state is None or seconds < 0:
                 return
-            before = self._round_trip_locked(state)
+            before = min(state.round_trips) if state.round_trips else None
             state.round_trips.append(float(seconds))
-            if before is not None and _link_changed(before, self._round_trip_locked(state)):
+            if before is not None and _link_changed(before, min(state.round_trips)):
                 # the link changed (a fault began or healed): what was learnt over the old one is dropped, so
                 # the estimate is re-learnt from the next answers instead of decaying for seconds
                 state.round_trips.clear()

@@ -137,6 +137,9 @@ def test_the_stage_rules_give_the_numbers_the_stage_used():
         window.add(latency)
     assert HedgeRule().delay(window) == pytest.approx(2 * window.percentile(95))
     assert StallRule().timeout(window) == 2.0, "4 x p99 is under the 2 s floor"
+    assert StallRule().timeout(window, round_trip=1.5) == 6.5, "a far teacher: 3 round trips more"
+    assert StallRule().timeout(window, round_trip=0.005) == 2.0, "a near one: none"
+    assert HedgeRule().delay(window, round_trip=0.3) == pytest.approx(2 * window.percentile(95) + 0.3)
     assert HedgeRule(budget=0.05).allowed(hedges=2, requests=10) and not HedgeRule().allowed(7, 100)
     assert OutageRule(60).deadline(None, 5.0, 3.0) == 63.0 and OutageRule(60).deadline(None) is None
     assert ProbeRule(2.0).probe_timeout(None) == 2.0 and ProbeRule(2.0).probe_timeout(1.5) == 6.0

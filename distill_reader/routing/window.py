@@ -28,7 +28,7 @@ __all__ = ["InFlightWindow", "DEFAULT_MAX_PER_TEACHER_IN_FLIGHT", "RTT_PROBE_INT
 
 DEFAULT_MAX_PER_TEACHER_IN_FLIGHT = 32   # the window's cap unless set (a 1.5 s round trip at 50 ms a request: 32)
 RTT_PROBE_INTERVAL = 0.5   # seconds between round-trip probes of a usable teacher
-RTT_SAMPLES = 3            # the round trip is the minimum of this many latest probes (~1.5 s of history)
+RTT_SAMPLES = 2            # the round trip is the minimum of this many latest probes (~1 s of history)
 NEGLIGIBLE_ROUND_TRIP = 0.02   # seconds: a round trip below this (loopback, a LAN, the student's own pipes) adds none
 
 
