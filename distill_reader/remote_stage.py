@@ -183,8 +183,10 @@ class RemoteStage(PredictionStage):
         self.pool.restart_down_timer()
 
     def in_flight_limit(self) -> int:
-        """Tasks the stage takes at once: the sum of the teachers' in-flight windows."""
-        return self.pool.total_window()
+        """Tasks the stage takes at once: the teachers' windows, each counted as many times as its latency fits
+        in the slowest teacher's (``TeacherPool.read_ahead``): the fast ones keep working while a far or slow
+        one holds the task the reorder buffer waits on."""
+        return self.pool.read_ahead()
 
     def capacity(self) -> int:
         return self.in_flight_limit() - len(self._tasks)

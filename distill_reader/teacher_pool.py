@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
 LATENCY_SAMPLES = 8        # a round trip is at most the least latency of this many latest answers
+READ_AHEAD_FACTOR = 8.0    # read_ahead: a teacher's window counts at most this many times
 
 
 @dataclass
@@ -259,6 +260,20 @@ class TeacherPool:
         """The sum of the current teachers' windows (at least ``per_teacher_in_flight``)."""
         with self._lock:
             return max(self.window.floor, sum(self._window_locked(s) for s in self._teachers.values()))
+
+    def read_ahead(self) -> int:
+        """Tasks worth holding at once: each teacher's window, times how many of its latencies fit in the slowest
+        teacher's latency (at most ``READ_AHEAD_FACTOR``), so that while a far or slow teacher holds the task
+        the reorder buffer waits on, the others still have work (at least ``total_window()``)."""
+        with self._lock:
+            states = list(self._teachers.values())
+            typical = {s.endpoint: sum(s.latencies) / len(s.latencies) for s in states if s.healthy and s.latencies}
+            longest = max(typical.values(), default=0.0)
+            total = 0.0
+            for state in states:
+                ratio = longest / typical[state.endpoint] if typical.get(state.endpoint) else 1.0
+                total += self._window_locked(state) * min(READ_AHEAD_FACTOR, max(1.0, ratio))
+            return max(self.window.floor, int(total))
 
     def released(self, endpoint: str) -> None:
         """A request was abandoned or refused (no answer counted, no verdict on the teacher)."""
