@@ -64,6 +64,25 @@ def note_round_trip(endpoint: str, seconds: float) -> None:
         _round_trips.setdefault(endpoint, deque(maxlen=ROUND_TRIP_SAMPLES)).append(float(seconds))
 
 
+def remeasure_round_trip(endpoint: str, timeout: float) -> Optional[float]:
+    """After a failed probe: one TCP handshake timed; when it says the link is now far (or near again) unlike
+    what was noted, the noted round trips are replaced by it, so the next probe and channel fit the new link."""
+    before = round_trip_of(endpoint)
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
+        return before
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            now = time.monotonic() - start
+    except OSError:
+        return before
+    if before is None or abs(far(now) - far(before)) > max(NEGLIGIBLE_ROUND_TRIP, 0.5 * max(now, before)):
+        with _round_trips_lock:
+            _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
+    return round_trip_of(endpoint)
+
+
 def round_trip_of(endpoint: str) -> Optional[float]:
     """The round trip to ``endpoint`` this process measured (the minimum of the latest few), or None."""
     with _round_trips_lock:

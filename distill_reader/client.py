@@ -38,6 +38,7 @@ from .channel_options import (
     measure_tcp_round_trip,
     note_round_trip,
     probe_timeout_for,
+    remeasure_round_trip,
     round_trip_of,
 )
 from .client_security import ClientSecurity
@@ -324,6 +325,7 @@ class TeacherClient:
         try:
             healthy = self._probe(timeout) is not None
         except TeacherError:
+            remeasure_round_trip(self.endpoint, timeout)   # a link that became far: the next probe fits it
             return False
         note_round_trip(self.endpoint, time.monotonic() - start)
         self._follow_round_trip()

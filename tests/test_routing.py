@@ -165,3 +165,29 @@ def test_a_healed_link_is_back_to_its_share_within_two_seconds(monkeypatch):
     _, after = _simulate(monkeypatch, delays, seconds=12.0, heal_at=10.0)
     rate = {e: n / 2.0 for e, n in after.items()}
     assert min(rate.values()) >= 0.9 * max(rate.values()), rate
+
+
+def test_a_failed_probe_remeasures_a_link_that_became_far():
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    endpoint = f"127.0.0.1:{server.getsockname()[1]}"
+    def accept():
+        try:
+            for _ in range(2):
+                server.accept()[0].close()
+        except OSError:
+            pass   # closed at the end of the test
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        for _ in range(3):
+            channel_options.note_round_trip(endpoint, 1.5)     # noted while the link was slow
+        assert channel_options.remeasure_round_trip(endpoint, 2.0) < 0.02, "near again: replaced at once"
+        channel_options.note_round_trip(endpoint, 0.001)
+        assert channel_options.remeasure_round_trip(endpoint, 2.0) < 0.02, "no change: kept"
+    finally:
+        server.close()
