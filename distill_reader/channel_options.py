@@ -13,12 +13,33 @@ are off. A GOAWAY
 ``too_many_pings`` all the same (a proxy in between) turns them off for that endpoint and the call is retried
 once at once on a fresh connection: the teacher is not set aside.
 
+Timeouts that follow the round trip: grpc-core sets TCP_USER_TIMEOUT to the keepalive timeout, so with a fixed
+1 s timeout a teacher 1.5 s away loses every connection (its data is not acknowledged within 1 s), and a 2 s
+probe cannot finish a new connection's handshakes at that distance. So each process notes the round trips it
+measures per endpoint (``note_round_trip``: TCP handshakes and health checks of the probe code; the minimum of
+the latest ``ROUND_TRIP_SAMPLES``), and the keepalive timeout becomes ``keepalive_time + ROUND_TRIP_FACTOR x
+round trip``, the ping interval ``keepalive_time + round trip`` (pings sent faster than the round trip fail with
+"ping timeout" in grpc-core, measured), the connect timeout ``RECONNECT_BACKOFF_INTERVALS x keepalive_time +
+CONNECT_ROUND_TRIPS x round trip``. A near teacher (round trip under ``NEGLIGIBLE_ROUND_TRIP``) keeps the plain
+settings: a black-holed one is noticed after about interval + timeout, i.e. 2 s, and a far one after
+2 s + 3 round trips (6.5 s at a 1.5 s round trip). The factor 2 is measured, not derived: over a link whose
+packets one way are held 1.5 s, a ping's acknowledgement took up to 2 round trips (the peer's delayed ACKs
+hold back the next small segment), and 1 + 1.25 x 1.5 s timed out.
+
 Example::
 
     options = grpc_channel_options(keepalive_time=1.0)            # ours: pings while a request is out
     grpc.insecure_channel("127.0.0.1:9292", options=options)
+    note_round_trip("10.0.0.2:9292", 1.5)
+    grpc_channel_options(1.0, round_trip=round_trip_of("10.0.0.2:9292"))   # pings every 2.5 s, 4 s timeout
 """
 from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from typing import Optional
 
 DEFAULT_KEEPALIVE_TIME = 1.0          # s between pings while a request is out (0: off); also the ping timeout
 DEFAULT_REQUEST_TIMEOUT = 30.0        # s a teacher has to answer one request (TeacherClient, the reader's workers)
@@ -26,11 +47,79 @@ DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 RECONNECT_BACKOFF_INTERVALS = 2       # first reconnect backoff (the connect timeout) in keepalive intervals
 TOO_MANY_PINGS = "too many pings"     # how grpc-core reports a GOAWAY too_many_pings, lower case ...
 TOO_MANY_PINGS_ALT = "too_many_pings"  # ... and its debug data
+ROUND_TRIP_FACTOR = 2.0      # keepalive timeout = keepalive_time + this x the measured round trip
+CONNECT_ROUND_TRIPS = 3       # a new connection: TCP handshake, HTTP/2 settings (TLS: more), + margin
+NEGLIGIBLE_ROUND_TRIP = 0.02  # seconds: a smaller round trip leaves the settings as they are
+ROUND_TRIP_SAMPLES = 3        # the round trip of an endpoint: the minimum of its latest few measurements
+FIRST_PROBE_TIMEOUT = 5.0     # s: a new client's first health check (wire form, pings), grown with the round trip
+
+_round_trips: dict[str, deque] = {}
+_round_trips_lock = threading.Lock()
 
 
-def grpc_channel_options(keepalive_time: float = 0.0,
-                         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def note_round_trip(endpoint: str, seconds: float) -> None:
+    """Remember a round trip measured to ``endpoint`` (seconds) in this process."""
+    if seconds < 0:
+        return
+    with _round_trips_lock:
+        _round_trips.setdefault(endpoint, deque(maxlen=ROUND_TRIP_SAMPLES)).append(float(seconds))
+
+
+def remeasure_round_trip(endpoint: str, timeout: float) -> Optional[float]:
+    """After a failed probe: one TCP handshake timed; when it says the link is now far (or near again) unlike
+    what was noted, the noted round trips are replaced by it, so the next probe and channel fit the new link."""
+    before = round_trip_of(endpoint)
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
+        return before
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            now = time.monotonic() - start
+    except OSError:
+        return before
+    if before is None or abs(far(now) - far(before)) > max(NEGLIGIBLE_ROUND_TRIP, 0.5 * max(now, before)):
+        with _round_trips_lock:
+            _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
+    return round_trip_of(endpoint)
+
+
+def round_trip_of(endpoint: str) -> Optional[float]:
+    """The round trip to ``endpoint`` this process measured (the minimum of the latest few), or None."""
+    with _round_trips_lock:
+        samples = _round_trips.get(endpoint)
+        return min(samples) if samples else None
+
+
+def measure_tcp_round_trip(endpoint: str, timeout: float) -> Optional[float]:
+    """One TCP handshake to ``host:port`` timed (seconds, also noted), or None (no answer, not host:port).
+
+    The handshake is answered by the peer's kernel, so this is the network's round trip alone.
+    """
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
+        return None
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            elapsed = time.monotonic() - start
+    except OSError:
+        return None
+    note_round_trip(endpoint, elapsed)
+    return elapsed
+
+
+def far(round_trip: Optional[float]) -> float:
+    """``round_trip`` when it is worth adapting a timeout to (0 when unknown or negligible)."""
+    return round_trip if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP else 0.0
+
+
+def grpc_channel_options(keepalive_time: float = 0.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                         round_trip: Optional[float] = None) -> list[tuple[str, int]]:
     """grpc channel options: message limits, and with ``keepalive_time`` > 0 pings while a request is out.
+
+    The ping timeout is ``keepalive_time + ROUND_TRIP_FACTOR x round_trip`` (seconds; a round trip under
+    ``NEGLIGIBLE_ROUND_TRIP`` or None counts as 0), as grpc-core also uses it for TCP_USER_TIMEOUT.
 
     grpc-core waits for a ping's acknowledgement for ``grpc.http2.ping_timeout_ms`` (default 1 min), not
     ``keepalive_timeout_ms``: both are set, or a frozen peer is noticed only after a minute. A new connection to a
@@ -44,23 +133,31 @@ def grpc_channel_options(keepalive_time: float = 0.0,
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes)]
     if keepalive_time > 0:
-        interval_ms = int(keepalive_time * 1000)
-        options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", interval_ms),
-                    ("grpc.http2.ping_timeout_ms", interval_ms), ("grpc.keepalive_permit_without_calls", 0),
+        distance = far(round_trip)
+        interval_ms = int((keepalive_time + distance) * 1000)   # grpc-core fails pings sent faster than the RTT
+        timeout_ms = int((keepalive_time + ROUND_TRIP_FACTOR * distance) * 1000)
+        connect_ms = int((RECONNECT_BACKOFF_INTERVALS * keepalive_time + CONNECT_ROUND_TRIPS * distance) * 1000)
+        options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
+                    ("grpc.http2.ping_timeout_ms", timeout_ms), ("grpc.keepalive_permit_without_calls", 0),
                     ("grpc.http2.max_pings_without_data", 0),
-                    ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_INTERVALS * interval_ms)]
+                    ("grpc.min_reconnect_backoff_ms", connect_ms)]
     return options
 
 
-def http_timeouts(timeout: float, keepalive_time: float) -> tuple[float, float]:
+def probe_timeout_for(timeout: float, round_trip: Optional[float]) -> float:
+    """A health probe's timeout: ``timeout``, or enough for a new connection's handshakes at ``round_trip``."""
+    return max(timeout, (CONNECT_ROUND_TRIPS + 1) * far(round_trip))
+
+
+def http_timeouts(timeout: float, keepalive_time: float, round_trip: Optional[float] = None) -> tuple[float, float]:
     """(connect, read) seconds for an HTTP request: a host that does not accept the connection is noticed within
-    one keepalive interval.
+    one keepalive interval (plus ``CONNECT_ROUND_TRIPS`` x a measured ``round_trip``).
 
     Example::
 
         http_timeouts(30.0, 1.0)   # (1.0, 30.0)
     """
-    connect = min(timeout, keepalive_time) if keepalive_time > 0 else timeout
+    connect = min(timeout, keepalive_time + CONNECT_ROUND_TRIPS * far(round_trip)) if keepalive_time > 0 else timeout
     return connect, timeout
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import grpc
@@ -38,9 +39,16 @@ from .channel_options import (
     DEFAULT_KEEPALIVE_TIME,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
+    FIRST_PROBE_TIMEOUT,
+    far,
     grpc_channel_options,
     http_timeouts,
     is_too_many_pings,
+    measure_tcp_round_trip,
+    note_round_trip,
+    probe_timeout_for,
+    remeasure_round_trip,
+    round_trip_of,
 )
 from .feeds import FeedError, prepare_feed
 from .padding import Padding, PadValue
@@ -188,7 +196,9 @@ class TeacherClient:
         forked = self._pid != os.getpid() or self._forked
         if self.protocol == "grpc":
             self._channel_keepalive = self.keepalive_time if keepalive else 0.0
-            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes)
+            self._channel_round_trip = far(round_trip_of(self.endpoint))   # its keepalive timeout follows it
+            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes,
+                                           round_trip=self._channel_round_trip)
             if forked:   # grpc-core's global subchannel pool would hand back the parent's inherited connection
                 options.append(("grpc.use_local_subchannel_pool", 1))
             self._forked = forked
@@ -230,8 +240,8 @@ class TeacherClient:
         them); other servers never get pings (their default policies answer GOAWAY too_many_pings)."""
         if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
             return
-        if self._ours is None:
-            self._probe(self.timeout)
+        if self._ours is None or round_trip_of(self.endpoint) is None:
+            self._first_probe()
         with self._lock:
             if self._ours and not self._channel_keepalive and not self._pings_refused:
                 self._reconnect(keepalive=True)
@@ -292,12 +302,37 @@ class TeacherClient:
                             f"the model's feeds are {self.config.feed_names}")
 
     def health(self, timeout: float = 1.0) -> bool:
-        """True when the endpoint answers its health check with SERVING."""
+        """True when the endpoint answers its health check with SERVING.
+
+        The timeout grows to cover a new connection at the endpoint's measured round trip (a TCP handshake
+        timed first when none is known); the check's round trip is noted, and a keepalive channel whose
+        timeouts no longer fit the round trip is replaced (distill_reader.channel_options).
+        """
         self._own_connection()
+        if round_trip_of(self.endpoint) is None:
+            measure_tcp_round_trip(self.endpoint, timeout)
+        timeout = probe_timeout_for(timeout, round_trip_of(self.endpoint))
+        start = time.monotonic()
         try:
-            return self._probe(timeout) is not None
+            healthy = self._probe(timeout) is not None
         except TeacherError:
+            remeasure_round_trip(self.endpoint, timeout)   # a link that became far: the next probe fits it
             return False
+        note_round_trip(self.endpoint, time.monotonic() - start)
+        self._follow_round_trip()
+        return healthy
+
+    def _follow_round_trip(self) -> None:
+        """A new keepalive channel when the measured round trip moved far from the one its timeouts were set for."""
+        if self.protocol != "grpc" or not self._channel_keepalive:
+            return
+        now, then = far(round_trip_of(self.endpoint)), self._channel_round_trip
+        if abs(now - then) > max(0.05, 0.5 * max(now, then)):
+            with self._lock:
+                if self._channel_keepalive and self._channel_round_trip == then:
+                    logger.info("teacher %s: round trip %.3fs (was %.3fs): new connection with keepalive timeout "
+                                "to match", self.endpoint, now, then)
+                    self._reconnect(keepalive=True)
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -320,12 +355,24 @@ class TeacherClient:
     def _wire_is_raw(self) -> bool:
         if self._raw is None:
             self._own_connection()
-            probed = self._probe(self.timeout)
+            probed = self._first_probe()
             if probed is None:  # draining or starting: not a wire-form answer, ask again next time
                 raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
             self._raw = probed
             logger.debug("teacher %s: %s wire form", self.endpoint, "raw" if self._raw else "typed")
         return self._raw
+
+    def _first_probe(self) -> Optional[bool]:
+        """``_probe`` on a fresh connection, before its first request: the round trip measured first when unknown
+        (one TCP handshake), the check bounded by ``FIRST_PROBE_TIMEOUT`` grown for that round trip (not by
+        ``request_timeout``: a frozen teacher would hold the request that long on a channel without pings)."""
+        if round_trip_of(self.endpoint) is None:
+            measure_tcp_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT))
+        start = time.monotonic()
+        probed = self._probe(min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint))))
+        if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
+            note_round_trip(self.endpoint, time.monotonic() - start)
+        return probed
 
     def _probe(self, timeout: float) -> Optional[bool]:
         """True: our server (raw ok); False: a server without our health service (typed); None: not serving."""
@@ -434,7 +481,7 @@ class TeacherClient:
 
     def _http_timeouts(self) -> tuple[float, float]:
         """(connect, read) seconds: a host that does not accept the connection is noticed quickly."""
-        return http_timeouts(self.timeout, self.keepalive_time)
+        return http_timeouts(self.timeout, self.keepalive_time, round_trip_of(self.endpoint))
 
     def _outputs(self, response: service_pb2.Response, fetch: Sequence[str], batch_size: int,
                  variable: Optional[lod_feeds.VariableFeeds] = None, lod_form: str = "split") -> dict[str, Any]:

@@ -140,7 +140,13 @@ class DistillReader:
         probe_backoff / max_probe_backoff: first and largest delay before a failed teacher is probed again (s).
         probe_timeout: seconds for one health probe (default 2).
         all_teachers_down_timeout: seconds with no usable teacher before AllTeachersDownError (default 60).
-        per_teacher_in_flight: requests outstanding at one teacher (default 2: one computing, one queued).
+        per_teacher_in_flight: requests outstanding at one near teacher (default 2: one computing, one queued);
+            a teacher whose measured network round trip holds more requests at its throughput gets that many
+            more (its bandwidth-delay product, distill_reader.routing.window), up to ``max_per_teacher_in_flight``.
+        max_per_teacher_in_flight: the cap of that window (default 32, or ``per_teacher_in_flight`` if larger);
+            set it to ``per_teacher_in_flight`` for a fixed window.
+        routing_policy: an object with ``choose(candidates, now)`` ranking the usable teachers for the next
+            request (distill_reader.routing); default ``PeakEwmaPolicy()``, earliest expected finish.
         max_pending_tasks: tasks read but not yet yielded (memory bound of the reorder buffer); default
             twice the in-flight limit.
         num_workers: worker processes doing the teacher I/O (default 2).
@@ -195,7 +201,8 @@ class DistillReader:
                  stall_factor: float = _D.stall_factor, stall_min_timeout: float = _D.stall_min_timeout,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
-                 lengths_feeds: Optional[Mapping[str, str]] = None, **worker_options: Any):
+                 lengths_feeds: Optional[Mapping[str, str]] = None,
+                 max_per_teacher_in_flight: Optional[int] = None, routing_policy: Any = None, **worker_options: Any):
         """Check the arguments.
 
         Raises:
@@ -226,7 +233,8 @@ class DistillReader:
             hedge_max_delay=hedge_max_delay, stall_factor=stall_factor, stall_min_timeout=stall_min_timeout,
             security=ClientSecurity.create(tls_ca, tls_cert, tls_key, token), padding=padding, **worker_options)
         self.pool = TeacherPool((), per_teacher_in_flight=per_teacher_in_flight, probe_backoff=probe_backoff,
-                                max_probe_backoff=max_probe_backoff)
+                                max_probe_backoff=max_probe_backoff,
+                                max_per_teacher_in_flight=max_per_teacher_in_flight, policy=routing_policy)
         self._config: Optional[ServingConfig] = None
         self._stage_wrappers: list[Callable[[PredictionStage], PredictionStage]] = []
         self._offline: Any = None   # distill_reader.offline_cache.OfflineCache after set_offline_cache

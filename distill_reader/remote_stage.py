@@ -23,6 +23,10 @@ error in the worker    re-raised in the student with its type and the worker's t
 Hedging: when the task the reorder buffer waits on (the lowest unanswered ``seq``) has been out longer than
 ``hedge_delay`` (a percentile of recent latencies times a factor, clamped), it is sent once more to another
 teacher, within a budget of ``hedge_budget`` x requests (+2). Dean and Barroso, "The Tail at Scale" (2013).
+The numbers and verdicts (hedge delay and budget, stall timeout, outage deadline, probe timeout) come from the
+rule objects of ``distill_reader.routing.stage_rules``; where a request goes, from the pool's routing policy.
+While tasks are out, each usable teacher gets a health probe every ``RTT_PROBE_INTERVAL`` whose round trip
+(its network part) sizes that teacher's in-flight window (``routing.window``).
 
 Example (``DistillReader`` builds this)::
 
@@ -54,13 +58,15 @@ from .errors import (
 )
 from .latency_window import LatencyWindow
 from .prediction_stage import PredictionStage, Task, TaskResult
+from .routing.stage_rules import HEDGE_BURST, HedgeRule, OutageRule, ProbeRule, StallRule
+from .routing.window import RTT_PROBE_INTERVAL
 from .teacher_pool import TeacherPool
 from .worker_messages import Done, Failed, FailureKind, FromWorker, ProbeResult, Ready, WorkerDied, WorkerSettings
 from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
-HEDGE_BURST = 2   # hedges allowed beyond the budget's share, so the first stalls of an epoch can be hedged
+__all__ = ["RemoteStage", "RemoteOptions", "HEDGE_BURST"]
 
 
 @dataclass(frozen=True)
@@ -148,9 +154,17 @@ class RemoteStage(PredictionStage):
         self._probing: dict[int, str] = {}
         self._known_endpoints: set[str] = set()
         self._results: list[TaskResult] = []
+        self._rtt_probes: dict[int, tuple[str, Optional[float]]] = {}   # probe id -> (endpoint, sent at or None)
+        self._rtt_probed: dict[str, float] = {}              # endpoint -> when its last round-trip probe went
         self.latencies = LatencyWindow()
         self.counts = self._zero_counts()
         self._stopped_mid_epoch = False
+        o = options
+        self.hedge_rule = HedgeRule(o.hedge_budget, o.hedge_percentile, o.hedge_factor, o.hedge_min_delay,
+                                    o.hedge_max_delay)
+        self.stall_rule = StallRule(o.stall_factor, o.stall_min_timeout, o.request_timeout)
+        self.outage_rule = OutageRule(o.all_teachers_down_timeout)
+        self.probe_rule = ProbeRule(o.probe_timeout)
 
     # -- PredictionStage ----------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
@@ -159,7 +173,10 @@ class RemoteStage(PredictionStage):
         self.pool.restart_down_timer()
 
     def in_flight_limit(self) -> int:
-        return self.pool.per_teacher_in_flight * max(1, len(self.pool.endpoints))
+        """Tasks the stage takes at once: the teachers' windows, each counted as many times as its latency fits
+        in the slowest teacher's (``TeacherPool.read_ahead``): the fast ones keep working while a far or slow
+        one holds the task the reorder buffer waits on."""
+        return self.pool.read_ahead()
 
     def capacity(self) -> int:
         return self.in_flight_limit() - len(self._tasks)
@@ -221,27 +238,19 @@ class RemoteStage(PredictionStage):
         for endpoint in self._probing.values():   # lost with the workers: probe again after the backoff
             self.pool.probe_result(endpoint, False)
         self._probing.clear()
+        self._rtt_probes.clear()
 
     @property
     def worker_pids(self) -> list[int]:
         return self.workers.pids if self.workers is not None else []
 
-    def hedge_delay(self) -> float:
-        """Seconds the head task may be out before it is hedged (``hedge_max_delay`` until latencies are known)."""
-        o = self.options
-        return self.latencies.scaled(o.hedge_percentile, o.hedge_factor, o.hedge_min_delay, o.hedge_max_delay,
-                                     unknown=o.hedge_max_delay)
+    def hedge_delay(self, endpoint: Optional[str] = None) -> float:
+        """Seconds the head task may be out (at ``endpoint``) before it is hedged (``HedgeRule``)."""
+        return self.hedge_rule.delay(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
-    def stall_timeout(self) -> float:
-        """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``).
-
-        Before the percentiles are known: 5 s, or ``stall_factor`` x the longest latency seen so far, so that a
-        teacher whose every answer takes longer than 5 s is not called stalled on each of its first requests."""
-        o = self.options
-        ceiling = max(o.stall_min_timeout, o.request_timeout)
-        seen = self.latencies.largest()
-        unknown = max(o.stall_min_timeout, 5.0, o.stall_factor * seen if seen is not None else 0.0)
-        return self.latencies.scaled(99, o.stall_factor, o.stall_min_timeout, ceiling, unknown=min(ceiling, unknown))
+    def stall_timeout(self, endpoint: Optional[str] = None) -> float:
+        """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``)."""
+        return self.stall_rule.timeout(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod
@@ -307,7 +316,8 @@ class RemoteStage(PredictionStage):
         for endpoint in self.pool.probes_due(now):
             probe_id = next(self._ids)
             self._probing[probe_id] = endpoint
-            self.workers.send_probe(probe_id, endpoint, self.options.probe_timeout)
+            self.workers.send_probe(probe_id, endpoint, self.probe_rule.probe_timeout(self.pool.round_trip(endpoint)))
+        self._probe_round_trips(now)
         queued: dict[str, int] = {}
         held = []
         while self._waiting:
@@ -352,6 +362,20 @@ class RemoteStage(PredictionStage):
             if request is not None:
                 request.sent_at = min(request.sent_at, now)
 
+    def _probe_round_trips(self, now: float) -> None:
+        """While tasks are out: a health probe to each usable teacher every ``RTT_PROBE_INTERVAL`` (one at a time
+        per teacher); its round trip, timed here, is the teacher's network part (routing.window)."""
+        if not self._tasks:
+            return
+        out = {endpoint for endpoint, sent in self._rtt_probes.values()}
+        for endpoint in self.pool.usable_endpoints():
+            if endpoint in out or now - self._rtt_probed.get(endpoint, -1e9) < RTT_PROBE_INTERVAL:
+                continue
+            probe_id = next(self._ids)
+            self._rtt_probes[probe_id] = (endpoint, now)
+            self._rtt_probed[endpoint] = now
+            self.workers.send_probe(probe_id, endpoint, self.probe_rule.probe_timeout(self.pool.round_trip(endpoint)))
+
     def _follow_membership(self) -> None:
         current = set(self.pool.endpoints)
         for gone in self._known_endpoints - current:
@@ -361,12 +385,15 @@ class RemoteStage(PredictionStage):
     def _wake_times(self) -> list[Optional[float]]:
         """When ``poll`` must look again even without a message: retry, probe, outage, hedge, stall."""
         times = [self._delayed[0][0] if self._delayed else None, self.pool.next_probe_time(), self._down_deadline()]
-        oldest = min((r.sent_at for r in self._requests.values() if not r.stalled), default=None)
-        if oldest is not None:
-            times.append(oldest + self.stall_timeout())
+        oldest: dict[str, float] = {}
+        for r in self._requests.values():
+            if not r.stalled:
+                oldest[r.endpoint] = min(r.sent_at, oldest.get(r.endpoint, r.sent_at))
+        times += [sent + self.stall_timeout(endpoint) for endpoint, sent in oldest.items()]
         head = self._head()
         if head is not None and head.live and not head.hedges:
-            times.append(min(self._requests[r].sent_at for r in head.live) + self.hedge_delay())
+            first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
+            times.append(first.sent_at + self.hedge_delay(first.endpoint))
         return times
 
     # -- answers and failures -------------------------------------------------------------------------------
@@ -384,6 +411,11 @@ class RemoteStage(PredictionStage):
             else:
                 self._failed(request, state, message)
         elif isinstance(message, ProbeResult):
+            round_trip = self._rtt_probes.pop(message.probe_id, None)
+            if round_trip is not None:   # a usable teacher's round trip; a failed one says nothing (requests do)
+                if message.healthy and round_trip[1] is not None:
+                    self.pool.round_trip_measured(message.endpoint, time.monotonic() - round_trip[1])
+                return
             self._probing.pop(message.probe_id, None)
             self.pool.probe_result(message.endpoint, message.healthy, message.message)
             if message.healthy:
@@ -401,6 +433,8 @@ class RemoteStage(PredictionStage):
                     if not state.live and not state.queued:
                         self._queue(state)
             for probe_id, endpoint in probes.items():
+                if self._rtt_probes.pop(probe_id, None) is not None:
+                    continue
                 self._probing.pop(probe_id, None)
                 self.pool.probe_result(endpoint, False, "probe lost with a dead worker")
 
@@ -482,12 +516,12 @@ class RemoteStage(PredictionStage):
 
     def _maybe_hedge(self) -> None:
         head = self._head()
-        if head is None or not head.live or head.hedges or self.options.hedge_budget <= 0:
+        if head is None or not head.live or head.hedges or self.hedge_rule.budget <= 0:
             return
-        sent = min(self._requests[r].sent_at for r in head.live)
-        if time.monotonic() - sent < self.hedge_delay():
+        first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
+        if time.monotonic() - first.sent_at < self.hedge_delay(first.endpoint):
             return
-        if self.counts["hedges"] >= self.options.hedge_budget * self.counts["requests"] + HEDGE_BURST:
+        if not self.hedge_rule.allowed(self.counts["hedges"], self.counts["requests"]):
             return
         if len(self.pool.usable_endpoints()) < 2:
             return   # nowhere else to send it
@@ -497,9 +531,11 @@ class RemoteStage(PredictionStage):
     def _check_stalls(self) -> None:
         """A teacher with a request out longer than ``stall_timeout``: set aside, all its tasks re-issued."""
         now = time.monotonic()
-        limit = self.stall_timeout()
-        stalled = {r.endpoint for r in self._requests.values() if not r.stalled and now - r.sent_at > limit}
+        limits = {e: self.stall_timeout(e) for e in {r.endpoint for r in self._requests.values()}}
+        stalled = {r.endpoint for r in self._requests.values()
+                   if not r.stalled and now - r.sent_at > limits[r.endpoint]}
         for endpoint in stalled:
+            limit = limits[endpoint]
             requests = [r for r in self._requests.values() if r.endpoint == endpoint and not r.stalled]
             age = now - min(r.sent_at for r in requests)
             self.counts["stalls"] += 1
@@ -517,15 +553,14 @@ class RemoteStage(PredictionStage):
         since = self.pool.down_since()
         stuck = min((s.unroutable_since for s in self._tasks.values() if s.unroutable_since is not None),
                     default=None)
-        starts = [t for t in (since, stuck) if t is not None]
-        return min(starts) + self.options.all_teachers_down_timeout if starts else None
+        return self.outage_rule.deadline(since, stuck)
 
     def _check_down(self) -> None:
         deadline = self._down_deadline()
         if deadline is None or not self._tasks or time.monotonic() < deadline:
             return
         raise AllTeachersDownError(
-            f"no teacher was usable for {self.options.all_teachers_down_timeout:g}s; teachers: "
+            f"no teacher was usable for {self.outage_rule.timeout:g}s; teachers: "
             f"{self.pool.describe()}; last error: {self.pool.last_error or 'none'}")
 
 

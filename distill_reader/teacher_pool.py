@@ -6,13 +6,14 @@ aside and probed again after an exponential backoff with jitter (not hammered); 
 it returns to service. The set of teachers can change at any time with ``set_endpoints`` (a fixed list, or
 ZooKeeper's fair share delivered from a kazoo thread), so every method takes the pool's lock.
 
-Routing by expected finish time: each teacher has a service-time estimate (an exponentially weighted moving
-average of its answers' latency divided by the requests it had in flight, Finagle's "peak EWMA" idea: a request
-out for longer than the estimate raises it at once). A request goes to the teacher that would finish it first,
-``(outstanding + queued + 1) * service_time``; when that teacher has no free in-flight slot the request waits
-for it in the student rather than going to a much slower teacher. So a teacher at 10x the latency of the others
-gets work only when the fast ones have ten times its queue: less, not none. An estimate that has not been
-refreshed for a while decays toward the fastest teacher's, so a teacher that was slow is tried again later.
+Routing is policy, kept apart (distill_reader.routing): the pool measures each teacher (requests out, a
+service-time estimate: an EWMA of its answers' latency divided by the requests it had in flight, i.e. seconds
+per request at its throughput; its network round trip from health probes) and asks the ``RoutingPolicy`` to rank
+the usable teachers; the default, ``PeakEwmaPolicy``, prefers the one that would finish the request first. When
+the preferred teacher has no free in-flight slot the request waits for it in the student rather than going to a
+much slower teacher. Each teacher's in-flight window follows its bandwidth-delay product
+(``routing.window.InFlightWindow``): ``per_teacher_in_flight`` plus the requests its round trip holds at its
+throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share.
 
 Example::
 
@@ -20,26 +21,31 @@ Example::
     endpoint = pool.pick()            # the usable teacher that finishes first and has a free slot, or None
     pool.started(endpoint)
     pool.succeeded(endpoint, latency=0.020, samples=32)
+    pool.round_trip_measured(endpoint, 0.300)   # a health probe's round trip: the window grows to match
     pool.failed(endpoint, "gRPC UNAVAILABLE")   # set aside; pool.probes_due() names it after the backoff
 """
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
 from distill_base.backoff import backoff_delay
+
+from .routing import RoutingPolicy, TeacherView, default_policy
+from .routing.window import DEFAULT_MAX_PER_TEACHER_IN_FLIGHT, NEGLIGIBLE_ROUND_TRIP, RTT_SAMPLES, InFlightWindow
 
 __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
 
 logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
-ESTIMATE_DECAY_S = 5.0     # an estimate not refreshed for this long moves 1/e of the way to the fastest teacher's
+LATENCY_SAMPLES = 8        # a round trip is at most the least latency of this many latest answers
+READ_AHEAD_FACTOR = 8.0    # read_ahead: a teacher's window counts at most this many times
 
 
 @dataclass
@@ -57,11 +63,23 @@ class TeacherState:
     service_time: Optional[float] = None   # seconds per request (EWMA), None until the first answer
     refreshed_at: float = 0.0              # when service_time was last updated
     started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
+    round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))   # latest probe round trips, s
+    window: int = 0                        # its in-flight window (0: the floor); moves one step per answer
+    link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     # per-epoch statistics
     requests: int = 0
     samples: int = 0
     latency_total: float = 0.0
     errors: int = 0
+
+
+def _link_changed(before: float, after: float) -> bool:
+    """True when a round trip moved between near and far (``NEGLIGIBLE_ROUND_TRIP``) or by more than 2x."""
+    far_before, far_after = before >= NEGLIGIBLE_ROUND_TRIP, after >= NEGLIGIBLE_ROUND_TRIP
+    if far_before != far_after:
+        return True
+    return far_before and max(before, after) > 2 * min(before, after)
 
 
 @dataclass
@@ -76,21 +94,34 @@ class TeacherPool:
 
     Args:
         endpoints: initial ``host:port`` list (may be empty and filled later by ``set_endpoints``).
-        per_teacher_in_flight: requests outstanding at one teacher at most.
+        per_teacher_in_flight: a teacher's in-flight window when its round trip is unknown or negligible.
+        max_per_teacher_in_flight: the window's cap for a far teacher (``routing.window``); equal to
+            ``per_teacher_in_flight`` fixes every window at that (the behaviour before windows followed the
+            round trip).
         probe_backoff: first delay before probing a set-aside teacher again, seconds; doubles per failure.
         max_probe_backoff: cap of that delay, seconds.
         seed: seed of the jitter's random generator (tests).
+        policy: the routing policy (``distill_reader.routing``); default ``PeakEwmaPolicy()``.
+
+    Raises:
+        ValueError: ``per_teacher_in_flight < 1`` or ``max_per_teacher_in_flight < per_teacher_in_flight``.
     """
 
     def __init__(self, endpoints: Iterable[str] = (), per_teacher_in_flight: int = 2,
-                 probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, seed: Optional[int] = None):
+                 probe_backoff: float = 0.2, max_probe_backoff: float = 5.0, seed: Optional[int] = None,
+                 max_per_teacher_in_flight: Optional[int] = None, policy: Optional[RoutingPolicy] = None):
         """Check the arguments.
 
         Raises:
-            ValueError: ``per_teacher_in_flight`` < 1.
+            ValueError: ``per_teacher_in_flight`` < 1, or ``max_per_teacher_in_flight`` below it.
+            TypeError: ``policy`` has no ``choose`` method.
         """
-        if per_teacher_in_flight < 1:
-            raise ValueError(f"per_teacher_in_flight must be >= 1, not {per_teacher_in_flight}")
+        cap = max(per_teacher_in_flight, DEFAULT_MAX_PER_TEACHER_IN_FLIGHT) if max_per_teacher_in_flight is None \
+            else max_per_teacher_in_flight
+        self.window = InFlightWindow(per_teacher_in_flight, cap)
+        self.policy: RoutingPolicy = policy if policy is not None else default_policy()
+        if not callable(getattr(self.policy, "choose", None)):
+            raise TypeError(f"routing policy {self.policy!r} has no choose(candidates, now) method")
         self.per_teacher_in_flight = per_teacher_in_flight
         self.probe_backoff = probe_backoff
         self.max_probe_backoff = max_probe_backoff
@@ -129,10 +160,10 @@ class TeacherPool:
               queued: Optional[Mapping[str, int]] = None) -> tuple[Optional[str], Optional[str]]:
         """Where the next request should go: ``(send_to, None)``, ``(None, wait_for)`` or ``(None, None)``.
 
-        The usable teacher with the earliest expected finish is chosen; if it has a free in-flight slot the
-        request goes there now, else it should wait for that teacher (``wait_for``; count it in ``queued`` for
-        the requests routed after it in the same pass). ``(None, None)``: no usable teacher. Teachers in
-        ``avoid`` (the one a retried request just failed on) are chosen only when no other can take it now;
+        The usable teacher the routing policy ranks first is chosen; if it has a free in-flight slot (below
+        its window) the request goes there now, else it should wait for that teacher (``wait_for``; count it
+        in ``queued`` for the requests routed after it in the same pass). ``(None, None)``: no usable teacher.
+        Teachers in ``avoid`` (the one a retried request just failed on) are chosen only when no other can take it now;
         teachers in ``exclude`` (those a hedged request is already at) never.
         """
         avoid, exclude, queued = set(avoid), set(exclude), queued or {}
@@ -141,14 +172,13 @@ class TeacherPool:
             usable = [t for t in self._teachers.values() if t.healthy and t.endpoint not in exclude]
             if not usable:
                 return None, None
-            best_time = self._fastest_locked()
             preferred = [t for t in usable if t.endpoint not in avoid]
-            if not any(t.outstanding < self.per_teacher_in_flight for t in preferred):
+            if not any(t.outstanding < self._window_locked(t) for t in preferred):
                 preferred = usable
-            cost = {t.endpoint: (t.outstanding + queued.get(t.endpoint, 0) + 1) * self._estimate_locked(
-                t, now, best_time) for t in preferred}
-            best = min(preferred, key=lambda t: (cost[t.endpoint], t.outstanding, t.last_used))
-            if best.outstanding < self.per_teacher_in_flight:
+            views = {t.endpoint: self._view_locked(t, queued.get(t.endpoint, 0), now) for t in preferred}
+            ranked = self.policy.choose(list(views.values()), now)
+            best = views[ranked[0].endpoint] if ranked else min(views.values(), key=lambda v: v.outstanding)
+            if best.outstanding < best.window:
                 return best.endpoint, None
             return None, best.endpoint
 
@@ -172,11 +202,13 @@ class TeacherPool:
             state = self._state_locked(endpoint)
             if state is None:
                 return
-            in_flight = max(1, state.outstanding)    # requests it was working on, this one included
-            per_request = latency / in_flight
-            state.service_time = per_request if state.service_time is None else (
-                (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
-            state.refreshed_at = now
+            state.latencies.append(latency)
+            if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
+                per_request = self._per_request_locked(state, latency)
+                state.service_time = per_request if state.service_time is None else (
+                    (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
+                state.refreshed_at = now
+                self._step_window_locked(state, latency)
             self._finish_locked(state)
             state.requests += 1
             state.samples += samples
@@ -199,6 +231,56 @@ class TeacherPool:
         """
         with self._lock:
             self._set_aside_locked(endpoint, reason)
+
+    def round_trip_measured(self, endpoint: str, seconds: float) -> None:
+        """A health probe of ``endpoint`` came back after ``seconds``: its network round trip (the minimum of the
+        latest ``RTT_SAMPLES``), which sizes its in-flight window."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            if state is None or seconds < 0:
+                return
+            before = min(state.round_trips) if state.round_trips else None
+            state.round_trips.append(float(seconds))
+            if before is not None and _link_changed(before, min(state.round_trips)):
+                # the link changed (a fault began or healed): what was learnt over the old one is dropped, so
+                # the estimate is re-learnt from the next answers instead of decaying for seconds
+                state.round_trips.clear()
+                state.round_trips.append(float(seconds))
+                state.latencies.clear()
+                state.service_time = None
+                state.window = 0
+                state.link_changed_at = time.monotonic()
+
+    def round_trip(self, endpoint: str) -> Optional[float]:
+        """The measured network round trip of ``endpoint`` in seconds (None before its first probe)."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            return self._round_trip_locked(state) if state is not None else None
+
+    def window_of(self, endpoint: str) -> int:
+        """How many requests ``endpoint`` may have out now (its in-flight window)."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            return self.window.floor if state is None else self._window_locked(state)
+
+    def total_window(self) -> int:
+        """The sum of the current teachers' windows (at least ``per_teacher_in_flight``)."""
+        with self._lock:
+            return max(self.window.floor, sum(self._window_locked(s) for s in self._teachers.values()))
+
+    def read_ahead(self) -> int:
+        """Tasks worth holding at once: each teacher's window, times how many of its latencies fit in the slowest
+        teacher's latency (at most ``READ_AHEAD_FACTOR``), so that while a far or slow teacher holds the task
+        the reorder buffer waits on, the others still have work (at least ``total_window()``)."""
+        with self._lock:
+            states = list(self._teachers.values())
+            typical = {s.endpoint: sum(s.latencies) / len(s.latencies) for s in states if s.healthy and s.latencies}
+            longest = max(typical.values(), default=0.0)
+            total = 0.0
+            for state in states:
+                ratio = longest / typical[state.endpoint] if typical.get(state.endpoint) else 1.0
+                total += self._window_locked(state) * min(READ_AHEAD_FACTOR, max(1.0, ratio))
+            return max(self.window.floor, int(total))
 
     def released(self, endpoint: str) -> None:
         """A request was abandoned or refused (no answer counted, no verdict on the teacher)."""
@@ -328,21 +410,53 @@ class TeacherPool:
             logger.warning("teacher %s set aside (%s); health probe in %.2fs", endpoint, reason, delay)
         self._update_down_locked(now)
 
-    def _fastest_locked(self) -> Optional[float]:
-        known = [t.service_time for t in self._teachers.values() if t.healthy and t.service_time is not None]
-        return min(known) if known else None
-
     @staticmethod
-    def _estimate_locked(state: TeacherState, now: float, fastest: Optional[float]) -> float:
-        """Seconds per request: the EWMA, raised by a request out for longer, decayed toward the fastest."""
-        if state.service_time is None or fastest is None:
-            estimate = fastest if fastest is not None else 1.0   # unknown: as fast as the best (it gets tried)
-        else:
-            weight = math.exp(-(now - state.refreshed_at) / ESTIMATE_DECAY_S)
-            estimate = fastest + (state.service_time - fastest) * weight
-        if state.started_at and state.outstanding:
-            estimate = max(estimate, (now - state.started_at[0]) / state.outstanding)
-        return estimate
+    def _round_trip_locked(state: TeacherState) -> Optional[float]:
+        """The least of the latest probe round trips, and no more than the least latency of the latest answers
+        (a probe timed in the student also holds a cold worker's start and the student's own delays)."""
+        if not state.round_trips:
+            return None
+        return min(min(state.round_trips), min(state.latencies, default=float("inf")))
+
+    def _per_request_locked(self, state: TeacherState, latency: float) -> float:
+        """Seconds per request at the teacher's throughput, from one answer: latency / requests out (this one
+        included), as Little's law says, but for a far teacher at most the latency less the round trip (the
+        teacher's own part: one request out is not a teacher 7 times slower because its link is long)."""
+        per_request = latency / max(1, state.outstanding)
+        round_trip = self._round_trip_locked(state)
+        if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP:
+            per_request = min(per_request, max(latency - round_trip, 0.1 * latency))
+        return per_request
+
+    def _step_window_locked(self, state: TeacherState, latency: float) -> None:
+        """One step of the window per answer, as TCP Vegas steps its window, to keep about ``floor`` requests
+        at the teacher itself (one computing, one queued) and the rest on the link: requests at the teacher =
+        requests out x (latency - round trip) / latency (Little's law on the teacher's part of the latency).
+        Fewer than ``floor - 1/2``: one more; more than ``floor + 1/2``: one less. Its window then holds
+        about ``floor + round trip x throughput``, the bandwidth-delay product (routing.window)."""
+        round_trip = self._round_trip_locked(state)
+        current = self._window_locked(state)
+        if round_trip is None or round_trip < NEGLIGIBLE_ROUND_TRIP or latency <= 0:
+            state.window = current
+            return
+        at_teacher = max(1, state.outstanding) * max(0.0, latency - round_trip) / latency
+        floor = self.window.floor
+        state.window = current + (at_teacher < floor - 0.5) - (at_teacher > floor + 0.5)
+
+    def _window_locked(self, state: TeacherState) -> int:
+        if self._round_trip_locked(state) is None or self._round_trip_locked(state) < NEGLIGIBLE_ROUND_TRIP:
+            return self.window.floor   # near (or the link healed): the floor at once
+        return min(self.window.cap, max(self.window.floor, state.window))
+
+    def _view_locked(self, state: TeacherState, queued: int, now: float) -> TeacherView:
+        round_trip, window = self._round_trip_locked(state), self._window_locked(state)
+        return TeacherView(
+            endpoint=state.endpoint, outstanding=state.outstanding, queued=queued,
+            window=window, in_transit=window - self.window.floor,
+            service_time=state.service_time,
+            age=max(0.0, now - state.refreshed_at) if state.service_time is not None else 0.0,
+            oldest_out=max(0.0, now - state.started_at[0]) if state.started_at else 0.0,
+            round_trip=round_trip, last_used=state.last_used)
 
     def _update_down_locked(self, now: float) -> None:
         if any(s.healthy for s in self._teachers.values()):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for distill-reader: Debian packages (Java + ZooKeeper for the
-# discovery tests, Fashion-MNIST for the example's offline fallback, fortunes: the text example's corpus, iproute2:
-# the network-fault tests' namespaces), then
+# discovery tests, Fashion-MNIST for the example's offline fallback, fortunes: the text example's corpus, iproute2 and
+# iptables: the network-fault tests' namespaces, latency and loss), then
 # one virtualenv per supported PaddlePaddle line, each with the project installed in editable mode with the cpu extra (paddlepaddle):
 #   .venv          paddle 2.6.2
 #   .venv-paddle3  the newest paddle 3
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test,examples}"
 
-apt_packages=(python3-venv libzookeeper-java openjdk-17-jre-headless dataset-fashion-mnist fortunes iproute2)
+apt_packages=(python3-venv libzookeeper-java openjdk-17-jre-headless dataset-fashion-mnist fortunes iproute2 iptables)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

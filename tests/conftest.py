@@ -12,8 +12,8 @@ pytest_plugins = ["tests.support.teacher", "tests.support.zookeeper", "tests.sup
 PADDLE_FREE_FILES = frozenset({
     "test_assigner.py", "test_batcher.py", "test_codec_config.py", "test_discovery_nodes.py", "test_endpoints.py",
     "test_fuzz.py", "test_keepalive.py", "test_knowledge_files.py", "test_knowledge_index.py",
-    "test_knowledge_untrusted.py", "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_share.py",
-    "test_structure.py", "test_untrusted_inputs.py", "test_reconciler.py", "test_worker_messages.py",
+    "test_knowledge_untrusted.py", "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_routing.py",
+    "test_share.py", "test_structure.py", "test_untrusted_inputs.py", "test_reconciler.py", "test_worker_messages.py",
 })
 
 

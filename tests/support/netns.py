@@ -7,6 +7,11 @@ Each ``Namespace`` is a fresh ``ip netns`` joined to the test's (root) namespace
 - ``black_hole()``: a blackhole route for the root side's address: whatever the namespace sends to the test is
   dropped, so the test's packets get no ACK and no RST (a dead host, a cut cable); ``heal()`` removes it.
   Packets still arrive inside: the processes there see the test's requests but cannot answer.
+- ``delay(ms)``: every packet the namespace sends to the test's side leaves ``ms`` later (an iptables NFQUEUE
+  rule and tests/support/nfqueue_delay.py inside; this kernel has no sch_netem), so the round trip grows by
+  ``ms`` and the kernels still do the TCP (ACKs come late, as over a long link); ``delay(0)`` heals it.
+- ``lose(p)``: iptables' statistic match drops that fraction of what it sends to the test's side at random
+  (answers and ACKs); ``lose(0)`` heals it. Both need ``iptables`` (``iptables_unavailable()`` says why not).
 
 Needs root (CAP_NET_ADMIN) and ``ip`` (iproute2); ``unavailable()`` says why not, for a skip. ``namespaces()``
 makes namespaces on demand and, even on failure, stops their processes and deletes them (the veth pair goes with
@@ -30,6 +35,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Callable, Iterator, Optional, Sequence
 
 from .procs import ProcessGuard, pid_alive
@@ -60,6 +67,13 @@ def unavailable() -> Optional[str]:
         return f"cannot make a network namespace here: {made.stderr.strip()}"
     _ip("netns", "del", name, check=False)
     return None
+
+
+def iptables_unavailable() -> Optional[str]:
+    """Why the latency and loss faults cannot be made here (None when they can)."""
+    if shutil.which("iptables") is None:
+        return "latency and loss faults need iptables (Debian package iptables; scripts/setup.sh installs it)"
+    return unavailable()
 
 
 def remove_stale() -> None:
@@ -98,6 +112,8 @@ class Namespace:
         self.address = f"{base[0]}.{int(base[1]) + 2}"
         self.guard = _NamespaceGuard(self)
         self.black_holed = False
+        self._delay_file: Optional[str] = None
+        self._loss: Optional[str] = None
 
     def create(self) -> Namespace:
         _ip("netns", "add", self.name)
@@ -126,8 +142,47 @@ class Namespace:
         _ip("route", "del", "blackhole", f"{self.host_address}/32", namespace=self.name)
         self.black_holed = False
 
+    def _iptables(self, *args: str) -> None:
+        command = self.exec_args(["iptables", *args])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+
+    def delay(self, ms: float) -> None:
+        """Delay what the namespace sends to the test's side by ``ms`` milliseconds (0: none)."""
+        if self._delay_file is None:
+            fd, self._delay_file = tempfile.mkstemp(prefix=f"{self.name}-delay-")
+            os.close(fd)
+            with open(self._delay_file, "w") as f:
+                f.write(str(ms))
+            delayer = self.guard.python(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nfqueue_delay.py"),
+                                        "--queue", "1", "--delay_file", self._delay_file, stdout=subprocess.PIPE)
+            if delayer.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"nfqueue_delay.py did not start in {self.name}")
+            self._iptables("-A", "OUTPUT", "-d", self.host_address, "-j", "NFQUEUE", "--queue-num", "1")
+            return
+        with open(self._delay_file + ".new", "w") as f:
+            f.write(str(ms))
+        os.replace(self._delay_file + ".new", self._delay_file)
+        time.sleep(0.3)   # read every 0.2 s
+
+    def lose(self, fraction: float) -> None:
+        """Drop ``fraction`` of what the namespace sends to the test's side, at random (0: none)."""
+        if self._loss is not None:
+            self._iptables("-D", "OUTPUT", "-d", self.host_address, "-m", "statistic", "--mode", "random",
+                           "--probability", self._loss, "-j", "DROP")
+            self._loss = None
+        if fraction > 0:
+            self._loss = f"{fraction:g}"
+            self._iptables("-I", "OUTPUT", "-d", self.host_address, "-m", "statistic", "--mode", "random",
+                           "--probability", self._loss, "-j", "DROP")
+
     def close(self) -> None:
         self.guard.close()
+        if self._delay_file is not None:
+            for path in (self._delay_file, self._delay_file + ".new"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         for pid in _ip("netns", "pids", self.name, check=False).stdout.split():   # anything else started inside
             try:
                 os.kill(int(pid), signal.SIGKILL)

@@ -1,0 +1,160 @@
+"""DistillReader under real network faults (issue 25's table), side by side with a fault-free epoch in one run.
+
+Four fake teachers (benchmarks/fake_teacher.py, one request at a time, ``--latency_ms`` each, default 50), each in
+its own network namespace behind a veth link (tests/support/netns.py); reader options at their defaults,
+teacher batch 32. The faults are made on teacher 4's link only, inside its namespace:
+
+- latency: an iptables NFQUEUE rule on the namespace's OUTPUT and tests/support/nfqueue_delay.py, which accepts
+  each packet ``delay`` ms later (this kernel has no sch_netem), so its round trip grows by ``delay``;
+- loss: ``iptables -m statistic --mode random --probability p -j DROP`` on the same OUTPUT (answers and ACKs).
+
+Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): fault-free; +300 ms on teacher
+4 (``during``); the ``--seconds`` right after the heal (``after heal``); 30 % loss on teacher 4; teacher 4 at
+1.5 s round trip, where the figure is its requests over its ideal share (the ideal reader keeps every teacher
+busy: each answers ``seconds / latency`` requests). Also printed: teacher 4's share of the requests per phase,
+and its window, measured round trip and seconds-per-request estimate at the phase's end.
+Needs root, ``ip`` and ``iptables`` (scripts/setup.sh installs both).
+
+Example::
+
+    sudo python benchmarks/bench_network_faults.py --seconds 10
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import numpy as np  # noqa: I001  (numpy before paddle)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from fake_teacher import fake_config  # noqa: E402
+
+from distill_reader import DistillReader  # noqa: E402
+from distill_reader.client import TeacherClient  # noqa: E402
+from tests.support import netns  # noqa: E402
+
+BATCH = 32
+
+
+def _iptables(namespace: netns.Namespace, *args: str) -> None:
+    subprocess.run(namespace.exec_args(["iptables", *args]), check=True, capture_output=True, timeout=30)
+
+
+def _wait_serving(endpoint: str, conf: str, timeout: float = 60.0) -> None:
+    with TeacherClient(endpoint, conf) as client:
+        deadline = time.monotonic() + timeout
+        while not client.health(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"fake teacher {endpoint} not serving after {timeout}s")
+            time.sleep(0.1)
+
+
+def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> tuple[float, dict]:
+    """Samples/s of an epoch that reads for ``seconds``, and requests per teacher (checked: every sample once,
+    in order, right)."""
+    labels = np.zeros((BATCH, 1), dtype=np.int64)
+    stop = [0.0]
+
+    def generate():
+        i = 0
+        while time.monotonic() < stop[0]:
+            j = i % 8
+            yield images[j * BATCH:(j + 1) * BATCH] + i, labels
+            i += 1
+
+    stop[0] = time.monotonic() + seconds
+    start, samples = time.monotonic(), 0
+    for i, (img, _, prediction) in enumerate(dr.set_batch_generator(generate)()):
+        j = i % 8
+        expected = (images[j * BATCH:(j + 1) * BATCH] + i).reshape(BATCH, -1).astype(np.float64).sum(1)
+        if not np.allclose(np.asarray(prediction)[:, 0], expected.astype(np.float32), rtol=1e-5):
+            raise SystemExit(f"batch {i}: wrong or out-of-order prediction")
+        samples += len(img)
+    elapsed = time.monotonic() - start
+    stats = dr.last_epoch_stats
+    return samples / elapsed, {t: s["requests"] for t, s in stats.teachers.items()} if stats else {}
+
+
+def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str, float, float]]:
+    conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
+    images = np.random.default_rng(0).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
+    delay_file = os.path.join(workdir, "delay_ms")
+    with open(delay_file, "w") as f:
+        f.write("0")
+    rows = []
+    with netns.namespaces() as make:
+        spaces = [make() for _ in range(4)]
+        endpoints = []
+        for ns in spaces:
+            ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
+                            "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            endpoints.append(f"{ns.address}:9300")
+        for endpoint in endpoints:
+            _wait_serving(endpoint, conf)
+        far = spaces[3]
+        _iptables(far, "-A", "OUTPUT", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+        far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
+                         "--delay_file", delay_file, stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
+        dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
+        dr.set_fixed_teacher(endpoints)
+        dr.set_serving_conf_file(conf)
+        dr.set_teacher_batch_size(BATCH)
+        ideal = seconds / (latency_ms / 1000.0)
+        try:
+            _epoch(dr, images, 3.0)   # warm-up: workers, channels, estimates
+            base, _ = _epoch(dr, images, seconds)
+
+            def phase(name: str, goal: str, delay_ms: float) -> tuple[float, dict]:
+                with open(delay_file, "w") as f:
+                    f.write(str(delay_ms))
+                rate, requests = _epoch(dr, images, seconds)
+                share = requests.get(endpoints[3], 0) / max(1, sum(requests.values()))
+                rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal,
+                             dr.pool.window_of(endpoints[3]), dr.pool.round_trip(endpoints[3]) or 0.0,
+                             dr.pool.service_time(endpoints[3]) or 0.0))
+                return rate, requests
+
+            rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
+            phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
+            phase("same, the epoch after the heal", ">= 0.95", 0)
+            _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
+                      "DROP")
+            phase("30 % loss on 1 of 4", ">= 0.9", 0)
+            _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
+                      "DROP")
+            phase("1.5 s round trip on 1 of 4", "its share within 20 %", 1500)
+        finally:
+            dr.close()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase's epoch, seconds")
+    parser.add_argument("--latency_ms", type=float, default=50.0, help="each fake teacher's service time, ms")
+    args = parser.parse_args(argv)
+    reason = netns.unavailable()
+    if reason:
+        raise SystemExit(reason)
+    with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
+        rows = run(args.seconds, args.latency_ms, workdir)
+    print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "
+          f"{'t4 reqs / ideal':>16} {'t4 window, rtt, s/req at end':>30}")
+    for name, goal, ratio, share, of_ideal, window, rtt, per_request in rows:
+        print(f"{name:<34} {goal:<22} {ratio:>24.3f} {share:>16.3f} {of_ideal:>16.3f} "
+              f"{window:>10d} {rtt:>8.3f} {per_request:>9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

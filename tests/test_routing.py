@@ -1,0 +1,193 @@
+"""Routing policy apart from mechanism (distill_reader.routing): the one-method interface, the in-flight window
+that follows a teacher's bandwidth-delay product, estimates that recover within a few answers, the stage's rule
+objects, and timeouts that follow the round trip (channel_options). Pool-level, with a simulated clock and
+simulated serial teachers; the real-network counterpart is benchmarks/bench_network_faults.py."""
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from distill_reader import channel_options, teacher_pool
+from distill_reader.latency_window import LatencyWindow
+from distill_reader.routing import RoutingPolicy, TeacherView
+from distill_reader.routing.peak_ewma import PeakEwmaPolicy
+from distill_reader.routing.stage_rules import HedgeRule, OutageRule, ProbeRule, StallRule
+from distill_reader.routing.window import InFlightWindow
+from distill_reader.teacher_pool import TeacherPool
+
+
+def test_the_window_is_the_bandwidth_delay_product_above_the_floor_up_to_the_cap():
+    window = InFlightWindow(floor=2, cap=16)
+    assert window.size(0.300, 0.050) == 8, "300 ms of link at one answer per 50 ms holds 6 more requests"
+    assert window.size(None, 0.050) == 2 and window.size(0.300, None) == 2, "unknown: the floor"
+    assert window.size(0.005, 0.001) == 2, "a round trip under 20 ms (loopback, the student's pipes) adds none"
+    assert window.size(3.0, 0.050) == 16, "capped"
+    assert InFlightWindow(floor=2, cap=2).size(0.300, 0.050) == 2, "cap == floor fixes the window"
+    with pytest.raises(ValueError, match="max_per_teacher_in_flight"):
+        InFlightWindow(floor=4, cap=2)
+    with pytest.raises(ValueError, match="per_teacher_in_flight must be >= 1"):
+        TeacherPool(["a:1"], per_teacher_in_flight=0)
+
+
+def _simulate(monkeypatch, delays: dict, service: float = 0.05, seconds: float = 12.0, heal_at: float = None,
+              **pool_options) -> tuple[dict, dict]:
+    """Saturated demand through ``TeacherPool.route`` to serial teachers (``service`` s per request, one-way
+    link delay per teacher in ``delays``), as RemoteStage drives it: at most ``total_window()`` tasks, each pass
+    routes every waiting task (``queued`` counts those held for a busy teacher); a round-trip probe per teacher
+    every 0.5 s. ``heal_at``: the delays become 0 then. Returns answers per teacher before and after the heal."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(list(delays), **pool_options)
+    delays = dict(delays)
+    free_at = dict.fromkeys(delays, 0.0)
+    events: list = []   # (time, order, kind, endpoint, sent)
+    order = iter(range(10 ** 9))
+    answers = [dict.fromkeys(delays, 0), dict.fromkeys(delays, 0)]
+    out = 0
+    next_probe = 0.0
+    while clock[0] < seconds:
+        if heal_at is not None and clock[0] >= heal_at and any(delays.values()):
+            delays = dict.fromkeys(delays, 0.0)
+        if clock[0] >= next_probe:
+            for endpoint, delay in delays.items():
+                pool.round_trip_measured(endpoint, 2 * delay + 0.001)
+            next_probe += 0.5
+        queued: dict = {}
+        for _ in range(max(0, pool.total_window() - out)):
+            send_to, wait_for = pool.route(queued=queued)
+            if send_to is None:
+                if wait_for is None:
+                    break
+                queued[wait_for] = queued.get(wait_for, 0) + 1
+                continue
+            pool.started(send_to)
+            out += 1
+            arrive = clock[0] + delays[send_to]
+            start = max(arrive, free_at[send_to])
+            free_at[send_to] = start + service
+            heapq.heappush(events, (free_at[send_to] + delays[send_to], next(order), send_to, clock[0]))
+        clock[0], _, endpoint, sent = heapq.heappop(events)
+        pool.succeeded(endpoint, clock[0] - sent, 8)
+        out -= 1
+        if clock[0] > 2.0:   # after the warm-up
+            answers[heal_at is not None and clock[0] >= heal_at][endpoint] += 1
+    return answers[0], answers[1]
+
+
+def test_a_teacher_300ms_away_gets_its_share(monkeypatch):
+    """Before windows followed the round trip, 2 requests in flight over 350 ms capped it at 1/3.5 of a near
+    teacher's throughput (per_teacher_in_flight=2 as the cap reproduces that)."""
+    delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "far:4": 0.15}
+    answers, _ = _simulate(monkeypatch, delays, seconds=12.0)
+    near = sum(answers[e] for e in ("a:1", "b:2", "c:3")) / 3
+    assert answers["far:4"] >= 0.75 * near, answers   # measured 0.82 here; 0.045 with the old fixed window
+    fixed, _ = _simulate(monkeypatch, delays, seconds=12.0, max_per_teacher_in_flight=2)
+    assert fixed["far:4"] < 0.5 * fixed["a:1"], "the old fixed window starves it (the fault this fixes)"
+
+
+class _RoundRobin:
+    """A whole routing policy in a few lines: the interface is one method."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def choose(self, candidates, now):
+        self.turn += 1
+        return [sorted(candidates, key=lambda t: t.endpoint)[self.turn % len(candidates)]]
+
+
+def test_a_routing_policy_is_one_class_with_choose():
+    policy = _RoundRobin()
+    assert isinstance(policy, RoutingPolicy) and isinstance(PeakEwmaPolicy(), RoutingPolicy)
+    pool = TeacherPool(["a:1", "b:2", "c:3"], policy=policy)
+    picks = []
+    for _ in range(6):
+        endpoint = pool.pick()
+        pool.started(endpoint)
+        pool.succeeded(endpoint, 0.01, 1)
+        picks.append(endpoint)
+    assert picks == ["b:2", "c:3", "a:1", "b:2", "c:3", "a:1"]
+    with pytest.raises(TypeError, match="choose"):
+        TeacherPool(["a:1"], policy=object())
+
+
+def _view(endpoint, **fields):
+    base = dict(outstanding=0, queued=0, window=2, in_transit=0, service_time=0.05, age=0.0, oldest_out=0.0,
+                round_trip=None, last_used=0.0)
+    base.update(fields)
+    return TeacherView(endpoint, **base)
+
+
+def test_peak_ewma_counts_requests_in_transit_on_a_far_link_as_not_queued():
+    policy = PeakEwmaPolicy()
+    near = _view("near:1", outstanding=2)
+    far = _view("far:2", outstanding=6, window=8, in_transit=6, round_trip=0.3)
+    assert policy.choose([near, far], 0.0)[0].endpoint == "far:2", "6 of its 8 are on the link, not queued"
+    stale = _view("slow:3", service_time=0.5, age=4.0)
+    fresh = _view("fast:4", outstanding=2)
+    assert policy.estimate(stale, 0.05) < 0.05 + 0.45 * 0.14, "a 4 s old estimate has decayed (2 s constant)"
+    assert policy.choose([stale, fresh], 0.0)[0].endpoint == "slow:3"
+
+
+def test_the_stage_rules_give_the_numbers_the_stage_used():
+    window = LatencyWindow()
+    assert HedgeRule().delay(window) == 1.0 and StallRule().timeout(window) == 5.0
+    for latency in (0.02, 0.02, 0.02, 0.04):
+        window.add(latency)
+    assert HedgeRule().delay(window) == pytest.approx(2 * window.percentile(95))
+    assert StallRule().timeout(window) == 2.0, "4 x p99 is under the 2 s floor"
+    assert StallRule().timeout(window, round_trip=1.5) == 6.5, "a far teacher: 3 round trips more"
+    assert StallRule().timeout(window, round_trip=0.005) == 2.0, "a near one: none"
+    assert HedgeRule().delay(window, round_trip=0.3) == pytest.approx(2 * window.percentile(95) + 0.3)
+    assert HedgeRule(budget=0.05).allowed(hedges=2, requests=10) and not HedgeRule().allowed(7, 100)
+    assert OutageRule(60).deadline(None, 5.0, 3.0) == 63.0 and OutageRule(60).deadline(None) is None
+    assert ProbeRule(2.0).probe_timeout(None) == 2.0 and ProbeRule(2.0).probe_timeout(1.5) == 6.0
+
+
+def test_keepalive_and_connect_timeouts_follow_the_round_trip():
+    near = dict(channel_options.grpc_channel_options(1.0, round_trip=0.001))
+    assert near["grpc.keepalive_timeout_ms"] == 1000 and near["grpc.min_reconnect_backoff_ms"] == 2000
+    far = dict(channel_options.grpc_channel_options(1.0, round_trip=1.5))
+    assert far["grpc.keepalive_timeout_ms"] == 4000, "TCP_USER_TIMEOUT above a 1.5 s round trip"
+    assert far["grpc.http2.ping_timeout_ms"] == 4000 and far["grpc.min_reconnect_backoff_ms"] == 6500
+    assert far["grpc.keepalive_time_ms"] == 2500, "pings no faster than the round trip"
+    assert near["grpc.keepalive_time_ms"] == 1000
+    assert channel_options.probe_timeout_for(2.0, 1.5) == 6.0 and channel_options.probe_timeout_for(2.0, 0.01) == 2.0
+    assert channel_options.http_timeouts(30.0, 1.0, 1.5) == (5.5, 30.0)
+    channel_options.note_round_trip("x:1", 2.0)
+    channel_options.note_round_trip("x:1", 1.5)
+    assert channel_options.round_trip_of("x:1") == 1.5 and channel_options.round_trip_of("y:1") is None
+
+
+def test_a_healed_link_is_back_to_its_share_within_two_seconds(monkeypatch):
+    delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "d:4": 0.15}
+    _, after = _simulate(monkeypatch, delays, seconds=12.0, heal_at=10.0)
+    rate = {e: n / 2.0 for e, n in after.items()}
+    assert min(rate.values()) >= 0.9 * max(rate.values()), rate
+
+
+def test_a_failed_probe_remeasures_a_link_that_became_far():
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    endpoint = f"127.0.0.1:{server.getsockname()[1]}"
+    def accept():
+        try:
+            for _ in range(2):
+                server.accept()[0].close()
+        except OSError:
+            pass   # closed at the end of the test
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        for _ in range(3):
+            channel_options.note_round_trip(endpoint, 1.5)     # noted while the link was slow
+        assert channel_options.remeasure_round_trip(endpoint, 2.0) < 0.02, "near again: replaced at once"
+        channel_options.note_round_trip(endpoint, 0.001)
+        assert channel_options.remeasure_round_trip(endpoint, 2.0) < 0.02, "no change: kept"
+    finally:
+        server.close()
