@@ -2,7 +2,7 @@
 
 ``dist.merge`` and the name-addressed losses work on legacy static programs: on paddle 3 ``static_mode()`` builds
 and runs them under ``paddle.pir_utils.OldIrGuard`` (the in-process equivalent of FLAGS_enable_pir_api=0, which
-tests/test_dist_examples.py sets in the environment of the example scripts).
+tests/inprocess/test_dist_examples.py sets in the environment of the example scripts).
 """
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ def test_topk_keeps_exact_largest_entries_sparse_and_dense(tmp_path):
 WRITER_CHILD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from tests.test_knowledge_files import FIELDS, make_inputs, make_samples
+from tests.knowledge.test_knowledge_files import FIELDS, make_inputs, make_samples
 from distill_reader.knowledge import KnowledgeWriter, sample_digests
 total, step = 200, 7
 with KnowledgeWriter(sys.argv[1], FIELDS, storage={"logits": "topk:8"}, shard_samples=20) as w:

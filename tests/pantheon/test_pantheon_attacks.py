@@ -301,7 +301,7 @@ def test_offline_knowledge_with_a_malformed_description_is_refused(tmp_path, met
 def test_teacher_names_the_malformed_frame_that_ended_its_pass(tmp_path):
     """A student's malformed frame mid-pass: the teacher's reader closes the connection and the serving loop fails
     with StudentDisconnected naming the ProtocolError (not a bare "connection closed")."""
-    from tests.test_pantheon_failures import SLOW_TEACHER
+    from tests.pantheon.test_pantheon_failures import SLOW_TEACHER
 
     script = tmp_path / "slow_teacher.py"
     script.write_text(SLOW_TEACHER)

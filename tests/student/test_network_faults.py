@@ -13,12 +13,11 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader
+from tests.discovery.test_discovery import SERVICE, SESSION, registration
 from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, iptables_unavailable, namespaces, unavailable
 from tests.support.procs import wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
-
-from .test_discovery import SERVICE, SESSION, registration
 
 N = 960
 BATCH = 16

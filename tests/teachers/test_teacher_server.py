@@ -726,7 +726,7 @@ def test_batch_independent_model_merges_and_flag_forces_either_way(teacher_model
         assert "dynamic batching off (--merge_requests no)" in server.log()
 
 
-# -- SIGTERM whatever the clients do (a wedged predictor: tests/test_teacher_workers.py) ----------------------
+# -- SIGTERM whatever the clients do (a wedged predictor: tests/teachers/test_teacher_workers.py) ----------------------
 def test_sigterm_with_a_stalled_http_client_exits_within_drain_timeout(teacher_model):
     with TeacherServer(teacher_model.server_dir, http=True, thread=1, extra_args=["--drain_timeout", "2"]) as server:
         host, port = server.http_endpoint.split(":")

@@ -22,8 +22,9 @@ from distill_reader.knowledge import KnowledgeWriter
 from teachers.batcher import DynamicBatcher
 from teachers.inference import InferenceHandler
 from tests.fuzz.harnesses import DENSE_CONFIG
+from tests.support.procs import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _run(feeds, fetch, lods):
