@@ -84,9 +84,9 @@ def open_zookeeper():
 class Service:
     """The test's view of one service in ZooKeeper, from a kazoo client of its own (outside every namespace)."""
 
-    def __init__(self, client, root: str):
+    def __init__(self, client, root: str, service: str = SERVICE):
         self.client = client
-        self.path = f"{root}/{SERVICE}"
+        self.path = f"{root}/{service}"
 
     def students(self) -> dict[str, dict]:
         """student node name -> its document."""
@@ -122,13 +122,13 @@ class Service:
         contenders = Lock(self.client, f"{self.path}/assignment/assigner").contenders()
         return contenders[0] if contenders else None
 
-    def settled(self, ids) -> bool:
-        """Every student in ``ids`` registered once, assigned REQUIRE teachers, and no other assignment node."""
+    def settled(self, ids, require: int = REQUIRE) -> bool:
+        """Every student in ``ids`` registered once, assigned ``require`` teachers, and no other assignment node."""
         students = self.students()
         live = {name for name, doc in students.items() if doc.get("student_id") in ids}
         assignments = self.assignments()
         return (len(live) == len(ids) and set(assignments) == live
-                and all(len(assignments[name][0]) == REQUIRE for name in live))
+                and all(len(assignments[name][0]) == require for name in live))
 
 
 def fair(assignments: dict[str, tuple[list[str], int]], teachers: list[str]) -> bool:
