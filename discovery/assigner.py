@@ -16,6 +16,16 @@ rather than at its next (refused) write. A transaction that fails for another re
 back) makes it re-read the stored state and try again. It watches the data of every node it wrote: a node changed
 or deleted by someone else (anyone may write the folder) is written back at once.
 
+Grace: a student whose node vanishes (its session expired: a link cut for longer than the session timeout, or the
+process gone) keeps its assignment node and its teachers for ``grace`` seconds (default: one session timeout); the
+rebalance counts it as a student holding them meanwhile, so nobody else's teachers move. A student that comes back
+registers under a new node name and names the old one (``previous`` in its node, ``nodes.StudentInfo``): it
+inherits the kept teachers (the old node is deleted in the same transaction), so a brief cut costs no change at
+all. After the grace the node is deleted and the rebalance frees its teachers. The grace clock starts when this
+assigner first sees the node gone; a new assigner finds such nodes in ZooKeeper (an assignment node without a
+student) and gives each a full grace from its takeover, so a change of assigner can lengthen a grace, never
+shorten it (the assigner cut off itself: its successor takes over when its node vanishes, so nothing is lost).
+
 Errors: ZooKeeper trouble is retried with backoff (``session.retry_forever``); a service where this student may
 not create the assignment folder (locked down by a teacher identity before this folder existed) sets
 ``unavailable``, which makes the student fall back to its local ``fair_share`` (``discovery.student``); it tries
@@ -46,7 +56,7 @@ from kazoo.recipe.lock import Lock
 from kazoo.retry import ForceRetryError
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from .arguments import STUDENT_PREFIX, ServicePaths
+from .arguments import DEFAULT_SESSION_TIMEOUT, STUDENT_PREFIX, ServicePaths, node_sequence
 from .nodes import Assignment, NodeDataError, parse_assignment
 from .rebalance import rebalance
 from .reconciler import Reconciler, StopReconciling
@@ -71,6 +81,8 @@ class Assigner:
         session: the student's ZooKeeper session.
         paths: the service's paths.
         identifier: stored in the contender node (readable with ``kazoo`` ``Lock.contenders()``).
+        grace: seconds a vanished student's teachers are kept for it (see the module docstring); ValueError when
+            negative or not a number.
 
     Attributes:
         leading: set while this process is the assigner.
@@ -79,11 +91,25 @@ class Assigner:
         applied: the last ``ServiceView`` whose assignment is all written (None before the first).
         led_since: ``time.monotonic()`` when this process last became the assigner (None before the first term);
             with the time a predecessor's lock node vanished it gives the takeover delay.
+        kept: node name -> ``time.monotonic()`` when the grace of a vanished student began (this term's).
+        inherited, expired: vanished students' assignments handed to their new registration / dropped after the
+            grace, counted over all terms.
     """
 
     UNAVAILABLE_RETRY = 30.0   # seconds between two attempts to create a missing, forbidden assignment folder
 
-    def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = ""):
+    def __init__(self, session: ZkSession, paths: ServicePaths, identifier: str = "",
+                 grace: float = DEFAULT_SESSION_TIMEOUT):
+        """Check the arguments.
+
+        Raises:
+            ValueError: ``grace`` is not a number of seconds >= 0.
+        """
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+            raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
+        self.grace = float(grace)
+        self.kept: dict[str, float] = {}
+        self.inherited = self.expired = 0
         self.session = session
         self.paths = paths
         self.identifier = identifier
@@ -178,6 +204,7 @@ class Assigner:
         self._lock_node = lock_node
         self._deposed.clear()
         self._view = None
+        self.kept = {}                    # a new term gives every vanished student a full grace (module docstring)
         self.terms += 1
         self.led_since = time.monotonic()
         self.leading.set()
@@ -189,7 +216,7 @@ class Assigner:
             self._stored, self._repair = retry(self._read_stored), {}
             self._wake.set()
             while not (self._stopping.is_set() or self._deposed.is_set()):
-                self._wake.wait()
+                self._wake.wait(self._until_grace_ends())
                 self._wake.clear()
                 if self._view is not None and self.session.connected and not self._deposed.is_set():
                     retry(self._apply, lock_node)
@@ -213,6 +240,12 @@ class Assigner:
             logger.warning("the assigner lock node %s was deleted; stepping down", event.path)
             self._deposed.set()
             self._wake.set()
+
+    def _until_grace_ends(self) -> Optional[float]:
+        """Seconds until the next grace ends (then a round drops that student's node); None: no grace runs."""
+        now = time.monotonic()
+        ends = [since + self.grace for since in self.kept.values() if since + self.grace > now]
+        return min(ends) - now + 0.01 if ends else None
 
     def _on_view(self, view: ServiceView) -> None:
         self._view = view
@@ -282,7 +315,9 @@ class Assigner:
         for teacher in view.teachers:
             node_of.setdefault(teacher.endpoint, teacher.node)
         previous = {name: list(a.endpoints) for name, a in self._stored.items() if a is not None}
-        share = rebalance(previous, list(wanted), view.endpoints, wanted)
+        self._keep_vanished(view, wanted, previous)
+        students = sorted(wanted, key=lambda name: (node_sequence(name), name))   # join order, kept ones included
+        share = rebalance(previous, students, view.endpoints, wanted)
         changes: list[tuple[str, Optional[Assignment]]] = []
         for student, endpoints in share.items():
             assignment = Assignment(student, tuple(node_of[e] for e in endpoints), tuple(endpoints))
@@ -296,6 +331,33 @@ class Assigner:
             moved = sum(len(set(previous.get(s, ())) - set(e)) for s, e in share.items() if s in previous)
             logger.info("service %s: %d teacher(s), %d student(s); wrote %d assignment node(s), %d pair(s) moved",
                         self.paths.service, len(view.endpoints), len(wanted), len(changes), moved)
+
+    def _keep_vanished(self, view: ServiceView, wanted: dict[str, int], previous: dict[str, list[str]]) -> None:
+        """Apply the grace (module docstring) to the stored nodes whose student is gone: hand a node's teachers to
+        the student's new registration (``previous`` names it), or keep it as a student holding its teachers
+        while its grace runs (added to ``wanted``), or let it go (not added: the caller deletes it)."""
+        now = time.monotonic()
+        live, endpoints = set(wanted), set(view.endpoints)
+        heirs = {s.previous: s.node for s in view.students if s.previous}
+        self.kept = {name: since for name, since in self.kept.items() if name in self._stored and name not in live}
+        for name in [name for name in self._stored if name not in live and name in previous]:
+            heir = heirs.get(name)
+            if heir is not None:
+                self.kept.pop(name, None)
+                if heir not in previous:                # its first assignment: the teachers kept for it
+                    previous[heir] = previous.pop(name)
+                    self.inherited += 1
+                    logger.info("student %s is back as %s: it keeps its teachers %s", name, heir, previous[heir])
+                continue
+            since = self.kept.setdefault(name, now)
+            if endpoints.intersection(previous[name]) and now - since < self.grace:
+                if since == now:
+                    logger.info("student %s vanished (session expired or process gone); keeping its teachers %s "
+                                "for it for %gs", name, previous[name], self.grace)
+                wanted[name] = len(previous[name])
+                continue
+            self.expired += 1     # (its grace entry goes with its node: a refused delete does not start it again)
+            logger.info("student %s did not come back within %gs: its teachers are shared again", name, self.grace)
 
     def _batches(self, changes: list[tuple[str, Optional[Assignment]]]) -> list[list[tuple[str, Optional[Assignment]]]]:
         """``changes`` cut into transactions of at most OPS_PER_TRANSACTION ops and BYTES_PER_TRANSACTION bytes."""

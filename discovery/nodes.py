@@ -28,6 +28,7 @@ MAX_NESTING = 16
 MAX_STUDENT_ID = 256
 MAX_REQUIRE_TEACHERS = 1024
 _TEACHER_NODE = re.compile(r"teacher-[0-9]{10}")   # fullmatch ("$" matches before a final newline)
+_STUDENT_NODE = re.compile(r"student-[0-9]{10}")
 
 
 class NodeDataError(ValueError):
@@ -49,11 +50,14 @@ class TeacherInfo:
 
 @dataclass(frozen=True)
 class StudentInfo:
-    """One registered student: node name, its id and how many teachers it wants."""
+    """One registered student: node name, its id, how many teachers it wants and the node name of its previous
+    registration ("" for none: a student whose session expired registers again under a new name and names the old
+    one here, so that the assigner hands it the teachers it kept for it: ``discovery.assigner``, the grace)."""
 
     node: str
     student_id: str
     require_max_teacher: int = 1
+    previous: str = ""
 
     @property
     def sequence(self) -> int:
@@ -126,16 +130,19 @@ def parse_student(name: str, value: bytes) -> StudentInfo:
 
     Raises:
         NodeDataError: the data is out of bounds (a ``student_id`` too long, a ``require_max_teacher`` outside
-            1-MAX_REQUIRE_TEACHERS) or not a bounded JSON object.
+            1-MAX_REQUIRE_TEACHERS, a ``previous`` that is not a student node name) or not a bounded JSON object.
     """
     document = load_document(value)
     student_id = document.get("student_id", name)
     wanted = document.get("require_max_teacher", 1)
+    previous = document.get("previous", "")
+    if not isinstance(previous, str) or previous and not _STUDENT_NODE.fullmatch(previous):
+        raise NodeDataError("'previous' is not a student node name (student-NNNNNNNNNN)")
     if not isinstance(student_id, str) or len(student_id) > MAX_STUDENT_ID:
         raise NodeDataError(f"'student_id' is not a string of at most {MAX_STUDENT_ID} characters")
     if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= MAX_REQUIRE_TEACHERS:
         raise NodeDataError(f"'require_max_teacher' {wanted!r} is not an integer in 1-{MAX_REQUIRE_TEACHERS}")
-    return StudentInfo(node=name, student_id=student_id, require_max_teacher=wanted)
+    return StudentInfo(node=name, student_id=student_id, require_max_teacher=wanted, previous=previous)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ folder (a service locked down before that folder existed), the student watches t
 uses its share of the stateless ``discovery.share.fair_share`` (logged at WARNING) until an assignment arrives.
 
 ZooKeeper unreachable or restarting: nothing is reported, so the last known teachers stay in use; the client
-reconnects with backoff and logs it; the process never exits because of ZooKeeper.
+reconnects with backoff and logs it; the process never exits because of ZooKeeper. A link cut for longer than the
+session timeout expires the student's node: the student keeps using its last teachers, registers again under a
+new node name that names the old one (``previous``), and the assigner, which kept the old node's teachers for
+``grace`` seconds, hands them to the new node (``discovery.assigner``): no ``on_change`` at all.
 
 Example::
 
@@ -79,6 +82,8 @@ class TeacherSubscription:
             warning, never dialed the wrong way; the share is computed on all teachers, so students agree.
         assignment_wait: seconds after registering without an assignment before falling back to the local
             stateless fair share (see the module docstring); ValueError unless a positive number.
+        grace: while this student is the assigner, seconds a student whose node vanished keeps its teachers
+            (``discovery.assigner``; None: ``session_timeout``); every student of a service should use the same.
 
     Attributes:
         assigner: this student's ``discovery.assigner.Assigner`` (``assigner.leading`` while it is the assigner).
@@ -90,12 +95,12 @@ class TeacherSubscription:
                  on_change: Callable[[list[str]], None], require_max_teacher: int = 1, root: str = DEFAULT_ROOT,
                  auth: Optional[str] = None, student_id: Optional[str] = None,
                  session_timeout: float = DEFAULT_SESSION_TIMEOUT, tls: Optional[bool] = None,
-                 assignment_wait: float = 5.0):
+                 assignment_wait: float = 5.0, grace: Optional[float] = None):
         """Check the arguments.
 
         Raises:
-            ValueError: ``require_max_teacher`` is not an integer >= 1, or ``assignment_wait`` not a positive number of
-                seconds.
+            ValueError: ``require_max_teacher`` is not an integer >= 1, ``assignment_wait`` not a positive number of
+                seconds, or ``grace`` a negative one.
         """
         if isinstance(require_max_teacher, bool) or not isinstance(require_max_teacher, int) \
                 or require_max_teacher < 1:
@@ -115,8 +120,9 @@ class TeacherSubscription:
         self.node = EphemeralNode(self.session, self.paths.students_path, STUDENT_PREFIX, data,
                                   ensure_parent=self._ensure_students_path, what=f"student {self.student_id}",
                                   auth_errors_fatal=False)
-        self.node.on_created = lambda path: self._follower.wake()
-        self.assigner = Assigner(self.session, self.paths, identifier=self.student_id)
+        self.node.on_created = self._on_registered
+        self.assigner = Assigner(self.session, self.paths, identifier=self.student_id,
+                                 grace=session_timeout if grace is None else grace)
         self.assignment_wait = assignment_wait
         self.watcher: Optional[ServiceWatcher] = None   # the fallback's, while it runs
         self.fallback = threading.Event()          # set while the student uses the stateless fair share
@@ -207,6 +213,12 @@ class TeacherSubscription:
         # Only needed before any teacher registered: without auth we create the open service folders ourselves.
         if not self.session.retry("exists", self.paths.students_path):
             ensure_service(self.session, self.paths, auth=None)
+
+    def _on_registered(self, path: str) -> None:
+        """The node thread created our node: the next registration (after a session expiry) names this one, so
+        that the assigner hands it the teachers it kept for this one (the grace)."""
+        self.node.data = dict(self.node.data, previous=path.rsplit("/", 1)[-1])
+        self._follower.wake()
 
     def _usable(self, share: list[str], teachers: Sequence[TeacherInfo]) -> list[str]:
         """The share less the teachers this student cannot talk to (TLS on one side only)."""

@@ -14,6 +14,7 @@ PADDLE_FREE_FILES = frozenset({
     "test_fuzz.py", "test_keepalive.py", "test_knowledge_files.py", "test_knowledge_index.py",
     "test_knowledge_untrusted.py", "test_padding.py", "test_reader_pool.py", "test_rebalance.py", "test_routing.py",
     "test_share.py", "test_structure.py", "test_untrusted_inputs.py", "test_reconciler.py", "test_worker_messages.py",
+    "test_student_grace.py",
 })
 
 

@@ -6,6 +6,7 @@ skipped, with the reason, elsewhere. The namespaces and their processes are remo
 Latency (an NFQUEUE delay inside the namespace) and loss (iptables' statistic match) need iptables as well."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -15,7 +16,7 @@ import pytest
 from distill_reader import DistillReader
 from tests.discovery.test_discovery import SERVICE, SESSION, registration
 from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, iptables_unavailable, namespaces, unavailable
-from tests.support.procs import wait_for
+from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
 
@@ -284,3 +285,134 @@ def test_a_teacher_1_5s_away_is_used_with_the_default_keepalive(teacher_model, d
             assert seconds < 60, seconds
         finally:
             dr.close()
+
+
+READER_STUDENT = """
+import json, os, sys, threading, time
+import numpy as np
+from distill_reader import DistillReader
+zk, root, service, conf, images_file, ref_file, session, grace, log, stop_file = sys.argv[1:11]
+images, ref = np.load(images_file), np.load(ref_file)
+out = open(log, "a", buffering=1)
+dr = DistillReader(ins=["img", "label"], predicts=["prediction"], all_teachers_down_timeout=60.0)
+dr.set_dynamic_teacher(zk, service, require_max_teacher=1, root=root, student_id="R",
+                       session_timeout=float(session), grace=float(grace))
+dr.set_serving_conf_file(conf)
+dr.set_teacher_batch_size(16)
+seen = set()
+def watch():                       # every teacher set the pool ever held (an empty one would show as [])
+    while not os.path.exists(stop_file):
+        endpoints = tuple(sorted(dr.pool.endpoints))
+        if endpoints not in seen:
+            seen.add(endpoints)
+            out.write(json.dumps({"pool": list(endpoints), "at": time.time()}) + "\\n")
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+batches = lambda: ((images[i:i + 16], np.arange(i, min(i + 16, len(images)))) for i in range(0, len(images), 16))
+epoch = 0
+while not os.path.exists(stop_file):
+    started, got = time.time(), []
+    for batch in dr.set_batch_generator(batches)():
+        got.append(batch)
+    labels = np.concatenate([b[1] for b in got]).tolist()
+    predictions = np.concatenate([b[2] for b in got])
+    exact = labels == list(range(len(images))) and bool(np.allclose(predictions, ref, rtol=1e-5, atol=1e-6))
+    out.write(json.dumps({"epoch": epoch, "exact": exact, "samples": len(labels), "started": started,
+                          "ended": time.time()}) + "\\n")
+    epoch += 1
+dr.close()
+"""
+
+
+def test_a_reader_cut_off_from_zookeeper_past_its_session_keeps_its_teacher_and_every_sample(
+        teacher_model, data, slow_netns, tmp_path, zk_root):
+    """Several students (issue 25): a DistillReader student in a namespace of its own whose ZooKeeper link alone is
+    cut (iptables inside its namespace drops what it sends to ZooKeeper's port; its teachers stay reachable) for
+    longer than the session timeout, beside two more students and the assigner. It keeps its teacher and answers
+    every epoch exactly, in order, during and after the cut; ZooKeeper's grace gives its new registration the same
+    teacher, so its pool never changes (never empty) and nobody else's assignment is written."""
+    from tests.discovery.test_student_grace import STUDENT, Service, changes
+    from tests.support.zookeeper import ZooKeeperServer, kazoo_client
+
+    images, ref = data
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "ref.npy", ref)
+    grace, stop_file = 10.0, str(tmp_path / "stop")
+    server = ZooKeeperServer()
+    server.address = "0.0.0.0"                     # the students reach it over their veth links
+    teachers = [TeacherServer(teacher_model.server_dir), TeacherServer(teacher_model.server_dir)]
+    for teacher in teachers:
+        teacher.args[teacher.args.index("--host") + 1] = "0.0.0.0"
+    ns = slow_netns()
+    guard = ProcessGuard()     # the two students beside, outside every namespace
+    try:
+        server.start()
+        for teacher in teachers:
+            teacher.start()
+        with kazoo_client(f"127.0.0.1:{server.port}") as client:
+            for teacher in teachers:   # as the reader's namespace reaches them
+                document = json.dumps({"endpoint": f"{ns.host_address}:{teacher.port}"}).encode()
+                client.create(f"{zk_root}/{SERVICE}/teacher-", document, ephemeral=True, sequence=True,
+                              makepath=True)
+            service = Service(client, zk_root, SERVICE)
+            logs = {s: str(tmp_path / f"student-{s}.log") for s in ("A", "B", "R")}
+            for student_id in ("A", "B"):                       # two students beside, A first: the assigner
+                open(logs[student_id], "w").close()
+                guard.python("-c", STUDENT, f"127.0.0.1:{server.port}", zk_root, SERVICE, student_id, "1",
+                             str(SESSION), str(grace), logs[student_id])
+                wait_for(lambda s=student_id: service.node_of(s) is not None, 30, f"student {student_id}")
+            reader = ns.guard.python("-c", READER_STUDENT, f"{ns.host_address}:{server.port}", zk_root, SERVICE,
+                                     teacher_model.client_conf, str(tmp_path / "images.npy"),
+                                     str(tmp_path / "ref.npy"), str(SESSION), str(grace), logs["R"], stop_file)
+            open(logs["R"], "a").close()
+
+            def epochs():
+                return [e for e in changes(logs["R"]) if "epoch" in e]
+            wait_for(lambda: len(epochs()) >= 1 or reader.poll() is not None, 120, "the reader's first epoch")
+            assert reader.poll() is None, "the reader process exited"
+            wait_for(lambda: service.settled(["A", "B", "R"], require=1), 30, "every student assigned")
+            assert service.assigner() == "A"
+            before = service.assignments()
+            node = service.node_of("R")
+
+            rule = ["OUTPUT", "-d", ns.host_address, "-p", "tcp", "--dport", str(server.port), "-j", "DROP"]
+            ns._iptables("-I", *rule)                   # ZooKeeper alone cut off; the teachers still answer
+            cut_at = time.monotonic()
+            try:
+                wait_for(lambda: node not in service.students(), SESSION + 10, "the reader's session to expire")
+                vanished_at = time.monotonic()
+                during = len(epochs())
+                wait_for(lambda: len(epochs()) >= during + 3, 60, "epochs while cut off")
+                time.sleep(max(0.0, vanished_at + 3.0 - time.monotonic()))   # the fault's length: 3 s past expiry
+                assert service.assignments() == before, f"nothing moved: {before} -> {service.assignments()}"
+            finally:
+                ns._iptables("-D", *rule)
+            cut_for = time.monotonic() - cut_at
+            wait_for(lambda: service.node_of("R") not in (None, node) and service.settled(["A", "B", "R"], require=1),
+                     grace + 20, "the reader back with an assignment")
+            back_after = time.monotonic() - vanished_at
+            assert back_after < grace, f"back {back_after:.1f}s after its node vanished: past the grace"
+            after = service.assignments()
+            new = service.node_of("R")
+            assert after[new][0] == before[node][0], f"the same teacher: {before} -> {after}"
+            assert {n: a for n, a in after.items() if n != new} == \
+                {n: a for n, a in before.items() if n != node}, f"nobody else's node written: {before} -> {after}"
+            done = len(epochs())
+            wait_for(lambda: len(epochs()) >= done + 1, 60, "an epoch after the heal")
+            open(stop_file, "w").close()
+            reader.wait(timeout=120)
+            record = changes(logs["R"])
+            pools = [e["pool"] for e in record if "pool" in e]
+            assert all(e["exact"] and e["samples"] == N for e in epochs()), epochs()
+            assert pools[-1] == before[node][0] and all(pools[1:]), f"the pool changed or emptied: {pools}"
+            assert len(pools) <= 2, f"the pool changed: {pools}"    # [] at start, then its teacher for good
+            print(f"\nreader cut off from ZooKeeper for {cut_for:.1f}s (session {SESSION}s, grace {grace}s): "
+                  f"{len(epochs())} epochs exact, back {back_after:.2f}s after its node vanished with the same "
+                  f"teacher, 0 other nodes written")
+    finally:
+        open(stop_file, "w").close()
+        guard.close()
+        ns.close()
+        for teacher in teachers:
+            teacher.close()
+        server.close()
