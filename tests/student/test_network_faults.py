@@ -20,6 +20,8 @@ from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
 
+pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
+
 N = 960
 BATCH = 16
 

@@ -26,11 +26,14 @@ import time
 from typing import Callable, Optional
 
 import numpy as np  # noqa: I001  (numpy before paddle)
+import pytest
 
 from distill_reader import DistillReader
 from tests.support.procs import ProcessGuard, pid_alive, port_is_open, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
+
+pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
 
 logger = logging.getLogger(__name__)
 
