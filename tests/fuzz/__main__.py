@@ -11,7 +11,7 @@ harness name pass through (``-runs``, ``-max_total_time``, ``-jobs``, ``-max_len
 watchdog for a run that never returns; each harness checks 2 s itself, twice) and ``-rss_limit_mb=2048`` are set
 unless given; ``pantheon_transport`` gets 8192 MB: it starts a thread per input, and under libFuzzer resident memory
 grows with every thread started (llvm-project issue 57556; about 5 KB per input here), while the harness itself
-stays flat (3,000 mutated inputs in a plain loop: 65-67 MB), so 2048 MB ends a run at about 370,000 executions.
+stays flat (3,000 mutated inputs in a plain loop: 65-67 MB), so 2048 MB would end a run at about 370,000 executions.
 """
 from __future__ import annotations
 
