@@ -17,7 +17,15 @@ from distill_reader import DistillReader
 from tests.discovery.test_discovery import SERVICE, SESSION, registration
 from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, iptables_unavailable, namespaces, unavailable
 from tests.support.procs import ProcessGuard, wait_for
-from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
+from tests.support.teacher import (
+    TeacherServer,
+    check_epoch,
+    grpc_health,
+    image_batches,
+    mnist_like_images,
+    mnist_reader,
+    reference_predict,
+)
 from tests.support.zookeeper import registered_endpoints
 
 pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
@@ -52,25 +60,11 @@ def data(teacher_model):
 
 
 def _reader(teacher_model, endpoints, **options) -> DistillReader:
-    dr = DistillReader(ins=["img", "label"], predicts=["prediction"], **options)
-    if endpoints is not None:
-        dr.set_fixed_teacher(endpoints)
-    dr.set_serving_conf_file(teacher_model.client_conf)
-    dr.set_teacher_batch_size(BATCH)
-    return dr
+    return mnist_reader(teacher_model, endpoints, BATCH, **options)
 
 
 def _batches(images, size=BATCH):
-    return lambda: ((images[i:i + size], np.arange(i, min(i + size, len(images)))) for i in range(0, len(images), size))
-
-
-def _check(out, images, ref):
-    """Every sample exactly once, in order, with the model's prediction: checked sample by sample."""
-    labels = np.concatenate([b[1] for b in out]).tolist()
-    assert labels == list(range(len(images))), "each sample once, in order"
-    predictions = np.concatenate([b[2] for b in out])
-    for i in range(len(images)):
-        np.testing.assert_allclose(predictions[i], ref[i], rtol=1e-5, atol=1e-6, err_msg=f"sample {i}")
+    return image_batches(images, size)
 
 
 def _registered(hosts, root):
@@ -101,7 +95,7 @@ def test_a_black_holed_teacher_is_set_aside_and_every_sample_is_answered_once_in
         dr = _reader(teacher_model, [teacher_server.endpoint, far.endpoint], request_timeout=60.0)
         try:
             out, _ = _epoch(dr, images)                    # fault-free: both teachers answer
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             assert dr.last_epoch_stats.teachers[far.endpoint]["samples"] >= 1
 
             # cut between epochs: the reader still counts the teacher as usable, with its connection open, and
@@ -113,7 +107,7 @@ def test_a_black_holed_teacher_is_set_aside_and_every_sample_is_answered_once_in
             while f"{far.endpoint} (set aside" not in dr.pool.describe():
                 assert time.monotonic() - cut_at < 60, f"not set aside: {dr.pool.describe()}"
                 out, _ = _epoch(dr, images)
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
                 stats = dr.last_epoch_stats
                 assert stats.teachers[far.endpoint]["samples"] == 0
                 costs += stats.stage["hedges"] + stats.stage["stalls"] + stats.teachers[far.endpoint]["errors"]
@@ -122,7 +116,7 @@ def test_a_black_holed_teacher_is_set_aside_and_every_sample_is_answered_once_in
             ns.heal()
             assert grpc_health(far.endpoint, timeout=5.0) == "SERVING"
             out, _ = _epoch(dr, images)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
         finally:
             dr.close()
 
@@ -149,14 +143,14 @@ def test_a_zookeeper_partition_longer_than_the_session_timeout_loses_no_sample(t
             subscription = dr._resources.subscription
             wait_for(lambda: sorted(subscription.endpoints) == teachers, 20, "the student finding both teachers")
             out, _ = _epoch(dr, images)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             old_session = subscription.session.session_id
 
             ns.black_hole()
             cut_at = time.monotonic()
             wait_for(lambda: not subscription.connected, 15, "the student losing ZooKeeper")
             out, _ = _epoch(dr, images)                     # partitioned: last known teachers
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             assert all(dr.last_epoch_stats.teachers[e]["samples"] >= 1 for e in teachers)
             assert sorted(subscription.endpoints) == teachers
             time.sleep(max(0.0, cut_at + 2 * SESSION - time.monotonic()))   # the fault's length: > session timeout
@@ -166,7 +160,7 @@ def test_a_zookeeper_partition_longer_than_the_session_timeout_loses_no_sample(t
                      and subscription.node.created.is_set(), 30, "the student back on a new session")
             wait_for(lambda: _registered(zookeeper.hosts, zk_root) == teachers, 30, "both teachers registered again")
             out, _ = _epoch(dr, images)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             assert sorted(subscription.endpoints) == teachers
     finally:
         if dr is not None:
@@ -198,7 +192,7 @@ def test_a_flapping_teacher_link_loses_no_sample(teacher_model, teacher_server, 
             while len(flips) < 8 or epochs < 2:          # epochs back to back while the link flips 8 times
                 assert time.monotonic() - started < 120, f"{epochs} epochs, {len(flips)} flips in 120 s"
                 out, _ = _epoch(dr, images)
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
                 epochs += 1
         finally:
             stop.set()
@@ -229,7 +223,7 @@ def test_a_teacher_300ms_away_keeps_more_requests_in_flight_and_every_sample_com
                 assert time.monotonic() - started < 90, (dr.pool.round_trip(far.endpoint),
                                                          dr.pool.window_of(far.endpoint), most)
                 out, _ = _epoch(dr, images, watch)
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
             assert dr.pool.round_trip(far.endpoint) >= 0.3
             far_window = dr.pool.window_of(far.endpoint)
             assert far_window > dr.pool.per_teacher_in_flight
@@ -238,7 +232,7 @@ def test_a_teacher_300ms_away_keeps_more_requests_in_flight_and_every_sample_com
             while dr.pool.round_trip(far.endpoint) >= 0.1:   # the heal is measured within an epoch or two
                 assert time.monotonic() - healed_at < 60, dr.pool.round_trip(far.endpoint)
                 out, _ = _epoch(dr, images)
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
             assert dr.pool.window_of(far.endpoint) < far_window
         finally:
             dr.close()
@@ -255,7 +249,7 @@ def test_a_lossy_teacher_link_loses_no_sample(teacher_model, teacher_server, dat
         alone = _reader(teacher_model, [far.endpoint], request_timeout=60.0)
         try:
             out, _ = _epoch(alone, images[:320])
-            _check(out, images[:320], ref[:320])
+            check_epoch(out, images[:320], ref[:320])
             assert alone.last_epoch_stats.teachers[far.endpoint]["samples"] == 320
         finally:
             alone.close()
@@ -263,10 +257,10 @@ def test_a_lossy_teacher_link_loses_no_sample(teacher_model, teacher_server, dat
         try:
             for _ in range(2):
                 out, _ = _epoch(dr, images)
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
             ns.lose(0)
             out, _ = _epoch(dr, images)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
         finally:
             dr.close()
 
@@ -282,7 +276,7 @@ def test_a_teacher_1_5s_away_is_used_with_the_default_keepalive(teacher_model, d
         dr = _reader(teacher_model, [far.endpoint], request_timeout=60.0)
         try:
             out, seconds = _epoch(dr, images[:320])
-            _check(out, images[:320], ref[:320])
+            check_epoch(out, images[:320], ref[:320])
             assert dr.last_epoch_stats.teachers[far.endpoint]["samples"] == 320
             assert seconds < 60, seconds
         finally:

@@ -30,7 +30,15 @@ from distill_reader.prediction_stage import Task, next_task_id
 from distill_reader.remote_stage import RemoteOptions, RemoteStage
 from distill_reader.teacher_pool import TeacherPool
 from tests.support.procs import REPO_ROOT, ProcessGuard, free_port, pid_alive, wait_for
-from tests.support.teacher import TeacherServer, grpc_health, mnist_like_images, reference_predict
+from tests.support.teacher import (
+    TeacherServer,
+    check_epoch,
+    grpc_health,
+    image_batches,
+    mnist_like_images,
+    mnist_reader,
+    reference_predict,
+)
 
 N = 640
 BATCH = 16
@@ -43,20 +51,11 @@ def data(teacher_model):
 
 
 def _reader(teacher_model, endpoints, **options) -> DistillReader:
-    dr = DistillReader(ins=["img", "label"], predicts=["prediction"], **options)
-    dr.set_fixed_teacher(endpoints)
-    dr.set_serving_conf_file(teacher_model.client_conf)
-    dr.set_teacher_batch_size(BATCH)
-    return dr
+    return mnist_reader(teacher_model, endpoints, BATCH, **options)
 
 
 def _batches(images, size=BATCH):
-    return lambda: ((images[i:i + size], np.arange(i, min(i + size, len(images)))) for i in range(0, len(images), size))
-
-
-def _check(out, images, ref):
-    assert np.concatenate([b[1] for b in out]).tolist() == list(range(len(images))), "each sample once, in order"
-    np.testing.assert_allclose(np.concatenate([b[2] for b in out]), ref, rtol=1e-5, atol=1e-6)
+    return image_batches(images, size)
 
 
 @pytest.fixture
@@ -103,7 +102,7 @@ def test_frozen_teacher_is_hedged_around_and_set_aside(teacher_model, data):
         dr = _reader(teacher_model, [a.endpoint, b.endpoint, c.endpoint], request_timeout=60.0, keepalive_time=0)
         try:
             out, seconds = _run_freezing(dr, images, b)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             stage = dr.last_epoch_stats.stage
             assert stage["hedges"] + stage["stalls"] >= 1, stage
             assert seconds < 30, f"the epoch waited for the frozen teacher ({seconds:.1f}s; request_timeout 60s)"
@@ -123,7 +122,7 @@ def test_frozen_teacher_is_noticed_by_grpc_keepalive(teacher_model, data, caplog
         try:
             with caplog.at_level("INFO", logger="distill_reader.remote_stage"):
                 out, seconds = _run_freezing(dr, images, b)
-            _check(out, images, ref)
+            check_epoch(out, images, ref)
             assert dr.last_epoch_stats.teachers[b.endpoint]["errors"] >= 1
             retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying task")]
             # an open connection: the keepalive ping times out; a new one: the connect timeout (no SETTINGS frame)
@@ -146,7 +145,7 @@ def test_a_sick_teacher_is_set_aside_and_its_tasks_retried_elsewhere(teacher_mod
             errors = 0
             for _epoch in range(2):
                 out = list(dr.set_batch_generator(_batches(images))())
-                _check(out, images, ref)
+                check_epoch(out, images, ref)
                 teachers = dr.last_epoch_stats.teachers
                 assert teachers[sick]["requests"] == 0 and teachers[good.endpoint]["requests"] >= N // BATCH, teachers
                 errors += teachers[sick]["errors"]
@@ -275,10 +274,10 @@ def test_an_abandoned_epoch_ends_cleanly_in_the_offline_cache(teacher_model, tea
         for _ in range(9):
             next(old)
         full = list(reader())
-        _check(full, images, ref)
+        check_epoch(full, images, ref)
         assert dr.last_epoch_stats.stage["cache"] == "write"
         replay = list(reader())
-        _check(replay, images, ref)
+        check_epoch(replay, images, ref)
         assert dr.last_epoch_stats.stage["cache"] == "read"
         with pytest.raises(RuntimeError, match="abandoned: a newer epoch started"):
             next(old)

@@ -358,6 +358,34 @@ __all__ = ["FEED", "FETCH", "ExportedTeacher", "TeacherServer", "build_mnist_cnn
            "mnist_like_images", "reference_predict", "save_jit_model", "save_static_model"]
 
 
+# -- a reader of the MNIST-like teacher and its epochs, checked sample by sample ---------------------------
+def mnist_reader(teacher_model: ExportedTeacher, endpoints, batch: int, **options):
+    """A ``DistillReader`` of ``teacher_model`` (ins img, label; predicts prediction) on the fixed ``endpoints``
+    (None: set later, e.g. ``set_dynamic_teacher``), teacher batch size ``batch``."""
+    from distill_reader import DistillReader
+
+    dr = DistillReader(ins=["img", "label"], predicts=["prediction"], **options)
+    if endpoints is not None:
+        dr.set_fixed_teacher(endpoints)
+    dr.set_serving_conf_file(teacher_model.client_conf)
+    dr.set_teacher_batch_size(batch)
+    return dr
+
+
+def image_batches(images: np.ndarray, size: int):
+    """A batch generator factory over ``images``: (images, their indices as labels) ``size`` at a time."""
+    return lambda: ((images[i:i + size], np.arange(i, min(i + size, len(images)))) for i in range(0, len(images), size))
+
+
+def check_epoch(out: list, images: np.ndarray, ref: np.ndarray) -> None:
+    """Every sample of an epoch of ``image_batches`` exactly once, in order, with the model's prediction
+    ``ref``: checked sample by sample."""
+    labels = np.concatenate([b[1] for b in out]).tolist()
+    assert labels == list(range(len(images))), "each sample once, in order"
+    predictions = np.concatenate([b[2] for b in out])
+    for i in range(len(images)):
+        np.testing.assert_allclose(predictions[i], ref[i], rtol=1e-5, atol=1e-6, err_msg=f"sample {i}")
+
 @pytest.fixture(scope="session")
 def teacher(teacher_model) -> Iterator[TeacherServer]:
     """One real teacher server of ``teacher_model``, shared by the test files that only send it requests.
