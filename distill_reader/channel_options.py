@@ -69,14 +69,8 @@ def remeasure_round_trip(endpoint: str, timeout: float) -> Optional[float]:
     """After a failed probe: one TCP handshake timed; when it says the link is now far (or near again) unlike
     what was noted, the noted round trips are replaced by it, so the next probe and channel fit the new link."""
     before = round_trip_of(endpoint)
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
-        return before
-    start = time.monotonic()
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            now = time.monotonic() - start
-    except OSError:
+    now = _time_handshake(endpoint, timeout)
+    if now is None:
         return before
     if before is None or abs(far(now) - far(before)) > max(NEGLIGIBLE_ROUND_TRIP, 0.5 * max(now, before)):
         with _round_trips_lock:
@@ -96,17 +90,23 @@ def measure_tcp_round_trip(endpoint: str, timeout: float) -> Optional[float]:
 
     The handshake is answered by the peer's kernel, so this is the network's round trip alone.
     """
+    elapsed = _time_handshake(endpoint, timeout)
+    if elapsed is not None:
+        note_round_trip(endpoint, elapsed)
+    return elapsed
+
+
+def _time_handshake(endpoint: str, timeout: float) -> Optional[float]:
+    """Seconds one TCP handshake to ``host:port`` took, or None (no answer within ``timeout``, not host:port)."""
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit() or endpoint.startswith("unix:"):
         return None
     start = time.monotonic()
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            elapsed = time.monotonic() - start
+            return time.monotonic() - start
     except OSError:
         return None
-    note_round_trip(endpoint, elapsed)
-    return elapsed
 
 
 def far(round_trip: Optional[float]) -> float:
