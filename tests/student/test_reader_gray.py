@@ -73,20 +73,24 @@ def fake_teacher():
         yield start
 
 
-def _freeze_at(server: TeacherServer, out: list, at: int):
-    """A generator wrapper's hook: SIGSTOP ``server`` once ``at`` batches were yielded."""
-    def hook():
-        if len(out) == at:
-            os.kill(server.pid, signal.SIGSTOP)
-    return hook
+def _run_freezing(dr, images, victim, at=5, on_send=False):
+    """One epoch that freezes ``victim`` (SIGSTOP) once ``at`` batches came out of the reader, or with ``on_send``
+    once the generator has handed the reader ``at`` batches.
 
+    Frozen on the generator's side, the batches after ``at`` go to a frozen teacher whatever the reader's
+    read-ahead; frozen on the consumer's side, a slow consumer on a loaded machine may have every answer before
+    the freeze (its connections are then open and idle: what the keepalive test needs)."""
+    def freezing_batches():
+        for index, batch in enumerate(_batches(images)()):
+            if on_send and index == at:
+                os.kill(victim.pid, signal.SIGSTOP)
+            yield batch
 
-def _run_freezing(dr, images, victim, at=5):
     out, started = [], time.monotonic()
     try:
-        for batch in dr.set_batch_generator(_batches(images))():
+        for batch in dr.set_batch_generator(freezing_batches)():
             out.append(batch)
-            if len(out) == at:
+            if not on_send and len(out) == at:
                 os.kill(victim.pid, signal.SIGSTOP)
     finally:
         os.kill(victim.pid, signal.SIGCONT)
@@ -101,7 +105,7 @@ def test_frozen_teacher_is_hedged_around_and_set_aside(teacher_model, data):
             TeacherServer(teacher_model.server_dir) as c:
         dr = _reader(teacher_model, [a.endpoint, b.endpoint, c.endpoint], request_timeout=60.0, keepalive_time=0)
         try:
-            out, seconds = _run_freezing(dr, images, b)
+            out, seconds = _run_freezing(dr, images, b, on_send=True)
             check_epoch(out, images, ref)
             stage = dr.last_epoch_stats.stage
             assert stage["hedges"] + stage["stalls"] >= 1, stage

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,8 +37,40 @@ def _default_interrupts() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+_PORTS = random.SystemRandom()   # not the global generator: tests seed that, and two runs side by side would agree
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on every address right now, drawn at random below the kernel's ephemeral range.
+
+    Not the port the kernel gives ``bind(0)``: that one comes from the range outgoing connections use, so between
+    the test picking it and its server binding it a connection of another process (another test run beside, a
+    worker) could take it ("cannot bind ... already in use", seen with two copies of the suite running)."""
+    low, _high = _ephemeral_range()
+    if low > 11024:
+        for _ in range(200):
+            port = _PORTS.randint(max(1024, low - 20000), low - 1)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -198,6 +198,10 @@ def grpc_health(endpoint: str, timeout: float = 0.5, security=None) -> Optional[
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
+class _PortTaken(AssertionError):
+    """The server could not bind the port drawn for it: another process took it after it was drawn."""
+
+
 class TeacherServer:
     """A real ``python -m teachers.serve`` subprocess on 127.0.0.1; always stopped on exit.
 
@@ -222,6 +226,7 @@ class TeacherServer:
                  spare: bool = False, start_timeout: float = SERVER_START_TIMEOUT, health_security=None):
         self.model_dir = model_dir
         self.health_security = health_security
+        self._picked_port = port is None          # a port of our own choosing may be re-drawn if taken
         self.port = port or free_port()
         self.http_port = free_port() if http else None
         self.args = ["-m", "teachers.serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
@@ -250,7 +255,25 @@ class TeacherServer:
         return self.proc.pid
 
     def start(self) -> TeacherServer:
+        """Start the server and wait until it is SERVING. A port this object drew itself (no ``port=``) that
+        another process took in the meantime is drawn again (up to 3 times); any other exit is an AssertionError
+        with the server's log."""
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+                self.args[self.args.index("--port") + 1] = str(self.port)
+                if self.http_port:
+                    self.http_port = free_port()
+                    self.args[self.args.index("--http_port") + 1] = str(self.http_port)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> TeacherServer:
         started = time.monotonic()
+        logged_before = len(self.log())
         log = open(self._log_path, "ab")
         try:
             self.proc = self._guard.python(*self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -259,8 +282,11 @@ class TeacherServer:
         deadline = started + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"teacher server exited with {self.proc.returncode} while starting:\n"
-                                     f"{self.log()[-3000:]}")
+                problem = (f"teacher server exited with {self.proc.returncode} while starting:\n"
+                           f"{self.log()[-3000:]}")
+                if self._picked_port and "cannot bind" in self.log()[logged_before:]:
+                    raise _PortTaken(problem)
+                raise AssertionError(problem)
             if grpc_health(self.endpoint, timeout=0.5, security=self.health_security) == "SERVING":
                 self.start_seconds = time.monotonic() - started
                 return self
