@@ -4,8 +4,9 @@ Four fake teachers (benchmarks/fake_teacher.py, one request at a time, ``--laten
 its own network namespace behind a veth link (tests/support/netns.py); reader options at their defaults,
 teacher batch 32. The faults are made on teacher 4's link only, inside its namespace:
 
-- latency: an iptables NFQUEUE rule on the namespace's OUTPUT and tests/support/nfqueue_delay.py, which accepts
-  each packet ``delay`` ms later (this kernel has no sch_netem), so its round trip grows by ``delay``;
+- latency: an iptables NFQUEUE rule on the namespace's INPUT and tests/support/nfqueue_delay.py, which accepts
+  each packet ``delay`` ms later (this kernel has no sch_netem), so its round trip grows by ``delay`` (on INPUT:
+  held on OUTPUT, the teacher's packets count against its TCP Small Queues, tests/support/netns.py);
 - loss: ``iptables -m statistic --mode random --probability p -j DROP`` on the same OUTPUT (answers and ACKs).
 
 Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): fault-free; +300 ms on teacher
@@ -101,7 +102,9 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
         for endpoint in endpoints:
             _wait_serving(endpoint, conf)
         far = spaces[3]
-        _iptables(far, "-A", "OUTPUT", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+        # what the student sends is held on the way in (INPUT): held on the way out (OUTPUT), the teacher's own
+        # packets would count against its TCP Small Queues until released, ~2 segments per delay (tests/support/netns.py)
+        _iptables(far, "-A", "INPUT", "-s", far.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
         far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
                          "--delay_file", delay_file, stdout=subprocess.DEVNULL)
         time.sleep(1.0)
