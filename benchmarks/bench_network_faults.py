@@ -103,7 +103,7 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
             _wait_serving(endpoint, conf)
         far = spaces[3]
         # what the student sends is held on the way in (INPUT): held on the way out (OUTPUT), the teacher's own
-        # packets would count against its TCP Small Queues until released, ~2 segments per delay (tests/support/netns.py)
+        # packets would count against its TCP Small Queues until released: ~2 segments per delay (netns.py)
         _iptables(far, "-A", "INPUT", "-s", far.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
         far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
                          "--delay_file", delay_file, stdout=subprocess.DEVNULL)

@@ -52,6 +52,8 @@ CONNECT_ROUND_TRIPS = 3       # a new connection: TCP handshake, HTTP/2 settings
 NEGLIGIBLE_ROUND_TRIP = 0.02  # seconds: a smaller round trip leaves the settings as they are
 ROUND_TRIP_SAMPLES = 3        # the round trip of an endpoint: the minimum of its latest few measurements
 FIRST_PROBE_TIMEOUT = 5.0     # s: a new client's first health check (wire form, pings), grown with the round trip
+LINK_SLACK = 2.0             # s: the keepalive timeout (and TCP_USER_TIMEOUT) is at least keepalive_time + this
+LINK_TIMEOUT_SIGNS = ("timed out", "ping timeout", "keepalive watchdog timeout")   # grpc-core's words, lower case
 
 _round_trips: dict[str, deque] = {}
 _round_trips_lock = threading.Lock()
@@ -76,6 +78,38 @@ def remeasure_round_trip(endpoint: str, timeout: float) -> Optional[float]:
         with _round_trips_lock:
             _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
     return round_trip_of(endpoint)
+
+
+def round_trip_moved(now: float, then: float) -> bool:
+    """True when round trip ``now`` is far enough from ``then`` (seconds, 0 = near) that timeouts fitted for
+    ``then`` no longer fit: apart by more than 50 ms and more than half the larger."""
+    return abs(now - then) > max(0.05, 0.5 * max(now, then))
+
+
+def is_link_timeout(details: str) -> bool:
+    """True for a gRPC error of a pinging connection that the kernel or grpc-core cut for lack of an
+    acknowledgement (TCP_USER_TIMEOUT: "Connection timed out"; "ping timeout"; "keepalive watchdog timeout"):
+    a dead link, or one that became longer than the connection's timeouts."""
+    text = (details or "").lower()
+    return any(sign in text for sign in LINK_TIMEOUT_SIGNS)
+
+
+def longer_round_trip(endpoint: str, fitted_for: float, timeout: float) -> Optional[float]:
+    """After a pinging connection fitted for round trip ``fitted_for`` (seconds, 0 = near) died of a link
+    timeout: one TCP handshake to ``endpoint`` timed (at most ``timeout``). Returns the new round trip when it is
+    longer than the connection's by more than ``round_trip_moved`` allows (then noted in place of the older
+    ones, so a new connection fits it), else None: no answer (a black hole, a dead host) or the link as it was.
+
+    Example::
+
+        longer_round_trip("10.0.0.2:9292", 0.0, 5.0)   # 1.502 after the link slowed to 1.5 s
+    """
+    now = _time_handshake(endpoint, timeout)
+    if now is None or far(now) <= fitted_for or not round_trip_moved(far(now), fitted_for):
+        return None
+    with _round_trips_lock:
+        _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
+    return now
 
 
 def round_trip_of(endpoint: str) -> Optional[float]:
@@ -135,7 +169,7 @@ def grpc_channel_options(keepalive_time: float = 0.0, max_message_bytes: int = D
     if keepalive_time > 0:
         distance = far(round_trip)
         interval_ms = int((keepalive_time + distance) * 1000)   # grpc-core fails pings sent faster than the RTT
-        timeout_ms = int((keepalive_time + ROUND_TRIP_FACTOR * distance) * 1000)
+        timeout_ms = int((keepalive_time + max(LINK_SLACK, ROUND_TRIP_FACTOR * distance)) * 1000)
         connect_ms = int((RECONNECT_BACKOFF_INTERVALS * keepalive_time + CONNECT_ROUND_TRIPS * distance) * 1000)
         options += [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
                     ("grpc.http2.ping_timeout_ms", timeout_ms), ("grpc.keepalive_permit_without_calls", 0),
