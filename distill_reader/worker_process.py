@@ -139,11 +139,15 @@ class Worker:
         round_trip = None
         try:
             client = self.client(probe.endpoint)
-            timed = self._executor.submit(client.network_round_trip, probe.timeout)   # beside the check
+            timed: list = []   # beside the check, in a thread of its own (the executor's may all be busy)
+            handshake = threading.Thread(target=lambda: timed.append(client.network_round_trip(probe.timeout)),
+                                         name="probe-handshake", daemon=True)
+            handshake.start()
             healthy = client.health(timeout=probe.timeout)
             message = "" if healthy else f"teacher {probe.endpoint}: health check failed"
             if healthy:
-                round_trip = timed.result()
+                handshake.join(probe.timeout)
+                round_trip = timed[0] if timed else None
         except Exception as exc:  # noqa: BLE001
             healthy, message = False, f"teacher {probe.endpoint}: {exc}"
         if not healthy:
