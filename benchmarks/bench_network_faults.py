@@ -4,8 +4,9 @@ Four fake teachers (benchmarks/fake_teacher.py, one request at a time, ``--laten
 its own network namespace behind a veth link (tests/support/netns.py); reader options at their defaults,
 teacher batch 32. The faults are made on teacher 4's link only, inside its namespace:
 
-- latency: an iptables NFQUEUE rule on the namespace's OUTPUT and tests/support/nfqueue_delay.py, which accepts
-  each packet ``delay`` ms later (this kernel has no sch_netem), so its round trip grows by ``delay``;
+- latency: an iptables NFQUEUE rule on the namespace's INPUT and tests/support/nfqueue_delay.py, which accepts
+  each packet ``delay`` ms later (this kernel has no sch_netem), so its round trip grows by ``delay`` (on INPUT:
+  held on OUTPUT, the teacher's packets count against its TCP Small Queues, tests/support/netns.py);
 - loss: ``iptables -m statistic --mode random --probability p -j DROP`` on the same OUTPUT (answers and ACKs).
 
 Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): fault-free; +300 ms on teacher
@@ -13,11 +14,15 @@ Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): 
 1.5 s round trip, where the figure is its requests over its ideal share (the ideal reader keeps every teacher
 busy: each answers ``seconds / latency`` requests). Also printed: teacher 4's share of the requests per phase,
 and its window, measured round trip and seconds-per-request estimate at the phase's end.
-Needs root, ``ip`` and ``iptables`` (scripts/setup.sh installs both).
+``--one_request 300`` instead times 100 KB requests to one teacher 300 ms away with the delay held on the
+namespace's OUTPUT vs its INPUT, 1, 8 and 16 in flight (on OUTPUT the teacher's own packets count against its TCP
+Small Queues while held: ~2 segments per delay). Needs root, ``ip`` and ``iptables`` (scripts/setup.sh installs
+both).
 
 Example::
 
     sudo python benchmarks/bench_network_faults.py --seconds 10
+    sudo python benchmarks/bench_network_faults.py --one_request 300
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -101,7 +107,9 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
         for endpoint in endpoints:
             _wait_serving(endpoint, conf)
         far = spaces[3]
-        _iptables(far, "-A", "OUTPUT", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+        # what the student sends is held on the way in (INPUT): held on the way out (OUTPUT), the teacher's own
+        # packets would count against its TCP Small Queues until released: ~2 segments per delay (netns.py)
+        _iptables(far, "-A", "INPUT", "-s", far.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
         far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
                          "--delay_file", delay_file, stdout=subprocess.DEVNULL)
         time.sleep(1.0)
@@ -138,14 +146,77 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
     return rows
 
 
+def _keep_asking(client: TeacherClient, x: np.ndarray, stop: float, latencies: list) -> None:
+    while time.monotonic() < stop:
+        began = time.monotonic()
+        client.predict({"img": x}, batch_size=BATCH)
+        latencies.append(time.monotonic() - began)
+
+
+def one_request(delay_ms: float, latency_ms: float, workdir: str, seconds: float = 8.0) -> list[tuple]:
+    """What 100 KB requests (teacher batch 32 of 1x28x28 float32) cost over a link ``delay_ms`` longer, with the
+    delay held on the namespace's OUTPUT (the teacher's packets) or INPUT (the student's), side by side: one
+    request at a time after 1 s idle, then ``in_flight`` requests kept out for ``seconds``. Rows: (where,
+    in_flight, answers/s, median latency s, first request's latency s)."""
+    conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf1"), "serving_client_conf.prototxt")
+    x = np.random.default_rng(0).random((BATCH, 1, 28, 28), dtype=np.float32)
+    rows = []
+    for where in ("OUTPUT", "INPUT"):
+        for in_flight in (1, 8, 16):
+            with netns.namespaces() as make:
+                ns = make()
+                ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
+                                "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+                endpoint = f"{ns.address}:9300"
+                _wait_serving(endpoint, conf)
+                delay_file = os.path.join(workdir, f"delay_{where}")
+                with open(delay_file, "w") as f:
+                    f.write(str(delay_ms))
+                ns.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
+                                "--delay_file", delay_file, stdout=subprocess.DEVNULL)
+                peer = ["-d" if where == "OUTPUT" else "-s", ns.host_address]
+                time.sleep(0.5)
+                _iptables(ns, "-A", where, *peer, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+                with TeacherClient(endpoint, conf) as client:
+                    client.predict({"img": x}, batch_size=BATCH)
+                    time.sleep(1.0)
+                    started = time.monotonic()
+                    client.predict({"img": x}, batch_size=BATCH)
+                    first = time.monotonic() - started
+                    latencies: list[float] = []
+                    stop = time.monotonic() + seconds
+
+                    threads = [threading.Thread(target=_keep_asking, args=(client, x, stop, latencies))
+                               for _ in range(in_flight)]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                rows.append((where, in_flight, len(latencies) / seconds, float(np.median(latencies)), first))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase's epoch, seconds")
     parser.add_argument("--latency_ms", type=float, default=50.0, help="each fake teacher's service time, ms")
+    parser.add_argument("--one_request", type=float, default=0.0, metavar="DELAY_MS",
+                        help="instead: 100 KB requests to one teacher DELAY_MS away, the delay held on OUTPUT vs "
+                             "INPUT, 1 / 8 / 16 in flight (what one request costs over the delayed link)")
     args = parser.parse_args(argv)
     reason = netns.unavailable()
     if reason:
         raise SystemExit(reason)
+    if args.one_request:
+        with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
+            rows = one_request(args.one_request, args.latency_ms, workdir)
+        print(f"{'delay held on':<14} {'in flight':>9} {'answers/s':>10} {'ideal':>6} {'median latency s':>17} "
+              f"{'one request after 1 s idle, s':>30}")
+        for where, in_flight, rate, median, first in rows:
+            print(f"{where:<14} {in_flight:>9d} {rate:>10.1f} {1000 / args.latency_ms:>6.1f} {median:>17.3f} "
+                  f"{first:>30.3f}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
         rows = run(args.seconds, args.latency_ms, workdir)
     print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "

@@ -43,11 +43,14 @@ from .channel_options import (
     far,
     grpc_channel_options,
     http_timeouts,
+    is_link_timeout,
     is_too_many_pings,
+    longer_round_trip,
     measure_tcp_round_trip,
     note_round_trip,
     probe_timeout_for,
     remeasure_round_trip,
+    round_trip_moved,
     round_trip_of,
 )
 from .feeds import FeedError, prepare_feed
@@ -182,6 +185,7 @@ class TeacherClient:
         self._pid = os.getpid()
         self._forked = False                        # this process is a fork of the one that made the client
         self._lock = threading.Lock()               # connection changes (request threads share a client)
+        self._refit_lock = threading.Lock()         # one round-trip measurement at a time (_refit_to_longer_link)
         # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self._tls_options = self.security.requests_options() if protocol == "http" else {}
         self._connect(keepalive=False)
@@ -226,6 +230,7 @@ class TeacherClient:
         with _FORK_LOCK:   # this client's lock may have been held by a parent thread at the fork: a new one
             if self._pid != os.getpid():
                 self._lock = threading.Lock()
+                self._refit_lock = threading.Lock()
                 self._reconnect_in_child()
 
     def _reconnect_in_child(self) -> None:
@@ -322,12 +327,20 @@ class TeacherClient:
         self._follow_round_trip()
         return healthy
 
+    def network_round_trip(self, timeout: float = 1.0) -> Optional[float]:
+        """The network's round trip to the teacher now: one TCP handshake timed (seconds, also noted), or None
+        (no answer within ``timeout``, not ``host:port``). Answered by the teacher's kernel on a connection of
+        its own, it is not held up behind this client's requests, as a health check on a connection busy with a
+        far teacher's window of requests is (0.3 s read 0.6-7 s; issue 25)."""
+        self._own_connection()
+        return measure_tcp_round_trip(self.endpoint, timeout)
+
     def _follow_round_trip(self) -> None:
         """A new keepalive channel when the measured round trip moved far from the one its timeouts were set for."""
         if self.protocol != "grpc" or not self._channel_keepalive:
             return
         now, then = far(round_trip_of(self.endpoint)), self._channel_round_trip
-        if abs(now - then) > max(0.05, 0.5 * max(now, then)):
+        if round_trip_moved(now, then):
             with self._lock:
                 if self._channel_keepalive and self._channel_round_trip == then:
                     logger.info("teacher %s: round trip %.3fs (was %.3fs): new connection with keepalive timeout "
@@ -416,7 +429,10 @@ class TeacherClient:
         try:
             answer = stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
         except grpc.RpcError as exc:
-            if not (pinging and exc.code() == grpc.StatusCode.UNAVAILABLE and is_too_many_pings(exc.details())):
+            unavailable = pinging and exc.code() == grpc.StatusCode.UNAVAILABLE
+            if unavailable and is_link_timeout(exc.details()) and self._refit_to_longer_link(stub):
+                return self._call_grpc_again(request)
+            if not (unavailable and is_too_many_pings(exc.details())):
                 raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
         else:
             return self._read_answer(answer, "gRPC")
@@ -433,6 +449,36 @@ class TeacherClient:
         except grpc.RpcError as exc:
             raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
         return self._read_answer(answer, "gRPC")
+
+    def _call_grpc_again(self, request: service_pb2.Request) -> service_pb2.Response:
+        """The request once more on the current channel (no further retry)."""
+        try:
+            answer = self._stub.inference(request, timeout=self.timeout, metadata=self.security.metadata())
+        except grpc.RpcError as exc:
+            raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
+        return self._read_answer(answer, "gRPC")
+
+    def _refit_to_longer_link(self, stub: Any) -> bool:
+        """A pinging connection (``stub``'s) died of a link timeout: True when the link has become longer than its
+        timeouts were set for and a new connection fits it (the request is then sent again: the teacher is not to
+        blame). grpc-core makes the keepalive timeout the socket's TCP_USER_TIMEOUT, so a connection made while a
+        teacher was near is cut as soon as its link slows past that, before any probe could measure it there:
+        one TCP handshake is timed instead (``longer_round_trip``; at most ``FIRST_PROBE_TIMEOUT``; no answer: a
+        black hole, the error stands). One thread measures; the others retry on the connection it made."""
+        with self._refit_lock:
+            if self._stub is not stub:       # another request thread already re-made it
+                return bool(self._channel_keepalive)
+            then = self._channel_round_trip
+            now = longer_round_trip(self.endpoint, then, min(self.timeout, FIRST_PROBE_TIMEOUT))
+            if now is None:
+                return False
+            with self._lock:
+                if self._stub is stub and self._channel_keepalive:
+                    logger.info("teacher %s: connection cut by its keepalive timeout; round trip now %.3fs (was "
+                                "%.3fs): new connection with timeouts to match, request sent again",
+                                self.endpoint, now, then)
+                    self._reconnect(keepalive=True)
+            return bool(self._channel_keepalive)
 
     def _read_answer(self, body: bytes, how: str) -> service_pb2.Response:
         """A teacher's serialized Response, after bounding what parsing it costs (``distill_base.wire_size``:

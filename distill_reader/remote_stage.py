@@ -413,8 +413,9 @@ class RemoteStage(PredictionStage):
         elif isinstance(message, ProbeResult):
             round_trip = self._rtt_probes.pop(message.probe_id, None)
             if round_trip is not None:   # a usable teacher's round trip; a failed one says nothing (requests do)
-                if message.healthy and round_trip[1] is not None:
-                    self.pool.round_trip_measured(message.endpoint, time.monotonic() - round_trip[1])
+                if message.healthy and round_trip[1] is not None:   # the worker's TCP handshake, else the probe's
+                    self.pool.round_trip_measured(message.endpoint, message.round_trip if message.round_trip
+                                                  is not None else time.monotonic() - round_trip[1])
                 return
             self._probing.pop(message.probe_id, None)
             self.pool.probe_result(message.endpoint, message.healthy, message.message)

@@ -274,6 +274,7 @@ class ProbeResult:
     endpoint: str
     healthy: bool
     message: str = ""
+    round_trip: Optional[float] = None   # s, one TCP handshake the worker timed beside a healthy check
 
 
 @_message

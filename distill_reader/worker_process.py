@@ -136,15 +136,24 @@ class Worker:
             self.send(Done(task.request_id, task.endpoint, outputs, time.monotonic() - start))
 
     def run_probe(self, probe: Probe) -> None:
+        round_trip = None
         try:
-            healthy = self.client(probe.endpoint).health(timeout=probe.timeout)
+            client = self.client(probe.endpoint)
+            timed: list = []   # beside the check, in a thread of its own (the executor's may all be busy)
+            handshake = threading.Thread(target=lambda: timed.append(client.network_round_trip(probe.timeout)),
+                                         name="probe-handshake", daemon=True)
+            handshake.start()
+            healthy = client.health(timeout=probe.timeout)
             message = "" if healthy else f"teacher {probe.endpoint}: health check failed"
+            if healthy:
+                handshake.join(probe.timeout)
+                round_trip = timed[0] if timed else None
         except Exception as exc:  # noqa: BLE001
             healthy, message = False, f"teacher {probe.endpoint}: {exc}"
         if not healthy:
             # a fresh channel next time: gRPC's own reconnect backoff would otherwise delay the teacher's return
             self.forget(probe.endpoint)
-        self.send(ProbeResult(probe.probe_id, probe.endpoint, healthy, message))
+        self.send(ProbeResult(probe.probe_id, probe.endpoint, healthy, message, round_trip))
 
     def loop(self) -> None:
         """Read messages until ``Stop`` or end-of-file."""

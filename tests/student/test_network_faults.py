@@ -283,6 +283,35 @@ def test_a_teacher_1_5s_away_is_used_with_the_default_keepalive(teacher_model, d
             dr.close()
 
 
+def test_a_teacher_whose_link_slows_to_1_5s_mid_run_keeps_answering_on_a_connection_that_fits(teacher_model, data,
+                                                                                              slow_netns):
+    """The connection was made while the teacher was near (keepalive timeout 1 s, which grpc-core also makes the
+    socket's TCP_USER_TIMEOUT); then its link slows to a 1.5 s round trip. Each request's data then stays
+    unacknowledged for longer than 1 s, so that connection is cut ("Connection timed out") and the teacher set
+    aside, again and again. The client now times a TCP handshake when a pinging connection dies that way, and on
+    a longer round trip re-makes it with timeouts that fit and sends the request again: the epoch is answered
+    with no error and no set-aside, exact."""
+    images, ref = data
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        dr = _reader(teacher_model, [far.endpoint], request_timeout=60.0)
+        try:
+            out, _ = _epoch(dr, images[:320])              # near: its connections get the near keepalive
+            check_epoch(out, images[:320], ref[:320])
+            ns.delay(1500)
+            out, seconds = _epoch(dr, images[:320])
+            check_epoch(out, images[:320], ref[:320])
+            stats = dr.last_epoch_stats
+            assert stats.teachers[far.endpoint]["samples"] == 320
+            assert stats.teachers[far.endpoint]["errors"] == 0, (stats.teachers, dr.pool.describe())
+            assert "set aside" not in dr.pool.describe(), dr.pool.describe()
+            assert seconds < 60, seconds
+            print(f"\nlink slowed to 1.5 s mid-run: 320 samples in {seconds:.1f}s, {stats.stage['stalls']} stalls, "
+                  f"round trip {dr.pool.round_trip(far.endpoint):.2f}s, window {dr.pool.window_of(far.endpoint)}")
+        finally:
+            dr.close()
+
+
 READER_STUDENT = """
 import json, os, sys, threading, time
 import numpy as np

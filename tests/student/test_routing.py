@@ -147,10 +147,11 @@ def test_the_stage_rules_give_the_numbers_the_stage_used():
 
 def test_keepalive_and_connect_timeouts_follow_the_round_trip():
     near = dict(channel_options.grpc_channel_options(1.0, round_trip=0.001))
-    assert near["grpc.keepalive_timeout_ms"] == 1000 and near["grpc.min_reconnect_backoff_ms"] == 2000
+    assert near["grpc.keepalive_timeout_ms"] == 3000, "LINK_SLACK: a near link may slow to ~2 s uncut"
+    assert near["grpc.min_reconnect_backoff_ms"] == 2000
     far = dict(channel_options.grpc_channel_options(1.0, round_trip=1.5))
-    assert far["grpc.keepalive_timeout_ms"] == 4000, "TCP_USER_TIMEOUT above a 1.5 s round trip"
-    assert far["grpc.http2.ping_timeout_ms"] == 4000 and far["grpc.min_reconnect_backoff_ms"] == 6500
+    assert far["grpc.keepalive_timeout_ms"] == 7000, "TCP_USER_TIMEOUT above a 1.5 s round trip"
+    assert far["grpc.http2.ping_timeout_ms"] == 7000 and far["grpc.min_reconnect_backoff_ms"] == 6500
     assert far["grpc.keepalive_time_ms"] == 2500, "pings no faster than the round trip"
     assert near["grpc.keepalive_time_ms"] == 1000
     assert channel_options.probe_timeout_for(2.0, 1.5) == 6.0 and channel_options.probe_timeout_for(2.0, 0.01) == 2.0
@@ -158,6 +159,9 @@ def test_keepalive_and_connect_timeouts_follow_the_round_trip():
     channel_options.note_round_trip("x:1", 2.0)
     channel_options.note_round_trip("x:1", 1.5)
     assert channel_options.round_trip_of("x:1") == 1.5 and channel_options.round_trip_of("y:1") is None
+    assert channel_options.is_link_timeout("recvmsg:Connection timed out") and \
+        channel_options.is_link_timeout("ping timeout") and not channel_options.is_link_timeout("Connection refused")
+    assert channel_options.round_trip_moved(1.5, 0.0) and not channel_options.round_trip_moved(0.04, 0.0)
 
 
 def test_a_healed_link_is_back_to_its_share_within_two_seconds(monkeypatch):

@@ -7,9 +7,13 @@ Each ``Namespace`` is a fresh ``ip netns`` joined to the test's (root) namespace
 - ``black_hole()``: a blackhole route for the root side's address: whatever the namespace sends to the test is
   dropped, so the test's packets get no ACK and no RST (a dead host, a cut cable); ``heal()`` removes it.
   Packets still arrive inside: the processes there see the test's requests but cannot answer.
-- ``delay(ms)``: every packet the namespace sends to the test's side leaves ``ms`` later (an iptables NFQUEUE
-  rule and tests/support/nfqueue_delay.py inside; this kernel has no sch_netem), so the round trip grows by
-  ``ms`` and the kernels still do the TCP (ACKs come late, as over a long link); ``delay(0)`` heals it.
+- ``delay(ms)``: every packet the namespace receives from the test's side is taken in ``ms`` later (an iptables
+  NFQUEUE rule on INPUT and tests/support/nfqueue_delay.py inside; this kernel has no sch_netem), so the round
+  trip grows by ``ms`` and the kernels still do the TCP (data and ACKs arrive late, as over a long link);
+  ``delay(0)`` heals it. Held on the way in, not on the way out: a packet held in the namespace's OUTPUT still
+  counts against its sender's TCP Small Queues (about 2 segments or 1 ms of pacing per socket until released),
+  so a teacher behind an OUTPUT delay could send only ~2 segments per delay (~7 answers/s at 300 ms), which no
+  real link does (measured: 7.5 answers/s with 8 requests in flight, 18.5-20 held on INPUT; issue 25).
 - ``lose(p)``: iptables' statistic match drops that fraction of what it sends to the test's side at random
   (answers and ACKs); ``lose(0)`` heals it. Both need ``iptables`` (``iptables_unavailable()`` says why not).
 
@@ -149,7 +153,7 @@ class Namespace:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
 
     def delay(self, ms: float) -> None:
-        """Delay what the namespace sends to the test's side by ``ms`` milliseconds (0: none)."""
+        """Delay what the namespace receives from the test's side by ``ms`` milliseconds (0: none)."""
         if self._delay_file is None:
             fd, self._delay_file = tempfile.mkstemp(prefix=f"{self.name}-delay-")
             os.close(fd)
@@ -159,7 +163,7 @@ class Namespace:
                                         "--queue", "1", "--delay_file", self._delay_file, stdout=subprocess.PIPE)
             if delayer.stdout.readline().strip() != b"ready":
                 raise RuntimeError(f"nfqueue_delay.py did not start in {self.name}")
-            self._iptables("-A", "OUTPUT", "-d", self.host_address, "-j", "NFQUEUE", "--queue-num", "1")
+            self._iptables("-A", "INPUT", "-s", self.host_address, "-j", "NFQUEUE", "--queue-num", "1")
             return
         with open(self._delay_file + ".new", "w") as f:
             f.write(str(ms))

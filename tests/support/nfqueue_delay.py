@@ -1,9 +1,11 @@
 """Delay packets by a fixed time with an iptables NFQUEUE and a netlink socket (no sch_netem on this kernel).
 
 Run inside a network namespace (``ip netns exec NS python nfqueue_delay.py --queue 1 --delay_ms 300``) after
-``iptables -A OUTPUT -j NFQUEUE --queue-num 1`` there: every packet that rule queues is accepted ``delay_ms``
-later, in order, so the namespace's traffic out gets that much extra round trip (a far teacher) while its kernel
-still does the TCP (ACKs come late, as over a long link). Pure Python over AF_NETLINK (nfnetlink_queue, copy
+``iptables -A INPUT -s PEER -j NFQUEUE --queue-num 1`` there: every packet that rule queues is accepted
+``delay_ms`` later, in order, so the namespace's traffic gets that much extra round trip (a far teacher) while
+the kernels still do the TCP (data and ACKs come late, as over a long link). On INPUT, not OUTPUT: a packet held
+on its way out still counts against its socket's TCP Small Queues, so the sender could send only ~2 segments per
+delay (netns.py). Pure Python over AF_NETLINK (nfnetlink_queue, copy
 mode "meta": packets are not copied to user space), no binding to install. ``--delay_file PATH``: read the delay
 (ms) from that file each 0.2 s, so a test can change it (heal: 0) without restarting. Ends on SIGTERM.
 """
