@@ -7,7 +7,8 @@ Command line of ``python -m paddle_serving_server(_gpu).serve``::
 gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given;
 Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
 asyncio event loop (grpc.aio + aiohttp); predictors run in ``--thread`` worker processes (``teachers.worker_pool``),
-fed by the batcher's threads.
+fed by the same loop (``teachers.batcher.LoopBatcher``: jobs written to the workers' sockets, answers read with
+``loop.add_reader``; no thread hand-off on a request's path).
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
 ``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
 on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
@@ -483,7 +484,7 @@ class TeacherService:
         Raises:
             ServeError: a worker cannot load the model, or the config names inputs/outputs the model does not have.
         """
-        from .batcher import DynamicBatcher
+        from .batcher import LoopBatcher
         from .errors import WorkerLoadError
         from .metrics import TeacherMetrics
         from .stats import RequestStats
@@ -507,8 +508,8 @@ class TeacherService:
         _warm_up(startup_run, self.config)
         merge = decide_merging(args, startup_run, self.config)
         self.stats = RequestStats(args.stats_interval)
-        self.batcher = DynamicBatcher(self.pool.run, args.max_batch_size if merge else 1, args.batch_timeout_ms,
-                                      runners=self.pool.size, predict_timeout=args.predict_timeout)
+        self.batcher = LoopBatcher(self.pool, args.max_batch_size if merge else 1, args.batch_timeout_ms,
+                                   predict_timeout=args.predict_timeout)
         self.metrics.track_queue(lambda: self.batcher.queue_depth)
         self.metrics.track_runs(self.pool.runs_in_progress)
 
@@ -522,6 +523,7 @@ class TeacherService:
         from .inference import InferenceHandler
 
         args = self.args
+        self.batcher.bind(asyncio.get_running_loop())   # runs driven from this loop from now on
         handler = InferenceHandler(self.config, run=self.batcher.submit, submit=self.batcher.submit_to_loop,
                                    predict_timeout=args.predict_timeout)
         self.grpc = GrpcTeacherServer(handler, args.host, args.port, args.max_body_size, observe=self.observe,
@@ -639,7 +641,7 @@ class TeacherService:
             except asyncio.TimeoutError:
                 logger.warning("transports did not stop within --drain_timeout")
         if self.batcher is not None:
-            clean = await loop.run_in_executor(None, self.batcher.close, left())
+            clean = await self.batcher.aclose(left())
             if not clean:
                 logger.error("a predictor run is still stuck after --drain_timeout; its worker is killed")
         if self.pool is not None:
@@ -685,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    # The event loop hands work to batch runners and back: switch the GIL faster than the 5 ms default.
+    # The event loop shares the GIL with the supervisor and output-reader threads: switch faster than 5 ms.
     sys.setswitchinterval(0.0005)
     code = asyncio.run(_serve(args))
     if code == 3:  # a predictor thread is stuck in native code: do not wait for it at interpreter exit
