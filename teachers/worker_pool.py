@@ -3,9 +3,12 @@
 Paddle line (paddle 3.3's ``Predictor.run`` holds the GIL of the process it runs in), a wedged run is killed at
 ``--predict_timeout`` and a crashing predictor takes only its own process down.
 
-``run`` is called from the batcher's runner threads: it borrows an idle worker, copies the inputs into the
-worker's shared-memory block, sends a ``job`` message and waits (GIL released) for ``answer``/``error``, at most
-``predict_timeout`` seconds. Then:
+The server drives the workers from its event loop (``attach_loop``, then ``borrow_nowait`` + ``launch`` in the
+loop's thread, used by ``teachers.batcher.LoopBatcher``): the inputs are copied into the worker's shared-memory
+block, the ``job`` message is sent without blocking, and ``loop.add_reader`` on the worker's socket takes the
+``answer``/``error`` and calls the run's ``done`` callback, no thread in between. ``run`` does the same from any
+thread, waiting (GIL released) for the answer (start-up runs, tests). Each run is bounded by ``predict_timeout``
+seconds. Then:
 
 - over time: the worker is SIGKILLed and replaced, the run raises ``WorkerTimeout`` (err_no 6000);
 - the worker died (any signal or exit): ``WorkerLost`` (err_no 10000, transient), the server logs why and a
@@ -24,6 +27,7 @@ Example::
     pool = WorkerPool(PredictorOptions(model_dir="serving_server", size=2), predict_timeout=30)
     pool.start()                                   # WorkerLoadError (one line) when the model cannot load
     out = pool.run({"img": images}, ["save_infer_model/scale_0.tmp_1"])   # {name: (array, lod)}
+    # in an event loop: pool.attach_loop(loop, on_idle); w = pool.borrow_nowait(); pool.launch(w, ..., done)
     pool.close()
 """
 from __future__ import annotations
