@@ -524,9 +524,12 @@ class LoopBatcher:
 
         Raises:
             BatcherClosed: ``aclose`` was called.
+            RuntimeError: ``bind`` was not called.
         """
         if self._closed:
             raise BatcherClosed("server is shutting down")
+        if self._loop is None:
+            raise RuntimeError("LoopBatcher.bind(loop) was not called")
         job = LoopJob(self, feeds, fetch, lods)
         job.future = Future()
         self._loop.call_soon_threadsafe(self._enqueue_or_refuse, job)

@@ -507,8 +507,10 @@ def test_loop_batcher_submit_from_another_thread():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
-        loop.call_soon_threadsafe(batcher.bind, loop)
+        async def bind():
+            batcher.bind(loop)
+
+        asyncio.run_coroutine_threadsafe(bind(), loop).result(5)
         results = _submit_concurrently(batcher, jobs=12, rows=2)
         assert asyncio.run_coroutine_threadsafe(batcher.aclose(5), loop).result(10)
     finally:
