@@ -223,14 +223,14 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     """Every server measurement of one server build (``make(**kwargs)`` returns a TeacherServer)."""
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
-    with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
+    with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2, spare=True) as on:
         on.wait_spare()     # the spare's model load would take CPU from the measurement
         for kind in kinds:
             for batch in (32, 1):
                 result[kind, "on", batch] = server_rate(on, teacher, batch, args.clients, args.seconds, kind)
     port = free_port() if metrics else None
     extra = ["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []
-    with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra) as off:
+    with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra, spare=True) as off:
         off.wait_spare()
         for kind in kinds:
             for batch in (1, 32):
