@@ -139,6 +139,7 @@ class _Worker:
         self.gpu_id = gpu_id
         self.sock, theirs = wire.channel_pair()
         self.nowait = _NoWait(self.sock)
+        self.fd = self.sock.fileno()      # kept: the event loop watches it until the worker is retired
         env = dict(os.environ)
         if gpu_id is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_id)     # each worker sees its own GPU only, as GPU 0
@@ -394,6 +395,7 @@ class WorkerPool:
         self._loop: Optional[asyncio.AbstractEventLoop] = None   # attach_loop: runs driven by this loop
         self._on_idle: Optional[Callable[[], None]] = None
         self._loop_runs: dict[int, _LoopRun] = {}                # fd -> run in flight (loop thread only)
+        self._watched: dict[int, _Worker] = {}                   # fd -> worker whose socket the loop reads
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -465,8 +467,11 @@ class WorkerPool:
             WorkerTimeout: the run took longer than its bound (the worker is killed and replaced).
             WorkerLost: the worker died or broke the protocol while it held the run.
             ModelRejectedInput: the model refused the input.
-            RuntimeError: any other predictor error.
+            RuntimeError: any other predictor error, or ``attach_loop`` was called (runs go through the loop).
         """
+        if self._loop is not None:
+            raise RuntimeError("WorkerPool.run after attach_loop: the event loop reads the workers' sockets now; "
+                               "submit through the loop's batcher (LoopBatcher.submit from other threads)")
         worker = self._borrow(self.predict_timeout if timeout is None else timeout)
         limit = self.predict_timeout if run_timeout is None else run_timeout
         bound = "--predict_timeout" if run_timeout is None else "the start-up run timeout"
@@ -535,6 +540,8 @@ class WorkerPool:
         for run in runs:
             self._end(run)
             run.done(None, error)
+        for worker in list(self._watched.values()):
+            self._unwatch(worker)
         self._loop, self._on_idle = None, None
 
     def idle_workers(self) -> int:
@@ -577,18 +584,26 @@ class WorkerPool:
             self._retire(run, None, f"predictor worker {worker.index} broke the protocol: {exc}")
             return
         self._loop_runs[run.fd] = run
-        loop.add_reader(run.fd, self._readable, run)
+        if self._watched.get(run.fd) is not worker:   # first loop run of this worker: its reader stays
+            loop.remove_reader(run.fd)                 # (a retired worker's fd number may have come back)
+            loop.add_reader(run.fd, self._readable, run.fd)
+            self._watched[run.fd] = worker
         if worker.nowait.pending:
             run.writing = True
             loop.add_writer(run.fd, self._writable, run)
         run.timer = loop.call_later(run.limit, self._expired, run)
 
+    def _unwatch(self, worker: _Worker) -> None:
+        """Stop reading ``worker``'s socket (before it is closed)."""
+        if self._watched.get(worker.fd) is worker:
+            del self._watched[worker.fd]
+            self._loop.remove_reader(worker.fd)
+
     def _end(self, run: _LoopRun) -> None:
-        """Stop watching ``run``'s worker (its reader, writer and timer)."""
+        """``run`` is over: its writer and timer go (the worker's reader stays for its next run)."""
         if self._loop_runs.pop(run.fd, None) is None:
             return
         loop = self._loop
-        loop.remove_reader(run.fd)
         if run.writing:
             loop.remove_writer(run.fd)
         if run.timer is not None:
@@ -605,8 +620,14 @@ class WorkerPool:
             run.writing = False
             self._loop.remove_writer(run.fd)
 
-    def _readable(self, run: _LoopRun) -> None:
-        worker = run.worker
+    def _readable(self, fd: int) -> None:
+        worker = self._watched.get(fd)
+        run = self._loop_runs.get(fd)
+        if worker is None:
+            return
+        if run is None or run.worker is not worker:
+            self._idle_readable(worker)
+            return
         try:
             message = wire.receive(worker.nowait)
         except BlockingIOError:     # woken with nothing to read
@@ -646,11 +667,27 @@ class WorkerPool:
             self._on_run(int(next(iter(feeds.values())).shape[0]) if feeds else 0, seconds, cpu)
         run.done(outputs, None)
 
+    def _idle_readable(self, worker: _Worker) -> None:
+        """A watched worker without a run spoke: EOF (it died idle) or a message out of turn; it is retired."""
+        try:
+            message = wire.receive(worker.nowait)
+        except BlockingIOError:
+            return
+        except (wire.ProtocolError, OSError) as exc:
+            message = exc
+        self._unwatch(worker)
+        if message is None:
+            self._loop.run_in_executor(None, lambda: self._lost(worker, worker.lost_message("while idle"), True))
+        else:
+            self._loop.run_in_executor(None, self._lost, worker, f"predictor worker {worker.index} broke the "
+                                       f"protocol while idle: {message!r:.200}", True)
+
     def _expired(self, run: _LoopRun) -> None:
         """The run passed its bound: the worker is SIGKILLed now, the run's requests answered now (6000), and
         the worker reaped and replaced off the loop."""
         self._end(run)
         worker = run.worker
+        self._unwatch(worker)
         try:
             worker.proc.kill()
         except ProcessLookupError:
@@ -664,6 +701,7 @@ class WorkerPool:
         """The worker died (``when``: at which point; its exit status is awaited off the loop, up to 2 s) or
         broke the protocol (``message``): it is replaced and the run fails with WorkerLost."""
         worker, loop = run.worker, self._loop
+        self._unwatch(worker)
 
         def retire() -> str:
             why = message if message is not None else worker.lost_message(when)

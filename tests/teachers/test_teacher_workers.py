@@ -439,3 +439,51 @@ def test_requests_whose_client_is_gone_never_reach_a_worker(teacher_model):
         assert _runs(server) - runs_before == 1
         with TeacherClient(server.endpoint, teacher_model.client_conf) as client:   # the server goes on
             assert client.predict({"img": mnist_like_images(2)})["prediction"].shape == (2, 10)
+
+
+def test_event_loop_drives_the_workers_and_notices_one_dying_idle(teacher_model, caplog):
+    """WorkerPool.attach_loop + LoopBatcher, as teachers.serve runs them: answers come back through the loop's
+    reader on each worker's socket (no runner thread); a worker SIGKILLed while idle after serving is seen by that
+    reader (EOF), logged with its signal and replaced, and the next requests are answered by its successor; the
+    blocking ``run`` is refused while the loop owns the sockets."""
+    import asyncio
+    import logging
+
+    from teachers.batcher import LoopBatcher
+    from teachers.predictor_pool import PredictorOptions
+    from teachers.worker_pool import WorkerPool
+
+    pool = WorkerPool(PredictorOptions(model_dir=teacher_model.server_dir, size=1), predict_timeout=30, spare=False)
+    pool.start()
+    images = mnist_like_images(3)
+    expected = reference_predict(teacher_model.server_dir, images)
+    feeds, fetch = {pool.input_names[0]: images}, [pool.output_names[0]]
+
+    async def scenario():
+        batcher = LoopBatcher(pool, max_batch_size=1, timeout_ms=0, predict_timeout=30)
+        batcher.bind(asyncio.get_running_loop())
+        before = threading.active_count()
+        first = [await asyncio.wait_for(batcher.submit_to_loop(feeds, fetch).waiter, 30) for _ in range(3)]
+        assert threading.active_count() == before, "no thread on a request's path"
+        with pytest.raises(RuntimeError, match="attach_loop"):
+            pool.run(feeds, fetch)
+        (dead,) = pool.worker_pids()
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while pool.restarts < 1 or pool.ready_workers() < 1:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            await asyncio.sleep(0.05)
+        later = [await asyncio.wait_for(batcher.submit_to_loop(feeds, fetch).waiter, 30) for _ in range(3)]
+        assert await batcher.aclose(5)
+        return first + later, dead
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="teachers.worker_pool"):
+            outputs, dead = asyncio.run(scenario())
+        (fresh,) = pool.worker_pids()
+    finally:
+        pool.close()
+    assert fresh != dead
+    for out in outputs:
+        np.testing.assert_allclose(out[fetch[0]][0], expected, atol=1e-5)
+    assert f"predictor worker 0 (pid {dead}) killed by SIGKILL while idle; replacing it" in caplog.text
