@@ -558,6 +558,7 @@ class WorkerPool:
             if worker.alive():
                 worker.busy_since = time.monotonic()
                 return worker
+            self._unwatch(worker)    # before its socket is closed: asyncio must not keep a closed fd
             self._lost(worker, f"predictor worker {worker.index} (pid {worker.pid}) "
                                f"{exit_reason(worker.proc.poll())} while idle", failure=True)
 
@@ -920,6 +921,9 @@ class WorkerPool:
         """Idle workers that died (a signal from outside, the OOM killer) are replaced before a run finds them."""
         for slot in self._slots:
             w = slot.worker
-            if w is not None and not w.dead and w.busy_since is None and w.proc.poll() is not None:
+            # a worker the event loop watches is retired by the loop (its reader sees the EOF): its socket must
+            # be unregistered from the loop before it is closed, which only the loop's thread may do
+            if w is not None and not w.dead and w.busy_since is None and w.proc.poll() is not None and \
+                    self._watched.get(w.fd) is not w:
                 self._lost(w, f"predictor worker {w.index} (pid {w.pid}) {exit_reason(w.proc.returncode)} while "
                               f"idle", failure=True)
