@@ -530,7 +530,8 @@ class WorkerPool:
         """Drive runs from ``loop`` (``borrow_nowait`` + ``launch``, loop thread only): the job is written to
         the worker's socket from the loop and its answer read by ``loop.add_reader``, no thread in between.
         ``on_idle`` is then called in the loop whenever a worker becomes free outside a loop run (a restarted
-        worker, a ``run`` from another thread given back)."""
+        worker, the spare placed). From then on ``run`` is refused (the loop reads the sockets) until
+        ``detach_loop``."""
         self._loop, self._on_idle = loop, on_idle
 
     def detach_loop(self, error: BaseException) -> None:
