@@ -3,12 +3,13 @@
 Paddle line (paddle 3.3's ``Predictor.run`` holds the GIL of the process it runs in), a wedged run is killed at
 ``--predict_timeout`` and a crashing predictor takes only its own process down.
 
-The server drives the workers from its event loop (``attach_loop``, then ``borrow_nowait`` + ``launch`` in the
-loop's thread, used by ``teachers.batcher.LoopBatcher``): the inputs are copied into the worker's shared-memory
-block, the ``job`` message is sent without blocking, and ``loop.add_reader`` on the worker's socket takes the
-``answer``/``error`` and calls the run's ``done`` callback, no thread in between. ``run`` does the same from any
-thread, waiting (GIL released) for the answer (start-up runs, tests). Each run is bounded by ``predict_timeout``
-seconds. Then:
+``run`` (called by the batcher's runner threads with ``teachers.serve --worker_io threads``, the default; start-up
+runs; tests) borrows an idle worker, copies the inputs into the worker's shared-memory block, sends a ``job``
+message and waits (GIL released) for ``answer``/``error``. With ``--worker_io loop`` the server drives the workers
+from its event loop instead (``attach_loop``, then ``borrow_nowait`` + ``launch`` in the loop's thread, used by
+``teachers.batcher.LoopBatcher``): the ``job`` message is sent without blocking and ``loop.add_reader`` on the
+worker's socket takes the answer and calls the run's ``done`` callback, no thread in between. Each run is bounded
+by ``predict_timeout`` seconds. Then:
 
 - over time: the worker is SIGKILLed and replaced, the run raises ``WorkerTimeout`` (err_no 6000);
 - the worker died (any signal or exit): ``WorkerLost`` (err_no 10000, transient), the server logs why and a
