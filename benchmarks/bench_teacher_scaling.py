@@ -181,7 +181,7 @@ def main() -> int:
                        for n in sorted({1, args.thread})}
             served = {}
             for n in sorted({1, args.thread}):
-                with TeacherServer(teacher.server_dir, thread=n, max_batch_size=0) as server:
+                with TeacherServer(teacher.server_dir, thread=n, max_batch_size=0, spare=True) as server:
                     server.wait_spare()   # the spare's model load would take CPU from the measurement
                     served[n] = server_rate(server.endpoint, body, args.batch, args.clients, args.seconds)
             for n in sorted(served):

@@ -18,7 +18,8 @@ client can. ``--client teacher`` uses ``TeacherClient.predict`` (what a student 
 TeacherClient runs of the batch-32 and batch-1 measurements as user-facing figures.
 
     python benchmarks/bench_teacher_server.py [--seconds 3] [--thread 2] [--clients 8] [--width 1]
-        [--client both|raw|teacher] [--baseline DIR]   # DIR: another checkout, measured in the same run
+        [--client both|raw|teacher] [--baseline DIR] [--worker_io threads|loop]   # DIR: another checkout,
+        # measured in the same run
 
 The scaling part (raw predictor as N processes, --thread N vs 1, health during a long prediction) is
 benchmarks/bench_teacher_scaling.py.
@@ -223,14 +224,16 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     """Every server measurement of one server build (``make(**kwargs)`` returns a TeacherServer)."""
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
-    with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2) as on:
+    io = ["--worker_io", args.worker_io] if args.worker_io and make is TeacherServer else []
+    with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2, spare=True,
+              extra_args=io) as on:
         on.wait_spare()     # the spare's model load would take CPU from the measurement
         for kind in kinds:
             for batch in (32, 1):
                 result[kind, "on", batch] = server_rate(on, teacher, batch, args.clients, args.seconds, kind)
     port = free_port() if metrics else None
-    extra = ["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []
-    with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra) as off:
+    extra = (["--enable_prometheus", "--prometheus_port", str(port)] if metrics else []) + io
+    with make(teacher.server_dir, thread=args.thread, max_batch_size=0, extra_args=extra, spare=True) as off:
         off.wait_spare()
         for kind in kinds:
             for batch in (1, 32):
@@ -279,6 +282,9 @@ def main() -> int:
                         help="another checkout of this project (with predictor worker processes and the "
                              "--enable_prometheus metrics) whose teacher server is measured in the same run, "
                              "right after this checkout's")
+    parser.add_argument("--worker_io", choices=["threads", "loop"], default=None,
+                        help="this checkout's server --worker_io (default: the server's own default); the baseline "
+                             "runs its default")
     parser.add_argument("--exported", default=None,
                         help="folder holding serving_server/ and serving_client/ of an exported model to measure "
                              "instead of building one (benchmarks/bench_paddle_lines.py passes one model to each "

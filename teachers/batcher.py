@@ -1,5 +1,10 @@
 """Server-side dynamic batching: concurrent requests are merged into one predictor run and split back.
 
+Two batchers with the same merging rules: ``LoopBatcher`` (``teachers.serve --worker_io loop``) runs entirely on
+the event loop and drives the predictor workers' sockets itself (``teachers.worker_pool.WorkerPool.launch``), no
+thread hand-off on a request's path; ``DynamicBatcher`` (below; the server's default, ``--worker_io threads``)
+runs any blocking ``run_fn`` on runner threads.
+
 ``runners`` threads (one per predictor) run the work. With ``max_batch_size`` > 1 the runners collect the
 batches themselves, one at a time (whichever runner is free leads): it takes the first waiting job, keeps
 collecting compatible jobs (same fetch names, same per-sample shapes and dtypes, same LoD feeds: merged with
@@ -34,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -369,3 +375,316 @@ class DynamicBatcher:
             job.finish(error=exc)
             return
         job.finish(outputs)
+
+
+# -- the event loop's batcher -------------------------------------------------------------------------------
+class LoopRunner(Protocol):
+    """What ``LoopBatcher`` drives (``teachers.worker_pool.WorkerPool``): workers borrowed and runs launched
+    from the event loop's thread, answers reported by a callback in that loop."""
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop, on_idle: Callable[[], None]) -> None: ...
+
+    def detach_loop(self, error: BaseException) -> None: ...
+
+    def idle_workers(self) -> int: ...
+
+    def borrow_nowait(self): ...
+
+    def give_back(self, worker) -> None: ...
+
+    def launch(self, worker, feeds: Mapping[str, np.ndarray], fetch_names: Sequence[str],
+               lods: Optional[Mapping[str, list]], done: Callable[[Optional[dict], Optional[BaseException]], None]
+               ) -> None: ...
+
+
+class LoopJob:
+    """One request queued on a ``LoopBatcher``: ``await job.waiter`` (submit_to_loop) or ``future``
+    (submit / submit_async, any thread). Touched in the loop's thread only, apart from ``future``."""
+
+    __slots__ = ("feeds", "fetch", "lods", "batch", "key", "arrived", "state", "future", "waiter", "_owner",
+                 "_running")
+
+    def __init__(self, owner: LoopBatcher, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                 lods: Optional[Mapping[str, list]]):
+        self._owner = owner
+        self.feeds = feeds
+        self.fetch = tuple(fetch)
+        self.lods = lods
+        self.batch = lod.samples_of(feeds, lods)
+        if owner.merging:
+            shapes = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
+            self.key = (self.fetch, lod.lod_key(lods), shapes)
+        else:
+            self.key = None
+        self.arrived = time.monotonic()
+        self.state = _PENDING
+        self.future: Optional[Future] = None
+        self.waiter: Optional[asyncio.Future] = None
+        self._running = False      # future.set_running_or_notify_cancel was called
+
+    def cancel(self) -> bool:
+        """(Loop thread.) Cancel the job if it has not started; True when it will never run."""
+        if self.state == _PENDING:
+            self.state = _CANCELLED
+            self._owner._waiting -= 1
+            return True
+        return self.state == _CANCELLED
+
+    def start(self) -> bool:
+        """Mark the job running; False when it was cancelled (then it must not run)."""
+        if self.state != _PENDING:
+            return False
+        self._owner._waiting -= 1
+        if self.future is not None and not self._running:
+            if not self.future.set_running_or_notify_cancel():
+                self.state = _CANCELLED
+                return False
+            self._running = True
+        self.state = _RUNNING
+        return True
+
+    def finish(self, result=None, error: Optional[BaseException] = None) -> None:
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
+        else:
+            _settle_waiter(self.waiter, result, error)
+
+
+class LoopBatcher:
+    """The teacher server's batcher with ``--worker_io loop``: everything on the event loop's thread, no runner
+    thread.
+
+    Jobs queue in the loop; whenever a worker is free (``runner.idle_workers``) the first job is taken with the
+    compatible jobs queued behind it (as ``DynamicBatcher`` merges: same fetch names, per-sample shapes,
+    dtypes and LoD feeds, up to ``max_batch_size`` samples, the first job waiting at most ``timeout_ms`` for
+    others, a ``loop.call_later`` timer), and ``runner.launch`` writes the run to a worker's socket; the worker's
+    answer, read by ``loop.add_reader``, settles the requests' futures directly and starts the next run. A merged
+    run that fails (other than by ``errors.BATCH_FAILURES``) puts its jobs back at the head of the queue to run
+    one by one, so only a bad request fails. A job can be cancelled until it starts (a request given up) and
+    never runs then.
+
+    Example (in the event loop)::
+
+        batcher = LoopBatcher(pool, max_batch_size=64, timeout_ms=2, predict_timeout=30)
+        batcher.bind(asyncio.get_running_loop())
+        job = batcher.submit_to_loop({"img": images}, ["prediction"])
+        outputs = await job.waiter                           # {name: (array, lod)}
+        clean = await batcher.aclose(timeout=30)
+    """
+
+    def __init__(self, runner: LoopRunner, max_batch_size: int, timeout_ms: float, predict_timeout: float = 60.0):
+        self._runner = runner
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.timeout_s = max(0.0, float(timeout_ms)) / 1000.0
+        self.predict_timeout = float(predict_timeout)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._queue: collections.deque = collections.deque()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._closed = False
+        self._waiting = 0          # jobs queued and neither started nor cancelled
+        self._running = 0          # runs launched and not yet answered
+        self.runs = 0
+        self.merged_jobs = 0
+
+    @property
+    def merging(self) -> bool:
+        return self.max_batch_size > 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs submitted and not yet handed to a worker."""
+        return self._waiting
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve from ``loop`` (call in it, before the first submit)."""
+        self._loop = loop
+        self._runner.attach_loop(loop, self._dispatch)
+
+    # -- submitting ---------------------------------------------------------------------------------
+    def submit_to_loop(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                       lods: Optional[Mapping[str, list]] = None) -> LoopJob:
+        """Queue a job from the loop's thread; ``await job.waiter`` gives its outputs {name: (array, lod)} or
+        raises the run's error; ``job.cancel()`` before it starts means it never runs.
+
+        Raises:
+            BatcherClosed: ``aclose`` was called.
+        """
+        if self._closed:
+            raise BatcherClosed("server is shutting down")
+        job = LoopJob(self, feeds, fetch, lods)
+        job.waiter = self._loop.create_future()
+        self._enqueue(job)
+        return job
+
+    def submit_async(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                     lods: Optional[Mapping[str, list]] = None) -> Future:
+        """Queue a job from any other thread; its ``concurrent.futures.Future`` gives the outputs (cancelling it
+        before the job starts means it never runs).
+
+        Raises:
+            BatcherClosed: ``aclose`` was called.
+            RuntimeError: ``bind`` was not called.
+        """
+        if self._closed:
+            raise BatcherClosed("server is shutting down")
+        if self._loop is None:
+            raise RuntimeError("LoopBatcher.bind(loop) was not called")
+        job = LoopJob(self, feeds, fetch, lods)
+        job.future = Future()
+        self._loop.call_soon_threadsafe(self._enqueue_or_refuse, job)
+        return job.future
+
+    def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+               lods: Optional[Mapping[str, list]] = None) -> dict:
+        """``submit_async`` and wait up to ``predict_timeout`` seconds (from a thread other than the loop's).
+
+        Raises:
+            PredictorTimeout: no answer within ``predict_timeout`` seconds.
+            BatcherClosed: the batcher is closed.
+            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
+        """
+        from .predictor_pool import PredictorTimeout
+
+        future = self.submit_async(feeds, fetch, lods)
+        try:
+            return future.result(timeout=self.predict_timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise PredictorTimeout(f"no answer from the predictor within {self.predict_timeout:g}s") from None
+
+    def _enqueue_or_refuse(self, job: LoopJob) -> None:
+        if self._closed:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(BatcherClosed("server is shutting down"))
+            return
+        self._enqueue(job)
+
+    def _enqueue(self, job: LoopJob) -> None:
+        self._waiting += 1
+        self._queue.append(job)
+        self._dispatch()
+
+    # -- running ------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Hand queued jobs to free workers (loop thread): called on every submit, answer, timer and freed
+        worker."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queue_ = self._queue
+        while queue_:
+            while queue_ and queue_[0].state != _PENDING:
+                queue_.popleft()
+            if not queue_ or self._runner.idle_workers() <= 0:
+                return
+            count = self._group_size()
+            if count == 0:
+                return            # the first job still waits for others to join it (timer set)
+            worker = self._runner.borrow_nowait()
+            if worker is None:    # the free worker had died: its replacement calls _dispatch
+                return
+            group = []
+            for _ in range(count):
+                job = queue_.popleft()
+                if job.start():
+                    group.append(job)
+            if not group:
+                self._runner.give_back(worker)   # every job of the group was cancelled meanwhile
+                continue
+            self._launch(worker, group)
+
+    def _group_size(self) -> int:
+        """How many queued jobs (cancelled ones included) the next run takes; 0 when it should wait longer."""
+        queue_ = self._queue
+        first = queue_[0]
+        if first.key is None or first.batch >= self.max_batch_size:
+            return 1
+        total, count = first.batch, 1
+        for job in itertools.islice(queue_, 1, None):
+            if job.state != _PENDING:
+                count += 1
+                continue
+            if job.key != first.key or total + job.batch > self.max_batch_size:
+                return count      # the group is as big as it gets
+            total += job.batch
+            count += 1
+            if total >= self.max_batch_size:
+                return count
+        wait = first.arrived + self.timeout_s - time.monotonic()
+        if wait > 0 and not self._closed:
+            self._timer = self._loop.call_later(wait, self._dispatch)
+            return 0
+        return count
+
+    def _launch(self, worker, group: list) -> None:
+        if len(group) == 1:
+            job = group[0]
+            feeds, lods = job.feeds, job.lods
+        else:
+            try:
+                feeds, lods = lod.merge_jobs([(j.feeds, j.lods) for j in group])
+                lods = lods or None
+            except Exception as exc:  # noqa: BLE001 - jobs that cannot be one batch run one by one
+                logger.warning("%d jobs could not be merged, running them one by one: %s", len(group), exc)
+                self._runner.give_back(worker)
+                self._requeue_alone(group)
+                return
+        self._running += 1
+        self.runs += 1
+        self._runner.launch(worker, feeds, group[0].fetch, lods,
+                            lambda outputs, error: self._answered(group, outputs, error))
+
+    def _answered(self, group: list, outputs: Optional[dict], error: Optional[BaseException]) -> None:
+        self._running -= 1
+        if len(group) == 1:
+            group[0].finish(outputs, error)
+        elif error is not None:
+            if isinstance(error, BATCH_FAILURES) or isinstance(error, BatcherClosed):
+                for job in group:
+                    job.finish(error=error)
+            else:
+                logger.info("a merged run of %d requests failed; running each alone so only a bad one fails",
+                            len(group))
+                self._requeue_alone(group)
+        else:
+            shares = lod.split_outputs(outputs, [j.batch for j in group])
+            if shares is None:      # outputs not split by sample: run each job on its own
+                self._requeue_alone(group)
+            else:
+                self.merged_jobs += len(group)
+                for job, share in zip(group, shares):
+                    job.finish(share)
+        self._dispatch()
+
+    def _requeue_alone(self, group: list) -> None:
+        """Put ``group``'s jobs back at the head of the queue, each to run alone (cancellable again)."""
+        for job in reversed(group):
+            job.key = None
+            job.state = _PENDING
+            self._waiting += 1
+            self._queue.appendleft(job)
+
+    # -- closing ------------------------------------------------------------------------------------
+    async def aclose(self, timeout: float = 30.0) -> bool:
+        """(In the loop.) Stop accepting jobs, let queued and running ones finish for up to ``timeout`` seconds,
+        then fail the rest with BatcherClosed and stop driving the workers. Returns False when a run was still
+        in progress (stuck) at the end."""
+        self._closed = True
+        self._dispatch()          # a batch waiting for others to join goes now
+        deadline = time.monotonic() + max(0.0, timeout)
+        while (self._waiting > 0 or self._running > 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        clean = self._running == 0
+        closed = BatcherClosed("server shut down before this request ran")
+        while self._queue:
+            job = self._queue.popleft()
+            if job.start():
+                job.finish(error=closed)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._runner.detach_loop(BatcherClosed("server shut down while this request ran"))
+        return clean

@@ -3,9 +3,13 @@
 Paddle line (paddle 3.3's ``Predictor.run`` holds the GIL of the process it runs in), a wedged run is killed at
 ``--predict_timeout`` and a crashing predictor takes only its own process down.
 
-``run`` is called from the batcher's runner threads: it borrows an idle worker, copies the inputs into the
-worker's shared-memory block, sends a ``job`` message and waits (GIL released) for ``answer``/``error``, at most
-``predict_timeout`` seconds. Then:
+``run`` (called by the batcher's runner threads with ``teachers.serve --worker_io threads``, the default; start-up
+runs; tests) borrows an idle worker, copies the inputs into the worker's shared-memory block, sends a ``job``
+message and waits (GIL released) for ``answer``/``error``. With ``--worker_io loop`` the server drives the workers
+from its event loop instead (``attach_loop``, then ``borrow_nowait`` + ``launch`` in the loop's thread, used by
+``teachers.batcher.LoopBatcher``): the ``job`` message is sent without blocking and ``loop.add_reader`` on the
+worker's socket takes the answer and calls the run's ``done`` callback, no thread in between. Each run is bounded
+by ``predict_timeout`` seconds. Then:
 
 - over time: the worker is SIGKILLed and replaced, the run raises ``WorkerTimeout`` (err_no 6000);
 - the worker died (any signal or exit): ``WorkerLost`` (err_no 10000, transient), the server logs why and a
@@ -24,10 +28,12 @@ Example::
     pool = WorkerPool(PredictorOptions(model_dir="serving_server", size=2), predict_timeout=30)
     pool.start()                                   # WorkerLoadError (one line) when the model cannot load
     out = pool.run({"img": images}, ["save_infer_model/scale_0.tmp_1"])   # {name: (array, lod)}
+    # in an event loop: pool.attach_loop(loop, on_idle); w = pool.borrow_nowait(); pool.launch(w, ..., done)
     pool.close()
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
@@ -36,6 +42,7 @@ import queue
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +78,60 @@ def exit_reason(returncode: Optional[int]) -> str:
     return f"exited with code {returncode}"
 
 
+class _NoWait:
+    """The event loop's view of a worker channel: ``recv_into`` and ``send`` never block (``MSG_DONTWAIT``)
+    while the socket itself stays blocking for the supervisor thread. A message the socket cannot take now
+    (``SOCK_SEQPACKET`` takes one whole or not at all) is kept in ``pending`` for an ``add_writer`` callback
+    (``flush``)."""
+
+    __slots__ = ("sock", "pending")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.pending: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if not self.pending:
+            try:
+                return self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        self.pending.append(bytes(data))
+        return len(data)
+
+    def recv_into(self, buffer: bytearray) -> int:
+        return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left. Raises OSError when the worker is gone."""
+        while self.pending:
+            try:
+                self.sock.send(self.pending[0], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            self.pending.pop(0)
+        return True
+
+
+RunDone = Callable[[Optional[dict], Optional[BaseException]], None]   # (outputs, error): exactly one is None
+
+
+class _LoopRun:
+    """One run on a worker, driven by the event loop (``WorkerPool.launch``)."""
+
+    __slots__ = ("worker", "feeds", "done", "fd", "timer", "writing", "limit", "bound")
+
+    def __init__(self, worker: _Worker, feeds: Mapping[str, np.ndarray], done: RunDone, limit: float, bound: str):
+        self.worker = worker
+        self.feeds = feeds
+        self.done = done
+        self.fd = worker.sock.fileno()
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.writing = False
+        self.limit = limit
+        self.bound = bound
+
+
 class _Worker:
     """One worker process (one generation of a slot): its channel, blocks and output tail."""
 
@@ -78,6 +139,8 @@ class _Worker:
         self.index = index
         self.gpu_id = gpu_id
         self.sock, theirs = wire.channel_pair()
+        self.nowait = _NoWait(self.sock)
+        self.fd = self.sock.fileno()      # kept: the event loop watches it until the worker is retired
         env = dict(os.environ)
         if gpu_id is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_id)     # each worker sees its own GPU only, as GPU 0
@@ -176,6 +239,20 @@ class _Worker:
     def run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str], lods: Optional[Mapping[str, list]],
             timeout: float) -> tuple[dict, float, float]:
         """({fetch: (array, lod)}, seconds, predictor CPU seconds) of one run on this worker."""
+        try:
+            self.send_job(self.sock, feeds, fetch, lods)
+        except OSError:
+            raise WorkerLost(self.lost_message("before it took the request")) from None
+        deadline = self.busy_since + timeout
+        while True:
+            result = self.handle(self.sock, self._receive(deadline), feeds)
+            if result is not None:
+                return result
+
+    def send_job(self, sock, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                 lods: Optional[Mapping[str, list]]) -> None:
+        """Copy the inputs into the input block (a bigger one when they do not fit) and send ``job`` on ``sock``
+        (the channel, or the event loop's non-blocking view of it). Raises OSError when the worker is gone."""
         arrays = dict(feeds)     # write_arrays copies any layout into the block: no contiguous copy first
         for name, lod in (lods or {}).items():
             if lod:
@@ -188,31 +265,36 @@ class _Worker:
             self.outputs = wire.create_block(wire.MIN_BLOCK)
         layout = wire.write_arrays(self.inputs, arrays)
         self._jobs += 1
-        try:
-            wire.send_job(self.sock, self._jobs, self.inputs.name, self.outputs.name, layout, fetch)
-        except OSError:
-            raise WorkerLost(self.lost_message("before it took the request")) from None
-        deadline = self.busy_since + timeout
-        while True:
-            message = self._receive(deadline)
-            kind = message["kind"]
-            if kind == "answer":
-                got = wire.read_arrays(self.outputs, message["outputs"], copy=True)
-                outputs = {name: (got[name], got[LOD_PREFIX + name].tolist() if LOD_PREFIX + name in got else [])
-                           for name in got if not name.startswith(LOD_PREFIX)}
-                return outputs, float(message.get("seconds", 0.0)), float(message.get("cpu", 0.0))
-            if kind == "need":
-                size = int(message["bytes"])
-                old, self.outputs = self.outputs, wire.create_block(size + size // 4)
-                wire.release_block(old)
-                wire.send(self.sock, "grown", out=self.outputs.name)
-            elif kind == "error":
-                text = str(message.get("message", ""))
-                if message.get("cls") == "input":
-                    raise ModelRejectedInput(rejection(text, list(feeds)))
-                raise RuntimeError(text)
-            else:
-                raise wire.ProtocolError(f"unexpected {kind!r} message from predictor worker {self.index}")
+        wire.send_job(sock, self._jobs, self.inputs.name, self.outputs.name, layout, fetch)
+
+    def handle(self, sock, message: dict, feeds: Mapping[str, np.ndarray]) -> Optional[tuple[dict, float, float]]:
+        """One message of a run: the run's (outputs, seconds, CPU seconds) on ``answer``; None after ``need``
+        (the output block is replaced, ``grown`` sent on ``sock``: the answer is still to come).
+
+        Raises:
+            ModelRejectedInput: the model refused the input (``error`` of class input).
+            RuntimeError: any other predictor error (the worker goes on).
+            wire.ProtocolError: a message that is not part of a run.
+            OSError: ``grown`` could not be sent (the worker is gone).
+        """
+        kind = message["kind"]
+        if kind == "answer":
+            got = wire.read_arrays(self.outputs, message["outputs"], copy=True)
+            outputs = {name: (got[name], got[LOD_PREFIX + name].tolist() if LOD_PREFIX + name in got else [])
+                       for name in got if not name.startswith(LOD_PREFIX)}
+            return outputs, float(message.get("seconds", 0.0)), float(message.get("cpu", 0.0))
+        if kind == "need":
+            size = int(message["bytes"])
+            old, self.outputs = self.outputs, wire.create_block(size + size // 4)
+            wire.release_block(old)
+            wire.send(sock, "grown", out=self.outputs.name)
+            return None
+        if kind == "error":
+            text = str(message.get("message", ""))
+            if message.get("cls") == "input":
+                raise ModelRejectedInput(rejection(text, list(feeds)))
+            raise RuntimeError(text)
+        raise wire.ProtocolError(f"unexpected {kind!r} message from predictor worker {self.index}")
 
     def _receive(self, deadline: float) -> dict:
         while True:
@@ -311,6 +393,10 @@ class WorkerPool:
         self._spare_failures = 0
         self.input_names: list[str] = []
         self.output_names: list[str] = []
+        self._loop: Optional[asyncio.AbstractEventLoop] = None   # attach_loop: runs driven by this loop
+        self._on_idle: Optional[Callable[[], None]] = None
+        self._loop_runs: dict[int, _LoopRun] = {}                # fd -> run in flight (loop thread only)
+        self._watched: dict[int, _Worker] = {}                   # fd -> worker whose socket the loop reads
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -382,8 +468,11 @@ class WorkerPool:
             WorkerTimeout: the run took longer than its bound (the worker is killed and replaced).
             WorkerLost: the worker died or broke the protocol while it held the run.
             ModelRejectedInput: the model refused the input.
-            RuntimeError: any other predictor error.
+            RuntimeError: any other predictor error, or ``attach_loop`` was called (runs go through the loop).
         """
+        if self._loop is not None:
+            raise RuntimeError("WorkerPool.run after attach_loop: the event loop reads the workers' sockets now; "
+                               "submit through the loop's batcher (LoopBatcher.submit from other threads)")
         worker = self._borrow(self.predict_timeout if timeout is None else timeout)
         limit = self.predict_timeout if run_timeout is None else run_timeout
         bound = "--predict_timeout" if run_timeout is None else "the start-up run timeout"
@@ -426,6 +515,210 @@ class WorkerPool:
     def _give_back(self, worker: _Worker) -> None:
         worker.busy_since = None
         self._idle.put(worker)
+        self._notify_idle()
+
+    def _notify_idle(self) -> None:
+        """Tell the attached event loop (if any) that a worker is free; callable from any thread."""
+        loop, on_idle = self._loop, self._on_idle
+        if loop is not None and on_idle is not None:
+            try:
+                loop.call_soon_threadsafe(on_idle)
+            except RuntimeError:   # the loop is closed
+                pass
+
+    # -- runs driven by the event loop -----------------------------------------------------------------
+    def attach_loop(self, loop: asyncio.AbstractEventLoop, on_idle: Callable[[], None]) -> None:
+        """Drive runs from ``loop`` (``borrow_nowait`` + ``launch``, loop thread only): the job is written to
+        the worker's socket from the loop and its answer read by ``loop.add_reader``, no thread in between.
+        ``on_idle`` is then called in the loop whenever a worker becomes free outside a loop run (a restarted
+        worker, the spare placed). From then on ``run`` is refused (the loop reads the sockets) until
+        ``detach_loop``."""
+        self._loop, self._on_idle = loop, on_idle
+
+    def detach_loop(self, error: BaseException) -> None:
+        """Stop driving runs from the loop (loop thread, before ``close``): every run still in flight gets
+        ``error`` and its worker stays busy (``close`` kills it)."""
+        runs = list(self._loop_runs.values())
+        for run in runs:
+            self._end(run)
+            run.done(None, error)
+        for worker in list(self._watched.values()):
+            self._unwatch(worker)
+        self._loop, self._on_idle = None, None
+
+    def idle_workers(self) -> int:
+        """Workers waiting for a run (some may have died meanwhile: ``borrow_nowait`` skips those)."""
+        return self._idle.qsize()
+
+    def borrow_nowait(self) -> Optional[_Worker]:
+        """A free, live worker marked busy, or None when none is free now (loop thread)."""
+        while True:
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if worker.alive():
+                worker.busy_since = time.monotonic()
+                return worker
+            self._unwatch(worker)    # before its socket is closed: asyncio must not keep a closed fd
+            self._lost(worker, f"predictor worker {worker.index} (pid {worker.pid}) "
+                               f"{exit_reason(worker.proc.poll())} while idle", failure=True)
+
+    def give_back(self, worker: _Worker) -> None:
+        """Return a worker from ``borrow_nowait`` unused (loop thread)."""
+        worker.busy_since = None
+        self._idle.put(worker)
+
+    def launch(self, worker: _Worker, feeds: Mapping[str, np.ndarray], fetch_names: Sequence[str],
+               lods: Optional[Mapping[str, list]], done: RunDone) -> None:
+        """Run one batch on ``worker`` (from ``borrow_nowait``) without blocking the loop: the inputs are copied
+        into its block and ``job`` sent now; ``done(outputs, None)`` or ``done(None, error)`` is called in the
+        loop later, with the errors ``run`` raises (WorkerTimeout after ``predict_timeout``: the worker is
+        killed and replaced; WorkerLost; ModelRejectedInput; RuntimeError). The worker is free again before
+        ``done`` is called."""
+        loop = self._loop
+        run = _LoopRun(worker, feeds, done, self.predict_timeout, "--predict_timeout")
+        try:
+            worker.send_job(worker.nowait, feeds, fetch_names, lods)
+        except OSError:
+            self._retire(run, "before it took the request")
+            return
+        except wire.ProtocolError as exc:
+            self._retire(run, None, f"predictor worker {worker.index} broke the protocol: {exc}")
+            return
+        self._loop_runs[run.fd] = run
+        if self._watched.get(run.fd) is not worker:   # first loop run of this worker: its reader stays
+            loop.remove_reader(run.fd)                 # (a retired worker's fd number may have come back)
+            loop.add_reader(run.fd, self._readable, run.fd)
+            self._watched[run.fd] = worker
+        if worker.nowait.pending:
+            run.writing = True
+            loop.add_writer(run.fd, self._writable, run)
+        run.timer = loop.call_later(run.limit, self._expired, run)
+
+    def _unwatch(self, worker: _Worker) -> None:
+        """Stop reading ``worker``'s socket (before it is closed)."""
+        if self._watched.get(worker.fd) is worker:
+            del self._watched[worker.fd]
+            self._loop.remove_reader(worker.fd)
+
+    def _end(self, run: _LoopRun) -> None:
+        """``run`` is over: its writer and timer go (the worker's reader stays for its next run)."""
+        if self._loop_runs.pop(run.fd, None) is None:
+            return
+        loop = self._loop
+        if run.writing:
+            loop.remove_writer(run.fd)
+        if run.timer is not None:
+            run.timer.cancel()
+
+    def _writable(self, run: _LoopRun) -> None:
+        try:
+            flushed = run.worker.nowait.flush()
+        except OSError:
+            self._end(run)
+            self._retire(run, "before it took the request")
+            return
+        if flushed:
+            run.writing = False
+            self._loop.remove_writer(run.fd)
+
+    def _readable(self, fd: int) -> None:
+        worker = self._watched.get(fd)
+        run = self._loop_runs.get(fd)
+        if worker is None:
+            return
+        if run is None or run.worker is not worker:
+            self._idle_readable(worker)
+            return
+        try:
+            message = wire.receive(worker.nowait)
+        except BlockingIOError:     # woken with nothing to read
+            return
+        except (wire.ProtocolError, OSError) as exc:
+            self._end(run)
+            self._retire(run, None, f"predictor worker {worker.index} broke the protocol: {exc}")
+            return
+        if message is None:
+            self._end(run)
+            self._retire(run, "while it held the request")
+            return
+        try:
+            result = worker.handle(worker.nowait, message, run.feeds)
+        except (wire.ProtocolError, OSError) as exc:
+            self._end(run)
+            self._retire(run, None, f"predictor worker {worker.index} broke the protocol: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the predictor's error goes to the run's requests
+            self._end(run)
+            worker.busy_since = None
+            self._idle.put(worker)
+            run.done(None, exc)
+            return
+        if result is None:          # ``need``: ``grown`` sent, the answer is still to come
+            if worker.nowait.pending and not run.writing:
+                run.writing = True
+                self._loop.add_writer(run.fd, self._writable, run)
+            return
+        self._end(run)
+        outputs, seconds, cpu = result
+        self._slots[worker.index].failures = 0
+        worker.busy_since = None
+        self._idle.put(worker)
+        if self._on_run is not None:
+            feeds = run.feeds
+            self._on_run(int(next(iter(feeds.values())).shape[0]) if feeds else 0, seconds, cpu)
+        run.done(outputs, None)
+
+    def _idle_readable(self, worker: _Worker) -> None:
+        """A watched worker without a run spoke: EOF (it died idle) or a message out of turn; it is retired."""
+        try:
+            message = wire.receive(worker.nowait)
+        except BlockingIOError:
+            return
+        except (wire.ProtocolError, OSError) as exc:
+            message = exc
+        self._unwatch(worker)
+        if message is None:
+            self._loop.run_in_executor(None, lambda: self._lost(worker, worker.lost_message("while idle"), True))
+        else:
+            self._loop.run_in_executor(None, self._lost, worker, f"predictor worker {worker.index} broke the "
+                                       f"protocol while idle: {message!r:.200}", True)
+
+    def _expired(self, run: _LoopRun) -> None:
+        """The run passed its bound: the worker is SIGKILLed now, the run's requests answered now (6000), and
+        the worker reaped and replaced off the loop."""
+        self._end(run)
+        worker = run.worker
+        self._unwatch(worker)
+        try:
+            worker.proc.kill()
+        except ProcessLookupError:
+            pass
+        why = f"its run passed {run.bound} {run.limit:g}s; killed"
+        self._loop.run_in_executor(None, self._lost, worker, why, False)
+        run.done(None, WorkerTimeout(f"the predictor did not answer within {run.bound} {run.limit:g}s; "
+                                     f"its worker process was killed and is being replaced"))
+
+    def _retire(self, run: _LoopRun, when: Optional[str], message: Optional[str] = None) -> None:
+        """The worker died (``when``: at which point; its exit status is awaited off the loop, up to 2 s) or
+        broke the protocol (``message``): it is replaced and the run fails with WorkerLost."""
+        worker, loop = run.worker, self._loop
+        self._unwatch(worker)
+
+        def retire() -> str:
+            why = message if message is not None else worker.lost_message(when)
+            self._lost(worker, why, failure=True)
+            return why
+
+        def settle(future: asyncio.Future) -> None:
+            try:
+                why = future.result()
+            except Exception as exc:  # noqa: BLE001 - the run still gets its answer
+                why = f"predictor worker {worker.index} (pid {worker.pid}) lost: {exc}"
+            run.done(None, WorkerLost(why))
+
+        loop.run_in_executor(None, retire).add_done_callback(settle)
 
     def _lost(self, worker: _Worker, why: str, failure: bool) -> None:
         """Retire ``worker`` and have the supervisor start its replacement (after a backoff on failures)."""
@@ -548,6 +841,7 @@ class WorkerPool:
             if not self.input_names:
                 self.input_names, self.output_names = worker.input_names, worker.output_names
             self._idle.put(worker)
+            self._notify_idle()
         if first and self._start_error is None:
             self._spare_due = time.monotonic()
 
@@ -629,6 +923,9 @@ class WorkerPool:
         """Idle workers that died (a signal from outside, the OOM killer) are replaced before a run finds them."""
         for slot in self._slots:
             w = slot.worker
-            if w is not None and not w.dead and w.busy_since is None and w.proc.poll() is not None:
+            # a worker the event loop watches is retired by the loop (its reader sees the EOF): its socket must
+            # be unregistered from the loop before it is closed, which only the loop's thread may do
+            if w is not None and not w.dead and w.busy_since is None and w.proc.poll() is not None and \
+                    self._watched.get(w.fd) is not w:
                 self._lost(w, f"predictor worker {w.index} (pid {w.pid}) {exit_reason(w.proc.returncode)} while "
                               f"idle", failure=True)

@@ -336,3 +336,187 @@ def test_batch_independence_check():
     assert "failed on random inputs" in check_batch_independence(failing, config).reason
     lod = ServingConfig(feeds=(VarSpec("w", "w", 0, (-1,), is_lod_tensor=True),), fetches=config.fetches)
     assert "cannot check" in check_batch_independence(rowwise, lod).reason
+
+
+# -- LoopBatcher: the server's batcher, all on the event loop -------------------------------------------------
+class _LoopWorkers:
+    """Stands in for WorkerPool's loop interface (the worker processes are not under test here): ``size``
+    workers; a run answers ``delay`` seconds after it was launched (a loop timer, no thread) with ``compute``'s
+    result or error, or waits while ``hold`` is set until ``release``."""
+
+    def __init__(self, compute, size: int = 1, delay: float = 0.02):
+        self.compute, self.delay = compute, delay
+        self.idle = list(range(size))
+        self.sizes: list = []
+        self.hold = False
+        self.held: list = []
+        self.loop = None
+        self.on_idle = None
+
+    def attach_loop(self, loop, on_idle):
+        self.loop, self.on_idle = loop, on_idle
+
+    def detach_loop(self, error):
+        for _, _, done in self.held:
+            done(None, error)
+        self.held = []
+
+    def idle_workers(self):
+        return len(self.idle)
+
+    def borrow_nowait(self):
+        return self.idle.pop() if self.idle else None
+
+    def give_back(self, worker):
+        self.idle.append(worker)
+
+    def launch(self, worker, feeds, fetch, lods, done):
+        self.sizes.append(next(iter(feeds.values())).shape[0])
+        entry = (worker, (dict(feeds), list(fetch), lods), done)
+        if self.hold:
+            self.held.append(entry)
+        else:
+            self.loop.call_later(self.delay, self._answer, entry)
+
+    def release(self):
+        self.hold = False
+        held, self.held = self.held, []
+        for entry in held:
+            self.loop.call_soon(self._answer, entry)
+
+    def _answer(self, entry):
+        worker, args, done = entry
+        self.idle.append(worker)
+        try:
+            outputs = self.compute(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the batcher as a worker's error is
+            done(None, exc)
+            return
+        done(outputs, None)
+
+
+def _double(feeds, fetch, lods):
+    return {"y": (feeds["x"] * 2.0 + 1.0, [])}
+
+
+async def _gather_jobs(batcher, arrays):
+    jobs = [batcher.submit_to_loop({"x": x}, ["y"]) for x in arrays]
+    return await asyncio.gather(*(asyncio.wait_for(j.waiter, 10) for j in jobs), return_exceptions=True)
+
+
+def test_loop_batcher_merges_splits_back_and_never_exceeds_max_batch_size():
+    from teachers.batcher import LoopBatcher
+
+    async def scenario(max_batch_size, size, rows, jobs):
+        workers = _LoopWorkers(_double, size=size)
+        batcher = LoopBatcher(workers, max_batch_size=max_batch_size, timeout_ms=5)
+        batcher.bind(asyncio.get_running_loop())
+        before = threading.active_count()
+        results = await _gather_jobs(batcher, [np.full((rows, 3), float(i), "float32") for i in range(jobs)])
+        assert threading.active_count() == before, "the loop batcher starts no thread"
+        assert await batcher.aclose(5)
+        return workers.sizes, results, batcher
+
+    sizes, results, batcher = asyncio.run(scenario(64, 1, 1, 32))
+    assert sum(sizes) == 32 and len(sizes) < 32 and max(sizes) > 1 and batcher.merged_jobs > 0
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out["y"][0], np.full((1, 3), i * 2.0 + 1.0, "float32"))
+    sizes, results, _ = asyncio.run(scenario(8, 2, 3, 24))
+    assert sum(sizes) == 72 and max(sizes) <= 8 and max(sizes) == 6
+    for i, out in enumerate(results):
+        assert out["y"][0].shape == (3, 3) and (out["y"][0] == i * 2.0 + 1.0).all()
+    sizes, results, _ = asyncio.run(scenario(1, 1, 1, 10))
+    assert sizes == [1] * 10
+
+
+def test_loop_batcher_runs_a_failed_merged_batch_job_by_job_so_only_the_bad_one_fails():
+    from teachers.batcher import LoopBatcher
+    from teachers.errors import ModelRejectedInput, WorkerLost
+
+    def picky(feeds, fetch, lods):
+        if (feeds["x"] == 13).any():
+            raise ModelRejectedInput("the model rejected feed 'x': id 13 out of range")
+        return _double(feeds, fetch, lods)
+
+    def lost(feeds, fetch, lods):
+        raise WorkerLost("predictor worker 0 (pid 1) killed by SIGKILL while it held the request")
+
+    async def scenario(compute):
+        workers = _LoopWorkers(compute, size=1)
+        batcher = LoopBatcher(workers, max_batch_size=64, timeout_ms=20)
+        batcher.bind(asyncio.get_running_loop())
+        results = await _gather_jobs(batcher, [np.full((1, 3), float(i + 10), "float32") for i in range(6)])
+        await batcher.aclose(5)
+        return workers.sizes, results
+
+    sizes, results = asyncio.run(scenario(picky))
+    assert sizes == [6, 1, 1, 1, 1, 1, 1], "one merged run, then each request alone"
+    assert isinstance(results[3], ModelRejectedInput)
+    for i, out in enumerate(results):
+        if i != 3:
+            np.testing.assert_array_equal(out["y"][0], np.full((1, 3), (i + 10) * 2.0 + 1.0, "float32"))
+    sizes, results = asyncio.run(scenario(lost))
+    assert sizes == [6], "a lost worker fails the whole batch: re-running would not tell the jobs apart"
+    assert all(isinstance(r, WorkerLost) for r in results)
+
+
+def test_loop_batcher_cancelled_jobs_never_run_and_close_drains_then_refuses():
+    from teachers.batcher import BatcherClosed, LoopBatcher
+
+    async def scenario():
+        workers = _LoopWorkers(_double, size=1)
+        batcher = LoopBatcher(workers, max_batch_size=64, timeout_ms=1)
+        batcher.bind(asyncio.get_running_loop())
+        workers.hold = True
+        first = batcher.submit_to_loop({"x": np.zeros((1, 3), "float32")}, ["y"])
+        await asyncio.sleep(0.02)                 # past timeout_ms: it runs (held) alone
+        gone = batcher.submit_to_loop({"x": np.zeros((2, 3), "float32")}, ["y"])
+        assert batcher.queue_depth == 1 and gone.cancel() and gone.cancel() and batcher.queue_depth == 0
+        assert not first.cancel()                 # it runs already
+        queued = batcher.submit_to_loop({"x": np.ones((4, 3), "float32")}, ["y"])
+        workers.release()
+        done = await asyncio.wait_for(asyncio.gather(first.waiter, queued.waiter), 10)
+        # a stuck run: close gives up after its timeout, the stuck job and the queued one get BatcherClosed
+        workers.hold = True
+        stuck = batcher.submit_to_loop({"x": np.zeros((1, 3), "float32")}, ["y"])
+        await asyncio.sleep(0.01)
+        behind = batcher.submit_to_loop({"x": np.zeros((1, 5), "float32")}, ["y"])
+        t0 = time.monotonic()
+        clean = await batcher.aclose(0.3)
+        took = time.monotonic() - t0
+        with pytest.raises(BatcherClosed):
+            batcher.submit_to_loop({"x": np.zeros((1, 3), "float32")}, ["y"])
+        for job in (stuck, behind):
+            with pytest.raises(BatcherClosed):
+                await job.waiter
+        return workers.sizes, done, clean, took, gone.waiter.done()
+
+    sizes, done, clean, took, gone_settled = asyncio.run(scenario())
+    assert sizes == [1, 4, 1], "the cancelled job never ran, the one behind the stuck run neither"
+    assert not gone_settled and not clean and 0.25 < took < 3
+    np.testing.assert_array_equal(done[1]["y"][0], np.full((4, 3), 3.0, "float32"))
+
+
+def test_loop_batcher_submit_from_another_thread():
+    """The synchronous ``submit`` (start-up code, tools) still works: from a thread other than the loop's."""
+    from teachers.batcher import LoopBatcher
+
+    loop = asyncio.new_event_loop()
+    workers = _LoopWorkers(_double, size=2)
+    batcher = LoopBatcher(workers, max_batch_size=64, timeout_ms=5, predict_timeout=10)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def bind():
+            batcher.bind(loop)
+
+        asyncio.run_coroutine_threadsafe(bind(), loop).result(5)
+        results = _submit_concurrently(batcher, jobs=12, rows=2)
+        assert asyncio.run_coroutine_threadsafe(batcher.aclose(5), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    assert sum(workers.sizes) == 24
+    for i, y in results.items():
+        np.testing.assert_array_equal(y, np.full((2, 3), i * 2.0 + 1.0, "float32"))

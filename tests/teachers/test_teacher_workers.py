@@ -156,13 +156,19 @@ def wedging_model(tmp_path_factory):
     return save_counting_model(str(tmp_path_factory.mktemp("wedging")))
 
 
-def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answering(wedging_model):
+@pytest.fixture(params=["threads", "loop"])
+def worker_io(request) -> list:
+    """``--worker_io``: runner threads (the default) or the event loop driving the workers' sockets itself."""
+    return ["--worker_io", request.param]
+
+
+def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answering(wedging_model, worker_io):
     """The strict xfail on paddle 3 (a run holding the GIL froze the whole server) as a passing test: the
     wedged run gets 6000 at --predict_timeout, its worker is SIGKILLed and replaced, the other worker answers
     meanwhile and health stays SERVING, answered promptly, the whole time."""
     server_dir, client_dir = wedging_model
     with TeacherServer(server_dir, spare=True, http=True, thread=2, max_batch_size=0,
-                       extra_args=["--predict_timeout", "2"]) as server:
+                       extra_args=["--predict_timeout", "2", *worker_io]) as server:
         before = server.worker_pids()
         assert len(before) == 2
         wedged = {}
@@ -202,9 +208,9 @@ def test_wedged_predictor_is_killed_and_replaced_while_the_server_keeps_answerin
     assert "its run passed --predict_timeout 2s; killed" in log
 
 
-def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model):
+def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model, worker_io):
     server_dir, client_dir = wedging_model
-    extra = ["--predict_timeout", "60", "--drain_timeout", "2"]
+    extra = ["--predict_timeout", "60", "--drain_timeout", "2", *worker_io]
     with TeacherServer(server_dir, spare=True, thread=1, max_batch_size=0, extra_args=extra) as server:
         workers = server.worker_pids()
         def wedge_call() -> None:
@@ -229,11 +235,12 @@ def test_sigterm_with_a_wedged_run_exits_within_drain_timeout(wedging_model):
 
 # -- a worker dying of a real signal -----------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
-def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig):
+def test_worker_killed_mid_request_fails_only_its_request(teacher_model, sig, worker_io):
     """Both workers frozen (SIGSTOP) with one request each; one dies of ``sig``, the other goes on: its request
     is answered, the dead worker's request gets 10000 naming the signal, health stays SERVING, and a new worker
     (the spare process) takes the dead one's place within 2 s."""
-    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=2, max_batch_size=0) as server:
+    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=2, max_batch_size=0,
+                       extra_args=worker_io) as server:
         workers = server.worker_pids()
         server.wait_spare()
         assert len(server.worker_pids(spare=True)) == 1
@@ -370,9 +377,10 @@ def embedding_model(tmp_path_factory):
     return str(root / "server"), str(root / "client")
 
 
-def test_one_bad_request_merged_with_good_ones_fails_alone(embedding_model):
+def test_one_bad_request_merged_with_good_ones_fails_alone(embedding_model, worker_io):
     server_dir, client_dir = embedding_model
-    with TeacherServer(server_dir, spare=True, http=True, thread=1, max_batch_size=64, batch_timeout_ms=20) as server:
+    with TeacherServer(server_dir, spare=True, http=True, thread=1, max_batch_size=64, batch_timeout_ms=20,
+                       extra_args=worker_io) as server:
         assert "dynamic batching on" in server.log()
         alone = {}
         for k in range(10):
@@ -404,10 +412,11 @@ def test_one_bad_request_merged_with_good_ones_fails_alone(embedding_model):
 
 
 # -- clients that are gone ---------------------------------------------------------------------------------
-def test_requests_whose_client_is_gone_never_reach_a_worker(teacher_model):
+def test_requests_whose_client_is_gone_never_reach_a_worker(teacher_model, worker_io):
     """The only worker frozen with one request; then 4 HTTP requests whose clients close their connections and
     2 gRPC requests whose deadline passes: once the worker goes on, only the first request runs."""
-    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=1, max_batch_size=0) as server:
+    with TeacherServer(teacher_model.server_dir, spare=True, http=True, thread=1, max_batch_size=0,
+                       extra_args=worker_io) as server:
         (worker,) = server.worker_pids()
         runs_before = _runs(server)
         body = _request("img", mnist_like_images(2), "prediction").SerializeToString()
@@ -439,3 +448,51 @@ def test_requests_whose_client_is_gone_never_reach_a_worker(teacher_model):
         assert _runs(server) - runs_before == 1
         with TeacherClient(server.endpoint, teacher_model.client_conf) as client:   # the server goes on
             assert client.predict({"img": mnist_like_images(2)})["prediction"].shape == (2, 10)
+
+
+def test_event_loop_drives_the_workers_and_notices_one_dying_idle(teacher_model, caplog):
+    """WorkerPool.attach_loop + LoopBatcher, as teachers.serve runs them: answers come back through the loop's
+    reader on each worker's socket (no runner thread); a worker SIGKILLed while idle after serving is seen by that
+    reader (EOF), logged with its signal and replaced, and the next requests are answered by its successor; the
+    blocking ``run`` is refused while the loop owns the sockets."""
+    import asyncio
+    import logging
+
+    from teachers.batcher import LoopBatcher
+    from teachers.predictor_pool import PredictorOptions
+    from teachers.worker_pool import WorkerPool
+
+    pool = WorkerPool(PredictorOptions(model_dir=teacher_model.server_dir, size=1), predict_timeout=30, spare=False)
+    pool.start()
+    images = mnist_like_images(3)
+    expected = reference_predict(teacher_model.server_dir, images)
+    feeds, fetch = {pool.input_names[0]: images}, [pool.output_names[0]]
+
+    async def scenario():
+        batcher = LoopBatcher(pool, max_batch_size=1, timeout_ms=0, predict_timeout=30)
+        batcher.bind(asyncio.get_running_loop())
+        before = threading.active_count()
+        first = [await asyncio.wait_for(batcher.submit_to_loop(feeds, fetch).waiter, 30) for _ in range(3)]
+        assert threading.active_count() == before, "no thread on a request's path"
+        with pytest.raises(RuntimeError, match="attach_loop"):
+            pool.run(feeds, fetch)
+        (dead,) = pool.worker_pids()
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while pool.restarts < 1 or pool.ready_workers() < 1:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            await asyncio.sleep(0.05)
+        later = [await asyncio.wait_for(batcher.submit_to_loop(feeds, fetch).waiter, 30) for _ in range(3)]
+        assert await batcher.aclose(5)
+        return first + later, dead
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="teachers.worker_pool"):
+            outputs, dead = asyncio.run(scenario())
+        (fresh,) = pool.worker_pids()
+    finally:
+        pool.close()
+    assert fresh != dead
+    for out in outputs:
+        np.testing.assert_allclose(out[fetch[0]][0], expected, atol=1e-5)
+    assert f"predictor worker 0 (pid {dead}) killed by SIGKILL while idle; replacing it" in caplog.text
