@@ -92,9 +92,9 @@ def _median(values: Iterable[float]) -> float:
 
 
 def _consistent(round_trips: list[float]) -> bool:
-    """True when probe round trips agree: within 1.5x of each other, or all near (``NEGLIGIBLE_ROUND_TRIP``)."""
+    """True when probe round trips agree: within 2x of each other, or all near (``NEGLIGIBLE_ROUND_TRIP``)."""
     low, high = min(round_trips), max(round_trips)
-    return high < NEGLIGIBLE_ROUND_TRIP or high <= 1.5 * low
+    return high < NEGLIGIBLE_ROUND_TRIP or high <= 2 * low
 
 
 def _link_changed(before: float, after: float) -> bool:
