@@ -487,8 +487,8 @@ class TeacherPool:
         on the connection wait too) has a tail of an RTO; a teacher that is slow or has a long queue throughout
         has its latencies close together, so it gets none (a full queue raises both percentiles).
         """
-        if len(state.spread) < DELAY_MIN_SAMPLES or not state.service_time:
-            return 0.0
+        if len(state.spread) < DELAY_MIN_SAMPLES or not state.service_time or self._far_locked(state) is not None:
+            return 0.0   # (a far teacher's window follows its round trip: _step_window_locked)
         tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
         return max(0.0, float(tail - base) - (self.window.floor - 1) * state.service_time)
 
