@@ -55,7 +55,8 @@ DELAY_MIN_SAMPLES = 8      # ... once this many are known
 DELAY_TAIL = 90.0          # the tail percentile of latency (lossy link: ~1 answer in 4 waits for an RTO) ...
 DELAY_BASE = 10.0          # ... less this percentile (its answers that waited for nothing but the queue)
 RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many latest probes (3 s of them) ...
-CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new link (a fault began or healed)
+CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
+HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
 SAMPLE_CLIP = 2.0          # one answer moves the service time toward at most this many times its recent median
 
@@ -265,8 +266,9 @@ class TeacherPool:
         """A health probe of ``endpoint`` came back after ``seconds``: its network round trip (the minimum of the
         latest ``RTT_HISTORY``), which sizes its in-flight window.
 
-        The link changed (a fault began or healed) when the latest ``CHANGE_SAMPLES`` probes agree with each other
-        (``_consistent``) and differ from the ones before (``_link_changed``): what was learnt over the old link
+        The link changed (a fault began or healed) when the latest ``CHANGE_SAMPLES`` probes (``HEAL_SAMPLES`` for
+        a shorter round trip) agree with each other (``_consistent``) and differ from the ones before
+        (``_link_changed``): what was learnt over the old link
         is dropped, so the estimate is re-learnt from the next answers instead of decaying for seconds. A lossy
         link's probes, some held for a retransmission (or behind one on the connection), do not agree, so its
         estimates are kept.
@@ -277,8 +279,12 @@ class TeacherPool:
                 return
             state.round_trips.append(float(seconds))
             history = list(state.round_trips)
-            older, recent = history[:-CHANGE_SAMPLES], history[-CHANGE_SAMPLES:]
-            if older and len(recent) == CHANGE_SAMPLES and _consistent(recent) \
+            healed = history[-HEAL_SAMPLES:]   # a shorter round trip needs fewer probes: no loss fakes one
+            if len(history) > HEAL_SAMPLES and _consistent(healed) and min(healed) < min(history[:-HEAL_SAMPLES]):
+                older, recent = history[:-HEAL_SAMPLES], healed
+            else:
+                older, recent = history[:-CHANGE_SAMPLES], history[-CHANGE_SAMPLES:]
+            if older and len(recent) >= HEAL_SAMPLES and _consistent(recent) \
                     and _link_changed(min(older), min(recent)):
                 state.round_trips.clear()
                 state.round_trips.extend(recent)
