@@ -24,10 +24,10 @@ import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
 from distill_reader import DistillReader, teacher_pool
-from distill_reader.client import TeacherClient
 from distill_reader.teacher_pool import TeacherPool
 from tests.support.netns import iptables_unavailable, namespaces
-from tests.support.procs import REPO_ROOT
+from tests.support.procs import REPO_ROOT, wait_for
+from tests.support.teacher import grpc_health
 
 pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
 
@@ -45,15 +45,11 @@ def lossy_netns():
         yield make
 
 
-def _fake_teacher(ns, conf_dir: str) -> str:
+def _fake_teacher(ns) -> str:
     ns.guard.python(os.path.join(REPO_ROOT, "benchmarks", "fake_teacher.py"), "--host", ns.address, "--port", "9300",
                     "--latency_ms", str(SERVICE_MS), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"{ns.address}:9300"
-    with TeacherClient(endpoint, os.path.join(conf_dir, "serving_client_conf.prototxt")) as client:
-        deadline = time.monotonic() + 60
-        while not client.health(timeout=1.0):
-            assert time.monotonic() < deadline, f"fake teacher {endpoint} not serving after 60 s"
-            time.sleep(0.1)
+    wait_for(lambda: grpc_health(endpoint, timeout=1.0) == "SERVING", 60, f"fake teacher {endpoint} serving")
     return endpoint
 
 
@@ -96,7 +92,7 @@ def test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share(lossy_netns, t
     conf_dir = str(tmp_path / "conf")
     fake_config((1, 28, 28)).save(conf_dir, "serving_client_conf.prototxt")
     spaces = [lossy_netns() for _ in range(3)]
-    endpoints = [_fake_teacher(ns, conf_dir) for ns in spaces]
+    endpoints = [_fake_teacher(ns) for ns in spaces]
     lossy = endpoints[-1]
     images = np.random.default_rng(25).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
     dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
