@@ -58,7 +58,7 @@ RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many 
 CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
-SAMPLE_CLIP = 2.0          # one answer moves the service time toward at most this many times its recent median
+SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
 
 
 @dataclass
@@ -232,7 +232,8 @@ class TeacherPool:
             if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
                 per_request = self._per_request_locked(state, latency)
                 state.spread.append(latency)
-                if state.per_request:   # one answer that waited an RTO is not a teacher twice as slow
+                if state.per_request and self._far_locked(state) is None:
+                    # one answer that waited an RTO is not a near teacher twice as slow
                     per_request = min(per_request, SAMPLE_CLIP * _median(state.per_request))
                 state.per_request.append(self._per_request_locked(state, latency))
                 state.service_time = per_request if state.service_time is None else (
