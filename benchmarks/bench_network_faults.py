@@ -90,7 +90,8 @@ def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> tuple[float
     return samples / elapsed, {t: s["requests"] for t, s in stats.teachers.items()} if stats else {}
 
 
-def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str, float, float]]:
+def run(seconds: float, latency_ms: float, workdir: str,
+        loss_only: bool = False) -> list[tuple[str, str, float, float]]:
     conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
     images = np.random.default_rng(0).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
     delay_file = os.path.join(workdir, "delay_ms")
@@ -133,14 +134,16 @@ def run(seconds: float, latency_ms: float, workdir: str) -> list[tuple[str, str,
                 return rate, requests
 
             rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
-            phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
-            phase("same, the epoch after the heal", ">= 0.95", 0)
+            if not loss_only:
+                phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
+                phase("same, the epoch after the heal", ">= 0.95", 0)
             _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
                       "DROP")
             phase("30 % loss on 1 of 4", ">= 0.9", 0)
             _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
                       "DROP")
-            phase("1.5 s round trip on 1 of 4", "its share within 20 %", 1500)
+            if not loss_only:
+                phase("1.5 s round trip on 1 of 4", "its share within 20 %", 1500)
         finally:
             dr.close()
     return rows
@@ -204,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--one_request", type=float, default=0.0, metavar="DELAY_MS",
                         help="instead: 100 KB requests to one teacher DELAY_MS away, the delay held on OUTPUT vs "
                              "INPUT, 1 / 8 / 16 in flight (what one request costs over the delayed link)")
+    parser.add_argument("--loss_only", action="store_true",
+                        help="only the fault-free and the 30 %% loss phases (issue 25's lossy teacher)")
     args = parser.parse_args(argv)
     reason = netns.unavailable()
     if reason:
@@ -218,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{first:>30.3f}")
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
-        rows = run(args.seconds, args.latency_ms, workdir)
+        rows = run(args.seconds, args.latency_ms, workdir, args.loss_only)
     print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "
           f"{'t4 reqs / ideal':>16} {'t4 window, rtt, s/req at end':>30}")
     for name, goal, ratio, share, of_ideal, window, rtt, per_request in rows:

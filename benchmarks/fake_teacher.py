@@ -103,7 +103,7 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
 
 
 def serve(ports: Sequence[int], latency: float, classes: int = 10, host: str = "127.0.0.1",
-          bad: str = "", threads: int = 4) -> list[grpc.Server]:
+          bad: str = "", threads: int = 64) -> list[grpc.Server]:
     """Start one gRPC server per port (each with its own one-at-a-time teacher); returns the servers."""
     servers = []
     options = [("grpc.max_send_message_length", 512 * 1024 * 1024),

@@ -13,7 +13,9 @@ the usable teachers; the default, ``PeakEwmaPolicy``, prefers the one that would
 the preferred teacher has no free in-flight slot the request waits for it in the student rather than going to a
 much slower teacher. Each teacher's in-flight window follows its bandwidth-delay product
 (``routing.window.InFlightWindow``): ``per_teacher_in_flight`` plus the requests its round trip holds at its
-throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share.
+throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share; a near teacher
+whose latencies have a delay tail (a lossy link: TCP retransmissions) gets the requests it computes meanwhile
+(``_delay_tail_locked``), so a lossy teacher keeps most of its share (issue 25).
 
 Example::
 
@@ -34,10 +36,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
+import numpy as np
+
 from distill_base.backoff import backoff_delay
 
 from .routing import RoutingPolicy, TeacherView, default_policy
-from .routing.window import DEFAULT_MAX_PER_TEACHER_IN_FLIGHT, NEGLIGIBLE_ROUND_TRIP, RTT_SAMPLES, InFlightWindow
+from .routing.window import DEFAULT_MAX_PER_TEACHER_IN_FLIGHT, NEGLIGIBLE_ROUND_TRIP, InFlightWindow
 
 __all__ = ["TeacherPool", "TeacherState", "PoolSnapshot", "backoff_delay"]
 
@@ -46,6 +50,15 @@ logger = logging.getLogger(__name__)
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
 LATENCY_SAMPLES = 8        # a round trip is at most the least latency of this many latest answers
 READ_AHEAD_FACTOR = 8.0    # read_ahead: a teacher's window counts at most this many times
+DELAY_SAMPLES = 32         # a teacher's link-delay tail is read from this many latest answers' excess latency
+DELAY_MIN_SAMPLES = 8      # ... once this many are known
+DELAY_TAIL = 90.0          # the tail percentile of latency (lossy link: ~1 answer in 4 waits for an RTO) ...
+DELAY_BASE = 10.0          # ... less this percentile (its answers that waited for nothing but the queue)
+RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many latest probes (3 s of them) ...
+CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
+HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
+DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
+SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
 
 
 @dataclass
@@ -63,15 +76,28 @@ class TeacherState:
     service_time: Optional[float] = None   # seconds per request (EWMA), None until the first answer
     refreshed_at: float = 0.0              # when service_time was last updated
     started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
-    round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))   # latest probe round trips, s
+    round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))   # latest probe round trips, s
     window: int = 0                        # its in-flight window (0: the floor); moves one step per answer
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
+    per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
+    spread: deque = field(default_factory=lambda: deque(maxlen=DELAY_SAMPLES))   # latest answers' latency, s
     # per-epoch statistics
     requests: int = 0
     samples: int = 0
     latency_total: float = 0.0
     errors: int = 0
+
+
+def _median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _consistent(round_trips: list[float]) -> bool:
+    """True when probe round trips agree: within 2x of each other, or all near (``NEGLIGIBLE_ROUND_TRIP``)."""
+    low, high = min(round_trips), max(round_trips)
+    return high < NEGLIGIBLE_ROUND_TRIP or high <= 2 * low
 
 
 def _link_changed(before: float, after: float) -> bool:
@@ -205,6 +231,11 @@ class TeacherPool:
             state.latencies.append(latency)
             if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
                 per_request = self._per_request_locked(state, latency)
+                state.spread.append(latency)
+                if state.per_request and self._far_locked(state) is None:
+                    # one answer that waited an RTO is not a near teacher twice as slow
+                    per_request = min(per_request, SAMPLE_CLIP * _median(state.per_request))
+                state.per_request.append(self._per_request_locked(state, latency))
                 state.service_time = per_request if state.service_time is None else (
                     (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
                 state.refreshed_at = now
@@ -234,19 +265,33 @@ class TeacherPool:
 
     def round_trip_measured(self, endpoint: str, seconds: float) -> None:
         """A health probe of ``endpoint`` came back after ``seconds``: its network round trip (the minimum of the
-        latest ``RTT_SAMPLES``), which sizes its in-flight window."""
+        latest ``RTT_HISTORY``), which sizes its in-flight window.
+
+        The link changed (a fault began or healed) when the latest ``CHANGE_SAMPLES`` probes (``HEAL_SAMPLES`` for
+        a shorter round trip) agree with each other (``_consistent``) and differ from the ones before
+        (``_link_changed``): what was learnt over the old link
+        is dropped, so the estimate is re-learnt from the next answers instead of decaying for seconds. A lossy
+        link's probes, some held for a retransmission (or behind one on the connection), do not agree, so its
+        estimates are kept.
+        """
         with self._lock:
             state = self._state_locked(endpoint)
             if state is None or seconds < 0:
                 return
-            before = min(state.round_trips) if state.round_trips else None
             state.round_trips.append(float(seconds))
-            if before is not None and _link_changed(before, min(state.round_trips)):
-                # the link changed (a fault began or healed): what was learnt over the old one is dropped, so
-                # the estimate is re-learnt from the next answers instead of decaying for seconds
+            history = list(state.round_trips)
+            healed = history[-HEAL_SAMPLES:]   # a shorter round trip needs fewer probes: no loss fakes one
+            if len(history) > HEAL_SAMPLES and _consistent(healed) and min(healed) < min(history[:-HEAL_SAMPLES]):
+                older, recent = history[:-HEAL_SAMPLES], healed
+            else:
+                older, recent = history[:-CHANGE_SAMPLES], history[-CHANGE_SAMPLES:]
+            if older and len(recent) >= HEAL_SAMPLES and _consistent(recent) \
+                    and _link_changed(min(older), min(recent)):
                 state.round_trips.clear()
-                state.round_trips.append(float(seconds))
+                state.round_trips.extend(recent)
                 state.latencies.clear()
+                state.per_request.clear()
+                state.spread.clear()
                 state.service_time = None
                 state.window = 0
                 state.link_changed_at = time.monotonic()
@@ -435,7 +480,7 @@ class TeacherPool:
         Fewer than ``floor - 1/2``: one more; more than ``floor + 1/2``: one less. Its window then holds
         about ``floor + round trip x throughput``, the bandwidth-delay product (routing.window)."""
         round_trip = self._round_trip_locked(state)
-        current = self._window_locked(state)
+        current = min(self.window.cap, max(self.window.floor, state.window))   # the stepped part, without a tail
         if round_trip is None or round_trip < NEGLIGIBLE_ROUND_TRIP or latency <= 0:
             state.window = current
             return
@@ -443,10 +488,40 @@ class TeacherPool:
         floor = self.window.floor
         state.window = current + (at_teacher < floor - 0.5) - (at_teacher > floor + 0.5)
 
-    def _window_locked(self, state: TeacherState) -> int:
-        if self._round_trip_locked(state) is None or self._round_trip_locked(state) < NEGLIGIBLE_ROUND_TRIP:
+    def _delay_tail_locked(self, state: TeacherState) -> float:
+        """Seconds of delay in the tail of its answers that its queue does not explain: the ``DELAY_TAIL``-th less
+        the ``DELAY_BASE``-th percentile of its latest ``DELAY_SAMPLES`` latencies, less the ``floor - 1``
+        service times a queue of its floor window spreads them by (0 before ``DELAY_MIN_SAMPLES`` answers).
+        A lossy link (TCP hides a lost segment as a retransmission timeout, >= 200 ms, and the answers behind it
+        on the connection wait too) has a tail of an RTO; a teacher that is slow or has a long queue throughout
+        has its latencies close together, so it gets none (a full queue raises both percentiles).
+        """
+        if len(state.spread) < DELAY_MIN_SAMPLES or not state.service_time or self._far_locked(state) is not None:
+            return 0.0   # (a far teacher's window follows its round trip: _step_window_locked)
+        tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
+        return max(0.0, float(tail - base) - (self.window.floor - 1) * state.service_time)
+
+    def _far_locked(self, state: TeacherState) -> Optional[float]:
+        """Its round trip when 20 ms or more (``NEGLIGIBLE_ROUND_TRIP``), else None."""
+        round_trip = self._round_trip_locked(state)
+        return round_trip if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP else None
+
+    def _base_window_locked(self, state: TeacherState) -> int:
+        """Its window without a delay tail: the Vegas-stepped one of a far teacher, the floor for a near one."""
+        if self._far_locked(state) is None:
             return self.window.floor   # near (or the link healed): the floor at once
         return min(self.window.cap, max(self.window.floor, state.window))
+
+    def _window_locked(self, state: TeacherState) -> int:
+        """Its window: the Vegas-stepped one of a far teacher (the floor for a near one), and for a teacher with a
+        delay tail (a lossy link) at least ``floor + tail / service time``: the requests it computes while an
+        answer waits for its retransmission, so it is not left idle (capped by ``max_per_teacher_in_flight``)."""
+        base = self._base_window_locked(state)
+        tail = self._delay_tail_locked(state)
+        if tail > 0 and state.service_time:
+            base = max(base, self.window.floor + min(int(tail / state.service_time),
+                                                     (DELAY_WINDOW_FACTOR - 1) * self.window.floor))
+        return min(self.window.cap, base)
 
     def _view_locked(self, state: TeacherState, queued: int, now: float) -> TeacherView:
         round_trip, window = self._round_trip_locked(state), self._window_locked(state)
@@ -456,7 +531,8 @@ class TeacherPool:
             service_time=state.service_time,
             age=max(0.0, now - state.refreshed_at) if state.service_time is not None else 0.0,
             oldest_out=max(0.0, now - state.started_at[0]) if state.started_at else 0.0,
-            round_trip=round_trip, last_used=state.last_used)
+            round_trip=None if round_trip is None else max(round_trip, self._delay_tail_locked(state)),
+            last_used=state.last_used)
 
     def _update_down_locked(self, now: float) -> None:
         if any(s.healthy for s in self._teachers.values()):
