@@ -250,7 +250,7 @@ class RemoteStage(PredictionStage):
 
     def stall_timeout(self, endpoint: Optional[str] = None) -> float:
         """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``)."""
-        return self.stall_rule.timeout(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
+        return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint) if endpoint else None)
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod

@@ -302,6 +302,18 @@ class TeacherPool:
             state = self._state_locked(endpoint)
             return self._round_trip_locked(state) if state is not None else None
 
+    def stall_round_trip(self, endpoint: str) -> Optional[float]:
+        """The round trip a stall clock allows ``endpoint`` (seconds; None before its first probe): the measured
+        one (``round_trip``), or the latest probe's when that is longer. A link that has just become long is a
+        link change only once ``CHANGE_SAMPLES`` probes agree, 1.5-5 s for a far one; judged by the old short
+        round trip meanwhile, its first slow answers would set a healthy teacher aside as stalled (issue 25).
+        A black hole answers no probe, so it is still set aside on the usual clock."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            if state is None or not state.round_trips:
+                return None
+            return max(self._round_trip_locked(state), state.round_trips[-1])
+
     def window_of(self, endpoint: str) -> int:
         """How many requests ``endpoint`` may have out now (its in-flight window)."""
         with self._lock:

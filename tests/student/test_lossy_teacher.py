@@ -23,7 +23,9 @@ import time
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
 
+from distill_base.serving_config import ServingConfig
 from distill_reader import DistillReader, teacher_pool
+from distill_reader.remote_stage import RemoteOptions, RemoteStage
 from distill_reader.teacher_pool import TeacherPool
 from tests.support.netns import iptables_unavailable, namespaces
 from tests.support.procs import REPO_ROOT, wait_for
@@ -179,3 +181,19 @@ def test_a_heavy_latency_tail_grows_the_window_and_a_uniformly_slow_teacher_gets
     pool.set_endpoints(["lossy:1"])
     _answers(pool, "lossy:1", [0.1] * 40, clock)
     assert pool.window_of("lossy:1") == 2, "the tail gone (the link healed), the window is back at the floor"
+
+
+def test_a_link_that_just_became_long_gets_a_stall_clock_for_its_latest_round_trip(clock):
+    """Before three probes agree on the longer round trip (the link change), the stall clock already allows the
+    latest probe's: a teacher whose link slowed to 1.5 s mid-run was set aside as stalled ("no answer for 6.1s")
+    in one run of test_network_faults' slowed-link test while its probes still counted as noise."""
+    pool = TeacherPool(["a:1"], per_teacher_in_flight=2)
+    assert pool.stall_round_trip("a:1") is None
+    for seconds in (0.001, 0.001, 0.001, 1.5):
+        pool.round_trip_measured("a:1", seconds)
+    assert pool.round_trip("a:1") == pytest.approx(0.001), "one long probe is no link change yet"
+    assert pool.stall_round_trip("a:1") == pytest.approx(1.5)
+    stage = RemoteStage(pool, ServingConfig(feeds=[], fetches=[]), ["prediction"], RemoteOptions())
+    assert stage.stall_timeout("a:1") >= 3 * 1.5, "the stall clock counts the latest round trip"
+    pool.round_trip_measured("a:1", 0.001)
+    assert pool.stall_round_trip("a:1") == pytest.approx(0.001), "the link is short again: the usual clock"
