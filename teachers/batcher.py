@@ -132,7 +132,35 @@ def _settle_waiter(waiter: asyncio.Future, result, error: Optional[BaseException
         waiter.set_exception(error)
 
 
-class DynamicBatcher:
+class _BlockingSubmit:
+    """``submit``, the blocking form of a batcher's ``submit_async`` (for callers on other threads)."""
+
+    predict_timeout: float
+
+    def submit_async(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                     lods: Optional[Mapping[str, list]] = None) -> Future:
+        raise NotImplementedError
+
+    def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+               lods: Optional[Mapping[str, list]] = None) -> dict:
+        """``submit_async`` and wait up to ``predict_timeout`` seconds (not from the event loop's thread).
+
+        Raises:
+            PredictorTimeout: no answer within ``predict_timeout`` seconds.
+            BatcherClosed: the batcher is closed.
+            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
+        """
+        from .predictor_pool import PredictorTimeout
+
+        future = self.submit_async(feeds, fetch, lods)
+        try:
+            return future.result(timeout=self.predict_timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise PredictorTimeout(f"no answer from the predictor within {self.predict_timeout:g}s") from None
+
+
+class DynamicBatcher(_BlockingSubmit):
     """Run ``run_fn(feeds, fetch_names, lods)`` on ``runners`` threads, merging concurrent jobs when
     ``max_batch_size`` > 1.
 
@@ -206,24 +234,6 @@ class DynamicBatcher:
         job.loop = asyncio.get_running_loop()
         job.waiter = job.loop.create_future()
         return self._enqueue(job)
-
-    def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
-               lods: Optional[Mapping[str, list]] = None) -> dict:
-        """``submit_async`` and wait up to ``predict_timeout`` seconds (then PredictorTimeout).
-
-        Raises:
-            PredictorTimeout: no answer within ``predict_timeout`` seconds.
-            BatcherClosed: the batcher is closed.
-            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
-        """
-        from .predictor_pool import PredictorTimeout
-
-        future = self.submit_async(feeds, fetch, lods)
-        try:
-            return future.result(timeout=self.predict_timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise PredictorTimeout(f"no answer from the predictor within {self.predict_timeout:g}s") from None
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop accepting jobs, let queued jobs run for up to ``timeout`` seconds, then fail the rest with
@@ -453,7 +463,7 @@ class LoopJob:
             _settle_waiter(self.waiter, result, error)
 
 
-class LoopBatcher:
+class LoopBatcher(_BlockingSubmit):
     """The teacher server's batcher with ``--worker_io loop``: everything on the event loop's thread, no runner
     thread.
 
@@ -536,24 +546,6 @@ class LoopBatcher:
         job.future = Future()
         self._loop.call_soon_threadsafe(self._enqueue_or_refuse, job)
         return job.future
-
-    def submit(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
-               lods: Optional[Mapping[str, list]] = None) -> dict:
-        """``submit_async`` and wait up to ``predict_timeout`` seconds (from a thread other than the loop's).
-
-        Raises:
-            PredictorTimeout: no answer within ``predict_timeout`` seconds.
-            BatcherClosed: the batcher is closed.
-            Exception: the run's own error (WorkerLost, ModelRejectedInput, ...).
-        """
-        from .predictor_pool import PredictorTimeout
-
-        future = self.submit_async(feeds, fetch, lods)
-        try:
-            return future.result(timeout=self.predict_timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise PredictorTimeout(f"no answer from the predictor within {self.predict_timeout:g}s") from None
 
     def _enqueue_or_refuse(self, job: LoopJob) -> None:
         if self._closed:

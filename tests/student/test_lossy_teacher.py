@@ -27,7 +27,6 @@ from distill_base.serving_config import ServingConfig
 from distill_reader import DistillReader, teacher_pool
 from distill_reader.remote_stage import RemoteOptions, RemoteStage
 from distill_reader.teacher_pool import TeacherPool
-from tests.support.netns import iptables_unavailable, namespaces
 from tests.support.procs import REPO_ROOT, wait_for
 from tests.support.teacher import grpc_health
 
@@ -36,15 +35,6 @@ pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
 BATCH = 32
 SERVICE_MS = 50.0
 SECONDS = 6.0
-
-
-@pytest.fixture
-def lossy_netns():
-    reason = iptables_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespaces() as make:
-        yield make
 
 
 def _fake_teacher(ns) -> str:
@@ -82,7 +72,7 @@ def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> dict:
     return {t: s["requests"] for t, s in stats.teachers.items()}
 
 
-def test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share(lossy_netns, tmp_path):
+def test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share(slow_netns, tmp_path):
     """Three teachers of 50 ms, one behind 30 % loss: it answers at least 0.6 of the requests it answered in a
     fault-free epoch of the same length (before: about 0.45), its window grew past the floor meanwhile, and
     every sample comes once, in order, right; after the heal likewise."""
@@ -93,7 +83,7 @@ def test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share(lossy_netns, t
 
     conf_dir = str(tmp_path / "conf")
     fake_config((1, 28, 28)).save(conf_dir, "serving_client_conf.prototxt")
-    spaces = [lossy_netns() for _ in range(3)]
+    spaces = [slow_netns() for _ in range(3)]
     endpoints = [_fake_teacher(ns) for ns in spaces]
     lossy = endpoints[-1]
     images = np.random.default_rng(25).random((BATCH * 8, 1, 28, 28), dtype=np.float32)

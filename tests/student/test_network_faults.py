@@ -15,7 +15,7 @@ import pytest
 
 from distill_reader import DistillReader
 from tests.discovery.test_discovery import SERVICE, SESSION, registration
-from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper, iptables_unavailable, namespaces, unavailable
+from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper
 from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import (
     TeacherServer,
@@ -32,25 +32,6 @@ pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
 
 N = 960
 BATCH = 16
-
-
-@pytest.fixture
-def netns():
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespaces() as make:
-        yield make
-
-
-@pytest.fixture
-def slow_netns():
-    """Namespaces whose links can be delayed and made lossy (``Namespace.delay`` / ``lose``)."""
-    reason = iptables_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespaces() as make:
-        yield make
 
 
 @pytest.fixture(scope="module")
