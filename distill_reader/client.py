@@ -382,7 +382,16 @@ class TeacherClient:
         if round_trip_of(self.endpoint) is None:
             measure_tcp_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT))
         start = time.monotonic()
-        probed = self._probe(min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint))))
+        timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
+        try:
+            probed = self._probe(timeout)
+        except TeacherUnavailable as exc:
+            if "DEADLINE_EXCEEDED" not in str(exc):
+                raise
+            raise TeacherUnavailable(self.endpoint, f"no answer to the first health check on a new connection "
+                                                    f"within {timeout:g}s (gRPC DEADLINE_EXCEEDED: a frozen or "
+                                                    f"overloaded server, its kernel still accepting connections)"
+                                     ) from None
         if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
             note_round_trip(self.endpoint, time.monotonic() - start)
         return probed

@@ -195,3 +195,25 @@ def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
     with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=0) as client:
         client.predict({"img": mnist_like_images(2)})
         assert client.keepalive_active is False
+
+
+def test_a_new_client_of_a_frozen_teacher_says_its_first_health_check_went_unanswered(teacher_model):
+    """A frozen server's kernel still accepts the connection, so a new client's first health check (wire form,
+    keepalive) is what times out: the error says so, instead of a bare "gRPC DEADLINE_EXCEEDED" that reads like a
+    slow prediction (seen in a reader test's retries when a worker first met a teacher frozen with SIGSTOP)."""
+    import os
+    import signal
+
+    from tests.support.teacher import TeacherServer
+
+    with TeacherServer(teacher_model.server_dir) as server:
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with TeacherClient(server.endpoint, teacher_model.client_conf, timeout=1.0) as client:
+                started = time.monotonic()
+                with pytest.raises(TeacherUnavailable,
+                                   match="no answer to the first health check on a new connection within 1s"):
+                    client.predict({"img": np.zeros((2, 1, 28, 28), np.float32)})
+                assert time.monotonic() - started < 3.0
+        finally:
+            os.kill(server.pid, signal.SIGCONT)

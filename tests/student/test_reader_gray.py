@@ -130,7 +130,9 @@ def test_frozen_teacher_is_noticed_by_grpc_keepalive(teacher_model, data, caplog
             assert dr.last_epoch_stats.teachers[b.endpoint]["errors"] >= 1
             retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying task")]
             # an open connection: the keepalive ping times out; a new one: the connect timeout (no SETTINGS frame)
-            assert any("UNAVAILABLE: ping timeout" in m or "SETTINGS frame" in m for m in retried), retried
+            # or, whichever comes first, the deadline of its first health check
+            assert any("UNAVAILABLE: ping timeout" in m or "SETTINGS frame" in m
+                       or "no answer to the first health check on a new connection" in m for m in retried), retried
             assert seconds < 30, f"{seconds:.1f}s: the frozen teacher was noticed only by request_timeout"
         finally:
             dr.close()
