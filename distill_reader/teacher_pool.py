@@ -230,12 +230,12 @@ class TeacherPool:
                 return
             state.latencies.append(latency)
             if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
-                per_request = self._per_request_locked(state, latency)
+                measured = per_request = self._per_request_locked(state, latency)
                 state.spread.append(latency)
                 if state.per_request and self._far_locked(state) is None:
                     # one answer that waited an RTO is not a near teacher twice as slow
-                    per_request = min(per_request, SAMPLE_CLIP * _median(state.per_request))
-                state.per_request.append(self._per_request_locked(state, latency))
+                    per_request = min(measured, SAMPLE_CLIP * _median(state.per_request))
+                state.per_request.append(measured)
                 state.service_time = per_request if state.service_time is None else (
                     (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
                 state.refreshed_at = now
@@ -492,7 +492,7 @@ class TeacherPool:
         Fewer than ``floor - 1/2``: one more; more than ``floor + 1/2``: one less. Its window then holds
         about ``floor + round trip x throughput``, the bandwidth-delay product (routing.window)."""
         round_trip = self._round_trip_locked(state)
-        current = min(self.window.cap, max(self.window.floor, state.window))   # the stepped part, without a tail
+        current = self._stepped_window_locked(state)
         if round_trip is None or round_trip < NEGLIGIBLE_ROUND_TRIP or latency <= 0:
             state.window = current
             return
@@ -522,6 +522,10 @@ class TeacherPool:
         """Its window without a delay tail: the Vegas-stepped one of a far teacher, the floor for a near one."""
         if self._far_locked(state) is None:
             return self.window.floor   # near (or the link healed): the floor at once
+        return self._stepped_window_locked(state)
+
+    def _stepped_window_locked(self, state: TeacherState) -> int:
+        """Its Vegas-stepped window (``state.window``) within the floor and the cap, without a delay tail."""
         return min(self.window.cap, max(self.window.floor, state.window))
 
     def _window_locked(self, state: TeacherState) -> int:
