@@ -1,9 +1,9 @@
 """Server-side dynamic batching: concurrent requests are merged into one predictor run and split back.
 
-Two batchers with the same merging rules: ``LoopBatcher`` (``teachers.serve --worker_io loop``) runs entirely on
-the event loop and drives the predictor workers' sockets itself (``teachers.worker_pool.WorkerPool.launch``), no
-thread hand-off on a request's path; ``DynamicBatcher`` (below; the server's default, ``--worker_io threads``)
-runs any blocking ``run_fn`` on runner threads.
+Two batchers with the same merging rules: ``LoopBatcher`` (the server's default, ``teachers.serve --worker_io
+loop``) runs entirely on the event loop and drives the predictor workers' sockets itself
+(``teachers.worker_pool.WorkerPool.launch``), no thread hand-off on a request's path; ``DynamicBatcher`` (below;
+``--worker_io threads``) runs any blocking ``run_fn`` on runner threads.
 
 ``runners`` threads (one per predictor) run the work. With ``max_batch_size`` > 1 the runners collect the
 batches themselves, one at a time (whichever runner is free leads): it takes the first waiting job, keeps

@@ -7,9 +7,9 @@ Command line of ``python -m paddle_serving_server(_gpu).serve``::
 gRPC ``GeneralModelService`` + ``grpc.health.v1.Health`` on ``--port``; HTTP on ``--http_port`` when given;
 Prometheus metrics on ``--prometheus_port`` with ``--enable_prometheus``. Everything network-facing runs in one
 asyncio event loop (grpc.aio + aiohttp); predictors run in ``--thread`` worker processes (``teachers.worker_pool``),
-fed by the batcher's runner threads (``--worker_io threads``, the default) or by the same loop (``--worker_io
-loop``: ``teachers.batcher.LoopBatcher``, jobs written to the workers' sockets, answers read with
-``loop.add_reader``; no thread hand-off on a request's path).
+fed by the same loop (``--worker_io loop``, the default: ``teachers.batcher.LoopBatcher``, jobs written to the
+workers' sockets, answers read with ``loop.add_reader``; no thread hand-off on a request's path) or by the
+batcher's runner threads (``--worker_io threads``).
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests are refused, in-flight ones finish within
 ``--drain_timeout`` (then are cut off), exit 0 (3 when a predictor run is stuck). A flag that cannot be honoured
 on this machine is named in a WARNING (or an error when it was explicit); an unknown flag is an error (exit 2),
@@ -200,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its predictor run; then it gets err_no 6000, and a run taking "
                         "longer than this has its worker process killed and replaced; health says NOT_SERVING only "
                         "while no worker can serve (default: %(default)s)")
-    o.add_argument("--worker_io", choices=["threads", "loop"], default="threads",
-                   help="who talks to the predictor worker processes: 'threads', one runner thread per worker takes "
-                        "jobs from the event loop and hands answers back; 'loop', the event loop writes jobs to the "
-                        "workers' sockets and reads their answers itself, no thread hand-off (about 100 us less "
-                        "server CPU per request at batch 1 on 2 cores, but batch-32 throughput fell by up to half in "
-                        "one measurement: benchmarks/README.md, issue 20) (default: %(default)s)")
+    o.add_argument("--worker_io", choices=["threads", "loop"], default="loop",
+                   help="who talks to the predictor worker processes: 'loop', the event loop writes jobs to the "
+                        "workers' sockets and reads their answers itself, no thread hand-off (about 100-200 us less "
+                        "server CPU per request on 2 cores, the same or more samples/s: benchmarks/README.md, issue "
+                        "20); 'threads', one runner thread per worker takes jobs from the event loop and hands "
+                        "answers back (the server's design before issue 20) (default: %(default)s)")
     o.add_argument("--spare_worker", default=True, **flag,
                    help="keep one spare predictor worker process, its model loaded, that takes the place of a worker "
                         "that dies or is killed at once (a fresh start takes seconds); it costs one more copy of the "
@@ -702,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level), force=True,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    # The event loop hands work to batch runners and back (--worker_io threads): switch the GIL faster than 5 ms.
+    # With --worker_io threads the event loop hands work to batch runners and back: switch the GIL faster than 5 ms.
     sys.setswitchinterval(0.0005)
     code = asyncio.run(_serve(args))
     if code == 3:  # a predictor thread is stuck in native code: do not wait for it at interpreter exit

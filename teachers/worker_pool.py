@@ -3,9 +3,9 @@
 Paddle line (paddle 3.3's ``Predictor.run`` holds the GIL of the process it runs in), a wedged run is killed at
 ``--predict_timeout`` and a crashing predictor takes only its own process down.
 
-``run`` (called by the batcher's runner threads with ``teachers.serve --worker_io threads``, the default; start-up
-runs; tests) borrows an idle worker, copies the inputs into the worker's shared-memory block, sends a ``job``
-message and waits (GIL released) for ``answer``/``error``. With ``--worker_io loop`` the server drives the workers
+``run`` (called by the batcher's runner threads with ``teachers.serve --worker_io threads``; start-up runs; tests)
+borrows an idle worker, copies the inputs into the worker's shared-memory block, sends a ``job`` message and
+waits (GIL released) for ``answer``/``error``. With ``--worker_io loop`` (the default) the server drives the workers
 from its event loop instead (``attach_loop``, then ``borrow_nowait`` + ``launch`` in the loop's thread, used by
 ``teachers.batcher.LoopBatcher``): the ``job`` message is sent without blocking and ``loop.add_reader`` on the
 worker's socket takes the answer and calls the run's ``done`` callback, no thread in between. Each run is bounded

@@ -156,9 +156,9 @@ def wedging_model(tmp_path_factory):
     return save_counting_model(str(tmp_path_factory.mktemp("wedging")))
 
 
-@pytest.fixture(params=["threads", "loop"])
+@pytest.fixture(params=["loop", "threads"])
 def worker_io(request) -> list:
-    """``--worker_io``: runner threads (the default) or the event loop driving the workers' sockets itself."""
+    """``--worker_io``: the event loop driving the workers' sockets itself (the default) or runner threads."""
     return ["--worker_io", request.param]
 
 
