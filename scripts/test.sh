@@ -24,7 +24,7 @@ PYTHONPATH="$PWD/tests/support/no_paddle${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/p
 [ "$code" -eq 5 ] && code=0
 echo "[test] paddle-free tests: pytest exit $code after $((SECONDS - started))s"
 [ "$code" -eq 0 ] || status=$code
-# Tests marked one_line (the student under real network faults and chaos: the same on every line) run on the last
+# Tests marked one_line (the same on every line: the student under faults and chaos, the server's --worker_io threads) run on the last
 # line only.
 lines=(${PADDLE_LINES:-2 3})
 for line in "${lines[@]}"; do

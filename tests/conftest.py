@@ -29,9 +29,11 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "lod: needs a LoD model (paddle 2.x); deselected on paddle 3, where PIR has no "
                                        "LoD tensors (each such test has a padded counterpart that runs there)")
-    config.addinivalue_line("markers", "one_line: the student under real network faults and chaos, with real teachers: "
-                                       "the same on every paddle line, so scripts/test.sh runs these on its last "
-                                       "paddle line only (each line's teacher server has its own tests)")
+    config.addinivalue_line("markers", "one_line: the same on every paddle line, so scripts/test.sh runs these on "
+                                       "its last paddle line only: the student under real network faults, chaos, "
+                                       "gray failures and ZooKeeper changes, with real teachers (each line's "
+                                       "teacher server has its own tests), and the teacher server's "
+                                       "--worker_io threads variants (the default, loop, runs on every line)")
     config.addinivalue_line("markers", "paddle_free: needs no paddle (conftest.PADDLE_FREE_FILES); scripts/test.sh "
                                        "runs these once, with paddle hidden, and the others on each paddle line")
 

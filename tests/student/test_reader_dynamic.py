@@ -10,12 +10,15 @@ import threading
 import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
+import pytest
 from kazoo.client import KazooClient
 
 from distill_reader import DistillReader
 from tests.support.procs import ProcessGuard, wait_for
 from tests.support.teacher import TeacherServer, mnist_like_images, reference_predict
 from tests.support.zookeeper import registered_endpoints
+
+pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
 
 SERVICE = "mnist_teacher"
 SESSION = 2.0          # ZooKeeper session timeout of the students and register scripts in these tests

@@ -33,6 +33,7 @@ def _assert_gone(pids, within=5.0):
     wait_for(lambda: not any(pid_alive(p) for p in pids), within, f"worker processes {pids} to exit")
 
 
+@pytest.mark.one_line   # the student's fault handling: the same on every paddle line
 def test_teacher_sigkilled_mid_epoch_and_restarted(teacher_model):
     """Three teachers, one SIGKILLed mid-epoch and restarted later: every sample once, in order, correct;
     the restarted teacher is probed back into service."""
@@ -242,6 +243,7 @@ def test_unreachable_zookeeper_is_named_when_no_teacher_comes(teacher_model):
         dr.close()
 
 
+@pytest.mark.one_line   # the student's fault handling: the same on every paddle line
 def test_one_worker_killed_every_epoch_for_20_epochs(teacher_model, teacher):
     """The replacement limit counts deaths in a row: one SIGKILL per epoch, with healthy answers between, never
     exhausts it (it used to count every death of the reader's life: WorkerError in epoch 9)."""

@@ -40,6 +40,8 @@ from tests.support.teacher import (
     reference_predict,
 )
 
+pytestmark = pytest.mark.one_line   # run on one paddle line (tests/conftest.py)
+
 N = 640
 BATCH = 16
 

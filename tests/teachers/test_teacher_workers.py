@@ -156,7 +156,7 @@ def wedging_model(tmp_path_factory):
     return save_counting_model(str(tmp_path_factory.mktemp("wedging")))
 
 
-@pytest.fixture(params=["loop", "threads"])
+@pytest.fixture(params=["loop", pytest.param("threads", marks=pytest.mark.one_line)])
 def worker_io(request) -> list:
     """``--worker_io``: the event loop driving the workers' sockets itself (the default) or runner threads."""
     return ["--worker_io", request.param]
