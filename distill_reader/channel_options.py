@@ -163,11 +163,17 @@ def measure_tcp_round_trip(endpoint: str, timeout: float) -> Optional[float]:
     return elapsed
 
 
+def is_tcp_endpoint(endpoint: str) -> bool:
+    """True for a ``host:port`` endpoint (a TCP handshake can be timed to it), False for ``unix:...`` and others."""
+    host, sep, port = endpoint.rpartition(":")
+    return bool(sep and host and port.isdigit() and not endpoint.startswith("unix:"))
+
+
 def _time_handshake(endpoint: str, timeout: float) -> Optional[float]:
     """Seconds one TCP handshake to ``host:port`` took, or None (no answer within ``timeout``, not host:port)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
+    if not is_tcp_endpoint(endpoint):
         return None
+    host, _, port = endpoint.rpartition(":")
     start = time.monotonic()
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):

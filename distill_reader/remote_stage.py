@@ -25,8 +25,9 @@ Hedging: when the task the reorder buffer waits on (the lowest unanswered ``seq`
 teacher, within a budget of ``hedge_budget`` x requests (+2). Dean and Barroso, "The Tail at Scale" (2013).
 The numbers and verdicts (hedge delay and budget, stall timeout, outage deadline, probe timeout) come from the
 rule objects of ``distill_reader.routing.stage_rules``; where a request goes, from the pool's routing policy.
-While tasks are out, each usable teacher gets a health probe every ``RTT_PROBE_INTERVAL`` whose round trip
-(its network part) sizes that teacher's in-flight window (``routing.window``).
+While tasks are out, each usable teacher's link gets a probe of ``PROBE_HANDSHAKES`` TCP handshakes every
+``RTT_PROBE_INTERVAL`` whose round trip sizes that teacher's in-flight window (``routing.window``); two probes in a
+row that no handshake answers set it aside as a black hole (``_link_silent``).
 
 Example (``DistillReader`` builds this)::
 
@@ -49,7 +50,7 @@ import numpy as np
 from distill_base.backoff import backoff_delay
 from distill_base.serving_config import ServingConfig
 
-from .channel_options import LINK_SLACK
+from .channel_options import LINK_SLACK, is_tcp_endpoint
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -158,7 +159,7 @@ class RemoteStage(PredictionStage):
         self._probing: dict[int, str] = {}
         self._known_endpoints: set[str] = set()
         self._results: list[TaskResult] = []
-        self._rtt_probes: dict[int, tuple[str, Optional[float]]] = {}   # probe id -> (endpoint, sent at or None)
+        self._rtt_probes: dict[int, tuple[str, float, int]] = {}   # probe id -> (endpoint, sent at, handshakes)
         self._rtt_probed: dict[str, float] = {}              # endpoint -> when its last round-trip probe went
         self._rtt_answered: dict[str, float] = {}            # endpoint -> when its last one came back
         self._silent: dict[str, int] = {}                    # endpoint -> handshake probes unanswered in a row
@@ -378,7 +379,7 @@ class RemoteStage(PredictionStage):
         if not self._tasks:
             return
         out: dict[str, int] = {}
-        for endpoint, _ in self._rtt_probes.values():
+        for endpoint, _, _ in self._rtt_probes.values():
             out[endpoint] = out.get(endpoint, 0) + 1
         for endpoint in self.pool.usable_endpoints():
             last = self._rtt_probed.get(endpoint, -1e9)
@@ -386,9 +387,12 @@ class RemoteStage(PredictionStage):
             if out.get(endpoint, 0) >= MAX_LINK_PROBES or (now - last < RTT_PROBE_INTERVAL and not confirm):
                 continue
             probe_id = next(self._ids)
-            self._rtt_probes[probe_id] = (endpoint, now)
+            handshakes = PROBE_HANDSHAKES if is_tcp_endpoint(endpoint) else 0   # else a health check, timed here
+            self._rtt_probes[probe_id] = (endpoint, now, handshakes)
             self._rtt_probed[endpoint] = now
-            self.workers.send_probe(probe_id, endpoint, self.link_silence_limit(endpoint), PROBE_HANDSHAKES)
+            timeout = self.link_silence_limit(endpoint) if handshakes else \
+                self.probe_rule.probe_timeout(self.pool.round_trip(endpoint))
+            self.workers.send_probe(probe_id, endpoint, timeout, handshakes)
 
     def link_silence_limit(self, endpoint: str) -> float:
         """Seconds a teacher's TCP handshakes may go unanswered before that probe counts as silent:
@@ -449,11 +453,13 @@ class RemoteStage(PredictionStage):
         elif isinstance(message, ProbeResult):
             probe = self._rtt_probes.pop(message.probe_id, None)
             if probe is not None:   # a usable teacher's link: its round trip, or no handshake answered
-                self._rtt_answered[message.endpoint] = time.monotonic()
-                if message.healthy and message.round_trip is not None:
+                _, sent, handshakes = probe
+                self._rtt_answered[message.endpoint] = now = time.monotonic()
+                if message.healthy:
                     self._silent[message.endpoint] = 0
-                    self.pool.round_trip_measured(message.endpoint, message.round_trip, PROBE_HANDSHAKES)
-                elif not message.healthy:
+                    self.pool.round_trip_measured(message.endpoint, message.round_trip if message.round_trip
+                                                  is not None else now - sent, max(1, handshakes))
+                elif handshakes:   # (a failed health check says nothing: requests do)
                     self._link_silent(message.endpoint, message.message)
                 return
             if self._probing.pop(message.probe_id, None) is None:
