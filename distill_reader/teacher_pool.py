@@ -330,9 +330,9 @@ class TeacherPool:
     def stall_round_trip(self, endpoint: str) -> Optional[float]:
         """The round trip a stall clock allows ``endpoint`` (seconds; None before its first probe): the measured
         one (``round_trip``), or the latest probe's when that is longer. A link that has just become long is a
-        link change only once ``CHANGE_SAMPLES`` probes agree, 1.5-5 s for a far one; judged by the old short
-        round trip meanwhile, its first slow answers would set a healthy teacher aside as stalled (issue 25).
-        A black hole answers no probe, so it is still set aside on the usual clock."""
+        link change only once its probes agree (``round_trip_measured``), ~2 round trips later; judged by the old
+        short round trip meanwhile, its first slow answers would set a healthy teacher aside as stalled (issue 25).
+        It also times a link probe's handshakes (``RemoteStage.link_silence_limit``): a black hole answers none."""
         with self._lock:
             state = self._state_locked(endpoint)
             if state is None or not state.round_trips:
