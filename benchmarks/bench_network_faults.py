@@ -11,8 +11,10 @@ teacher batch 32. The faults are made on teacher 4's link only, inside its names
 
 Phases, each an epoch of ``--seconds`` (samples/s over the fault-free epoch's): fault-free; +300 ms on teacher
 4 (``during``); the ``--seconds`` right after the heal (``after heal``); 30 % loss on teacher 4; teacher 4 at
-1.5 s round trip, where the figure is its requests over its ideal share (the ideal reader keeps every teacher
-busy: each answers ``seconds / latency`` requests). Also printed: teacher 4's share of the requests per phase,
+1.5 s round trip for ``--far_seconds`` (default 40), where the figure is its requests over its ideal share (the
+ideal reader keeps every teacher busy: each answers ``seconds / latency`` requests), over the whole phase and
+after its ramp (slow start at 1.5 s per round trip), with the ramp's length and teacher 4's answers per second.
+Also printed: teacher 4's share of the requests per phase,
 and its window, measured round trip and seconds-per-request estimate at the phase's end.
 ``--one_request 300`` instead times 100 KB requests to one teacher 300 ms away with the delay held on the
 namespace's OUTPUT vs its INPUT, 1, 8 and 16 in flight (on OUTPUT the teacher's own packets count against its TCP
@@ -90,8 +92,54 @@ def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> tuple[float
     return samples / elapsed, {t: s["requests"] for t, s in stats.teachers.items()} if stats else {}
 
 
+def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: str, address: str, base: float,
+              ideal_rate: float, delay_file: str, rows: list) -> None:
+    """Teacher 4 at a 1.5 s round trip for one epoch of ``seconds``: a row for the whole phase and one for after
+    its ramp (TCP's slow start at 1.5 s per doubling, the pool's window growing), when its answers per second (3 s
+    running mean) first reach 0.8 of its rate over the phase's last half; ``ss -tin`` of the student's connections
+    to it at the end (their cwnd)."""
+    with open(delay_file, "w") as f:
+        f.write("1500")
+    counts: list[tuple[float, int]] = []
+    trace: list[str] = []   # each second: requests out / window, seconds-per-request estimate
+    stop = threading.Event()
+
+    def sample() -> None:   # the pool's per-epoch answer count of teacher 4 (read without its lock: an int)
+        start = time.monotonic()
+        while not stop.wait(1.0):
+            state = dr.pool._teachers.get(endpoint)
+            counts.append((time.monotonic() - start, state.requests if state is not None else 0))
+            trace.append(f"{dr.pool.outstanding(endpoint)}/{dr.pool.window_of(endpoint)} "
+                         f"{dr.pool.service_time(endpoint) or 0.0:.2f}")
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    rate, requests = _epoch(dr, images, seconds)
+    stop.set()
+    thread.join()
+    answered = requests.get(endpoint, 0)
+    per_second = np.diff([0] + [n for _, n in counts])
+    late = per_second[len(per_second) // 2:]
+    plateau = float(late.mean()) if len(late) else 0.0
+    running = np.convolve(per_second, np.ones(3) / 3, mode="valid") if len(per_second) >= 3 else per_second
+    ramp = next((i + 3 for i, r in enumerate(running) if r >= 0.8 * plateau and plateau > 0), len(per_second))
+    after = answered - (counts[ramp - 1][1] if 0 < ramp <= len(counts) else 0)
+    share = answered / max(1, sum(requests.values()))
+    window, rtt = dr.pool.window_of(endpoint), dr.pool.round_trip(endpoint) or 0.0
+    per_request = dr.pool.service_time(endpoint) or 0.0
+    rows.append((f"1.5 s round trip, {seconds:g} s", "its share within 20 %", rate / base, share,
+                 answered / (ideal_rate * seconds), window, rtt, per_request))
+    rows.append((f"same, after its {ramp} s ramp", "its share within 20 %", np.nan, np.nan,
+                 after / (ideal_rate * max(1e-9, seconds - ramp)), window, rtt, per_request))
+    ss = subprocess.run(["ss", "-tin", "dst", address], capture_output=True, text=True, timeout=30).stdout
+    cwnds = [part.split(":")[1] for part in ss.split() if part.startswith("cwnd:")]
+    print(f"teacher 4 answers per second in the 1.5 s phase: {per_second.tolist()}; student's connections to it: "
+          f"{len(cwnds)}, cwnd {cwnds}\nits requests out / window, s per request each second: {trace}", flush=True)
+
+
 def run(seconds: float, latency_ms: float, workdir: str,
-        loss_only: bool = False) -> list[tuple[str, str, float, float]]:
+        loss_only: bool = False, far_seconds: float = 0.0,
+        far_only: bool = False, far_route: str = "") -> list[tuple[str, str, float, float]]:
     conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
     images = np.random.default_rng(0).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
     delay_file = os.path.join(workdir, "delay_ms")
@@ -134,16 +182,21 @@ def run(seconds: float, latency_ms: float, workdir: str,
                 return rate, requests
 
             rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
-            if not loss_only:
+            if not loss_only and not far_only:
                 phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
                 phase("same, the epoch after the heal", ">= 0.95", 0)
-            _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
-                      "DROP")
-            phase("30 % loss on 1 of 4", ">= 0.9", 0)
-            _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
-                      "DROP")
+            if not far_only:
+                _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
+                          "DROP")
+                phase("30 % loss on 1 of 4", ">= 0.9", 0)
+                _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3",
+                          "-j", "DROP")
             if not loss_only:
-                phase("1.5 s round trip on 1 of 4", "its share within 20 %", 1500)
+                if far_route:   # the student host's route to the far teacher, as a user with one would set it
+                    subprocess.run(["ip", "route", "replace", f"{far.address}/32", "dev", far.host_link,
+                                    "src", far.host_address, *far_route.split()], check=True, timeout=30)
+                far_phase(dr, images, far_seconds, endpoints[3], far.address, base, ideal / seconds, delay_file,
+                          rows)
         finally:
             dr.close()
     return rows
@@ -207,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--one_request", type=float, default=0.0, metavar="DELAY_MS",
                         help="instead: 100 KB requests to one teacher DELAY_MS away, the delay held on OUTPUT vs "
                              "INPUT, 1 / 8 / 16 in flight (what one request costs over the delayed link)")
+    parser.add_argument("--far_seconds", type=float, default=40.0,
+                        help="length of the 1.5 s round-trip phase, seconds (0: --seconds); long enough to show the "
+                             "far teacher's ramp and its steady state")
+    parser.add_argument("--far_only", action="store_true",
+                        help="only the fault-free and the 1.5 s round-trip phases")
+    parser.add_argument("--far_route", default="", metavar="OPTIONS",
+                        help="before the 1.5 s phase, the host's route to teacher 4 gets these ip-route options "
+                             "(e.g. 'rto_min 2000ms initcwnd 100 initrwnd 100'): what a user can set for a far teacher")
     parser.add_argument("--loss_only", action="store_true",
                         help="only the fault-free and the 30 %% loss phases (issue 25's lossy teacher)")
     args = parser.parse_args(argv)
@@ -223,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{first:>30.3f}")
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
-        rows = run(args.seconds, args.latency_ms, workdir, args.loss_only)
+        rows = run(args.seconds, args.latency_ms, workdir, args.loss_only, args.far_seconds or args.seconds,
+                   args.far_only, args.far_route)
     print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "
           f"{'t4 reqs / ideal':>16} {'t4 window, rtt, s/req at end':>30}")
     for name, goal, ratio, share, of_ideal, window, rtt, per_request in rows:

@@ -27,7 +27,7 @@ timeout, 4 s (the reader's stall clock sets it aside at 2 s). A far one: 2.5 s +
 factor 4 is measured, not derived: on a connection busy with a far teacher's window of requests a ping waits
 behind their data, which a link of 1.5 s (slow start: ~10 segments a round trip at first) sends in several
 round trips; with 2 (4 s) pings timed out in 1 of 4 runs of the mid-run test, with 4 in none of 3. A connection
-cut all the same because its link grew is re-made to fit (``longer_round_trip``, ``is_link_timeout``).
+cut all the same because its link grew is re-made to fit (``remeasure_round_trip``, ``is_link_timeout``).
 
 Example::
 
@@ -70,19 +70,6 @@ def note_round_trip(endpoint: str, seconds: float) -> None:
         _round_trips.setdefault(endpoint, deque(maxlen=ROUND_TRIP_SAMPLES)).append(float(seconds))
 
 
-def remeasure_round_trip(endpoint: str, timeout: float) -> Optional[float]:
-    """After a failed probe: one TCP handshake timed; when it says the link is now far (or near again) unlike
-    what was noted, the noted round trips are replaced by it, so the next probe and channel fit the new link."""
-    before = round_trip_of(endpoint)
-    now = _time_handshake(endpoint, timeout)
-    if now is None:
-        return before
-    if before is None or abs(far(now) - far(before)) > max(NEGLIGIBLE_ROUND_TRIP, 0.5 * max(now, before)):
-        with _round_trips_lock:
-            _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
-    return round_trip_of(endpoint)
-
-
 def round_trip_moved(now: float, then: float) -> bool:
     """True when round trip ``now`` is far enough from ``then`` (seconds, 0 = near) that timeouts fitted for
     ``then`` no longer fit: apart by more than 50 ms and more than half the larger."""
@@ -97,22 +84,65 @@ def is_link_timeout(details: str) -> bool:
     return any(sign in text for sign in LINK_TIMEOUT_SIGNS)
 
 
-def longer_round_trip(endpoint: str, fitted_for: float, timeout: float) -> Optional[float]:
-    """After a pinging connection fitted for round trip ``fitted_for`` (seconds, 0 = near) died of a link
-    timeout: one TCP handshake to ``endpoint`` timed (at most ``timeout``). Returns the new round trip when it is
-    longer than the connection's by more than ``round_trip_moved`` allows (then noted in place of the older
-    ones, so a new connection fits it), else None: no answer (a black hole, a dead host) or the link as it was.
+def remeasure_round_trip(endpoint: str, timeout: float, fitted_for: Optional[float] = None,
+                         longer_only: bool = False) -> Optional[float]:
+    """One TCP handshake to ``endpoint`` timed (at most ``timeout`` seconds); its round trip, or None when it got
+    no answer (a black hole, a dead host). When that moved (``round_trip_moved``) from ``fitted_for`` (seconds,
+    0 = near; default: the round trip noted for the endpoint) it replaces the noted ones, so the next probe and
+    connection fit the new link; with ``longer_only``, only when it is longer (``moved_longer``).
+
+    Used after a failed health check (the link may have become far, or near again) and after a pinging connection
+    fitted for ``fitted_for`` died of a link timeout (only a longer link explains that).
 
     Example::
 
-        longer_round_trip("10.0.0.2:9292", 0.0, 5.0)   # 1.502 after the link slowed to 1.5 s
+        remeasure_round_trip("10.0.0.2:9292", 5.0, fitted_for=0.0, longer_only=True)   # 1.502: slowed to 1.5 s
     """
     now = _time_handshake(endpoint, timeout)
-    if now is None or far(now) <= fitted_for or not round_trip_moved(far(now), fitted_for):
+    if now is None:
         return None
-    with _round_trips_lock:
-        _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
+    noted = round_trip_of(endpoint)
+    then = fitted_for if fitted_for is not None else far(noted)
+    unknown = fitted_for is None and noted is None
+    if unknown or (moved_longer(now, then) if longer_only else round_trip_moved(far(now), then)):
+        with _round_trips_lock:
+            _round_trips[endpoint] = deque([now], maxlen=ROUND_TRIP_SAMPLES)
     return now
+
+
+def moved_longer(now: float, then: float) -> bool:
+    """True when round trip ``now`` is longer than ``then`` (seconds, 0 = near) by more than ``round_trip_moved``
+    allows: a connection whose timeouts were fitted for ``then`` no longer fits."""
+    return far(now) > then and round_trip_moved(far(now), then)
+
+
+def time_handshakes(endpoint: str, count: int, timeout: float) -> Optional[float]:
+    """The least of ``count`` TCP handshakes to ``host:port`` timed at once, each on a connection of its own
+    (seconds, also noted), or None when none was answered within ``timeout``.
+
+    Several at once are both quick and robust: they take one round trip together, and a lossy link reads long
+    only when every one of them lost its SYN or SYN-ACK (a retransmission: >= 1 s), while a long link reads
+    long on each. Answered by the teacher's kernel, they are not held up behind a busy gRPC connection's data.
+
+    Example::
+
+        time_handshakes("10.0.0.2:9292", 3, 3.5)   # 1.503 at a 1.5 s round trip; None: a black hole
+    """
+    times: list[Optional[float]] = [None] * max(1, count)
+
+    def one(i: int) -> None:
+        times[i] = _time_handshake(endpoint, timeout)
+
+    threads = [threading.Thread(target=one, args=(i,), name="handshake", daemon=True) for i in range(len(times))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 1.0)
+    answered = [t for t in times if t is not None]
+    if not answered:
+        return None
+    note_round_trip(endpoint, min(answered))
+    return min(answered)
 
 
 def round_trip_of(endpoint: str) -> Optional[float]:
@@ -133,11 +163,17 @@ def measure_tcp_round_trip(endpoint: str, timeout: float) -> Optional[float]:
     return elapsed
 
 
+def is_tcp_endpoint(endpoint: str) -> bool:
+    """True for a ``host:port`` endpoint (a TCP handshake can be timed to it), False for ``unix:...`` and others."""
+    host, sep, port = endpoint.rpartition(":")
+    return bool(sep and host and port.isdigit() and not endpoint.startswith("unix:"))
+
+
 def _time_handshake(endpoint: str, timeout: float) -> Optional[float]:
     """Seconds one TCP handshake to ``host:port`` took, or None (no answer within ``timeout``, not host:port)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or endpoint.startswith("unix:"):
+    if not is_tcp_endpoint(endpoint):
         return None
+    host, _, port = endpoint.rpartition(":")
     start = time.monotonic()
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):

@@ -45,13 +45,14 @@ from .channel_options import (
     http_timeouts,
     is_link_timeout,
     is_too_many_pings,
-    longer_round_trip,
     measure_tcp_round_trip,
+    moved_longer,
     note_round_trip,
     probe_timeout_for,
     remeasure_round_trip,
     round_trip_moved,
     round_trip_of,
+    time_handshakes,
 )
 from .feeds import FeedError, prepare_feed
 from .padding import Padding, PadValue
@@ -327,13 +328,17 @@ class TeacherClient:
         self._follow_round_trip()
         return healthy
 
-    def network_round_trip(self, timeout: float = 1.0) -> Optional[float]:
-        """The network's round trip to the teacher now: one TCP handshake timed (seconds, also noted), or None
-        (no answer within ``timeout``, not ``host:port``). Answered by the teacher's kernel on a connection of
-        its own, it is not held up behind this client's requests, as a health check on a connection busy with a
-        far teacher's window of requests is (0.3 s read 0.6-7 s; issue 25)."""
+    def network_round_trip(self, timeout: float = 1.0, handshakes: int = 1) -> Optional[float]:
+        """The network's round trip to the teacher now: the least of ``handshakes`` TCP handshakes timed at once
+        (seconds, also noted; ``channel_options.time_handshakes``), or None (none answered within ``timeout``, not
+        ``host:port``). Answered by the teacher's kernel on connections of their own, they are not held up behind
+        this client's requests, as a health check on a connection busy with a far teacher's window of requests
+        is (0.3 s read 0.6-7 s; issue 25). A keepalive channel whose timeouts no longer fit is replaced."""
         self._own_connection()
-        return measure_tcp_round_trip(self.endpoint, timeout)
+        round_trip = time_handshakes(self.endpoint, handshakes, timeout)
+        if round_trip is not None:
+            self._follow_round_trip()
+        return round_trip
 
     def _follow_round_trip(self) -> None:
         """A new keepalive channel when the measured round trip moved far from the one its timeouts were set for."""
@@ -383,21 +388,16 @@ class TeacherClient:
             measure_tcp_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT))
         start = time.monotonic()
         timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
-        try:
-            probed = self._probe(timeout)
-        except TeacherUnavailable as exc:
-            if "DEADLINE_EXCEEDED" not in str(exc):
-                raise
-            raise TeacherUnavailable(self.endpoint, f"no answer to the first health check on a new connection "
-                                                    f"within {timeout:g}s (gRPC DEADLINE_EXCEEDED: a frozen or "
-                                                    f"overloaded server, its kernel still accepting connections)"
-                                     ) from None
+        probed = self._probe(timeout, first=True)
         if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
             note_round_trip(self.endpoint, time.monotonic() - start)
         return probed
 
-    def _probe(self, timeout: float) -> Optional[bool]:
-        """True: our server (raw ok); False: a server without our health service (typed); None: not serving."""
+    def _probe(self, timeout: float, first: bool = False) -> Optional[bool]:
+        """True: our server (raw ok); False: a server without our health service (typed); None: not serving.
+
+        ``first``: the first check on a new connection; no answer within ``timeout`` then says so (a frozen or
+        overloaded server whose kernel still accepts connections), not a bare gRPC DEADLINE_EXCEEDED."""
         if self.protocol == "grpc":
             stub = health_pb2_grpc.HealthStub(self._channel)
             try:
@@ -406,6 +406,11 @@ class TeacherClient:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._ours = False
                     return False
+                if first and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TeacherUnavailable(self.endpoint, f"no answer to the first health check on a new "
+                                                            f"connection within {timeout:g}s (gRPC DEADLINE_EXCEEDED: "
+                                                            f"a frozen or overloaded server, its kernel still "
+                                                            f"accepting connections)") from None
                 raise self._tls_verdict(_grpc_error(self.endpoint, exc)) from None
             self._ours = True
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
@@ -472,14 +477,15 @@ class TeacherClient:
         timeouts were set for and a new connection fits it (the request is then sent again: the teacher is not to
         blame). grpc-core makes the keepalive timeout the socket's TCP_USER_TIMEOUT, so a connection made while a
         teacher was near is cut as soon as its link slows past that, before any probe could measure it there:
-        one TCP handshake is timed instead (``longer_round_trip``; at most ``FIRST_PROBE_TIMEOUT``; no answer: a
-        black hole, the error stands). One thread measures; the others retry on the connection it made."""
+        one TCP handshake is timed instead (``remeasure_round_trip``; at most ``FIRST_PROBE_TIMEOUT``; no answer:
+        a black hole, the error stands). One thread measures; the others retry on the connection it made."""
         with self._refit_lock:
             if self._stub is not stub:       # another request thread already re-made it
                 return bool(self._channel_keepalive)
             then = self._channel_round_trip
-            now = longer_round_trip(self.endpoint, then, min(self.timeout, FIRST_PROBE_TIMEOUT))
-            if now is None:
+            now = remeasure_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT), fitted_for=then,
+                                       longer_only=True)
+            if now is None or not moved_longer(now, then):
                 return False
             with self._lock:
                 if self._stub is stub and self._channel_keepalive:

@@ -25,8 +25,9 @@ Hedging: when the task the reorder buffer waits on (the lowest unanswered ``seq`
 teacher, within a budget of ``hedge_budget`` x requests (+2). Dean and Barroso, "The Tail at Scale" (2013).
 The numbers and verdicts (hedge delay and budget, stall timeout, outage deadline, probe timeout) come from the
 rule objects of ``distill_reader.routing.stage_rules``; where a request goes, from the pool's routing policy.
-While tasks are out, each usable teacher gets a health probe every ``RTT_PROBE_INTERVAL`` whose round trip
-(its network part) sizes that teacher's in-flight window (``routing.window``).
+While tasks are out, each usable teacher's link gets a probe of ``PROBE_HANDSHAKES`` TCP handshakes every
+``RTT_PROBE_INTERVAL`` whose round trip sizes that teacher's in-flight window (``routing.window``); two probes in a
+row that no handshake answers set it aside as a black hole (``_link_silent``).
 
 Example (``DistillReader`` builds this)::
 
@@ -49,6 +50,7 @@ import numpy as np
 from distill_base.backoff import backoff_delay
 from distill_base.serving_config import ServingConfig
 
+from .channel_options import LINK_SLACK, is_tcp_endpoint
 from .errors import (
     AllTeachersDownError,
     DistillReaderError,
@@ -102,6 +104,9 @@ class RemoteOptions(WorkerSettings):
             raise ValueError(f"stall_min_timeout must be > 0, not {self.stall_min_timeout}")
 
 
+PROBE_HANDSHAKES = 3   # TCP handshakes timed at once per link probe of a usable teacher (the least is its round trip)
+MAX_LINK_PROBES = 4    # link probes out at once per teacher (each lasts up to its round trip + LINK_SLACK)
+SILENT_PROBES = 2      # link probes in a row with no handshake answered set a teacher aside (a black hole)
 COLD_WORKER_GRACE = 60.0   # seconds a request may wait for its worker process to start before its clock runs
 
 
@@ -154,8 +159,10 @@ class RemoteStage(PredictionStage):
         self._probing: dict[int, str] = {}
         self._known_endpoints: set[str] = set()
         self._results: list[TaskResult] = []
-        self._rtt_probes: dict[int, tuple[str, Optional[float]]] = {}   # probe id -> (endpoint, sent at or None)
+        self._rtt_probes: dict[int, tuple[str, float, int]] = {}   # probe id -> (endpoint, sent at, handshakes)
         self._rtt_probed: dict[str, float] = {}              # endpoint -> when its last round-trip probe went
+        self._rtt_answered: dict[str, float] = {}            # endpoint -> when its last one came back
+        self._silent: dict[str, int] = {}                    # endpoint -> handshake probes unanswered in a row
         self.latencies = LatencyWindow()
         self.counts = self._zero_counts()
         self._stopped_mid_epoch = False
@@ -363,18 +370,51 @@ class RemoteStage(PredictionStage):
                 request.sent_at = min(request.sent_at, now)
 
     def _probe_round_trips(self, now: float) -> None:
-        """While tasks are out: a health probe to each usable teacher every ``RTT_PROBE_INTERVAL`` (one at a time
-        per teacher); its round trip, timed here, is the teacher's network part (routing.window)."""
+        """While tasks are out: each usable teacher's link probed every ``RTT_PROBE_INTERVAL`` with
+        ``PROBE_HANDSHAKES`` TCP handshakes at once (a worker's ``ProbeResult``: the least of them, its network
+        round trip, which sizes its in-flight window), and at once when its latest probe read a much longer round
+        trip that is not yet confirmed (``TeacherPool.round_trip_unconfirmed``). Several may be out per teacher
+        (at most ``MAX_LINK_PROBES``): each has ``link_silence_limit`` seconds, and ``SILENT_PROBES`` in a row
+        with no handshake answered set the teacher aside (``_link_silent``)."""
         if not self._tasks:
             return
-        out = {endpoint for endpoint, sent in self._rtt_probes.values()}
+        out: dict[str, int] = {}
+        for endpoint, _, _ in self._rtt_probes.values():
+            out[endpoint] = out.get(endpoint, 0) + 1
         for endpoint in self.pool.usable_endpoints():
-            if endpoint in out or now - self._rtt_probed.get(endpoint, -1e9) < RTT_PROBE_INTERVAL:
+            last = self._rtt_probed.get(endpoint, -1e9)
+            confirm = self.pool.round_trip_unconfirmed(endpoint) and last < self._rtt_answered.get(endpoint, -1e9)
+            if out.get(endpoint, 0) >= MAX_LINK_PROBES or (now - last < RTT_PROBE_INTERVAL and not confirm):
                 continue
             probe_id = next(self._ids)
-            self._rtt_probes[probe_id] = (endpoint, now)
+            handshakes = PROBE_HANDSHAKES if is_tcp_endpoint(endpoint) else 0   # else a health check, timed here
+            self._rtt_probes[probe_id] = (endpoint, now, handshakes)
             self._rtt_probed[endpoint] = now
-            self.workers.send_probe(probe_id, endpoint, self.probe_rule.probe_timeout(self.pool.round_trip(endpoint)))
+            timeout = self.link_silence_limit(endpoint) if handshakes else \
+                self.probe_rule.probe_timeout(self.pool.round_trip(endpoint))
+            self.workers.send_probe(probe_id, endpoint, timeout, handshakes)
+
+    def link_silence_limit(self, endpoint: str) -> float:
+        """Seconds a teacher's TCP handshakes may go unanswered before that probe counts as silent:
+        ``LINK_SLACK`` (2 s) plus its round trip as the stall clock allows it (``TeacherPool.stall_round_trip``), so
+        a black hole 1.5 s away is noticed about 2 s after its round trip, not after its own multi-second latencies
+        (which the stall clock's percentiles hold). A link that slows by less than ``LINK_SLACK`` answers in time,
+        as its keepalive survives it (channel_options); one that slows by more looks like a black hole until a
+        health probe finds it. A lost SYN or SYN-ACK costs 1 s (its retransmission), so a lossy link's handshakes
+        are mostly in time, and every one of two probes in a row late almost never (~0.09^6)."""
+        return LINK_SLACK + (self.pool.stall_round_trip(endpoint) or 0.0)
+
+    def _link_silent(self, endpoint: str, message: str) -> None:
+        """A usable teacher's handshake probe got no answer: ``SILENT_PROBES`` in a row (a lossy link loses every
+        handshake of one probe rarely, of two in a row almost never) set it aside as a black hole, its requests
+        re-issued elsewhere as for a stall."""
+        self._silent[endpoint] = self._silent.get(endpoint, 0) + 1
+        if self._silent[endpoint] < SILENT_PROBES or endpoint not in self.pool.usable_endpoints():
+            return
+        self._silent[endpoint] = 0
+        reason = f"its link is silent: {message} ({SILENT_PROBES} probes in a row)"
+        logger.warning("teacher %s: %s; set aside", endpoint, reason)
+        self._give_up_on(endpoint, reason)
 
     def _follow_membership(self) -> None:
         current = set(self.pool.endpoints)
@@ -411,13 +451,20 @@ class RemoteStage(PredictionStage):
             else:
                 self._failed(request, state, message)
         elif isinstance(message, ProbeResult):
-            round_trip = self._rtt_probes.pop(message.probe_id, None)
-            if round_trip is not None:   # a usable teacher's round trip; a failed one says nothing (requests do)
-                if message.healthy and round_trip[1] is not None:   # the worker's TCP handshake, else the probe's
+            probe = self._rtt_probes.pop(message.probe_id, None)
+            if probe is not None:   # a usable teacher's link: its round trip, or no handshake answered
+                _, sent, handshakes = probe
+                self._rtt_answered[message.endpoint] = now = time.monotonic()
+                if message.healthy:
+                    self._silent[message.endpoint] = 0
                     self.pool.round_trip_measured(message.endpoint, message.round_trip if message.round_trip
-                                                  is not None else time.monotonic() - round_trip[1])
+                                                  is not None else now - sent, max(1, handshakes))
+                elif handshakes:   # (a failed health check says nothing: requests do)
+                    self._link_silent(message.endpoint, message.message)
                 return
-            self._probing.pop(message.probe_id, None)
+            if self._probing.pop(message.probe_id, None) is None:
+                return   # a probe lost with a closed pool (close() rescheduled it)
+            self._silent[message.endpoint] = 0
             self.pool.probe_result(message.endpoint, message.healthy, message.message)
             if message.healthy:
                 logger.info("teacher %s is healthy again; back in service", message.endpoint)
@@ -537,18 +584,23 @@ class RemoteStage(PredictionStage):
                    if not r.stalled and now - r.sent_at > limits[r.endpoint]}
         for endpoint in stalled:
             limit = limits[endpoint]
-            requests = [r for r in self._requests.values() if r.endpoint == endpoint and not r.stalled]
-            age = now - min(r.sent_at for r in requests)
-            self.counts["stalls"] += 1
-            logger.warning("teacher %s: no answer for %.1fs (stall timeout %.2fs); set aside, %d request(s) "
-                           "re-issued elsewhere", endpoint, age, limit, len(requests))
-            self.pool.set_aside(endpoint, f"requests stalled: no answer for {age:.1f}s")
-            for request in requests:
-                request.stalled = True
-            for request in requests:
-                state = self._tasks.get(request.task_id)
-                if state is not None and all(self._requests[r].stalled for r in state.live):
-                    self._reissue(state)
+            age = now - min(r.sent_at for r in self._requests.values() if r.endpoint == endpoint and not r.stalled)
+            logger.warning("teacher %s: no answer for %.1fs (stall timeout %.2fs); set aside, its request(s) "
+                           "re-issued elsewhere", endpoint, age, limit)
+            self._give_up_on(endpoint, f"requests stalled: no answer for {age:.1f}s")
+
+    def _give_up_on(self, endpoint: str, reason: str) -> None:
+        """Set ``endpoint`` aside (counted as a stall) and re-issue elsewhere every task whose requests out are
+        all at stalled teachers; a late answer is still taken."""
+        requests = [r for r in self._requests.values() if r.endpoint == endpoint and not r.stalled]
+        self.counts["stalls"] += 1
+        self.pool.set_aside(endpoint, reason)
+        for request in requests:
+            request.stalled = True
+        for request in requests:
+            state = self._tasks.get(request.task_id)
+            if state is not None and all(self._requests[r].stalled for r in state.live):
+                self._reissue(state)
 
     def _down_deadline(self) -> Optional[float]:
         since = self.pool.down_since()

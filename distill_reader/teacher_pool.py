@@ -56,6 +56,7 @@ DELAY_TAIL = 90.0          # the tail percentile of latency (lossy link: ~1 answ
 DELAY_BASE = 10.0          # ... less this percentile (its answers that waited for nothing but the queue)
 RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many latest probes (3 s of them) ...
 CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
+CHANGE_HANDSHAKES = 6      # ... or of the latest 2 once they agree and hold this many TCP handshakes in all ...
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
 SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
@@ -77,6 +78,7 @@ class TeacherState:
     refreshed_at: float = 0.0              # when service_time was last updated
     started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
     round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))   # latest probe round trips, s
+    handshakes: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))    # ... each the least of this many
     window: int = 0                        # its in-flight window (0: the floor); moves one step per answer
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
@@ -263,38 +265,61 @@ class TeacherPool:
         with self._lock:
             self._set_aside_locked(endpoint, reason)
 
-    def round_trip_measured(self, endpoint: str, seconds: float) -> None:
-        """A health probe of ``endpoint`` came back after ``seconds``: its network round trip (the minimum of the
-        latest ``RTT_HISTORY``), which sizes its in-flight window.
+    def round_trip_measured(self, endpoint: str, seconds: float, handshakes: int = 1) -> None:
+        """A probe of ``endpoint`` came back after ``seconds``: its network round trip (the minimum of the latest
+        ``RTT_HISTORY``), which sizes its in-flight window. ``handshakes``: the reading is the least of that many
+        TCP handshakes timed at once (a lossy link reads long only when every one lost its SYN or SYN-ACK).
 
-        The link changed (a fault began or healed) when the latest ``CHANGE_SAMPLES`` probes (``HEAL_SAMPLES`` for
-        a shorter round trip) agree with each other (``_consistent``) and differ from the ones before
-        (``_link_changed``): what was learnt over the old link
-        is dropped, so the estimate is re-learnt from the next answers instead of decaying for seconds. A lossy
-        link's probes, some held for a retransmission (or behind one on the connection), do not agree, so its
-        estimates are kept.
+        The link changed (a fault began or healed) when the latest probes agree with each other (``_consistent``)
+        and differ from the ones before (``_link_changed``): ``HEAL_SAMPLES`` of them for a shorter round trip;
+        for a longer one ``CHANGE_SAMPLES``, or ``HEAL_SAMPLES`` holding ``CHANGE_HANDSHAKES`` handshakes in all
+        (a far link is then accepted within two of its round trips: ``round_trip_unconfirmed`` asks for the
+        second at once). What was learnt over the old link is dropped, so the estimate is re-learnt from the next
+        answers instead of decaying for seconds. A lossy link's probes, some held for a retransmission, do not
+        agree, so its estimates are kept.
         """
         with self._lock:
             state = self._state_locked(endpoint)
             if state is None or seconds < 0:
                 return
+            if len(state.handshakes) != len(state.round_trips):   # (round_trips written elsewhere)
+                state.handshakes = deque([1] * len(state.round_trips), maxlen=RTT_HISTORY)
             state.round_trips.append(float(seconds))
+            state.handshakes.append(max(1, int(handshakes)))
             history = list(state.round_trips)
             healed = history[-HEAL_SAMPLES:]   # a shorter round trip needs fewer probes: no loss fakes one
             if len(history) > HEAL_SAMPLES and _consistent(healed) and min(healed) < min(history[:-HEAL_SAMPLES]):
-                older, recent = history[:-HEAL_SAMPLES], healed
+                count = HEAL_SAMPLES
+            elif len(history) > HEAL_SAMPLES and _consistent(healed) \
+                    and sum(list(state.handshakes)[-HEAL_SAMPLES:]) >= CHANGE_HANDSHAKES:
+                count = HEAL_SAMPLES
             else:
-                older, recent = history[:-CHANGE_SAMPLES], history[-CHANGE_SAMPLES:]
+                count = CHANGE_SAMPLES
+            older, recent = history[:-count], history[-count:]
             if older and len(recent) >= HEAL_SAMPLES and _consistent(recent) \
                     and _link_changed(min(older), min(recent)):
+                weights = list(state.handshakes)[-len(recent):]
                 state.round_trips.clear()
                 state.round_trips.extend(recent)
+                state.handshakes.clear()
+                state.handshakes.extend(weights)
                 state.latencies.clear()
                 state.per_request.clear()
                 state.spread.clear()
                 state.service_time = None
                 state.window = 0
                 state.link_changed_at = time.monotonic()
+
+    def round_trip_unconfirmed(self, endpoint: str) -> bool:
+        """True when the latest probe of ``endpoint`` read a round trip much longer than its measured one
+        (``_link_changed``) that is not yet accepted: another probe now would confirm or refute it, rather than
+        after the usual interval (a 1.5 s link's probes take 1.5 s each)."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            if state is None or not state.round_trips:
+                return False
+            latest, measured = state.round_trips[-1], self._round_trip_locked(state)
+            return latest > measured and _link_changed(measured, latest)
 
     def round_trip(self, endpoint: str) -> Optional[float]:
         """The measured network round trip of ``endpoint`` in seconds (None before its first probe)."""
@@ -305,9 +330,9 @@ class TeacherPool:
     def stall_round_trip(self, endpoint: str) -> Optional[float]:
         """The round trip a stall clock allows ``endpoint`` (seconds; None before its first probe): the measured
         one (``round_trip``), or the latest probe's when that is longer. A link that has just become long is a
-        link change only once ``CHANGE_SAMPLES`` probes agree, 1.5-5 s for a far one; judged by the old short
-        round trip meanwhile, its first slow answers would set a healthy teacher aside as stalled (issue 25).
-        A black hole answers no probe, so it is still set aside on the usual clock."""
+        link change only once its probes agree (``round_trip_measured``), ~2 round trips later; judged by the old
+        short round trip meanwhile, its first slow answers would set a healthy teacher aside as stalled (issue 25).
+        It also times a link probe's handshakes (``RemoteStage.link_silence_limit``): a black hole answers none."""
         with self._lock:
             state = self._state_locked(endpoint)
             if state is None or not state.round_trips:

@@ -209,6 +209,7 @@ class Probe:
     probe_id: int
     endpoint: str
     timeout: float
+    handshakes: int = 0   # 0: a health check; n > 0: only n TCP handshakes timed at once (the link's round trip)
 
 
 @_message
@@ -274,7 +275,7 @@ class ProbeResult:
     endpoint: str
     healthy: bool
     message: str = ""
-    round_trip: Optional[float] = None   # s, one TCP handshake the worker timed beside a healthy check
+    round_trip: Optional[float] = None   # s, the least of a handshake probe's TCP handshakes
 
 
 @_message

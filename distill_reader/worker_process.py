@@ -136,24 +136,28 @@ class Worker:
             self.send(Done(task.request_id, task.endpoint, outputs, time.monotonic() - start))
 
     def run_probe(self, probe: Probe) -> None:
-        round_trip = None
+        """A health check of ``probe.endpoint`` (a set-aside teacher: is it back?)."""
         try:
-            client = self.client(probe.endpoint)
-            timed: list = []   # beside the check, in a thread of its own (the executor's may all be busy)
-            handshake = threading.Thread(target=lambda: timed.append(client.network_round_trip(probe.timeout)),
-                                         name="probe-handshake", daemon=True)
-            handshake.start()
-            healthy = client.health(timeout=probe.timeout)
+            healthy = self.client(probe.endpoint).health(timeout=probe.timeout)
             message = "" if healthy else f"teacher {probe.endpoint}: health check failed"
-            if healthy:
-                handshake.join(probe.timeout)
-                round_trip = timed[0] if timed else None
         except Exception as exc:  # noqa: BLE001
             healthy, message = False, f"teacher {probe.endpoint}: {exc}"
         if not healthy:
             # a fresh channel next time: gRPC's own reconnect backoff would otherwise delay the teacher's return
             self.forget(probe.endpoint)
-        self.send(ProbeResult(probe.probe_id, probe.endpoint, healthy, message, round_trip))
+        self.send(ProbeResult(probe.probe_id, probe.endpoint, healthy, message))
+
+    def run_handshakes(self, probe: Probe) -> None:
+        """``probe.handshakes`` TCP handshakes to a usable teacher timed at once: its network round trip (healthy),
+        or none answered within ``probe.timeout`` (not healthy: a black hole or a dead host)."""
+        try:
+            round_trip = self.client(probe.endpoint).network_round_trip(probe.timeout, probe.handshakes)
+            message = "" if round_trip is not None else (
+                f"teacher {probe.endpoint}: none of {probe.handshakes} TCP handshakes answered within "
+                f"{probe.timeout:.1f}s")
+        except Exception as exc:  # noqa: BLE001
+            round_trip, message = None, f"teacher {probe.endpoint}: {exc}"
+        self.send(ProbeResult(probe.probe_id, probe.endpoint, round_trip is not None, message, round_trip))
 
     def loop(self) -> None:
         """Read messages until ``Stop`` or end-of-file."""
@@ -166,6 +170,11 @@ class Worker:
                 return
             if isinstance(message, Task):
                 self._executor.submit(self.run_task, message)
+            elif isinstance(message, Probe) and message.handshakes > 0:
+                # a thread of its own: the executor's may all be busy with a far teacher's requests, and this
+                # probe's timeout is the student's clock for a black hole
+                threading.Thread(target=self.run_handshakes, args=(message,), name="handshake-probe",
+                                 daemon=True).start()
             elif isinstance(message, Probe):
                 self._executor.submit(self.run_probe, message)
             elif isinstance(message, Forget):

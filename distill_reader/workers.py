@@ -219,12 +219,13 @@ class WorkerPool:
             if buffer.task_id == task_id:
                 buffer.task_id = None
 
-    def send_probe(self, probe_id: int, endpoint: str, timeout: float) -> None:
-        """Ask the least loaded worker for a health check of ``endpoint`` (answered by a ``ProbeResult``)."""
+    def send_probe(self, probe_id: int, endpoint: str, timeout: float, handshakes: int = 0) -> None:
+        """Ask the least loaded worker for a health check of ``endpoint`` (answered by a ``ProbeResult``), or with
+        ``handshakes`` > 0 for that many TCP handshakes timed at once (its round trip, or none answered)."""
         while True:
             worker = self._least_loaded()
             try:
-                worker.conn.send(Probe(probe_id, endpoint, timeout))
+                worker.conn.send(Probe(probe_id, endpoint, timeout, handshakes))
             except (BrokenPipeError, ConnectionResetError, OSError):
                 self._events.append((worker, self._mark_dead(worker)))
                 continue

@@ -187,3 +187,31 @@ def test_a_link_that_just_became_long_gets_a_stall_clock_for_its_latest_round_tr
     assert stage.stall_timeout("a:1") >= 3 * 1.5, "the stall clock counts the latest round trip"
     pool.round_trip_measured("a:1", 0.001)
     assert pool.stall_round_trip("a:1") == pytest.approx(0.001), "the link is short again: the usual clock"
+
+
+def test_a_far_reading_of_three_handshakes_is_confirmed_by_the_next_and_lossy_ones_are_not(clock):
+    """A link probe is the least of 3 TCP handshakes timed at once: a far reading is asked to be confirmed at once
+    (``round_trip_unconfirmed``) and 2 that agree make the link change (3 single readings still do); a lossy link's
+    far readings (every handshake of one probe lost a SYN-ACK: ~1 s) that do not come twice in a row change
+    nothing."""
+    pool = TeacherPool(["a:1"], per_teacher_in_flight=2)
+    _answers(pool, "a:1", [0.1] * 10, clock)
+    for seconds in (0.001, 0.001, 1.0, 0.001, 1.05, 0.001, 0.001, 1.0):
+        pool.round_trip_measured("a:1", seconds, handshakes=3)
+        assert pool.round_trip("a:1") < 0.02 and pool.service_time("a:1") is not None, seconds
+    assert pool.round_trip_unconfirmed("a:1"), "the latest reading is far: confirm it now"
+    pool.round_trip_measured("a:1", 0.001, handshakes=3)
+    assert not pool.round_trip_unconfirmed("a:1")
+    pool.round_trip_measured("a:1", 1.5, handshakes=3)
+    assert pool.round_trip("a:1") < 0.02, "one far reading is no link change"
+    pool.round_trip_measured("a:1", 1.52, handshakes=3)
+    assert pool.round_trip("a:1") == pytest.approx(1.5), "two readings of 3 handshakes each that agree: far"
+    assert pool.service_time("a:1") is None and not pool.round_trip_unconfirmed("a:1")
+    for seconds in (0.001, 0.001):
+        pool.round_trip_measured("a:1", seconds, handshakes=3)
+    assert pool.round_trip("a:1") == pytest.approx(0.001), "healed"
+    for seconds in (1.5, 1.5):
+        pool.round_trip_measured("a:1", seconds)   # single readings (a health check timed): 3 are needed
+    assert pool.round_trip("a:1") == pytest.approx(0.001)
+    pool.round_trip_measured("a:1", 1.5)
+    assert pool.round_trip("a:1") == pytest.approx(1.5)

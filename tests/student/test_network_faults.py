@@ -293,6 +293,82 @@ def test_a_teacher_whose_link_slows_to_1_5s_mid_run_keeps_answering_on_a_connect
             dr.close()
 
 
+class _Watch:
+    """A thread that notes, every 20 ms, when the reader's pool first reads ``endpoint``'s round trip as 1 s or
+    more and when it first sets it aside (monotonic seconds, None until then)."""
+
+    def __init__(self, dr, endpoint):
+        self.dr, self.endpoint = dr, endpoint
+        self.far_at = self.aside_at = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            now = time.monotonic()
+            if self.far_at is None and (self.dr.pool.round_trip(self.endpoint) or 0.0) >= 1.0:
+                self.far_at = now
+            if self.aside_at is None and f"{self.endpoint} (set aside" in self.dr.pool.describe():
+                self.aside_at = now
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_a_link_that_slows_to_1_5s_is_measured_at_once_and_its_black_hole_is_set_aside_within_its_round_trip(
+        teacher_model, teacher_server, data, slow_netns):
+    """A near teacher's link slows to 1.5 s mid-run. The pool used to accept a longer round trip only after 3
+    agreeing probes, each a health check that waited seconds behind the far connection's data: it still read the
+    old 1 ms after 10 s. A link probe is now 3 TCP handshakes at once (a lossy link reads long only when all are
+    lost), and one reading far is confirmed by the next at once: the 1.5 s is accepted within about two round
+    trips. Then its link is black-holed: the stall clock's percentiles hold the far teacher's own multi-second
+    latencies (set aside 9-10 s after the cut before), but its handshakes answer no more, so it is set aside
+    within about 2 s of its round trip. Every epoch exact."""
+    images, ref = data
+    images4, ref4 = np.concatenate([images] * 4), np.concatenate([ref] * 4)
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        ns.delay(0)                                        # the delayer started while near
+        dr = _reader(teacher_model, [teacher_server.endpoint, far.endpoint], request_timeout=60.0)
+        watch = _Watch(dr, far.endpoint)
+        try:
+            out, _ = _epoch(dr, images)
+            check_epoch(out, images, ref)
+            slowed = []
+
+            def slow(batches):
+                if batches == 5 and not slowed:
+                    ns.delay(1500)
+                    slowed.append(time.monotonic())
+
+            deadline = time.monotonic() + 60
+            while watch.far_at is None and time.monotonic() < deadline:
+                out, _ = _epoch(dr, images4, hook=slow)
+                check_epoch(out, images4, ref4)
+            assert watch.far_at is not None, f"round trip still {dr.pool.round_trip(far.endpoint)} after 60 s"
+            measured = watch.far_at - (slowed[0] - 0.3)   # (ns.delay waits 0.3 s for the delayer to read it)
+            assert measured < 6.0, f"the 1.5 s round trip was accepted {measured:.1f}s after the link slowed"
+            assert 1.4 < dr.pool.round_trip(far.endpoint) < 2.0, dr.pool.round_trip(far.endpoint)
+
+            assert watch.aside_at is None, f"the slowed link was taken for a black hole: {dr.pool.describe()}"
+            ns.black_hole()
+            cut_at = time.monotonic()
+            while watch.aside_at is None and time.monotonic() - cut_at < 60:
+                out, _ = _epoch(dr, images)
+                check_epoch(out, images, ref)
+            assert watch.aside_at is not None, f"not set aside: {dr.pool.describe()}"
+            noticed = watch.aside_at - cut_at
+            print(f"\n1.5 s round trip accepted {measured:.1f}s after the link slowed; black hole set aside "
+                  f"{noticed:.1f}s after the cut: {dr.pool.describe()}")
+            assert noticed < 1.5 + 3.0, f"black hole 1.5 s away set aside {noticed:.1f}s after the cut"
+            assert "link is silent" in dr.pool.describe() or "stalled" in dr.pool.describe()
+        finally:
+            watch.stop()
+            dr.close()
+
+
 READER_STUDENT = """
 import json, os, sys, threading, time
 import numpy as np
