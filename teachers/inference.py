@@ -80,6 +80,10 @@ class InferenceHandler:
         self._run = run
         self._submit = submit
         self.predict_timeout = predict_timeout
+        self._tables_of: Optional[ServingConfig] = None     # the config _tables() was built for
+        self._feed_by_name: dict[str, VarSpec] = {}
+        self._feed_by_alias: dict[str, VarSpec] = {}
+        self._fetch_by_key: dict[str, VarSpec] = {}
 
     def handle(self, request: service_pb2.Request) -> service_pb2.Response:
         """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
@@ -155,6 +159,8 @@ class InferenceHandler:
             RequestError: more tensors than feeds, a missing or doubled feed, feeds of different batch sizes, an unknown
                 fetch, a bad LoD or a tensor that does not fit its feed.
         """
+        if self._tables_of is not self.config:
+            self._tables()
         feeds: dict[str, np.ndarray] = {}
         lods: dict[str, list] = {}
         raw = False
@@ -179,32 +185,44 @@ class InferenceHandler:
                                    f"{batch}; every feed must carry the same number of samples")
             batch = samples
             feeds[spec.name] = array
-        missing = [s for s in self.config.feeds if s.name not in feeds]
+        missing = [s for s in self.config.feeds if s.name not in feeds] if len(feeds) < len(self.config.feeds) else ()
         if missing:
             expected = "; ".join(f"{s.alias_name!r}: {_describe(s)}" for s in missing)
             raise RequestError(f"missing feed(s): {expected}")
-        names = list(request.fetch_var_names) or self.config.fetch_names
+        names = request.fetch_var_names or self.config.fetch_names
+        fetch_by_key = self._fetch_by_key
         fetch = []
         for name in names:
-            spec = next((s for s in self.config.fetches if name in (s.alias_name, s.name)), None)
+            spec = fetch_by_key.get(name)
             if spec is None:
                 raise RequestError(f"unknown fetch {name!r}; the model's fetches are {self.config.fetch_names}")
-            if spec not in fetch:    # a fetch named again (or by its other name) is answered once
+            if not any(spec is f for f in fetch):   # a fetch named again (or by its other name) is answered once
                 fetch.append(spec)
         return feeds, lods, fetch, raw
 
+    def _tables(self) -> None:
+        """Feeds by real name and by alias, fetches by either (the first spec wins, as a scan in order would)."""
+        config = self.config
+        self._feed_by_name, self._feed_by_alias, self._fetch_by_key = {}, {}, {}
+        for spec in config.feeds:
+            self._feed_by_name.setdefault(spec.name, spec)
+            self._feed_by_alias.setdefault(spec.alias_name, spec)
+        for spec in config.fetches:
+            self._fetch_by_key.setdefault(spec.alias_name, spec)
+            self._fetch_by_key.setdefault(spec.name, spec)
+        self._tables_of = config
+
     def _feed_spec(self, tensor: service_pb2.Tensor, index: int) -> VarSpec:
         # Real Paddle Serving matches by the real name; accept the alias too; an unnamed tensor by position.
-        if not tensor.name and not tensor.alias_name:
+        name, alias = tensor.name, tensor.alias_name
+        if not name and not alias:
             return self.config.feeds[index]
-        for key in (tensor.name, tensor.alias_name):
-            for spec in self.config.feeds:
-                if key and key == spec.name:
+        for key in (name, alias):
+            if key:
+                spec = self._feed_by_name.get(key) or self._feed_by_alias.get(key)
+                if spec is not None:
                     return spec
-            for spec in self.config.feeds:
-                if key and key == spec.alias_name:
-                    return spec
-        given = tensor.alias_name or tensor.name
+        given = alias or name
         raise RequestError(f"unknown feed {given!r}; the model's feeds are "
                            f"{[f'{s.alias_name}: {_describe(s)}' for s in self.config.feeds]}")
 
@@ -242,8 +260,8 @@ class InferenceHandler:
         model_output = response.outputs.add(engine_name=ENGINE_NAME)
         for spec in fetch:
             array, lod = outputs[spec.name]
-            model_output.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name,
-                                                     raw=raw, lod=lod or None))
+            encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, lod=lod or None,
+                          out=model_output.tensor.add())
         return response
 
 
