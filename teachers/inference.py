@@ -203,20 +203,24 @@ class InferenceHandler:
             spec = fetch_by_key.get(name)
             if spec is None:
                 raise RequestError(f"unknown fetch {name!r}; the model's fetches are {self.config.fetch_names}")
-            if not any(spec is f for f in fetch):   # a fetch named again (or by its other name) is answered once
+            if spec not in fetch:    # a fetch named again (or by its other name) is answered once
                 fetch.append(spec)
         return feeds, lods, fetch, raw
 
     def _tables(self) -> None:
-        """Feeds by real name and by alias, fetches by either (the first spec wins, as a scan in order would)."""
+        """Feeds by real name and by alias, fetches by either (the first spec wins, as a scan in order would);
+        built aside and published at once, so a thread calling ``handle`` meanwhile never sees half of them."""
         config = self.config
-        self._feed_by_name, self._feed_by_alias, self._fetch_by_key = {}, {}, {}
+        by_name: dict[str, VarSpec] = {}
+        by_alias: dict[str, VarSpec] = {}
+        fetch_by_key: dict[str, VarSpec] = {}
         for spec in config.feeds:
-            self._feed_by_name.setdefault(spec.name, spec)
-            self._feed_by_alias.setdefault(spec.alias_name, spec)
+            by_name.setdefault(spec.name, spec)
+            by_alias.setdefault(spec.alias_name, spec)
         for spec in config.fetches:
-            self._fetch_by_key.setdefault(spec.alias_name, spec)
-            self._fetch_by_key.setdefault(spec.name, spec)
+            fetch_by_key.setdefault(spec.alias_name, spec)
+            fetch_by_key.setdefault(spec.name, spec)
+        self._feed_by_name, self._feed_by_alias, self._fetch_by_key = by_name, by_alias, fetch_by_key
         self._tables_of = config
 
     def _feed_spec(self, tensor: service_pb2.Tensor, index: int) -> VarSpec:
