@@ -10,7 +10,12 @@ and two more grpc.aio servers show what the teacher server's structure adds to t
 - ``aio-limit``: the echo server with ``maximum_concurrent_rpcs`` set (the teacher server bounds its calls);
 - ``aio-handoff``: that, plus the teacher server's thread hand-off: the handler queues each call to one of 2
   runner threads (a ``queue.SimpleQueue``), which sleeps ``--work_us`` without the GIL (a stand-in for a
-  predictor run) and settles the handler's asyncio Future with ``loop.call_soon_threadsafe``.
+  predictor run) and settles the handler's asyncio Future with ``loop.call_soon_threadsafe``;
+- ``aio-process``: that limit plus the structure of ``--worker_io loop`` (issue 20) with nothing else: the handler
+  sends a 64-byte job on a ``SOCK_SEQPACKET`` socket to one of 2 worker processes (``MSG_DONTWAIT``), which
+  sleeps ``--work_us`` and answers 64 bytes; the event loop reads the answer (``add_reader``) and settles the
+  handler's Future. Its CPU per call includes the workers' (all of it is overhead: they only sleep). This is
+  the floor of the teacher server's design before it parses, validates, copies or encodes anything.
 
     python benchmarks/bench_grpc_floor.py [--calls 3000] [--rounds 3] [--size 3200]
     python benchmarks/bench_grpc_floor.py --clients 8 [--seconds 3] [--rounds 3] [--work_us 200]
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import multiprocessing as mp
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -30,13 +37,20 @@ import time
 import grpc
 
 SERVICE, METHOD = "Echo", "echo"
-KINDS = ("aio", "sync", "aio-limit", "aio-handoff")
+KINDS = ("aio", "sync", "aio-limit", "aio-handoff", "aio-process")
 
 
 def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid`` and of its child processes still running (aio-process's workers)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return total + sum(_cpu_seconds(c) for c in children)
 
 
 def _handlers(fn):
@@ -55,9 +69,78 @@ def _settle(waiter: asyncio.Future, body: bytes) -> None:
         waiter.set_result(body)
 
 
+def _process_worker(sock: socket.socket, work_s: float) -> None:
+    """A stand-in predictor worker: each 64-byte job is answered with 64 bytes after ``work_s`` seconds."""
+    while True:
+        job = sock.recv(64)
+        if not job:
+            os._exit(0)
+        time.sleep(work_s)
+        sock.send(job)
+
+
+class _ProcessWorkers:
+    """The event loop's side of ``aio-process``: idle workers, jobs queued while none is idle, answers read by
+    ``add_reader`` (as ``teachers.worker_pool`` does with ``--worker_io loop``)."""
+
+    def __init__(self, work_s: float, count: int = 2):
+        self.idle: collections.deque = collections.deque()
+        self.queued: collections.deque = collections.deque()
+        self.waiting: dict = {}
+        self.socks = []
+        for _ in range(count):     # forked before grpc starts any thread
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            if os.fork() == 0:
+                ours.close()
+                _process_worker(theirs, work_s)
+            theirs.close()
+            self.socks.append(ours)
+            self.idle.append(ours)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sock in self.socks:
+            loop.add_reader(sock.fileno(), self._readable, sock)
+
+    def submit(self, waiter: asyncio.Future, body: bytes) -> None:
+        if self.idle:
+            self._send(self.idle.popleft(), waiter, body)
+        else:
+            self.queued.append((waiter, body))
+
+    def _send(self, sock: socket.socket, waiter: asyncio.Future, body: bytes) -> None:
+        self.waiting[sock.fileno()] = (waiter, body)
+        sock.send(b"j" * 64, socket.MSG_DONTWAIT)
+
+    def _readable(self, sock: socket.socket) -> None:
+        sock.recv(64, socket.MSG_DONTWAIT)
+        waiter, body = self.waiting.pop(sock.fileno())
+        _settle(waiter, body)
+        if self.queued:
+            self._send(sock, *self.queued.popleft())
+        else:
+            self.idle.append(sock)
+
+
 def serve(kind: str, port: int, work_us: float) -> None:
     """Run an echo server of ``kind`` (one of KINDS) on 127.0.0.1:``port`` until killed."""
-    if kind.startswith("aio"):
+    if kind == "aio-process":
+        workers = _ProcessWorkers(work_us / 1e6)
+
+        async def via_process(body, context):
+            waiter = asyncio.get_running_loop().create_future()
+            workers.submit(waiter, body)
+            return await waiter
+
+        async def main_process() -> None:
+            workers.attach(asyncio.get_running_loop())
+            server = grpc.aio.server(maximum_concurrent_rpcs=64)
+            server.add_generic_rpc_handlers(_handlers(via_process))
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            await server.wait_for_termination()
+
+        asyncio.run(main_process())
+    elif kind.startswith("aio"):
         work: queue.SimpleQueue = queue.SimpleQueue()
 
         async def echo(body, context):
@@ -147,11 +230,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the servers (default: 3)")
     parser.add_argument("--size", type=int, default=3200, help="request bytes (default: 3200, one 28x28 image)")
     parser.add_argument("--clients", type=int, default=1,
-                        help="client processes calling back to back; > 1 also measures aio-limit and aio-handoff "
-                             "(default: 1)")
+                        help="client processes calling back to back; > 1 also measures aio-limit, aio-handoff and "
+                             "aio-process (default: 1)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement with --clients > 1")
     parser.add_argument("--work_us", type=float, default=200.0,
-                        help="microseconds each aio-handoff runner sleeps per call (default: 200)")
+                        help="microseconds each aio-handoff runner or aio-process worker sleeps per call "
+                             "(default: 200)")
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

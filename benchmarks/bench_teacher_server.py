@@ -19,7 +19,7 @@ TeacherClient runs of the batch-32 and batch-1 measurements as user-facing figur
 
     python benchmarks/bench_teacher_server.py [--seconds 3] [--thread 2] [--clients 8] [--width 1]
         [--client both|raw|teacher] [--baseline DIR] [--worker_io threads|loop]   # DIR: another checkout,
-        # measured in the same run
+        # measured in the same run, with its --worker_io from [--baseline_worker_io threads|loop]
 
 The scaling part (raw predictor as N processes, --thread N vs 1, health during a long prediction) is
 benchmarks/bench_teacher_scaling.py.
@@ -224,7 +224,8 @@ def measure(make, teacher, args, metrics: bool) -> dict:
     """Every server measurement of one server build (``make(**kwargs)`` returns a TeacherServer)."""
     result: dict = {}
     kinds = ["raw", "teacher"] if args.client == "both" else [args.client]
-    io = ["--worker_io", args.worker_io] if args.worker_io and make is TeacherServer else []
+    worker_io = args.worker_io if make is TeacherServer else args.baseline_worker_io
+    io = ["--worker_io", worker_io] if worker_io else []
     with make(teacher.server_dir, thread=args.thread, max_batch_size=64, batch_timeout_ms=2, spare=True,
               extra_args=io) as on:
         on.wait_spare()     # the spare's model load would take CPU from the measurement
@@ -284,7 +285,9 @@ def main() -> int:
                              "right after this checkout's")
     parser.add_argument("--worker_io", choices=["threads", "loop"], default=None,
                         help="this checkout's server --worker_io (default: the server's own default); the baseline "
-                             "runs its default")
+                             "runs --baseline_worker_io")
+    parser.add_argument("--baseline_worker_io", choices=["threads", "loop"], default=None,
+                        help="the baseline's server --worker_io (default: the baseline server's own default)")
     parser.add_argument("--exported", default=None,
                         help="folder holding serving_server/ and serving_client/ of an exported model to measure "
                              "instead of building one (benchmarks/bench_paddle_lines.py passes one model to each "

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 from typing import Callable, Optional, Protocol
@@ -80,6 +81,11 @@ class InferenceHandler:
         self._run = run
         self._submit = submit
         self.predict_timeout = predict_timeout
+        self._tables_of: Optional[ServingConfig] = None     # the config _tables() was built for
+        self._feed_by_name: dict[str, VarSpec] = {}
+        self._feed_by_alias: dict[str, VarSpec] = {}
+        self._fetch_by_key: dict[str, VarSpec] = {}
+        self._deadlines: Optional[_Deadlines] = None   # handle_async's --predict_timeout waits, one timer
 
     def handle(self, request: service_pb2.Request) -> service_pb2.Response:
         """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
@@ -105,8 +111,13 @@ class InferenceHandler:
         limit = self.predict_timeout
         if timeout is not None and (limit is None or timeout < limit):
             limit = max(0.0, timeout)
+        deadlines = None
+        if limit is not None and limit == self.predict_timeout:   # every such wait ends later than the one before
+            deadlines = self._deadlines
+            if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
+                deadlines = self._deadlines = _Deadlines(asyncio.get_running_loop())
         try:
-            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), limit)
+            outputs = await _wait(self._submit(feeds, [s.name for s in fetch], lods), limit, deadlines)
         except _Expired:
             if limit != self.predict_timeout:
                 return error_response(ErrNo.TIMEOUT, f"the client's deadline ({limit:.3g}s) passed before the "
@@ -155,6 +166,8 @@ class InferenceHandler:
             RequestError: more tensors than feeds, a missing or doubled feed, feeds of different batch sizes, an unknown
                 fetch, a bad LoD or a tensor that does not fit its feed.
         """
+        if self._tables_of is not self.config:
+            self._tables()
         feeds: dict[str, np.ndarray] = {}
         lods: dict[str, list] = {}
         raw = False
@@ -179,32 +192,48 @@ class InferenceHandler:
                                    f"{batch}; every feed must carry the same number of samples")
             batch = samples
             feeds[spec.name] = array
-        missing = [s for s in self.config.feeds if s.name not in feeds]
+        missing = [s for s in self.config.feeds if s.name not in feeds] if len(feeds) < len(self.config.feeds) else ()
         if missing:
             expected = "; ".join(f"{s.alias_name!r}: {_describe(s)}" for s in missing)
             raise RequestError(f"missing feed(s): {expected}")
-        names = list(request.fetch_var_names) or self.config.fetch_names
+        names = request.fetch_var_names or self.config.fetch_names
+        fetch_by_key = self._fetch_by_key
         fetch = []
         for name in names:
-            spec = next((s for s in self.config.fetches if name in (s.alias_name, s.name)), None)
+            spec = fetch_by_key.get(name)
             if spec is None:
                 raise RequestError(f"unknown fetch {name!r}; the model's fetches are {self.config.fetch_names}")
             if spec not in fetch:    # a fetch named again (or by its other name) is answered once
                 fetch.append(spec)
         return feeds, lods, fetch, raw
 
+    def _tables(self) -> None:
+        """Feeds by real name and by alias, fetches by either (the first spec wins, as a scan in order would);
+        built aside and published at once, so a thread calling ``handle`` meanwhile never sees half of them."""
+        config = self.config
+        by_name: dict[str, VarSpec] = {}
+        by_alias: dict[str, VarSpec] = {}
+        fetch_by_key: dict[str, VarSpec] = {}
+        for spec in config.feeds:
+            by_name.setdefault(spec.name, spec)
+            by_alias.setdefault(spec.alias_name, spec)
+        for spec in config.fetches:
+            fetch_by_key.setdefault(spec.alias_name, spec)
+            fetch_by_key.setdefault(spec.name, spec)
+        self._feed_by_name, self._feed_by_alias, self._fetch_by_key = by_name, by_alias, fetch_by_key
+        self._tables_of = config
+
     def _feed_spec(self, tensor: service_pb2.Tensor, index: int) -> VarSpec:
         # Real Paddle Serving matches by the real name; accept the alias too; an unnamed tensor by position.
-        if not tensor.name and not tensor.alias_name:
+        name, alias = tensor.name, tensor.alias_name
+        if not name and not alias:
             return self.config.feeds[index]
-        for key in (tensor.name, tensor.alias_name):
-            for spec in self.config.feeds:
-                if key and key == spec.name:
+        for key in (name, alias):
+            if key:
+                spec = self._feed_by_name.get(key) or self._feed_by_alias.get(key)
+                if spec is not None:
                     return spec
-            for spec in self.config.feeds:
-                if key and key == spec.alias_name:
-                    return spec
-        given = tensor.alias_name or tensor.name
+        given = alias or name
         raise RequestError(f"unknown feed {given!r}; the model's feeds are "
                            f"{[f'{s.alias_name}: {_describe(s)}' for s in self.config.feeds]}")
 
@@ -242,8 +271,8 @@ class InferenceHandler:
         model_output = response.outputs.add(engine_name=ENGINE_NAME)
         for spec in fetch:
             array, lod = outputs[spec.name]
-            model_output.tensor.append(encode_tensor(array, name=spec.name, alias_name=spec.alias_name,
-                                                     raw=raw, lod=lod or None))
+            encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, lod=lod or None,
+                          out=model_output.tensor.add())
         return response
 
 
@@ -256,19 +285,75 @@ def _expire(waiter: asyncio.Future) -> None:
         waiter.set_exception(_Expired())
 
 
-async def _wait(pending: PendingRun, timeout: Optional[float]):
+async def _wait(pending: PendingRun, timeout: Optional[float], deadlines: Optional[_Deadlines] = None):
     """Await a queued run from the event loop, giving up after ``timeout`` seconds (then _Expired); a run
-    that has not started by then, or whose request is cancelled meanwhile, never starts. One timer per
-    request; no task, no thread-side Future (cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``)."""
+    that has not started by then, or whose request is cancelled meanwhile, never starts. No task, no
+    thread-side Future (cheaper than ``asyncio.wait_for(asyncio.wrap_future(...))``); the timeout is watched by
+    ``deadlines`` when given (one timer for every wait of that length), else by a timer of its own."""
     waiter = pending.waiter
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter) if timeout is not None else None
+    timer = entry = None
+    if deadlines is not None:
+        entry = deadlines.add(waiter, timeout)
+    elif timeout is not None:
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter)
     try:
         return await waiter
     finally:
-        if timer is not None:
+        if entry is not None:
+            deadlines.done(entry)
+        elif timer is not None:
             timer.cancel()
         if not waiter.done() or waiter.cancelled() or isinstance(waiter.exception(), _Expired):
             pending.cancel()
+
+
+class _Deadlines:
+    """Waits of one length, so each ends after the one added before it (a FIFO), watched by one timer armed
+    for the oldest unfinished one: a wait costs a list and an append, not a ``call_later`` + ``cancel`` (and
+    the heap upkeep of one cancelled timer per request). Loop thread only.
+
+    ``add(waiter, seconds)`` -> an entry; ``done(entry)`` when the wait is over (it drops the waiter). When
+    the timer fires, every waiter whose deadline has passed gets ``_Expired``.
+    """
+
+    __slots__ = ("loop", "_queue", "_timer", "_live")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._queue: collections.deque = collections.deque()    # [deadline (loop.time()), waiter or None]
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._live = 0
+
+    def add(self, waiter: asyncio.Future, seconds: float) -> list:
+        queue_ = self._queue
+        while queue_ and queue_[0][1] is None:      # finished waits at the head
+            queue_.popleft()
+        if len(queue_) > 1024 and len(queue_) > 4 * self._live:   # finished ones behind a long wait
+            self._queue = queue_ = collections.deque(e for e in queue_ if e[1] is not None)
+        entry = [self.loop.time() + seconds, waiter]
+        queue_.append(entry)
+        self._live += 1
+        if self._timer is None:
+            self._timer = self.loop.call_at(entry[0], self._fire)
+        return entry
+
+    def done(self, entry: list) -> None:
+        if entry[1] is not None:
+            entry[1] = None
+            self._live -= 1
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        queue_ = self._queue
+        while queue_:
+            deadline, waiter = queue_[0]
+            if waiter is not None:
+                if deadline > now:
+                    self._timer = self.loop.call_at(deadline, self._fire)
+                    return
+                _expire(waiter)     # its wait's ``finally`` calls done()
+            queue_.popleft()
 
 
 def error_response(err_no: int, message: str, log_id: int = 0) -> service_pb2.Response:

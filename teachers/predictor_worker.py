@@ -70,6 +70,7 @@ class Worker:
         self.pool = None
         self.inputs: Optional[wire.shared_memory.SharedMemory] = None
         self.outputs: Optional[wire.shared_memory.SharedMemory] = None
+        self._in_name = self._out_name = ""      # the names the server gave for the blocks attached
 
     def load(self, options: dict) -> bool:
         from .predictor_pool import PredictorOptions, PredictorPool
@@ -116,13 +117,19 @@ class Worker:
                 wire.send(self.sock, "error", id=job, cls=classify(exc), message=f"{exc}".strip()[-4000:])
 
     def _job(self, message: dict) -> None:
-        self.inputs = self._switch(self.inputs, message.get("in"))
-        self.outputs = self._switch(self.outputs, message.get("out"))
-        arrays = wire.read_arrays(self.inputs, message["feeds"])
-        feeds = {n: a for n, a in arrays.items() if not n.startswith(LOD_PREFIX)}
-        lods = {n[len(LOD_PREFIX):]: a.tolist() for n, a in arrays.items() if n.startswith(LOD_PREFIX)}
+        name = message.get("in")
+        if name and name != self._in_name:
+            self.inputs, self._in_name = self._switch(self.inputs, name), name
+        name = message.get("out")
+        if name and name != self._out_name:
+            self.outputs, self._out_name = self._switch(self.outputs, name), name
+        feeds = wire.read_arrays(self.inputs, message["feeds"])
+        lods = None
+        if any(n.startswith(LOD_PREFIX) for n in feeds):
+            lods = {n[len(LOD_PREFIX):]: a.tolist() for n, a in feeds.items() if n.startswith(LOD_PREFIX)}
+            feeds = {n: a for n, a in feeds.items() if not n.startswith(LOD_PREFIX)}
         started, cpu = time.perf_counter(), time.process_time()   # every thread: Paddle's own helpers too
-        outputs = self.pool.run(feeds, list(message["fetch"]), lods or None, timeout=None)
+        outputs = self.pool.run(feeds, list(message["fetch"]), lods, timeout=None)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         out = {}
         for name, (array, lod) in outputs.items():
@@ -135,7 +142,7 @@ class Worker:
             grown = wire.receive(self.sock)
             if grown is None or grown["kind"] != "grown":
                 raise wire.ProtocolError(f"expected 'grown', got {grown and grown['kind']!r}")
-            self.outputs = self._switch(self.outputs, grown["out"])
+            self.outputs, self._out_name = self._switch(self.outputs, grown["out"]), grown["out"]
         layout = wire.write_arrays(self.outputs, out)
         wire.send_answer(self.sock, message["id"], layout, seconds, cpu)
 

@@ -119,14 +119,15 @@ RunDone = Callable[[Optional[dict], Optional[BaseException]], None]   # (outputs
 class _LoopRun:
     """One run on a worker, driven by the event loop (``WorkerPool.launch``)."""
 
-    __slots__ = ("worker", "feeds", "done", "fd", "timer", "writing", "limit", "bound")
+    __slots__ = ("worker", "feeds", "done", "fd", "deadline", "writing", "limit", "bound")
 
-    def __init__(self, worker: _Worker, feeds: Mapping[str, np.ndarray], done: RunDone, limit: float, bound: str):
+    def __init__(self, worker: _Worker, feeds: Mapping[str, np.ndarray], done: RunDone, limit: float, bound: str,
+                 deadline: float):
         self.worker = worker
         self.feeds = feeds
         self.done = done
-        self.fd = worker.sock.fileno()
-        self.timer: Optional[asyncio.TimerHandle] = None
+        self.fd = worker.fd
+        self.deadline = deadline    # loop.time() past which the run has taken too long
         self.writing = False
         self.limit = limit
         self.bound = bound
@@ -159,12 +160,18 @@ class _Worker:
         self._reader.start()
         self.inputs: Optional[wire.shared_memory.SharedMemory] = None
         self.outputs: Optional[wire.shared_memory.SharedMemory] = None
+        self._block_names: Optional[tuple[str, str]] = None    # (inputs, outputs) names for job messages
         self.input_names: list[str] = []
         self.output_names: list[str] = []
         self.busy_since: Optional[float] = None
         self.ready = False
         self.dead = False
         self._jobs = 0
+        # the event loop's watchdog of this worker's runs (WorkerPool.launch): one timer armed for a run's
+        # deadline, left armed when the run ends and re-armed for the run in progress when it fires, so a
+        # run costs no timer of its own
+        self.watchdog: Optional[asyncio.TimerHandle] = None
+        self.watchdog_at = 0.0
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
 
@@ -253,19 +260,25 @@ class _Worker:
                  lods: Optional[Mapping[str, list]]) -> None:
         """Copy the inputs into the input block (a bigger one when they do not fit) and send ``job`` on ``sock``
         (the channel, or the event loop's non-blocking view of it). Raises OSError when the worker is gone."""
-        arrays = dict(feeds)     # write_arrays copies any layout into the block: no contiguous copy first
-        for name, lod in (lods or {}).items():
-            if lod:
-                arrays[LOD_PREFIX + name] = np.asarray(lod, dtype=np.int64)
+        arrays = feeds           # write_arrays copies any layout into the block: no contiguous copy first
+        if lods:
+            arrays = dict(feeds)
+            for name, lod in lods.items():
+                if lod:
+                    arrays[LOD_PREFIX + name] = np.asarray(lod, dtype=np.int64)
         need = wire.layout_size(arrays)
         if self.inputs is None or need > self.inputs.size:
             old, self.inputs = self.inputs, wire.create_block(need + need // 4)
+            self._block_names = None
             wire.release_block(old)
         if self.outputs is None:
             self.outputs = wire.create_block(wire.MIN_BLOCK)
+            self._block_names = None
+        if self._block_names is None:    # SharedMemory.name is a property that strips a slash each time
+            self._block_names = (self.inputs.name, self.outputs.name)
         layout = wire.write_arrays(self.inputs, arrays)
         self._jobs += 1
-        wire.send_job(sock, self._jobs, self.inputs.name, self.outputs.name, layout, fetch)
+        wire.send_job(sock, self._jobs, *self._block_names, layout, fetch)
 
     def handle(self, sock, message: dict, feeds: Mapping[str, np.ndarray]) -> Optional[tuple[dict, float, float]]:
         """One message of a run: the run's (outputs, seconds, CPU seconds) on ``answer``; None after ``need``
@@ -280,12 +293,18 @@ class _Worker:
         kind = message["kind"]
         if kind == "answer":
             got = wire.read_arrays(self.outputs, message["outputs"], copy=True)
+            if len(got) == 1:      # one fetch without LoD: the common answer
+                for name, array in got.items():
+                    if not name.startswith(LOD_PREFIX):
+                        return ({name: (array, [])}, float(message.get("seconds", 0.0)),
+                                float(message.get("cpu", 0.0)))
             outputs = {name: (got[name], got[LOD_PREFIX + name].tolist() if LOD_PREFIX + name in got else [])
                        for name in got if not name.startswith(LOD_PREFIX)}
             return outputs, float(message.get("seconds", 0.0)), float(message.get("cpu", 0.0))
         if kind == "need":
             size = int(message["bytes"])
             old, self.outputs = self.outputs, wire.create_block(size + size // 4)
+            self._block_names = None
             wire.release_block(old)
             wire.send(sock, "grown", out=self.outputs.name)
             return None
@@ -341,6 +360,7 @@ class _Worker:
         wire.release_block(self.inputs)
         wire.release_block(self.outputs)
         self.inputs = self.outputs = None
+        self._block_names = None
         if self.proc.stdout is not None and not self._reader.is_alive():
             self.proc.stdout.close()
 
@@ -577,7 +597,8 @@ class WorkerPool:
         killed and replaced; WorkerLost; ModelRejectedInput; RuntimeError). The worker is free again before
         ``done`` is called."""
         loop = self._loop
-        run = _LoopRun(worker, feeds, done, self.predict_timeout, "--predict_timeout")
+        run = _LoopRun(worker, feeds, done, self.predict_timeout, "--predict_timeout",
+                       loop.time() + self.predict_timeout)
         try:
             worker.send_job(worker.nowait, feeds, fetch_names, lods)
         except OSError:
@@ -594,23 +615,40 @@ class WorkerPool:
         if worker.nowait.pending:
             run.writing = True
             loop.add_writer(run.fd, self._writable, run)
-        run.timer = loop.call_later(run.limit, self._expired, run)
+        if worker.watchdog is None:    # else armed for an earlier run's deadline, which is sooner: it re-arms
+            self._arm_watchdog(worker, run.deadline)
+
+    def _arm_watchdog(self, worker: _Worker, when: float) -> None:
+        worker.watchdog_at = when
+        worker.watchdog = self._loop.call_at(when, self._watchdog, worker)
+
+    def _watchdog(self, worker: _Worker) -> None:
+        """``worker``'s watchdog fired (loop thread): its run in progress, if any, is expired when its deadline
+        has come, else the watchdog is re-armed for it."""
+        worker.watchdog = None
+        run = self._loop_runs.get(worker.fd)
+        if run is None or run.worker is not worker:
+            return                 # idle: the next launch arms it again
+        if run.deadline <= worker.watchdog_at:
+            self._expired(run)
+        else:
+            self._arm_watchdog(worker, run.deadline)
 
     def _unwatch(self, worker: _Worker) -> None:
-        """Stop reading ``worker``'s socket (before it is closed)."""
+        """Stop reading ``worker``'s socket (before it is closed) and stop its watchdog."""
+        if worker.watchdog is not None:
+            worker.watchdog.cancel()
+            worker.watchdog = None
         if self._watched.get(worker.fd) is worker:
             del self._watched[worker.fd]
             self._loop.remove_reader(worker.fd)
 
     def _end(self, run: _LoopRun) -> None:
-        """``run`` is over: its writer and timer go (the worker's reader stays for its next run)."""
+        """``run`` is over: its writer goes (the worker's reader and watchdog stay for its next run)."""
         if self._loop_runs.pop(run.fd, None) is None:
             return
-        loop = self._loop
         if run.writing:
-            loop.remove_writer(run.fd)
-        if run.timer is not None:
-            run.timer.cancel()
+            self._loop.remove_writer(run.fd)
 
     def _writable(self, run: _LoopRun) -> None:
         try:

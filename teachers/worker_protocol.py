@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import sys
@@ -39,6 +40,7 @@ MIN_BLOCK = 1 << 20          # smallest block: 1 MiB
 _DTYPE_LIST = tuple(np.dtype(t).str for t in ("bool", "int8", "uint8", "int16", "int32", "int64", "float16",
                                                "float32", "float64", "complex64", "complex128"))
 _DTYPES = frozenset(_DTYPE_LIST)
+_DTYPE_OBJECTS = {d: np.dtype(d) for d in _DTYPE_LIST}   # read_arrays: no np.dtype(str) per array
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPE_LIST)}
 MAX_NDIM = 64
 # binary job / answer messages: header, then per array an entry + its dims (int64) + its name (UTF-8)
@@ -246,46 +248,44 @@ def layout_size(arrays: Mapping[str, np.ndarray]) -> int:
 def write_arrays(block: shared_memory.SharedMemory, arrays: Mapping[str, np.ndarray]) -> list:
     """Copy ``arrays`` into ``block`` back to back (aligned); returns their layout for a message.
 
-    Raises ProtocolError when they do not fit (check ``layout_size`` first).
-
     Raises:
-        ProtocolError: the arrays do not fit ``block``.
+        ProtocolError: the arrays do not fit ``block`` (check ``layout_size`` first; what was copied before
+            the one that does not fit is left in the block).
     """
-    if layout_size(arrays) > block.size:
-        raise ProtocolError(f"{layout_size(arrays)} bytes of arrays do not fit a block of {block.size}")
     layout, offset = [], 0
+    buffer, size = block.buf, block.size
     for name, array in arrays.items():
-        view = np.ndarray(array.shape, array.dtype, buffer=block.buf, offset=offset)
-        np.copyto(view, array, casting="no")
-        layout.append([name, array.dtype.str, list(array.shape), offset])
-        offset += -(-array.nbytes // ALIGN) * ALIGN
+        nbytes = array.nbytes
+        if offset + nbytes > size:
+            raise ProtocolError(f"{layout_size(arrays)} bytes of arrays do not fit a block of {size}")
+        np.copyto(np.ndarray(array.shape, array.dtype, buffer=buffer, offset=offset), array, casting="no")
+        layout.append([name, array.dtype.str, array.shape, offset])
+        offset += -(-nbytes // ALIGN) * ALIGN
     return layout
 
 
 def read_arrays(block: shared_memory.SharedMemory, layout: list, copy: bool = False) -> dict[str, np.ndarray]:
     """The arrays of ``layout`` in ``block``: views on the block, or private copies with ``copy``.
 
-    Raises ProtocolError for a layout entry that is malformed or reaches past the block.
-
     Raises:
         ProtocolError: a layout entry is malformed or reaches past the block.
     """
     arrays = {}
+    buffer, size = block.buf, block.size
     for entry in layout:
         try:
             name, dtype, shape, offset = entry
-            dtype = np.dtype(dtype)
-            shape = tuple(int(d) for d in shape)
+            dtype = _DTYPE_OBJECTS.get(dtype) or np.dtype(dtype)
+            if type(shape) is not tuple:    # noqa: E721 - _unpack_layout gives a tuple of ints already
+                shape = tuple(int(d) for d in shape)
             offset = int(offset)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed layout entry {entry!r}: {exc}") from None
-        if dtype.str not in _DTYPES or any(d < 0 for d in shape) or offset < 0 or offset % ALIGN:
+        if dtype.str not in _DTYPES or offset < 0 or offset % ALIGN or (shape and min(shape) < 0):
             raise ProtocolError(f"layout entry {entry!r} is not an array this protocol carries")
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        if offset + nbytes > block.size:
-            raise ProtocolError(f"array {name!r} ({nbytes} bytes at {offset}) reaches past the block of {block.size}")
-        view = np.ndarray(shape, dtype, buffer=block.buf, offset=offset)
+        nbytes = dtype.itemsize * math.prod(shape)
+        if offset + nbytes > size:
+            raise ProtocolError(f"array {name!r} ({nbytes} bytes at {offset}) reaches past the block of {size}")
+        view = np.ndarray(shape, dtype, buffer=buffer, offset=offset)
         arrays[name] = view.copy() if copy else view
     return arrays

@@ -520,3 +520,40 @@ def test_loop_batcher_submit_from_another_thread():
     assert sum(workers.sizes) == 24
     for i, y in results.items():
         np.testing.assert_array_equal(y, np.full((2, 3), i * 2.0 + 1.0, "float32"))
+
+
+def test_waits_of_predict_timeout_expire_each_at_its_own_deadline_under_one_timer():
+    """_Deadlines (handle_async's --predict_timeout waits): each wait expires at its own deadline, a finished
+    one never does, and finished waits behind a long one do not pile up."""
+    from teachers.inference import _Deadlines, _Expired
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        deadlines = _Deadlines(loop)
+        start = loop.time()
+        waiters, entries = [], []
+        for _ in range(3):
+            waiters.append(loop.create_future())
+            entries.append(deadlines.add(waiters[-1], 0.2))
+            await asyncio.sleep(0.05)
+        waiters[1].set_result("answered")
+        deadlines.done(entries[1])
+        await asyncio.sleep(max(0.0, start + 0.27 - loop.time()))
+        first_expired, third_pending = waiters[0].done(), not waiters[2].done()
+        await asyncio.sleep(max(0.0, start + 0.4 - loop.time()))
+        for entry in (entries[0], entries[2]):
+            deadlines.done(entry)
+        # one long wait at the head, 3000 finished behind it: the queue is compacted, not 3001 long
+        long_wait = loop.create_future()
+        head = deadlines.add(long_wait, 60)
+        for _ in range(3000):
+            deadlines.done(deadlines.add(loop.create_future(), 60))
+        queued = len(deadlines._queue)
+        deadlines.done(head)
+        return first_expired, third_pending, waiters, queued
+
+    first_expired, third_pending, waiters, queued = asyncio.run(scenario())
+    assert first_expired and third_pending
+    assert isinstance(waiters[0].exception(), _Expired) and isinstance(waiters[2].exception(), _Expired)
+    assert waiters[1].result() == "answered"
+    assert queued <= 1026, queued
