@@ -1,9 +1,9 @@
-"""Trace of a far teacher's in-flight window (issue 25): the bench's four fake teachers of 50 ms, teacher 4's link
-+300 ms for one epoch, then healed; every ``--every`` seconds, teacher 4's window, requests out, seconds-per-request
-estimate and measured round trip, summarised per second (min-max of the window and requests out, the estimate's
-max), beside throughput over a fault-free epoch. Shows whether the window settles at the bandwidth-delay product
-(2 + 0.3 / 0.05 = 8) or swings. Needs root, ``ip`` and ``iptables`` (as benchmarks/bench_network_faults.py, whose
-set-up it reuses).
+"""Trace of a far teacher's in-flight window (issue 25): the bench's four fake teachers of 50 ms, teacher 4's
+link +300 ms (``--delay_ms``) for one epoch, then healed; every ``--every`` seconds, teacher 4's window, requests
+out, seconds-per-request estimate and measured round trip, summarised per second (min-max of the window and
+requests out, the estimate's max), beside throughput over a fault-free epoch. Shows whether the window settles at
+the bandwidth-delay product (2 + 0.3 / 0.05 = 8) or swings. Needs root, ``ip`` and ``iptables`` (as
+benchmarks/bench_network_faults.py, whose set-up it reuses).
 
 Example::
 
@@ -54,7 +54,7 @@ def _summary(rows: list, since: float, until: float) -> list[str]:
     return lines
 
 
-def run(seconds: float, latency_ms: float, every: float, workdir: str) -> list[str]:
+def run(seconds: float, latency_ms: float, every: float, workdir: str, delay_ms: float = 300.0) -> list[str]:
     conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
     images = np.random.default_rng(0).random((bench.BATCH * 8, 1, 28, 28), dtype=np.float32)
     delay_file = os.path.join(workdir, "delay_ms")
@@ -89,9 +89,9 @@ def run(seconds: float, latency_ms: float, every: float, workdir: str) -> list[s
             sampler = threading.Thread(target=_sample, args=(dr, endpoints[3], every, stop, rows), daemon=True)
             began = time.monotonic()
             sampler.start()
-            for name, delay_ms in (("+300 ms on teacher 4", 300), ("after the heal", 0)):
+            for name, delay in ((f"+{delay_ms:g} ms on teacher 4", delay_ms), ("after the heal", 0)):
                 with open(delay_file, "w") as f:
-                    f.write(str(delay_ms))
+                    f.write(str(delay))
                 since = time.monotonic() - began
                 rate, requests = bench._epoch(dr, images, seconds)
                 out.append(f"{name}: throughput / fault-free {rate / base:.3f}, teacher 4 reqs / ideal "
@@ -107,13 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each epoch, seconds")
     parser.add_argument("--latency_ms", type=float, default=50.0, help="each fake teacher's service time, ms")
+    parser.add_argument("--delay_ms", type=float, default=300.0, help="teacher 4's added round trip, ms")
     parser.add_argument("--every", type=float, default=0.1, help="seconds between two samples of teacher 4")
     args = parser.parse_args(argv)
     reason = netns.unavailable()
     if reason:
         raise SystemExit(reason)
     with tempfile.TemporaryDirectory(prefix="trace_far_window_") as workdir:
-        for line in run(args.seconds, args.latency_ms, args.every, workdir):
+        for line in run(args.seconds, args.latency_ms, args.every, workdir, args.delay_ms):
             print(line)
     return 0
 

@@ -575,10 +575,12 @@ class TeacherPool:
     def _stepped_window_locked(self, state: TeacherState) -> int:
         """Its Vegas-stepped window (``state.window``) within the floor and the cap, without a delay tail; before
         its first step over a far link (``state.window`` 0), the bandwidth-delay product at the median of its
-        latest ``SPEED_SAMPLES`` seconds per request (its own speed, kept when the link changes), not the floor."""
+        latest ``SPEED_SAMPLES`` seconds per request (its own speed, kept when the link changes), at most twice
+        the floor (as slow start's first doubling: a connection that has just become far, or a new one, carries
+        little per round trip at first; a 1.5 s link given 32 at once held the reorder buffer for seconds)."""
         window = state.window
         if window == 0 and state.speed:
-            window = self.window.size(self._far_locked(state), _median(state.speed))
+            window = min(2 * self.window.floor, self.window.size(self._far_locked(state), _median(state.speed)))
         return self._clamp_window(window)
 
     def _window_locked(self, state: TeacherState) -> int:

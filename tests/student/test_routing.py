@@ -236,8 +236,9 @@ def test_a_far_teachers_estimate_is_not_inflated_when_its_window_shrinks(monkeyp
 
 def test_a_link_that_became_long_gets_its_window_before_the_probes_agree(monkeypatch):
     """A near teacher of 50 ms a request whose link becomes 300 ms long: once its latest probe reads 0.3 s and its
-    latest 4 answers took as long, its window is the bandwidth-delay product at its known speed (2 + 6), not the
-    floor until 3 probes agree (1.5-3 s); a probe held for a retransmission alone (answers quicker) moves nothing."""
+    latest 4 answers took as long, its window starts growing toward the bandwidth-delay product at its known speed
+    (2 + 6; at first at most twice the floor, as slow start), not at the floor until 3 probes agree (1.5-3 s); a
+    probe held for a retransmission alone (answers quicker) moves nothing."""
     clock = [0.0]
     monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
     pool = TeacherPool(["t:1"])
@@ -251,4 +252,4 @@ def test_a_link_that_became_long_gets_its_window_before_the_probes_agree(monkeyp
     for _ in range(4):
         pool.started("t:1")
         pool.succeeded("t:1", 0.4, 32)
-    assert pool.window_of("t:1") == 8
+    assert pool.window_of("t:1") == 4
