@@ -59,7 +59,8 @@ CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, lo
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
 SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
-FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long
+FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long ...
+FAR_PROBE = 0.05           # ... and it is at least this long (s) and twice the measured round trip
 SPEED_SAMPLES = 32         # a far teacher's first window is its round trip over the median of this many s / request
 
 
@@ -83,6 +84,8 @@ class TeacherState:
     window: int = 0                        # its in-flight window (0: the floor); moves once per round trip
     round_began: float = -1.0              # when its window's current round began (-1: none yet)
     round_best: Optional[tuple] = None     # (latency, requests out when sent) of the round's quickest answer
+    far_window: int = 0                    # its latest stepped window over a far link (kept when the link changes)
+    far_round_trip: float = 0.0            # ... and that link's round trip, s
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
@@ -513,9 +516,10 @@ class TeacherPool:
         1/2``: it shrinks to the target, by at least one."""
         round_trip = self._far_locked(state)
         if round_trip is None or latency <= 0:   # near: the floor (_base_window_locked), no rounds
-            state.window, state.round_began, state.round_best = 0, -1.0, None
+            state.window, state.round_began, state.round_best, state.far_window = 0, -1.0, None, 0
             return
         current = state.window = self._stepped_window_locked(state)
+        state.far_window, state.far_round_trip = current, round_trip
         if state.round_began < 0 or state.round_began < state.link_changed_at:   # the first answer over this link
             state.round_began, state.round_best = now, None
             return
@@ -535,6 +539,7 @@ class TeacherPool:
             state.window = self._clamp_window(max(current + 1, min(target, 2 * current)))
         elif at_teacher > floor + 0.5:
             state.window = self._clamp_window(min(current - 1, target))
+        state.far_window = state.window
 
     def _clamp_window(self, window: int) -> int:
         return min(self.window.cap, max(self.window.floor, window))
@@ -561,8 +566,9 @@ class TeacherPool:
         round_trip = self._round_trip_locked(state)
         if state.round_trips and len(state.latencies) >= FAR_ANSWERS:
             latest = state.round_trips[-1]
-            recent = min(list(state.latencies)[-FAR_ANSWERS:])
-            if latest >= NEGLIGIBLE_ROUND_TRIP and recent >= latest and (round_trip is None or latest > round_trip):
+            own = 0.5 * _median(state.speed) if state.speed else 0.0   # an answer also holds the teacher's part
+            if latest >= FAR_PROBE and (round_trip is None or latest > 2 * round_trip) \
+                    and min(list(state.latencies)[-FAR_ANSWERS:]) >= latest + own:
                 round_trip = latest
         return round_trip if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP else None
 
@@ -577,10 +583,15 @@ class TeacherPool:
         its first step over a far link (``state.window`` 0), the bandwidth-delay product at the median of its
         latest ``SPEED_SAMPLES`` seconds per request (its own speed, kept when the link changes), at most twice
         the floor (as slow start's first doubling: a connection that has just become far, or a new one, carries
-        little per round trip at first; a 1.5 s link given 32 at once held the reorder buffer for seconds)."""
+        little per round trip at first; a 1.5 s link given 32 at once held the reorder buffer for seconds); or the
+        window it had already stepped to over a link of about this round trip (``_link_changed``: no), which the
+        probes that make the link change (``round_trip_measured``) would otherwise throw away."""
         window = state.window
-        if window == 0 and state.speed:
-            window = min(2 * self.window.floor, self.window.size(self._far_locked(state), _median(state.speed)))
+        far = self._far_locked(state)
+        if window == 0 and state.far_window and far is not None and not _link_changed(state.far_round_trip, far):
+            window = state.far_window
+        elif window == 0 and state.speed:
+            window = min(2 * self.window.floor, self.window.size(far, _median(state.speed)))
         return self._clamp_window(window)
 
     def _window_locked(self, state: TeacherState) -> int:
