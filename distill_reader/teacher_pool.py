@@ -244,8 +244,9 @@ class TeacherPool:
             if sent_at >= state.link_changed_at:   # sent over this link
                 measured = per_request = self._per_request_locked(state, latency, sent_with)
                 state.spread.append(latency)
-                if state.per_request and self._far_locked(state) is None:
-                    # one answer that waited an RTO is not a near teacher twice as slow
+                if state.per_request:
+                    # one answer that waited an RTO is not a teacher twice as slow (a far one's, too: a spike of
+                    # its estimate to 4-5x starved it for seconds, issue 25)
                     per_request = min(measured, SAMPLE_CLIP * _median(state.per_request))
                 state.per_request.append(measured)
                 state.speed.append(measured)
