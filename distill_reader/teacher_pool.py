@@ -13,7 +13,8 @@ the usable teachers; the default, ``PeakEwmaPolicy``, prefers the one that would
 the preferred teacher has no free in-flight slot the request waits for it in the student rather than going to a
 much slower teacher. Each teacher's in-flight window follows its bandwidth-delay product
 (``routing.window.InFlightWindow``): ``per_teacher_in_flight`` plus the requests its round trip holds at its
-throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share; a near teacher
+throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share (stepped once per
+round trip, as TCP Vegas, from the round's quickest answer: ``_step_window_locked``); a near teacher
 whose latencies have a delay tail (a lossy link: TCP retransmissions) gets the requests it computes meanwhile
 (``_delay_tail_locked``), so a lossy teacher keeps most of its share (issue 25).
 
