@@ -59,7 +59,7 @@ RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many 
 CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
-SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
+SAMPLE_CLIP = 2.0          # one answer moves a teacher's service time toward at most this x its recent median
 FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long ...
 FAR_PROBE = 0.05           # ... and it is at least this long (s) and twice the measured round trip
 SPEED_SAMPLES = 32         # a far teacher's first window is its round trip over the median of this many s / request
@@ -561,16 +561,17 @@ class TeacherPool:
 
     def _far_locked(self, state: TeacherState) -> Optional[float]:
         """Its round trip when 20 ms or more (``NEGLIGIBLE_ROUND_TRIP``), else None: the measured one
-        (``_round_trip_locked``), or already the latest probe's when that is longer and far and its latest
-        ``FAR_ANSWERS`` answers all took at least as long (a link that has just become long, before the probes
-        that make a link change agree: 1.5-3 s at 300 ms in which its window stayed at the floor; a lossy link's
-        probe held for a retransmission has most answers quicker than it)."""
+        (``_round_trip_locked``), or already the latest probe's when that is ``FAR_PROBE`` or more and twice the
+        measured one and its latest ``FAR_ANSWERS`` answers all took at least that plus half its seconds per
+        request (a link that has just become long, before the probes that make a link change agree: 1.5-3 s at
+        300 ms in which its window stayed at the floor; a lossy link's probe held for a retransmission has most
+        answers quicker than it, a near teacher's slow probe on a loaded machine answers of one service time)."""
         round_trip = self._round_trip_locked(state)
-        if state.round_trips and len(state.latencies) >= FAR_ANSWERS:
-            latest = state.round_trips[-1]
+        latest = state.round_trips[-1] if state.round_trips else 0.0
+        if latest >= FAR_PROBE and (round_trip is None or latest > 2 * round_trip) \
+                and len(state.latencies) >= FAR_ANSWERS:
             own = 0.5 * _median(state.speed) if state.speed else 0.0   # an answer also holds the teacher's part
-            if latest >= FAR_PROBE and (round_trip is None or latest > 2 * round_trip) \
-                    and min(list(state.latencies)[-FAR_ANSWERS:]) >= latest + own:
+            if min(list(state.latencies)[-FAR_ANSWERS:]) >= latest + own:
                 round_trip = latest
         return round_trip if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP else None
 
