@@ -59,7 +59,7 @@ RTT_HISTORY = 6            # a teacher's round trip is the minimum of this many 
 CHANGE_SAMPLES = 3         # ... or of the latest 3 once they agree on a new, longer one (a fault began) ...
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
-SAMPLE_CLIP = 2.0          # one answer moves a teacher's service time toward at most this x its recent median
+SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
 FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long ...
 FAR_PROBE = 0.05           # ... and it is at least this long (s) and twice the measured round trip
 SPEED_SAMPLES = 32         # a far teacher's first window is its round trip over the median of this many s / request
@@ -245,9 +245,9 @@ class TeacherPool:
             if sent_at >= state.link_changed_at:   # sent over this link
                 measured = per_request = self._per_request_locked(state, latency, sent_with)
                 state.spread.append(latency)
-                if state.per_request:
-                    # one answer that waited an RTO is not a teacher twice as slow (a far one's, too: a spike of
-                    # its estimate to 4-5x starved it for seconds, issue 25)
+                if state.per_request and self._far_locked(state) is None:
+                    # one answer that waited an RTO is not a near teacher twice as slow (a far one's estimate is
+                    # not clipped: its slow link then kept most of the reorder buffer, issue 25)
                     per_request = min(measured, SAMPLE_CLIP * _median(state.per_request))
                 state.per_request.append(measured)
                 state.speed.append(measured)
