@@ -13,7 +13,8 @@ the usable teachers; the default, ``PeakEwmaPolicy``, prefers the one that would
 the preferred teacher has no free in-flight slot the request waits for it in the student rather than going to a
 much slower teacher. Each teacher's in-flight window follows its bandwidth-delay product
 (``routing.window.InFlightWindow``): ``per_teacher_in_flight`` plus the requests its round trip holds at its
-throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share; a near teacher
+throughput, at most ``max_per_teacher_in_flight``, so a teacher far away still gets its share (stepped once per
+round trip, as TCP Vegas, from the round's quickest answer: ``_step_window_locked``); a near teacher
 whose latencies have a delay tail (a lossy link: TCP retransmissions) gets the requests it computes meanwhile
 (``_delay_tail_locked``), so a lossy teacher keeps most of its share (issue 25).
 
@@ -60,6 +61,9 @@ CHANGE_HANDSHAKES = 6      # ... or of the latest 2 once they agree and hold thi
 HEAL_SAMPLES = 2           # ... or of the latest 2 once they agree on a new, shorter one (it healed)
 DELAY_WINDOW_FACTOR = 3    # a delay tail grows a teacher's window to at most this many times the floor
 SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time toward at most this x its recent median
+FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long ...
+FAR_PROBE = 0.05           # ... and it is at least this long (s) and twice the measured round trip
+SPEED_SAMPLES = 32         # a far teacher's first window is its round trip over the median of this many s / request
 
 
 @dataclass
@@ -77,13 +81,19 @@ class TeacherState:
     service_time: Optional[float] = None   # seconds per request (EWMA), None until the first answer
     refreshed_at: float = 0.0              # when service_time was last updated
     started_at: list = field(default_factory=list)   # start times of the outstanding requests, oldest first
+    sent_with: list = field(default_factory=list)    # requests out when each of those was sent (itself included)
     round_trips: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))   # latest probe round trips, s
     handshakes: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))    # ... each the least of this many
-    window: int = 0                        # its in-flight window (0: the floor); moves one step per answer
+    window: int = 0                        # its in-flight window (0: the floor); moves once per round trip
+    round_began: float = -1.0              # when its window's current round began (-1: none yet)
+    round_best: Optional[tuple] = None     # (latency, requests out when sent) of the round's quickest answer
+    far_window: int = 0                    # its latest stepped window over a far link (kept when the link changes)
+    far_round_trip: float = 0.0            # ... and that link's round trip, s
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
     spread: deque = field(default_factory=lambda: deque(maxlen=DELAY_SAMPLES))   # latest answers' latency, s
+    speed: deque = field(default_factory=lambda: deque(maxlen=SPEED_SAMPLES))   # s / request, kept across links
     # per-epoch statistics
     requests: int = 0
     samples: int = 0
@@ -222,6 +232,7 @@ class TeacherPool:
                 state.outstanding += 1
                 state.last_used = now
                 state.started_at.append(now)
+                state.sent_with.append(state.outstanding)
 
     def succeeded(self, endpoint: str, latency: float, samples: int) -> None:
         """A request answered after ``latency`` seconds: counts, the speed estimate, and the failure streak."""
@@ -231,17 +242,21 @@ class TeacherPool:
             if state is None:
                 return
             state.latencies.append(latency)
-            if not state.started_at or state.started_at[0] >= state.link_changed_at:   # sent over this link
-                measured = per_request = self._per_request_locked(state, latency)
+            sent_at = state.started_at[0] if state.started_at else now
+            sent_with = state.sent_with[0] if state.sent_with else max(1, state.outstanding)
+            if sent_at >= state.link_changed_at:   # sent over this link
+                measured = per_request = self._per_request_locked(state, latency, sent_with)
                 state.spread.append(latency)
                 if state.per_request and self._far_locked(state) is None:
-                    # one answer that waited an RTO is not a near teacher twice as slow
+                    # one answer that waited an RTO is not a near teacher twice as slow (a far one's estimate is
+                    # not clipped: its slow link then kept most of the reorder buffer, issue 25)
                     per_request = min(measured, SAMPLE_CLIP * _median(state.per_request))
                 state.per_request.append(measured)
+                state.speed.append(measured)
                 state.service_time = per_request if state.service_time is None else (
                     (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
                 state.refreshed_at = now
-                self._step_window_locked(state, latency)
+                self._step_window_locked(state, latency, sent_at, sent_with, now)
             self._finish_locked(state)
             state.requests += 1
             state.samples += samples
@@ -475,6 +490,8 @@ class TeacherPool:
         state.outstanding = max(0, state.outstanding - 1)
         if state.started_at:
             state.started_at.pop(0)
+        if state.sent_with:
+            state.sent_with.pop(0)
 
     def _set_aside_locked(self, endpoint: str, reason: str) -> None:
         now = time.monotonic()
@@ -500,30 +517,59 @@ class TeacherPool:
             return None
         return min(min(state.round_trips), min(state.latencies, default=float("inf")))
 
-    def _per_request_locked(self, state: TeacherState, latency: float) -> float:
+    def _per_request_locked(self, state: TeacherState, latency: float, sent_with: int) -> float:
         """Seconds per request at the teacher's throughput, from one answer: latency / requests out (this one
         included), as Little's law says, but for a far teacher at most the latency less the round trip (the
-        teacher's own part: one request out is not a teacher 7 times slower because its link is long)."""
-        per_request = latency / max(1, state.outstanding)
-        round_trip = self._round_trip_locked(state)
-        if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP:
-            per_request = min(per_request, max(latency - round_trip, 0.1 * latency))
-        return per_request
+        teacher's own part: one request out is not a teacher 7 times slower because its link is long). A far
+        teacher's requests out are the more of those out now and those out when it was sent (``sent_with``): its
+        latency was spent behind the latter, so a window that shrank meanwhile does not inflate it (issue 25)."""
+        round_trip = self._far_locked(state)
+        if round_trip is None:
+            return latency / max(1, state.outstanding)
+        return min(latency / max(1, state.outstanding, sent_with), max(latency - round_trip, 0.1 * latency))
 
-    def _step_window_locked(self, state: TeacherState, latency: float) -> None:
-        """One step of the window per answer, as TCP Vegas steps its window, to keep about ``floor`` requests
-        at the teacher itself (one computing, one queued) and the rest on the link: requests at the teacher =
-        requests out x (latency - round trip) / latency (Little's law on the teacher's part of the latency).
-        Fewer than ``floor - 1/2``: one more; more than ``floor + 1/2``: one less. Its window then holds
-        about ``floor + round trip x throughput``, the bandwidth-delay product (routing.window)."""
-        round_trip = self._round_trip_locked(state)
-        current = self._stepped_window_locked(state)
-        if round_trip is None or round_trip < NEGLIGIBLE_ROUND_TRIP or latency <= 0:
-            state.window = current
+    def _step_window_locked(self, state: TeacherState, latency: float, sent_at: float, sent_with: int,
+                            now: float) -> None:
+        """One step of a far teacher's window per round trip, as TCP Vegas steps its window, to keep about
+        ``floor`` requests at the teacher itself (one computing, one queued) and the rest on the link.
+
+        A round begins at a step and ends with the first answer to a request sent after it (the feedback of that
+        step: stepping on every answer, with the answers of a round trip ago as feedback, swung the window 2-12).
+        From the round's quickest answer (latency ``L``, ``n`` requests out when it was sent; the least delay of
+        the round, as Vegas takes its least RTT): requests at the teacher ``q = n x (L - round trip) / L`` (Little's
+        law on the teacher's part of the latency), its seconds per request ``s = (L - round trip) / max(1, q)``,
+        and the target ``floor + round trip / s`` (the bandwidth-delay product, routing.window). ``q`` under
+        ``floor - 1/2``: the window grows to the target, by at least one and at most doubling; over ``floor +
+        1/2``: it shrinks to the target, by at least one."""
+        round_trip = self._far_locked(state)
+        if round_trip is None or latency <= 0:   # near: the floor (_base_window_locked), no rounds
+            state.window, state.round_began, state.round_best, state.far_window = 0, -1.0, None, 0
             return
-        at_teacher = max(1, state.outstanding) * max(0.0, latency - round_trip) / latency
+        current = state.window = self._stepped_window_locked(state)
+        state.far_window, state.far_round_trip = current, round_trip
+        if state.round_began < 0 or state.round_began < state.link_changed_at:   # the first answer over this link
+            state.round_began, state.round_best = now, None
+            return
+        if state.round_best is None or latency < state.round_best[0]:
+            state.round_best = (latency, sent_with)
+        if sent_at < state.round_began:
+            return   # an answer to a request sent before the last step: the round goes on
+        best, out = state.round_best
+        state.round_began, state.round_best = now, None
+        if best <= round_trip:
+            return   # an answer quicker than the round trip: the link has become shorter (the probes will say)
+        at_teacher = out * max(0.0, best - round_trip) / best
+        per_request = max(best - round_trip, 1e-6) / max(1.0, at_teacher)
+        target = self.window.floor + int(round_trip / per_request + 0.5)
         floor = self.window.floor
-        state.window = current + (at_teacher < floor - 0.5) - (at_teacher > floor + 0.5)
+        if at_teacher < floor - 0.5:
+            state.window = self._clamp_window(max(current + 1, min(target, 2 * current)))
+        elif at_teacher > floor + 0.5:
+            state.window = self._clamp_window(min(current - 1, target))
+        state.far_window = state.window
+
+    def _clamp_window(self, window: int) -> int:
+        return min(self.window.cap, max(self.window.floor, window))
 
     def _delay_tail_locked(self, state: TeacherState) -> float:
         """Seconds of delay in the tail of its answers that its queue does not explain: the ``DELAY_TAIL``-th less
@@ -539,8 +585,19 @@ class TeacherPool:
         return max(0.0, float(tail - base) - (self.window.floor - 1) * state.service_time)
 
     def _far_locked(self, state: TeacherState) -> Optional[float]:
-        """Its round trip when 20 ms or more (``NEGLIGIBLE_ROUND_TRIP``), else None."""
+        """Its round trip when 20 ms or more (``NEGLIGIBLE_ROUND_TRIP``), else None: the measured one
+        (``_round_trip_locked``), or already the latest probe's when that is ``FAR_PROBE`` or more and twice the
+        measured one and its latest ``FAR_ANSWERS`` answers all took at least that plus half its seconds per
+        request (a link that has just become long, before the probes that make a link change agree: 1.5-3 s at
+        300 ms in which its window stayed at the floor; a lossy link's probe held for a retransmission has most
+        answers quicker than it, a near teacher's slow probe on a loaded machine answers of one service time)."""
         round_trip = self._round_trip_locked(state)
+        latest = state.round_trips[-1] if state.round_trips else 0.0
+        if latest >= FAR_PROBE and (round_trip is None or latest > 2 * round_trip) \
+                and len(state.latencies) >= FAR_ANSWERS:
+            own = 0.5 * _median(state.speed) if state.speed else 0.0   # an answer also holds the teacher's part
+            if min(list(state.latencies)[-FAR_ANSWERS:]) >= latest + own:
+                round_trip = latest
         return round_trip if round_trip is not None and round_trip >= NEGLIGIBLE_ROUND_TRIP else None
 
     def _base_window_locked(self, state: TeacherState) -> int:
@@ -550,8 +607,20 @@ class TeacherPool:
         return self._stepped_window_locked(state)
 
     def _stepped_window_locked(self, state: TeacherState) -> int:
-        """Its Vegas-stepped window (``state.window``) within the floor and the cap, without a delay tail."""
-        return min(self.window.cap, max(self.window.floor, state.window))
+        """Its Vegas-stepped window (``state.window``) within the floor and the cap, without a delay tail; before
+        its first step over a far link (``state.window`` 0), the bandwidth-delay product at the median of its
+        latest ``SPEED_SAMPLES`` seconds per request (its own speed, kept when the link changes), at most twice
+        the floor (as slow start's first doubling: a connection that has just become far, or a new one, carries
+        little per round trip at first; a 1.5 s link given 32 at once held the reorder buffer for seconds); or the
+        window it had already stepped to over a link of about this round trip (``_link_changed``: no), which the
+        probes that make the link change (``round_trip_measured``) would otherwise throw away."""
+        window = state.window
+        far = self._far_locked(state)
+        if window == 0 and state.far_window and far is not None and not _link_changed(state.far_round_trip, far):
+            window = state.far_window
+        elif window == 0 and state.speed:
+            window = min(2 * self.window.floor, self.window.size(far, _median(state.speed)))
+        return self._clamp_window(window)
 
     def _window_locked(self, state: TeacherState) -> int:
         """Its window: the Vegas-stepped one of a far teacher (the floor for a near one), and for a teacher with a

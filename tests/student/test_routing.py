@@ -31,11 +31,12 @@ def test_the_window_is_the_bandwidth_delay_product_above_the_floor_up_to_the_cap
 
 
 def _simulate(monkeypatch, delays: dict, service: float = 0.05, seconds: float = 12.0, heal_at: float = None,
-              **pool_options) -> tuple[dict, dict]:
+              on_answer=None, **pool_options) -> tuple[dict, dict]:
     """Saturated demand through ``TeacherPool.route`` to serial teachers (``service`` s per request, one-way
     link delay per teacher in ``delays``), as RemoteStage drives it: at most ``total_window()`` tasks, each pass
     routes every waiting task (``queued`` counts those held for a busy teacher); a round-trip probe per teacher
-    every 0.5 s. ``heal_at``: the delays become 0 then. Returns answers per teacher before and after the heal."""
+    every 0.5 s. ``heal_at``: the delays become 0 then; ``on_answer(pool, now, endpoint)`` after each answer.
+    Returns answers per teacher before and after the heal."""
     clock = [0.0]
     monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
     pool = TeacherPool(list(delays), **pool_options)
@@ -70,6 +71,8 @@ def _simulate(monkeypatch, delays: dict, service: float = 0.05, seconds: float =
         clock[0], _, endpoint, sent = heapq.heappop(events)
         pool.succeeded(endpoint, clock[0] - sent, 8)
         out -= 1
+        if on_answer is not None:
+            on_answer(pool, clock[0], endpoint)
         if clock[0] > 2.0:   # after the warm-up
             answers[heal_at is not None and clock[0] >= heal_at][endpoint] += 1
     return answers[0], answers[1]
@@ -195,3 +198,58 @@ def test_a_failed_probe_remeasures_a_link_that_became_far():
         assert channel_options.remeasure_round_trip(endpoint, 2.0) < 0.02, "no change: kept"
     finally:
         server.close()
+
+
+def test_a_far_teachers_window_settles_at_its_bandwidth_delay_product(monkeypatch):
+    """300 ms away at 50 ms a request: 2 + 0.3 / 0.05 = 8. Stepped on every answer, with its feedback a round trip
+    (~7 answers) late, the window swung 5-11 here (2-12 on a real link) and the teacher got 0.82 of a near one's
+    answers; stepped once per round trip it stays within 1 of 8 and gets its share."""
+    windows = []
+
+    def watch(pool, now, endpoint):
+        if endpoint == "far:4" and now > 3.0:
+            windows.append(pool.window_of(endpoint))
+
+    delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "far:4": 0.15}
+    answers, _ = _simulate(monkeypatch, delays, seconds=12.0, on_answer=watch)
+    assert len(windows) > 100 and 7 <= min(windows) and max(windows) <= 9, (min(windows), max(windows))
+    near = sum(answers[e] for e in ("a:1", "b:2", "c:3")) / 3
+    assert answers["far:4"] >= 0.95 * near, answers
+
+
+def test_a_far_teachers_estimate_is_not_inflated_when_its_window_shrinks(monkeypatch):
+    """An answer sent with 12 requests out (11 ahead of it) that arrives once the window has shrunk and the others
+    are answered is 50 ms a request (0.6 s / 12), not 0.3 s (0.6 s / 1, capped at latency - round trip): the
+    spike after each shrink."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["far:1"])
+    pool.round_trip_measured("far:1", 0.3)
+    for _ in range(12):
+        pool.started("far:1")
+    clock[0] = 0.6
+    for _ in range(11):
+        pool.released("far:1")
+    pool.succeeded("far:1", 0.6, 32)
+    assert pool.service_time("far:1") == pytest.approx(0.05)
+
+
+def test_a_link_that_became_long_gets_its_window_before_the_probes_agree(monkeypatch):
+    """A near teacher of 50 ms a request whose link becomes 300 ms long: once its latest probe reads 0.3 s and its
+    latest 4 answers took as long, its window starts growing toward the bandwidth-delay product at its known speed
+    (2 + 6; at first at most twice the floor, as slow start), not at the floor until 3 probes agree (1.5-3 s); a
+    probe held for a retransmission alone (answers quicker) moves nothing."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["t:1"])
+    pool.round_trip_measured("t:1", 0.001)
+    pool.started("t:1")
+    for _ in range(32):   # near: 2 out, each answered 100 ms after it was sent
+        pool.started("t:1")
+        pool.succeeded("t:1", 0.1, 32)
+    pool.round_trip_measured("t:1", 0.3)
+    assert pool.window_of("t:1") == 2, "one long probe alone (a lossy link's, held for an RTO) is no far link"
+    for _ in range(4):
+        pool.started("t:1")
+        pool.succeeded("t:1", 0.4, 32)
+    assert pool.window_of("t:1") == 4
