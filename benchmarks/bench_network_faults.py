@@ -29,13 +29,15 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np  # noqa: I001  (numpy before paddle)
 
@@ -137,15 +139,26 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
           f"{len(cwnds)}, cwnd {cwnds}\nits requests out / window, s per request each second: {trace}", flush=True)
 
 
-def run(seconds: float, latency_ms: float, workdir: str,
-        loss_only: bool = False, far_seconds: float = 0.0,
-        far_only: bool = False, far_route: str = "") -> list[tuple[str, str, float, float]]:
+@dataclass
+class Rig:
+    """Four fake teachers, each in a network namespace of its own, teacher 4's link delayed by the milliseconds
+    written to ``delay_file`` (0 at first), and a reader of them all (``dr``)."""
+
+    dr: DistillReader
+    endpoints: list
+    far: netns.Namespace
+    delay_file: str
+    images: np.ndarray
+
+
+@contextlib.contextmanager
+def four_teachers(latency_ms: float, workdir: str) -> Iterator[Rig]:
+    """The bench's set-up (also benchmarks/trace_far_window.py's); everything made is removed on exit."""
     conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
     images = np.random.default_rng(0).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
     delay_file = os.path.join(workdir, "delay_ms")
     with open(delay_file, "w") as f:
         f.write("0")
-    rows = []
     with netns.namespaces() as make:
         spaces = [make() for _ in range(4)]
         endpoints = []
@@ -166,39 +179,48 @@ def run(seconds: float, latency_ms: float, workdir: str,
         dr.set_fixed_teacher(endpoints)
         dr.set_serving_conf_file(conf)
         dr.set_teacher_batch_size(BATCH)
-        ideal = seconds / (latency_ms / 1000.0)
         try:
-            _epoch(dr, images, 3.0)   # warm-up: workers, channels, estimates
-            base, _ = _epoch(dr, images, seconds)
-
-            def phase(name: str, goal: str, delay_ms: float) -> tuple[float, dict]:
-                with open(delay_file, "w") as f:
-                    f.write(str(delay_ms))
-                rate, requests = _epoch(dr, images, seconds)
-                share = requests.get(endpoints[3], 0) / max(1, sum(requests.values()))
-                rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal,
-                             dr.pool.window_of(endpoints[3]), dr.pool.round_trip(endpoints[3]) or 0.0,
-                             dr.pool.service_time(endpoints[3]) or 0.0))
-                return rate, requests
-
-            rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
-            if not loss_only and not far_only:
-                phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
-                phase("same, the epoch after the heal", ">= 0.95", 0)
-            if not far_only:
-                _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
-                          "DROP")
-                phase("30 % loss on 1 of 4", ">= 0.9", 0)
-                _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3",
-                          "-j", "DROP")
-            if not loss_only:
-                if far_route:   # the student host's route to the far teacher, as a user with one would set it
-                    subprocess.run(["ip", "route", "replace", f"{far.address}/32", "dev", far.host_link,
-                                    "src", far.host_address, *far_route.split()], check=True, timeout=30)
-                far_phase(dr, images, far_seconds, endpoints[3], far.address, base, ideal / seconds, delay_file,
-                          rows)
+            yield Rig(dr, endpoints, far, delay_file, images)
         finally:
             dr.close()
+
+
+def run(seconds: float, latency_ms: float, workdir: str,
+        loss_only: bool = False, far_seconds: float = 0.0,
+        far_only: bool = False, far_route: str = "") -> list[tuple[str, str, float, float]]:
+    rows = []
+    with four_teachers(latency_ms, workdir) as rig:
+        dr, endpoints, far, delay_file, images = rig.dr, rig.endpoints, rig.far, rig.delay_file, rig.images
+        ideal = seconds / (latency_ms / 1000.0)
+        _epoch(dr, images, 3.0)   # warm-up: workers, channels, estimates
+        base, _ = _epoch(dr, images, seconds)
+
+        def phase(name: str, goal: str, delay_ms: float) -> tuple[float, dict]:
+            with open(delay_file, "w") as f:
+                f.write(str(delay_ms))
+            rate, requests = _epoch(dr, images, seconds)
+            share = requests.get(endpoints[3], 0) / max(1, sum(requests.values()))
+            rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal,
+                         dr.pool.window_of(endpoints[3]), dr.pool.round_trip(endpoints[3]) or 0.0,
+                         dr.pool.service_time(endpoints[3]) or 0.0))
+            return rate, requests
+
+        rows.append(("fault-free", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0))
+        if not loss_only and not far_only:
+            phase("+300 ms on 1 of 4, during", ">= 0.9", 300)
+            phase("same, the epoch after the heal", ">= 0.95", 0)
+        if not far_only:
+            _iptables(far, "-I", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j",
+                      "DROP")
+            phase("30 % loss on 1 of 4", ">= 0.9", 0)
+            _iptables(far, "-D", "OUTPUT", "-m", "statistic", "--mode", "random", "--probability", "0.3",
+                      "-j", "DROP")
+        if not loss_only:
+            if far_route:   # the student host's route to the far teacher, as a user with one would set it
+                subprocess.run(["ip", "route", "replace", f"{far.address}/32", "dev", far.host_link,
+                                "src", far.host_address, *far_route.split()], check=True, timeout=30)
+            far_phase(dr, images, far_seconds, endpoints[3], far.address, base, ideal / seconds, delay_file,
+                      rows)
     return rows
 
 

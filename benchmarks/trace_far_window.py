@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from typing import Sequence
-
-import numpy as np  # noqa: I001  (numpy before paddle)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,7 +25,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import bench_network_faults as bench  # noqa: E402
-from fake_teacher import fake_config  # noqa: E402
 
 from distill_reader import DistillReader  # noqa: E402
 from tests.support import netns  # noqa: E402
@@ -55,31 +51,9 @@ def _summary(rows: list, since: float, until: float) -> list[str]:
 
 
 def run(seconds: float, latency_ms: float, every: float, workdir: str, delay_ms: float = 300.0) -> list[str]:
-    conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
-    images = np.random.default_rng(0).random((bench.BATCH * 8, 1, 28, 28), dtype=np.float32)
-    delay_file = os.path.join(workdir, "delay_ms")
-    with open(delay_file, "w") as f:
-        f.write("0")
     out = []
-    with netns.namespaces() as make:
-        spaces = [make() for _ in range(4)]
-        endpoints = []
-        for ns in spaces:
-            ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
-                            "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            endpoints.append(f"{ns.address}:9300")
-        for endpoint in endpoints:
-            bench._wait_serving(endpoint, conf)
-        far = spaces[3]
-        bench._iptables(far, "-A", "INPUT", "-s", far.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num",
-                        "1")
-        far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
-                         "--delay_file", delay_file, stdout=subprocess.DEVNULL)
-        time.sleep(1.0)
-        dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
-        dr.set_fixed_teacher(endpoints)
-        dr.set_serving_conf_file(conf)
-        dr.set_teacher_batch_size(bench.BATCH)
+    with bench.four_teachers(latency_ms, workdir) as rig:
+        dr, endpoints, images = rig.dr, rig.endpoints, rig.images
         ideal = seconds / (latency_ms / 1000.0)
         rows: list = []
         stop = threading.Event()
@@ -90,7 +64,7 @@ def run(seconds: float, latency_ms: float, every: float, workdir: str, delay_ms:
             began = time.monotonic()
             sampler.start()
             for name, delay in ((f"+{delay_ms:g} ms on teacher 4", delay_ms), ("after the heal", 0)):
-                with open(delay_file, "w") as f:
+                with open(rig.delay_file, "w") as f:
                     f.write(str(delay))
                 since = time.monotonic() - began
                 rate, requests = bench._epoch(dr, images, seconds)
@@ -99,7 +73,6 @@ def run(seconds: float, latency_ms: float, every: float, workdir: str, delay_ms:
                 out.extend(_summary(rows, since, time.monotonic() - began))
         finally:
             stop.set()
-            dr.close()
     return out
 
 
