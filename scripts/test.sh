@@ -17,15 +17,27 @@ bash scripts/smoke_lowest.sh || status=$?
 # The tests that need no paddle (marked paddle_free in tests/conftest.py) run once, with paddle hidden from every
 # process they start (tests/support/no_paddle/sitecustomize.py), which proves they need none; the others run on
 # each paddle line. Exit 5 (no test selected, e.g. extra arguments naming other files) is no failure.
-echo "[test] pytest of the paddle-free tests, paddle hidden (.venv)"
-started=$SECONDS code=0
+# The paddle-free run goes beside the first paddle line (both start their own servers and ZooKeeper on free
+# ports), its output printed once it is done: the suite is meant to pass on a loaded machine (issue 25), and the
+# two together take the time of the longer one.
+paddle_free_log="$(mktemp -t paddle-free-XXXXXX.log)"
+echo "[test] pytest of the paddle-free tests, paddle hidden (.venv), beside the first paddle line (output below)"
 PYTHONPATH="$PWD/tests/support/no_paddle${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m pytest -m paddle_free "$@" \
-  || code=$?
-[ "$code" -eq 5 ] && code=0
-echo "[test] paddle-free tests: pytest exit $code after $((SECONDS - started))s"
-[ "$code" -eq 0 ] || status=$code
-# Tests marked one_line (the same on every line: the student under faults and chaos, the server's --worker_io threads) run on the last
-# line only.
+  >"$paddle_free_log" 2>&1 &
+paddle_free_pid=$!
+trap 'kill "$paddle_free_pid" 2>/dev/null || true; rm -f "$paddle_free_log"' EXIT
+paddle_free_started=$SECONDS
+paddle_free_done() {
+  local code=0
+  wait "$paddle_free_pid" || code=$?
+  echo "[test] paddle-free tests (paddle hidden, .venv), run beside paddle $1:"
+  cat "$paddle_free_log"
+  [ "$code" -eq 5 ] && code=0
+  echo "[test] paddle-free tests: pytest exit $code, waited for after $((SECONDS - paddle_free_started))s"
+  [ "$code" -eq 0 ] || status=$code
+}
+# Tests marked one_line (the same on every line: the student under faults and chaos, the server's --worker_io
+# threads) run on the last line only.
 lines=(${PADDLE_LINES:-2 3})
 for line in "${lines[@]}"; do
   venv=.venv; [ "$line" = 3 ] && venv=.venv-paddle3
@@ -37,5 +49,6 @@ for line in "${lines[@]}"; do
   [ "$code" -eq 5 ] && code=0
   echo "[test] paddle $version: pytest exit $code after $((SECONDS - started))s"
   [ "$code" -eq 0 ] || status=$code
+  if [ "$line" = "${lines[0]}" ]; then paddle_free_done "$version"; fi
 done
 exit $status
