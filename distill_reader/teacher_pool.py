@@ -245,9 +245,10 @@ class TeacherPool:
             sent_at = state.started_at[0] if state.started_at else now
             sent_with = state.sent_with[0] if state.sent_with else max(1, state.outstanding)
             if sent_at >= state.link_changed_at:   # sent over this link
-                measured = per_request = self._per_request_locked(state, latency, sent_with)
+                far = self._far_locked(state)
+                measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far)
                 state.spread.append(latency)
-                if state.per_request and self._far_locked(state) is None:
+                if state.per_request and far is None:
                     # one answer that waited an RTO is not a near teacher twice as slow (a far one's estimate is
                     # not clipped: its slow link then kept most of the reorder buffer, issue 25)
                     per_request = min(measured, SAMPLE_CLIP * _median(state.per_request))
@@ -297,16 +298,15 @@ class TeacherPool:
             state = self._state_locked(endpoint)
             if state is None or seconds < 0:
                 return
-            if len(state.handshakes) != len(state.round_trips):   # (round_trips written elsewhere)
-                state.handshakes = deque([1] * len(state.round_trips), maxlen=RTT_HISTORY)
             state.round_trips.append(float(seconds))
             state.handshakes.append(max(1, int(handshakes)))
             history = list(state.round_trips)
-            healed = history[-HEAL_SAMPLES:]   # a shorter round trip needs fewer probes: no loss fakes one
-            if len(history) > HEAL_SAMPLES and _consistent(healed) and min(healed) < min(history[:-HEAL_SAMPLES]):
-                count = HEAL_SAMPLES
-            elif len(history) > HEAL_SAMPLES and _consistent(healed) \
-                    and sum(list(state.handshakes)[-HEAL_SAMPLES:]) >= CHANGE_HANDSHAKES:
+            # a shorter round trip needs fewer probes (no loss fakes one), and so does a longer one read by enough
+            # handshakes at once
+            healed = history[-HEAL_SAMPLES:]
+            if len(history) > HEAL_SAMPLES and _consistent(healed) and (
+                    min(healed) < min(history[:-HEAL_SAMPLES])
+                    or sum(list(state.handshakes)[-HEAL_SAMPLES:]) >= CHANGE_HANDSHAKES):
                 count = HEAL_SAMPLES
             else:
                 count = CHANGE_SAMPLES
@@ -517,16 +517,17 @@ class TeacherPool:
             return None
         return min(min(state.round_trips), min(state.latencies, default=float("inf")))
 
-    def _per_request_locked(self, state: TeacherState, latency: float, sent_with: int) -> float:
+    @staticmethod
+    def _per_request_locked(latency: float, sent_with: int, outstanding: int, round_trip: Optional[float]) -> float:
         """Seconds per request at the teacher's throughput, from one answer: latency / requests out (this one
         included), as Little's law says, but for a far teacher at most the latency less the round trip (the
         teacher's own part: one request out is not a teacher 7 times slower because its link is long). A far
         teacher's requests out are the more of those out now and those out when it was sent (``sent_with``): its
-        latency was spent behind the latter, so a window that shrank meanwhile does not inflate it (issue 25)."""
-        round_trip = self._far_locked(state)
+        latency was spent behind the latter, so a window that shrank meanwhile does not inflate it (issue 25).
+        ``round_trip``: the teacher's far round trip (``_far_locked``), None when near."""
         if round_trip is None:
-            return latency / max(1, state.outstanding)
-        return min(latency / max(1, state.outstanding, sent_with), max(latency - round_trip, 0.1 * latency))
+            return latency / max(1, outstanding)
+        return min(latency / max(1, outstanding, sent_with), max(latency - round_trip, 0.1 * latency))
 
     def _step_window_locked(self, state: TeacherState, latency: float, sent_at: float, sent_with: int,
                             now: float) -> None:
@@ -545,7 +546,7 @@ class TeacherPool:
         if round_trip is None or latency <= 0:   # near: the floor (_base_window_locked), no rounds
             state.window, state.round_began, state.round_best, state.far_window = 0, -1.0, None, 0
             return
-        current = state.window = self._stepped_window_locked(state)
+        current = state.window = self._stepped_window_locked(state, round_trip)
         state.far_window, state.far_round_trip = current, round_trip
         if state.round_began < 0 or state.round_began < state.link_changed_at:   # the first answer over this link
             state.round_began, state.round_best = now, None
@@ -602,21 +603,22 @@ class TeacherPool:
 
     def _base_window_locked(self, state: TeacherState) -> int:
         """Its window without a delay tail: the Vegas-stepped one of a far teacher, the floor for a near one."""
-        if self._far_locked(state) is None:
+        far = self._far_locked(state)
+        if far is None:
             return self.window.floor   # near (or the link healed): the floor at once
-        return self._stepped_window_locked(state)
+        return self._stepped_window_locked(state, far)
 
-    def _stepped_window_locked(self, state: TeacherState) -> int:
+    def _stepped_window_locked(self, state: TeacherState, far: float) -> int:
         """Its Vegas-stepped window (``state.window``) within the floor and the cap, without a delay tail; before
         its first step over a far link (``state.window`` 0), the bandwidth-delay product at the median of its
         latest ``SPEED_SAMPLES`` seconds per request (its own speed, kept when the link changes), at most twice
         the floor (as slow start's first doubling: a connection that has just become far, or a new one, carries
         little per round trip at first; a 1.5 s link given 32 at once held the reorder buffer for seconds); or the
         window it had already stepped to over a link of about this round trip (``_link_changed``: no), which the
-        probes that make the link change (``round_trip_measured``) would otherwise throw away."""
+        probes that make the link change (``round_trip_measured``) would otherwise throw away. ``far``: its far
+        round trip (``_far_locked``, not None)."""
         window = state.window
-        far = self._far_locked(state)
-        if window == 0 and state.far_window and far is not None and not _link_changed(state.far_round_trip, far):
+        if window == 0 and state.far_window and not _link_changed(state.far_round_trip, far):
             window = state.far_window
         elif window == 0 and state.speed:
             window = min(2 * self.window.floor, self.window.size(far, _median(state.speed)))
