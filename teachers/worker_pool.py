@@ -293,11 +293,6 @@ class _Worker:
         kind = message["kind"]
         if kind == "answer":
             got = wire.read_arrays(self.outputs, message["outputs"], copy=True)
-            if len(got) == 1:      # one fetch without LoD: the common answer
-                for name, array in got.items():
-                    if not name.startswith(LOD_PREFIX):
-                        return ({name: (array, [])}, float(message.get("seconds", 0.0)),
-                                float(message.get("cpu", 0.0)))
             outputs = {name: (got[name], got[LOD_PREFIX + name].tolist() if LOD_PREFIX + name in got else [])
                        for name in got if not name.startswith(LOD_PREFIX)}
             return outputs, float(message.get("seconds", 0.0)), float(message.get("cpu", 0.0))

@@ -3,26 +3,27 @@ by the fixture and removed after it, even on failure; where they cannot be made 
 the reason (root, iproute2, iptables)."""
 from __future__ import annotations
 
+from typing import Callable, Iterator, Optional
+
 import pytest
 
-from tests.support.netns import iptables_unavailable, namespaces, unavailable
+from tests.support.netns import Namespace, iptables_unavailable, namespaces, unavailable
+
+
+def _namespaces_or_skip(reason: Optional[str]) -> Iterator[Callable[[], Namespace]]:
+    if reason:
+        pytest.skip(reason)
+    with namespaces() as make:
+        yield make
 
 
 @pytest.fixture
 def netns():
     """A maker of namespaces, each behind a veth link that can be black-holed (``Namespace``)."""
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespaces() as make:
-        yield make
+    yield from _namespaces_or_skip(unavailable())
 
 
 @pytest.fixture
 def slow_netns():
     """Namespaces whose links can also be delayed and made lossy (``Namespace.delay`` / ``lose``: iptables)."""
-    reason = iptables_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespaces() as make:
-        yield make
+    yield from _namespaces_or_skip(iptables_unavailable())
