@@ -16,6 +16,9 @@ ideal reader keeps every teacher busy: each answers ``seconds / latency`` reques
 after its ramp (slow start at 1.5 s per round trip), with the ramp's length and teacher 4's answers per second.
 Also printed: teacher 4's share of the requests per phase,
 and its window, measured round trip and seconds-per-request estimate at the phase's end.
+``--path_change 1500`` instead keeps 16 requests out to one teacher over a connection made while it was near,
+then slows its link, with and without the link probes that make a new connection (TCP learns its path once: BBR's
+least round trip of the last 10 s). The student process's CPU seconds per phase are printed too.
 ``--one_request 300`` instead times 100 KB requests to one teacher 300 ms away with the delay held on the
 namespace's OUTPUT vs its INPUT, 1, 8 and 16 in flight (on OUTPUT the teacher's own packets count against its TCP
 Small Queues while held: ~2 segments per delay). Needs root, ``ip`` and ``iptables`` (scripts/setup.sh installs
@@ -135,8 +138,10 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
                  after / (ideal_rate * max(1e-9, seconds - ramp)), window, rtt, per_request))
     ss = subprocess.run(["ss", "-tin", "dst", address], capture_output=True, text=True, timeout=30).stdout
     cwnds = [part.split(":")[1] for part in ss.split() if part.startswith("cwnd:")]
+    min_rtts = [part.split(":")[1] for part in ss.split() if part.startswith("minrtt:")]   # ms, the kernel's
     print(f"teacher 4 answers per second in the 1.5 s phase: {per_second.tolist()}; student's connections to it: "
-          f"{len(cwnds)}, cwnd {cwnds}\nits requests out / window, s per request each second: {trace}", flush=True)
+          f"{len(cwnds)}, cwnd {cwnds}, least round trip (ms) of those that carried data {min_rtts}\n"
+          f"its requests out / window, s per request each second: {trace}", flush=True)
 
 
 @dataclass
@@ -198,7 +203,10 @@ def run(seconds: float, latency_ms: float, workdir: str,
         def phase(name: str, goal: str, delay_ms: float) -> tuple[float, dict]:
             with open(delay_file, "w") as f:
                 f.write(str(delay_ms))
+            cpu = time.process_time()
             rate, requests = _epoch(dr, images, seconds)
+            print(f"{name}: the student process used {time.process_time() - cpu:.2f} s of CPU in {seconds:g} s",
+                  flush=True)
             share = requests.get(endpoints[3], 0) / max(1, sum(requests.values()))
             rows.append((name, goal, rate / base, share, requests.get(endpoints[3], 0) / ideal,
                          dr.pool.window_of(endpoints[3]), dr.pool.round_trip(endpoints[3]) or 0.0,
@@ -275,6 +283,58 @@ def one_request(delay_ms: float, latency_ms: float, workdir: str, seconds: float
     return rows
 
 
+def path_change(delay_ms: float, latency_ms: float, workdir: str, seconds: float = 20.0,
+                in_flight: int = 16) -> list[tuple]:
+    """A connection made while the teacher was near, its link then ``delay_ms`` longer: ``in_flight`` requests kept
+    out for ``seconds``, with the link probed every 0.5 s as the reader's workers do (``network_round_trip``: a new
+    connection once 2 probes agree) or not probed (the old connection kept, as before issue 25's change). Rows:
+    (probed, answers per second each second, the kernel's least round trip of the client's connections, ms)."""
+    conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf2"), "serving_client_conf.prototxt")
+    x = np.random.default_rng(0).random((BATCH, 1, 28, 28), dtype=np.float32)
+    rows = []
+    for probed in (False, True):
+        with netns.namespaces() as make:
+            ns = make()
+            ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
+                            "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            endpoint = f"{ns.address}:9300"
+            _wait_serving(endpoint, conf)
+            delay_file = os.path.join(workdir, f"delay_path_{probed}")
+            with open(delay_file, "w") as f:
+                f.write("0")
+            ns.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
+                            "--delay_file", delay_file, stdout=subprocess.DEVNULL)
+            _iptables(ns, "-A", "INPUT", "-s", ns.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+            with TeacherClient(endpoint, conf, timeout=120.0) as client:
+                latencies: list[float] = []
+                stop = time.monotonic() + 2.0 + seconds
+                threads = [threading.Thread(target=_keep_asking, args=(client, x, stop, latencies), daemon=True)
+                           for _ in range(in_flight)]
+                for thread in threads:
+                    thread.start()
+                time.sleep(2.0)   # near: the connection is made and busy
+                with open(delay_file, "w") as f:
+                    f.write(str(delay_ms))
+                per_second, before = [], len(latencies)
+                for _ in range(int(seconds)):
+                    deadline = time.monotonic() + 1.0
+                    while probed and time.monotonic() < deadline - 0.5:
+                        client.network_round_trip(timeout=2.0 + 2 * delay_ms / 1000.0, handshakes=3)
+                        time.sleep(max(0.0, 0.5 - delay_ms / 1000.0))
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                    per_second.append(len(latencies) - before)
+                    before = len(latencies)
+                ss = subprocess.run(["ss", "-tin", "dst", ns.address], capture_output=True, text=True,
+                                    timeout=30).stdout
+                min_rtts = [part.split(":")[1] for part in ss.split() if part.startswith("minrtt:")]
+                with open(delay_file, "w") as f:
+                    f.write("0")   # the threads' last requests finish quickly
+                for thread in threads:
+                    thread.join(30.0)
+            rows.append((probed, per_second, min_rtts))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase's epoch, seconds")
@@ -282,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--one_request", type=float, default=0.0, metavar="DELAY_MS",
                         help="instead: 100 KB requests to one teacher DELAY_MS away, the delay held on OUTPUT vs "
                              "INPUT, 1 / 8 / 16 in flight (what one request costs over the delayed link)")
+    parser.add_argument("--path_change", type=float, default=0.0, metavar="DELAY_MS",
+                        help="instead: 16 requests kept out to one teacher over a connection made while it was near, "
+                             "its link then DELAY_MS longer, with and without the link probes that make a new "
+                             "connection (answers per second each second, the kernel's least round trip)")
     parser.add_argument("--far_seconds", type=float, default=40.0,
                         help="length of the 1.5 s round-trip phase, seconds (0: --seconds); long enough to show the "
                              "far teacher's ramp and its steady state")
@@ -304,6 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for where, in_flight, rate, median, first in rows:
             print(f"{where:<14} {in_flight:>9d} {rate:>10.1f} {1000 / args.latency_ms:>6.1f} {median:>17.3f} "
                   f"{first:>30.3f}")
+        return 0
+    if args.path_change:
+        with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
+            for probed, per_second, min_rtts in path_change(args.path_change, args.latency_ms, workdir):
+                print(f"{'probed, new connection' if probed else 'not probed, old connection':<27} answers/s "
+                      f"{per_second} (mean of the last 10 s {np.mean(per_second[-10:]):.1f}, ideal "
+                      f"{1000 / args.latency_ms:.0f}); least round trip of its connections, ms: {min_rtts}")
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
         rows = run(args.seconds, args.latency_ms, workdir, args.loss_only, args.far_seconds or args.seconds,

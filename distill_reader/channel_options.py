@@ -145,6 +145,14 @@ def time_handshakes(endpoint: str, count: int, timeout: float) -> Optional[float
     return min(answered)
 
 
+def latest_round_trip(endpoint: str, count: int) -> Optional[float]:
+    """The least of the latest ``count`` round trips this process measured to ``endpoint`` (seconds), or None
+    while fewer are known: a link's new round trip once that many probes agree, sooner than ``round_trip_of``."""
+    with _round_trips_lock:
+        samples = list(_round_trips.get(endpoint, ()))[-count:]
+    return min(samples) if len(samples) >= count else None
+
+
 def round_trip_of(endpoint: str) -> Optional[float]:
     """The round trip to ``endpoint`` this process measured (the minimum of the latest few), or None."""
     with _round_trips_lock:

@@ -45,6 +45,7 @@ from .channel_options import (
     http_timeouts,
     is_link_timeout,
     is_too_many_pings,
+    latest_round_trip,
     measure_tcp_round_trip,
     moved_longer,
     note_round_trip,
@@ -58,6 +59,8 @@ from .feeds import FeedError, prepare_feed
 from .padding import Padding, PadValue
 
 logger = logging.getLogger(__name__)
+PATH_PROBES = 2   # a new connection once this many latest round-trip probes agree that the link moved (each the
+                  # least of its handshakes: channel_options.time_handshakes)
 
 SERVICE_NAME = "baidu.paddle_serving.predictor.general_model.GeneralModelService"
 HTTP_PATH = "/GeneralModelService/inference"
@@ -187,6 +190,8 @@ class TeacherClient:
         self._forked = False                        # this process is a fork of the one that made the client
         self._lock = threading.Lock()               # connection changes (request threads share a client)
         self._refit_lock = threading.Lock()         # one round-trip measurement at a time (_refit_to_longer_link)
+        self._pending: Optional[tuple] = None       # (channel, keepalive, round trip) being connected
+        self._pending_watch: Any = None
         # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self._tls_options = self.security.requests_options() if protocol == "http" else {}
         self._connect(keepalive=False)
@@ -198,27 +203,64 @@ class TeacherClient:
 
     def _connect(self, keepalive: bool) -> None:
         """Open this process's connection: a gRPC channel (with pings when ``keepalive``) or an HTTP session."""
-        forked = self._pid != os.getpid() or self._forked
+        self._drop_pending()
         if self.protocol == "grpc":
-            self._channel_keepalive = self.keepalive_time if keepalive else 0.0
-            self._channel_round_trip = far(round_trip_of(self.endpoint))   # its keepalive timeout follows it
-            options = grpc_channel_options(self._channel_keepalive, self.max_message_bytes,
-                                           round_trip=self._channel_round_trip)
-            if forked:   # grpc-core's global subchannel pool would hand back the parent's inherited connection
-                options.append(("grpc.use_local_subchannel_pool", 1))
-            self._forked = forked
-            self._channel = self.security.grpc_channel(self.endpoint, options)
-            self._stub = _RawAnswerStub(self._channel)
+            self._use_channel(*self._open_channel(keepalive, far(round_trip_of(self.endpoint))))
         else:
             self._channel_keepalive = 0.0
             self._session = requests.Session()
             self._session.headers.update(self.security.http_headers())
         self._pid = os.getpid()   # last: other threads of a child use the new connection once they see it
 
+    def _open_channel(self, keepalive: bool, round_trip: float, fresh: bool = False) -> tuple:
+        """A gRPC channel whose keepalive timeouts fit ``round_trip`` (s, 0 = near); ``fresh``: on a TCP
+        connection of its own (grpc-core's global subchannel pool would hand back the current one when the options
+        match). Returns (channel, keepalive seconds, round trip)."""
+        forked = self._pid != os.getpid() or self._forked
+        keepalive_time = self.keepalive_time if keepalive else 0.0
+        options = grpc_channel_options(keepalive_time, self.max_message_bytes, round_trip=round_trip)
+        if forked or fresh:   # (a forked child: the parent's inherited connection)
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self._forked = forked
+        return self.security.grpc_channel(self.endpoint, options), keepalive_time, round_trip
+
+    def _use_channel(self, channel: Any, keepalive_time: float, round_trip: float) -> None:
+        self._channel, self._stub = channel, _RawAnswerStub(channel)
+        self._channel_keepalive, self._channel_round_trip = keepalive_time, round_trip
+
     def _reconnect(self, keepalive: bool) -> None:
         """A new gRPC channel. The old one is not closed (other threads' calls may be on it): grpc closes it
         when they are done and it is collected."""
         self._connect(keepalive)
+
+    def _reconnect_when_ready(self, round_trip: float) -> None:
+        """A new connection for a link whose round trip is now ``round_trip`` (s), used once it is connected:
+        until then requests stay on the current one (a new connection over a 300 ms link takes 2 round trips
+        before it carries a request; switching at once left the reorder buffer waiting ~1 s). Called with
+        ``_lock`` held."""
+        self._drop_pending()
+        opened = self._open_channel(bool(self._channel_keepalive), round_trip, fresh=True)
+        channel = opened[0]
+        self._pending = opened
+
+        def connected(state: grpc.ChannelConnectivity) -> None:
+            if state is not grpc.ChannelConnectivity.READY:
+                return
+            with self._lock:
+                if self._pending is opened:
+                    self._pending = None
+                    self._use_channel(*opened)
+            channel.unsubscribe(connected)
+
+        self._pending_watch = connected
+        channel.subscribe(connected, try_to_connect=True)   # (grpc calls back from a thread of its own)
+
+    def _drop_pending(self) -> None:
+        """Forget a connection still being made for a link change (a newer one, or an immediate one, replaces it)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[0].unsubscribe(self._pending_watch)
+            pending[0].close()
 
     def _own_connection(self) -> None:
         """In a child process after ``os.fork()``: connections of its own; the parent's are left alone.
@@ -238,6 +280,9 @@ class TeacherClient:
         logger.info("teacher %s: client used in a forked child (pid %d): opening its own connection",
                     self.endpoint, os.getpid())
         _INHERITED.append(self._channel if self.protocol == "grpc" else self._session)
+        if self._pending is not None:   # the parent's, being connected: left to it, as its current one
+            _INHERITED.append(self._pending[0])
+            self._pending = None
         self._connect(keepalive=False)
         self._ours = None   # asked again on this connection (and pings turned on again for teachers.serve)
 
@@ -341,20 +386,33 @@ class TeacherClient:
         return round_trip
 
     def _follow_round_trip(self) -> None:
-        """A new keepalive channel when the measured round trip moved far from the one its timeouts were set for."""
-        if self.protocol != "grpc" or not self._channel_keepalive:
+        """A new connection when the link's round trip moved far from the one the current one was made over
+        (``round_trip_moved``; ``PATH_PROBES`` probes agree): its keepalive timeouts, and the kernel's congestion
+        state, fit the old link.
+
+        TCP learns its path once: BBR (Linux's default on many hosts) sizes its window from the least round trip
+        of the last 10 s, so a link that slows from 1 ms to 300 ms carries ~2 x bandwidth x 1 ms for 10 s (a far
+        teacher at 0.7 of its throughput; 0.6 answers/s at 1.5 s, where a new connection ramps in ~6 round
+        trips); CUBIC's retransmission timeout, fitted for 1 ms, fires spuriously and collapses its window. The
+        new connection starts over on the new link; requests already out finish on the old one (issue 25)."""
+        if self.protocol != "grpc":
             return
-        now, then = far(round_trip_of(self.endpoint)), self._channel_round_trip
-        if round_trip_moved(now, then):
-            with self._lock:
-                if self._channel_keepalive and self._channel_round_trip == then:
-                    logger.info("teacher %s: round trip %.3fs (was %.3fs): new connection with keepalive timeout "
-                                "to match", self.endpoint, now, then)
-                    self._reconnect(keepalive=True)
+        latest = latest_round_trip(self.endpoint, PATH_PROBES)
+        if latest is None:
+            return
+        now = far(latest)
+        with self._lock:
+            target = self._pending[2] if self._pending is not None else self._channel_round_trip
+            if round_trip_moved(now, target):
+                logger.info("teacher %s: round trip %.3fs (connection made for %.3fs): new connection to fit it",
+                            self.endpoint, now, self._channel_round_trip)
+                self._reconnect_when_ready(now)
 
     def close(self) -> None:
         if self._pid != os.getpid():
             return   # the parent's connection, inherited through fork: not this process's to close
+        with self._lock:
+            self._drop_pending()
         if self._channel is not None:
             self._channel.close()
         if self._session is not None:

@@ -341,6 +341,8 @@ class RemoteStage(PredictionStage):
                 elif state.unroutable_since is None and not hedge:   # (a hedge is optional: no outage)
                     state.unroutable_since = now
                 held.append(entry)
+                if wait_for is not None and self.pool.all_busy():
+                    break   # the rest would wait too
                 continue
             state.unroutable_since = None
             self._send(state, send_to, hedge)

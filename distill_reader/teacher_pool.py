@@ -90,9 +90,11 @@ class TeacherState:
     far_window: int = 0                    # its latest stepped window over a far link (kept when the link changes)
     far_round_trip: float = 0.0            # ... and that link's round trip, s
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
+    least_latency: float = 0.0             # its quickest answer over this link, s (0: none yet)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
     spread: deque = field(default_factory=lambda: deque(maxlen=DELAY_SAMPLES))   # latest answers' latency, s
+    spread_gap: float = 0.0                # their DELAY_TAIL-th less DELAY_BASE-th percentile, s (on each answer)
     speed: deque = field(default_factory=lambda: deque(maxlen=SPEED_SAMPLES))   # s / request, kept across links
     # per-epoch statistics
     requests: int = 0
@@ -220,6 +222,14 @@ class TeacherPool:
                 return best.endpoint, None
             return None, best.endpoint
 
+    def all_busy(self) -> bool:
+        """True when there are usable teachers and none has a free in-flight slot: ``route`` would send nothing
+        now (a pass over the waiting tasks can stop; it was ~15 routes per pass, each ranking every teacher, and
+        with a far teacher out the student's own process spent its core on them, issue 25)."""
+        with self._lock:
+            usable = [t for t in self._teachers.values() if t.healthy]
+            return bool(usable) and all(t.outstanding >= self._window_locked(t) for t in usable)
+
     def pick(self, avoid: Iterable[str] = ()) -> Optional[str]:
         """The teacher a request should go to now, or None (no usable teacher with a free slot is worth it)."""
         return self.route(avoid=avoid)[0]
@@ -248,6 +258,10 @@ class TeacherPool:
                 far = self._far_locked(state)
                 measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far)
                 state.spread.append(latency)
+                if len(state.spread) >= DELAY_MIN_SAMPLES:   # here, not on every read (routing, read_ahead)
+                    tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
+                    state.spread_gap = float(tail - base)
+                state.least_latency = min(latency, state.least_latency or latency)
                 if state.per_request and far is None:
                     # one answer that waited an RTO is not a near teacher twice as slow (a far one's estimate is
                     # not clipped: its slow link then kept most of the reorder buffer, issue 25)
@@ -321,8 +335,10 @@ class TeacherPool:
                 state.latencies.clear()
                 state.per_request.clear()
                 state.spread.clear()
+                state.spread_gap = 0.0
                 state.service_time = None
                 state.window = 0
+                state.least_latency = 0.0
                 state.link_changed_at = time.monotonic()
 
     def round_trip_unconfirmed(self, endpoint: str) -> bool:
@@ -537,11 +553,13 @@ class TeacherPool:
         A round begins at a step and ends with the first answer to a request sent after it (the feedback of that
         step: stepping on every answer, with the answers of a round trip ago as feedback, swung the window 2-12).
         From the round's quickest answer (latency ``L``, ``n`` requests out when it was sent; the least delay of
-        the round, as Vegas takes its least RTT): requests at the teacher ``q = n x (L - round trip) / L`` (Little's
-        law on the teacher's part of the latency), its seconds per request ``s = (L - round trip) / max(1, q)``,
-        and the target ``floor + round trip / s`` (the bandwidth-delay product, routing.window). ``q`` under
-        ``floor - 1/2``: the window grows to the target, by at least one and at most doubling; over ``floor +
-        1/2``: it shrinks to the target, by at least one."""
+        the round, as Vegas takes its least RTT): requests at the teacher ``q = n x (L - transit) / L`` (Little's
+        law on the teacher's part of the latency; ``transit``: the link's part, ``_transit_locked``), its seconds
+        per request ``s = (L - transit) / max(1, q)``, and the target ``floor + transit / s`` (the bandwidth-delay
+        product, routing.window). ``q`` under ``floor - 1/2``: the window grows to the target, by at least one (a
+        quarter while ``n x (L - its quickest answer over the link) / L`` is under 1/2: nothing queues anywhere, the
+        teacher is underfed, as a far one is whose own speed is unknown; by one a round it took 20 rounds of 1.5 s
+        to fill) and at most doubling; over ``floor + 1/2``: it shrinks to the target, by at least one."""
         round_trip = self._far_locked(state)
         if round_trip is None or latency <= 0:   # near: the floor (_base_window_locked), no rounds
             state.window, state.round_began, state.round_best, state.far_window = 0, -1.0, None, 0
@@ -559,15 +577,30 @@ class TeacherPool:
         state.round_began, state.round_best = now, None
         if best <= round_trip:
             return   # an answer quicker than the round trip: the link has become shorter (the probes will say)
-        at_teacher = out * max(0.0, best - round_trip) / best
-        per_request = max(best - round_trip, 1e-6) / max(1.0, at_teacher)
-        target = self.window.floor + int(round_trip / per_request + 0.5)
+        transit = self._transit_locked(state, round_trip)
+        at_teacher = out * max(0.0, best - transit) / best
+        per_request = max(best - transit, 1e-6) / max(1.0, at_teacher)
+        target = self.window.floor + int(transit / per_request + 0.5)
         floor = self.window.floor
         if at_teacher < floor - 0.5:
-            state.window = self._clamp_window(max(current + 1, min(target, 2 * current)))
+            step = 1 if out * (best - state.least_latency) > 0.5 * best else max(1, current // 4)
+            state.window = self._clamp_window(max(current + step, min(target, 2 * current)))
         elif at_teacher > floor + 0.5:
             state.window = self._clamp_window(min(current - 1, target))
         state.far_window = state.window
+
+    @staticmethod
+    def _transit_locked(state: TeacherState, round_trip: float) -> float:
+        """Seconds a request and its answer spend on the link: the handshakes' round trip, or more when sending a
+        request adds to it (its bytes at the connection's rate, both sides' stacks): its quickest answer over this
+        link less one of its own seconds per request (what that answer spent at the teacher), as Vegas reads its
+        base RTT from the least RTT seen. With the round trip alone, that time counted as the teacher's queue: a
+        100 KB request 300 ms away (~0.45 s in transit) was held to a window of 7 where 10 keep the teacher busy
+        (tests/student/test_routing.py's model: 0.77 of its share with 100 ms to send, 0.40 with 150 ms).
+        Unknown (no answer or speed yet): the round trip."""
+        if not state.least_latency or not state.speed:
+            return round_trip
+        return max(round_trip, state.least_latency - _median(state.speed))
 
     def _clamp_window(self, window: int) -> int:
         return min(self.window.cap, max(self.window.floor, window))
@@ -582,8 +615,7 @@ class TeacherPool:
         """
         if len(state.spread) < DELAY_MIN_SAMPLES or not state.service_time or self._far_locked(state) is not None:
             return 0.0   # (a far teacher's window follows its round trip: _step_window_locked)
-        tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
-        return max(0.0, float(tail - base) - (self.window.floor - 1) * state.service_time)
+        return max(0.0, state.spread_gap - (self.window.floor - 1) * state.service_time)
 
     def _far_locked(self, state: TeacherState) -> Optional[float]:
         """Its round trip when 20 ms or more (``NEGLIGIBLE_ROUND_TRIP``), else None: the measured one

@@ -13,6 +13,7 @@ from distill_base.proto import general_model_service_pb2 as pb
 from distill_base.proto import general_model_service_pb2_grpc as pb_grpc
 from distill_base.serving_config import ConfigError
 from distill_base.tensor_codec import decode_tensor, encode_tensor, is_raw
+from distill_reader import channel_options
 from distill_reader.client import TeacherAnswerError, TeacherClient, TeacherUnavailable
 from distill_reader.feeds import FeedError
 from tests.support.procs import free_port
@@ -217,3 +218,46 @@ def test_a_new_client_of_a_frozen_teacher_says_its_first_health_check_went_unans
                 assert time.monotonic() - started < 3.0
         finally:
             os.kill(server.pid, signal.SIGCONT)
+
+
+def test_a_link_whose_round_trip_moved_gets_a_new_connection_once_that_is_connected(teacher_model, monkeypatch):
+    """Two link probes that read a round trip of 300 ms where the connection was made at ~0: a new TCP connection
+    (TCP's congestion state fits the old link: BBR held a 1.5 s link at 0.6 answers/s on its old connection), to
+    any server, not only a teachers.serve with keepalive; requests keep being answered meanwhile, and a further
+    probe at the same round trip makes no other. The handshakes the probes time are what is not under test."""
+    teacher = TypedOnlyTeacher(teacher_model.server_dir)
+    peers = []
+
+    class Servicer(pb_grpc.GeneralModelServiceServicer):
+        def inference(self, request, context):
+            peers.append(context.peer())   # "ipv4:127.0.0.1:<the client's port>": one per TCP connection
+            return teacher.answer(request)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GeneralModelServiceServicer_to_server(Servicer(), server)
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    images = mnist_like_images(2)
+    try:
+        with TeacherClient(endpoint, teacher_model.client_conf) as client:
+            client.predict({"img": images})
+            first = peers[-1]
+            monkeypatch.setattr(channel_options, "_time_handshake", lambda endpoint, timeout: 0.3)
+            assert client.network_round_trip(1.0, handshakes=3) == 0.3
+            client.predict({"img": images})
+            assert peers[-1] == first, "one probe alone (a retransmitted SYN) is no link change"
+            assert client.network_round_trip(1.0, handshakes=3) == 0.3
+            deadline = time.monotonic() + 10.0
+            while peers[-1] == first and time.monotonic() < deadline:
+                np.testing.assert_allclose(client.predict({"img": images})["prediction"],
+                                           reference_predict(teacher_model.server_dir, images), rtol=1e-5)
+            assert peers[-1] != first, "no new connection for the longer link"
+            second = peers[-1]
+            assert client.network_round_trip(1.0, handshakes=3) == 0.3
+            for _ in range(5):
+                client.predict({"img": images})
+            time.sleep(0.5)
+            client.predict({"img": images})
+            assert peers[-1] == second, "a probe at the same round trip made another connection"
+    finally:
+        server.stop(0).wait()

@@ -5,11 +5,16 @@ simulated serial teachers; the real-network counterpart is benchmarks/bench_netw
 from __future__ import annotations
 
 import heapq
+import os
 
+import numpy as np
 import pytest
 
+from distill_base.serving_config import ServingConfig
 from distill_reader import channel_options, teacher_pool
 from distill_reader.latency_window import LatencyWindow
+from distill_reader.prediction_stage import Task
+from distill_reader.remote_stage import RemoteOptions, RemoteStage
 from distill_reader.routing import RoutingPolicy, TeacherView
 from distill_reader.routing.peak_ewma import PeakEwmaPolicy
 from distill_reader.routing.stage_rules import HedgeRule, OutageRule, ProbeRule, StallRule
@@ -31,11 +36,13 @@ def test_the_window_is_the_bandwidth_delay_product_above_the_floor_up_to_the_cap
 
 
 def _simulate(monkeypatch, delays: dict, service: float = 0.05, seconds: float = 12.0, heal_at: float = None,
-              on_answer=None, **pool_options) -> tuple[dict, dict]:
+              on_answer=None, transfer: float = 0.0, **pool_options) -> tuple[dict, dict]:
     """Saturated demand through ``TeacherPool.route`` to serial teachers (``service`` s per request, one-way
     link delay per teacher in ``delays``), as RemoteStage drives it: at most ``total_window()`` tasks, each pass
     routes every waiting task (``queued`` counts those held for a busy teacher); a round-trip probe per teacher
-    every 0.5 s. ``heal_at``: the delays become 0 then; ``on_answer(pool, now, endpoint)`` after each answer.
+    every 0.5 s. ``heal_at``: the delays become 0 then; ``on_answer(pool, now, endpoint)`` after each answer;
+    ``transfer``: seconds a request to a teacher with a delay takes to send on top of it (its bytes at the link's
+    rate), which a TCP handshake's round trip does not show.
     Returns answers per teacher before and after the heal."""
     clock = [0.0]
     monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
@@ -64,7 +71,7 @@ def _simulate(monkeypatch, delays: dict, service: float = 0.05, seconds: float =
                 continue
             pool.started(send_to)
             out += 1
-            arrive = clock[0] + delays[send_to]
+            arrive = clock[0] + delays[send_to] + (transfer if delays[send_to] else 0.0)
             start = max(arrive, free_at[send_to])
             free_at[send_to] = start + service
             heapq.heappush(events, (free_at[send_to] + delays[send_to], next(order), send_to, clock[0]))
@@ -217,6 +224,26 @@ def test_a_far_teachers_window_settles_at_its_bandwidth_delay_product(monkeypatc
     assert answers["far:4"] >= 0.95 * near, answers
 
 
+def test_a_far_teachers_window_holds_what_sending_its_requests_adds_to_the_round_trip(monkeypatch):
+    """300 ms away and 100 ms to send each request (100 KB at ~1 MB/s): 0.45 s a request before the teacher's own
+    50 ms, where a handshake reads 0.3 s. Its window is the link's transit over its seconds per request, read from
+    its quickest answer less its own time (2 + 0.4 / 0.05 = 10), not the handshake's (2 + 6 = 8, which left the
+    teacher idle: the window shrank to 7 and it got 0.77 of a near one's answers; 0.40 at 150 ms to send)."""
+    windows = []
+
+    def watch(pool, now, endpoint):
+        if endpoint == "far:4" and now > 4.0:
+            windows.append(pool.window_of(endpoint))
+
+    for transfer, least in ((0.1, 9), (0.15, 10)):
+        windows.clear()
+        delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "far:4": 0.15}
+        answers, _ = _simulate(monkeypatch, delays, seconds=20.0, on_answer=watch, transfer=transfer)
+        near = sum(answers[e] for e in ("a:1", "b:2", "c:3")) / 3
+        assert answers["far:4"] >= 0.8 * near, (transfer, answers)
+        assert np.median(windows) >= least, (transfer, np.median(windows))
+
+
 def test_a_far_teachers_estimate_is_not_inflated_when_its_window_shrinks(monkeypatch):
     """An answer sent with 12 requests out (11 ahead of it) that arrives once the window has shrunk and the others
     are answered is 50 ms a request (0.6 s / 12), not 0.3 s (0.6 s / 1, capped at latency - round trip): the
@@ -253,3 +280,85 @@ def test_a_link_that_became_long_gets_its_window_before_the_probes_agree(monkeyp
         pool.started("t:1")
         pool.succeeded("t:1", 0.4, 32)
     assert pool.window_of("t:1") == 4
+
+
+def test_reading_a_teachers_window_costs_no_percentile(monkeypatch):
+    """A teacher's delay tail (90th less 10th percentile of its latest latencies) is computed once per answer: read
+    on every route and read-ahead (thousands a second), np.percentile took the student's whole core with a far
+    teacher out (9.7 s of CPU in a 10 s epoch at +300 ms) and its near teachers went short of requests."""
+    pool = TeacherPool(["a:1", "b:2", "far:3"], per_teacher_in_flight=2)
+    pool.round_trip_measured("far:3", 0.3)
+    for endpoint, latency in (("a:1", 0.1), ("b:2", 0.1), ("far:3", 0.4)):
+        for i in range(40):
+            pool.started(endpoint)
+            pool.succeeded(endpoint, latency + (0.3 if i % 4 == 0 else 0.0), 32)   # a lossy-looking tail
+    window = pool.window_of("a:1")
+    assert window > 2, "the tail still widens a lossy near teacher's window"
+    calls = []
+    percentile = np.percentile
+    monkeypatch.setattr(np, "percentile", lambda *a, **k: calls.append(1) or percentile(*a, **k))
+    for _ in range(200):
+        pool.route()
+        pool.read_ahead()
+        pool.total_window()
+    assert calls == [] and pool.window_of("a:1") == window
+    pool.started("a:1")
+    pool.succeeded("a:1", 0.1, 32)
+    assert len(calls) == 1, "one answer: one percentile"
+
+
+class _Workers:
+    """The worker processes' side of RemoteStage, which is not under test here: takes requests, sends nothing."""
+
+    def __init__(self):
+        self.owner_pid, self.closed, self.sent = os.getpid(), False, []
+
+    def send_task(self, request_id, endpoint, feeds, size):
+        self.sent.append(endpoint)
+
+    def send_probe(self, *args):
+        pass
+
+    def forget(self, endpoint):
+        pass
+
+    def receive(self, timeout):
+        return []
+
+
+def test_a_dispatch_pass_stops_when_every_teachers_window_is_full(monkeypatch):
+    """50 tasks waiting and both teachers' windows full: the pass asks the router once, not once per task (~15
+    routes per pass, each ranking every teacher, were most of the student's CPU with a far teacher out); once one
+    frees a slot, the next task in order goes there."""
+    pool = TeacherPool(["a:1", "b:2"], per_teacher_in_flight=2)
+    stage = RemoteStage(pool, ServingConfig(feeds=[], fetches=[]), ["prediction"], RemoteOptions())
+    stage.workers = _Workers()
+    for seq in range(54):
+        stage.submit(Task(task_id=seq, seq=seq, sample_start=seq, size=1, feeds={}))
+    assert sorted(stage.workers.sent) == ["a:1", "a:1", "b:2", "b:2"], "each window filled, the rest wait"
+    routes = []
+    route = pool.route
+    monkeypatch.setattr(pool, "route", lambda *a, **k: routes.append(1) or route(*a, **k))
+    stage.poll(0.0)   # two passes (before and after reading the workers' messages)
+    assert len(routes) == 2 and len(stage.workers.sent) == 4
+    pool.succeeded("a:1", 0.1, 1)   # a slot frees: the next task in order goes out
+    stage.poll(0.0)
+    assert stage.workers.sent[-1] == "a:1" and len(stage.workers.sent) == 5
+
+
+def test_a_far_teachers_window_grows_by_a_quarter_per_round_while_no_answer_waits(monkeypatch):
+    """1.5 s away with 200 ms to send each request, far from the start (so its own speed is not known: latency less
+    the round trip reads 0.25 s a request, 5x its 50 ms). While its answers take no longer than its quickest (no
+    queue anywhere), its window grows by a quarter per round: it reaches the cap, 32, in ~8 rounds, where by one a
+    round it was 19 after 30 s and the teacher got 0.22 of a near one's answers."""
+    windows = []
+
+    def watch(pool, now, endpoint):
+        if endpoint == "far:4":
+            windows.append((now, pool.window_of(endpoint)))
+
+    delays = {"a:1": 0.0, "b:2": 0.0, "c:3": 0.0, "far:4": 0.75}
+    answers, _ = _simulate(monkeypatch, delays, seconds=30.0, on_answer=watch, transfer=0.2)
+    assert max(w for t, w in windows if t < 22.0) == 32, windows[-5:]
+    near = sum(answers[e] for e in ("a:1", "b:2", "c:3")) / 3
+    assert answers["far:4"] >= 0.4 * near, answers
