@@ -192,11 +192,14 @@ def four_teachers(latency_ms: float, workdir: str) -> Iterator[Rig]:
 
 def run(seconds: float, latency_ms: float, workdir: str,
         loss_only: bool = False, far_seconds: float = 0.0,
-        far_only: bool = False, far_route: str = "") -> list[tuple[str, str, float, float]]:
+        far_only: bool = False, far_route: str = "",
+        far_from_start: bool = False) -> list[tuple[str, str, float, float]]:
     rows = []
     with four_teachers(latency_ms, workdir) as rig:
         dr, endpoints, far, delay_file, images = rig.dr, rig.endpoints, rig.far, rig.delay_file, rig.images
         ideal = seconds / (latency_ms / 1000.0)
+        if far_from_start:
+            return _far_from_start(rig, seconds, far_seconds, ideal)
         _epoch(dr, images, 3.0)   # warm-up: workers, channels, estimates
         base, _ = _epoch(dr, images, seconds)
 
@@ -230,6 +233,25 @@ def run(seconds: float, latency_ms: float, workdir: str,
             far_phase(dr, images, far_seconds, endpoints[3], far.address, base, ideal / seconds, delay_file,
                       rows)
     return rows
+
+
+def _far_from_start(rig: Rig, seconds: float, far_seconds: float, ideal: float) -> list[tuple]:
+    """Teacher 4 1.5 s away before the reader's first epoch (its workers connect over the far link, as to a teacher
+    in another region: no connection state from a near link), that epoch ``far_seconds`` long; then the link healed
+    and the fault-free epoch the figures are relative to."""
+    with open(rig.delay_file, "w") as f:
+        f.write("1500")
+    time.sleep(0.5)   # (the delay emulator reads the file every 0.2 s)
+    far_rows: list = []
+    far_phase(rig.dr, rig.images, far_seconds, rig.endpoints[3], rig.far.address, 1.0, ideal / seconds,
+              rig.delay_file, far_rows)
+    with open(rig.delay_file, "w") as f:
+        f.write("0")
+    _epoch(rig.dr, rig.images, 3.0)
+    base, _ = _epoch(rig.dr, rig.images, seconds)
+    return [("fault-free (after)", "-", 1.0, np.nan, np.nan, 0, 0.0, 0.0)] + [
+        (name.replace("1.5 s round trip", "1.5 s from the start"), goal, ratio / base, *rest)
+        for name, goal, ratio, *rest in far_rows]
 
 
 def _keep_asking(client: TeacherClient, x: np.ndarray, stop: float, latencies: list) -> None:
@@ -354,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--far_route", default="", metavar="OPTIONS",
                         help="before the 1.5 s phase, the host's route to teacher 4 gets these ip-route options "
                              "(e.g. 'rto_min 2000ms initcwnd 100 initrwnd 100'): what a user can set for a far teacher")
+    parser.add_argument("--far_from_start", action="store_true",
+                        help="only the 1.5 s phase, with teacher 4 far before the reader's first epoch (its "
+                             "connections made over the far link, as to a teacher in another region), then the "
+                             "fault-free epoch")
     parser.add_argument("--loss_only", action="store_true",
                         help="only the fault-free and the 30 %% loss phases (issue 25's lossy teacher)")
     args = parser.parse_args(argv)
@@ -378,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_netfaults_") as workdir:
         rows = run(args.seconds, args.latency_ms, workdir, args.loss_only, args.far_seconds or args.seconds,
-                   args.far_only, args.far_route)
+                   args.far_only, args.far_route, args.far_from_start)
     print(f"{'phase':<34} {'goal':<22} {'throughput / fault-free':>24} {'teacher 4 share':>16} "
           f"{'t4 reqs / ideal':>16} {'t4 window, rtt, s/req at end':>30}")
     for name, goal, ratio, share, of_ideal, window, rtt, per_request in rows:
