@@ -67,6 +67,14 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
         self.requests = 0
 
     def inference(self, request, context):
+        received_us = time.time_ns() // 1000
+        response = self._answer(request, context)
+        if request.profile_server:   # Paddle Serving's profile: the server's own timestamps, us
+            response.profile_server = True
+            response.profile_time.extend([received_us, time.time_ns() // 1000])
+        return response
+
+    def _answer(self, request, context):
         feeds = [decode_tensor(t) for t in request.tensor]
         if not feeds:
             return service_pb2.Response(err_no=1, err_msg="no feed")

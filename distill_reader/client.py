@@ -299,9 +299,13 @@ class TeacherClient:
 
     # -- public API ------------------------------------------------------------------------------------
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
-                batch_size: Optional[int] = None, lod_form: str = "split") -> dict[str, Any]:
+                batch_size: Optional[int] = None, lod_form: str = "split",
+                timing: Optional[dict] = None) -> dict[str, Any]:
         """Run the teacher on a batch. ``feeds`` maps feed aliases to arrays whose first dim is the batch
-        (variable-length feeds: see the class doc).
+        (variable-length feeds: see the class doc). ``timing``: a dict that gets ``server_seconds``, the time the
+        request spent at the server by its own clock (Paddle Serving's ``profile_server`` / ``profile_time``: the
+        span of the answer's timestamps, us; None when the server sent none), the rest of the latency being the
+        network's.
 
         Raises:
             FeedError: a feed is missing or does not fit the config (dtype, shape, a bad variable-length feed); nothing
@@ -322,8 +326,11 @@ class TeacherClient:
         if batch_size is None:
             batch_size = variable.batch_size or _batch_size_of(variable.feeds)
         request = self._encode_request(variable.feeds, fetch, batch_size, variable.lods)
+        request.profile_server = timing is not None
         self._use_keepalive_if_ours()
         response = self._call_grpc(request) if self.protocol == "grpc" else self._call_http(request)
+        if timing is not None:
+            timing["server_seconds"] = _server_seconds(response)
         return self._outputs(response, fetch, batch_size, variable, lod_form)
 
     def build_request(self, feeds: Mapping[str, Any], fetch: Sequence[str], batch_size: int,
@@ -634,6 +641,16 @@ class TeacherClient:
                                            batch_size, lod_form)
         except ValueError as exc:
             raise TeacherAnswerError(self.endpoint, str(exc)) from None
+
+
+def _server_seconds(response: service_pb2.Response) -> Optional[float]:
+    """The span of a Response's ``profile_time`` (the server's timestamps, us) in seconds, or None (none, or a span
+    that cannot be one request's: negative or over an hour)."""
+    stamps = response.profile_time
+    if len(stamps) < 2:
+        return None
+    span = (max(stamps) - min(stamps)) / 1e6
+    return span if 0.0 <= span <= 3600.0 else None
 
 
 # What the client raises for each class of Paddle Serving's err_no (the table: distill_base/status_codes.py).

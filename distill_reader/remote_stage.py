@@ -449,7 +449,7 @@ class RemoteStage(PredictionStage):
             if state is not None:
                 state.live.discard(request.request_id)
             if isinstance(message, Done):
-                self._answered(request, state, outputs=message.outputs, latency=message.latency)
+                self._answered(request, state, message.outputs, message.latency, message.server_time)
             else:
                 self._failed(request, state, message)
         elif isinstance(message, ProbeResult):
@@ -488,7 +488,8 @@ class RemoteStage(PredictionStage):
                 self._probing.pop(probe_id, None)
                 self.pool.probe_result(endpoint, False, "probe lost with a dead worker")
 
-    def _answered(self, request: _Request, state: Optional[_TaskState], outputs: dict, latency: float) -> None:
+    def _answered(self, request: _Request, state: Optional[_TaskState], outputs: dict, latency: float,
+                  server_time: Optional[float] = None) -> None:
         problem = _answer_problem(self.fetch, outputs, request.endpoint,
                                   state.task.size if state is not None else None)
         if problem is not None:
@@ -496,7 +497,7 @@ class RemoteStage(PredictionStage):
             if state is not None:
                 self._wrong_answer(state, request.endpoint, problem)
             return
-        self.pool.succeeded(request.endpoint, latency, len(next(iter(outputs.values()), ())))
+        self.pool.succeeded(request.endpoint, latency, len(next(iter(outputs.values()), ())), server_time)
         self.latencies.add(latency)
         if state is None:
             self.counts["late_answers"] += 1   # another request of the task answered first

@@ -91,6 +91,7 @@ class TeacherState:
     far_round_trip: float = 0.0            # ... and that link's round trip, s
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
     least_latency: float = 0.0             # its quickest answer over this link, s (0: none yet)
+    least_transit: float = 0.0             # its least answer latency less the teacher's own time (0: not told)
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))   # its latest answers', s
     per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
     spread: deque = field(default_factory=lambda: deque(maxlen=DELAY_SAMPLES))   # latest answers' latency, s
@@ -244,8 +245,10 @@ class TeacherPool:
                 state.started_at.append(now)
                 state.sent_with.append(state.outstanding)
 
-    def succeeded(self, endpoint: str, latency: float, samples: int) -> None:
-        """A request answered after ``latency`` seconds: counts, the speed estimate, and the failure streak."""
+    def succeeded(self, endpoint: str, latency: float, samples: int, server_time: Optional[float] = None) -> None:
+        """A request answered after ``latency`` seconds: counts, the speed estimate, and the failure streak.
+        ``server_time``: the seconds of it at the teacher by its own clock (Paddle Serving's ``profile_time``), when
+        the teacher says: the rest is the link's, which a far teacher's estimates then leave out."""
         now = time.monotonic()
         with self._lock:
             state = self._state_locked(endpoint)
@@ -256,12 +259,16 @@ class TeacherPool:
             sent_with = state.sent_with[0] if state.sent_with else max(1, state.outstanding)
             if sent_at >= state.link_changed_at:   # sent over this link
                 far = self._far_locked(state)
-                measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far)
+                measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far,
+                                                                  server_time)
                 state.spread.append(latency)
                 if len(state.spread) >= DELAY_MIN_SAMPLES:   # here, not on every read (routing, read_ahead)
                     tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
                     state.spread_gap = float(tail - base)
                 state.least_latency = min(latency, state.least_latency or latency)
+                if server_time is not None and 0.0 <= server_time <= latency:
+                    transit = latency - server_time
+                    state.least_transit = min(transit, state.least_transit or transit)
                 if state.per_request and far is None:
                     # one answer that waited an RTO is not a near teacher twice as slow (a far one's estimate is
                     # not clipped: its slow link then kept most of the reorder buffer, issue 25)
@@ -338,7 +345,7 @@ class TeacherPool:
                 state.spread_gap = 0.0
                 state.service_time = None
                 state.window = 0
-                state.least_latency = 0.0
+                state.least_latency = state.least_transit = 0.0
                 state.link_changed_at = time.monotonic()
 
     def round_trip_unconfirmed(self, endpoint: str) -> bool:
@@ -534,16 +541,23 @@ class TeacherPool:
         return min(min(state.round_trips), min(state.latencies, default=float("inf")))
 
     @staticmethod
-    def _per_request_locked(latency: float, sent_with: int, outstanding: int, round_trip: Optional[float]) -> float:
+    def _per_request_locked(latency: float, sent_with: int, outstanding: int, round_trip: Optional[float],
+                            server_time: Optional[float] = None) -> float:
         """Seconds per request at the teacher's throughput, from one answer: latency / requests out (this one
         included), as Little's law says, but for a far teacher at most the latency less the round trip (the
         teacher's own part: one request out is not a teacher 7 times slower because its link is long). A far
         teacher's requests out are the more of those out now and those out when it was sent (``sent_with``): its
         latency was spent behind the latter, so a window that shrank meanwhile does not inflate it (issue 25).
-        ``round_trip``: the teacher's far round trip (``_far_locked``), None when near."""
+        ``round_trip``: the teacher's far round trip (``_far_locked``), None when near. ``server_time`` (the answer's
+        time at the teacher by its own clock, when it says): a far teacher's at most that, which holds no link
+        time (a new connection over a 1.5 s link took 15 s for its first answers: 7.8 s a request by latency / 2, so
+        requests waited for near teachers rather than go to it, issue 25)."""
         if round_trip is None:
             return latency / max(1, outstanding)
-        return min(latency / max(1, outstanding, sent_with), max(latency - round_trip, 0.1 * latency))
+        own = max(latency - round_trip, 0.1 * latency)
+        if server_time is not None and 0.0 < server_time <= latency:
+            own = min(own, server_time)
+        return min(latency / max(1, outstanding, sent_with), own)
 
     def _step_window_locked(self, state: TeacherState, latency: float, sent_at: float, sent_with: int,
                             now: float) -> None:
@@ -598,6 +612,8 @@ class TeacherPool:
         100 KB request 300 ms away (~0.45 s in transit) was held to a window of 7 where 10 keep the teacher busy
         (tests/student/test_routing.py's model: 0.77 of its share with 100 ms to send, 0.40 with 150 ms).
         Unknown (no answer or speed yet): the round trip."""
+        if state.least_transit:   # the teacher says what each answer spent with it
+            return max(round_trip, state.least_transit)
         if not state.least_latency or not state.speed:
             return round_trip
         return max(round_trip, state.least_latency - _median(state.speed))

@@ -22,7 +22,8 @@ Worker -> student:
 
 =================  ===========================================================================================
 ``Ready``          started (after ``Init``): requests sent to it go out at once from now on
-``Done``           a request's answer (``outputs``: fetch name -> array) and its latency in seconds
+``Done``           a request's answer (``outputs``: fetch name -> array), its latency in seconds and the
+                   teacher's own time for it (Paddle Serving's ``profile_time``; None when the teacher sent none)
 ``Failed``         a request's failure: a ``FailureKind``, the message, and for ``ERROR`` the ``WorkerException``
 ``ProbeResult``    a health check's outcome
 ``Crashed``        starting failed (e.g. a config the worker cannot parse): the ``WorkerException``
@@ -258,6 +259,7 @@ class Done:
     endpoint: str
     outputs: dict[str, Any]   # fetch name -> array (or list of per-sample arrays)
     latency: float            # seconds from the worker taking the request to the answer
+    server_time: Optional[float] = None   # seconds of that at the teacher by its own clock (None: not told)
 
 
 @_message

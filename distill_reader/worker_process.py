@@ -125,15 +125,17 @@ class Worker:
 
     def run_task(self, task: Task) -> None:
         start = time.monotonic()
+        timing: dict = {}
         try:
             outputs = self.client(task.endpoint).predict(self.feeds_of(task.feeds), fetch=self.fetch,
-                                                          batch_size=task.size)
+                                                          batch_size=task.size, timing=timing)
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised in the student
             kind = next((kind for cls, kind in self._kinds if isinstance(exc, cls)), FailureKind.ERROR)
             error = WorkerException.capture(exc, f"teacher {task.endpoint}") if kind is FailureKind.ERROR else None
             self.send(Failed(task.request_id, task.endpoint, kind, str(exc), error))
         else:
-            self.send(Done(task.request_id, task.endpoint, outputs, time.monotonic() - start))
+            self.send(Done(task.request_id, task.endpoint, outputs, time.monotonic() - start,
+                           timing.get("server_seconds")))
 
     def run_probe(self, probe: Probe) -> None:
         """A health check of ``probe.endpoint`` (a set-aside teacher: is it back?)."""

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from typing import Callable, Optional, Protocol
 
 import numpy as np
@@ -89,6 +90,9 @@ class InferenceHandler:
 
     def handle(self, request: service_pb2.Request) -> service_pb2.Response:
         """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
+        return _profiled(request, time.time_ns(), self._handle(request))
+
+    def _handle(self, request: service_pb2.Request) -> service_pb2.Response:
         parsed = self._parse_or_error(request)
         if isinstance(parsed, service_pb2.Response):
             return parsed
@@ -104,6 +108,10 @@ class InferenceHandler:
         """``handle`` for an event loop: the predictor runs elsewhere (``submit``), the loop is never blocked
         waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ErrNo.TIMEOUT``.
         ``timeout`` (the client's deadline, seconds) shortens that wait when it is shorter."""
+        received = time.time_ns()
+        return _profiled(request, received, await self._handle_async(request, timeout))
+
+    async def _handle_async(self, request: service_pb2.Request, timeout: Optional[float]) -> service_pb2.Response:
         parsed = self._parse_or_error(request)
         if isinstance(parsed, service_pb2.Response):
             return parsed
@@ -274,6 +282,16 @@ class InferenceHandler:
             encode_tensor(array, name=spec.name, alias_name=spec.alias_name, raw=raw, lod=lod or None,
                           out=model_output.tensor.add())
         return response
+
+
+def _profiled(request: service_pb2.Request, received_ns: int, response: service_pb2.Response) -> service_pb2.Response:
+    """``response`` with Paddle Serving's profile when ``request.profile_server`` asks for it: ``profile_time`` holds
+    the server's own timestamps in microseconds (here when the request was taken and when it was answered), so a
+    client can tell the time its request spent at the server from the time it spent on the network."""
+    if request.profile_server:
+        response.profile_server = True
+        response.profile_time.extend([received_ns // 1000, time.time_ns() // 1000])
+    return response
 
 
 class _Expired(Exception):

@@ -261,3 +261,29 @@ def test_a_link_whose_round_trip_moved_gets_a_new_connection_once_that_is_connec
             assert peers[-1] == second, "a probe at the same round trip made another connection"
     finally:
         server.stop(0).wait()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_teachers_own_time_per_request_comes_back_when_asked(request, teacher_model, protocol):
+    """Paddle Serving's ``profile_server`` / ``profile_time``: asked for it (``timing``), teachers.serve answers with
+    its own timestamps, so the student can tell what a request spent at the teacher from what it spent on the link;
+    a server that sends none (real Paddle Serving without it, this stand-in) gives None, and the answer is the same."""
+    images = mnist_like_images(4)
+    expected = reference_predict(teacher_model.server_dir, images)
+    server = request.getfixturevalue("teacher_server")
+    endpoint = server.endpoint if protocol == "grpc" else server.http_endpoint
+    with TeacherClient(endpoint, teacher_model.client_conf, protocol=protocol) as client:
+        client.predict({"img": images})
+        timing: dict = {}
+        started = time.monotonic()
+        out = client.predict({"img": images}, timing=timing)
+        latency = time.monotonic() - started
+        np.testing.assert_allclose(out["prediction"], expected, rtol=1e-5)
+        assert 0.0 <= timing["server_seconds"] <= latency, (timing, latency)
+    if protocol == "grpc":
+        _, endpoint = request.getfixturevalue("typed_grpc_teacher")
+        with TeacherClient(endpoint, teacher_model.client_conf) as client:
+            timing = {}
+            np.testing.assert_allclose(client.predict({"img": images}, timing=timing)["prediction"], expected,
+                                       rtol=1e-5)
+            assert timing == {"server_seconds": None}

@@ -94,8 +94,8 @@ def test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share(slow_netns, tm
     windows = []
     watched = dr.pool.succeeded
 
-    def watch(endpoint, latency, samples):
-        watched(endpoint, latency, samples)
+    def watch(endpoint, latency, samples, server_time=None):
+        watched(endpoint, latency, samples, server_time)
         if endpoint == lossy:
             windows.append(dr.pool.window_of(lossy))
 

@@ -362,3 +362,26 @@ def test_a_far_teachers_window_grows_by_a_quarter_per_round_while_no_answer_wait
     assert max(w for t, w in windows if t < 22.0) == 32, windows[-5:]
     near = sum(answers[e] for e in ("a:1", "b:2", "c:3")) / 3
     assert answers["far:4"] >= 0.4 * near, answers
+
+
+def test_a_far_teachers_estimate_holds_only_its_own_time_when_it_says(monkeypatch):
+    """A new connection over a 1.5 s link took 15 s for its first 2 answers (TCP's handshake and startup): by
+    latency / requests out, 7.5 s a request, so requests waited for the near teachers and it got 0.009 of its
+    share in 40 s. With the teacher's own time per answer (Paddle Serving's profile_time: 50 ms) the estimate is
+    that, and the link's part (its transit) is the rest."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["far:1"])
+    pool.round_trip_measured("far:1", 1.5)
+    pool.started("far:1")
+    pool.started("far:1")
+    clock[0] = 15.0
+    pool.succeeded("far:1", 15.0, 32, server_time=0.05)
+    pool.succeeded("far:1", 15.0, 32, server_time=0.05)
+    assert pool.service_time("far:1") == pytest.approx(0.05)
+    told = TeacherPool(["far:1"])
+    told.round_trip_measured("far:1", 1.5)
+    told.started("far:1")
+    told.started("far:1")
+    told.succeeded("far:1", 15.0, 32)
+    assert told.service_time("far:1") == pytest.approx(7.5), "not told: latency / requests out, as before"
