@@ -611,7 +611,8 @@ class TeacherPool:
         base RTT from the least RTT seen. With the round trip alone, that time counted as the teacher's queue: a
         100 KB request 300 ms away (~0.45 s in transit) was held to a window of 7 where 10 keep the teacher busy
         (tests/student/test_routing.py's model: 0.77 of its share with 100 ms to send, 0.40 with 150 ms).
-        Unknown (no answer or speed yet): the round trip."""
+        When the teacher tells its own time per answer (``least_transit``: Paddle Serving's ``profile_time``), the
+        least latency less that instead. Unknown (no answer or speed yet): the round trip."""
         if state.least_transit:   # the teacher says what each answer spent with it
             return max(round_trip, state.least_transit)
         if not state.least_latency or not state.speed:

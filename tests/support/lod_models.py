@@ -30,7 +30,7 @@ from typing import Mapping, Optional
 import numpy as np  # (numpy before paddle)
 import pytest
 
-from tests.support.teacher import ExportedTeacher
+from tests.support.teacher import REFERENCE_THREAD, ExportedTeacher
 
 VOCAB = 50
 EMBED = 8
@@ -131,7 +131,12 @@ _POOLS: dict = {}
 
 def local_predict(server_dir: str, feeds: Mapping[str, np.ndarray],
                   lods: Optional[Mapping[str, list]] = None) -> dict:
-    """{fetch var name: (array, lod)} of a local Paddle Inference predictor (oneDNN, as the server)."""
+    """{fetch var name: (array, lod)} of a local Paddle Inference predictor (oneDNN, as the server), run on
+    ``tests.support.teacher.REFERENCE_THREAD`` whichever thread asks."""
+    return REFERENCE_THREAD.submit(_local_predict, server_dir, feeds, lods).result()
+
+
+def _local_predict(server_dir: str, feeds: Mapping[str, np.ndarray], lods: Optional[Mapping[str, list]]) -> dict:
     from teachers.predictor_pool import PredictorOptions, PredictorPool
 
     key = os.path.abspath(server_dir)

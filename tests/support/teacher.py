@@ -25,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -150,10 +151,18 @@ def mnist_like_images(n: int, seed: int = 0) -> np.ndarray:
 
 
 _REFERENCE_PREDICTORS: dict = {}
+# the tests' local predictors run on this one thread: a test's threads may ask for references at once, and a
+# predictor run from many threads in turn failed in oneDNN ("could not execute a primitive", paddle 2.6.2)
+REFERENCE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-predictor")
 
 
 def reference_predict(server_dir: str, images: np.ndarray) -> np.ndarray:
-    """Predictions of a local Paddle Inference predictor (oneDNN, as the server) for ``images``."""
+    """Predictions of a local Paddle Inference predictor (oneDNN, as the server) for ``images`` (run on
+    ``REFERENCE_THREAD``, whichever thread asks)."""
+    return REFERENCE_THREAD.submit(_reference_predict, server_dir, images).result()
+
+
+def _reference_predict(server_dir: str, images: np.ndarray) -> np.ndarray:
     from teachers.predictor_pool import PredictorOptions, PredictorPool
 
     key = os.path.abspath(server_dir)
