@@ -71,6 +71,27 @@ def _wait_serving(endpoint: str, conf: str, timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
+def _start_teacher(ns: netns.Namespace, latency_ms: float) -> str:
+    """A fake teacher of ``latency_ms`` in ``ns`` (stopped with it); its endpoint."""
+    ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
+                    "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"{ns.address}:9300"
+
+
+def _start_delay(ns: netns.Namespace, delay_file: str, delay_ms: float, chain: str = "INPUT") -> None:
+    """The delay emulator in ``ns`` (tests/support/nfqueue_delay.py), reading ``delay_file`` (written with
+    ``delay_ms`` now), for the TCP packets of the test's side held on ``chain``: INPUT, what the student sends
+    (held on OUTPUT, the teacher's own packets count against its TCP Small Queues until released: ~2 segments per
+    delay, netns.py), or OUTPUT (``--one_request``'s comparison)."""
+    with open(delay_file, "w") as f:
+        f.write(str(delay_ms))
+    ns.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
+                    "--delay_file", delay_file, stdout=subprocess.DEVNULL)
+    time.sleep(0.5)   # bound to its queue before packets go there (NFQUEUE drops them while none listens)
+    peer = ["-s" if chain == "INPUT" else "-d", ns.host_address]
+    _iptables(ns, "-A", chain, *peer, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+
+
 def _epoch(dr: DistillReader, images: np.ndarray, seconds: float) -> tuple[float, dict]:
     """Samples/s of an epoch that reads for ``seconds``, and requests per teacher (checked: every sample once,
     in order, right)."""
@@ -162,23 +183,13 @@ def four_teachers(latency_ms: float, workdir: str) -> Iterator[Rig]:
     conf = fake_config((1, 28, 28)).save(os.path.join(workdir, "conf"), "serving_client_conf.prototxt")
     images = np.random.default_rng(0).random((BATCH * 8, 1, 28, 28), dtype=np.float32)
     delay_file = os.path.join(workdir, "delay_ms")
-    with open(delay_file, "w") as f:
-        f.write("0")
     with netns.namespaces() as make:
         spaces = [make() for _ in range(4)]
-        endpoints = []
-        for ns in spaces:
-            ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
-                            "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            endpoints.append(f"{ns.address}:9300")
+        endpoints = [_start_teacher(ns, latency_ms) for ns in spaces]
         for endpoint in endpoints:
             _wait_serving(endpoint, conf)
         far = spaces[3]
-        # what the student sends is held on the way in (INPUT): held on the way out (OUTPUT), the teacher's own
-        # packets would count against its TCP Small Queues until released: ~2 segments per delay (netns.py)
-        _iptables(far, "-A", "INPUT", "-s", far.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
-        far.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
-                         "--delay_file", delay_file, stdout=subprocess.DEVNULL)
+        _start_delay(far, delay_file, 0)
         time.sleep(1.0)
         dr = DistillReader(ins=["img", "label"], predicts=["prediction"])
         dr.set_fixed_teacher(endpoints)
@@ -273,19 +284,9 @@ def one_request(delay_ms: float, latency_ms: float, workdir: str, seconds: float
         for in_flight in (1, 8, 16):
             with netns.namespaces() as make:
                 ns = make()
-                ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
-                                "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-                endpoint = f"{ns.address}:9300"
+                endpoint = _start_teacher(ns, latency_ms)
                 _wait_serving(endpoint, conf)
-                delay_file = os.path.join(workdir, f"delay_{where}")
-                with open(delay_file, "w") as f:
-                    f.write(str(delay_ms))
-                ns.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
-                                "--delay_file", delay_file, stdout=subprocess.DEVNULL)
-                peer = ["-d" if where == "OUTPUT" else "-s", ns.host_address]
-                time.sleep(0.5)
-                _iptables(ns, "-A", where, *peer, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+                _start_delay(ns, os.path.join(workdir, f"delay_{where}"), delay_ms, chain=where)
                 with TeacherClient(endpoint, conf) as client:
                     client.predict({"img": x}, batch_size=BATCH)
                     time.sleep(1.0)
@@ -317,16 +318,10 @@ def path_change(delay_ms: float, latency_ms: float, workdir: str, seconds: float
     for probed in (False, True):
         with netns.namespaces() as make:
             ns = make()
-            ns.guard.python(os.path.join(HERE, "fake_teacher.py"), "--host", ns.address, "--port", "9300",
-                            "--latency_ms", str(latency_ms), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            endpoint = f"{ns.address}:9300"
+            endpoint = _start_teacher(ns, latency_ms)
             _wait_serving(endpoint, conf)
             delay_file = os.path.join(workdir, f"delay_path_{probed}")
-            with open(delay_file, "w") as f:
-                f.write("0")
-            ns.guard.python(os.path.join(ROOT, "tests", "support", "nfqueue_delay.py"), "--queue", "1",
-                            "--delay_file", delay_file, stdout=subprocess.DEVNULL)
-            _iptables(ns, "-A", "INPUT", "-s", ns.host_address, "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "1")
+            _start_delay(ns, delay_file, 0)
             with TeacherClient(endpoint, conf, timeout=120.0) as client:
                 latencies: list[float] = []
                 stop = time.monotonic() + 2.0 + seconds

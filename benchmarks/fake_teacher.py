@@ -33,6 +33,7 @@ from distill_base.proto import general_model_service_pb2 as service_pb2  # noqa:
 from distill_base.proto import general_model_service_pb2_grpc as service_grpc  # noqa: E402
 from distill_base.serving_config import CLIENT_CONF, ServingConfig, VarSpec  # noqa: E402
 from distill_base.tensor_codec import decode_tensor, encode_tensor  # noqa: E402
+from teachers.inference import profiled  # noqa: E402
 
 logger = logging.getLogger("fake_teacher")
 
@@ -67,12 +68,7 @@ class FakeTeacher(service_grpc.GeneralModelServiceServicer):
         self.requests = 0
 
     def inference(self, request, context):
-        received_us = time.time_ns() // 1000
-        response = self._answer(request, context)
-        if request.profile_server:   # Paddle Serving's profile: the server's own timestamps, us
-            response.profile_server = True
-            response.profile_time.extend([received_us, time.time_ns() // 1000])
-        return response
+        return profiled(request, time.time_ns(), self._answer(request, context))   # as teachers.serve
 
     def _answer(self, request, context):
         feeds = [decode_tensor(t) for t in request.tensor]

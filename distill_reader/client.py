@@ -191,7 +191,6 @@ class TeacherClient:
         self._lock = threading.Lock()               # connection changes (request threads share a client)
         self._refit_lock = threading.Lock()         # one round-trip measurement at a time (_refit_to_longer_link)
         self._pending: Optional[tuple] = None       # (channel, keepalive, round trip) being connected
-        self._pending_watch: Any = None
         # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self._tls_options = self.security.requests_options() if protocol == "http" else {}
         self._connect(keepalive=False)
@@ -252,14 +251,13 @@ class TeacherClient:
                     self._use_channel(*opened)
             channel.unsubscribe(connected)
 
-        self._pending_watch = connected
         channel.subscribe(connected, try_to_connect=True)   # (grpc calls back from a thread of its own)
 
     def _drop_pending(self) -> None:
-        """Forget a connection still being made for a link change (a newer one, or an immediate one, replaces it)."""
+        """Forget a connection still being made for a link change (a newer one, or an immediate one, replaces it);
+        closing its channel also drops its connectivity callback."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending[0].unsubscribe(self._pending_watch)
             pending[0].close()
 
     def _own_connection(self) -> None:

@@ -257,6 +257,8 @@ class TeacherPool:
             state.latencies.append(latency)
             sent_at = state.started_at[0] if state.started_at else now
             sent_with = state.sent_with[0] if state.sent_with else max(1, state.outstanding)
+            if server_time is not None and not 0.0 < server_time <= latency:
+                server_time = None   # not one request's time at the teacher
             if sent_at >= state.link_changed_at:   # sent over this link
                 far = self._far_locked(state)
                 measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far,
@@ -266,7 +268,7 @@ class TeacherPool:
                     tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
                     state.spread_gap = float(tail - base)
                 state.least_latency = min(latency, state.least_latency or latency)
-                if server_time is not None and 0.0 <= server_time <= latency:
+                if server_time is not None:
                     transit = latency - server_time
                     state.least_transit = min(transit, state.least_transit or transit)
                 if state.per_request and far is None:
@@ -549,13 +551,13 @@ class TeacherPool:
         teacher's requests out are the more of those out now and those out when it was sent (``sent_with``): its
         latency was spent behind the latter, so a window that shrank meanwhile does not inflate it (issue 25).
         ``round_trip``: the teacher's far round trip (``_far_locked``), None when near. ``server_time`` (the answer's
-        time at the teacher by its own clock, when it says): a far teacher's at most that, which holds no link
-        time (a new connection over a 1.5 s link took 15 s for its first answers: 7.8 s a request by latency / 2, so
-        requests waited for near teachers rather than go to it, issue 25)."""
+        time at the teacher by its own clock when it says, within (0, latency]): a far teacher's at most that, which
+        holds no link time (a new connection over a 1.5 s link took 15 s for its first answers: 7.8 s a request by
+        latency / 2, so requests waited for near teachers rather than go to it, issue 25)."""
         if round_trip is None:
             return latency / max(1, outstanding)
         own = max(latency - round_trip, 0.1 * latency)
-        if server_time is not None and 0.0 < server_time <= latency:
+        if server_time is not None:
             own = min(own, server_time)
         return min(latency / max(1, outstanding, sent_with), own)
 

@@ -90,7 +90,7 @@ class InferenceHandler:
 
     def handle(self, request: service_pb2.Request) -> service_pb2.Response:
         """Answer ``request``; errors become ``err_no``/``err_msg`` answers (never exceptions)."""
-        return _profiled(request, time.time_ns(), self._handle(request))
+        return profiled(request, time.time_ns(), self._handle(request))
 
     def _handle(self, request: service_pb2.Request) -> service_pb2.Response:
         parsed = self._parse_or_error(request)
@@ -108,8 +108,7 @@ class InferenceHandler:
         """``handle`` for an event loop: the predictor runs elsewhere (``submit``), the loop is never blocked
         waiting for it, and a run that takes over ``predict_timeout`` seconds gets ``ErrNo.TIMEOUT``.
         ``timeout`` (the client's deadline, seconds) shortens that wait when it is shorter."""
-        received = time.time_ns()
-        return _profiled(request, received, await self._handle_async(request, timeout))
+        return profiled(request, time.time_ns(), await self._handle_async(request, timeout))
 
     async def _handle_async(self, request: service_pb2.Request, timeout: Optional[float]) -> service_pb2.Response:
         parsed = self._parse_or_error(request)
@@ -284,7 +283,7 @@ class InferenceHandler:
         return response
 
 
-def _profiled(request: service_pb2.Request, received_ns: int, response: service_pb2.Response) -> service_pb2.Response:
+def profiled(request: service_pb2.Request, received_ns: int, response: service_pb2.Response) -> service_pb2.Response:
     """``response`` with Paddle Serving's profile when ``request.profile_server`` asks for it: ``profile_time`` holds
     the server's own timestamps in microseconds (here when the request was taken and when it was answered), so a
     client can tell the time its request spent at the server from the time it spent on the network."""
