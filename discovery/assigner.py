@@ -2,8 +2,9 @@
 
 Every ``TeacherSubscription`` runs an ``Assigner``. They elect one with kazoo's ``Lock`` recipe under
 ``<service>/assignment/assigner`` (one ephemeral sequential contender node per student, each watching only its
-predecessor). The holder watches teachers and students (``ServiceWatcher``), computes
-``discovery.rebalance.rebalance(stored, view)`` and writes only the per-student nodes that changed,
+predecessor; ``discovery.election``: with a retry that follows the session). The holder watches teachers and
+students (``ServiceWatcher``), computes ``discovery.rebalance.rebalance(stored, view)`` and writes only the
+per-student nodes that changed,
 ``<service>/assignment/<student-node>`` = ``{"teachers": [teacher node names], "endpoints": [...]}``
 (``nodes.Assignment``), and deletes the nodes of departed students. The stored nodes are the state: a new
 assigner reads them first, so a change of assigner moves nobody.
@@ -52,11 +53,11 @@ from kazoo.exceptions import (
     RolledBackError,
 )
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent
-from kazoo.recipe.lock import Lock
 from kazoo.retry import ForceRetryError
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from .arguments import DEFAULT_SESSION_TIMEOUT, STUDENT_PREFIX, ServicePaths, node_sequence
+from .election import ContenderLock
 from .nodes import Assignment, NodeDataError, parse_assignment
 from .rebalance import rebalance
 from .reconciler import Reconciler, StopReconciling
@@ -123,7 +124,7 @@ class Assigner:
         self._stored: dict[str, Optional[Assignment]] = {}   # node name -> parsed (None: unreadable, rewrite)
         self._repair: dict[str, bool] = {}     # node name -> it exists: changed or deleted behind our back, rewrite
         self._suspects: set[str] = set()       # node names whose data watch fired: compare with what we wrote
-        self._lock: Optional[Lock] = None
+        self._lock: Optional[ContenderLock] = None
         self._lock_node: Optional[str] = None    # this term's lock node (its deletion deposes this assigner)
         self._suspect_lock = threading.Lock()
         self._wake = threading.Event()        # the leading term's: something to apply
@@ -158,12 +159,14 @@ class Assigner:
         """The reconciler's round: contend for the lock, lead until deposed or stopped, step down. Returns the
         seconds before contending again. A bug while leading steps down and is retried by the reconciler with
         backoff: the service is never left without an assigner for good."""
-        if not self.session.connected:                    # kazoo's Lock would retry unstoppably meanwhile
+        if not self.session.connected:                    # every call would fail meanwhile
             return 0.2
         retry = retry_forever(self._stopping)
-        self._lock = Lock(self.session.client, self.paths.assigner_lock_path, self.identifier)
+        self._lock = ContenderLock(self.session.client, self.paths.assigner_lock_path, self.identifier,
+                                   self._stopping)
         try:
-            retry(self._lock.acquire)
+            if not retry(self._lock.acquire):             # False: its retry was ended by stopping
+                raise StopReconciling
         except CancelledError as exc:
             raise StopReconciling from exc
         except NoAuthError:

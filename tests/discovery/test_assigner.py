@@ -67,6 +67,30 @@ def contenders(client, root):
     return Lock(client, ServicePaths(root, SERVICE).assigner_lock_path).contenders()
 
 
+def discovery_state(client, root, subscriptions) -> str:
+    """What each student, its assigner and ZooKeeper hold, and where each assigner thread is (for a failure's
+    message: a recovery that times out under load says which part did not come back)."""
+    import sys
+    import traceback
+
+    lines = []
+    frames = sys._current_frames()
+    for s in subscriptions:
+        thread = s.assigner._thread._thread
+        lines.append(f"student {s.student_id}: session connected {s.session.connected} id "
+                     f"{s.session.session_id}, node {s.node.path} created {s.node.created.is_set()}, endpoints "
+                     f"{sorted(s.endpoints)}, fallback {s.fallback.is_set()}, leading {s.assigner.leading.is_set()} "
+                     f"(terms {s.assigner.terms}), assigner thread alive {thread.is_alive()}")
+        if thread.ident in frames:
+            lines += ["  " + line for line in traceback.format_stack(frames[thread.ident])[-6:]]
+    for what, read in (("stored", lambda: stored(client, root)), ("contenders", lambda: contenders(client, root))):
+        try:
+            lines.append(f"{what}: {read()}")
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure
+            lines.append(f"{what}: unreadable ({type(exc).__name__}: {exc})")
+    return "\n".join(lines)
+
+
 def settled(client, root, subscriptions, teachers, wanted=None):
     """Every student uses exactly its stored assignment, the rules hold, nobody is in the fallback."""
     assignment = stored(client, root)
@@ -335,7 +359,7 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
                                                                                        caplog):
     """A wiped (or restored) server refuses every client that saw a later transaction id than its own, and kazoo
     would offer the same id forever: every session must start afresh, the assignment be written again."""
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO, logger="discovery")   # in the report of a failure
     hosts = private_zookeeper.hosts
     registrations = teachers_up(hosts, zk_root, range(1, 4), allow_open_acl=True)
     subscriptions = [student(hosts, zk_root, name)[0] for name in ("a", "b")]
@@ -344,10 +368,13 @@ def test_zookeeper_restarted_with_its_data_wiped_students_teachers_and_assigner_
             wait_for(lambda: settled(client, zk_root, subscriptions, list(registrations)), 15, "assigned")
         private_zookeeper.restart(wipe=True)
         with kazoo_client(hosts, SESSION) as client:
-            wait_for(lambda: all(s.session.connected and s.node.created.is_set() for s in subscriptions)
-                     and len({node_of(s) for s in subscriptions}) == len(subscriptions)   # (names start again
-                     and settled(client, zk_root, subscriptions, list(registrations)), 30,  # at 0: not an old one)
-                     "teachers registered again, students assigned again in the empty server")
+            try:
+                wait_for(lambda: all(s.session.connected and s.node.created.is_set() for s in subscriptions)
+                         and len({node_of(s) for s in subscriptions}) == len(subscriptions)   # (names start
+                         and settled(client, zk_root, subscriptions, list(registrations)), 30,  # again at 0)
+                         "teachers registered again, students assigned again in the empty server")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{discovery_state(client, zk_root, subscriptions)}") from None
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []   # no callback failed
     finally:
         stop_all(subscriptions, registrations.values())
@@ -441,6 +468,55 @@ def test_an_assigner_whose_lock_node_is_deleted_by_hand_steps_down_at_once(zooke
         assert settled(zk, zk_root, subscriptions, list(registrations), wanted)
     finally:
         stop_all(subscriptions, registrations.values())
+
+
+def test_a_contender_whose_calls_failed_for_seconds_leads_at_once_when_they_succeed_and_stops_when_told(
+        zookeeper, zk_root):
+    """While a session is expired and not yet re-established every call fails at once (kazoo raises
+    SessionExpiredError; here a real session's get_children is made to for 4 s, the only stand-in). kazoo's Lock
+    retried with its own backoff, doubling to 60 s: the contender then slept about as long again (3-9 s) before it
+    looked at its predecessor, and stopping could not end the sleep. The assigner's ContenderLock backs off to at
+    most 0.5 s: it leads within a second of the calls succeeding, and stops within one when told."""
+    from kazoo.exceptions import SessionExpiredError
+
+    from discovery.election import ContenderLock
+    from discovery.session import ZkSession
+
+    session = ZkSession(zookeeper.hosts, session_timeout=SESSION).start()
+    lock_path = ServicePaths(zk_root, SERVICE).assigner_lock_path
+    real = session.client.get_children
+    failing = {"until": 0.0}
+
+    def get_children(*args, **kwargs):
+        if time.monotonic() < failing["until"]:
+            raise SessionExpiredError()
+        return real(*args, **kwargs)
+
+    try:
+        assert session.wait_connected(10)
+        session.client.get_children = get_children
+        failing["until"] = time.monotonic() + 4.0
+        assert ContenderLock(session.client, lock_path, "a", threading.Event()).acquire()
+        late = time.monotonic() - failing["until"]
+        assert 0 <= late <= 1.0, f"led {late:.2f}s after its calls succeeded again"
+
+        stopping = threading.Event()
+        failing["until"] = time.monotonic() + 60.0
+        outcome = []
+        waiter = threading.Thread(target=lambda: outcome.append(
+            ContenderLock(session.client, lock_path, "b", stopping).acquire()))
+        waiter.start()
+        time.sleep(3.0)   # long enough for kazoo's own backoff to reach seconds
+        stopped = time.monotonic()
+        stopping.set()
+        waiter.join(5)
+        assert not waiter.is_alive() and outcome == [False], "stopping ends a contender's retry: not acquired"
+        assert time.monotonic() - stopped <= 1.0
+        failing["until"] = 0.0
+        assert Lock(session.client, lock_path).contenders() == ["a"], "the stopped contender's node is gone"
+    finally:
+        failing["until"] = 0.0
+        session.close()
 
 
 def test_a_bug_in_one_round_does_not_end_the_watch_or_the_node_keeper(zookeeper, zk_root, monkeypatch):
