@@ -256,8 +256,12 @@ class RemoteStage(PredictionStage):
         return self.hedge_rule.delay(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
     def stall_timeout(self, endpoint: Optional[str] = None) -> float:
-        """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``)."""
-        return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint) if endpoint else None)
+        """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``: its
+        round trip and the spread of its latencies allowed)."""
+        if endpoint is None:
+            return self.stall_rule.timeout(self.latencies)
+        return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint),
+                                       self.pool.latency_spread(endpoint))
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod

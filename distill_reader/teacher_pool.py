@@ -379,6 +379,14 @@ class TeacherPool:
                 return None
             return max(self._round_trip_locked(state), state.round_trips[-1])
 
+    def latency_spread(self, endpoint: str) -> float:
+        """How far its slow answers are from its usual ones over its current link: the ``DELAY_TAIL``-th less the
+        ``DELAY_BASE``-th percentile of its latest ``DELAY_SAMPLES`` latencies, in seconds (0 before
+        ``DELAY_MIN_SAMPLES`` answers, or for a teacher not in the pool). Its stall clock allows it."""
+        with self._lock:
+            state = self._state_locked(endpoint)
+            return state.spread_gap if state is not None else 0.0
+
     def window_of(self, endpoint: str) -> int:
         """How many requests ``endpoint`` may have out now (its in-flight window)."""
         with self._lock:

@@ -8,8 +8,8 @@ numbers and verdicts; a different rule is a different object here, not an edit o
   latencies (clamped; plus the round trip of a far teacher it is at), within a budget of ``budget`` x requests
   + ``burst``. Dean and Barroso, "The Tail at Scale" (CACM 56(2), 2013).
 - ``StallRule``: no answer after ``factor`` x the 99th percentile of recent latencies (clamped between
-  ``min_timeout`` and ``max(min_timeout, request_timeout)``; plus 3 round trips for a far teacher) means the
-  teacher stalled.
+  ``min_timeout`` and ``max(min_timeout, request_timeout)``; plus 3 round trips for a far teacher, and ``factor``
+  x the spread of the teacher's own latencies) means the teacher stalled.
 - ``OutageRule``: no usable teacher (or a task no teacher can take) for ``timeout`` seconds ends the epoch.
 - ``ProbeRule``: a health probe may take ``max(probe_timeout, factor x round trip)``, so a far teacher's probe
   can finish; a black-holed near one is still given up after ``probe_timeout``.
@@ -70,18 +70,22 @@ class StallRule:
     min_timeout: float = 2.0
     request_timeout: float = 30.0
 
-    def timeout(self, latencies: LatencyWindow, round_trip: Optional[float] = None) -> float:
+    def timeout(self, latencies: LatencyWindow, round_trip: Optional[float] = None, spread: float = 0.0) -> float:
         """Seconds without an answer after which a teacher counts as stalled (at most ``request_timeout``).
 
         Before the percentiles are known: 5 s, or ``factor`` x the longest latency seen so far, so that a
         teacher whose every answer takes longer than 5 s is not called stalled on each of its first requests.
         A teacher ``round_trip`` away (20 ms or more) gets ``ROUND_TRIP_STALL_FACTOR`` round trips more: the
-        percentiles are of every teacher's latencies, mostly near ones'."""
+        percentiles are of every teacher's latencies, mostly near ones'. A teacher whose own latencies
+        ``spread`` (seconds between its usual and its slow answers, ``TeacherPool.latency_spread``) gets ``factor``
+        spreads more, as TCP's retransmission timeout allows four deviations (RFC 6298): behind a lossy link one
+        answer in a few waits for retransmissions (200 ms, then 400, 800 ... as the timeout doubles), and a
+        chain of them passed the 2 s floor while the teacher answered everything (issue 25)."""
         ceiling = max(self.min_timeout, self.request_timeout)
         seen = latencies.largest()
         unknown = max(self.min_timeout, UNKNOWN_STALL_TIMEOUT, self.factor * seen if seen is not None else 0.0)
         base = latencies.scaled(99, self.factor, self.min_timeout, ceiling, unknown=min(ceiling, unknown))
-        return min(ceiling, base + ROUND_TRIP_STALL_FACTOR * _far(round_trip))
+        return min(ceiling, base + ROUND_TRIP_STALL_FACTOR * _far(round_trip) + self.factor * max(0.0, spread))
 
 
 @dataclass(frozen=True)

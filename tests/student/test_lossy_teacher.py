@@ -189,6 +189,28 @@ def test_a_link_that_just_became_long_gets_a_stall_clock_for_its_latest_round_tr
     assert pool.stall_round_trip("a:1") == pytest.approx(0.001), "the link is short again: the usual clock"
 
 
+def test_the_stall_clock_of_a_lossy_teacher_allows_the_spread_of_its_answers(clock):
+    """Behind a lossy link one answer in four waits an RTO (250 ms here), and a chain of retransmissions (200,
+    400, 800 ms ...) can keep one answer past the 2 s stall floor while the teacher answers everything: in one CI
+    run test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share saw its lossy teacher set aside as stalled.
+    Its stall clock now allows 4 spreads of its own latencies (its 90th less its 10th percentile); a near
+    teacher whose answers do not spread keeps the floor, and every request's latencies set the percentiles."""
+    pool = TeacherPool(["lossy:1", "near:1"], per_teacher_in_flight=2)
+    _answers(pool, "lossy:1", [0.1 + (0.25 if i % 4 == 3 else 0.0) for i in range(40)], clock)
+    _answers(pool, "near:1", [0.09 if i % 2 else 0.1 for i in range(40)], clock)
+    stage = RemoteStage(pool, ServingConfig(feeds=[], fetches=[]), ["prediction"], RemoteOptions())
+    for latency in [0.1] * 200 + [0.35] * 2:
+        stage.latencies.add(latency)
+    assert stage.stall_timeout() == 2.0, "4 x p99 of every answer is under the 2 s floor"
+    assert pool.latency_spread("lossy:1") == pytest.approx(0.25)
+    assert stage.stall_timeout("lossy:1") == pytest.approx(2.0 + 4 * 0.25), "the lossy teacher: 4 spreads more"
+    assert stage.stall_timeout("near:1") == pytest.approx(2.0 + 4 * 0.01), "a near teacher: its 10 ms spread"
+    assert stage.stall_timeout("gone:1") == 2.0, "a teacher the pool does not know: none"
+    pool.set_endpoints(["lossy:1"])
+    _answers(pool, "lossy:1", [0.1] * 40, clock)
+    assert stage.stall_timeout("lossy:1") == 2.0, "the tail gone (the link healed): the floor again"
+
+
 def test_a_far_reading_of_three_handshakes_is_confirmed_by_the_next_and_lossy_ones_are_not(clock):
     """A link probe is the least of 3 TCP handshakes timed at once: a far reading is asked to be confirmed at once
     (``round_trip_unconfirmed``) and 2 that agree make the link change (3 single readings still do); a lossy link's
