@@ -141,6 +141,10 @@ class TeacherClient:
     Fork safety: a client used in a child process after ``os.fork()`` opens connections of its own there (a new
     gRPC channel or HTTP session) and leaves the parent's alone; parent and child never share a socket.
 
+    The connection is made at the first request, or beforehand with ``connect()`` (``ready_to_send()`` says
+    whether it is made): a health check that learns the wire form and whether pings are permitted, the round
+    trip timed, and a connection with pings fitted to it for a ``teachers.serve`` (about 4 round trips once).
+
     Variable-length feeds and fetches (LoD or padded, see ``distill_reader.feeds``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
     lod_form="split")`` gives LoD/per-token fetches back as a list of per-sample arrays, ``"serving"`` as the
@@ -284,6 +288,13 @@ class TeacherClient:
         self._connect(keepalive=False)
         self._ours = None   # asked again on this connection (and pings turned on again for teachers.serve)
 
+    def _keepalive_undecided(self) -> bool:
+        """True while this client may still turn keepalive pings on (gRPC, pings wanted and not refused, none yet)
+        and does not know yet whether the server permits them or the round trip to fit them to."""
+        if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
+            return False
+        return self._ours is None or round_trip_of(self.endpoint) is None or bool(self._ours)
+
     def _use_keepalive_if_ours(self) -> None:
         """Turn keepalive pings on once the endpoint is known to be a teachers.serve (its ping policy permits
         them); other servers never get pings (their default policies answer GOAWAY too_many_pings)."""
@@ -296,6 +307,28 @@ class TeacherClient:
                 self._reconnect(keepalive=True)
 
     # -- public API ------------------------------------------------------------------------------------
+    def ready_to_send(self) -> bool:
+        """True when this process's connection is made: a request goes out at once (``connect`` has nothing to
+        do). Never blocks."""
+        if self._pid != os.getpid() or self._raw is None:
+            return False
+        return not self._keepalive_undecided()
+
+    def connect(self) -> None:
+        """Make this process's connection ready for requests now, as ``predict`` would first: the first health
+        check (the wire form; is it a teachers.serve?), with the round trip timed when unknown, and for a
+        teachers.serve a connection with keepalive pings fitted to that round trip. About 4 round trips once, then
+        nothing; each step has its own timeout (``FIRST_PROBE_TIMEOUT`` grown with the round trip, at most the
+        request timeout). A caller that times requests calls it first, so its latencies hold no connection's
+        making (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request).
+
+        Raises:
+            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving; TLS or credentials refused).
+        """
+        self._own_connection()
+        self._wire_is_raw()
+        self._use_keepalive_if_ours()
+
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split",
                 timing: Optional[dict] = None) -> dict[str, Any]:

@@ -63,8 +63,19 @@ from .prediction_stage import PredictionStage, Task, TaskResult
 from .routing.stage_rules import HEDGE_BURST, HedgeRule, OutageRule, ProbeRule, StallRule
 from .routing.window import RTT_PROBE_INTERVAL
 from .teacher_pool import TeacherPool
-from .worker_messages import Done, Failed, FailureKind, FromWorker, ProbeResult, Ready, WorkerDied, WorkerSettings
-from .workers import WorkerPool
+from .worker_messages import (
+    Connecting,
+    Done,
+    Failed,
+    FailureKind,
+    FromWorker,
+    ProbeResult,
+    Ready,
+    Sent,
+    WorkerDied,
+    WorkerSettings,
+)
+from .workers import WorkerPool, feed_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -107,21 +118,31 @@ class RemoteOptions(WorkerSettings):
 PROBE_HANDSHAKES = 3   # TCP handshakes timed at once per link probe of a usable teacher (the least is its round trip)
 MAX_LINK_PROBES = 4    # link probes out at once per teacher (each lasts up to its round trip + LINK_SLACK)
 SILENT_PROBES = 2      # link probes in a row with no handshake answered set a teacher aside (a black hole)
-COLD_WORKER_GRACE = 60.0   # seconds a request may wait for its worker process to start before its clock runs
+COLD_WORKER_GRACE = 60.0   # seconds a request may wait for its worker process to start, or for its worker's first
+# connection to its teacher, before its stall clock runs
 
 
 @dataclass
 class _Request:
-    """One request out. ``sent_at`` (``time.monotonic()``) starts its stall and hedge clocks: when it was handed
-    to a started worker, which sends it at once; one handed to a worker still starting (a cold worker: a fresh
-    interpreter importing gRPC, seconds on a loaded machine) gets its clock started when that worker reports
-    ready, or after ``COLD_WORKER_GRACE`` seconds if it never does, so the wait is not counted as the teacher's."""
+    """One request out. ``sent_at`` (``time.monotonic()``) starts its hedge clock and ``stall_from`` its stall
+    clock: when it was handed to a started worker, which sends it at once; one handed to a worker still starting
+    (a cold worker: a fresh interpreter importing gRPC, seconds on a loaded machine) gets both started when that
+    worker reports ready, or after ``COLD_WORKER_GRACE`` seconds if it never does, so the wait is not counted as
+    the teacher's. A worker that must first make its connection to the teacher (``Connecting``: a health check
+    that learns the wire form, the round trip, a connection with pings; ~4 round trips, 6 s 1.5 s away) has the
+    stall clock wait until it says the request is sent (``Sent``): that connection has timeouts of its own
+    (``TeacherClient.connect``), and the hedge clock runs on, as another teacher may answer sooner."""
     request_id: int
     task_id: int
     endpoint: str
     sent_at: float
     hedge: bool = False
     stalled: bool = False
+    nbytes: int = 0        # its feeds' bytes (the stall clock of a far teacher allows TCP's slow start to send them)
+    stall_from: float = 0.0   # when its stall clock starts (``time.monotonic()``; 0: ``sent_at``)
+
+    def __post_init__(self) -> None:
+        self.stall_from = self.stall_from or self.sent_at
 
 
 @dataclass
@@ -219,6 +240,8 @@ class RemoteStage(PredictionStage):
             for worker, message in self.workers.receive(timeout=0.0 if self._results else max(0.0, wake - now)):
                 if isinstance(message, Ready):
                     self._worker_ready(worker)
+                elif isinstance(message, (Connecting, Sent)):
+                    self._connection_news(message)
                 else:
                     self._handle(message)
             self._check_stalls()
@@ -255,13 +278,24 @@ class RemoteStage(PredictionStage):
         """Seconds the head task may be out (at ``endpoint``) before it is hedged (``HedgeRule``)."""
         return self.hedge_rule.delay(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
-    def stall_timeout(self, endpoint: Optional[str] = None) -> float:
+    def stall_timeout(self, endpoint: Optional[str] = None, bytes_out: Optional[int] = None) -> float:
         """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``: its
-        round trip and the spread of its latencies allowed)."""
+        round trip, the bytes of its requests out and the spread of its latencies allowed). ``bytes_out``: those
+        bytes when the caller has them (``_bytes_out``)."""
         if endpoint is None:
             return self.stall_rule.timeout(self.latencies)
+        if bytes_out is None:
+            bytes_out = self._bytes_out().get(endpoint, 0)
         return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint),
-                                       self.pool.latency_spread(endpoint))
+                                       self.pool.latency_spread(endpoint), bytes_out)
+
+    def _bytes_out(self) -> dict[str, int]:
+        """endpoint -> the feed bytes of its requests out (those not given up as stalled)."""
+        out: dict[str, int] = {}
+        for r in self._requests.values():
+            if not r.stalled:
+                out[r.endpoint] = out.get(r.endpoint, 0) + r.nbytes
+        return out
 
     # -- queueing and sending -----------------------------------------------------------------------------
     @staticmethod
@@ -354,7 +388,8 @@ class RemoteStage(PredictionStage):
             heapq.heappush(self._waiting, entry)
 
     def _send(self, state: _TaskState, endpoint: str, hedge: bool) -> None:
-        request = _Request(next(self._ids), state.task.task_id, endpoint, time.monotonic(), hedge=hedge)
+        request = _Request(next(self._ids), state.task.task_id, endpoint, time.monotonic(), hedge=hedge,
+                           nbytes=feed_nbytes(state.task.feeds))
         if not hedge:
             state.queued = False
         state.live.add(request.request_id)
@@ -364,8 +399,9 @@ class RemoteStage(PredictionStage):
         self.counts["requests"] += 1
         self.counts["hedges"] += hedge
         worker = self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size)
-        if not getattr(worker, "ready", True):   # a cold worker: the clock starts when it is ready (_worker_ready)
+        if not getattr(worker, "ready", True):   # a cold worker: the clocks start when it is ready (_worker_ready)
             request.sent_at += COLD_WORKER_GRACE
+            request.stall_from = request.sent_at
 
     def _worker_ready(self, worker: Any) -> None:
         """A worker finished starting: the requests waiting in it are sent now, their clocks start now."""
@@ -373,7 +409,15 @@ class RemoteStage(PredictionStage):
         for request_id in worker.outstanding:
             request = self._requests.get(request_id) or self._orphans.get(request_id)
             if request is not None:
-                request.sent_at = min(request.sent_at, now)
+                request.sent_at, request.stall_from = min(request.sent_at, now), min(request.stall_from, now)
+
+    def _connection_news(self, message: Union[Connecting, Sent]) -> None:
+        """A worker is making its connection for a request (its stall clock waits, at most ``COLD_WORKER_GRACE``)
+        or has sent it on the connection made (its stall clock starts now)."""
+        request = self._requests.get(message.request_id) or self._orphans.get(message.request_id)
+        if request is not None:
+            now = time.monotonic()
+            request.stall_from = now + COLD_WORKER_GRACE if isinstance(message, Connecting) else now
 
     def _probe_round_trips(self, now: float) -> None:
         """While tasks are out: each usable teacher's link probed every ``RTT_PROBE_INTERVAL`` with
@@ -434,8 +478,9 @@ class RemoteStage(PredictionStage):
         oldest: dict[str, float] = {}
         for r in self._requests.values():
             if not r.stalled:
-                oldest[r.endpoint] = min(r.sent_at, oldest.get(r.endpoint, r.sent_at))
-        times += [sent + self.stall_timeout(endpoint) for endpoint, sent in oldest.items()]
+                oldest[r.endpoint] = min(r.stall_from, oldest.get(r.endpoint, r.stall_from))
+        bytes_out = self._bytes_out()
+        times += [sent + self.stall_timeout(endpoint, bytes_out[endpoint]) for endpoint, sent in oldest.items()]
         head = self._head()
         if head is not None and head.live and not head.hedges:
             first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
@@ -586,12 +631,12 @@ class RemoteStage(PredictionStage):
     def _check_stalls(self) -> None:
         """A teacher with a request out longer than ``stall_timeout``: set aside, all its tasks re-issued."""
         now = time.monotonic()
-        limits = {e: self.stall_timeout(e) for e in {r.endpoint for r in self._requests.values()}}
+        limits = {e: self.stall_timeout(e, n) for e, n in self._bytes_out().items()}
         stalled = {r.endpoint for r in self._requests.values()
-                   if not r.stalled and now - r.sent_at > limits[r.endpoint]}
+                   if not r.stalled and now - r.stall_from > limits[r.endpoint]}
         for endpoint in stalled:
             limit = limits[endpoint]
-            age = now - min(r.sent_at for r in self._requests.values() if r.endpoint == endpoint and not r.stalled)
+            age = now - min(r.stall_from for r in self._requests.values() if r.endpoint == endpoint and not r.stalled)
             logger.warning("teacher %s: no answer for %.1fs (stall timeout %.2fs); set aside, its request(s) "
                            "re-issued elsewhere", endpoint, age, limit)
             self._give_up_on(endpoint, f"requests stalled: no answer for {age:.1f}s")

@@ -22,6 +22,9 @@ Worker -> student:
 
 =================  ===========================================================================================
 ``Ready``          started (after ``Init``): requests sent to it go out at once from now on
+``Connecting``     a request waits while the worker makes its connection to the teacher (its first health
+                   check: wire form, round trip, pings), which has timeouts of its own
+``Sent``           ... and that connection is made: the request goes out now
 ``Done``           a request's answer (``outputs``: fetch name -> array), its latency in seconds and the
                    teacher's own time for it (Paddle Serving's ``profile_time``; None when the teacher sent none)
 ``Failed``         a request's failure: a ``FailureKind``, the message, and for ``ERROR`` the ``WorkerException``
@@ -254,11 +257,21 @@ class Ready:
 
 
 @_message
+class Connecting:
+    request_id: int
+
+
+@_message
+class Sent:
+    request_id: int
+
+
+@_message
 class Done:
     request_id: int
     endpoint: str
     outputs: dict[str, Any]   # fetch name -> array (or list of per-sample arrays)
-    latency: float            # seconds from the worker taking the request to the answer
+    latency: float            # seconds from the worker sending the request (its connection made) to the answer
     server_time: Optional[float] = None   # seconds of that at the teacher by its own clock (None: not told)
 
 
@@ -285,7 +298,7 @@ class Crashed:
     error: WorkerException
 
 
-FromWorker = Union[Ready, Done, Failed, ProbeResult, Crashed]
+FromWorker = Union[Ready, Connecting, Sent, Done, Failed, ProbeResult, Crashed]
 
 
 @_message

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from .memfd import recv_fd, view
 from .worker_messages import (
+    Connecting,
     Crashed,
     Done,
     Failed,
@@ -38,6 +39,7 @@ from .worker_messages import (
     Probe,
     ProbeResult,
     Ready,
+    Sent,
     SharedArray,
     Stop,
     Task,
@@ -124,11 +126,19 @@ class Worker:
                 for name, value in payload.items()}
 
     def run_task(self, task: Task) -> None:
-        start = time.monotonic()
+        """Send one request and report its answer (``Done``, the latency from sending) or failure (``Failed``);
+        a client that must first make its connection says so (``Connecting``, then ``Sent``), so that its round
+        trips are not counted as the request's."""
         timing: dict = {}
         try:
-            outputs = self.client(task.endpoint).predict(self.feeds_of(task.feeds), fetch=self.fetch,
-                                                          batch_size=task.size, timing=timing)
+            client = self.client(task.endpoint)
+            if not client.ready_to_send():
+                self.send(Connecting(task.request_id))
+                client.connect()
+                self.send(Sent(task.request_id))
+            start = time.monotonic()
+            outputs = client.predict(self.feeds_of(task.feeds), fetch=self.fetch, batch_size=task.size,
+                                     timing=timing)
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised in the student
             kind = next((kind for cls, kind in self._kinds if isinstance(exc, cls)), FailureKind.ERROR)
             error = WorkerException.capture(exc, f"teacher {task.endpoint}") if kind is FailureKind.ERROR else None

@@ -82,6 +82,11 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 SHARED_MEMORY_THRESHOLD = 1 << 20   # tasks with at least this many feed bytes travel in shared memory
+
+
+def feed_nbytes(feeds: dict) -> int:
+    """The bytes of a task's feeds (name -> array), as they travel to a worker and, about, to the teacher."""
+    return sum(np.asarray(a).nbytes for a in feeds.values())
 KILL_GRACE = 1.0                    # seconds between SIGTERM and SIGKILL
 
 
@@ -181,7 +186,7 @@ class WorkerPool:
         Feeds of ``SHARED_MEMORY_THRESHOLD`` bytes or more are copied once into a shared memory block of that
         worker (reused when the task is answered) instead of being pickled through the socket.
         """
-        nbytes = sum(np.asarray(a).nbytes for a in feeds.values())
+        nbytes = feed_nbytes(feeds)
         while True:
             worker = self._least_loaded()
             try:

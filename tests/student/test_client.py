@@ -198,6 +198,28 @@ def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
         assert client.keepalive_active is False
 
 
+@pytest.mark.parametrize("server", ["ours", "typed"])
+def test_connect_makes_the_connection_a_request_would_and_ready_to_send_says_when_it_is_made(
+        request, teacher_model, teacher_server, server):
+    """``connect()`` does before a request what ``predict`` would do first (the first health check; pings for a
+    teachers.serve), so that a caller timing requests (the reader's workers) does not count it; afterwards
+    ``ready_to_send()`` is True and a request makes no new connection. A server without pings (typed, not ours)
+    is ready once its wire form is known."""
+    endpoint = teacher_server.endpoint if server == "ours" else request.getfixturevalue("typed_grpc_teacher")[1]
+    with TeacherClient(endpoint, teacher_model.client_conf, keepalive_time=1.0) as client:
+        assert client.ready_to_send() is False
+        client.connect()
+        assert client.ready_to_send() is True
+        assert client.keepalive_active is (server == "ours")
+        channel = client._channel
+        images = mnist_like_images(3, seed=8)
+        np.testing.assert_allclose(client.predict({"img": images})["prediction"],
+                                   reference_predict(teacher_model.server_dir, images), atol=1e-5)
+        assert client._channel is channel and client.ready_to_send(), "no new connection for the request"
+        client.connect()
+        assert client._channel is channel, "a second connect() does nothing"
+
+
 def test_a_new_client_of_a_frozen_teacher_says_its_first_health_check_went_unanswered(teacher_model):
     """A frozen server's kernel still accepts the connection, so a new client's first health check (wire form,
     keepalive) is what times out: the error says so, instead of a bare "gRPC DEADLINE_EXCEEDED" that reads like a

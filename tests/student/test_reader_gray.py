@@ -250,6 +250,57 @@ def test_a_request_waiting_for_a_cold_worker_is_not_a_stall(teacher_model, teach
         stage.close()
 
 
+def _answer_of(stage: RemoteStage, task: Task, seconds: float = 60.0) -> list:
+    stage.submit(task)
+    results, deadline = [], time.monotonic() + seconds
+    while not results and time.monotonic() < deadline:
+        results = stage.poll(0.2)
+    return results
+
+
+def test_a_request_waiting_for_its_workers_first_connection_is_not_a_stall(teacher_model, teacher_server):
+    """Issue 25: a worker's first request to a teacher waits while the worker makes its connection (a health check
+    for the wire form and the round trip, then a connection with keepalive pings: ~4 round trips, 6 s to a teacher
+    1.5 s away), which has timeouts of its own; the stall clock counted that wait, and a teacher 1.5 s away was set
+    aside before its first request went out (bench_network_faults --far_from_start). Here the new teacher is
+    frozen (SIGSTOP) while the worker connects, for 2.5 s: more than the 1 s stall timeout, less than the first
+    health check's 5 s. The request is then sent and answered: no stall, the teacher never set aside, and its
+    latency is the request's alone (before the fix: a stall, the teacher set aside, 2.5 s more latency)."""
+    config = ServingConfig.load(teacher_model.client_conf)
+    with TeacherServer(teacher_model.server_dir) as second:
+        pool = TeacherPool([teacher_server.endpoint])
+        stage = RemoteStage(pool, config, ["prediction"],
+                            RemoteOptions(request_timeout=10.0, stall_min_timeout=1.0, num_workers=1))
+        images = mnist_like_images(4, seed=5)
+        try:
+            stage.begin_epoch(1)
+            for seq in range(4):   # latencies known: the stall timeout is its 1 s floor
+                assert len(_answer_of(stage, Task(next_task_id(), seq, 4 * seq, 4, {"img": images}))) == 1
+            assert stage.stall_timeout(second.endpoint) == pytest.approx(1.0)
+            pool.set_endpoints([second.endpoint])
+            task = Task(next_task_id(), 4, 16, 4, {"img": images})
+            os.kill(second.pid, signal.SIGSTOP)
+            try:
+                stage.submit(task)
+                frozen_until = time.monotonic() + 2.5
+                while time.monotonic() < frozen_until:
+                    assert stage.poll(0.2) == []
+                assert stage.counts["stalls"] == 0 and "set aside" not in pool.describe()
+            finally:
+                os.kill(second.pid, signal.SIGCONT)
+            results, deadline = [], time.monotonic() + 60
+            while not results and time.monotonic() < deadline:
+                results = stage.poll(0.2)
+            assert [r.task_id for r in results] == [task.task_id]
+            np.testing.assert_allclose(results[0].outputs["prediction"],
+                                       reference_predict(teacher_model.server_dir, images), rtol=1e-5, atol=1e-6)
+            assert stage.counts["stalls"] == 0 and stage.counts["requests"] == 5
+            assert "set aside" not in pool.describe()
+            assert stage.latencies.largest() < 2.0, "the connection's making is not the request's latency"
+        finally:
+            stage.close()
+
+
 def test_the_pipeline_checks_answers_the_client_let_through():
     """The stage's own answer check (a second line behind the client's): rows that are not the task's samples
     set the teacher aside and re-queue the task. A stand-in message replaces the worker (not under test)."""

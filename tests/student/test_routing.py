@@ -17,7 +17,7 @@ from distill_reader.prediction_stage import Task
 from distill_reader.remote_stage import RemoteOptions, RemoteStage
 from distill_reader.routing import RoutingPolicy, TeacherView
 from distill_reader.routing.peak_ewma import PeakEwmaPolicy
-from distill_reader.routing.stage_rules import HedgeRule, OutageRule, ProbeRule, StallRule
+from distill_reader.routing.stage_rules import HedgeRule, OutageRule, ProbeRule, StallRule, slow_start_rounds
 from distill_reader.routing.window import InFlightWindow
 from distill_reader.teacher_pool import TeacherPool
 
@@ -153,6 +153,22 @@ def test_the_stage_rules_give_the_numbers_the_stage_used():
     assert HedgeRule(budget=0.05).allowed(hedges=2, requests=10) and not HedgeRule().allowed(7, 100)
     assert OutageRule(60).deadline(None, 5.0, 3.0) == 63.0 and OutageRule(60).deadline(None) is None
     assert ProbeRule(2.0).probe_timeout(None) == 2.0 and ProbeRule(2.0).probe_timeout(1.5) == 6.0
+
+
+def test_a_far_teachers_stall_clock_allows_slow_start_to_send_what_it_has_out():
+    """A connection starts at TCP's initial window (10 segments, RFC 6928) and doubles it each round trip, when it
+    is new and again after an idle spell: 1.5 s away the first two 100 KB requests of a new connection took longer
+    than the 6.5 s that 3 round trips allowed (bench_network_faults --far_from_start: set aside twice, first answer
+    after 15 s). The stall clock now allows a round trip per doubling needed to send the bytes out; a near
+    teacher's clock does not change with them."""
+    window = LatencyWindow()
+    for latency in (0.02, 0.02, 0.02, 0.04):
+        window.add(latency)
+    assert [slow_start_rounds(n) for n in (0, 1, 14_600, 14_601, 200_000, 3_200_000)] == [0, 1, 1, 2, 4, 8]
+    assert StallRule().timeout(window, round_trip=1.5, bytes_out=200_000) == pytest.approx(2.0 + (3 + 4) * 1.5)
+    assert StallRule().timeout(window, round_trip=1.5) == 6.5, "nothing out: 3 round trips, as before"
+    assert StallRule().timeout(window, round_trip=0.005, bytes_out=10**8) == 2.0, "a near one: none"
+    assert StallRule(request_timeout=10.0).timeout(window, round_trip=1.5, bytes_out=10**8) == 10.0, "capped"
 
 
 def test_keepalive_and_connect_timeouts_follow_the_round_trip():
