@@ -86,7 +86,7 @@ class TeacherState:
     handshakes: deque = field(default_factory=lambda: deque(maxlen=RTT_HISTORY))    # ... each the least of this many
     window: int = 0                        # its in-flight window (0: the floor); moves once per round trip
     round_began: float = -1.0              # when its window's current round began (-1: none yet)
-    round_best: Optional[tuple] = None     # (latency, requests out when sent) of the round's quickest answer
+    round_best: Optional[tuple] = None     # the round's quickest answer: (latency, requests out, own time or None)
     far_window: int = 0                    # its latest stepped window over a far link (kept when the link changes)
     far_round_trip: float = 0.0            # ... and that link's round trip, s
     link_changed_at: float = -1.0          # when its round trip last changed much (older requests teach nothing)
@@ -280,7 +280,7 @@ class TeacherPool:
                 state.service_time = per_request if state.service_time is None else (
                     (1 - EWMA_WEIGHT) * state.service_time + EWMA_WEIGHT * per_request)
                 state.refreshed_at = now
-                self._step_window_locked(state, latency, sent_at, sent_with, now)
+                self._step_window_locked(state, latency, sent_at, sent_with, now, server_time)
             self._finish_locked(state)
             state.requests += 1
             state.samples += samples
@@ -570,7 +570,7 @@ class TeacherPool:
         return min(latency / max(1, outstanding, sent_with), own)
 
     def _step_window_locked(self, state: TeacherState, latency: float, sent_at: float, sent_with: int,
-                            now: float) -> None:
+                            now: float, server_time: Optional[float] = None) -> None:
         """One step of a far teacher's window per round trip, as TCP Vegas steps its window, to keep about
         ``floor`` requests at the teacher itself (one computing, one queued) and the rest on the link.
 
@@ -578,7 +578,9 @@ class TeacherPool:
         step: stepping on every answer, with the answers of a round trip ago as feedback, swung the window 2-12).
         From the round's quickest answer (latency ``L``, ``n`` requests out when it was sent; the least delay of
         the round, as Vegas takes its least RTT): requests at the teacher ``q = n x (L - transit) / L`` (Little's
-        law on the teacher's part of the latency; ``transit``: the link's part, ``_transit_locked``), its seconds
+        law on the teacher's part of the latency: ``L - transit``, ``transit`` the link's part, ``_transit_locked``;
+        or the answer's ``server_time`` when the teacher says: while a new connection ramps, its requests also wait
+        in the link's queue, which ``L - transit`` counted as the teacher's, holding the window), its seconds
         per request ``s = (L - transit) / max(1, q)``, and the target ``floor + transit / s`` (the bandwidth-delay
         product, routing.window). ``q`` under ``floor - 1/2``: the window grows to the target, by at least one (a
         quarter while ``n x (L - its quickest answer over the link) / L`` is under 1/2: nothing queues anywhere, the
@@ -594,16 +596,17 @@ class TeacherPool:
             state.round_began, state.round_best = now, None
             return
         if state.round_best is None or latency < state.round_best[0]:
-            state.round_best = (latency, sent_with)
+            state.round_best = (latency, sent_with, server_time)
         if sent_at < state.round_began:
             return   # an answer to a request sent before the last step: the round goes on
-        best, out = state.round_best
+        best, out, own = state.round_best
         state.round_began, state.round_best = now, None
         if best <= round_trip:
             return   # an answer quicker than the round trip: the link has become shorter (the probes will say)
         transit = self._transit_locked(state, round_trip)
-        at_teacher = out * max(0.0, best - transit) / best
-        per_request = max(best - transit, 1e-6) / max(1.0, at_teacher)
+        own = max(0.0, best - transit) if own is None else own
+        at_teacher = out * own / best
+        per_request = max(own, 1e-6) / max(1.0, at_teacher)
         target = self.window.floor + int(transit / per_request + 0.5)
         floor = self.window.floor
         if at_teacher < floor - 0.5:

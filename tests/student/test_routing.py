@@ -380,6 +380,48 @@ def test_a_far_teachers_window_grows_by_a_quarter_per_round_while_no_answer_wait
     assert answers["far:4"] >= 0.4 * near, answers
 
 
+def test_a_far_teachers_window_counts_its_own_time_not_the_links_queue_when_it_says(monkeypatch):
+    """While a new connection 1.5 s away ramps (TCP's startup), requests also wait in the link's queue: an answer
+    of 3 s where the link's transit is 1.55 s and the teacher's own time 50 ms. Read from latency less transit,
+    that wait was the teacher's queue (1.45 s at the teacher), so the window grew by one a round (8, 9, ...)
+    while the teacher idled (bench_network_faults --far_only --far_seconds 40: 0.16-0.39 of its ideal).
+    With the teacher's own time per answer (Paddle Serving's profile_time) the requests at the teacher are
+    counted from it: the window doubles each round toward the bandwidth-delay product (32), and shrinks to it only
+    when the teacher's own time shows a queue there."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["far:1"], per_teacher_in_flight=2)
+    pool.round_trip_measured("far:1", 1.5)
+
+    def round_of(sent: int, latency: float, own: float) -> int:
+        """``sent`` requests sent now, answered ``latency`` later, each ``own`` s of it at the teacher."""
+        for _ in range(sent):
+            pool.started("far:1")
+        clock[0] += latency
+        for _ in range(sent):
+            pool.succeeded("far:1", latency, 32, server_time=own)
+        clock[0] += 0.01
+        return pool.window_of("far:1")
+
+    assert round_of(2, 1.6, 0.05) == 4, "its first answers: twice the floor (the link's transit: 1.55 s)"
+    assert round_of(4, 3.0, 0.05) == 8
+    assert round_of(8, 3.0, 0.05) == 16
+    assert round_of(16, 3.0, 0.05) == 32
+    for _ in range(32):   # a full window, then half answered and sent again: the next ones go with 17-32 out
+        pool.started("far:1")
+    clock[0] += 3.0
+    for _ in range(16):
+        pool.succeeded("far:1", 3.0, 32, server_time=0.05)
+    for _ in range(16):
+        pool.started("far:1")
+    for _ in range(16):   # sent with 17-32 out, the round's quickest: 1.2 s each at the teacher
+        pool.succeeded("far:1", 2.9, 32, server_time=1.2)
+    clock[0] += 3.0
+    pool.succeeded("far:1", 2.9, 32, server_time=1.2)
+    at_teacher = 17 * 1.2 / 2.9   # Little's law on its own time: 7 requests there, 0.17 s each
+    assert pool.window_of("far:1") == 2 + round(1.55 / (1.2 / at_teacher)) == 11, "a queue there: the target"
+
+
 def test_a_far_teachers_estimate_holds_only_its_own_time_when_it_says(monkeypatch):
     """A new connection over a 1.5 s link took 15 s for its first 2 answers (TCP's handshake and startup): by
     latency / requests out, 7.5 s a request, so requests waited for the near teachers and it got 0.009 of its
