@@ -164,6 +164,8 @@ class Assigner:
         retry = retry_forever(self._stopping)
         self._lock = ContenderLock(self.session.client, self.paths.assigner_lock_path, self.identifier,
                                    self._stopping)
+        if self._stopping.is_set():   # stop() ran before this lock existed: it could not cancel it
+            raise StopReconciling
         try:
             if not retry(self._lock.acquire):             # False: its retry was ended by stopping
                 raise StopReconciling

@@ -6,13 +6,15 @@ not yet re-established every call fails at once, so a contender that waited out 
 (a ZooKeeper restarted or wiped on a loaded machine) then slept about as long again after its new session was
 up, before it looked at its predecessor: the service could go that long without an assigner (issue 25:
 takeover within 2 s). ``ContenderLock`` is the same recipe with discovery's retry policy
-(``discovery.session.retry_forever``): backoff to at most ``max_delay`` (0.5 s), jittered, ended by ``stopping``.
+(``discovery.session.retry_forever``): backoff to at most ``max_delay`` (0.5 s, +-40 % jitter), and a retry's wait
+ends with ``stopping``.
 
 Example::
 
     lock = ContenderLock(session.client, paths.assigner_lock_path, "host-42", stopping)
-    if lock.acquire():      # blocks until this contender leads (True), or stopping is set (False)
+    if lock.acquire():      # True: this contender leads; False: stopping ended a retry
         ...
+    lock.cancel()           # (another thread) ends a wait for the predecessor: acquire raises CancelledError
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ RECONTEND_MAX_DELAY = 0.5   # seconds: the longest a contender waits between two
 
 class ContenderLock(Lock):
     """kazoo's ``Lock`` (one ephemeral sequential contender node, each watching its predecessor) whose retries back
-    off to at most ``max_delay`` seconds and end once ``stopping`` is set: ``acquire()`` then removes its contender
-    node and returns False (kazoo's Lock returns False when its retry gives up)."""
+    off to at most ``max_delay`` seconds (times the jitter) and end once ``stopping`` is set: ``acquire()`` then
+    removes its contender node and returns False (kazoo's Lock returns False when its retry gives up). A wait for
+    the predecessor is not a retry: ``cancel()`` ends it (``CancelledError``), as ``Assigner.stop`` does."""
 
     def __init__(self, client: KazooClient, path: str, identifier: str, stopping: threading.Event,
                  max_delay: float = RECONTEND_MAX_DELAY):

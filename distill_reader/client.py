@@ -323,11 +323,18 @@ class TeacherClient:
         making (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request).
 
         Raises:
-            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving; TLS or credentials refused).
+            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving, or the connection with pings
+                not made within that timeout; TLS or credentials refused).
         """
         self._own_connection()
         self._wire_is_raw()
         self._use_keepalive_if_ours()
+        if self.protocol == "grpc":   # the channel with pings is a new connection: made now, not by the request
+            timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise TeacherUnavailable(self.endpoint, f"no connection within {timeout:.1f}s") from None
 
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split",

@@ -280,11 +280,14 @@ class RemoteStage(PredictionStage):
 
     def stall_timeout(self, endpoint: Optional[str] = None, bytes_out: Optional[int] = None) -> float:
         """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``: its
-        round trip, the bytes of its requests out and the spread of its latencies allowed). ``bytes_out``: those
-        bytes when the caller has them (``_bytes_out``)."""
+        round trip, the spread of its latencies and, while its connection may be cold (``TeacherPool.
+        connection_cold``), the bytes of its requests out allowed). ``bytes_out``: those bytes when the caller has
+        them (``_bytes_out``)."""
         if endpoint is None:
             return self.stall_rule.timeout(self.latencies)
-        if bytes_out is None:
+        if not self.pool.connection_cold(endpoint):
+            bytes_out = 0   # a connection in use sends from the window it has grown, not from slow start
+        elif bytes_out is None:
             bytes_out = self._bytes_out().get(endpoint, 0)
         return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint),
                                        self.pool.latency_spread(endpoint), bytes_out)
@@ -546,7 +549,8 @@ class RemoteStage(PredictionStage):
             if state is not None:
                 self._wrong_answer(state, request.endpoint, problem)
             return
-        self.pool.succeeded(request.endpoint, latency, len(next(iter(outputs.values()), ())), server_time)
+        self.pool.succeeded(request.endpoint, latency, len(next(iter(outputs.values()), ())), server_time,
+                            late=request.stalled)
         self.latencies.add(latency)
         if state is None:
             self.counts["late_answers"] += 1   # another request of the task answered first

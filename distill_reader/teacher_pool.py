@@ -64,6 +64,7 @@ SAMPLE_CLIP = 2.0          # one answer moves a near teacher's service time towa
 FAR_ANSWERS = 4            # a longer latest probe counts at once when this many latest answers took as long ...
 FAR_PROBE = 0.05           # ... and it is at least this long (s) and twice the measured round trip
 SPEED_SAMPLES = 32         # a far teacher's first window is its round trip over the median of this many s / request
+IDLE_RESTART = 1.0         # s: a connection without an answer this long more than its round trip may restart cold
 
 
 @dataclass
@@ -245,10 +246,13 @@ class TeacherPool:
                 state.started_at.append(now)
                 state.sent_with.append(state.outstanding)
 
-    def succeeded(self, endpoint: str, latency: float, samples: int, server_time: Optional[float] = None) -> None:
+    def succeeded(self, endpoint: str, latency: float, samples: int, server_time: Optional[float] = None,
+                  late: bool = False) -> None:
         """A request answered after ``latency`` seconds: counts, the speed estimate, and the failure streak.
         ``server_time``: the seconds of it at the teacher by its own clock (Paddle Serving's ``profile_time``), when
-        the teacher says: the rest is the link's, which a far teacher's estimates then leave out."""
+        the teacher says: the rest is the link's, which a far teacher's estimates then leave out. ``late``: an
+        answer to a request given up as stalled, left out of the latency spread (``latency_spread``), so that a
+        stall does not lengthen the teacher's next stall clock."""
         now = time.monotonic()
         with self._lock:
             state = self._state_locked(endpoint)
@@ -263,8 +267,9 @@ class TeacherPool:
                 far = self._far_locked(state)
                 measured = per_request = self._per_request_locked(latency, sent_with, state.outstanding, far,
                                                                   server_time)
-                state.spread.append(latency)
-                if len(state.spread) >= DELAY_MIN_SAMPLES:   # here, not on every read (routing, read_ahead)
+                if not late:
+                    state.spread.append(latency)
+                if not late and len(state.spread) >= DELAY_MIN_SAMPLES:   # here, not on every read (routing)
                     tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
                     state.spread_gap = float(tail - base)
                 state.least_latency = min(latency, state.least_latency or latency)
@@ -378,6 +383,20 @@ class TeacherPool:
             if state is None or not state.round_trips:
                 return None
             return max(self._round_trip_locked(state), state.round_trips[-1])
+
+    def connection_cold(self, endpoint: str) -> bool:
+        """True when its connection may be sending from TCP's initial window: no answer over its current link yet,
+        or none for ``IDLE_RESTART`` seconds plus its round trip (Linux restarts a connection idle longer than its
+        retransmission timeout from the initial window: tcp_slow_start_after_idle, RFC 2861). Unknown: False."""
+        now = time.monotonic()
+        with self._lock:
+            state = self._state_locked(endpoint)
+            if state is None:
+                return False
+            if not state.least_latency:
+                return True
+            round_trip = max(self._round_trip_locked(state) or 0.0, state.round_trips[-1] if state.round_trips else 0)
+            return now - state.refreshed_at > IDLE_RESTART + round_trip
 
     def latency_spread(self, endpoint: str) -> float:
         """How far its slow answers are from its usual ones over its current link: the ``DELAY_TAIL``-th less the

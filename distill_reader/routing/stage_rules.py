@@ -88,16 +88,17 @@ class StallRule:
         more than the 6.5 s that 3 round trips allowed, and the teacher was set aside twice before its first
         answer (issue 25). A teacher whose own latencies ``spread`` (seconds between its usual and its slow
         answers, ``TeacherPool.latency_spread``) gets ``factor`` spreads more, as TCP's retransmission timeout
-        allows four deviations (RFC 6298): behind a lossy link one answer in a few waits for retransmissions
-        (200 ms, then 400, 800 ... as the timeout doubles), and a chain of them passed the 2 s floor while the
-        teacher answered everything (issue 25)."""
+        allows four deviations (RFC 6298), at most doubling the clock: behind a lossy link one answer in a few
+        waits for retransmissions (200 ms, then 400, 800 ... as the timeout doubles), and a chain of them passed
+        the 2 s floor while the teacher answered everything (issue 25)."""
         ceiling = max(self.min_timeout, self.request_timeout)
         seen = latencies.largest()
         unknown = max(self.min_timeout, UNKNOWN_STALL_TIMEOUT, self.factor * seen if seen is not None else 0.0)
         base = latencies.scaled(99, self.factor, self.min_timeout, ceiling, unknown=min(ceiling, unknown))
         far = _far(round_trip)
         rounds = ROUND_TRIP_STALL_FACTOR + slow_start_rounds(bytes_out) if far else 0.0
-        return min(ceiling, base + rounds * far + self.factor * max(0.0, spread))
+        clock = base + rounds * far
+        return min(ceiling, clock + min(clock, self.factor * max(0.0, spread)))
 
 
 def slow_start_rounds(nbytes: int) -> int:

@@ -16,7 +16,7 @@ from distill_base.tensor_codec import decode_tensor, encode_tensor, is_raw
 from distill_reader import channel_options
 from distill_reader.client import TeacherAnswerError, TeacherClient, TeacherUnavailable
 from distill_reader.feeds import FeedError
-from tests.support.procs import free_port
+from tests.support.procs import free_port, wait_for
 from tests.support.teacher import mnist_like_images, reference_predict
 
 
@@ -211,7 +211,11 @@ def test_connect_makes_the_connection_a_request_would_and_ready_to_send_says_whe
         client.connect()
         assert client.ready_to_send() is True
         assert client.keepalive_active is (server == "ours")
-        channel = client._channel
+        channel, states = client._channel, []
+        channel.subscribe(states.append, try_to_connect=False)   # its state now, without asking it to connect
+        wait_for(lambda: states, 5, "the channel's state")
+        channel.unsubscribe(states.append)
+        assert states[0] is grpc.ChannelConnectivity.READY, "connected by connect(), not by the first request"
         images = mnist_like_images(3, seed=8)
         np.testing.assert_allclose(client.predict({"img": images})["prediction"],
                                    reference_predict(teacher_model.server_dir, images), atol=1e-5)

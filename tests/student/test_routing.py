@@ -169,6 +169,29 @@ def test_a_far_teachers_stall_clock_allows_slow_start_to_send_what_it_has_out():
     assert StallRule().timeout(window, round_trip=1.5) == 6.5, "nothing out: 3 round trips, as before"
     assert StallRule().timeout(window, round_trip=0.005, bytes_out=10**8) == 2.0, "a near one: none"
     assert StallRule(request_timeout=10.0).timeout(window, round_trip=1.5, bytes_out=10**8) == 10.0, "capped"
+    assert StallRule().timeout(window, spread=10.0) == 4.0, "a spread at most doubles the clock"
+
+
+def test_the_slow_start_allowance_holds_while_a_connection_may_be_cold(monkeypatch):
+    """A connection that carries answers has grown its window: the allowance for its bytes out applies only before
+    its first answer over the link, or after an idle spell of a second more than its round trip (Linux restarts such
+    a connection from the initial window), so a far teacher's clock in steady state stays 3 round trips."""
+    clock = [0.0]
+    monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
+    pool = TeacherPool(["far:1"])
+    pool.round_trip_measured("far:1", 1.5)
+    stage = RemoteStage(pool, ServingConfig(feeds=[], fetches=[]), ["prediction"], RemoteOptions())
+    for latency in (0.02, 0.02, 0.02, 0.04):
+        stage.latencies.add(latency)
+    assert pool.connection_cold("far:1")
+    assert stage.stall_timeout("far:1", bytes_out=200_000) == pytest.approx(2.0 + 7 * 1.5), "no answer yet: cold"
+    pool.started("far:1")
+    clock[0] = 1.6
+    pool.succeeded("far:1", 1.6, 32, server_time=0.05)
+    assert not pool.connection_cold("far:1")
+    assert stage.stall_timeout("far:1", bytes_out=200_000) == pytest.approx(6.5), "answering: its window is grown"
+    clock[0] = 1.6 + 1.5 + 1.0 + 0.1
+    assert pool.connection_cold("far:1"), "idle longer than its round trip and a second: it may restart cold"
 
 
 def test_keepalive_and_connect_timeouts_follow_the_round_trip():
