@@ -140,6 +140,7 @@ class _Request:
     stalled: bool = False
     nbytes: int = 0        # its feeds' bytes (the stall clock of a far teacher allows TCP's slow start to send them)
     stall_from: float = 0.0   # when its stall clock starts (``time.monotonic()``; 0: ``sent_at``)
+    new_connection: bool = False   # it went out on a connection its worker made for it (``Sent``)
 
     def __post_init__(self) -> None:
         self.stall_from = self.stall_from or self.sent_at
@@ -278,26 +279,28 @@ class RemoteStage(PredictionStage):
         """Seconds the head task may be out (at ``endpoint``) before it is hedged (``HedgeRule``)."""
         return self.hedge_rule.delay(self.latencies, self.pool.round_trip(endpoint) if endpoint else None)
 
-    def stall_timeout(self, endpoint: Optional[str] = None, bytes_out: Optional[int] = None) -> float:
+    def stall_timeout(self, endpoint: Optional[str] = None, out: Optional[tuple[int, bool]] = None) -> float:
         """Seconds without an answer after which a teacher (``endpoint``) counts as stalled (``StallRule``: its
-        round trip, the spread of its latencies and, while its connection may be cold (``TeacherPool.
-        connection_cold``), the bytes of its requests out allowed). ``bytes_out``: those bytes when the caller has
-        them (``_bytes_out``)."""
+        round trip, the spread of its latencies and, while a connection to it may be cold, the bytes of its
+        requests out allowed: one went out on a connection its worker has just made (``Sent``), or the teacher
+        has not answered lately (``TeacherPool.connection_cold``)). ``out``: (those bytes, whether one went out on
+        a new connection) when the caller has them (``_requests_out``)."""
         if endpoint is None:
             return self.stall_rule.timeout(self.latencies)
-        if not self.pool.connection_cold(endpoint):
-            bytes_out = 0   # a connection in use sends from the window it has grown, not from slow start
-        elif bytes_out is None:
-            bytes_out = self._bytes_out().get(endpoint, 0)
+        bytes_out, fresh = out if out is not None else self._requests_out().get(endpoint, (0, False))
+        if not fresh and not self.pool.connection_cold(endpoint):
+            bytes_out = 0   # connections in use send from the windows they have grown, not from slow start
         return self.stall_rule.timeout(self.latencies, self.pool.stall_round_trip(endpoint),
                                        self.pool.latency_spread(endpoint), bytes_out)
 
-    def _bytes_out(self) -> dict[str, int]:
-        """endpoint -> the feed bytes of its requests out (those not given up as stalled)."""
-        out: dict[str, int] = {}
+    def _requests_out(self) -> dict[str, tuple[int, bool]]:
+        """endpoint -> (the feed bytes of its requests out, whether one of them went out on a connection made for
+        it), of the requests not given up as stalled."""
+        out: dict[str, tuple[int, bool]] = {}
         for r in self._requests.values():
             if not r.stalled:
-                out[r.endpoint] = out.get(r.endpoint, 0) + r.nbytes
+                nbytes, fresh = out.get(r.endpoint, (0, False))
+                out[r.endpoint] = (nbytes + r.nbytes, fresh or r.new_connection)
         return out
 
     # -- queueing and sending -----------------------------------------------------------------------------
@@ -421,6 +424,7 @@ class RemoteStage(PredictionStage):
         if request is not None:
             now = time.monotonic()
             request.stall_from = now + COLD_WORKER_GRACE if isinstance(message, Connecting) else now
+            request.new_connection = isinstance(message, Sent)
 
     def _probe_round_trips(self, now: float) -> None:
         """While tasks are out: each usable teacher's link probed every ``RTT_PROBE_INTERVAL`` with
@@ -482,8 +486,8 @@ class RemoteStage(PredictionStage):
         for r in self._requests.values():
             if not r.stalled:
                 oldest[r.endpoint] = min(r.stall_from, oldest.get(r.endpoint, r.stall_from))
-        bytes_out = self._bytes_out()
-        times += [sent + self.stall_timeout(endpoint, bytes_out[endpoint]) for endpoint, sent in oldest.items()]
+        out = self._requests_out()
+        times += [sent + self.stall_timeout(endpoint, out[endpoint]) for endpoint, sent in oldest.items()]
         head = self._head()
         if head is not None and head.live and not head.hedges:
             first = min((self._requests[r] for r in head.live), key=lambda r: r.sent_at)
@@ -635,7 +639,7 @@ class RemoteStage(PredictionStage):
     def _check_stalls(self) -> None:
         """A teacher with a request out longer than ``stall_timeout``: set aside, all its tasks re-issued."""
         now = time.monotonic()
-        limits = {e: self.stall_timeout(e, n) for e, n in self._bytes_out().items()}
+        limits = {e: self.stall_timeout(e, out) for e, out in self._requests_out().items()}
         stalled = {r.endpoint for r in self._requests.values()
                    if not r.stalled and now - r.stall_from > limits[r.endpoint]}
         for endpoint in stalled:

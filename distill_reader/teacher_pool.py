@@ -97,6 +97,7 @@ class TeacherState:
     per_request: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))  # latest s / request samples
     spread: deque = field(default_factory=lambda: deque(maxlen=DELAY_SAMPLES))   # latest answers' latency, s
     spread_gap: float = 0.0                # their DELAY_TAIL-th less DELAY_BASE-th percentile, s (on each answer)
+    spread_top: float = 0.0                # ... and their largest less that DELAY_BASE-th percentile, s
     speed: deque = field(default_factory=lambda: deque(maxlen=SPEED_SAMPLES))   # s / request, kept across links
     # per-epoch statistics
     requests: int = 0
@@ -270,8 +271,8 @@ class TeacherPool:
                 if not late:
                     state.spread.append(latency)
                 if not late and len(state.spread) >= DELAY_MIN_SAMPLES:   # here, not on every read (routing)
-                    tail, base = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE])
-                    state.spread_gap = float(tail - base)
+                    tail, base, top = np.percentile(np.fromiter(state.spread, float), [DELAY_TAIL, DELAY_BASE, 100])
+                    state.spread_gap, state.spread_top = float(tail - base), float(top - base)
                 state.least_latency = min(latency, state.least_latency or latency)
                 if server_time is not None:
                     transit = latency - server_time
@@ -349,7 +350,7 @@ class TeacherPool:
                 state.latencies.clear()
                 state.per_request.clear()
                 state.spread.clear()
-                state.spread_gap = 0.0
+                state.spread_gap = state.spread_top = 0.0
                 state.service_time = None
                 state.window = 0
                 state.least_latency = state.least_transit = 0.0
@@ -399,12 +400,15 @@ class TeacherPool:
             return now - state.refreshed_at > IDLE_RESTART + round_trip
 
     def latency_spread(self, endpoint: str) -> float:
-        """How far its slow answers are from its usual ones over its current link: the ``DELAY_TAIL``-th less the
-        ``DELAY_BASE``-th percentile of its latest ``DELAY_SAMPLES`` latencies, in seconds (0 before
-        ``DELAY_MIN_SAMPLES`` answers, or for a teacher not in the pool). Its stall clock allows it."""
+        """How far its slowest answer is from its usual ones over its current link: the largest less the
+        ``DELAY_BASE``-th percentile of its latest ``DELAY_SAMPLES`` latencies (answers to requests given up as
+        stalled left out), in seconds (0 before ``DELAY_MIN_SAMPLES`` answers, or for a teacher not in the pool).
+        Its stall clock allows it: the largest, not a percentile, so that the first retransmission timeouts of a
+        link that has just become lossy count at once, before the chains of them that outlast the 2 s floor
+        (in one bench run of 4 such a chain came before the tail's 90th percentile moved)."""
         with self._lock:
             state = self._state_locked(endpoint)
-            return state.spread_gap if state is not None else 0.0
+            return state.spread_top if state is not None else 0.0
 
     def window_of(self, endpoint: str) -> int:
         """How many requests ``endpoint`` may have out now (its in-flight window)."""

@@ -193,8 +193,9 @@ def test_the_stall_clock_of_a_lossy_teacher_allows_the_spread_of_its_answers(clo
     """Behind a lossy link one answer in four waits an RTO (250 ms here), and a chain of retransmissions (200,
     400, 800 ms ...) can keep one answer past the 2 s stall floor while the teacher answers everything: in one CI
     run test_a_teacher_behind_30_percent_loss_keeps_most_of_its_share saw its lossy teacher set aside as stalled.
-    Its stall clock now allows 4 spreads of its own latencies (its 90th less its 10th percentile); a near
-    teacher whose answers do not spread keeps the floor, and every request's latencies set the percentiles."""
+    Its stall clock now allows 4 spreads of its own latencies (its slowest less its 10th percentile answer, so the
+    first RTOs of a link that has just become lossy count at once), at most doubling the clock; a near teacher
+    whose answers do not spread keeps the floor, and every request's latencies set the percentiles."""
     pool = TeacherPool(["lossy:1", "near:1"], per_teacher_in_flight=2)
     _answers(pool, "lossy:1", [0.1 + (0.25 if i % 4 == 3 else 0.0) for i in range(40)], clock)
     _answers(pool, "near:1", [0.09 if i % 2 else 0.1 for i in range(40)], clock)
@@ -206,6 +207,9 @@ def test_the_stall_clock_of_a_lossy_teacher_allows_the_spread_of_its_answers(clo
     assert stage.stall_timeout("lossy:1") == pytest.approx(2.0 + 4 * 0.25), "the lossy teacher: 4 spreads more"
     assert stage.stall_timeout("near:1") == pytest.approx(2.0 + 4 * 0.01), "a near teacher: its 10 ms spread"
     assert stage.stall_timeout("gone:1") == 2.0, "a teacher the pool does not know: none"
+    pool.set_endpoints(["lossy:1", "near:1", "onset:1"])
+    _answers(pool, "onset:1", [0.1] * 31 + [0.3], clock)
+    assert stage.stall_timeout("onset:1") == pytest.approx(2.0 + 4 * 0.2), "its first RTO counts at once"
     for _ in range(8):   # late answers to requests given up as stalled do not lengthen the next stall clock
         pool.started("near:1")
         pool.succeeded("near:1", 5.0, 32, late=True)

@@ -174,8 +174,10 @@ def test_a_far_teachers_stall_clock_allows_slow_start_to_send_what_it_has_out():
 
 def test_the_slow_start_allowance_holds_while_a_connection_may_be_cold(monkeypatch):
     """A connection that carries answers has grown its window: the allowance for its bytes out applies only before
-    its first answer over the link, or after an idle spell of a second more than its round trip (Linux restarts such
-    a connection from the initial window), so a far teacher's clock in steady state stays 3 round trips."""
+    its first answer over the link, after an idle spell of a second more than its round trip (Linux restarts such a
+    connection from the initial window), or while a request is out on a connection a worker has just made to it
+    (each worker has its own: a far teacher answering one worker was set aside when a second worker's first
+    requests took their slow start), so a far teacher's clock in steady state stays 3 round trips."""
     clock = [0.0]
     monkeypatch.setattr(teacher_pool.time, "monotonic", lambda: clock[0])
     pool = TeacherPool(["far:1"])
@@ -184,12 +186,14 @@ def test_the_slow_start_allowance_holds_while_a_connection_may_be_cold(monkeypat
     for latency in (0.02, 0.02, 0.02, 0.04):
         stage.latencies.add(latency)
     assert pool.connection_cold("far:1")
-    assert stage.stall_timeout("far:1", bytes_out=200_000) == pytest.approx(2.0 + 7 * 1.5), "no answer yet: cold"
+    assert stage.stall_timeout("far:1", out=(200_000, False)) == pytest.approx(2.0 + 7 * 1.5), "no answer: cold"
     pool.started("far:1")
     clock[0] = 1.6
     pool.succeeded("far:1", 1.6, 32, server_time=0.05)
     assert not pool.connection_cold("far:1")
-    assert stage.stall_timeout("far:1", bytes_out=200_000) == pytest.approx(6.5), "answering: its window is grown"
+    assert stage.stall_timeout("far:1", out=(200_000, False)) == pytest.approx(6.5), "answering: a grown window"
+    assert stage.stall_timeout("far:1", out=(200_000, True)) == pytest.approx(2.0 + 7 * 1.5), \
+        "but a request out on a connection another worker has just made to it starts that one's slow start"
     clock[0] = 1.6 + 1.5 + 1.0 + 0.1
     assert pool.connection_cold("far:1"), "idle longer than its round trip and a second: it may restart cold"
 
