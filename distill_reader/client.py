@@ -323,18 +323,18 @@ class TeacherClient:
         making (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request).
 
         Raises:
-            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving, or the connection with pings
-                not made within that timeout; TLS or credentials refused).
+            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving, also on the connection with
+                pings; TLS or credentials refused).
         """
         self._own_connection()
         self._wire_is_raw()
+        probed = self._channel
         self._use_keepalive_if_ours()
-        if self.protocol == "grpc":   # the channel with pings is a new connection: made now, not by the request
+        if self._channel is not probed:   # the channel with pings is a new connection: made now by a health check
+            # (not grpc.channel_ready_future: its polling thread raises in the background when the channel closes)
             timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
-            try:
-                grpc.channel_ready_future(self._channel).result(timeout=timeout)
-            except grpc.FutureTimeoutError:
-                raise TeacherUnavailable(self.endpoint, f"no connection within {timeout:.1f}s") from None
+            if self._probe(timeout, first=True) is None:
+                raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
 
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split",

@@ -279,6 +279,9 @@ def test_large_requests_travel_in_shared_memory(teacher_model, two_teachers):
             np.testing.assert_allclose(np.concatenate([b[2] for b in out]), ref, rtol=1e-5, atol=1e-6)
         handles = dr._resources.remote_stage().workers.workers
         buffers = [b for w in handles for b in w.buffers.values()]
-        assert buffers and len(buffers) <= 4 and all(b.task_id is None for b in buffers)
+        # free, or held by a request still out (a hedge's slower copy may outlive its epoch: its buffer is
+        # released when it ends; seen once in CI under load), never by a request that has ended
+        assert buffers and len(buffers) <= 4, len(buffers)
+        assert all(b.task_id is None or b.task_id in w.outstanding for w in handles for b in w.buffers.values())
     finally:
         dr.close()
