@@ -143,7 +143,8 @@ class TeacherClient:
 
     The connection is made at the first request, or beforehand with ``connect()`` (``ready_to_send()`` says
     whether it is made): a health check that learns the wire form and whether pings are permitted, the round
-    trip timed, and a connection with pings fitted to it for a ``teachers.serve`` (about 4 round trips once).
+    trip timed, and a channel with pings fitted to it for a ``teachers.serve``, whose connection the first
+    request makes (about 4 round trips once).
 
     Variable-length feeds and fetches (LoD or padded, see ``distill_reader.feeds``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
@@ -319,22 +320,18 @@ class TeacherClient:
         check (the wire form; is it a teachers.serve?), with the round trip timed when unknown, and for a
         teachers.serve a connection with keepalive pings fitted to that round trip. About 4 round trips once, then
         nothing; each step has its own timeout (``FIRST_PROBE_TIMEOUT`` grown with the round trip, at most the
-        request timeout). A caller that times requests calls it first, so its latencies hold no connection's
-        making (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request).
+        request timeout). A caller that times requests calls it first, so its latencies hold no health check
+        (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request). The connection with
+        pings itself is made by the first request, its TCP and HTTP/2 handshakes in that request's time: a
+        health check on it first timed out at 6 s behind the cold connection's first requests 1.5 s away, and
+        ``grpc.channel_ready_future`` leaves a thread that raises when the channel closes soon after.
 
         Raises:
-            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving, also on the connection with
-                pings; TLS or credentials refused).
+            TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving; TLS or credentials refused).
         """
         self._own_connection()
         self._wire_is_raw()
-        probed = self._channel
         self._use_keepalive_if_ours()
-        if self._channel is not probed:   # the channel with pings is a new connection: made now by a health check
-            # (not grpc.channel_ready_future: its polling thread raises in the background when the channel closes)
-            timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
-            if self._probe(timeout, first=True) is None:
-                raise TeacherUnavailable(self.endpoint, "health check answers NOT_SERVING")
 
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split",
