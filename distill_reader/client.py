@@ -299,7 +299,7 @@ class TeacherClient:
     def _use_keepalive_if_ours(self) -> None:
         """Turn keepalive pings on once the endpoint is known to be a teachers.serve (its ping policy permits
         them); other servers never get pings (their default policies answer GOAWAY too_many_pings)."""
-        if self.protocol != "grpc" or self.keepalive_time <= 0 or self._pings_refused or self._channel_keepalive:
+        if not self._keepalive_undecided():
             return
         if self._ours is None or round_trip_of(self.endpoint) is None:
             self._first_probe()
@@ -318,7 +318,7 @@ class TeacherClient:
     def connect(self) -> None:
         """Make this process's connection ready for requests now, as ``predict`` would first: the first health
         check (the wire form; is it a teachers.serve?), with the round trip timed when unknown, and for a
-        teachers.serve a connection with keepalive pings fitted to that round trip. About 4 round trips once, then
+        teachers.serve a channel with keepalive pings fitted to that round trip. About 3 round trips once, then
         nothing; each step has its own timeout (``FIRST_PROBE_TIMEOUT`` grown with the round trip, at most the
         request timeout). A caller that times requests calls it first, so its latencies hold no health check
         (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request). The connection with

@@ -404,7 +404,8 @@ class RemoteStage(PredictionStage):
         self.pool.started(endpoint)
         self.counts["requests"] += 1
         self.counts["hedges"] += hedge
-        worker = self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size)
+        worker = self.workers.send_task(request.request_id, endpoint, state.task.feeds, state.task.size,
+                                        request.nbytes)
         if not getattr(worker, "ready", True):   # a cold worker: the clocks start when it is ready (_worker_ready)
             request.sent_at += COLD_WORKER_GRACE
             request.stall_from = request.sent_at

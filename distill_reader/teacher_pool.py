@@ -381,9 +381,7 @@ class TeacherPool:
         It also times a link probe's handshakes (``RemoteStage.link_silence_limit``): a black hole answers none."""
         with self._lock:
             state = self._state_locked(endpoint)
-            if state is None or not state.round_trips:
-                return None
-            return max(self._round_trip_locked(state), state.round_trips[-1])
+            return None if state is None else self._stall_round_trip_locked(state)
 
     def connection_cold(self, endpoint: str) -> bool:
         """True when its connection may be sending from TCP's initial window: no answer over its current link yet,
@@ -396,8 +394,7 @@ class TeacherPool:
                 return False
             if not state.least_latency:
                 return True
-            round_trip = max(self._round_trip_locked(state) or 0.0, state.round_trips[-1] if state.round_trips else 0)
-            return now - state.refreshed_at > IDLE_RESTART + round_trip
+            return now - state.refreshed_at > IDLE_RESTART + (self._stall_round_trip_locked(state) or 0.0)
 
     def latency_spread(self, endpoint: str) -> float:
         """How far its slowest answer is from its usual ones over its current link: the largest less the
@@ -564,6 +561,12 @@ class TeacherPool:
             state.next_probe_at = now + delay
             logger.warning("teacher %s set aside (%s); health probe in %.2fs", endpoint, reason, delay)
         self._update_down_locked(now)
+
+    def _stall_round_trip_locked(self, state: TeacherState) -> Optional[float]:
+        """``stall_round_trip`` of ``state``: the measured round trip, or the latest probe's when longer."""
+        if not state.round_trips:
+            return None
+        return max(self._round_trip_locked(state), state.round_trips[-1])
 
     @staticmethod
     def _round_trip_locked(state: TeacherState) -> Optional[float]:

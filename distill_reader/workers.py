@@ -180,13 +180,15 @@ class WorkerPool:
             raise WorkerError("no worker process is running")
         return min(live, key=lambda w: len(w.outstanding) + len(w.probes))
 
-    def send_task(self, task_id: int, endpoint: str, feeds: dict, size: int) -> WorkerHandle:
+    def send_task(self, task_id: int, endpoint: str, feeds: dict, size: int,
+                  nbytes: Optional[int] = None) -> WorkerHandle:
         """Give a task to the least loaded worker; returns it (the task is then in its ``outstanding``).
 
         Feeds of ``SHARED_MEMORY_THRESHOLD`` bytes or more are copied once into a shared memory block of that
-        worker (reused when the task is answered) instead of being pickled through the socket.
+        worker (reused when the task is answered) instead of being pickled through the socket. ``nbytes``: the
+        feeds' bytes when the caller has counted them (``feed_nbytes``).
         """
-        nbytes = feed_nbytes(feeds)
+        nbytes = feed_nbytes(feeds) if nbytes is None else nbytes
         while True:
             worker = self._least_loaded()
             try:

@@ -356,7 +356,7 @@ class _Workers:
     def __init__(self):
         self.owner_pid, self.closed, self.sent = os.getpid(), False, []
 
-    def send_task(self, request_id, endpoint, feeds, size):
+    def send_task(self, request_id, endpoint, feeds, size, nbytes=None):
         self.sent.append(endpoint)
 
     def send_probe(self, *args):
