@@ -144,7 +144,7 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
     stop.set()
     thread.join()
     answered = requests.get(endpoint, 0)
-    per_second = np.diff([0] + [n for _, n in counts])
+    per_second = np.diff([0] + [n for _, n in counts])[:int(seconds)]   # (the epoch's end drains past its seconds)
     late = per_second[len(per_second) // 2:]
     plateau = float(late.mean()) if len(late) else 0.0
     running = np.convolve(per_second, np.ones(3) / 3, mode="valid") if len(per_second) >= 3 else per_second
@@ -156,7 +156,7 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
     rows.append((f"1.5 s round trip, {seconds:g} s", "its share within 20 %", rate / base, share,
                  answered / (ideal_rate * seconds), window, rtt, per_request))
     rows.append((f"same, after its {ramp} s ramp", "its share within 20 %", np.nan, np.nan,
-                 after / (ideal_rate * max(1e-9, seconds - ramp)), window, rtt, per_request))
+                 after / (ideal_rate * (seconds - ramp)) if ramp < seconds else np.nan, window, rtt, per_request))
     ss = subprocess.run(["ss", "-tin", "dst", address], capture_output=True, text=True, timeout=30).stdout
     cwnds = [part.split(":")[1] for part in ss.split() if part.startswith("cwnd:")]
     min_rtts = [part.split(":")[1] for part in ss.split() if part.startswith("minrtt:")]   # ms, the kernel's

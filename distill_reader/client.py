@@ -12,6 +12,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -142,9 +143,9 @@ class TeacherClient:
     gRPC channel or HTTP session) and leaves the parent's alone; parent and child never share a socket.
 
     The connection is made at the first request, or beforehand with ``connect()`` (``ready_to_send()`` says
-    whether it is made): a health check that learns the wire form and whether pings are permitted, the round
-    trip timed, and a channel with pings fitted to it for a ``teachers.serve``, whose connection the first
-    request makes (about 4 round trips once).
+    whether it is made): the round trip timed while the health check's connection is made, the check (the wire
+    form; is it a ``teachers.serve``, whose ping policy permits pings?) while a channel with pings fitted to the
+    round trip connects beside it, that channel used for a ``teachers.serve`` (about 2-3 round trips once).
 
     Variable-length feeds and fetches (LoD or padded, see ``distill_reader.feeds``): a feed takes a list of
     per-sample arrays or Paddle Serving's ``{"words": rows, "words.lod": offsets}``; ``predict(...,
@@ -196,6 +197,7 @@ class TeacherClient:
         self._lock = threading.Lock()               # connection changes (request threads share a client)
         self._refit_lock = threading.Lock()         # one round-trip measurement at a time (_refit_to_longer_link)
         self._pending: Optional[tuple] = None       # (channel, keepalive, round trip) being connected
+        self._early: Optional[tuple] = None         # the same, with pings, opened while the first check runs
         # per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self._tls_options = self.security.requests_options() if protocol == "http" else {}
         self._connect(keepalive=False)
@@ -258,6 +260,21 @@ class TeacherClient:
 
         channel.subscribe(connected, try_to_connect=True)   # (grpc calls back from a thread of its own)
 
+    def _open_early_channel_with_pings(self) -> None:
+        """While the first health check runs (is it a teachers.serve?): a channel with pings, fitted to the round
+        trip just timed, starts connecting, so that its TCP and HTTP/2 handshakes overlap the check's round trip
+        instead of following it (2 round trips of the first request: 3 s 1.5 s away; issue 25). Used if the check
+        says teachers.serve; closed unused otherwise, no ping sent (pings go only while a call is out)."""
+        if self._early is not None or not self._keepalive_undecided() or self._ours is False:
+            return
+        self._early = self._open_channel(True, far(round_trip_of(self.endpoint)))
+        _start_connecting(self._early[0])
+
+    def _drop_early(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            early[0].close()
+
     def _drop_pending(self) -> None:
         """Forget a connection still being made for a link change (a newer one, or an immediate one, replaces it);
         closing its channel also drops its connectivity callback."""
@@ -283,9 +300,10 @@ class TeacherClient:
         logger.info("teacher %s: client used in a forked child (pid %d): opening its own connection",
                     self.endpoint, os.getpid())
         _INHERITED.append(self._channel if self.protocol == "grpc" else self._session)
-        if self._pending is not None:   # the parent's, being connected: left to it, as its current one
-            _INHERITED.append(self._pending[0])
-            self._pending = None
+        for opened in (self._pending, self._early):   # the parent's, being connected: left to it
+            if opened is not None:
+                _INHERITED.append(opened[0])
+        self._pending = self._early = None
         self._connect(keepalive=False)
         self._ours = None   # asked again on this connection (and pings turned on again for teachers.serve)
 
@@ -304,8 +322,16 @@ class TeacherClient:
         if self._ours is None or round_trip_of(self.endpoint) is None:
             self._first_probe()
         with self._lock:
+            early, self._early = self._early, None
             if self._ours and not self._channel_keepalive and not self._pings_refused:
-                self._reconnect(keepalive=True)
+                if early is None:
+                    self._reconnect(keepalive=True)
+                    _start_connecting(self._channel)
+                else:
+                    self._drop_pending()
+                    self._use_channel(*early)
+            elif early is not None:
+                early[0].close()
 
     # -- public API ------------------------------------------------------------------------------------
     def ready_to_send(self) -> bool:
@@ -318,13 +344,13 @@ class TeacherClient:
     def connect(self) -> None:
         """Make this process's connection ready for requests now, as ``predict`` would first: the first health
         check (the wire form; is it a teachers.serve?), with the round trip timed when unknown, and for a
-        teachers.serve a channel with keepalive pings fitted to that round trip. About 3 round trips once, then
-        nothing; each step has its own timeout (``FIRST_PROBE_TIMEOUT`` grown with the round trip, at most the
-        request timeout). A caller that times requests calls it first, so its latencies hold no health check
-        (the reader's workers: 6 s before a teacher 1.5 s away was sent its first request). The connection with
-        pings itself is made by the first request, its TCP and HTTP/2 handshakes in that request's time: a
-        health check on it first timed out at 6 s behind the cold connection's first requests 1.5 s away, and
-        ``grpc.channel_ready_future`` leaves a thread that raises when the channel closes soon after.
+        teachers.serve a channel with keepalive pings fitted to that round trip, connected (READY: its TCP and
+        HTTP/2 handshakes made while the check ran). About 2-3 round trips once, then nothing; each step has its
+        own timeout (``FIRST_PROBE_TIMEOUT`` grown with the round trip, at most the request timeout). A caller that
+        times requests calls it first, so its latencies hold no handshake (the reader's workers; 1.5 s away the
+        first answers came ~10 s from the start, ~15 s when the channel with pings was connected after the check
+        by the first request). No health check is sent on the channel with pings: one timed out at 6 s behind
+        the cold connection's first requests 1.5 s away.
 
         Raises:
             TeacherError: as ``predict`` (TeacherUnavailable: no answer, not serving; TLS or credentials refused).
@@ -332,6 +358,16 @@ class TeacherClient:
         self._own_connection()
         self._wire_is_raw()
         self._use_keepalive_if_ours()
+        self._wait_until_connected()
+
+    def _wait_until_connected(self) -> None:
+        """Wait for the channel with pings to be connected (READY: its TCP and HTTP/2 handshakes done), at most
+        the first probe's timeout for the round trip; a channel that fails to connect is left to the request,
+        which reports it."""
+        if self.protocol != "grpc" or not self._channel_keepalive:
+            return
+        _wait_until_settled(self._channel, min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT,
+                                                                               round_trip_of(self.endpoint))))
 
     def predict(self, feeds: Mapping[str, Any], fetch: Optional[Sequence[str]] = None,
                 batch_size: Optional[int] = None, lod_form: str = "split",
@@ -427,6 +463,19 @@ class TeacherClient:
             self._follow_round_trip()
         return round_trip
 
+    def round_trip_measured(self, seconds: float) -> None:
+        """A network round trip to the teacher measured elsewhere (seconds; e.g. another worker process's link
+        probe), noted as if this client had timed it: its connection follows a link that moved as after
+        ``network_round_trip``, once the latest ``PATH_PROBES`` measurements agree.
+
+        Example::
+
+            client.round_trip_measured(0.3)   # the link is now 300 ms long, as another process measured
+        """
+        self._own_connection()
+        note_round_trip(self.endpoint, seconds)
+        self._follow_round_trip()
+
     def _follow_round_trip(self) -> None:
         """A new connection when the link's round trip moved far from the one the current one was made over
         (``round_trip_moved``; ``PATH_PROBES`` probes agree): its keepalive timeouts, and the kernel's congestion
@@ -437,8 +486,8 @@ class TeacherClient:
         teacher at 0.7 of its throughput; 0.6 answers/s at 1.5 s, where a new connection ramps in ~6 round
         trips); CUBIC's retransmission timeout, fitted for 1 ms, fires spuriously and collapses its window. The
         new connection starts over on the new link; requests already out finish on the old one (issue 25)."""
-        if self.protocol != "grpc":
-            return
+        if self.protocol != "grpc" or not self.ready_to_send():
+            return   # (no connection yet, or the first one being made: it is fitted to the round trip noted)
         latest = latest_round_trip(self.endpoint, PATH_PROBES)
         if latest is None:
             return
@@ -455,6 +504,7 @@ class TeacherClient:
             return   # the parent's connection, inherited through fork: not this process's to close
         with self._lock:
             self._drop_pending()
+            self._drop_early()
         if self._channel is not None:
             self._channel.close()
         if self._session is not None:
@@ -484,11 +534,23 @@ class TeacherClient:
         """``_probe`` on a fresh connection, before its first request: the round trip measured first when unknown
         (one TCP handshake), the check bounded by ``FIRST_PROBE_TIMEOUT`` grown for that round trip (not by
         ``request_timeout``: a frozen teacher would hold the request that long on a channel without pings)."""
+        if self.protocol == "grpc":
+            _start_connecting(self._channel)   # the check's connection: its handshake beside the one timed
         if round_trip_of(self.endpoint) is None:
             measure_tcp_round_trip(self.endpoint, min(self.timeout, FIRST_PROBE_TIMEOUT))
+        if self.protocol == "grpc":
+            with self._lock:
+                if not self._channel_keepalive:   # being connected over the link as it is: fits it (no pings)
+                    self._channel_round_trip = far(round_trip_of(self.endpoint))
+                self._open_early_channel_with_pings()
         start = time.monotonic()
         timeout = min(self.timeout, probe_timeout_for(FIRST_PROBE_TIMEOUT, round_trip_of(self.endpoint)))
-        probed = self._probe(timeout, first=True)
+        try:
+            probed = self._probe(timeout, first=True)
+        finally:
+            if not self._ours:   # not a teachers.serve (or no answer): no pings, no use for it
+                with self._lock:
+                    self._drop_early()
         if round_trip_of(self.endpoint) is None:   # an upper bound (a new connection's handshakes too)
             note_round_trip(self.endpoint, time.monotonic() - start)
         return probed
@@ -707,6 +769,45 @@ def _err_no_error(endpoint: str, err_no: int, err_msg: str) -> TeacherError:
 # (or shuts down) the parent's sockets while collecting them.
 _INHERITED: list[Any] = []
 _FORK_LOCK = threading.Lock()   # serializes a child's first uses of its clients; new in every child
+
+
+# gRPC connects a channel at its first call. To connect one sooner, and to wait for it, the reader asks the channel's
+# core directly (grpc-core's connectivity state, grpc_connectivity_state: 0 idle, 1 connecting, 2 ready, 3
+# transient failure, 4 shutdown) rather than by Channel.subscribe: grpc's polling thread behind subscribe raises in
+# the background ("Channel closed!") when the channel is closed while it polls, which a first health check's
+# channels often are. ``Channel._channel`` is grpc's own (grpc 1.74-1.78, setup.py's range); without it a channel
+# connects at its first call, as before.
+_READY, _SETTLED = 2, (2, 3, 4)
+
+
+def _core_channel(channel: Any) -> Any:
+    core = getattr(channel, "_channel", None)
+    core = getattr(core, "_channel", core)   # an intercepted channel wraps a grpc Channel
+    return core if hasattr(core, "check_connectivity_state") and hasattr(core, "watch_connectivity_state") else None
+
+
+def _start_connecting(channel: Any) -> None:
+    """Make ``channel`` connect now rather than at its first call; never blocks."""
+    core = _core_channel(channel)
+    if core is not None:
+        with contextlib.suppress(ValueError):   # closed meanwhile
+            core.check_connectivity_state(True)
+
+
+def _wait_until_settled(channel: Any, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``channel`` to be connected (or to fail to): True when it is READY."""
+    core = _core_channel(channel)
+    if core is None:
+        return False
+    deadline = time.time() + timeout
+    try:
+        state = core.check_connectivity_state(True)
+        while state not in _SETTLED and time.time() < deadline:
+            core.watch_connectivity_state(state, min(deadline, time.time() + 0.2))
+            state = core.check_connectivity_state(False)
+    except ValueError:   # closed meanwhile
+        return False
+    return state == _READY
 
 
 def _new_fork_lock() -> None:

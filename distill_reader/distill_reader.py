@@ -148,7 +148,10 @@ class DistillReader:
         routing_policy: an object with ``choose(candidates, now)`` ranking the usable teachers for the next
             request (distill_reader.routing); default ``PeakEwmaPolicy()``, earliest expected finish.
         max_pending_tasks: tasks read but not yet yielded (memory bound of the reorder buffer); default
-            twice the in-flight limit.
+            twice the in-flight limit, which counts each teacher's window as many times as its latency fits in
+            the slowest one's (at most 32): beside a teacher 1.5 s away, ~450 tasks for three 50 ms ones.
+        max_pending_bytes: the feeds of those tasks, in bytes (default 1 GiB; the items read hold about as much
+            again); with big batches and a far teacher, the bound that holds first.
         num_workers: worker processes doing the teacher I/O (default 2).
         protocol: ``"grpc"`` (default) or ``"http"``; wire: ``"auto"``, ``"raw"`` or ``"typed"`` (see client).
         stop_timeout: seconds a worker gets to exit after ``stop`` before it is signalled (default 2).
@@ -202,7 +205,8 @@ class DistillReader:
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  token: Optional[str] = None, pad_value: PadValue = 0,
                  lengths_feeds: Optional[Mapping[str, str]] = None,
-                 max_per_teacher_in_flight: Optional[int] = None, routing_policy: Any = None, **worker_options: Any):
+                 max_per_teacher_in_flight: Optional[int] = None, routing_policy: Any = None,
+                 max_pending_bytes: Optional[int] = None, **worker_options: Any):
         """Check the arguments.
 
         Raises:
@@ -218,12 +222,15 @@ class DistillReader:
             raise ValueError("ins must name at least one slot")
         if not predicts:
             raise ValueError("predicts must name at least one fetch var")
+        if max_pending_bytes is not None and max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be >= 1, not {max_pending_bytes}")
         self.ins = list(ins)
         self.predicts = list(predicts)
         self.teacher_batch_size = 32
         self.serving_conf_file = DEFAULT_SERVING_CONF
         self._conf_file_given = False
         self.max_pending_tasks = max_pending_tasks
+        self.max_pending_bytes = max_pending_bytes
         self.options = RemoteOptions(
             request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff,
             max_retry_backoff=max_retry_backoff, probe_timeout=probe_timeout,
@@ -370,7 +377,8 @@ class DistillReader:
         number = self._epoch
         source = generator() if callable(generator) else generator
         epoch = self._active = Epoch(kind, source, plan, stage, self.teacher_batch_size,
-                                     max_pending_tasks=self.max_pending_tasks, epoch=number,
+                                     max_pending_tasks=self.max_pending_tasks,
+                                     max_pending_bytes=self.max_pending_bytes, epoch=number,
                                      on_end=lambda stats: self._log_summary(number, stats, complete=True),
                                      gate=self._resources.gate)
         completed = False

@@ -331,3 +331,20 @@ def _check_fetch_lod(name: str, array: np.ndarray, offsets: list[int], batch_siz
                          f"of {batch_size} samples")
     if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"fetch {name!r}: lod {offsets[:8]}... does not describe its {rows} rows")
+
+
+def feed_nbytes(feeds: Mapping[str, Any]) -> int:
+    """The bytes of a task's feeds (name -> array, or a list of per-sample arrays for a variable-length feed), as
+    they travel to a worker and, about, to the teacher.
+
+    Example::
+
+        feed_nbytes({"img": np.zeros((32, 1, 28, 28), np.float32)})   # 100352
+    """
+    total = 0
+    for value in feeds.values():
+        if isinstance(value, (list, tuple)):
+            total += sum(np.asarray(part).nbytes for part in value)
+        else:
+            total += np.asarray(value).nbytes
+    return total

@@ -13,8 +13,8 @@ One epoch, top to bottom (all in the student process, which owns order and count
 - A ``PredictionStage`` turns submitted tasks into results, in any order, each exactly once. ``RemoteStage``
   (``remote_stage.py``) does it with worker processes and a ``TeacherPool``. A cache stage (offline mode) wraps
   another stage with the same interface.
-- ``Epoch`` keeps at most ``max_pending_tasks`` tasks read but not yet yielded (the reorder buffer's bound) and
-  yields each input item once, in order, with its predictions appended.
+- ``Epoch`` keeps at most ``max_pending_tasks`` tasks, and ``max_pending_bytes`` of their feeds, read but not yet
+  yielded (the reorder buffer's bounds) and yields each input item once, in order, with its predictions appended.
 
 Example (what ``DistillReader`` does)::
 
@@ -41,12 +41,13 @@ from .errors import (
     DistillReaderError,
     ReaderClosedError,
 )
-from .feeds import prepare_feed
+from .feeds import feed_nbytes, prepare_feed
 from .padding import Padding
 from .prediction_stage import PredictionStage, Task, next_task_id
 from .snapshot import snapshot
 
 KINDS = ("sample", "sample_list", "batch")
+DEFAULT_MAX_PENDING_BYTES = 1 << 30   # feeds of the tasks read but not yet yielded: 1 GiB (the items hold ~as much)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,28 +225,34 @@ class Epoch:
     """One pass over ``source``: every item once, in order, with the teachers' predictions appended.
 
     ``kind`` is ``sample`` (item = one sample: a tuple of slots), ``sample_list`` (item = list of samples) or
-    ``batch`` (item = tuple of arrays, one per slot, batch first). ``run()`` is the generator. ``on_end`` gets
-    the statistics when the epoch completes. ``abandon()`` (a newer epoch started) ends it on the stage at once;
-    resuming it then raises DistillReaderError. An exception raised by ``source`` is re-raised (the same object,
-    with its original traceback) after every item read before it has been yielded; errors of the stage or of
-    bad input propagate at once.
+    ``batch`` (item = tuple of arrays, one per slot, batch first). ``run()`` is the generator. The generator is
+    read ahead while fewer than ``max_pending_tasks`` (default: twice the stage's ``in_flight_limit()``) tasks
+    are pending and their feeds hold fewer than ``max_pending_bytes`` (default ``DEFAULT_MAX_PENDING_BYTES``);
+    one task is always let in. ``on_end`` gets the statistics when the epoch completes. ``abandon()`` (a newer
+    epoch started) ends it on the stage at once; resuming it then raises DistillReaderError. An exception raised
+    by ``source`` is re-raised (the same object, with its original traceback) after every item read before it
+    has been yielded; errors of the stage or of bad input propagate at once.
     """
 
     def __init__(self, kind: str, source: Iterable[Any], plan: SlotPlan, stage: PredictionStage,
                  teacher_batch_size: int, max_pending_tasks: Optional[int] = None, epoch: int = 0,
-                 on_end: Optional[Callable[[EpochStats], None]] = None, gate: Optional[Gate] = None):
+                 on_end: Optional[Callable[[EpochStats], None]] = None, gate: Optional[Gate] = None,
+                 max_pending_bytes: Optional[int] = None):
         """Check the arguments.
 
         Raises:
-            ValueError: ``kind`` is not one of KINDS, or ``teacher_batch_size`` < 1.
+            ValueError: ``kind`` is not one of KINDS, ``teacher_batch_size`` < 1 or ``max_pending_bytes`` < 1.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         if teacher_batch_size < 1:
             raise ValueError(f"teacher_batch_size must be >= 1, not {teacher_batch_size}")
+        if max_pending_bytes is not None and max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be >= 1, not {max_pending_bytes}")
         self.kind, self.plan, self.stage, self.epoch = kind, plan, stage, epoch
         self.teacher_batch_size = teacher_batch_size
         self.max_pending_tasks = max_pending_tasks
+        self.max_pending_bytes = DEFAULT_MAX_PENDING_BYTES if max_pending_bytes is None else max_pending_bytes
         self.on_end = on_end
         self.gate = gate or Gate()
         self.stats = EpochStats()
@@ -256,6 +263,8 @@ class Epoch:
         self._results: dict[int, dict[str, np.ndarray]] = {}
         self._uses: dict[int, int] = {}             # task_id -> units still needing it
         self._pending_tasks = 0                      # tasks submitted whose units are not all yielded
+        self._pending_bytes = 0                      # ... and their feeds' bytes
+        self._task_bytes: dict[int, int] = {}        # task_id -> its feeds' bytes, while pending
         self._open_chunk: list[tuple[_Unit, Any]] = []   # sample kind: samples waiting to fill a task
         self._seq = itertools.count()
         self._sample_index = 0
@@ -319,7 +328,8 @@ class Epoch:
     # -- reading the generator into tasks -----------------------------------------------------------------
     def _fill(self) -> None:
         limit = self.max_pending_tasks or max(4, 2 * self.stage.in_flight_limit())
-        while not self._exhausted and self.stage.capacity() > 0 and self._pending_tasks < limit:
+        while (not self._exhausted and self.stage.capacity() > 0 and self._pending_tasks < limit
+               and self._pending_bytes < self.max_pending_bytes):
             self._read_one()
 
     def _read_one(self) -> None:
@@ -398,6 +408,8 @@ class Epoch:
         task = Task(next_task_id(), next(self._seq), self._sample_index, size, feeds)
         self._sample_index += size
         self._pending_tasks += 1
+        self._task_bytes[task.task_id] = nbytes = feed_nbytes(feeds)
+        self._pending_bytes += nbytes
         self.stats.tasks += 1
         return task
 
@@ -446,4 +458,5 @@ class Epoch:
                 del self._uses[task_id]
                 del self._results[task_id]
                 self._pending_tasks -= 1
+                self._pending_bytes -= self._task_bytes.pop(task_id, 0)
 

@@ -58,6 +58,7 @@ from .errors import (
     TeacherAuthRefused,
     TeacherRequestRefused,
 )
+from .feeds import feed_nbytes
 from .latency_window import LatencyWindow
 from .prediction_stage import PredictionStage, Task, TaskResult
 from .routing.stage_rules import HEDGE_BURST, HedgeRule, OutageRule, ProbeRule, StallRule
@@ -75,7 +76,7 @@ from .worker_messages import (
     WorkerDied,
     WorkerSettings,
 )
-from .workers import WorkerPool, feed_nbytes
+from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3          # weight of the newest latency in the service-time estimate
 LATENCY_SAMPLES = 8        # a round trip is at most the least latency of this many latest answers
-READ_AHEAD_FACTOR = 8.0    # read_ahead: a teacher's window counts at most this many times
+READ_AHEAD_FACTOR = 32.0   # read_ahead: a teacher's window counts at most this many times (1.5 s beside 50 ms: 31)
 DELAY_SAMPLES = 32         # a teacher's link-delay tail is read from this many latest answers' excess latency
 DELAY_MIN_SAMPLES = 8      # ... once this many are known
 DELAY_TAIL = 90.0          # the tail percentile of latency (lossy link: ~1 answer in 4 waits for an RTO) ...
@@ -421,7 +421,10 @@ class TeacherPool:
     def read_ahead(self) -> int:
         """Tasks worth holding at once: each teacher's window, times how many of its latencies fit in the slowest
         teacher's latency (at most ``READ_AHEAD_FACTOR``), so that while a far or slow teacher holds the task
-        the reorder buffer waits on, the others still have work (at least ``total_window()``)."""
+        the reorder buffer waits on, the others still have work (at least ``total_window()``). Routing by
+        expected finish then gives the far teacher the tasks the near ones would finish last (the youngest).
+        Memory: the reader holds up to twice this many tasks (``DistillReader``'s ``max_pending_tasks`` and
+        ``max_pending_bytes`` bound them)."""
         with self._lock:
             states = list(self._teachers.values())
             typical = {s.endpoint: sum(s.latencies) / len(s.latencies) for s in states if s.healthy and s.latencies}

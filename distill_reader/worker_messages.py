@@ -13,6 +13,8 @@ Student -> worker:
 ``Task``           one request: send ``feeds`` (``size`` samples) to ``endpoint``; feeds may be ``SharedArray``
 ``Probe``          one health check of ``endpoint`` within ``timeout`` seconds
 ``Forget``         ``endpoint`` left the teacher set: drop its client
+``RoundTrip``      another worker's link probe measured ``endpoint``'s network round trip: noted as this
+                   worker's own, so its connection follows a link that moved as soon as the probes agree
 ``MapBuffer``      a shared memory block follows as a file descriptor (SCM_RIGHTS, ``distill_reader.memfd``)
 ``UnmapBuffer``    that block is no longer used
 ``Stop``           leave now (shutdown protocol, ``distill_reader.workers``)
@@ -222,6 +224,12 @@ class Forget:
 
 
 @_message
+class RoundTrip:
+    endpoint: str
+    seconds: float        # the least of a link probe's TCP handshakes (ProbeResult.round_trip)
+
+
+@_message
 class MapBuffer:
     buffer_id: int
     size: int             # bytes
@@ -237,7 +245,7 @@ class Stop:
     pass
 
 
-ToWorker = Union[Init, Task, Probe, Forget, MapBuffer, UnmapBuffer, Stop]
+ToWorker = Union[Init, Task, Probe, Forget, RoundTrip, MapBuffer, UnmapBuffer, Stop]
 
 
 # -- worker -> student -------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import mmap
 import os
 import signal
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Optional, Sequence
 
+from .channel_options import note_round_trip
 from .memfd import recv_fd, view
 from .worker_messages import (
     Connecting,
@@ -39,6 +41,7 @@ from .worker_messages import (
     Probe,
     ProbeResult,
     Ready,
+    RoundTrip,
     Sent,
     SharedArray,
     Stop,
@@ -97,6 +100,19 @@ class Worker:
         closed here (a request thread may still be using it): it closes when garbage collected."""
         with self._clients_lock:
             self._clients.pop(endpoint, None)
+
+    def round_trip_measured(self, message: RoundTrip) -> None:
+        """Another worker's link probe: noted as this process's own measurement of the endpoint (its client, if
+        it has one, makes a new connection when the link moved; a client made later fits it from the start)."""
+        if not math.isfinite(message.seconds) or message.seconds < 0:
+            logger.error("ignoring a round trip of %r s to %s", message.seconds, message.endpoint)
+            return
+        with self._clients_lock:
+            client = self._clients.get(message.endpoint)
+        if client is None:
+            note_round_trip(message.endpoint, message.seconds)
+        else:
+            client.round_trip_measured(message.seconds)
 
     def send(self, message: FromWorker) -> None:
         with self._send_lock:
@@ -191,6 +207,8 @@ class Worker:
                 self._executor.submit(self.run_probe, message)
             elif isinstance(message, Forget):
                 self.forget(message.endpoint)
+            elif isinstance(message, RoundTrip):
+                self.round_trip_measured(message)
             elif isinstance(message, MapBuffer):
                 self.map_buffer(message)
             elif isinstance(message, UnmapBuffer):

@@ -54,8 +54,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Iterable, Optional, Sequence, Union
 
-import numpy as np
-
+from .feeds import feed_nbytes
 from .memfd import SharedBuffer, send_fd
 from .worker_messages import (
     Crashed,
@@ -68,6 +67,7 @@ from .worker_messages import (
     Probe,
     ProbeResult,
     Ready,
+    RoundTrip,
     SharedArray,
     Stop,
     Task,
@@ -84,9 +84,6 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MEMORY_THRESHOLD = 1 << 20   # tasks with at least this many feed bytes travel in shared memory
 
 
-def feed_nbytes(feeds: dict) -> int:
-    """The bytes of a task's feeds (name -> array), as they travel to a worker and, about, to the teacher."""
-    return sum(np.asarray(a).nbytes for a in feeds.values())
 KILL_GRACE = 1.0                    # seconds between SIGTERM and SIGKILL
 
 
@@ -276,12 +273,26 @@ class WorkerPool:
                     self._count_answer()
                 elif isinstance(message, ProbeResult):
                     worker.probes.pop(message.probe_id, None)
+                    if message.round_trip is not None:
+                        self._share_round_trip(worker, message.endpoint, message.round_trip)
                 elif isinstance(message, Ready):
                     worker.ready = True
                 elif isinstance(message, Crashed):
                     worker.crash_text = message.error.traceback_text
                 messages.append((worker, message))
         return messages
+
+    def _share_round_trip(self, measured_by: WorkerHandle, endpoint: str, seconds: float) -> None:
+        """A link probe's round trip, measured by one worker, told to the others (``RoundTrip``): each worker's
+        connection follows a link that moved once the pool's latest probes agree, not once it has run as many of
+        its own (the least loaded worker runs most probes: the other kept a connection that no longer fit the
+        link ~1.6 s longer at +300 ms; issue 25)."""
+        for worker in self.workers:
+            if worker is not measured_by and worker.alive:
+                try:
+                    worker.conn.send(RoundTrip(endpoint, seconds))
+                except OSError:
+                    pass   # a dead worker: its end-of-file is read by receive()
 
     def _count_answer(self) -> None:
         """A worker answered: after ``healthy_answers`` of them the replacements in a row count from 0."""

@@ -198,13 +198,30 @@ def test_our_server_gets_keepalive_pings(teacher_model, teacher_server):
         assert client.keepalive_active is False
 
 
+def _connectivity(channel) -> grpc.ChannelConnectivity:
+    """``channel``'s state now, without asking it to connect."""
+    seen, told = [], threading.Event()
+
+    def on_state(state):
+        seen.append(state)
+        told.set()
+
+    channel.subscribe(on_state, try_to_connect=False)
+    try:
+        assert told.wait(5.0), "grpc never told the channel's state"
+    finally:
+        channel.unsubscribe(on_state)
+    return seen[0]
+
+
 @pytest.mark.parametrize("server", ["ours", "typed"])
 def test_connect_makes_the_connection_a_request_would_and_ready_to_send_says_when_it_is_made(
         request, teacher_model, teacher_server, server):
     """``connect()`` does before a request what ``predict`` would do first (the first health check; a channel with
-    pings for a teachers.serve), so that a caller timing requests (the reader's workers) does not count it;
-    afterwards ``ready_to_send()`` is True and a request makes no new channel. A server without pings (typed, not
-    ours) is ready once its wire form is known."""
+    pings for a teachers.serve, connected: its TCP and HTTP/2 handshakes made while the check ran, not in the
+    first request's time), so that a caller timing requests (the reader's workers) does not count it; afterwards
+    ``ready_to_send()`` is True and a request makes no new channel. A server without pings (typed, not ours) is
+    ready once its wire form is known, and the channel with pings opened beside its check is closed unused."""
     endpoint = teacher_server.endpoint if server == "ours" else request.getfixturevalue("typed_grpc_teacher")[1]
     with TeacherClient(endpoint, teacher_model.client_conf, keepalive_time=1.0) as client:
         assert client.ready_to_send() is False
@@ -212,6 +229,8 @@ def test_connect_makes_the_connection_a_request_would_and_ready_to_send_says_whe
         assert client.ready_to_send() is True
         assert client.keepalive_active is (server == "ours")
         channel = client._channel
+        assert _connectivity(channel) is grpc.ChannelConnectivity.READY, "connected before the first request"
+        assert client._early is None
         images = mnist_like_images(3, seed=8)
         np.testing.assert_allclose(client.predict({"img": images})["prediction"],
                                    reference_predict(teacher_model.server_dir, images), atol=1e-5)
@@ -283,6 +302,28 @@ def test_a_link_whose_round_trip_moved_gets_a_new_connection_once_that_is_connec
             assert peers[-1] == second, "a probe at the same round trip made another connection"
     finally:
         server.stop(0).wait()
+
+
+def test_round_trips_measured_while_the_first_connection_is_made_do_not_replace_it(teacher_model, teacher_server,
+                                                                                  monkeypatch):
+    """A worker's first connection is made after the round trip is timed, so it fits the link; a link probe's
+    round trip that comes meanwhile (the reader probes a teacher as soon as requests are out, and tells every
+    worker) must not replace it with a connection "for the longer link" against the channel made at construction
+    (for no round trip): 1.5 s from the start both workers made a third connection per teacher that way, without
+    pings, which then replaced the one with pings (issue 25's bench, --far_from_start)."""
+    monkeypatch.setattr(channel_options, "_round_trips", {})   # this test's own measurements
+    with TeacherClient(teacher_server.endpoint, teacher_model.client_conf, keepalive_time=1.0) as client:
+        for _ in range(3):
+            client.round_trip_measured(0.3)   # another worker's probes: the link is 300 ms long
+        assert client._pending is None, "a new connection before the first one was made"
+        client.connect()
+        assert client.keepalive_active and client._channel_round_trip == pytest.approx(0.3)
+        channel = client._channel
+        client.round_trip_measured(0.3)
+        images = mnist_like_images(2)
+        np.testing.assert_allclose(client.predict({"img": images})["prediction"],
+                                   reference_predict(teacher_model.server_dir, images), rtol=1e-5)
+        assert client._pending is None and client._channel is channel and client.keepalive_active
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -7,13 +7,19 @@ Latency (an NFQUEUE delay inside the namespace) and loss (iptables' statistic ma
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import threading
 import time
 
 import numpy as np  # noqa: I001  (numpy before paddle)
 import pytest
+from google.protobuf import text_format
 
+from distill_base.serving_config import ServingConfig
 from distill_reader import DistillReader
+from distill_reader.worker_messages import Connecting, Done, ProbeResult, Ready, Sent, WorkerSettings
+from distill_reader.workers import WorkerPool
 from tests.discovery.test_discovery import SERVICE, SESSION, registration
 from tests.support.netns import NamespacedTeacher, NamespacedZooKeeper
 from tests.support.procs import ProcessGuard, wait_for
@@ -291,6 +297,93 @@ def test_a_teacher_whose_link_slows_to_1_5s_mid_run_keeps_answering_on_a_connect
                   f"round trip {dr.pool.round_trip(far.endpoint):.2f}s, window {dr.pool.window_of(far.endpoint)}")
         finally:
             dr.close()
+
+
+def _grpc_connections(address: str) -> dict[int, dict[int, int]]:
+    """The student host's established TCP connections to ``address`` that carried data, by process: pid ->
+    {local port: bytes acked} (``ss -tnpi``). TCP handshake probes carry none (they are left out)."""
+    out = subprocess.run(["ss", "-tnpi", "state", "established", "dst", address], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    found: dict[int, dict[int, int]] = {}
+    port = pid = None
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if line[:1].isspace():   # the -i line of the socket above
+            acked = [int(f.split(":")[1]) for f in fields if f.startswith("bytes_acked:")]
+            if pid is not None and acked and acked[0] > 0:
+                found.setdefault(pid, {})[port] = acked[0]
+            continue
+        port = int(fields[2].rsplit(":", 1)[1])
+        pids = re.findall(r"pid=(\d+)", line)
+        pid = int(pids[0]) if pids else None
+    return found
+
+
+def _answers(pool: WorkerPool, count: int, images: np.ndarray, ref: np.ndarray) -> dict:
+    """Wait for ``count`` Done answers (each checked against ``ref``) or ProbeResults: {"done": {request id: worker
+    pid}, "probes": [(worker pid, ProbeResult)]}; a Failed or a dead worker fails the test."""
+    done, probes, deadline = {}, [], time.monotonic() + 60
+    while len(done) + len(probes) < count:
+        assert time.monotonic() < deadline, (done, probes)
+        for worker, message in pool.receive(1.0):
+            if isinstance(message, Done):
+                np.testing.assert_allclose(message.outputs["prediction"], ref, rtol=1e-5)
+                done[message.request_id] = worker.pid
+            elif isinstance(message, ProbeResult):
+                probes.append((worker.pid, message))
+            elif not isinstance(message, (Ready, Connecting, Sent)):
+                raise AssertionError(message)
+    return {"done": done, "probes": probes}
+
+
+def test_a_link_probed_by_one_worker_gets_a_new_connection_in_every_worker(teacher_model, data, slow_netns):
+    """A usable teacher's link probes go to the least loaded worker, and a worker makes a connection that fits a
+    link that moved once its latest probes agree (``PATH_PROBES``). The round trip one worker measures is now told
+    to the others (``RoundTrip``): before, a worker that ran none of the probes kept sending over a connection made
+    for the near link (BBR's window sized for ~0 ms), ~1.6 s longer than the one that probed, at +300 ms (issue 25).
+    Two workers, each with a connection that carried a request near; the link slows to 300 ms; two probes, both run
+    by one worker; every worker then makes a new connection (its own sockets, ``ss -p``), and the requests after
+    are answered right."""
+    images, ref = data
+    conf = ServingConfig.load(teacher_model.client_conf)
+    config_text = text_format.MessageToString(conf.to_proto())
+    ns = slow_netns()
+    with NamespacedTeacher(ns, teacher_model.server_dir) as far:
+        pool = WorkerPool(WorkerSettings(num_workers=2), config_text, conf.source, ["prediction"])
+        try:
+            batch = {"img": images[:BATCH]}
+            pool.send_task(1, far.endpoint, batch, BATCH)   # the least loaded worker each: one per worker
+            pool.send_task(2, far.endpoint, batch, BATCH)
+            answered = _answers(pool, 2, images, ref[:BATCH])["done"]
+            pids = {worker.pid for worker in pool.workers}
+            assert set(answered.values()) == pids, answered
+            before = _grpc_connections(ns.address)
+            assert set(before) == pids, before
+            ns.delay(300)
+            probers = set()
+            for probe_id in (3, 4):   # one at a time: both to the same (least loaded, first) worker
+                pool.send_probe(probe_id, far.endpoint, 5.0, handshakes=3)
+                (prober, result), = _answers(pool, 1, images, ref[:BATCH])["probes"]
+                assert result.healthy and result.round_trip >= 0.29, result
+                probers.add(prober)
+            assert len(probers) == 1, probers
+
+            seen = [before]
+
+            def moved() -> bool:
+                seen[0] = now = _grpc_connections(ns.address)
+                return all(set(now.get(pid, {})) - set(before[pid]) for pid in pids)
+
+            try:
+                wait_for(moved, 10.0, "a new connection in each worker")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: before {before}, last seen {seen[0]}, "
+                                     f"the probes' worker {probers}") from None
+            pool.send_task(5, far.endpoint, batch, BATCH)
+            pool.send_task(6, far.endpoint, batch, BATCH)
+            assert set(_answers(pool, 2, images, ref[:BATCH])["done"].values()) == pids
+        finally:
+            pool.close()
 
 
 class _Watch:

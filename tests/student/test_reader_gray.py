@@ -405,12 +405,9 @@ def test_close_from_another_thread_while_the_reader_waits_for_a_frozen_teacher(t
             os.kill(server.pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("kind", ["sample", "sample_list", "batch"])
-def test_the_generator_is_read_at_most_max_pending_tasks_ahead(teacher_model, teacher_server, data, kind):
-    images, ref = data
-    pending, per_task = 3, 8
-    dr = _reader(teacher_model, [teacher_server.endpoint], max_pending_tasks=pending)
-    dr.set_teacher_batch_size(per_task)
+def _read_ahead(dr, kind, images, ref, per_task):
+    """One epoch of 320 samples in ``kind`` items of ``per_task`` samples, each checked: how many samples the
+    generator had been read ahead of the student at each item."""
     read = [0]
 
     def generator():
@@ -427,20 +424,49 @@ def test_the_generator_is_read_at_most_max_pending_tasks_ahead(teacher_model, te
     reader = {"sample": dr.set_sample_generator, "sample_list": dr.set_sample_list_generator,
               "batch": dr.set_batch_generator}[kind](generator)
     yielded, ahead = 0, []
+    for item in reader():
+        yielded += 1 if kind == "sample" else per_task
+        ahead.append(read[0] - yielded)
+        if kind == "sample_list":
+            got = np.stack([s[-1] for s in item])
+        else:
+            got = item[-1] if kind == "batch" else item[-1][None]
+        np.testing.assert_allclose(got, ref[yielded - len(got):yielded], rtol=1e-5, atol=1e-6)
+    assert yielded == 320
+    return ahead
+
+
+@pytest.mark.parametrize("kind", ["sample", "sample_list", "batch"])
+def test_the_generator_is_read_at_most_max_pending_tasks_ahead(teacher_model, teacher_server, data, kind):
+    images, ref = data
+    pending, per_task = 3, 8
+    dr = _reader(teacher_model, [teacher_server.endpoint], max_pending_tasks=pending)
+    dr.set_teacher_batch_size(per_task)
     try:
-        for item in reader():
-            yielded += 1 if kind == "sample" else per_task
-            ahead.append(read[0] - yielded)
-            if kind == "sample_list":
-                got = np.stack([s[-1] for s in item])
-            else:
-                got = item[-1] if kind == "batch" else item[-1][None]
-            np.testing.assert_allclose(got, ref[yielded - len(got):yielded], rtol=1e-5, atol=1e-6)
+        ahead = _read_ahead(dr, kind, images, ref, per_task)
     finally:
         dr.close()
-    assert yielded == 320
     assert max(ahead) <= pending * per_task, f"read {max(ahead)} samples ahead; bound {pending} tasks x {per_task}"
     assert max(ahead) >= per_task, "the reader reads ahead (requests overlap with the student)"
+
+
+@pytest.mark.parametrize("kind", ["sample", "batch"])
+def test_the_generator_is_read_at_most_max_pending_bytes_ahead(teacher_model, teacher_server, data, kind):
+    """The feeds read ahead are bounded in bytes too: the task bound counts each near teacher's window up to 32
+    times beside a far teacher (~450 tasks), gigabytes of big batches. Two tasks' feeds here, below the task
+    bound (4), so the bytes hold first; a bad bound is refused when the reader is made."""
+    images, ref = data
+    per_task = 8
+    task_bytes = images[:per_task].astype(np.float32).nbytes
+    dr = _reader(teacher_model, [teacher_server.endpoint], max_pending_bytes=2 * task_bytes)
+    dr.set_teacher_batch_size(per_task)
+    try:
+        ahead = _read_ahead(dr, kind, images, ref, per_task)
+    finally:
+        dr.close()
+    assert per_task <= max(ahead) <= 2 * per_task, f"read {max(ahead)} samples ahead; bound 2 tasks' bytes"
+    with pytest.raises(ValueError, match="max_pending_bytes must be >= 1, not 0"):
+        _reader(teacher_model, [teacher_server.endpoint], max_pending_bytes=0)
 
 
 def test_dynamic_teachers_survive_adding_an_offline_cache(teacher_model, teacher_server, zookeeper, zk_root,

@@ -350,6 +350,26 @@ def test_reading_a_teachers_window_costs_no_percentile(monkeypatch):
     assert len(calls) == 1, "one answer: one percentile"
 
 
+def test_the_read_ahead_keeps_near_teachers_busy_for_a_far_teachers_whole_latency():
+    """While a far teacher's request is out (1.55 s) the reorder buffer may wait on it, so the near teachers (50
+    ms) need that long's worth of tasks in hand: their windows 31 times over. Counted at most 8 times, they went
+    idle behind it (issue 25's bench, 1.5 s phase: the near teachers fell to 9-16 answers a second of 20 at times,
+    and with the far teacher the reader gave 0.73 of fault-free throughput, less than the 0.75 of the near three
+    alone)."""
+    pool = TeacherPool(["a:1", "b:2", "c:3", "far:4"], per_teacher_in_flight=2)
+    for endpoint, latency in (("a:1", 0.05), ("b:2", 0.05), ("c:3", 0.05), ("far:4", 1.55)):
+        for _ in range(8):
+            pool.started(endpoint)
+            pool.succeeded(endpoint, latency, 32)
+    near = sum(pool.window_of(endpoint) for endpoint in ("a:1", "b:2", "c:3"))
+    assert pool.read_ahead() >= near * 1.55 / 0.05 + pool.window_of("far:4") - 1, (near, pool.read_ahead())
+    for endpoint in ("a:1", "b:2", "c:3", "far:4"):   # all alike: no teacher's window counts twice
+        for _ in range(8):
+            pool.started(endpoint)
+            pool.succeeded(endpoint, 0.05, 32)
+    assert pool.read_ahead() == pool.total_window()
+
+
 class _Workers:
     """The worker processes' side of RemoteStage, which is not under test here: takes requests, sends nothing."""
 
