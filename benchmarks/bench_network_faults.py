@@ -123,10 +123,12 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
     """Teacher 4 at a 1.5 s round trip for one epoch of ``seconds``: a row for the whole phase and one for after
     its ramp (TCP's slow start at 1.5 s per doubling, the pool's window growing), when its answers per second (3 s
     running mean) first reach 0.8 of its rate over the phase's last half; ``ss -tin`` of the student's connections
-    to it at the end (their cwnd)."""
+    to it at the end (their cwnd); the other teachers' answers per second beside (a far teacher must not hold
+    them back: the reorder buffer waits on its tasks)."""
     with open(delay_file, "w") as f:
         f.write("1500")
     counts: list[tuple[float, int]] = []
+    others: list[int] = []  # each second: the other teachers' answer count, together
     trace: list[str] = []   # each second: requests out / window, seconds-per-request estimate
     stop = threading.Event()
 
@@ -135,6 +137,7 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
         while not stop.wait(1.0):
             state = dr.pool._teachers.get(endpoint)
             counts.append((time.monotonic() - start, state.requests if state is not None else 0))
+            others.append(sum(s.requests for e, s in list(dr.pool._teachers.items()) if e != endpoint))
             trace.append(f"{dr.pool.outstanding(endpoint)}/{dr.pool.window_of(endpoint)} "
                          f"{dr.pool.service_time(endpoint) or 0.0:.2f}")
 
@@ -162,7 +165,9 @@ def far_phase(dr: DistillReader, images: np.ndarray, seconds: float, endpoint: s
     min_rtts = [part.split(":")[1] for part in ss.split() if part.startswith("minrtt:")]   # ms, the kernel's
     print(f"teacher 4 answers per second in the 1.5 s phase: {per_second.tolist()}; student's connections to it: "
           f"{len(cwnds)}, cwnd {cwnds}, least round trip (ms) of those that carried data {min_rtts}\n"
-          f"its requests out / window, s per request each second: {trace}", flush=True)
+          f"its requests out / window, s per request each second: {trace}\n"
+          f"the other teachers' answers per second, together: {np.diff([0] + others)[:int(seconds)].tolist()}",
+          flush=True)
 
 
 @dataclass

@@ -536,6 +536,8 @@ def test_a_reader_cut_off_from_zookeeper_past_its_session_keeps_its_teacher_and_
                 guard.python("-c", STUDENT, f"127.0.0.1:{server.port}", zk_root, SERVICE, student_id, "1",
                              str(SESSION), str(grace), logs[student_id])
                 wait_for(lambda s=student_id: service.node_of(s) is not None, 30, f"student {student_id}")
+                if student_id == "A":   # (its student node alone does not say its election node is made)
+                    wait_for(lambda: service.assigner() == "A", 30, "student A leading the assigner election")
             reader = ns.guard.python("-c", READER_STUDENT, f"{ns.host_address}:{server.port}", zk_root, SERVICE,
                                      teacher_model.client_conf, str(tmp_path / "images.npy"),
                                      str(tmp_path / "ref.npy"), str(SESSION), str(grace), logs["R"], stop_file)
